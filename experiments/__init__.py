@@ -1,0 +1,1 @@
+"""absl-flag entry points, run from the repository root as ``python -m experiments.<name>``."""

@@ -1,0 +1,100 @@
+"""Trace-time input validation shared by the whole library.
+
+Every public function validates its arguments with these helpers before any
+computation, so that a bad input fails at trace time with a ``ValueError`` that
+names the argument and its shape, instead of broadcasting silently.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_array(name: str, x, *, allow_complex: bool = False) -> jnp.ndarray:
+  """Converts ``x`` to a jnp array; rejects complex input unless allowed.
+
+  Args:
+    name: the argument's name, used in error messages.
+    x: array-like.
+    allow_complex: whether complex dtypes are acceptable.
+  """
+  if x is None:
+    raise ValueError(f"{name} must be an array, got None")
+  try:
+    arr = jnp.asarray(x)
+  except TypeError as e:  # e.g. a list of mixed types
+    raise ValueError(f"{name} could not be converted to an array: {e}") from e
+  if not allow_complex and jnp.iscomplexobj(arr):
+    raise ValueError(
+        f"{name} must be real (got dtype {arr.dtype}); qsf-jax keeps every "
+        "parameter real and builds complex quantities inside the computation")
+  if not (jnp.issubdtype(arr.dtype, jnp.floating)
+          or jnp.issubdtype(arr.dtype, jnp.complexfloating)
+          or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+  return arr
+
+
+def check_ndim(name: str, x, ndim: int | Sequence[int]) -> None:
+  """Raises ``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of them)."""
+  allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+  if x.ndim not in allowed:
+    raise ValueError(
+        f"{name} must have {' or '.join(map(str, allowed))} dimension(s), "
+        f"got shape {tuple(x.shape)}")
+
+
+def check_shape(name: str, x, shape: Sequence[int | None]) -> None:
+  """Raises ``ValueError`` unless ``x.shape`` matches ``shape`` (None = any)."""
+  if x.ndim != len(shape) or any(
+      s is not None and s != xs for s, xs in zip(shape, x.shape)):
+    want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+    raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+
+
+def check_square(name: str, x, *, batch_dims: int | None = 0) -> int:
+  """Checks that the last two axes of ``x`` are square; returns their size.
+
+  Args:
+    name: argument name for the error message.
+    x: array.
+    batch_dims: number of leading batch axes required (None = any number).
+  """
+  if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
+    raise ValueError(f"{name} must be a square matrix, got shape {tuple(x.shape)}")
+  if batch_dims is not None and x.ndim != 2 + batch_dims:
+    raise ValueError(
+        f"{name} must have {2 + batch_dims} dimensions (square matrix"
+        f"{' with batch axes' if batch_dims else ''}), got shape {tuple(x.shape)}")
+  return x.shape[-1]
+
+
+def check_positive(name: str, value) -> None:
+  """Raises ``ValueError`` for a concrete value that is not > 0 (tracers pass)."""
+  try:
+    v = np.asarray(value)
+  except Exception:  # a tracer: cannot be checked at trace time
+    return
+  if v.dtype == object:
+    return
+  if np.any(~np.isfinite(v)) and not np.all(np.isinf(v) & (v > 0)):
+    raise ValueError(f"{name} must be finite and > 0, got {value}")
+  if np.any(v <= 0):
+    raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def result_dtype(*arrays) -> jnp.dtype:
+  """The common floating dtype of real arrays (ints promote to float)."""
+  dt = jnp.result_type(*arrays)
+  if not jnp.issubdtype(dt, jnp.inexact):
+    dt = jnp.result_type(dt, jnp.float32)
+  return dt

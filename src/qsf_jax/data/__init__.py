@@ -1,0 +1,1 @@
+"""Tokenizers, corpora and the cached token stream for language-model training."""

@@ -1,0 +1,123 @@
+"""Generators and the free Koopman propagator (QSF eq. 1, eq. 58's mu_K and Sigma_K).
+
+The continuous-time hidden-state dynamics is dx = (A x + b) dt + sigma_K dW'.
+Over an interval dt it has the Gaussian transition N(mu_K, Sigma_K) with
+
+  mu_K    = e^{A dt} x0 + (int_0^dt e^{A s} ds) b                     (QSF eq. 58)
+  Sigma_K = sigma_K^2 int_0^dt e^{A s} e^{A^T s} ds                    (QSF eq. 58)
+
+Both are computed with augmented matrix exponentials (Van Loan 1978), which need
+no A^{-1} and are therefore finite for singular A.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+from qsf_jax import _checks
+
+
+def _mT(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+def decompose_generator(A):
+  """Splits a generator into Hermitian and dissipative parts (QSF eq. 1).
+
+    A = -i H + D,   H = (i/2)(A - A^dagger),   D = (A + A^dagger)/2,
+
+  with H and D Hermitian. For real A, H = i S with S = (A - A^T)/2 skew and
+  D = (A + A^T)/2 symmetric, so that A = S + D.
+
+  Args:
+    A: generator, real or complex (..., d, d).
+
+  Returns:
+    (H, D): H complex Hermitian (..., d, d); D Hermitian (..., d, d), real if A is.
+  """
+  A = _checks.as_array("A", A, allow_complex=True)
+  _checks.check_square("A", A, batch_dims=None)
+  if jnp.iscomplexobj(A):
+    Ah = jnp.conj(_mT(A))
+    return 0.5j * (A - Ah), 0.5 * (A + Ah)
+  S = 0.5 * (A - _mT(A))
+  D = 0.5 * (A + _mT(A))
+  return 1j * S, D
+
+
+def koopman_affine(A, b, dt=1.0):
+  """The free propagator over dt as an affine map x -> Phi x + c (QSF eq. 58, mu_K).
+
+    expm([[A, b], [0, 0]] dt) = [[Phi, c], [0, 1]],
+    Phi = e^{A dt},  c = (int_0^dt e^{A s} ds) b.
+
+  Args:
+    A: real generator (d, d).
+    b: real bias (d,).
+    dt: interval length (scalar > 0).
+
+  Returns:
+    (Phi, c): (d, d) and (d,).
+  """
+  A = _checks.as_array("A", A)
+  d = _checks.check_square("A", A)
+  b = _checks.as_array("b", b)
+  _checks.check_shape("b", b, (d,))
+  _checks.check_positive("dt", dt)
+  dtype = _checks.result_dtype(A, b)
+  A, b = A.astype(dtype), b.astype(dtype)
+  aug = jnp.zeros((d + 1, d + 1), dtype)
+  aug = aug.at[:d, :d].set(A).at[:d, d].set(b)
+  E = jsl.expm(aug * jnp.asarray(dt, dtype))
+  return E[:d, :d], E[:d, d]
+
+
+def koopman_mean(A, b, x0, dt=1.0):
+  """Free Koopman mean mu_K = e^{A dt} x0 + (int_0^dt e^{A s} ds) b (QSF eq. 58).
+
+  Args:
+    A: real generator (d, d).
+    b: real bias (d,).
+    x0: initial state (d,).
+    dt: interval length (scalar > 0).
+
+  Returns:
+    mu_K (d,).
+  """
+  Phi, c = koopman_affine(A, b, dt)
+  x0 = _checks.as_array("x0", x0)
+  _checks.check_shape("x0", x0, (Phi.shape[0],))
+  return Phi @ x0.astype(Phi.dtype) + c
+
+
+def koopman_cov(A, sigma_K=1.0, dt=1.0):
+  """Free Koopman covariance by Van Loan's method (QSF eq. 58, Sigma_K).
+
+    Sigma_K = sigma_K^2 int_0^dt e^{A s} e^{A^T s} ds,
+    F = expm([[-A, sigma_K^2 I], [0, A^T]] dt),  Sigma_K = F22^T F12,
+
+  symmetrised as (Sigma + Sigma^T)/2. It solves the Lyapunov ODE
+  dSigma/dt = A Sigma + Sigma A^T + sigma_K^2 I with Sigma(0) = 0, and is finite
+  for singular A (A = 0 gives sigma_K^2 dt I).
+
+  Args:
+    A: real generator (d, d).
+    sigma_K: Koopman (dynamical) noise scale (scalar >= 0).
+    dt: interval length (scalar > 0).
+
+  Returns:
+    Sigma_K (d, d), symmetric positive semi-definite.
+  """
+  A = _checks.as_array("A", A)
+  d = _checks.check_square("A", A)
+  _checks.check_positive("dt", dt)
+  dtype = _checks.result_dtype(A)
+  A = A.astype(dtype)
+  q = jnp.asarray(sigma_K, dtype) ** 2
+  top = jnp.concatenate([-A, q * jnp.eye(d, dtype=dtype)], axis=1)
+  bot = jnp.concatenate([jnp.zeros((d, d), dtype), A.T], axis=1)
+  F = jsl.expm(jnp.concatenate([top, bot], axis=0) * jnp.asarray(dt, dtype))
+  F12, F22 = F[:d, d:], F[d:, d:]
+  S = F22.T @ F12
+  return 0.5 * (S + S.T)

@@ -1,0 +1,1 @@
+"""Synthetic task families with exact target distributions."""
