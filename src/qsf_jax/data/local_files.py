@@ -1,0 +1,208 @@
+"""Stories from local files: ``.txt``, ``.jsonl``/``.json`` and ``.parquet``.
+
+File formats (one story per record; every story is stripped of surrounding
+whitespace and empty stories are dropped):
+
+* ``.txt``: stories separated by ``<|endoftext|>`` (TinyStories' own layout).
+* ``.jsonl`` / ``.json``: JSON Lines, one object per line with a ``text`` field.
+* ``.parquet``: a ``text`` column.
+
+A data PATH is either one such file or a directory. In a directory, every
+supported file below it (recursively, sorted by relative path) is classified by
+the words of its name (split at non-alphanumerics, case-insensitive):
+
+* a file whose name has a word ``valid``, ``validation``, ``val`` or ``dev`` is
+  validation data (``TinyStories-valid.txt``, ``validation-00000.parquet``);
+* a file whose name has the word ``train`` is training data;
+* if no file is named ``train``, every non-validation file is training data;
+  otherwise files named neither way (``test.jsonl``) are ignored.
+
+When no validation file exists (a single file, or a directory without one), a
+deterministic ``valid_fraction`` of the training stories, evenly spaced through
+the file order, is held out for validation.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+from qsf_jax.data.errors import DataNotFoundError, EmptyDataError, UnknownDataSpecError
+from qsf_jax.data.tokenizer import ENDOFTEXT, file_sha256
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+_VALID_WORDS = frozenset({"valid", "validation", "val", "dev"})
+
+
+class StorySource(NamedTuple):
+  """A source of train and validation stories.
+
+  Attributes:
+    name: ``"tinystories"``, ``"synthetic"`` or ``"path:<absolute path>"``.
+    description: one human-readable line.
+    identity: JSON-serialisable dict that identifies the content (file hashes,
+      dataset fingerprints or generator settings); part of the cache key.
+    train: callable returning an iterable of training stories.
+    valid: callable returning an iterable of validation stories.
+  """
+  name: str
+  description: str
+  identity: dict
+  train: Callable[[], Iterable[str]]
+  valid: Callable[[], Iterable[str]]
+
+
+def _iter_txt(path: pathlib.Path) -> Iterator[str]:
+  with open(path, encoding="utf-8") as f:
+    rest = ""
+    for chunk in iter(lambda: f.read(1 << 20), ""):
+      parts = (rest + chunk).split(ENDOFTEXT)
+      rest = parts.pop()
+      yield from parts
+    yield rest
+
+
+def _iter_jsonl(path: pathlib.Path) -> Iterator[str]:
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not a JSON object per line ({e})") from e
+      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path}:{lineno}: each line must be an object with a string 'text' field")
+      yield record["text"]
+
+
+def _iter_parquet(path: pathlib.Path) -> Iterator[str]:
+  import pyarrow.parquet as pq
+  pf = pq.ParquetFile(path)
+  if "text" not in pf.schema_arrow.names:
+    raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
+  for batch in pf.iter_batches(columns=["text"], batch_size=4096):
+    for text in batch.column(0).to_pylist():
+      if text is not None:
+        yield text
+
+
+def iter_file_stories(path: str | pathlib.Path) -> Iterator[str]:
+  """Yields the stripped, non-empty stories of one local file (format by suffix).
+
+  Args:
+    path: a ``.txt``, ``.jsonl``/``.json`` or ``.parquet`` file.
+  """
+  path = pathlib.Path(path)
+  suffix = path.suffix.lower()
+  reader = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".json": _iter_jsonl,
+            ".parquet": _iter_parquet}.get(suffix)
+  if reader is None:
+    raise UnknownDataSpecError(
+        f"unsupported data file {path}: expected one of {list(SUPPORTED_SUFFIXES)}")
+  for story in reader(path):
+    story = story.strip()
+    if story:
+      yield story
+
+
+def _chain(paths: Sequence[pathlib.Path]) -> Iterator[str]:
+  for p in paths:
+    yield from iter_file_stories(p)
+
+
+def _is_held_out(i: int, n: int, n_valid: int) -> bool:
+  """Whether story ``i`` of ``n`` is one of ``n_valid`` evenly spaced picks."""
+  return (i + 1) * n_valid // n > i * n_valid // n
+
+
+def _holdout(paths: Sequence[pathlib.Path], valid_fraction: float, where: str):
+  """Train/valid callables that split ``paths`` deterministically."""
+  if not 0.0 < valid_fraction < 1.0:
+    raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+  counts = {}
+
+  def sizes() -> tuple[int, int]:
+    if "n" not in counts:
+      n = sum(1 for _ in _chain(paths))
+      if n < 2:
+        raise EmptyDataError(
+            f"{where} holds {n} stories; at least 2 are needed to hold out validation "
+            "stories (or provide a separate validation file)")
+      counts["n"] = n
+    n = counts["n"]
+    return n, min(n - 1, max(1, round(valid_fraction * n)))
+
+  def pick(keep_valid: bool) -> Iterator[str]:
+    n, n_valid = sizes()
+    for i, story in enumerate(_chain(paths)):
+      if _is_held_out(i, n, n_valid) == keep_valid:
+        yield story
+
+  return (lambda: pick(False)), (lambda: pick(True))
+
+
+def _classify(root: pathlib.Path):
+  files = sorted(p for p in root.rglob("*")
+                 if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts))
+  if not files:
+    raise DataNotFoundError(
+        f"data directory {root} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
+  words = {p: set(re.split(r"[^a-z0-9]+", p.stem.lower())) for p in files}
+  valid = [p for p in files if words[p] & _VALID_WORDS]
+  train = [p for p in files if "train" in words[p] and p not in valid]
+  if not train:
+    train = [p for p in files if p not in valid]
+  if not train:
+    raise DataNotFoundError(
+        f"data directory {root} holds only validation files ({[p.name for p in valid]}); "
+        "name the training files with the word 'train'")
+  return train, valid
+
+
+def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> StorySource:
+  """A ``StorySource`` for a local file or directory (conventions in the module doc).
+
+  Args:
+    path: a supported file, or a directory of them.
+    valid_fraction: share of stories held out when there is no validation file.
+
+  Raises:
+    DataNotFoundError: the path does not exist or holds no supported files.
+    UnknownDataSpecError: a file with an unsupported suffix.
+  """
+  root = pathlib.Path(path).expanduser().resolve()
+  if not root.exists():
+    raise DataNotFoundError(f"data path {root} does not exist")
+  if root.is_dir():
+    train_files, valid_files = _classify(root)
+  else:
+    if root.suffix.lower() not in SUPPORTED_SUFFIXES:
+      raise UnknownDataSpecError(
+          f"unsupported data file {root}: expected one of {list(SUPPORTED_SUFFIXES)}")
+    train_files, valid_files = [root], []
+  base = root if root.is_dir() else root.parent
+  # Content hashes (plus names relative to the PATH, which fix the order) key the cache.
+  identity = {
+      "kind": "local",
+      "train": [[p.relative_to(base).as_posix(), file_sha256(p)] for p in train_files],
+      "valid": [[p.relative_to(base).as_posix(), file_sha256(p)] for p in valid_files],
+  }
+  if valid_files:
+    def train():
+      return _chain(train_files)
+
+    def valid():
+      return _chain(valid_files)
+
+    how = f"{len(train_files)} train / {len(valid_files)} validation file(s)"
+  else:
+    identity["valid_fraction"] = valid_fraction
+    train, valid = _holdout(train_files, valid_fraction, str(root))
+    how = f"{len(train_files)} file(s), {valid_fraction:g} of the stories held out for validation"
+  return StorySource(name=f"path:{root}", description=f"local data {root} ({how})",
+                     identity=identity, train=train, valid=valid)
