@@ -1,0 +1,124 @@
+r"""Benchmark of the physics core: propagators, chains and the Cayley scan.
+
+  python -m experiments.bench_core [--out=bench_core.json] [--repeats=10] [--quick]
+
+Prints a markdown table (time per call after compilation, median over repeats,
+device name) and writes the same rows as JSON:
+
+* ``propagate`` over one interval at d=320 (the paper's width), paper and exact;
+* a 512-token chain at d=320: free means (QSF eq. 59) and measured means
+  (eqs. 57-59) with the sequential ``lax.scan`` against ``lax.associative_scan``,
+  and the full Kalman chain (``chain_filter``, sequential);
+* the Cayley scan (wave-function spec §1.3) at N in {16, 64, 256} over 4096
+  steps, and its associative twin where memory allows.
+
+Timings are measurements of this machine; record them with device and date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+import qsf_jax as q
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "bench_core.json", "Where to write the JSON rows.")
+flags.DEFINE_integer("repeats", 10, "Timed calls per case (median reported).")
+flags.DEFINE_bool("quick", False, "Small sizes (d=64, 128 tokens, 512 Cayley steps).")
+
+
+def _time(fn, *args, repeats: int) -> float:
+  """Median wall time of ``fn(*args)`` in seconds after one compiling call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _problem(key, d: int, n_tok: int):
+  """A stable random generator A, bias, start state, targets and W_V."""
+  k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+  A = jax.random.normal(k1, (d, d)) / jnp.sqrt(d) - 1.5 * jnp.eye(d)
+  b = jax.random.normal(k2, (d,))
+  x0 = jax.random.normal(k3, (d,))
+  x_tgt = jax.random.normal(k4, (n_tok, d))
+  W_V = jax.random.normal(k5, (d, d)) / jnp.sqrt(d)
+  return A, b, x0, x_tgt, W_V
+
+
+def run(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
+  rows = []
+
+  def add(case, size, seconds, note=""):
+    rows.append(dict(case=case, size=size, ms=seconds * 1e3, note=note))
+    print(f"  {case:<40} {size:<18} {seconds * 1e3:10.3f} ms {note}", flush=True)
+
+  A, b, x0, x_tgt, W_V = _problem(jax.random.PRNGKey(0), d, n_tok)
+  for method in ("paper", "exact"):
+    f = jax.jit(lambda x0, xt, m=method: q.propagate(x0, A, b, xt, W_V, method=m))
+    add(f"propagate ({method})", f"d={d}", _time(f, x0, x_tgt[0], repeats=repeats))
+
+  for method in ("sequential", "associative"):
+    f = jax.jit(lambda x0, m=method: q.chain_mean(x0, A, b, n_steps=n_tok, method=m))
+    add(f"chain_mean ({method})", f"d={d} N={n_tok}", _time(f, x0, repeats=repeats))
+  for method in ("sequential", "associative"):
+    f = jax.jit(lambda x0, xt, m=method: q.chain_measured_mean(x0, A, b, xt, W_V, method=m))
+    add(f"chain_measured_mean ({method})", f"d={d} N={n_tok}",
+        _time(f, x0, x_tgt, repeats=repeats))
+  f = jax.jit(lambda x0, xt: q.chain_filter(x0, A, b, xt, W_V))
+  add("chain_filter (Kalman, sequential)", f"d={d} N={n_tok}",
+      _time(f, x0, x_tgt, repeats=repeats))
+
+  for N in cayley_dims:
+    kx, ky, kp = jax.random.split(jax.random.PRNGKey(N), 3)
+    scale = 1.0 / jnp.sqrt(N)
+    H_seq = jax.jit(lambda kx, ky: q.hermitian_from_real(
+        scale * jax.random.normal(kx, (cayley_steps, N, N)),
+        scale * jax.random.normal(ky, (cayley_steps, N, N))))(kx, ky)
+    psi0 = jnp.zeros((N,), jnp.complex64).at[0].set(1.0)
+    reps = max(2, repeats // 5) if N >= 256 else repeats
+    f = jax.jit(lambda H, p: q.cayley_scan(H, p, return_states=False)[0])
+    add("cayley_scan (lax.scan)", f"N={N} T={cayley_steps}", _time(f, H_seq, psi0, repeats=reps))
+    if N <= 16:  # the associative twin is O(N^3 T log T): small N only
+      f = jax.jit(lambda H, p: q.cayley_scan_parallel(H, p)[0])
+      add("cayley_scan_parallel (associative)", f"N={N} T={cayley_steps}",
+          _time(f, H_seq, psi0, repeats=reps))
+    del H_seq
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.repeats < 1:
+    raise app.UsageError("--repeats must be >= 1")
+  dev = jax.devices()[0]
+  device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+  if FLAGS.quick:
+    d, n_tok, dims, steps = 64, 128, (16, 64), 512
+  else:
+    d, n_tok, dims, steps = 320, 512, (16, 64, 256), 4096
+  print(f"bench_core on {device} ({jax.device_count()} device(s)), float32, "
+        f"median of {FLAGS.repeats}")
+  rows = run(d, n_tok, dims, steps, FLAGS.repeats)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+  print(f"\n| case | size | time per call (ms) |\n|---|---|---|")
+  for r in rows:
+    print(f"| {r['case']} | {r['size']} | {r['ms']:.3f} |")
+  print(f"\ndevice: {device}; date: {stamp}; jax {jax.__version__}")
+  with open(FLAGS.out, "w") as f:
+    json.dump(dict(device=device, date=stamp, jax=jax.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
