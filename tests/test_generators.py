@@ -1,0 +1,171 @@
+"""Tests of the generator tools (QSF eq. 1, eq. 58).
+
+Covers spec §6.1 and §6.8 items 1, 2, 6 and 7.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg as sl
+from scipy.integrate import solve_ivp
+
+from qsf_jax import decompose_generator, koopman_affine, koopman_cov, koopman_mean
+
+
+def _rand(seed, d=3, scale=0.6):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(d, d)) * scale, rng.normal(size=d), rng.normal(size=d)
+
+
+@pytest.mark.parametrize("complex_A", [False, True])
+def test_decomposition_identities(x64, complex_A):
+  rng = np.random.default_rng(0)
+  A = rng.normal(size=(5, 5))
+  if complex_A:
+    A = A + 1j * rng.normal(size=(5, 5))
+  H, D = map(np.asarray, decompose_generator(A))
+  np.testing.assert_allclose(H, H.conj().T, atol=1e-14)
+  np.testing.assert_allclose(D, D.conj().T, atol=1e-14)
+  np.testing.assert_allclose(-1j * H + D, A, atol=1e-14)
+  if not complex_A:
+    assert not np.iscomplexobj(D)
+    S = 0.5 * (A - A.T)
+    np.testing.assert_allclose(H, 1j * S, atol=1e-14)
+
+
+def test_decomposition_batch_axes(x64):
+  A = np.random.default_rng(1).normal(size=(2, 3, 4, 4))
+  H, D = decompose_generator(A)
+  assert H.shape == D.shape == (2, 3, 4, 4)
+  for i in range(2):
+    for j in range(3):
+      Hij, Dij = decompose_generator(A[i, j])
+      np.testing.assert_allclose(H[i, j], Hij, atol=1e-14)
+      np.testing.assert_allclose(D[i, j], Dij, atol=1e-14)
+
+
+def test_commuting_case_moduli_are_exp_of_dissipation(x64):
+  # [H, D] = 0: share an orthonormal eigenbasis; eig(A) = -i omega_k + gamma_k.
+  rng = np.random.default_rng(2)
+  Q, _ = np.linalg.qr(rng.normal(size=(4, 4)) + 1j * rng.normal(size=(4, 4)))
+  omega, gamma = rng.normal(size=4), rng.normal(size=4) * 0.5
+  A = Q @ np.diag(-1j * omega + gamma) @ Q.conj().T
+  H, D = map(np.asarray, decompose_generator(A))
+  assert np.linalg.norm(H @ D - D @ H) < 1e-12
+  mods = np.sort(np.abs(np.linalg.eigvals(sl.expm(A))))
+  np.testing.assert_allclose(mods, np.sort(np.exp(np.linalg.eigvalsh(D))), rtol=1e-12)
+
+
+def test_trace_identity(x64):
+  A, _, _ = _rand(3, d=6, scale=0.4)
+  _, D = decompose_generator(A)
+  lhs = np.sum(np.log(np.abs(np.linalg.eigvals(sl.expm(A)))))
+  np.testing.assert_allclose(lhs, np.trace(np.asarray(D)), rtol=1e-12)
+
+
+def test_koopman_mean_matches_inverse_formula(x64):
+  A, b, x0 = _rand(4)
+  A = A - 1.5 * np.eye(3)  # well away from singular
+  T = 0.8
+  eAT = sl.expm(A * T)
+  ref = eAT @ x0 + np.linalg.solve(A, (eAT - np.eye(3)) @ b)
+  np.testing.assert_allclose(koopman_mean(A, b, x0, T), ref, rtol=1e-12, atol=1e-13)
+  Phi, c = koopman_affine(A, b, T)
+  np.testing.assert_allclose(Phi, eAT, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(c, ref - eAT @ x0, rtol=1e-12, atol=1e-13)
+
+
+def test_zero_generator_closed_forms(x64):
+  _, b, x0 = _rand(5, d=3)
+  T, sK = 1.7, 0.6
+  np.testing.assert_allclose(koopman_mean(np.zeros((3, 3)), b, x0, T), x0 + b * T, rtol=1e-14)
+  np.testing.assert_allclose(koopman_cov(np.zeros((3, 3)), sK, T), sK**2 * T * np.eye(3),
+                             rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("a", [-1.3, 0.4, 2.0])
+def test_scalar_closed_form(x64, a):
+  T, sK = 0.9, 1.4
+  got = koopman_cov(np.array([[a]]), sK, T)[0, 0]
+  np.testing.assert_allclose(got, sK**2 * (np.exp(2 * a * T) - 1) / (2 * a), rtol=1e-13)
+  mean = koopman_mean(np.array([[a]]), np.array([0.7]), np.array([-0.2]), T)[0]
+  np.testing.assert_allclose(mean, np.exp(a * T) * -0.2 + (np.exp(a * T) - 1) / a * 0.7,
+                             rtol=1e-13)
+
+
+def test_singular_generator_finite_and_continuous(x64):
+  # A nilpotent plus a rank-deficient part: no A^{-1} exists.
+  A = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -0.5]])
+  b, x0, T = np.array([0.3, -0.2, 0.1]), np.array([1.0, 2.0, -1.0]), 1.2
+  mu = np.asarray(koopman_mean(A, b, x0, T))
+  S = np.asarray(koopman_cov(A, 1.0, T))
+  assert np.all(np.isfinite(mu)) and np.all(np.isfinite(S))
+  # Closed form on the nilpotent block: x1 = x1 + T x2 + T b1 + T^2/2 b2, x2 = x2 + T b2.
+  np.testing.assert_allclose(mu[:2], [1 + T * 2 + T * 0.3 + T**2 / 2 * -0.2, 2 - 0.2 * T],
+                             rtol=1e-13)
+  # A -> 0 limit: epsilon-perturbations converge to the singular answer, O(eps).
+  E = np.random.default_rng(6).normal(size=(3, 3))
+  errs = [np.max(np.abs(np.asarray(koopman_mean(A + e * E, b, x0, T)) - mu)) for e in (1e-3, 1e-4)]
+  assert errs[1] < 1e-3 and 8 < errs[0] / errs[1] < 12
+  errs = [np.max(np.abs(np.asarray(koopman_cov(A + e * E, 1.0, T)) - S)) for e in (1e-3, 1e-4)]
+  assert errs[1] < 1e-3 and 8 < errs[0] / errs[1] < 12
+  # Fully zero generator against A = eps * E.
+  np.testing.assert_allclose(koopman_cov(1e-9 * E, 1.0, T), T * np.eye(3), atol=1e-8)
+
+
+def test_van_loan_equals_lyapunov_ode(x64):
+  A, _, _ = _rand(7)
+  sK, T = 0.8, 1.3
+
+  def rhs(t, s):
+    S = s.reshape(3, 3)
+    return (A @ S + S @ A.T + sK**2 * np.eye(3)).ravel()
+
+  sol = solve_ivp(rhs, (0, T), np.zeros(9), method="DOP853", rtol=1e-12, atol=1e-14)
+  S_ode = sol.y[:, -1].reshape(3, 3)
+  S = np.asarray(koopman_cov(A, sK, T))
+  np.testing.assert_allclose(S, S_ode, rtol=1e-7, atol=1e-10)
+  np.testing.assert_allclose(S, S.T, atol=0)
+  assert np.all(np.linalg.eigvalsh(S) > 0)
+
+
+def test_van_loan_equals_euler_maruyama_covariance(x64):
+  """Free SDE dx = A x dt + sigma_K dW (sigma_m = inf): empirical vs Van Loan covariance."""
+  A = np.array([[-0.6, 0.8, 0.0], [-0.5, -0.3, 0.2], [0.1, 0.0, -0.9]])
+  T, n_steps, n_paths, sK = 1.0, 200, 20000, 1.0
+  h = T / n_steps
+  key = jax.random.PRNGKey(0)
+
+  def step(x, k):
+    return x + h * x @ A.T + sK * np.sqrt(h) * jax.random.normal(k, x.shape), None
+
+  xT = np.asarray(jax.lax.scan(step, jnp.zeros((n_paths, 3)),
+                               jax.random.split(key, n_steps))[0])
+  prods = xT[:, :, None] * xT[:, None, :]  # x0 = 0, b = 0: the mean is exactly 0
+  emp, se = prods.mean(0), prods.std(0) / np.sqrt(n_paths)
+  S = np.asarray(koopman_cov(A, sK, T))
+  # Euler-Maruyama's own covariance (deterministic recursion): its O(h) bias is
+  # part of the allowed error, the rest must be Monte Carlo noise (4 standard errors).
+  Ih = np.eye(3) + h * A
+  S_em = np.zeros((3, 3))
+  for _ in range(n_steps):
+    S_em = Ih @ S_em @ Ih.T + h * sK**2 * np.eye(3)
+  bias = np.abs(S_em - S)
+  assert np.max(bias) < 0.5 * np.min(se)  # the step is fine enough for the test to bite
+  assert np.all(np.abs(emp - S) <= 4 * se + bias), (emp, S, se)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="A must be a square matrix"):
+    koopman_affine(np.zeros((3, 2)), np.zeros(3))
+  with pytest.raises(ValueError, match=r"b must have shape \(3\)"):
+    koopman_affine(np.zeros((3, 3)), np.zeros(4))
+  with pytest.raises(ValueError, match=r"x0 must have shape \(3\)"):
+    koopman_mean(np.zeros((3, 3)), np.zeros(3), np.zeros((3, 1)))
+  with pytest.raises(ValueError, match="A must be real"):
+    koopman_cov(np.eye(2) * 1j)
+  with pytest.raises(ValueError, match="dt must be > 0"):
+    koopman_cov(np.eye(2), 1.0, 0.0)
+  with pytest.raises(ValueError, match="A must be a square matrix"):
+    decompose_generator(np.zeros((2, 3)))
