@@ -1,0 +1,242 @@
+"""Benchmark of causal linear attention impls against causal softmax attention.
+
+Run as ``python -m qsf_jax.kernels.bench [--quick] [--out=PATH.json]``.
+
+Sweeps T in {512, 1K, 2K, 4K, 8K, 16K}, D = Dk = Dv in {64, 128}, B = H = 8, bf16
+inputs with float32 log-decays (kernels spec §6), forward ("fwd") and forward +
+backward ("fwdbwd": ``value_and_grad`` with respect to q, k, v, g with a random
+cotangent). Candidates: "pallas" (GPU only; every launch configuration of
+``PALLAS_CONFIGS`` with ``--sweep_configs``), "xla" (chunked jnp, C = 64),
+"reference" (O(T^2), only where its score tensors fit in memory), "scan" (short T
+only) and "softmax", ``jax.nn.dot_product_attention(..., is_causal=True)`` (the
+cuDNN implementation on GPU). Each time is the median of ``--reps`` (>= 20)
+calls after compilation, timed end to end with ``block_until_ready``, rotating
+two input sets. Throughput uses the FLOP/byte model of ``roofline`` (kernels
+spec §7): for every linear-attention impl the *useful* work of the chunked
+algorithm, so TFLOP/s are comparable across impls. On CPU the default is the
+``--quick`` sweep and Pallas is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from . import roofline
+from .op import linear_attention
+from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
+
+# Launch configurations swept on GPU: name -> (chunk, KernelConfig for fwd and bwd).
+PALLAS_CONFIGS = {
+    "c64_bv64_w4_s2": (64, DEFAULT_FWD),
+    "c64_bv32_w4_s2": (64, KernelConfig(block_v=32, num_warps=4, num_stages=2)),
+    "c64_bv64_w8_s3": (64, KernelConfig(block_v=64, num_warps=8, num_stages=3)),
+    "c64_bv128_w8_s2": (64, KernelConfig(block_v=128, num_warps=8, num_stages=2)),
+    "c64_bv64_w2_s4": (64, KernelConfig(block_v=64, num_warps=2, num_stages=4)),
+    "c128_bv64_w8_s2": (128, KernelConfig(block_v=64, num_warps=8, num_stages=2)),
+}
+FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
+QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
+SCAN_MAX_T = {"fwd": 2048, "fwdbwd": 1024}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _inputs(seed, B, T, H, D, dtype):
+  """Random bf16 q, k, v, cotangent do and float32 g = logsigmoid(N(0, 1)), on device."""
+  kq, kk, kv, kd, kg = jax.random.split(jax.random.key(seed), 5)
+  normal = lambda key, s: (jax.random.normal(key, (B, T, H, D)) * s).astype(dtype)
+  q, k = normal(kq, D ** -0.25), normal(kk, D ** -0.25)
+  v, do = normal(kv, 1.0), normal(kd, 1.0)
+  g = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H)))
+  return q, k, v, g, do
+
+
+def _forward_fn(impl, cfg):
+  """(q, k, v, g) -> o for one candidate."""
+  if impl == "softmax":
+    kind = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return lambda q, k, v, g: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                           implementation=kind)
+  if impl == "pallas":
+    chunk, kc = cfg
+    return lambda q, k, v, g: pallas_linear_attention(q, k, v, g, chunk_size=chunk,
+                                                      fwd_config=kc, bwd_config=kc)[0]
+  return lambda q, k, v, g: linear_attention(q, k, v, g, impl=impl, chunk_size=64)
+
+
+def _bench_fn(impl, cfg, mode):
+  fwd = _forward_fn(impl, cfg)
+  if mode == "fwd":
+    return jax.jit(lambda q, k, v, g, do: fwd(q, k, v, g))
+  argnums = (0, 1, 2) if impl == "softmax" else (0, 1, 2, 3)
+  loss = lambda q, k, v, g, do: jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * do)
+  return jax.jit(jax.value_and_grad(loss, argnums=argnums))
+
+
+def _median_seconds(f, arg_sets, reps):
+  jax.block_until_ready(f(*arg_sets[0]))  # compile
+  for a in arg_sets[1:]:
+    jax.block_until_ready(f(*a))
+  times = []
+  for i in range(reps):
+    a = arg_sets[i % len(arg_sets)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*a))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _work(impl, mode, B, T, H, D, elem_bytes):
+  """(flops, bytes) of the roofline model (spec §7) for one row."""
+  bwd = mode == "fwdbwd"
+  if impl == "softmax":
+    flops = roofline.softmax_causal_flops(B, H, T, D)
+    flops += roofline.softmax_causal_flops(B, H, T, D, backward=True) if bwd else 0
+    nbytes = roofline.softmax_bytes(B, H, T, D, elem_bytes=elem_bytes)
+    nbytes += roofline.softmax_bytes(B, H, T, D, elem_bytes=elem_bytes, backward=True) if bwd else 0
+    return flops, nbytes
+  C = 64
+  flops = roofline.fwd_flops(B, H, T, D, D, C) + (roofline.bwd_flops(B, H, T, D, D, C) if bwd else 0)
+  nbytes = roofline.fwd_bytes(B, H, T, D, D, C, elem_bytes=elem_bytes)
+  nbytes += roofline.bwd_bytes(B, H, T, D, D, C, elem_bytes=elem_bytes) if bwd else 0
+  return flops, nbytes
+
+
+def _skip_reason(impl, mode, B, T, H, D, mem_budget):
+  """Why a candidate is not run at this size, or None."""
+  if impl == "pallas" and jax.default_backend() != "gpu":
+    return "Pallas kernels need a GPU (interpret mode is not a benchmark)"
+  if impl == "scan" and T > SCAN_MAX_T[mode]:
+    return f"scan only for T <= {SCAN_MAX_T[mode]}"
+  if impl == "scan" and mode == "fwdbwd" and B * H * T * D * D * 4 > mem_budget:
+    return "per-step states do not fit"
+  if impl == "reference" and (5 if mode == "fwd" else 12) * B * H * T * T * 4 > mem_budget:
+    return "O(T^2) score tensors do not fit"
+  return None
+
+
+def _memory_budget():
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return 0.5 * limit if limit else 8e9
+
+
+def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs):
+  """Runs the sweep and returns the list of result rows (dicts)."""
+  dev = jax.devices()[0]
+  peak = roofline.device_peak(dev.device_kind)
+  budget = _memory_budget()
+  elem = jnp.dtype(dtype).itemsize
+  cands = []
+  for impl in impls:
+    if impl == "pallas":
+      names = sorted(PALLAS_CONFIGS) if sweep_configs else ["c64_bv64_w4_s2"]
+      cands += [("pallas", n, PALLAS_CONFIGS[n]) for n in names]
+    else:
+      cands.append((impl, "", None))
+  rows = []
+  for D in Ds:
+    for T in Ts:
+      arg_sets = [_inputs(s, B, T, H, D, jnp.dtype(dtype)) for s in (0, 1)]
+      for mode in modes:
+        for impl, cfg_name, cfg in cands:
+          row = dict(impl=impl, config=cfg_name, mode=mode, B=B, T=T, H=H, D=D,
+                     dtype=jnp.dtype(dtype).name)
+          why = _skip_reason(impl, mode, B, T, H, D, budget)
+          if why is None:
+            try:
+              sec = _median_seconds(_bench_fn(impl, cfg, mode), arg_sets, reps)
+            except Exception as e:  # pylint: disable=broad-except
+              why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+          if why is not None:
+            rows.append(dict(row, skipped=why))
+            continue
+          flops, nbytes = _work(impl, mode, B, T, H, D, elem)
+          frac = roofline.roofline_fraction(flops, nbytes, sec, peak)
+          rows.append(dict(row, ms=sec * 1e3, tflops=flops / sec / 1e12,
+                           gbps=nbytes / sec / 1e9,
+                           roofline_pct=None if frac is None else 100 * frac))
+          print(f"  {impl:9s} {cfg_name:16s} {mode:6s} T={T:5d} D={D:3d} {sec * 1e3:9.3f} ms",
+                flush=True)
+  _add_speedups(rows)
+  return rows
+
+
+def _add_speedups(rows):
+  key = lambda r: (r["mode"], r["T"], r["D"])
+  base = {(r["impl"],) + key(r): r["ms"] for r in rows if "ms" in r and r["config"] in ("", "c64_bv64_w4_s2")}
+  for r in rows:
+    if "ms" not in r:
+      continue
+    for ref in ("xla", "softmax"):
+      t = base.get((ref,) + key(r))
+      r[f"vs_{ref}"] = None if t is None else t / r["ms"]
+
+
+def markdown_table(rows, header):
+  """The rows as a markdown table (speed-ups are time(ref) / time(row))."""
+  fmt = lambda x, f: "–" if x is None else format(x, f)
+  out = [header, "",
+         "| impl | mode | T | D | ms | TFLOP/s | GB/s | % roofline | vs xla | vs softmax |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    name = r["impl"] + (f" ({r['config']})" if r["config"] else "")
+    if "ms" not in r:
+      out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | skipped: {r['skipped']} "
+                 "| | | | | |")
+      continue
+    out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | {r['ms']:.3f} | "
+               f"{r['tflops']:.3f} | {r['gbps']:.1f} | {fmt(r['roofline_pct'], '.1f')} | "
+               f"{fmt(r['vs_xla'], '.2f')} | {fmt(r['vs_softmax'], '.2f')} |")
+  return "\n".join(out)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default=None, help="write the results as JSON to this path")
+  p.add_argument("--quick", action="store_true", help="small sweep (the default on CPU)")
+  p.add_argument("--full", action="store_true", help="the full sweep even on CPU")
+  p.add_argument("--impls", default="pallas,xla,reference,scan,softmax")
+  p.add_argument("--modes", default="fwd,fwdbwd")
+  p.add_argument("--T", default=None, help="comma-separated sequence lengths")
+  p.add_argument("--D", default=None, help="comma-separated head dims")
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--sweep_configs", action="store_true",
+                 help="time every Pallas launch configuration")
+  a = p.parse_args(argv)
+  if a.reps < 20:
+    p.error("--reps must be >= 20")
+  quick = a.quick or (jax.default_backend() == "cpu" and not a.full)
+  sizes = dict(QUICK if quick else FULL)
+  if a.T:
+    sizes["T"] = tuple(int(x) for x in a.T.split(","))
+  if a.D:
+    sizes["D"] = tuple(int(x) for x in a.D.split(","))
+  dev = jax.devices()[0]
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {date}")
+  rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=a.impls.split(","),
+             modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
+             sweep_configs=a.sweep_configs)
+  peak = roofline.device_peak(dev.device_kind)
+  header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
+            f"{a.dtype}, median of {a.reps}, {date}")
+  print("\n" + markdown_table(rows, header))
+  if a.out:
+    with open(a.out, "w", encoding="utf-8") as f:
+      json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
+                     jax_version=jax.__version__, quick=quick, reps=a.reps,
+                     peak=None if peak is None else peak.__dict__, rows=rows), f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+  main()

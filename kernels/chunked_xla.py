@@ -1,0 +1,94 @@
+"""Chunked causal linear attention in plain jnp (the "xla" impl, the CPU path).
+
+The sequence is cut into chunks of C steps (kernels spec §1.2). With the
+chunk-local inclusive cumsum b_i = sum_{r=cC}^{cC+i} g_r, gamma_c = b_{C-1} and
+S_c the state entering chunk c (S_0 = the initial state):
+
+  A       = (Q K^T) ⊙ M,  M_ij = exp(b_i - b_j) [i >= j]      intra-chunk scores
+  O       = A V + diag(exp(b)) Q S_c                           intra + inter
+  S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K)^T V  state passing
+
+Every exponent is <= 0 for g <= 0; the upper triangle is set to -inf before the
+exp. Scores, states and accumulators are float32 (float64 for float64 inputs);
+A, the decay-scaled Q/K and the state are cast to the input dtype only as
+matmul operands (bf16 MMA operands, spec §1.4). The chunk recurrence is a
+``lax.scan`` over chunks; the whole function is differentiable by autodiff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._validate import compute_dtype, pad_axis, round_up
+
+
+def _mm_precision(dtype):
+  """HIGHEST (IEEE) for 32/64-bit operands so GPUs do not silently use TF32."""
+  if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    return jax.lax.Precision.HIGHEST
+  return jax.lax.Precision.DEFAULT
+
+
+def chunked_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chunk_size=64):
+  """Chunked form of o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s + q_t^T exp(G_t) S_0.
+
+  Kernels spec §1.2 (forward), computed chunk-parallel with a sequential
+  ``lax.scan`` over the T/C chunk states. T that is not a multiple of C is
+  zero-padded (zero k, v, g leave outputs and state unchanged) and sliced back.
+
+  Args:
+    q: queries (B, T, H, Dk).
+    k: keys (B, T, H, Dk).
+    v: values (B, T, H, Dv).
+    log_decay: log-decays g <= 0 (B, T, H), or None for no decay.
+    initial_state: state S_0 entering the sequence (B, H, Dk, Dv), or None.
+    chunk_size: chunk length C (any positive int; C = T when T < C).
+
+  Returns:
+    (o, S_T): outputs (B, T, H, Dv) in q's dtype and the final state
+    (B, H, Dk, Dv) in the accumulation dtype.
+  """
+  B, T, H, Dk = q.shape
+  Dv = v.shape[-1]
+  in_dtype = q.dtype
+  cd = compute_dtype(in_dtype)
+  prec = _mm_precision(in_dtype)
+  C = min(int(chunk_size), T)
+  Tp = round_up(T, C)
+  N = Tp // C
+  g_BTH = jnp.zeros((B, T, H), cd) if log_decay is None else log_decay.astype(cd)
+  S0_BHKV = (jnp.zeros((B, H, Dk, Dv), cd) if initial_state is None
+             else initial_state.astype(cd))
+  q_BNCHK = pad_axis(q, 1, Tp).reshape(B, N, C, H, Dk)
+  k_BNCHK = pad_axis(k, 1, Tp).reshape(B, N, C, H, Dk)
+  v_BNCHV = pad_axis(v, 1, Tp).reshape(B, N, C, H, Dv)
+  b_BNCH = jnp.cumsum(pad_axis(g_BTH, 1, Tp).reshape(B, N, C, H), axis=2)
+  b_BNHC = jnp.moveaxis(b_BNCH, 2, 3)
+  gam_BNH = b_BNHC[..., -1]
+
+  causal_CC = jnp.arange(C)[:, None] >= jnp.arange(C)[None, :]
+  expo_BNHCC = jnp.where(causal_CC[None, None, None],
+                         b_BNHC[..., :, None] - b_BNHC[..., None, :], -jnp.inf)
+  A_BNHCC = jnp.einsum("bnihk,bnjhk->bnhij", q_BNCHK, k_BNCHK, precision=prec,
+                       preferred_element_type=cd) * jnp.exp(expo_BNHCC)
+  o_BNCHV = jnp.einsum("bnhij,bnjhv->bnihv", A_BNHCC.astype(in_dtype), v_BNCHV,
+                       precision=prec, preferred_element_type=cd)
+
+  w_BNCH = jnp.exp(gam_BNH[:, :, None, :] - b_BNCH)
+  kd_BNCHK = (k_BNCHK.astype(cd) * w_BNCH[..., None]).astype(in_dtype)
+  dS_BNHKV = jnp.einsum("bnjhk,bnjhv->bnhkv", kd_BNCHK, v_BNCHV, precision=prec,
+                        preferred_element_type=cd)
+
+  def step(S_BHKV, x):
+    dS_BHKV, gam_BH = x
+    return S_BHKV * jnp.exp(gam_BH)[:, :, None, None] + dS_BHKV, S_BHKV
+
+  S_BHKV, Sin_NBHKV = jax.lax.scan(
+      step, S0_BHKV, (jnp.moveaxis(dS_BNHKV, 1, 0), jnp.moveaxis(gam_BNH, 1, 0)))
+  Sin_BNHKV = jnp.moveaxis(Sin_NBHKV, 0, 1)
+  qd_BNCHK = (q_BNCHK.astype(cd) * jnp.exp(b_BNCH)[..., None]).astype(in_dtype)
+  o_BNCHV = o_BNCHV + jnp.einsum("bnihk,bnhkv->bnihv", qd_BNCHK, Sin_BNHKV.astype(in_dtype),
+                                 precision=prec, preferred_element_type=cd)
+  o_BTHV = o_BNCHV.reshape(B, Tp, H, Dv)[:, :T]
+  return o_BTHV.astype(in_dtype), S_BHKV

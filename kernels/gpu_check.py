@@ -1,0 +1,114 @@
+"""Correctness of the compiled Pallas kernels on a GPU, at production shapes.
+
+Run as ``python -m qsf_jax.kernels.gpu_check [--quick]`` on a machine with a GPU
+(kernels spec §5.3, "GPU (when available)"). The unit tests run the same kernels
+in interpret mode on CPU; this checks what only a GPU shows: Triton's own
+compilation, TF32 defaults, races and out-of-bounds accesses. For each case the
+Pallas forward, final state and all five gradients (random cotangents) are
+compared with the "xla" impl evaluated in float32 (``precision=HIGHEST``) on the
+same (upcast) inputs, using the relative RMS tolerances of spec §5.2. Each
+Pallas call runs twice; results that differ between runs indicate a race.
+Exits with status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .bench import PALLAS_CONFIGS
+from .chunked_xla import chunked_linear_attention
+from .pallas_op import pallas_linear_attention
+from .testing import TOL, random_inputs, rel_rms_error
+
+CASES = [  # (B, T, H, Dk, Dv, dtype, gate)
+    (8, 4096, 8, 128, 128, "bfloat16", "medium"),
+    (8, 4096, 8, 64, 64, "bfloat16", "strong"),
+    (2, 4096, 4, 128, 128, "float32", "medium"),
+    (2, 1000, 4, 64, 128, "float32", "weak"),
+    (4, 333, 2, 96, 40, "bfloat16", "extreme"),
+    (4, 1, 8, 64, 64, "float32", "medium"),
+]
+QUICK_CASES = [CASES[1], CASES[3], CASES[5]]
+
+
+def _grads(fn, args, do, dS):
+  def loss(q, k, v, g, S0):
+    o, S_T = fn(q, k, v, g, S0)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
+  return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(*args)
+
+
+def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, seed=0, interpret=False):
+  """Compares Pallas with the float32 "xla" impl for one case.
+
+  Args:
+    B, T, H, Dk, Dv: sizes.
+    dtype: q/k/v dtype name.
+    gate: gate family of ``testing.random_inputs``.
+    chunk: Pallas chunk size.
+    cfg: ``KernelConfig`` for both kernels, or None for the defaults.
+    seed: integer seed.
+    interpret: run the kernels in interpret mode (for a CPU smoke test).
+
+  Returns:
+    A list of (name, relative RMS error, bound) for o, S_T, dq, dk, dv, dg, dh0.
+
+  Raises:
+    AssertionError: if two identical Pallas runs give different results.
+  """
+  args = random_inputs(seed, B, T, H, Dk, Dv, dtype=jnp.dtype(dtype), gate=gate)
+  rng = np.random.default_rng(seed + 1)
+  do = jnp.asarray(rng.standard_normal((B, T, H, Dv)).astype(np.float32))
+  dS = jnp.asarray(rng.standard_normal((B, H, Dk, Dv)).astype(np.float32))
+  kw = {} if cfg is None else dict(fwd_config=cfg, bwd_config=cfg)
+  kw["interpret"] = interpret
+  pallas = lambda *a: pallas_linear_attention(*a, chunk_size=chunk, return_final_state=True,
+                                              **kw)
+  xla = lambda *a: chunked_linear_attention(*(x.astype(jnp.float32) for x in a), chunk_size=64)
+  fwd = jax.jit(pallas)
+  o1, S1 = fwd(*args)
+  o2, S2 = fwd(*args)
+  (_, g1), (_, g2) = _grads(pallas, args, do, dS), _grads(pallas, args, do, dS)
+  if not (np.array_equal(np.asarray(o1), np.asarray(o2))
+          and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(g1, g2))):
+    raise AssertionError(f"results differ between two identical runs (race?): {B, T, H, Dk, Dv}")
+  o_ref, S_ref = jax.jit(xla)(*args)
+  _, g_ref = _grads(xla, args, do, dS)
+  tol = TOL[dtype]
+  out = [("o", rel_rms_error(o1, o_ref), tol["o"]), ("S_T", rel_rms_error(S1, S_ref), tol["o"])]
+  for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), g1, g_ref):
+    finite = bool(np.all(np.isfinite(np.asarray(a).astype(np.float32))))
+    err = rel_rms_error(a, b) if finite else float("inf")
+    out.append((name, err, tol["dg" if name == "dg" else "grad"]))
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="three cases, default config only")
+  a = p.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    print("gpu_check needs a GPU backend; found", jax.default_backend())
+    return 2
+  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
+  runs = [(c, None, 64) for c in (QUICK_CASES if a.quick else CASES)]
+  if not a.quick:  # every benchmarked launch configuration at one production shape
+    runs += [(CASES[0], cfg, chunk) for chunk, cfg in PALLAS_CONFIGS.values()]
+  failed = 0
+  for case, cfg, chunk in runs:
+    res = check_case(*case, chunk=chunk, cfg=cfg)
+    bad = [(n, e, b) for n, e, b in res if not e <= b]
+    failed += bool(bad)
+    errs = " ".join(f"{n}={e:.1e}" for n, e, _ in res)
+    print(f"{'FAIL' if bad else 'ok  '} {case} C={chunk} {cfg or 'default'}: {errs}", flush=True)
+  print(f"{len(runs) - failed}/{len(runs)} cases passed")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

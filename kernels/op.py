@@ -1,0 +1,148 @@
+"""Causal linear attention with optional scalar decay: the public op.
+
+Per batch row b and head h, with log-decays g_t <= 0, G_t = sum_{r<=t} g_r and an
+optional initial state S_0 (kernels spec §1.1, scale 1, no feature map):
+
+  o_t = sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s  +  q_t^T (exp(G_t) S_0)
+  S_T = sum_s exp(G_T - G_s) k_s v_s^T  +  exp(G_T) S_0
+
+i.e. the recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t. With
+g = 0 this is plain causal linear attention; a per-head constant g gives
+RetNet-style retention; per-step g gives simple GLA / Mamba-2-style decay.
+Feature maps, scaling and normalisers stay in the model layer.
+
+Layout is (batch, time, heads, dim), as in ``jax.nn.dot_product_attention``.
+
+Implementations (``impl=``):
+
+| impl        | algorithm                                             | cost          | use                  |
+| ----------- | ----------------------------------------------------- | ------------- | -------------------- |
+| "reference" | quadratic masked form, global cumsum                  | O(T^2) memory | tests, tiny inputs   |
+| "scan"      | token-by-token recurrence, ``lax.scan``               | O(T) serial   | ground truth, decode |
+| "xla"       | chunked jnp: intra-chunk matmuls + chunk-state scan   | O(T C)        | CPU path, baseline   |
+| "pallas"    | fused Triton kernels (fwd + bwd, ``custom_vjp``)      | O(T C)        | GPU; CPU with interpret=True |
+| "auto"      | "pallas" on GPU (16/32-bit, D <= 256), else "xla"    |               | default              |
+
+Numerics (spec §1.4): decay stays in log space with chunk-local cumsums; the
+exponent is masked to -inf before the exp, so every evaluated exponent is <= 0
+and nothing overflows; accumulation and states are float32 (float64 for float64
+inputs); bf16/f16 inputs are used as matmul operands with float32 accumulation;
+32-bit matmuls request IEEE precision (no TF32). Outputs come back in the input
+dtype; the final state is float32 (float64 for float64 inputs).
+
+Domain: g must be finite and <= 0. This is not checked (values are traced);
+positive g can overflow and -inf produces NaN (-inf - -inf); clamp strong
+resets to a finite value such as -20 (exp(-20) ~ 2e-9).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from qsf_jax import _checks
+
+from . import _validate
+from .chunked_xla import chunked_linear_attention
+from .pallas_op import pallas_linear_attention
+from .reference import reference_linear_attention, scan_linear_attention
+
+IMPLS = ("auto", "reference", "scan", "xla", "pallas")
+_PALLAS_DTYPES = ("float16", "bfloat16", "float32")
+
+
+_PALLAS_MAX_HEAD_DIM = 256  # larger fp32 (Dk, BV) states would not fit in registers
+
+
+def resolve_impl(impl: str, dtype, *, head_dim: int = 0, chunk_size: int = 64) -> str:
+  """Maps ``impl`` to a concrete impl; "auto" is "pallas" only where the kernels apply.
+
+  Args:
+    impl: one of ``IMPLS``.
+    dtype: the q/k/v dtype.
+    head_dim: the larger of Dk and Dv.
+    chunk_size: the requested chunk.
+
+  Returns:
+    "pallas" for "auto" on a GPU backend with float16/bfloat16/float32 inputs,
+    head dims <= 256 and a power-of-two chunk >= 16; "xla" for any other "auto";
+    ``impl`` itself otherwise.
+  """
+  _checks.check_choice("impl", impl, IMPLS)
+  if impl != "auto":
+    return impl
+  pallas_ok = (jax.default_backend() == "gpu"
+               and str(jax.numpy.dtype(dtype)) in _PALLAS_DTYPES
+               and head_dim <= _PALLAS_MAX_HEAD_DIM
+               and isinstance(chunk_size, int) and chunk_size >= 16
+               and not chunk_size & (chunk_size - 1))
+  return "pallas" if pallas_ok else "xla"
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "interpret",
+                                             "return_final_state"))
+def _run(q, k, v, log_decay, initial_state, *, impl, chunk_size, interpret,
+         return_final_state):
+  """Jitted dispatch; returns (o, S_T), with S_T None unless requested."""
+  if impl == "pallas":
+    return pallas_linear_attention(q, k, v, log_decay, initial_state, chunk_size=chunk_size,
+                                   interpret=interpret,
+                                   return_final_state=return_final_state)
+  if impl == "reference":
+    o, S_T = reference_linear_attention(q, k, v, log_decay, initial_state)
+  elif impl == "scan":
+    o, S_T = scan_linear_attention(q, k, v, log_decay, initial_state)
+  else:
+    o, S_T = chunked_linear_attention(q, k, v, log_decay, initial_state,
+                                      chunk_size=chunk_size)
+  return o, (S_T if return_final_state else None)
+
+
+def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
+                     return_final_state=False, chunk_size=64, impl="auto",
+                     interpret=False):
+  """Causal linear attention with optional per-step scalar decay.
+
+  Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
+  + q_t^T exp(G_t) S_0 and S_T = sum_s exp(G_T - G_s) k_s v_s^T + exp(G_T) S_0,
+  with G_t = sum_{r<=t} g_r (see the module docstring for impls and numerics).
+  Differentiable in q, k, v, log_decay and initial_state for every impl.
+
+  Args:
+    q: queries (B, T, H, Dk), float16/bfloat16/float32/float64.
+    k: keys (B, T, H, Dk), same dtype as q.
+    v: values (B, T, H, Dv), same dtype as q.
+    log_decay: per-step log-decays g <= 0 (B, T, H), any float dtype; None
+      means no decay (g = 0).
+    initial_state: state S_0 entering the sequence (B, H, Dk, Dv), e.g. the
+      final state of a previous call; None means zeros.
+    return_final_state: also return S_T, for chunked prefill and decoding.
+    chunk_size: chunk length C for "xla" and "pallas" (a power of two >= 16
+      for "pallas"); T need not be a multiple of it.
+    impl: "auto", "reference", "scan", "xla" or "pallas".
+    interpret: run the Pallas kernels in interpret mode (CPU); only used by
+      impl="pallas".
+
+  Returns:
+    o (B, T, H, Dv) in the input dtype, or (o, S_T) with S_T (B, H, Dk, Dv)
+    in float32 (float64 for float64 inputs) if ``return_final_state``.
+
+  Raises:
+    ValueError: for bad shapes or dtypes (naming the argument and shapes), an
+      unknown impl, a bad chunk_size, or float64 input with impl="pallas".
+      (impl="pallas" without interpret=True on CPU fails in ``pallas_call``;
+      exporting it for CUDA from a CPU host works, see ``lowering``.)
+  """
+  q, k, v, log_decay, initial_state = _validate.validate_inputs(
+      q, k, v, log_decay, initial_state)
+  impl = resolve_impl(impl, q.dtype, head_dim=max(q.shape[-1], v.shape[-1]),
+                      chunk_size=chunk_size)
+  _validate.check_chunk_size(chunk_size, power_of_two=impl == "pallas")
+  if impl == "pallas" and str(q.dtype) not in _PALLAS_DTYPES:
+    raise ValueError(
+        f"impl='pallas' supports q/k/v dtypes {list(_PALLAS_DTYPES)}, got {q.dtype} "
+        f"(q shape {tuple(q.shape)}); use impl='xla' or 'reference' for float64")
+  o, S_T = _run(q, k, v, log_decay, initial_state, impl=impl, chunk_size=chunk_size,
+                interpret=bool(interpret), return_final_state=bool(return_final_state))
+  return (o, S_T) if return_final_state else o

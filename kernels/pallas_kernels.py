@@ -1,0 +1,177 @@
+"""Pallas (Triton backend) kernel bodies for chunked causal linear attention.
+
+Design (kernels spec §1.2-1.3, FLA ``fused_chunk``): one program per
+(value block, head, batch row) walks the T/C chunks with ``lax.fori_loop`` and
+keeps its (Dk, BV) slice of the state in float32 registers; the state never
+goes to HBM. The backward is two sweeps in one program: a forward sweep that
+recomputes the states for dq, then a reverse sweep carrying dS for dk and dv.
+
+Triton rules obeyed here (spec §3.2): every loaded/stored tile is a power of
+two with dims >= 16 (the wrapper pads T to a multiple of C and Dk/Dv to powers
+of two); values are never indexed or sliced (``_last`` is a masked reduction);
+loops are ``fori_loop`` without ``xs`` or ``reverse``; the reverse sweep walks
+with index arithmetic; refs, not values, are sliced with ``pl.ds``.
+
+Kernel refs, per program (the BlockSpecs squeeze batch and head):
+  q, k: (Tp, Dk) input dtype; v, do: (Tp, BV); b: (Tp,) float32 chunk-local
+  cumsum of g; h0, dST: (Dk, BV) float32; o: (Tp, BV); ST, dh0: (Dk, BV)
+  float32; dq, dk: (Tp, Dk) partial sums over value blocks; dv: (Tp, BV);
+  dgq, dgk: (Tp,) float32 partial q.dq and k.dk.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_F32 = jnp.float32
+
+
+def _dot(a, b, precision):
+  """a @ b with float32 accumulation."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=_F32)
+
+
+def _dot_tn(a, b, precision):
+  """a^T @ b (contracting dim 0 of both; lowered as tt.trans + dot)."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=_F32)
+
+
+def _dot_nt(a, b, precision):
+  """a @ b^T (contracting dim 1 of both)."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=_F32)
+
+
+def _last(x_C, C):
+  """x_C[C - 1] as a masked reduction (Triton cannot index a register tensor)."""
+  return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1, x_C, 0.0))
+
+
+def _decay_mask(b_C, C):
+  """M_ij = exp(b_i - b_j) [i >= j], masked to -inf *before* the exp (spec §1.2)."""
+  row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  col_CC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  return jnp.exp(jnp.where(row_CC >= col_CC, b_C[:, None] - b_C[None, :], -jnp.inf))
+
+
+def _chunk_slice(c, C):
+  """The rows of chunk c, as an aligned dynamic slice of a (Tp, ...) ref."""
+  return pl.ds(pl.multiple_of(c * C, C), C)
+
+
+def fwd_kernel(*refs, C, NT, has_h0, store_state, precision):
+  """Forward sweep: kernels spec §1.2 for one (value block, head, batch row).
+
+  Per chunk c, with b the chunk-local cumsum and gamma_c = b_{C-1}:
+    A = (Q K^T) ⊙ M,  O = A V + diag(exp(b)) Q S_c,
+    S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K)^T V.
+
+  Args:
+    *refs: q (Tp, Dk), k (Tp, Dk), v (Tp, BV), b (Tp,), [h0 (Dk, BV)] inputs,
+      then o (Tp, BV) and [ST (Dk, BV)] outputs.
+    C: chunk length.
+    NT: number of chunks (Tp / C).
+    has_h0: whether an initial-state ref is present.
+    store_state: whether a final-state ref is present.
+    precision: dot precision (HIGHEST for float32 operands, else None).
+  """
+  q_ref, k_ref, v_ref, b_ref = refs[:4]
+  rest = list(refs[4:])
+  h0_ref = rest.pop(0) if has_h0 else None
+  o_ref = rest.pop(0)
+  st_ref = rest.pop(0) if store_state else None
+  Dk = q_ref.shape[-1]
+  BV = v_ref.shape[-1]
+
+  def body(c, S_KV):
+    sl = _chunk_slice(c, C)
+    q_CK, k_CK, v_CV = q_ref[sl], k_ref[sl], v_ref[sl]
+    b_C = b_ref[sl].astype(_F32)
+    b_last = _last(b_C, C)
+    A_CC = _dot_nt(q_CK, k_CK, precision) * _decay_mask(b_C, C)
+    o_CV = _dot(A_CC.astype(v_CV.dtype), v_CV, precision)
+    o_CV += _dot(q_CK, S_KV.astype(q_CK.dtype), precision) * jnp.exp(b_C)[:, None]
+    o_ref[sl] = o_CV.astype(o_ref.dtype)
+    kd_CK = (k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]).astype(k_CK.dtype)
+    return S_KV * jnp.exp(b_last) + _dot_tn(kd_CK, v_CV, precision)
+
+  S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
+  S_KV = lax.fori_loop(0, NT, body, S0_KV)
+  if store_state:
+    st_ref[...] = S_KV.astype(st_ref.dtype)
+
+
+def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
+  """Backward sweeps: kernels spec §1.3 for one (value block, head, batch row).
+
+  With dA = (dO V^T) ⊙ M and dS_{c+1} the gradient of the state leaving chunk c
+  (dS_NT = dS_T or 0):
+    dQ   = dA K + diag(exp(b)) dO S_c^T                   (forward sweep)
+    dK   = dA^T Q + diag(exp(gamma_c - b)) V dS_{c+1}^T   (reverse sweep)
+    dV   = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1}
+    dS_c = exp(gamma_c) dS_{c+1} + (diag(exp(b)) Q)^T dO,  dh0 = dS_0.
+  dQ, dK (and q.dq, k.dk for the decay gradient dG_t = q_t.dq_t - k_t.dk_t) are
+  partial sums over value blocks; dV and dh0 are exact for this block.
+
+  Args:
+    *refs: q, k (Tp, Dk), v, do (Tp, BV), b (Tp,), [h0 (Dk, BV)], [dST (Dk, BV)]
+      inputs, then dq, dk (Tp, Dk), dv (Tp, BV), dgq, dgk (Tp,), [dh0 (Dk, BV)].
+    C: chunk length.
+    NT: number of chunks (Tp / C).
+    has_h0: whether the initial state is present (and dh0 is wanted).
+    has_dst: whether a final-state cotangent is present.
+    precision: dot precision (HIGHEST for float32 operands, else None).
+  """
+  q_ref, k_ref, v_ref, b_ref, do_ref = refs[:5]
+  rest = list(refs[5:])
+  h0_ref = rest.pop(0) if has_h0 else None
+  dst_ref = rest.pop(0) if has_dst else None
+  dq_ref, dk_ref, dv_ref, dgq_ref, dgk_ref = rest[:5]
+  dh0_ref = rest[5] if has_h0 else None
+  Dk = q_ref.shape[-1]
+  BV = v_ref.shape[-1]
+
+  def fwd_body(c, S_KV):
+    sl = _chunk_slice(c, C)
+    q_CK, k_CK, v_CV, do_CV = q_ref[sl], k_ref[sl], v_ref[sl], do_ref[sl]
+    b_C = b_ref[sl].astype(_F32)
+    b_last = _last(b_C, C)
+    dA_CC = _dot_nt(do_CV, v_CV, precision) * _decay_mask(b_C, C)
+    dq_CK = _dot(dA_CC.astype(k_CK.dtype), k_CK, precision)
+    dq_CK += _dot_nt(do_CV, S_KV.astype(do_CV.dtype), precision) * jnp.exp(b_C)[:, None]
+    dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
+    dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
+    kd_CK = (k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]).astype(k_CK.dtype)
+    return S_KV * jnp.exp(b_last) + _dot_tn(kd_CK, v_CV, precision)
+
+  S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
+  lax.fori_loop(0, NT, fwd_body, S0_KV)
+
+  def bwd_body(i, dS_KV):
+    c = NT - 1 - i
+    sl = _chunk_slice(c, C)
+    q_CK, k_CK, v_CV, do_CV = q_ref[sl], k_ref[sl], v_ref[sl], do_ref[sl]
+    b_C = b_ref[sl].astype(_F32)
+    b_last = _last(b_C, C)
+    M_CC = _decay_mask(b_C, C)
+    A_CC = _dot_nt(q_CK, k_CK, precision) * M_CC
+    dA_CC = _dot_nt(do_CV, v_CV, precision) * M_CC
+    w_C1 = jnp.exp(b_last - b_C)[:, None]
+    dv_CV = (_dot_tn(A_CC.astype(do_CV.dtype), do_CV, precision)
+             + _dot(k_CK, dS_KV.astype(k_CK.dtype), precision) * w_C1)
+    dk_CK = (_dot_tn(dA_CC.astype(q_CK.dtype), q_CK, precision)
+             + _dot_nt(v_CV, dS_KV.astype(v_CV.dtype), precision) * w_C1)
+    dv_ref[sl] = dv_CV.astype(dv_ref.dtype)
+    dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
+    dgk_ref[sl] = jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
+    qd_CK = (q_CK.astype(_F32) * jnp.exp(b_C)[:, None]).astype(q_CK.dtype)
+    return dS_KV * jnp.exp(b_last) + _dot_tn(qd_CK, do_CV, precision)
+
+  dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
+  dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
+  if has_h0:
+    dh0_ref[...] = dS_KV.astype(dh0_ref.dtype)

@@ -1,0 +1,258 @@
+"""Pallas-Triton causal linear attention: ``pallas_call`` wiring and ``custom_vjp``.
+
+Forward (kernels spec §1.2) and backward (§1.3) run as one fused kernel each
+(``pallas_kernels``); the decay gradient is finished in XLA (spec §3.2: Triton
+has no reverse cumsum):
+
+  dG_t = q_t . dq_t - k_t . dk_t  (+ <S_T, dS_T> at t = T - 1),
+  dg_t = sum_{r >= t} dG_r.
+
+The Triton backend is selected explicitly with ``plgpu.CompilerParams`` (spec
+§3.5: without it jax 0.10.x lowers ``pallas_call`` on GPU to Mosaic GPU).
+``interpret=True`` runs the same kernels as XLA ops on CPU. The wrapper pads T
+to a multiple of the chunk and Dk, Dv to powers of two >= 16 with zeros, which
+changes neither the outputs nor the state, and slices the results back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import roofline
+from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
+                        validate_inputs)
+from .pallas_kernels import bwd_kernel, fwd_kernel
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Launch parameters of one Triton kernel.
+
+  Attributes:
+    block_v: value-dim tile BV (power of two >= 16; clipped to the padded Dv).
+      The grid is (Dv / BV, H, B); smaller BV gives more programs.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining stages of the chunk loop.
+  """
+  block_v: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+DEFAULT_FWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
+DEFAULT_BWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable static settings of one traced call (non-differentiable)."""
+  chunk: int
+  fwd: KernelConfig
+  bwd: KernelConfig
+  interpret: bool
+  return_final_state: bool
+
+
+def _precision(dtype):
+  """IEEE float32 dots for float32 operands (Triton defaults f32 dots to TF32)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
+
+
+def _block_v(cfg: KernelConfig, Dv: int) -> int:
+  bv = min(int(cfg.block_v), Dv)
+  if bv < 16 or bv & (bv - 1):
+    raise ValueError(f"block_v must be a power of two >= 16, got {cfg.block_v}")
+  return bv
+
+
+def _local_cumsum(g_BTH, C):
+  """Chunk-local inclusive cumsum b of the log-decay in float32 (spec §1.4)."""
+  B, Tp, H = g_BTH.shape
+  return jnp.cumsum(g_BTH.astype(_F32).reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
+
+
+def _fwd_call(q, k, v, b, h0, st: _Static):
+  """Runs the forward kernel; returns (o (B,Tp,H,Dv), S_T (B,H,Dk,Dv) f32 or None)."""
+  B, Tp, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C = st.chunk
+  BV = _block_v(st.fwd, Dv)
+  NV = Dv // BV
+  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
+  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
+  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
+  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  in_specs = [qk_spec, qk_spec, v_spec, b_spec] + ([s_spec] if h0 is not None else [])
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
+  out_specs = [v_spec]
+  if st.return_final_state:
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
+    out_specs.append(s_spec)
+  kernel = functools.partial(fwd_kernel, C=C, NT=Tp // C, has_h0=h0 is not None,
+                             store_state=st.return_final_state,
+                             precision=_precision(q.dtype))
+  itemsize = jnp.dtype(q.dtype).itemsize
+  outs = pl.pallas_call(
+      kernel,
+      grid=(NV, H, B),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=st.fwd.num_warps,
+                                           num_stages=st.fwd.num_stages),
+      interpret=st.interpret,
+      name="linear_attention_fwd",
+      cost_estimate=pl.CostEstimate(
+          flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
+          transcendentals=int(B * H * Tp * (C + 2) * NV),
+          bytes_accessed=int(roofline.fwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize))),
+  )(q, k, v, b, *([h0] if h0 is not None else []))
+  return outs[0], (outs[1] if st.return_final_state else None)
+
+
+def _bwd_call(q, k, v, b, do, h0, dST, st: _Static):
+  """Runs the backward kernel; returns (dq, dk, dv, dG (B,Tp,H) f32, dh0 or None)."""
+  B, Tp, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C = st.chunk
+  BV = _block_v(st.bwd, Dv)
+  NV = Dv // BV
+  part_dtype = q.dtype if NV == 1 else _F32  # partial dq/dk are summed in float32
+  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
+  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
+  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
+  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  part_spec = pl.BlockSpec((None, None, Tp, None, Dk), lambda j, h, bb: (j, bb, 0, h, 0))
+  dg_spec = pl.BlockSpec((None, None, Tp, None), lambda j, h, bb: (j, bb, 0, h))
+  in_specs = [qk_spec, qk_spec, v_spec, b_spec, v_spec]
+  extra_in = []
+  if h0 is not None:
+    in_specs.append(s_spec)
+    extra_in.append(h0)
+  if dST is not None:
+    in_specs.append(s_spec)
+    extra_in.append(dST)
+  out_shape = [jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
+               jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
+               jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype),
+               jax.ShapeDtypeStruct((NV, B, Tp, H), _F32),
+               jax.ShapeDtypeStruct((NV, B, Tp, H), _F32)]
+  out_specs = [part_spec, part_spec, v_spec, dg_spec, dg_spec]
+  if h0 is not None:
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
+    out_specs.append(s_spec)
+  kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_h0=h0 is not None,
+                             has_dst=dST is not None, precision=_precision(q.dtype))
+  itemsize = jnp.dtype(q.dtype).itemsize
+  outs = pl.pallas_call(
+      kernel,
+      grid=(NV, H, B),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=st.bwd.num_warps,
+                                           num_stages=st.bwd.num_stages),
+      interpret=st.interpret,
+      name="linear_attention_bwd",
+      cost_estimate=pl.CostEstimate(
+          flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
+          transcendentals=int(B * H * Tp * (2 * C + 4) * NV),
+          bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize))),
+  )(q, k, v, b, do, *extra_in)
+  dq_parts, dk_parts, dv, dgq, dgk = outs[:5]
+  dq = dq_parts[0] if NV == 1 else jnp.sum(dq_parts, axis=0)
+  dk = dk_parts[0] if NV == 1 else jnp.sum(dk_parts, axis=0)
+  dG = jnp.sum(dgq - dgk, axis=0)
+  return dq, dk, dv, dG, (outs[5] if h0 is not None else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(q, k, v, g, h0, st: _Static):
+  """Kernels spec §1.2 on padded inputs; returns (o, S_T or None)."""
+  return _fwd_call(q, k, v, _local_cumsum(g, st.chunk), h0, st)
+
+
+def _core_fwd(q, k, v, g, h0, st: _Static):
+  o, S_T = _fwd_call(q, k, v, _local_cumsum(g, st.chunk), h0, st)
+  return (o, S_T), (q, k, v, g, h0, S_T)
+
+
+def _core_bwd(st: _Static, res, cts):
+  """Kernels spec §1.3: dq, dk, dv, dh0 from the kernel; dg by reverse cumsum."""
+  q, k, v, g, h0, S_T = res
+  do, dST = cts
+  if dST is not None:
+    dST = dST.astype(_F32)
+  dq, dk, dv, dG_BTH, dh0 = _bwd_call(q, k, v, _local_cumsum(g, st.chunk), do.astype(v.dtype),
+                                      None if h0 is None else h0.astype(_F32), dST, st)
+  if dST is not None:
+    # G_T scales the whole final state: dL/dG_T gains <S_T, dS_T> (spec §1.3).
+    dG_BTH = dG_BTH.at[:, -1, :].add(jnp.sum(S_T * dST, axis=(-2, -1)))
+  dg_BTH = jnp.flip(jnp.cumsum(jnp.flip(dG_BTH, 1), axis=1), 1)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg_BTH.astype(g.dtype),
+          None if h0 is None else dh0.astype(h0.dtype))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chunk_size=64,
+                            interpret=False, return_final_state=False,
+                            fwd_config: KernelConfig = DEFAULT_FWD,
+                            bwd_config: KernelConfig = DEFAULT_BWD):
+  """Chunked causal linear attention with fused Pallas-Triton kernels.
+
+  Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
+  + q_t^T exp(G_t) S_0, S_T = sum_s exp(G_T - G_s) k_s v_s^T + exp(G_T) S_0,
+  computed chunk-wise (§1.2) with a ``custom_vjp`` backward (§1.3).
+
+  Args:
+    q: queries (B, T, H, Dk), float16/bfloat16/float32.
+    k: keys (B, T, H, Dk).
+    v: values (B, T, H, Dv).
+    log_decay: log-decays g <= 0 (B, T, H), or None for no decay.
+    initial_state: state S_0 (B, H, Dk, Dv), or None.
+    chunk_size: chunk C, a power of two >= 16 (reduced to the padded T when
+      T is shorter).
+    interpret: run the kernels in Pallas interpret mode (CPU).
+    return_final_state: also compute S_T (one (Dk, BV) store per program).
+    fwd_config: forward launch parameters.
+    bwd_config: backward launch parameters.
+
+  Returns:
+    (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
+    None unless ``return_final_state``.
+
+  Raises:
+    ValueError: for the bad inputs ``linear_attention`` rejects, a chunk that
+      is not a power of two >= 16, or a bad ``block_v``.
+  """
+  q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
+  check_chunk_size(chunk_size, power_of_two=True)
+  B, T, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C = min(int(chunk_size), max(16, next_power_of_two(T)))
+  Tp = round_up(T, C)
+  Dkp = max(16, next_power_of_two(Dk))
+  Dvp = max(16, next_power_of_two(Dv))
+  st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
+               return_final_state=bool(return_final_state))
+  g = jnp.zeros((B, T, H), _F32) if log_decay is None else log_decay
+  qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
+  kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)
+  vp = pad_axis(pad_axis(v, 1, Tp), 3, Dvp)
+  gp = pad_axis(g, 1, Tp)
+  h0p = None if initial_state is None else pad_axis(pad_axis(initial_state, 2, Dkp), 3, Dvp)
+  o, S_T = _core(qp, kp, vp, gp, h0p, st)
+  o = o[:, :T, :, :Dv]
+  if S_T is not None:
+    S_T = S_T[:, :, :Dk, :Dv]
+  return o, S_T

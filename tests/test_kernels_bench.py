@@ -1,0 +1,54 @@
+"""The roofline model (kernels spec §7) and a smoke run of the benchmark entry point."""
+
+import json
+
+import pytest
+
+from qsf_jax.kernels import bench, roofline
+
+
+@pytest.mark.parametrize("D, gflop_fwd, mb_fwd, gflop_bwd, mb_bwd", [
+    (64, 8.6, 135, 23.6, 237),
+    (128, 25.8, 269, 68.7, 472),
+])
+def test_roofline_reproduces_spec_table(D, gflop_fwd, mb_fwd, gflop_bwd, mb_bwd):
+  # Spec §7 table: B=8, H=8, T=4096, C=64, bf16 activations.
+  args = (8, 8, 4096, D, D, 64)
+  assert roofline.fwd_flops(*args) / 1e9 == pytest.approx(gflop_fwd, abs=0.05)
+  assert roofline.fwd_bytes(*args) / 1e6 == pytest.approx(mb_fwd, abs=0.5)
+  assert roofline.bwd_flops(*args) / 1e9 == pytest.approx(gflop_bwd, abs=0.05)
+  assert roofline.bwd_bytes(*args) / 1e6 == pytest.approx(mb_bwd, abs=0.5)
+
+
+def test_roofline_floor_and_device_table():
+  # Spec §7: fused fwd at D=128 is memory-bound with a floor of about 90 us on H100.
+  h100 = roofline.device_peak("NVIDIA H100 80GB HBM3")
+  args = (8, 8, 4096, 128, 128, 64)
+  flops, nbytes = roofline.fwd_flops(*args), roofline.fwd_bytes(*args)
+  assert roofline.roofline_fraction(flops, nbytes, 90e-6, h100) == pytest.approx(1.0, abs=0.01)
+  assert roofline.roofline_fraction(flops, nbytes, 180e-6, h100) == pytest.approx(0.5, abs=0.01)
+  assert roofline.device_peak("cpu") is None
+  assert roofline.roofline_fraction(flops, nbytes, 1.0, None) is None
+  # Softmax causal attention at T=4096, D=128: 274.9 GFLOP (spec §7).
+  assert roofline.softmax_causal_flops(8, 8, 4096, 128) / 1e9 == pytest.approx(274.9, abs=0.05)
+
+
+@pytest.mark.slow
+def test_bench_entry_point_writes_json(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--T=32", "--impls=xla,scan,pallas", "--modes=fwd,fwdbwd",
+              f"--out={out}"])
+  data = json.loads(out.read_text())
+  assert data["platform"] == "cpu" and data["quick"] and data["reps"] == 20
+  rows = {(r["impl"], r["mode"]): r for r in data["rows"]}
+  assert set(rows) == {(i, m) for i in ("xla", "scan", "pallas") for m in ("fwd", "fwdbwd")}
+  for mode in ("fwd", "fwdbwd"):
+    assert rows[("xla", mode)]["ms"] > 0 and rows[("xla", mode)]["vs_xla"] == 1.0
+    assert rows[("scan", mode)]["tflops"] > 0
+    assert "GPU" in rows[("pallas", mode)]["skipped"]
+  assert "| xla | fwd | 32 | 64 |" in capsys.readouterr().out
+
+
+def test_bench_rejects_too_few_reps():
+  with pytest.raises(SystemExit):
+    bench.main(["--reps=5"])

@@ -1,0 +1,65 @@
+"""Gradients of the CPU impls of ``linear_attention`` against float64 autodiff.
+
+The ground truth is ``jax.grad`` of the quadratic reference in float64, with
+random cotangents for the outputs and the final state (kernels spec §5.1: a
+cotangent of ones hides transposition bugs). Tolerances are spec §5.2.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax.kernels import linear_attention
+from qsf_jax.kernels.testing import (TOL, assert_grads_match, float64_grads, random_inputs,
+                                     rel_rms_error)
+
+CPU_IMPLS = ("reference", "scan", "xla")
+NAMES = ("q", "k", "v", "log_decay", "initial_state")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("T", [1, pytest.param(65, marks=pytest.mark.slow)])
+def test_grads_float32(impl, T):
+  assert_grads_match(impl, 2, T, 2, 16, 8, seed=T)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_grads_float32_long_strong_decay(impl):
+  assert_grads_match(impl, 1, 300, 2, 16, 16, gate="strong", seed=3, chunk_size=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_grads_bfloat16(impl):
+  assert_grads_match(impl, 1, 100, 2, 16, 32, dtype=jnp.bfloat16, seed=4)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_grads_without_decay_or_state(impl):
+  q, k, v, _, _ = random_inputs(5, 1, 40, 2, 16, 16, gate="none", initial_state=False)
+  do = np.random.default_rng(6).standard_normal(v.shape).astype(np.float32)
+  f = lambda q, k, v: jnp.sum(linear_attention(q, k, v, impl=impl, chunk_size=16) * do)
+  grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+  zeros_g = np.zeros(q.shape[:3], np.float32)
+  zeros_S = np.zeros((1, 2, 16, 16), np.float32)
+  ref = float64_grads((q, k, v, zeros_g, zeros_S), do, zeros_S)
+  for gr, r in zip(grads, ref[:3]):
+    assert rel_rms_error(gr, r) <= TOL["float32"]["grad"]
+
+
+@pytest.mark.slow
+def test_xla_grads_under_checkpoint_and_vmap():
+  q, k, v, g, S0 = random_inputs(7, 1, 33, 1, 16, 16)
+  do = np.random.default_rng(8).standard_normal((2,) + v.shape).astype(np.float32)
+  f = lambda q, k, v, g: linear_attention(q, k, v, g, impl="xla", chunk_size=16)
+  loss = lambda q, k, v, g: jnp.sum(jax.vmap(jax.checkpoint(f))(q, k, v, g) * do)
+  stack = lambda x: np.stack([x, 0.5 * np.asarray(x)])
+  grads = jax.grad(loss, argnums=range(4))(*(stack(x) for x in (q, k, v, g)))
+  for i in range(2):
+    args = [stack(x)[i] for x in (q, k, v, g)] + [np.zeros_like(S0)]
+    ref = float64_grads(args, do[i], np.zeros_like(S0))
+    for name, gr, r in zip(NAMES, grads, ref):
+      tol = TOL["float32"]["dg" if name == "log_decay" else "grad"]
+      assert rel_rms_error(gr[i], r) <= tol, (name, i)
