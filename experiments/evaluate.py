@@ -1,0 +1,49 @@
+r"""Evaluates a run folder: ``python -m experiments.evaluate --workdir=runs/s3``.
+
+Prints progress, then as its last line one JSON object with ``val_loss`` (mean
+token cross entropy in nats), ``perplexity`` (= e^val_loss, QSF spec D13),
+``tokens``, ``batches``, ``step``, ``stage`` and ``data``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from qsf_jax.training import cli
+from qsf_jax.training.evaluation import evaluate_workdir
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "Run folder written by experiments.train.", flag_values=fv)
+  flags.DEFINE_string("data", None, "Validation data (default: the run's own).", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+  flags.DEFINE_integer("eval_batches", None, "Evaluate only N batches (default: all).",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the run's).",
+                       flag_values=fv)
+  flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
+                      flag_values=fv)
+  flags.DEFINE_string("cache_dir", None, "Token-cache folder (default: the run's).",
+                      flag_values=fv)
+  cli.define_common(fv)
+
+
+def execute(fv: flags.FlagValues) -> int:
+  if not fv.workdir:
+    raise flags.Error("--workdir is required")
+  rec = evaluate_workdir(fv.workdir, data=fv.data, step=fv.step, max_batches=fv.eval_batches,
+                         batch_size=fv.batch_size, tokenizer_file=fv.tokenizer_file,
+                         cache_dir=fv.cache_dir)
+  print(json.dumps(rec), flush=True)
+  return 0
+
+
+def run(argv) -> int:
+  """Runs the entry point in-process on ``argv``; returns the exit status."""
+  return cli.run(define_flags, execute, argv)
+
+
+if __name__ == "__main__":
+  cli.main(define_flags, execute)

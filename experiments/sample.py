@@ -1,0 +1,45 @@
+r"""Samples from a run folder through the recurrent decode path.
+
+``python -m experiments.sample --workdir=runs/s3 --prompt="Once upon a time," --max_new_tokens=40``
+prints the prompt followed by the generated text (defaults: QSF spec D14,
+temperature 0.8, top-k 50).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from qsf_jax.training import cli
+from qsf_jax.training.sampling import sample_workdir
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "Run folder written by experiments.train.", flag_values=fv)
+  flags.DEFINE_string("prompt", "Once upon a time,", "Text to continue.", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 40, "Tokens to generate.", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0: greedy).", flag_values=fv)
+  flags.DEFINE_integer("top_k", 50, "Sample among the k most likely tokens.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+  flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
+                      flag_values=fv)
+  cli.define_common(fv)
+
+
+def execute(fv: flags.FlagValues) -> int:
+  if not fv.workdir:
+    raise flags.Error("--workdir is required")
+  text = sample_workdir(fv.workdir, fv.prompt, max_new_tokens=fv.max_new_tokens,
+                        temperature=fv.temperature, top_k=fv.top_k, seed=fv.seed,
+                        step=fv.step, tokenizer_file=fv.tokenizer_file)
+  print(fv.prompt + text, flush=True)
+  return 0
+
+
+def run(argv) -> int:
+  """Runs the entry point in-process on ``argv``; returns the exit status."""
+  return cli.run(define_flags, execute, argv)
+
+
+if __name__ == "__main__":
+  cli.main(define_flags, execute)

@@ -1,0 +1,178 @@
+"""Checkpoints: an orbax ``CheckpointManager`` holding the state and JSON metadata.
+
+Layout: ``workdir/checkpoints/<step>/{state, meta}``. ``state`` is the
+``TrainState`` as a plain dict (``StandardSave``); ``meta`` is a JSON record of
+the run (full configuration, stage, data source, tokenizer name and sha256,
+seed, git sha). Orbax writes each checkpoint into
+``<step>.orbax-checkpoint-tmp`` and renames it only once everything is on disk,
+so a save that dies half-way leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+from qsf_jax.training.errors import CheckpointMismatchError, NoCheckpointError
+from qsf_jax.training.state import TrainState, abstract_state
+
+CHECKPOINT_SUBDIR = "checkpoints"
+META_FORMAT = 1
+
+
+def git_sha() -> str | None:
+  """The commit of the source tree this package was imported from, if known."""
+  here = pathlib.Path(__file__).resolve().parent
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                         text=True, timeout=5, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  sha = out.stdout.strip()
+  return sha if out.returncode == 0 and sha else None
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
+  return pathlib.Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+  """Whether ``workdir`` holds at least one finalized checkpoint."""
+  d = checkpoint_dir(workdir)
+  if not d.is_dir():
+    return False
+  return any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
+
+
+class Checkpointer:
+  """A thin wrapper over ``ocp.CheckpointManager`` for ``TrainState`` + metadata.
+
+  Args:
+    workdir: the run folder; checkpoints live in ``workdir/checkpoints``.
+    max_to_keep: how many recent checkpoints to keep (None keeps all).
+    async_save: write in a background thread while training continues.
+    read_only: open without creating or deleting anything (evaluate, sample).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = 3,
+               async_save: bool = True, read_only: bool = False):
+    self.workdir = pathlib.Path(workdir)
+    self.directory = checkpoint_dir(workdir)
+    if read_only and not self.directory.is_dir():
+      raise NoCheckpointError(f"no checkpoints found in {self.workdir}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save)
+    self._mgr = ocp.CheckpointManager(self.directory.absolute(), options=options,
+                                      item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    """The newest finalized checkpoint's step, or None."""
+    self._mgr.reload()
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    self._mgr.reload()
+    return list(self._mgr.all_steps())
+
+  def _step_or_latest(self, step: int | None) -> int:
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise NoCheckpointError(f"no finalized checkpoint in {self.directory}")
+    return int(step)
+
+  def meta(self, step: int | None = None) -> dict:
+    """The JSON metadata stored with checkpoint ``step`` (default: the latest)."""
+    step = self._step_or_latest(step)
+    return dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+  def save(self, step: int, state: TrainState, meta: Mapping[str, Any], *,
+           wait: bool = False) -> None:
+    """Saves ``state`` and ``meta`` as checkpoint ``step`` (replacing nothing).
+
+    Args:
+      step: the checkpoint's step (normally ``state.step``).
+      state: the training state.
+      meta: JSON-serialisable metadata; ``format`` and ``step`` are added.
+      wait: block until the checkpoint is finalized.
+    """
+    meta = {**meta, "format": META_FORMAT, "step": int(step)}
+    self._mgr.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state.as_dict()), meta=ocp.args.JsonSave(meta)),
+        force=True)
+    if wait:
+      self._mgr.wait_until_finished()
+
+  def restore(self, template: TrainState, step: int | None = None) -> TrainState:
+    """Restores checkpoint ``step`` (default: latest) into ``template``'s structure.
+
+    Args:
+      template: a state with the expected structure, shapes, dtypes and
+        shardings (e.g. a freshly initialised one); its values are not used.
+      step: which checkpoint; default the latest.
+    """
+    step = self._step_or_latest(step)
+    restored = self._mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state(template))))
+    return TrainState.from_dict(restored.state)
+
+  def restore_params(self, step: int | None = None) -> tuple[Any, dict]:
+    """Restores (params, collections) without a template, as stored.
+
+    Used for evaluation, sampling and the progressive hand-off, which need no
+    optimizer state and may build a different model than the stored one.
+    """
+    step = self._step_or_latest(step)
+    restored = self._mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    state = restored.state
+    return state["params"], state.get("collections", {})
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+
+# Metadata keys that define a run: resuming with any of them changed would not
+# continue the same optimisation (model, data stream or schedule differ).
+IDENTITY_KEYS = ("stage", "model_config", "tokenizer", "data_source", "seed", "steps",
+                 "batch_size", "seq_len", "lr", "weight_decay", "clip_norm", "grad_accum",
+                 "data_mode")
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+  if isinstance(value, Mapping):
+    for k, v in value.items():
+      _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+  else:
+    out[prefix] = list(value) if isinstance(value, tuple) else value
+
+
+def identity_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
+  """``{key: (stored, requested)}`` for the run-identity entries that differ."""
+  a, b = {}, {}
+  for k in IDENTITY_KEYS:
+    _flatten(k, stored.get(k), a)
+    _flatten(k, requested.get(k), b)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resumable(workdir: str | os.PathLike, stored: Mapping[str, Any],
+                    requested: Mapping[str, Any]) -> None:
+  """Raises ``CheckpointMismatchError`` unless the stored run matches the request."""
+  diffs = identity_differences(stored, requested)
+  if diffs:
+    raise CheckpointMismatchError(str(workdir), diffs)
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0

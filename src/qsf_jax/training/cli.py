@@ -1,0 +1,96 @@
+"""Shared plumbing of the absl entry points in ``experiments/``.
+
+Each entry point defines its flags on a fresh ``flags.FlagValues`` (so several
+can be imported and run in one process, e.g. in tests) and runs through
+``main``: user errors (bad flags, missing data, a wrong tokenizer file, a
+foreign checkpoint, a non-finite loss) are printed as one line on stderr with
+a non-zero exit status instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+# Exceptions that mean "the user asked for something that cannot be done".
+USER_ERRORS = (ValueError, OSError, ConnectionError, FloatingPointError, flags.Error)
+EXIT_USER_ERROR = 1
+
+
+def parse_overrides(items: Sequence[str] | None) -> tuple:
+  """Parses ``name=value`` strings; values are Python literals, else strings.
+
+  Example: ``["max_seq_len=64", "attn_scale=none", "ffn_bias=False"]`` gives
+  ``(("max_seq_len", 64), ("attn_scale", "none"), ("ffn_bias", False))``.
+  """
+  out = []
+  for item in items or ():
+    name, sep, raw = item.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"--override expects name=value, got {item!r}")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    out.append((name.strip(), value))
+  return tuple(out)
+
+
+def error_line(prog: str, e: BaseException) -> str:
+  msg = str(e).strip().replace("\n", " ") or type(e).__name__
+  return f"{prog}: error: {msg}"
+
+
+def run(define_flags: Callable[[flags.FlagValues], None],
+        execute: Callable[[flags.FlagValues], int], argv: Sequence[str]) -> int:
+  """Parses ``argv`` into fresh flags and executes; returns the exit status.
+
+  Args:
+    define_flags: defines the entry point's flags on a ``FlagValues``.
+    execute: runs the program from parsed flags, returns an exit status.
+    argv: the command line, ``argv[0]`` being the program name.
+  """
+  prog = (argv[0] if argv else "qsf").rsplit("/", 1)[-1]
+  fv = flags.FlagValues()
+  define_flags(fv)
+  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+    print(fv.get_help())
+    return 0
+  traceback = "--traceback" in argv[1:]
+  try:
+    rest = fv(list(argv), known_only=True)
+    rest = flags.FLAGS(rest)  # absl's own flags (e.g. --verbosity); rejects unknown ones
+    if len(rest) > 1:
+      raise flags.Error(f"unexpected positional arguments {rest[1:]}")
+    return execute(fv)
+  except USER_ERRORS as e:
+    if traceback:
+      raise
+    print(error_line(prog, e), file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return 130
+
+
+def main(define_flags, execute) -> None:
+  """``app.run`` wrapper: absl logging set up, then ``run`` and exit."""
+  argv = list(sys.argv)
+
+  def _main(_):
+    # Orbax logs every checkpoint phase at INFO; keep its warnings only.
+    absl_logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+    sys.exit(run(define_flags, execute, argv))
+
+  app.run(_main, argv=[argv[0]], flags_parser=lambda a: flags.FLAGS(a[:1]))
+
+
+def define_common(fv: flags.FlagValues) -> None:
+  """Flags every entry point has."""
+  flags.DEFINE_bool("traceback", False, "Show the full traceback of errors.", flag_values=fv)

@@ -1,0 +1,113 @@
+"""The training configuration: one frozen dataclass, JSON-serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qsf_jax.training.errors import TrainConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Settings of one training run (QSF spec §4.1, D10-D14).
+
+  Attributes:
+    stage: model stage (``qsf_jax.models.config.STAGES``).
+    preset: model size preset (``qsf_jax.models.config.PRESETS``).
+    model_overrides: extra ``ModelConfig`` fields, as ``((name, value), ...)``.
+    data: ``"auto"``, ``"tinystories"``, ``"synthetic"`` or a local path.
+    tokenizer: ``"gpt2"`` or ``"bytes"``.
+    tokenizer_file: local ``r50k_base.tiktoken`` for gpt2 (None: environment/default).
+    cache_dir: token-cache folder (None: the data module's default).
+    data_mode: how batches are cut from the token stream (passed to ``get_batch``).
+    max_train_stories: keep only the first N training stories (D13: 500,000).
+    steps: S, optimizer updates in the stage (spec: 20,000).
+    batch_size: global batch size in sequences (D10: 32).
+    seq_len: tokens per sequence; None uses the model's ``max_seq_len``.
+    seed: run seed: parameter init, step RNG and the batch order.
+    lr: OneCycle peak learning rate (D10: 1e-3).
+    weight_decay: AdamW decay on matrices (D11: 0.1).
+    clip_norm: global gradient-norm clip (spec: 1.0).
+    grad_accum: micro-batches per update.
+    dtype: compute dtype override ("float32"/"bfloat16"), None keeps the preset's.
+    init_from: a previous stage's run folder for the progressive hand-off (D12).
+    checkpoint_every: save every this many steps (0: only at the end).
+    eval_every: validation every this many steps (0: only at the end).
+    eval_batches: validation batches per evaluation (None: the whole split).
+    log_every: progress-line period in steps.
+    max_to_keep: checkpoints kept on disk.
+    sample_prompt: D14 prompt for the sample printed at each evaluation.
+    sample_tokens: D14: 40 new tokens.
+    sample_temperature: D14: 0.8.
+    sample_top_k: D14: 50.
+  """
+  stage: str
+  preset: str = "small"
+  model_overrides: tuple = ()
+  data: str = "auto"
+  tokenizer: str = "gpt2"
+  tokenizer_file: str | None = None
+  cache_dir: str | None = None
+  data_mode: str = "story"
+  max_train_stories: int | None = None
+  steps: int = 20000
+  batch_size: int = 32
+  seq_len: int | None = None
+  seed: int = 0
+  lr: float = 1e-3
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+  dtype: str | None = None
+  init_from: str | None = None
+  checkpoint_every: int = 1000
+  eval_every: int = 1000
+  eval_batches: int | None = 20
+  log_every: int = 50
+  max_to_keep: int = 3
+  sample_prompt: str = "Once upon a time,"
+  sample_tokens: int = 40
+  sample_temperature: float = 0.8
+  sample_top_k: int = 50
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "max_to_keep"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise TrainConfigError(f"--{name} must be a positive integer, got {v!r}")
+    if self.steps < 2:
+      raise TrainConfigError(f"--steps must be >= 2 (OneCycle schedule), got {self.steps}")
+    for name in ("checkpoint_every", "eval_every", "sample_tokens"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 0:
+        raise TrainConfigError(f"--{name} must be a non-negative integer, got {v!r}")
+    if self.seq_len is not None and self.seq_len < 1:
+      raise TrainConfigError(f"--seq_len must be positive, got {self.seq_len}")
+    if self.eval_batches is not None and self.eval_batches < 1:
+      raise TrainConfigError(f"eval_batches must be positive or None, got {self.eval_batches}")
+    if not self.lr > 0:
+      raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+    if self.dtype not in (None, "float32", "bfloat16"):
+      raise TrainConfigError(
+          f"--dtype must be one of ['float32', 'bfloat16'], got {self.dtype!r}")
+    if self.batch_size % self.grad_accum:
+      raise TrainConfigError(
+          f"--batch_size={self.batch_size} must be divisible by --grad_accum={self.grad_accum}")
+    object.__setattr__(self, "model_overrides",
+                       tuple(sorted((str(k), v) for k, v in dict(self.model_overrides).items())))
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["model_overrides"] = dict(self.model_overrides)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    d = dict(d)
+    d["model_overrides"] = tuple(dict(d.get("model_overrides", {})).items())
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

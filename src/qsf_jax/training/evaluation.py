@@ -1,0 +1,95 @@
+"""Validation loss and perplexity (QSF spec D13): mean token CE in nats, ppl = e^CE."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qsf_jax import data as qdata
+from qsf_jax.training import sharding as shd
+from qsf_jax.training.step import eval_step
+
+
+def perplexity(loss: float) -> float:
+  """ppl = exp(CE) (QSF spec §4.2, D13); inf when it overflows."""
+  try:
+    return math.exp(loss)
+  except OverflowError:
+    return float("inf")
+
+
+def evaluate_split(model, params, collections, split, *, batch_size: int, seq_len: int,
+                   mode: str = "story", max_batches: int | None = None, beta=0.0,
+                   mesh=None) -> dict:
+  """Mean token cross entropy over the deterministic validation batches (D13).
+
+    CE = sum_{b,t} m_bt xent_bt / sum_{b,t} m_bt,   ppl = exp(CE)
+
+  Args:
+    model: the Flax module.
+    params: parameters.
+    collections: the model's other collections.
+    split: the validation ``TokenSplit``.
+    batch_size: rows per batch (divisible by the mesh's device count).
+    seq_len: tokens per row.
+    mode: ``"story"`` (one story per row) or ``"packed"``.
+    max_batches: evaluate only the first batches (None: the whole split).
+    beta: the normalisation-anneal weight (D5).
+    mesh: data mesh to shard batches over (None: default placement).
+
+  Returns:
+    ``{"val_loss", "perplexity", "tokens", "batches"}``.
+  """
+  batches = qdata.iter_eval_batches(split, batch_size=batch_size, seq_len=seq_len, mode=mode)
+  if max_batches is not None:
+    batches = itertools.islice(batches, max_batches)
+  l_sum = jnp.zeros((), jnp.float32)
+  n_sum = jnp.zeros((), jnp.float32)
+  n_batches = 0
+  for batch in batches:
+    if mesh is not None:
+      batch = shd.shard_batch(batch, mesh)
+    l, n = eval_step(model, params, collections, batch, beta)
+    l_sum, n_sum = l_sum + l, n_sum + n
+    n_batches += 1
+  tokens = int(jax.device_get(n_sum))
+  if tokens == 0:
+    raise ValueError("the validation split produced no target tokens")
+  loss = float(jax.device_get(l_sum)) / tokens
+  return {"val_loss": loss, "perplexity": perplexity(loss), "tokens": tokens,
+          "batches": n_batches}
+
+
+def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = None,
+                     max_batches: int | None = None, batch_size: int | None = None,
+                     tokenizer_file: str | None = None, cache_dir: str | None = None) -> dict:
+  """Validation loss and perplexity of a run folder's checkpoint (QSF spec D13).
+
+  Args:
+    workdir: the run folder.
+    data: validation data (default: the run's own ``data``).
+    step: checkpoint step (default: the latest).
+    max_batches: evaluate only this many batches (default: the whole split).
+    batch_size: rows per batch (default: the run's batch size).
+    tokenizer_file: local vocabulary for gpt2 runs.
+    cache_dir: token-cache folder (default: the run's).
+
+  Returns:
+    ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data"}``.
+  """
+  from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
+  from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
+
+  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file)
+  cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
+  corpus = setup.load_corpus(cfg, run.tokenizer, data=data)
+  mesh = shd.make_mesh()
+  bs = batch_size or cfg.batch_size
+  bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
+  rec = evaluate_split(run.model, run.params, run.collections, corpus.valid, batch_size=bs,
+                       seq_len=run.seq_len, mode=cfg.data_mode, max_batches=max_batches,
+                       beta=run.beta, mesh=mesh)
+  return dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"))

@@ -1,0 +1,229 @@
+"""``train_and_evaluate``: the training loop behind ``python -m experiments.train``.
+
+One run folder (``workdir``) holds ``checkpoints/``, ``metrics.jsonl`` and
+TensorBoard files under ``tb/``. Calling ``train_and_evaluate`` again on the
+same folder resumes from the latest checkpoint; since a batch is a pure
+function of ``(seed, step)``, the resumed run is the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from qsf_jax import data as qdata
+from qsf_jax.models.norms import anneal_beta
+from qsf_jax.training import setup
+from qsf_jax.training import sharding as shd
+from qsf_jax.training.checkpoint import Checkpointer, check_resumable, has_checkpoint, is_primary
+from qsf_jax.training.config import TrainConfig
+from qsf_jax.training.errors import NonFiniteLossError
+from qsf_jax.training.evaluation import evaluate_split
+from qsf_jax.training.metrics import MetricWriter, ProgressMeter
+from qsf_jax.training.optim import make_optimizer, onecycle_schedule
+from qsf_jax.training.progressive import init_from_checkpoint
+from qsf_jax.training.sampling import sample_text
+from qsf_jax.training.signals import StopRequested
+from qsf_jax.training.state import create_train_state, init_variables
+from qsf_jax.training.step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """Outcome of ``train_and_evaluate``.
+
+  Attributes:
+    step: the step reached (== ``cfg.steps`` unless interrupted).
+    loss: the last training loss seen (nan if no step ran).
+    eval: the last validation record (``val_loss``, ``perplexity``, ...) or None.
+    interrupted: a SIGINT/SIGTERM stopped the run (a checkpoint was saved).
+    signal: the signal's name when interrupted.
+    resumed_from: the checkpoint step the run resumed from, or None.
+  """
+  step: int
+  loss: float
+  eval: dict | None
+  interrupted: bool = False
+  signal: str = ""
+  resumed_from: int | None = None
+
+
+def _log(msg: str) -> None:
+  if is_primary():
+    print(msg, flush=True)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step == last or (every > 0 and step % every == 0)
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
+                       devices=None,
+                       step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+  """Trains ``cfg.stage`` for ``cfg.steps`` updates in ``workdir``, resuming if possible.
+
+  QSF spec §4.1 / D10-D14: AdamW + OneCycle, decay on matrices, clip 1.0,
+  validation loss/perplexity and a D14 sample every ``eval_every`` steps.
+
+  Args:
+    cfg: the run configuration.
+    workdir: the run folder (created if missing).
+    devices: devices of the data mesh (default: all).
+    step_callback: called as ``step_callback(step, metrics)`` after each update
+      whose metrics have been read (``step`` = updates done); for tests and hooks.
+
+  Returns:
+    A ``TrainResult``.
+
+  Raises:
+    TrainConfigError: unknown stage/preset, inconsistent flags.
+    CheckpointMismatchError: ``workdir`` holds another run's checkpoint (untouched).
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays).
+    Data errors from ``qsf_jax.data`` (missing/empty data, bad tokenizer file).
+  """
+  workdir = os.fspath(workdir)
+  setup.check_stage_and_preset(cfg.stage, cfg.preset)
+  tokenizer = setup.load_tokenizer(cfg)
+  mcfg = setup.make_model_config(cfg, tokenizer.vocab_size)
+  seq_len = setup.resolve_seq_len(cfg, mcfg)
+  mesh = shd.make_mesh(devices)
+  shd.check_batch_divisible(cfg.batch_size, cfg.grad_accum, mesh)
+  corpus = setup.load_corpus(cfg, tokenizer)
+  meta = setup.run_metadata(cfg, mcfg, corpus, seq_len, mesh.devices.size)
+
+  resume = has_checkpoint(workdir)
+  if resume:  # refuse a different run before anything is written into workdir
+    probe = Checkpointer(workdir, read_only=True)
+    try:
+      check_resumable(workdir, probe.meta(), meta)
+    finally:
+      probe.close()
+
+  model = setup.build_model(mcfg)
+  tx = make_optimizer(cfg.steps, max_lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      clip_norm=cfg.clip_norm)
+  schedule = onecycle_schedule(cfg.steps, cfg.lr)
+  params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(
+      model, cfg.seed, seq_len)
+  if cfg.init_from and not resume:
+    params, _ = init_from_checkpoint(params, cfg.init_from, stage=cfg.stage, log=_log)
+  elif cfg.init_from:
+    _log(f"resuming {workdir}; --init_from={cfg.init_from} is ignored")
+  state = shd.replicate(create_train_state(params, collections, tx, cfg.seed), mesh)
+
+  ckpt = Checkpointer(workdir, max_to_keep=cfg.max_to_keep)
+  resumed_from = None
+  if resume:
+    resumed_from = ckpt.latest_step()
+    state = ckpt.restore(state, resumed_from)
+    _log(f"resumed from step {resumed_from} in {workdir}")
+  writer = MetricWriter(workdir, enabled=is_primary())
+
+  common = dict(schedule=schedule, total_steps=cfg.steps, anneal_frac=mcfg.anneal_frac,
+                anneal_shape=mcfg.anneal_shape, grad_accum=cfg.grad_accum)
+  collects_stats = mcfg.annealed and mcfg.ls_scale == "ema" and "norm_stats" in collections
+  train_step = make_train_step(
+      model, tx, stats_steps=mcfg.stats_steps if collects_stats else None, **common)
+
+  def eval_and_sample(step: int) -> dict:
+    p, c = state.params, state.collections
+    beta = float(anneal_beta(step, cfg.steps, anneal_frac=mcfg.anneal_frac,
+                             shape=mcfg.anneal_shape)) if mcfg.annealed else 0.0
+    rec = evaluate_split(model, p, c, corpus.valid, batch_size=cfg.batch_size,
+                         seq_len=seq_len, mode=cfg.data_mode, max_batches=cfg.eval_batches,
+                         beta=beta, mesh=mesh)
+    writer.write(step, rec, kind="eval")
+    _log(f"eval step {step} | val_loss {rec['val_loss']:.4f} | ppl {rec['perplexity']:.2f} "
+         f"| {rec['tokens']} tokens")
+    if cfg.sample_tokens > 0:
+      n_prompt = len(tokenizer.encode(cfg.sample_prompt)) or 1
+      n_new = min(cfg.sample_tokens, mcfg.max_seq_len - n_prompt)
+      if n_new > 0:
+        text = sample_text(model, p, c, tokenizer, cfg.sample_prompt, max_new_tokens=n_new,
+                           seed=cfg.seed + step, temperature=cfg.sample_temperature,
+                           top_k=cfg.sample_top_k, beta=beta, max_len=mcfg.max_seq_len)
+        writer.write_text(step, cfg.sample_prompt + text)
+        _log(f"sample: {json.dumps(cfg.sample_prompt + text, ensure_ascii=False)}")
+    return rec
+
+  start = int(jax.device_get(state.step))
+  meter = ProgressMeter(cfg.steps, cfg.batch_size * seq_len, start)
+  last_loss, last_eval, pending = float("nan"), None, None
+  last_saved = resumed_from
+
+  def read_pending():
+    """Fetches the previous update's metrics; stops on a non-finite loss."""
+    nonlocal pending, last_loss
+    if pending is None:
+      return
+    step, m = pending
+    pending = None
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+      if not math.isfinite(m[key]):
+        ckpt.wait()
+        raise NonFiniteLossError(step - 1, m[key], last_saved, what=what)
+    last_loss = m["loss"]
+    if step == start + 1:
+      meter.mark(step)  # exclude compilation from the throughput
+    if _due(step, cfg.log_every, cfg.steps):
+      _log(meter.line(step, m["loss"], m["lr"]))
+      tps, _ = meter.rates(step)
+      writer.write(step, dict(m, tokens_per_s=tps))
+    if step_callback is not None:
+      step_callback(step, m)
+
+  _log(f"training {cfg.stage}/{cfg.preset} for {cfg.steps} steps in {workdir} "
+       f"({mesh.devices.size} device(s), batch {cfg.batch_size} x {seq_len}, "
+       f"grad_accum {cfg.grad_accum}, {mcfg.dtype})")
+  interrupted = None
+  try:
+    with StopRequested() as stop:
+      step = start
+      while step < cfg.steps:
+        batch = qdata.get_batch(corpus.train, seed=cfg.seed, step=step,
+                                batch_size=cfg.batch_size, seq_len=seq_len, mode=cfg.data_mode)
+        state, metrics = train_step(state, shd.shard_batch(batch, mesh, cfg.grad_accum))
+        read_pending()  # the previous step's metrics, read while this one runs
+        step += 1
+        pending = (step, metrics)
+        save = _due(step, cfg.checkpoint_every, cfg.steps) or stop.requested
+        evaluate = _due(step, cfg.eval_every, cfg.steps)
+        if save or evaluate or step_callback is not None:
+          read_pending()
+        if save:
+          if not bool(_all_finite(state.params)):  # never save a broken state
+            ckpt.wait()
+            raise NonFiniteLossError(step - 1, float("nan"), last_saved,
+                                     what="parameters after the update")
+          ckpt.save(step, state, meta)
+          last_saved = step
+        if evaluate:
+          last_eval = eval_and_sample(step)
+        if stop.requested:
+          interrupted = stop.signal_name
+          break
+      read_pending()
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    writer.close()
+  step = int(jax.device_get(state.step))
+  if interrupted:
+    _log(f"{interrupted} received: stopped at step {step}, checkpoint saved in {workdir}; "
+         "run the same command again to resume")
+  else:
+    _log(f"done: step {step}, final checkpoint in {workdir}")
+  return TrainResult(step=step, loss=last_loss, eval=last_eval, interrupted=bool(interrupted),
+                     signal=interrupted or "", resumed_from=resumed_from)

@@ -1,0 +1,132 @@
+"""AdamW with a OneCycle schedule, decay on matrices only, global-norm clipping.
+
+QSF spec §4.1: AdamW, weight decay 0.1, gradient clipping at global norm 1.0,
+OneCycle schedule. Decision D10 fixes the unknown details to PyTorch's
+``OneCycleLR`` defaults (max LR 1e-3, ``pct_start=0.3``, cosine annealing,
+``div_factor=25``, ``final_div_factor=1e4``); decision D11 applies the weight
+decay to matrices only (embeddings, Koopman matrices, projections, FFN), never
+to biases, normalisation parameters or the attention strengths alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qsf_jax.models.params import weight_decay_mask
+
+
+def onecycle_schedule(total_steps: int, max_lr: float = 1e-3, *,
+                      pct_start: float = 0.3, div_factor: float = 25.0,
+                      final_div_factor: float = 1e4) -> Callable[[Any], jax.Array]:
+  """PyTorch ``OneCycleLR`` (two phases, cosine annealing), QSF spec D10.
+
+  With ``lr_0 = max_lr / div_factor``, ``lr_min = lr_0 / final_div_factor``,
+  ``s_1 = pct_start * S - 1`` and ``s_2 = S - 1`` (S = ``total_steps``)::
+
+    lr(t) = cos_anneal(lr_0, max_lr, t / s_1)                  for t <= s_1
+    lr(t) = cos_anneal(max_lr, lr_min, (t - s_1) / (s_2 - s_1)) otherwise
+    cos_anneal(a, b, p) = b + (a - b) / 2 * (1 + cos(pi p))
+
+  exactly as ``torch.optim.lr_scheduler.OneCycleLR`` with
+  ``three_phase=False, anneal_strategy="cos"``; step t is the number of
+  optimizer updates already applied. Steps past ``S - 1`` keep ``lr_min``.
+
+  Args:
+    total_steps: S, the number of optimizer updates (>= 2).
+    max_lr: the peak learning rate.
+    pct_start: fraction of the steps spent increasing the learning rate.
+    div_factor: ``max_lr / lr_0``.
+    final_div_factor: ``lr_0 / lr_min``.
+
+  Returns:
+    A schedule ``count -> lr`` (float32 scalar), usable inside ``jit``.
+  """
+  if int(total_steps) < 2:
+    raise ValueError(f"total_steps must be >= 2 for a OneCycle schedule, got {total_steps}")
+  if not (0.0 < pct_start < 1.0):
+    raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
+  if not (max_lr > 0 and math.isfinite(max_lr)):
+    raise ValueError(f"max_lr must be finite and > 0, got {max_lr}")
+  lr_0 = max_lr / div_factor
+  lr_min = lr_0 / final_div_factor
+  s_1 = float(pct_start * total_steps) - 1.0
+  s_2 = float(total_steps) - 1.0
+  # For very short runs s_1 < 0: like PyTorch, the warm-up phase is skipped.
+  # (At s_1 == 0 PyTorch divides by zero; here step 0 then gets lr_0.)
+  up_span = max(s_1, 1e-9)
+
+  def cos_anneal(a, b, done, span):
+    # PyTorch's b + (a - b)/2 (1 + cos(pi p)) with p = done / span, written as
+    # a cos^2(pi p / 2) + b sin^2(pi p / 2). Each weight is evaluated from
+    # whichever of p and 1 - p = (span - done) / span is small (both exact for
+    # integer steps), so float32 keeps full relative precision at both ends.
+    p, q = done / span, (span - done) / span
+    near_start = p <= 0.5
+    w_a = jnp.where(near_start, jnp.cos(0.5 * jnp.pi * p), jnp.sin(0.5 * jnp.pi * q)) ** 2
+    w_b = jnp.where(near_start, jnp.sin(0.5 * jnp.pi * p), jnp.cos(0.5 * jnp.pi * q)) ** 2
+    return a * w_a + b * w_b
+
+  def schedule(count):
+    t = jnp.minimum(jnp.asarray(count, jnp.float32), s_2)
+    up = cos_anneal(lr_0, max_lr, t, up_span)
+    down = cos_anneal(max_lr, lr_min, t - s_1, s_2 - s_1)
+    return jnp.where(t <= s_1, up, down).astype(jnp.float32)
+
+  return schedule
+
+
+def decay_mask(params) -> Any:
+  """Which leaves get weight decay (QSF spec D11): matrices only.
+
+  Delegates to the model zoo's naming convention
+  (``qsf_jax.models.weight_decay_mask``): E, P, K, S, every Dense ``kernel``
+  and readout matrices decay; biases, norm parameters, alpha and the
+  wave-function generators do not. The rule goes by name, not rank, because
+  layers stacked by ``nn.scan`` give every leaf a leading layer axis.
+
+  Args:
+    params: the parameter pytree.
+
+  Returns:
+    A pytree of Python bools with the structure of ``params``.
+  """
+  return weight_decay_mask(params)
+
+
+def make_optimizer(total_steps: int, *, max_lr: float = 1e-3, weight_decay: float = 0.1,
+                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, pct_start: float = 0.3) -> optax.GradientTransformation:
+  """The QSF optimizer (spec §4.1, D10, D11): clip -> AdamW(OneCycle), masked decay.
+
+  Updates are ``-lr(t) * (adam(g_clip) + wd * mask * theta)`` with
+  ``g_clip = g * min(1, clip_norm / ||g||_2)`` (global norm over all leaves),
+  PyTorch AdamW's defaults ``b1=0.9, b2=0.999, eps=1e-8``.
+
+  Args:
+    total_steps: number of optimizer updates in the run (the schedule length).
+    max_lr: OneCycle peak learning rate (D10: 1e-3).
+    weight_decay: decoupled weight decay on matrices (D11: 0.1).
+    clip_norm: global gradient-norm threshold (spec: 1.0).
+    b1: Adam first-moment decay.
+    b2: Adam second-moment decay.
+    eps: Adam epsilon.
+    pct_start: OneCycle warm-up fraction (D10: 0.3).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  if not (clip_norm > 0):
+    raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+  if weight_decay < 0:
+    raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+  schedule = onecycle_schedule(total_steps, max_lr, pct_start=pct_start)
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                  mask=decay_mask),
+  )

@@ -1,0 +1,89 @@
+"""Loading a trained run folder: its configuration, model and parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from qsf_jax.models.norms import anneal_beta
+from qsf_jax.training import setup
+from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
+from qsf_jax.training.config import TrainConfig
+from qsf_jax.training.errors import NoCheckpointError, TrainConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  """A checkpointed model ready for evaluation or sampling.
+
+  Attributes:
+    cfg: the run's ``TrainConfig``.
+    model_config: its ``ModelConfig``.
+    model: the Flax module.
+    params: parameters.
+    collections: the model's other collections (e.g. norm statistics).
+    tokenizer: the run's tokenizer (sha256 checked against the checkpoint).
+    meta: the checkpoint's JSON metadata.
+    step: the checkpoint's step.
+    seq_len: the training sequence length.
+    beta: the normalisation-anneal weight at ``step`` (D5; 0 for other stages).
+  """
+  cfg: TrainConfig
+  model_config: Any
+  model: Any
+  params: Any
+  collections: Any
+  tokenizer: Any
+  meta: dict
+  step: int
+  seq_len: int
+  beta: float
+
+
+def load_run(workdir: str | os.PathLike, *, step: int | None = None,
+             tokenizer_file: str | None = None) -> LoadedRun:
+  """Restores the checkpoint ``step`` (default: latest) of a run folder.
+
+  Args:
+    workdir: the run folder written by ``train_and_evaluate``.
+    step: which checkpoint; None for the latest.
+    tokenizer_file: local vocabulary for gpt2 runs (default: the one recorded
+      at training time, or ``$QSF_TOKENIZER_FILE``).
+
+  Raises:
+    NoCheckpointError: no checkpoint in ``workdir``.
+    TrainConfigError: the tokenizer differs from the one the run used.
+  """
+  workdir = os.fspath(workdir)
+  if not has_checkpoint(workdir):
+    raise NoCheckpointError(f"no checkpoint found in {workdir}")
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    meta = ckpt.meta(step)
+    params, collections = ckpt.restore_params(meta["step"])
+  finally:
+    ckpt.close()
+  cfg = TrainConfig.from_dict(meta["train_config"])
+  if tokenizer_file is not None:
+    cfg = cfg.replace(tokenizer_file=tokenizer_file)
+  elif cfg.tokenizer_file is not None and not os.path.exists(cfg.tokenizer_file):
+    cfg = cfg.replace(tokenizer_file=None)  # fall back to $QSF_TOKENIZER_FILE
+  tokenizer = setup.load_tokenizer(cfg)
+  want = meta["tokenizer"]
+  if (tokenizer.name, tokenizer.sha256) != (want["name"], want["sha256"]):
+    raise TrainConfigError(
+        f"{workdir} was trained with tokenizer {want['name']} (sha256 {want['sha256']}), "
+        f"but {tokenizer.name} (sha256 {tokenizer.sha256}) was loaded")
+  mcfg = setup.make_model_config(cfg, tokenizer.vocab_size)
+  if mcfg.to_dict() != meta["model_config"]:
+    raise TrainConfigError(
+        f"{workdir}: the stored model configuration cannot be rebuilt by this version "
+        "of the code")
+  beta = 0.0
+  if mcfg.annealed:
+    beta = float(anneal_beta(meta["step"], cfg.steps, anneal_frac=mcfg.anneal_frac,
+                             shape=mcfg.anneal_shape))
+  return LoadedRun(cfg=cfg, model_config=mcfg, model=setup.build_model(mcfg), params=params,
+                   collections=collections, tokenizer=tokenizer, meta=meta,
+                   step=int(meta["step"]), seq_len=int(meta["seq_len"]), beta=beta)

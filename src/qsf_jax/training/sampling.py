@@ -1,0 +1,161 @@
+"""Autoregressive sampling through the model's recurrent ``decode=True`` path.
+
+QSF spec D14: samples use the prompt "Once upon a time,", temperature 0.8,
+top-k 50 and 40 new tokens. Each call of the model in decode mode consumes one
+token and updates the ``"cache"`` collection (an O(1) recurrent state for the
+linear-attention stages, a KV cache for the transformer), so generation costs
+O(1) per token for the recurrent stages.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qsf_jax import _checks
+from qsf_jax.models.lm import init_cache
+
+
+def top_k_logits(logits_BV, top_k: int):
+  """Keeps the ``top_k`` largest logits of each row, setting the rest to -inf.
+
+  Args:
+    logits_BV: logits (B, V).
+    top_k: k >= 1; k >= V keeps every logit.
+  """
+  V = logits_BV.shape[-1]
+  if top_k >= V:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def sample_logits(rng, logits_BV, temperature, top_k: int):
+  """Draws one token per row: softmax(top_k(z) / temperature); greedy at temperature 0.
+
+  Args:
+    rng: PRNG key.
+    logits_BV: logits (B, V).
+    temperature: T >= 0 (scalar, may be traced).
+    top_k: k >= 1.
+
+  Returns:
+    int32 token ids (B,).
+  """
+  logits_BV = top_k_logits(logits_BV.astype(jnp.float32), top_k)
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  t = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+  drawn_B = jax.random.categorical(rng, logits_BV / t, axis=-1).astype(jnp.int32)
+  return jnp.where(jnp.asarray(temperature) > 0, drawn_B, greedy_B)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k"))
+def _generate(params, collections, prompt_BP, rng, temperature, beta, *, model,
+              max_new_tokens: int, top_k: int):
+  B, P = prompt_BP.shape
+  cache = init_cache(model, B)
+  variables = {"params": params, **collections}
+
+  def body(carry, i):
+    cache, tok_B1, rng = carry
+    logits_B1V, updates = model.apply({**variables, "cache": cache}, tok_B1, beta=beta,
+                                      decode=True, mutable=["cache"])
+    rng, sub = jax.random.split(rng)
+    drawn_B = sample_logits(sub, logits_B1V[:, -1, :], temperature, top_k)
+    forced_B = prompt_BP[:, jnp.minimum(i + 1, P - 1)]
+    next_B = jnp.where(i + 1 < P, forced_B, drawn_B)
+    return (updates["cache"], next_B[:, None], rng), next_B
+
+  n = P + max_new_tokens - 1
+  _, toks_NB = jax.lax.scan(body, (cache, prompt_BP[:, :1], rng), jnp.arange(n))
+  return jnp.transpose(toks_NB)[:, P - 1:]
+
+
+def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
+             rng, temperature: float = 0.8, top_k: int = 50, beta: float = 0.0,
+             max_len: int | None = None):
+  """Continues ``prompt_ids`` by ``max_new_tokens`` sampled tokens (QSF spec D14).
+
+  The prompt is fed one token per step through ``decode=True``; after its last
+  token every step samples from ``softmax(top_k(logits) / temperature)``.
+
+  Args:
+    model: the Flax module (its ``__call__`` supports ``decode=True``).
+    params: parameters.
+    collections: the model's other persistent collections (e.g. norm_stats).
+    prompt_ids: prompt token ids, (P,) or (B, P), P >= 1.
+    max_new_tokens: N >= 1 tokens to generate.
+    rng: PRNG key.
+    temperature: sampling temperature (0 = greedy).
+    top_k: keep the k most likely tokens (>= 1).
+    beta: the normalisation-anneal weight the model is evaluated at (D5).
+    max_len: the model's context limit; P + N must not exceed it.
+
+  Returns:
+    int32 array of the new tokens, (N,) or (B, N) matching ``prompt_ids``.
+  """
+  prompt = _checks.as_array("prompt_ids", prompt_ids)
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt_ids must be integer token ids, got dtype {prompt.dtype}")
+  _checks.check_ndim("prompt_ids", prompt, (1, 2))
+  squeeze = prompt.ndim == 1
+  prompt_BP = prompt[None] if squeeze else prompt
+  if prompt_BP.shape[1] < 1:
+    raise ValueError("prompt_ids must hold at least one token")
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if int(top_k) < 1:
+    raise ValueError(f"top_k must be >= 1, got {top_k}")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  total = prompt_BP.shape[1] + int(max_new_tokens)
+  if max_len is not None and total > max_len:
+    raise ValueError(
+        f"prompt ({prompt_BP.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+        f"exceeds the model's context of {max_len} tokens")
+  out = _generate(params, collections, prompt_BP.astype(jnp.int32), rng,
+                  jnp.float32(temperature), jnp.float32(beta), model=model,
+                  max_new_tokens=int(max_new_tokens), top_k=int(top_k))
+  return out[0] if squeeze else out
+
+
+def sample_text(model, params, collections, tokenizer, prompt: str, *, max_new_tokens: int,
+                seed: int = 0, temperature: float = 0.8, top_k: int = 50, beta: float = 0.0,
+                max_len: int | None = None) -> str:
+  """Encodes ``prompt``, generates, and decodes the continuation (QSF spec D14).
+
+  An empty prompt starts from ``<|endoftext|>``, the story separator.
+  """
+  ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+  new = generate(model, params, collections, jnp.asarray(ids, jnp.int32),
+                 max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed),
+                 temperature=temperature, top_k=top_k, beta=beta, max_len=max_len)
+  return tokenizer.decode([int(t) for t in new])
+
+
+def sample_workdir(workdir, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.8,
+                   top_k: int = 50, seed: int = 0, step: int | None = None,
+                   tokenizer_file: str | None = None) -> str:
+  """Generates a continuation of ``prompt`` from a run folder's checkpoint (D14).
+
+  Args:
+    workdir: the run folder.
+    prompt: the text to continue.
+    max_new_tokens: tokens to generate.
+    temperature: sampling temperature (0 = greedy).
+    top_k: keep the k most likely tokens.
+    seed: sampling seed.
+    step: checkpoint step (default: the latest).
+    tokenizer_file: local vocabulary for gpt2 runs.
+
+  Returns:
+    The generated continuation (without the prompt).
+  """
+  from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
+
+  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file)
+  return sample_text(run.model, run.params, run.collections, run.tokenizer, prompt,
+                     max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
+                     top_k=top_k, beta=run.beta, max_len=run.model_config.max_seq_len)

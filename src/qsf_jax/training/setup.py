@@ -1,0 +1,110 @@
+"""Resolving a ``TrainConfig`` into a tokenizer, corpus, model and run metadata."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import jax
+
+from qsf_jax import data as qdata
+from qsf_jax.models import lm as model_lm
+from qsf_jax.models import config as model_config
+from qsf_jax.training.checkpoint import git_sha
+from qsf_jax.training.config import TrainConfig
+from qsf_jax.training.errors import TrainConfigError
+
+
+def check_stage_and_preset(stage: str, preset: str) -> None:
+  """Raises ``TrainConfigError`` naming the choices for an unknown stage/preset."""
+  if stage not in model_config.STAGES:
+    raise TrainConfigError(
+        f"unknown stage {stage!r}; choose one of {list(model_config.STAGES)}")
+  if preset not in model_config.PRESETS:
+    raise TrainConfigError(
+        f"unknown preset {preset!r}; choose one of {list(model_config.PRESETS)}")
+
+
+def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config.ModelConfig:
+  """The ``ModelConfig`` of a run: preset + overrides, vocabulary from the tokenizer.
+
+  Args:
+    cfg: the run configuration.
+    vocab_size: the tokenizer's vocabulary size V.
+
+  Raises:
+    TrainConfigError: unknown stage/preset, an invalid override, or an explicit
+      ``vocab_size`` override smaller than the tokenizer's vocabulary.
+  """
+  check_stage_and_preset(cfg.stage, cfg.preset)
+  overrides = dict(cfg.model_overrides)
+  if overrides.get("vocab_size", vocab_size) < vocab_size:
+    raise TrainConfigError(
+        f"model override vocab_size={overrides['vocab_size']} is smaller than the "
+        f"{cfg.tokenizer} tokenizer's vocabulary ({vocab_size})")
+  overrides.setdefault("vocab_size", vocab_size)
+  if cfg.dtype is not None:
+    overrides["dtype"] = cfg.dtype
+  try:
+    return model_config.get_config(cfg.stage, cfg.preset, **overrides)
+  except (TypeError, ValueError) as e:
+    raise TrainConfigError(f"invalid model configuration: {e}") from e
+
+
+def resolve_seq_len(cfg: TrainConfig, mcfg: model_config.ModelConfig) -> int:
+  """``--seq_len`` or the model's ``max_seq_len``; refuses lengths beyond it."""
+  seq_len = cfg.seq_len if cfg.seq_len is not None else mcfg.max_seq_len
+  if seq_len > mcfg.max_seq_len:
+    raise TrainConfigError(
+        f"--seq_len={seq_len} exceeds the {cfg.stage}/{cfg.preset} model's maximum "
+        f"context of {mcfg.max_seq_len} tokens (raise it with --max_seq_len)")
+  return seq_len
+
+
+def load_tokenizer(cfg: TrainConfig):
+  return qdata.get_tokenizer(cfg.tokenizer, tokenizer_file=cfg.tokenizer_file)
+
+
+def load_corpus(cfg: TrainConfig, tokenizer, data: str | None = None):
+  """The corpus of a run (``data`` overrides ``cfg.data``, e.g. for evaluation)."""
+  return qdata.load_corpus(data if data is not None else cfg.data, tokenizer,
+                           cache_dir=cfg.cache_dir, max_train_stories=cfg.max_train_stories)
+
+
+def build_model(mcfg: model_config.ModelConfig):
+  return model_lm.build_model(mcfg)
+
+
+def run_metadata(cfg: TrainConfig, mcfg: model_config.ModelConfig, corpus,
+                 seq_len: int, num_devices: int) -> dict[str, Any]:
+  """The JSON record stored with every checkpoint.
+
+  ``IDENTITY_KEYS`` (checkpoint.py) are compared on resume; the rest is
+  provenance (data description, git sha, versions, device count).
+  """
+  meta = corpus.metadata
+  return {
+      "stage": cfg.stage,
+      "preset": cfg.preset,
+      "model_config": mcfg.to_dict(),
+      "train_config": cfg.to_dict(),
+      "tokenizer": {"name": corpus.tokenizer.name, "sha256": corpus.tokenizer.sha256},
+      "data_source": {"cache_key": meta.get("cache_key")},
+      "data": {k: meta.get(k) for k in (
+          "source", "source_description", "train_stories", "train_tokens",
+          "valid_stories", "valid_tokens", "cache_key")},
+      "seed": cfg.seed,
+      "steps": cfg.steps,
+      "batch_size": cfg.batch_size,
+      "seq_len": seq_len,
+      "lr": cfg.lr,
+      "weight_decay": cfg.weight_decay,
+      "clip_norm": cfg.clip_norm,
+      "grad_accum": cfg.grad_accum,
+      "data_mode": cfg.data_mode,
+      "git_sha": git_sha(),
+      "jax_version": jax.__version__,
+      "num_devices": num_devices,
+      "num_processes": jax.process_count(),
+      "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }

@@ -1,0 +1,128 @@
+"""Checkpoint round trips, atomic finalize, and run-identity checks."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax.training import checkpoint as ck
+from qsf_jax.training.errors import CheckpointMismatchError, NoCheckpointError
+from qsf_jax.training.optim import make_optimizer
+from qsf_jax.training.state import TrainState, create_train_state
+
+
+def _state(seed=0, scale=1.0):
+  k = jax.random.PRNGKey(seed)
+  params = {"dense": {"kernel": scale * jax.random.normal(k, (4, 3)), "bias": jnp.zeros(3)},
+            "alpha": jnp.ones(())}
+  tx = make_optimizer(10)
+  st = create_train_state(params, {"norm_stats": {"ema": jnp.float32(0.5)}}, tx, seed)
+  # one real update so the optimizer moments are non-trivial
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, opt = tx.update(grads, st.opt_state, st.params)
+  return st.replace(step=st.step + 3, params=jax.tree.map(jnp.add, params, updates),
+                    opt_state=opt), tx
+
+
+def _assert_trees_equal(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb_ = jax.tree.flatten(b)
+  assert ta == tb_
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_keeps_structure_and_values(tmp_path):
+  st, tx = _state()
+  c = ck.Checkpointer(tmp_path)
+  c.save(3, st, {"stage": "koopman", "seed": 0})
+  c.close()
+  c = ck.Checkpointer(tmp_path, read_only=True)
+  assert c.latest_step() == 3
+  template, _ = _state(seed=1)  # different values, same structure
+  restored = c.restore(template)
+  _assert_trees_equal(restored, st)
+  # optax state types (NamedTuples, tuples) survive, so the optimizer accepts it
+  assert type(restored.opt_state[1][0]) is type(st.opt_state[1][0])
+  tx.update(jax.tree.map(jnp.ones_like, restored.params), restored.opt_state, restored.params)
+  meta = c.meta()
+  assert meta["stage"] == "koopman" and meta["step"] == 3 and meta["format"] == ck.META_FORMAT
+  params, coll = c.restore_params()
+  np.testing.assert_array_equal(params["dense"]["kernel"], st.params["dense"]["kernel"])
+  assert float(coll["norm_stats"]["ema"]) == 0.5
+  c.close()
+
+
+def test_partial_checkpoint_never_replaces_last_good(tmp_path, monkeypatch):
+  """A save that dies before orbax's atomic rename leaves step 1 as the latest."""
+  from orbax.checkpoint._src.path import async_path
+
+  good, _ = _state(scale=1.0)
+  c = ck.Checkpointer(tmp_path)
+  c.save(1, good, {"stage": "koopman"}, wait=True)
+
+  async def failing_rename(src, dst):
+    raise OSError("simulated crash before finalize")
+
+  monkeypatch.setattr(async_path, "rename", failing_rename)
+  bad, _ = _state(scale=100.0)
+  with pytest.raises(Exception):
+    c.save(2, bad, {"stage": "koopman"}, wait=True)
+  monkeypatch.undo()
+  try:
+    c.close()
+  except Exception:  # the failed background save may be re-raised here
+    pass
+
+  leftovers = [p.name for p in ck.checkpoint_dir(tmp_path).iterdir()]
+  assert any(n.startswith("2.") and "tmp" in n for n in leftovers), leftovers  # partial write
+  assert "2" not in leftovers
+  c2 = ck.Checkpointer(tmp_path)
+  assert c2.latest_step() == 1 and c2.all_steps() == [1]
+  template, _ = _state(seed=5)
+  _assert_trees_equal(c2.restore(template), good)
+  # training can go on: the next save of step 2 succeeds and becomes the latest
+  c2.save(2, bad, {"stage": "koopman"}, wait=True)
+  assert c2.latest_step() == 2
+  c2.close()
+
+
+def test_has_checkpoint_and_missing(tmp_path):
+  assert not ck.has_checkpoint(tmp_path)
+  with pytest.raises(NoCheckpointError):
+    ck.Checkpointer(tmp_path / "nothing", read_only=True)
+  c = ck.Checkpointer(tmp_path)
+  with pytest.raises(NoCheckpointError):
+    c.meta()
+  st, _ = _state()
+  c.save(5, st, {}, wait=True)
+  c.close()
+  assert ck.has_checkpoint(tmp_path)
+
+
+def test_identity_differences_and_refusal(tmp_path):
+  stored = {"stage": "koopman", "model_config": {"d_model": 32, "n_layers": 2}, "seed": 0,
+            "steps": 100, "lr": 1e-3, "git_sha": "aaa", "saved_at": "x"}
+  same = dict(stored, git_sha="bbb", saved_at="y")  # provenance may differ
+  assert ck.identity_differences(stored, same) == {}
+  other = dict(stored, stage="fnet", model_config={"d_model": 64, "n_layers": 2})
+  diffs = ck.identity_differences(stored, other)
+  assert diffs == {"stage": ("koopman", "fnet"), "model_config.d_model": (32, 64)}
+  with pytest.raises(CheckpointMismatchError, match="stage: stored 'koopman', requested 'fnet'"):
+    ck.check_resumable(tmp_path, stored, other)
+  ck.check_resumable(tmp_path, stored, same)
+
+
+def test_git_sha_is_a_hex_string_or_none():
+  sha = ck.git_sha()
+  assert sha is None or (len(sha) == 40 and int(sha, 16) >= 0)
+
+
+def test_state_dict_round_trip():
+  st, _ = _state()
+  again = TrainState.from_dict(st.as_dict())
+  _assert_trees_equal(again, st)
+  assert set(st.as_dict()) == {"step", "params", "opt_state", "rng", "collections"}
+  assert os.fspath(ck.checkpoint_dir("w")).endswith(ck.CHECKPOINT_SUBDIR)

@@ -1,0 +1,194 @@
+"""The absl entry points: train / evaluate / sample, and one-line errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import evaluate as evaluate_cli
+from experiments import sample as sample_cli
+from experiments import train as train_cli
+from qsf_jax import data as qdata
+from qsf_jax.data.synthetic import synthetic_stories
+from qsf_jax.training import checkpoint as ck
+from qsf_jax.training.cli import parse_overrides
+from test_train_resume import REPO, compile_cache_dir, subprocess_env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  corpus = root / "stories.txt"
+  corpus.write_text("\n<|endoftext|>\n".join(synthetic_stories(150, seed=7)))
+  old = os.environ.get(qdata.CACHE_DIR_ENV)
+  os.environ[qdata.CACHE_DIR_ENV] = str(root / "cache")
+  yield root, corpus, compile_cache_dir(tmp_path_factory)
+  if old is None:
+    os.environ.pop(qdata.CACHE_DIR_ENV, None)
+  else:
+    os.environ[qdata.CACHE_DIR_ENV] = old
+
+
+def _train_args(corpus, wd, **kw):
+  f = dict(stage="koopman", preset="tiny", data=corpus, tokenizer="bytes", workdir=wd,
+           steps=6, batch_size=4, checkpoint_every=3, eval_every=6, eval_batches=2,
+           log_every=2, sample_tokens=6)
+  f.update(kw)
+  return ["train"] + [f"--{k}={v}" for k, v in f.items()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(env):
+  """A finished 6-step run made through the train entry point."""
+  root, corpus, _ = env
+  wd = root / "run"
+  assert train_cli.run(_train_args(corpus, wd)) == 0
+  return wd
+
+
+def test_train_entry_point_writes_a_run(run_dir, capsys):
+  assert ck.Checkpointer(run_dir, read_only=True).all_steps() == [3, 6]
+  recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  kinds = [r["kind"] for r in recs]
+  assert kinds.count("eval") == 1 and kinds.count("sample") == 1
+  sample = [r for r in recs if r["kind"] == "sample"][0]["text"]
+  assert sample.startswith("Once upon a time,") and len(sample) > len("Once upon a time,")
+
+
+def _expect_error(capsys, argv, *needles, main=train_cli.run):
+  rc = main(argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1, err
+  assert len(err) == 1 and "Traceback" not in err[0], err
+  for n in needles:
+    assert n in err[0], err[0]
+  return err[0]
+
+
+def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys):
+  _, corpus, _ = env
+  wd = tmp_path / "wd"
+  _expect_error(capsys, _train_args(corpus, wd, stage="stage5"), "unknown stage 'stage5'",
+                "fnet", "koopman_attn", "hamiltonian_attn")
+  _expect_error(capsys, _train_args(corpus, wd, preset="xl"), "unknown preset 'xl'", "tiny",
+                "paper")
+  _expect_error(capsys, _train_args(corpus, wd, data=tmp_path / "nope.txt"), "does not exist")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  _expect_error(capsys, _train_args(corpus, wd, data=empty), "stories")
+  bad_vocab = tmp_path / "r50k_base.tiktoken"
+  bad_vocab.write_text("aGVsbG8= 0\n")
+  _expect_error(capsys, _train_args(corpus, wd, tokenizer="gpt2", tokenizer_file=bad_vocab),
+                "wrong sha256")
+  _expect_error(capsys, _train_args(corpus, wd, seq_len=64), "--seq_len=64 exceeds", "32")
+  _expect_error(capsys, _train_args(corpus, wd, batch_size=6, grad_accum=4), "divisible")
+  _expect_error(capsys, _train_args(corpus, wd, override="no_such_field=3"), "no_such_field")
+  _expect_error(capsys, _train_args(corpus, wd, dtype="float8"), "--dtype")
+  _expect_error(capsys, ["train", "--stage=koopman"], "--workdir is required")
+  _expect_error(capsys, _train_args(corpus, wd) + ["--no_such_flag=1"], "no_such_flag")
+  _expect_error(capsys, _train_args(corpus, wd, num_processes=2), "--coordinator_address")
+  assert not wd.exists()
+
+
+def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
+  _, corpus, _ = env
+  before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+  _expect_error(capsys, _train_args(corpus, run_dir, stage="fnet"),
+                "holds a checkpoint of a different run", "stage: stored 'koopman'")
+  assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+
+def test_evaluate_prints_json_last_line(run_dir, capsys):
+  assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}"]) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  rec = json.loads(last)
+  assert rec["step"] == 6 and rec["stage"] == "koopman"
+  assert rec["tokens"] > 0 and rec["perplexity"] == pytest.approx(2.718281828 ** rec["val_loss"])
+  # same numbers as the end-of-training evaluation when restricted to the same batches
+  assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}", "--eval_batches=2"]) == 0
+  rec2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"eval"' in x][-1]
+  assert rec2["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+  assert rec2["tokens"] == logged["tokens"]
+  # --data evaluates the run on another corpus (same tokenizer)
+  other = run_dir.parent / "other.txt"
+  other.write_text("\n<|endoftext|>\n".join(synthetic_stories(40, seed=99, split="validation")))
+  assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}", f"--data={other}"]) == 0
+  rec3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert rec3["data"] == f"path:{other}" and rec3["tokens"] != rec["tokens"]
+  _expect_error(capsys, ["evaluate", f"--workdir={run_dir.parent / 'none'}"], "no checkpoint",
+                main=evaluate_cli.run)
+
+
+def test_sample_prints_text(run_dir, capsys):
+  argv = ["sample", f"--workdir={run_dir}", "--prompt=Once upon", "--max_new_tokens=12",
+          "--seed=3"]
+  assert sample_cli.run(argv) == 0
+  out = capsys.readouterr().out
+  text = out.rstrip("\n")
+  assert text.startswith("Once upon") and len(text.encode()) >= len("Once upon") + 6
+  assert sample_cli.run(argv) == 0
+  assert capsys.readouterr().out == out  # same seed, same text
+  _expect_error(capsys, ["sample", f"--workdir={run_dir}", "--max_new_tokens=40"],
+                "exceeds the model's context of 32", main=sample_cli.run)
+
+
+def test_parse_overrides():
+  assert parse_overrides(["max_seq_len=64", "attn_scale=none", "ffn_bias=False", "x=1e-3"]) == (
+      ("max_seq_len", 64), ("attn_scale", "none"), ("ffn_bias", False), ("x", 1e-3))
+  with pytest.raises(ValueError):
+    parse_overrides(["novalue"])
+
+
+@pytest.mark.slow
+def test_real_processes_exit_codes(run_dir, env):
+  """The modules run as scripts: clean one-line failure, JSON on evaluate's last line."""
+  root, corpus, cache = env
+  penv = subprocess_env(root, cache)
+  p = subprocess.run([sys.executable, "-m", "experiments.train", "--stage=nope",
+                      f"--workdir={root / 'x'}"], cwd=REPO, env=penv, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert p.stderr.strip().splitlines()[-1].startswith("train.py: error: unknown stage 'nope'")
+  p = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={run_dir}"],
+                     cwd=REPO, env=penv, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rec = json.loads(p.stdout.strip().splitlines()[-1])
+  assert {"val_loss", "perplexity", "tokens", "step"} <= set(rec)
+
+
+@pytest.mark.slow
+def test_gpt2_run_and_hand_off_from_shared_files(env, shared_data_dir, capsys):
+  """GPT-2 BPE from the local r50k file; Stage III initialised from Stage II (D12)."""
+  root, _, _ = env
+  vocab = shared_data_dir / "gpt2" / "r50k_base.tiktoken"
+  data = shared_data_dir / "tinystories" / "TinyStories-valid-sample.txt"
+  s2 = root / "gpt2_s2"
+  common = dict(preset="tiny", data=data, tokenizer="gpt2", tokenizer_file=vocab, steps=3,
+                batch_size=2, checkpoint_every=0, eval_every=0, eval_batches=1, sample_tokens=0)
+  assert train_cli.run(_train_args(data, s2, stage="koopman", **common)) == 0
+  meta = ck.Checkpointer(s2, read_only=True).meta()
+  assert meta["tokenizer"] == {"name": "gpt2", "sha256": qdata.R50K_SHA256}
+  assert meta["model_config"]["vocab_size"] == 50257
+  s3 = root / "gpt2_s3"
+  capsys.readouterr()
+  assert train_cli.run(_train_args(data, s3, stage="koopman_attn", init_from=s2, **common)) == 0
+  out = capsys.readouterr().out
+  assert f"init_from {s2} (stage koopman, step 3)" in out and "copied" in out
+  assert sample_cli.run(["sample", f"--workdir={s3}", "--prompt=Once upon a time,",
+                         "--max_new_tokens=5", f"--tokenizer_file={vocab}"]) == 0
+  text = capsys.readouterr().out
+  assert text.startswith("Once upon a time,") and len(text.strip()) > len("Once upon a time,")

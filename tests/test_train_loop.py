@@ -1,0 +1,281 @@
+"""The training loop in-process: learning, accumulation, NaN stop, refusal, hand-off."""
+
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax import data as qdata
+from qsf_jax.data.synthetic import synthetic_stories
+from qsf_jax.models.config import get_config
+from qsf_jax.models.lm import build_model
+from qsf_jax.training import checkpoint as ck
+from qsf_jax.training.config import TrainConfig
+from qsf_jax.training.errors import CheckpointMismatchError, NonFiniteLossError, TrainConfigError
+from qsf_jax.training.loop import train_and_evaluate
+from qsf_jax.training.optim import make_optimizer, onecycle_schedule
+from qsf_jax.training.progressive import flatten_named, init_from_checkpoint
+from qsf_jax.training.state import create_train_state, init_variables
+from qsf_jax.training.step import make_train_step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  """Tiny models compile several times faster without XLA's heavy passes."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """A small .txt corpus (synthetic stories) and a private token cache."""
+  root = tmp_path_factory.mktemp("loop")
+  corpus = root / "stories.txt"
+  corpus.write_text("\n<|endoftext|>\n".join(synthetic_stories(240, seed=3)))
+  old = os.environ.get(qdata.CACHE_DIR_ENV)
+  os.environ[qdata.CACHE_DIR_ENV] = str(root / "cache")
+  yield root, corpus
+  if old is None:
+    os.environ.pop(qdata.CACHE_DIR_ENV, None)
+  else:
+    os.environ[qdata.CACHE_DIR_ENV] = old
+
+
+def _cfg(corpus, **kw):
+  base = dict(stage="koopman", preset="tiny", data=str(corpus), tokenizer="bytes", steps=30,
+              batch_size=8, checkpoint_every=15, eval_every=15, eval_batches=2, log_every=1,
+              sample_tokens=0)
+  base.update(kw)
+  return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+  """One 30-step Stage-II run shared by several tests (read-only for them)."""
+  root, corpus = env
+  wd = root / "koopman"
+  result = train_and_evaluate(_cfg(corpus), wd)
+  return wd, result
+
+
+def _jsonl(wd):
+  return [json.loads(x) for x in (pathlib.Path(wd) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_records(trained):
+  wd, result = trained
+  assert result.step == 30 and not result.interrupted
+  recs = _jsonl(wd)
+  train = [r for r in recs if r["kind"] == "train"]
+  evals = [r for r in recs if r["kind"] == "eval"]
+  assert [r["step"] for r in train] == list(range(1, 31))
+  first, last = np.mean([r["loss"] for r in train[:3]]), np.mean([r["loss"] for r in train[-3:]])
+  assert first > np.log(257) - 0.3  # starts near uniform over the byte vocabulary
+  assert last < first - 0.5, (first, last)
+  assert [e["step"] for e in evals] == [15, 30]
+  assert evals[1]["val_loss"] < evals[0]["val_loss"]
+  assert evals[1]["perplexity"] == pytest.approx(np.exp(evals[1]["val_loss"]), rel=1e-6)
+  assert result.eval["val_loss"] == pytest.approx(evals[1]["val_loss"])
+  # lr follows OneCycle; metadata records the run
+  sched = onecycle_schedule(30, 1e-3)
+  assert train[0]["lr"] == pytest.approx(float(sched(0)), rel=1e-6)
+  c = ck.Checkpointer(wd, read_only=True)
+  assert c.all_steps() == [15, 30]
+  meta = c.meta()
+  c.close()
+  assert meta["stage"] == "koopman" and meta["seed"] == 0 and meta["steps"] == 30
+  assert meta["tokenizer"] == {"name": "bytes", "sha256": qdata.BYTES_SHA256}
+  assert meta["model_config"]["d_model"] == 32 and meta["train_config"]["batch_size"] == 8
+  assert meta["data"]["source"].startswith("path:") and meta["data_source"]["cache_key"]
+  (event_file,) = (pathlib.Path(wd) / "tb").iterdir()
+  from qsf_jax.training.tensorboard import read_scalars
+  scalars = read_scalars(event_file)
+  assert (30, "eval/val_loss", pytest.approx(evals[1]["val_loss"], rel=1e-6)) in scalars
+
+
+def _tree_snapshot(wd):
+  return sorted((str(p.relative_to(wd)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in pathlib.Path(wd).rglob("*"))
+
+
+def test_other_stage_in_same_workdir_is_refused_untouched(trained, env):
+  wd, _ = trained
+  _, corpus = env
+  before = _tree_snapshot(wd)
+  with pytest.raises(CheckpointMismatchError, match="stage: stored 'koopman', requested 'fnet'"):
+    train_and_evaluate(_cfg(corpus, stage="fnet"), wd)
+  with pytest.raises(CheckpointMismatchError, match="model_config.d_model"):
+    train_and_evaluate(_cfg(corpus, model_overrides=(("d_model", 16),)), wd)
+  with pytest.raises(CheckpointMismatchError, match="steps"):
+    train_and_evaluate(_cfg(corpus, steps=40), wd)
+  assert _tree_snapshot(wd) == before
+
+
+def test_completed_run_resumes_as_a_no_op(trained, env):
+  wd, _ = trained
+  _, corpus = env
+  before = len(_jsonl(wd))
+  result = train_and_evaluate(_cfg(corpus, eval_every=0), wd)
+  assert result.step == 30 and result.resumed_from == 30
+  assert len(_jsonl(wd)) == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env):
+  root, corpus = env
+  wd = root / "nan"
+  # lr 1e30: update 0 is finite but drives the weights to ~1e28, so loss 1 overflows
+  with pytest.raises(NonFiniteLossError, match="at step 1") as info:
+    train_and_evaluate(_cfg(corpus, lr=1e30, steps=10, checkpoint_every=1, eval_every=0), wd)
+  assert info.value.step == 1 and info.value.last_checkpoint == 1
+  c = ck.Checkpointer(wd, read_only=True)
+  assert c.all_steps() == [1]
+  params, _ = c.restore_params()
+  c.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_settings_raise_before_touching_workdir(env, tmp_path):
+  _, corpus = env
+  wd = tmp_path / "never"
+  with pytest.raises(TrainConfigError, match="exceeds"):
+    train_and_evaluate(_cfg(corpus, seq_len=33), wd)
+  with pytest.raises(TrainConfigError, match="divisible"):
+    train_and_evaluate(_cfg(corpus, batch_size=6, grad_accum=4), wd)
+  with pytest.raises(TrainConfigError, match="unknown stage 'stage9'.*koopman_attn"):
+    train_and_evaluate(_cfg(corpus, stage="stage9"), wd)
+  with pytest.raises(TrainConfigError, match="unknown preset 'huge'.*tiny"):
+    train_and_evaluate(_cfg(corpus, preset="huge"), wd)
+  with pytest.raises(qdata.DataNotFoundError):
+    train_and_evaluate(_cfg(corpus, data=str(tmp_path / "missing.txt")), wd)
+  empty = tmp_path / "empty.txt"
+  empty.write_text("  \n<|endoftext|>\n ")
+  with pytest.raises(qdata.EmptyDataError):
+    train_and_evaluate(_cfg(corpus, data=str(empty)), wd)
+  assert not wd.exists()
+  for bad in (dict(steps=1), dict(batch_size=0), dict(lr=0.0), dict(dtype="float16"),
+              dict(batch_size=6, grad_accum=4)):
+    with pytest.raises(TrainConfigError):
+      TrainConfig(stage="koopman", **bad)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_full_batch(env):
+  """A = 2 micro-batches give the update of the whole batch (summed-token loss)."""
+  _, corpus = env
+  tok = qdata.get_tokenizer("bytes")
+  c = qdata.load_corpus(str(corpus), tok)
+  batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=8, seq_len=32)
+  # rows with different token counts (as short, padded stories have), unevenly
+  # split between the two micro-batches
+  batch["mask"] = (np.arange(32)[None, :] < np.array([32, 30, 31, 29, 5, 9, 3, 12])[:, None]
+                   ).astype(np.float32)
+  model = build_model(get_config("koopman", "tiny"))
+  params, coll = init_variables(model, 0, 32)
+  tx = make_optimizer(10)
+  common = dict(schedule=onecycle_schedule(10), total_steps=10)
+  out = {}
+  for A in (1, 2):
+    # fresh copies: the step donates (deletes) its input state
+    st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
+    b = {k: v.reshape((A, 8 // A) + v.shape[1:]) if A > 1 else v for k, v in batch.items()}
+    st, m = make_train_step(model, tx, grad_accum=A, **common)(st, b)
+    out[A] = (st, m)
+  (s1, m1), (s2, m2) = out[1], out[2]
+  assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
+  assert float(m1["tokens"]) == float(m2["tokens"]) == batch["mask"].sum()
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(s1.step) == int(s2.step) == 1
+
+
+def test_stats_window_matches_the_model_zoo():
+  """D5: the jitted window test agrees with ``models.norms.stats_window``."""
+  from qsf_jax.models.norms import stats_window
+  from qsf_jax.training.step import in_stats_window
+  for S, f, n in ((8, 0.15, 500), (20000, 0.15, 500), (1000, 0.3, 50), (7, 0.15, 2)):
+    got = np.asarray(in_stats_window(jnp.arange(S), S, f, n)).tolist()
+    want = [stats_window(t, S, anneal_frac=f, stats_steps=n) for t in range(S)]
+    assert got == want, (S, f, n)
+
+
+def test_init_from_maps_shared_parameters(trained):
+  """D12: Stage III from Stage II copies E, P, norm1, K, b; attention and alpha are new."""
+  wd, _ = trained
+  target_model = build_model(get_config("koopman_attn", "tiny"))
+  fresh, _ = init_variables(target_model, 1, 32)
+  logs = []
+  params, report = init_from_checkpoint(fresh, str(wd), stage="koopman_attn", log=logs.append)
+  c = ck.Checkpointer(wd, read_only=True)
+  source, _ = c.restore_params()
+  c.close()
+  src, new, old = flatten_named(source), flatten_named(params), flatten_named(fresh)
+  assert report.src_stage == "koopman" and report.src_step == 30
+  for p in ("embed/embedding", "pos_embed/embedding", "layers/koopman/K", "layers/koopman/b"):
+    assert p in report.copied, p
+    np.testing.assert_array_equal(new[p], src[p])
+    assert not np.array_equal(new[p], old[p])
+  assert any(p.startswith("layers/attn") for p in report.new) and "layers/alpha" in report.new
+  assert any(p.startswith("layers/ffn") for p in report.dropped)
+  for p in report.new:  # new leaves keep their fresh values
+    np.testing.assert_array_equal(new[p], old[p])
+  assert set(new) == set(old) and all(new[p].dtype == old[p].dtype for p in new)
+  assert any("copied" in line and "new" in line and "dropped" in line for line in logs)
+  # Not a D12 hand-off: refused with the supported pairs listed
+  with pytest.raises(TrainConfigError, match="koopman -> koopman_attn"):
+    init_from_checkpoint(fresh, str(wd), stage="transformer")
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_keeps_float32_params_and_loss(env):
+  """--dtype=bfloat16: matmuls in bf16, parameters, loss and updates in float32."""
+  _, corpus = env
+  c = qdata.load_corpus(str(corpus), qdata.get_tokenizer("bytes"))
+  batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
+  tx = make_optimizer(10)
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    model = build_model(get_config("koopman", "tiny", dtype=dtype))
+    params, coll = init_variables(model, 0, 32)
+    st = create_train_state(params, coll, tx, 0)
+    st, m = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10)(st, batch)
+    out[dtype] = (st, m)
+  (s32, m32), (s16, m16) = out["float32"], out["bfloat16"]
+  assert m16["loss"].dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
+  assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+  assert float(m16["loss"]) != float(m32["loss"])  # the bf16 path was really taken
+
+
+def test_loss_and_step_reject_bad_shapes():
+  from qsf_jax.training.step import check_batch, masked_xent_sum
+  logits = jnp.zeros((2, 3, 5))
+  t = jnp.zeros((2, 3), jnp.int32)
+  m = jnp.ones((2, 3))
+  l_sum, n = masked_xent_sum(logits, t, m)
+  assert float(n) == 6 and float(l_sum) == pytest.approx(6 * np.log(5), rel=1e-6)
+  with pytest.raises(ValueError, match=r"mask_BT must have shape \(2, 3\), got \(2, 4\)"):
+    masked_xent_sum(logits, t, jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match="targets_BT must be integer"):
+    masked_xent_sum(logits, t.astype(jnp.float32), m)
+  with pytest.raises(ValueError, match="logits_BTV must be real"):
+    masked_xent_sum(logits.astype(jnp.complex64), t, m)
+  with pytest.raises(ValueError, match="logits_BTV must have 3"):
+    masked_xent_sum(jnp.zeros((2, 3)), t, m)
+  good = {"inputs": t, "targets": t, "mask": m}
+  check_batch(good)
+  with pytest.raises(ValueError, match="keys"):
+    check_batch({"inputs": t, "targets": t})
+  with pytest.raises(ValueError, match=r"batch\['mask'\] has shape \(2, 2\)"):
+    check_batch(dict(good, mask=jnp.ones((2, 2))))
+  with pytest.raises(ValueError, match="micro-batch axis of 2"):
+    check_batch({k: v[None] for k, v in good.items()}, grad_accum=2)
+  with pytest.raises(ValueError, match=r"batch\['inputs'\] must have 3"):
+    check_batch(good, grad_accum=2)
+  with pytest.raises(ValueError, match="integer token ids"):
+    check_batch(dict(good, inputs=m))

@@ -1,0 +1,120 @@
+"""Optimizer, schedule and weight-decay mask (QSF spec §4.1, D10, D11)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qsf_jax.models.config import get_config
+from qsf_jax.models.lm import build_model
+from qsf_jax.training.optim import decay_mask, make_optimizer, onecycle_schedule
+
+
+def torch_onecycle(step, total, max_lr, pct_start=0.3, div_factor=25.0, final_div=1e4):
+  """PyTorch ``OneCycleLR.get_lr`` (two phases, cos), transcribed step by step."""
+  initial = max_lr / div_factor
+  min_lr = initial / final_div
+  phases = [(float(pct_start * total) - 1, initial, max_lr),
+            (float(total) - 1, max_lr, min_lr)]
+  start_step = 0.0
+  for i, (end_step, start_lr, end_lr) in enumerate(phases):
+    if step <= end_step or i == len(phases) - 1:
+      pct = (step - start_step) / (end_step - start_step)
+      return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
+    start_step = end_step
+  raise AssertionError
+
+
+@pytest.mark.parametrize("total", [2, 3, 10, 97, 20000])
+def test_onecycle_matches_pytorch(total):
+  sched = onecycle_schedule(total, 1e-3)
+  steps = sorted(s for s in {0, 1, int(0.3 * total) - 1, int(0.3 * total), total // 2,
+                             total - 2, total - 1} | set(range(0, total, max(1, total // 37)))
+                 if 0 <= s < total)
+  got = np.array([float(sched(s)) for s in steps])
+  want = np.array([torch_onecycle(s, total, 1e-3) for s in steps])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+def test_onecycle_landmarks():
+  sched = onecycle_schedule(1000, 1e-3)
+  assert float(sched(0)) == pytest.approx(1e-3 / 25, rel=1e-6)
+  assert float(sched(299)) == pytest.approx(1e-3, rel=1e-6)
+  assert float(sched(999)) == pytest.approx(1e-3 / 25 / 1e4, rel=1e-4)
+  lrs = np.array([float(sched(s)) for s in range(1000)])
+  assert np.all(np.diff(lrs[:300]) > 0) and np.all(np.diff(lrs[299:]) < 0)
+  # jit-compatible with a traced count
+  assert float(jax.jit(sched)(jnp.int32(299))) == pytest.approx(1e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(total_steps=1), dict(total_steps=100, pct_start=0.0),
+                                    dict(total_steps=100, max_lr=-1.0),
+                                    dict(total_steps=100, max_lr=float("nan"))])
+def test_onecycle_rejects_bad_settings(kwargs):
+  total = kwargs.pop("total_steps")
+  with pytest.raises(ValueError):
+    onecycle_schedule(total, **kwargs)
+
+
+def _named(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_decay_mask_on_stage3_parameters():
+  """D11: decay E, K, W_* (matrices); not biases, norm params or alpha, even stacked."""
+  cfg = get_config("koopman_attn", "tiny")
+  params = jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 8), jnp.int32))["params"]
+  mask = _named(decay_mask(params))
+  shapes = {k: v.shape for k, v in _named(params).items()}
+  assert mask["embed/embedding"] and mask["pos_embed/embedding"]
+  decayed = {k for k, v in mask.items() if v}
+  exempt = {k for k, v in mask.items() if not v}
+  for k in decayed:  # every decayed leaf is a (possibly layer-stacked) matrix
+    assert len(shapes[k]) >= 2, k
+    assert not any(w in k.lower() for w in ("bias", "norm", "alpha", "scale")), k
+  for k in exempt:
+    leaf = k.rsplit("/", 1)[-1].lower()
+    assert ("norm" in k.lower() or leaf in ("bias", "b", "scale", "alpha")
+            or len(shapes[k]) < 2), k
+  assert any("alpha" in k for k in exempt)
+  assert any("norm" in k.lower() for k in exempt)
+  # a layer-stacked LayerNorm scale has rank 2 and must still be exempt
+  assert any("norm" in k.lower() and len(shapes[k]) == 2 for k in exempt)
+  assert len(decayed) >= 4
+
+
+def test_weight_decay_only_on_matrices_and_clipping():
+  params = {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}, "alpha": jnp.ones(())}
+  tx = make_optimizer(100, max_lr=1e-2, weight_decay=0.1)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, state, params)
+  lr0 = 1e-2 / 25
+  np.testing.assert_allclose(updates["dense"]["kernel"], -lr0 * 0.1 * np.ones((3, 3)), rtol=1e-5)
+  np.testing.assert_array_equal(updates["dense"]["bias"], np.zeros(3))
+  np.testing.assert_array_equal(updates["alpha"], 0.0)
+  # global-norm clipping (spec: 1.0): Adam's first moment sees the clipped gradient
+  g = jax.tree.map(lambda p: 0.03 * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + 0.01,
+                   params)
+  g_big = jax.tree.map(lambda x: 1e6 * x, g)
+  _, st = tx.update(g_big, state, params)
+  adam_state = st[1][0]
+  norm = float(optax.tree.norm(g_big))
+  for mu, gb in zip(jax.tree.leaves(adam_state.mu), jax.tree.leaves(g_big)):
+    np.testing.assert_allclose(mu, 0.1 * np.asarray(gb) / norm, rtol=1e-5)
+  _, st_small = tx.update(g, state, params)  # ||g|| < 1: unchanged
+  assert float(optax.tree.norm(g)) < 1.0
+  for mu, gs in zip(jax.tree.leaves(st_small[1][0].mu), jax.tree.leaves(g)):
+    np.testing.assert_allclose(mu, 0.1 * np.asarray(gs), rtol=1e-5)
+
+
+def test_make_optimizer_rejects_bad_settings():
+  with pytest.raises(ValueError, match="clip_norm"):
+    make_optimizer(100, clip_norm=0.0)
+  with pytest.raises(ValueError, match="weight_decay"):
+    make_optimizer(100, weight_decay=-0.1)

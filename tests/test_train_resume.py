@@ -1,0 +1,166 @@
+"""Exact resume after SIGKILL and graceful SIGTERM, with real subprocesses (tiny preset)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from qsf_jax.data.synthetic import synthetic_stories
+from qsf_jax.training import checkpoint as ck
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs experiments.train's own flag parsing and config, then trains with a
+# callback that SIGKILLs the process at step KILL_AT, once checkpoint CKPT is
+# committed (orbax renames the finished checkpoint into place last).
+KILLER = textwrap.dedent("""
+    import os, pathlib, signal, sys, time
+    from absl import flags
+    from experiments import train as T
+    from qsf_jax.training.loop import train_and_evaluate
+    kill_at, ckpt_step, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    fv = flags.FlagValues(); T.define_flags(fv); fv(["train"] + argv)
+    done = pathlib.Path(fv.workdir) / "checkpoints" / str(ckpt_step)
+    def cb(step, metrics):
+      if step == kill_at:
+        deadline = time.time() + 120
+        while not done.is_dir() and time.time() < deadline:
+          time.sleep(0.05)
+        print("killing at step", step, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    train_and_evaluate(T.config_from_flags(fv), fv.workdir, step_callback=cb)
+""")
+
+
+def subprocess_env(tmp, compile_cache=None):
+  """Environment of the child processes: CPU, offline, fast compiles.
+
+  ``compile_cache`` (a folder shared by the children of one pytest run)
+  enables JAX's persistent compilation cache, so a child whose computation
+  another child already compiled loads the executable instead.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1", QSF_CACHE_DIR=str(tmp / "cache"),
+             PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  if compile_cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def compile_cache_dir(tmp_path_factory):
+  """One persistent-compilation-cache folder per pytest run."""
+  return tmp_path_factory.getbasetemp() / "qsf_jax_compile_cache"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("resume")
+  path = root / "stories.txt"
+  path.write_text("\n<|endoftext|>\n".join(synthetic_stories(200, seed=5)))
+  return root, path, compile_cache_dir(tmp_path_factory)
+
+
+def _flags(path, wd, **kw):
+  f = dict(stage="koopman_attn", preset="tiny", data=path, tokenizer="bytes", workdir=wd,
+           steps=8, batch_size=8, checkpoint_every=4, eval_every=0, eval_batches=1,
+           log_every=1, sample_tokens=0)
+  f.update(kw)
+  return [f"--{k}={v}" for k, v in f.items()]
+
+
+def _run(args, env, timeout=240):
+  return subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _final_state(wd):
+  c = ck.Checkpointer(wd, read_only=True)
+  step = c.latest_step()
+  params, coll = c.restore_params(step)
+  c.close()
+  return step, params, coll
+
+
+def _train_losses(wd):
+  return {r["step"]: r["loss"] for r in map(json.loads, (wd / "metrics.jsonl").read_text()
+                                            .splitlines()) if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(corpus):
+  """2N steps uninterrupted == N steps, SIGKILL, resume to 2N (bitwise on CPU)."""
+  root, path, cache = corpus
+  env = subprocess_env(root, cache)
+  wd_a, wd_b = root / "straight", root / "killed"
+  a = _run(["-m", "experiments.train"] + _flags(path, wd_a), env)
+  assert a.returncode == 0, a.stderr[-3000:]
+  b = _run(["-c", KILLER, "6", "4"] + _flags(path, wd_b), env)
+  assert b.returncode == -signal.SIGKILL, (b.returncode, b.stderr[-3000:])
+  assert "killing at step 6" in b.stdout
+  assert ck.Checkpointer(wd_b, read_only=True).latest_step() == 4
+  c = _run(["-m", "experiments.train"] + _flags(path, wd_b), env)  # the same command
+  assert c.returncode == 0, c.stderr[-3000:]
+  assert "resumed from step 4" in c.stdout
+
+  step_a, params_a, coll_a = _final_state(wd_a)
+  step_c, params_c, coll_c = _final_state(wd_b)
+  assert step_a == step_c == 8
+  import jax
+  la, ta = jax.tree.flatten((params_a, coll_a))
+  lc, tc = jax.tree.flatten((params_c, coll_c))
+  assert ta == tc
+  for x, y in zip(la, lc):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The resumed run replays steps 5-8 with the same losses.
+  losses_a, losses_b = _train_losses(wd_a), _train_losses(wd_b)
+  assert all(losses_a[s] == losses_b[s] for s in range(1, 9))
+  # D5: the norm statistics were collected in the window [0, floor(0.85 * 8)) = [0, 6)
+  counts = [np.asarray(v) for k, v in ck_flat(coll_a).items() if k.endswith("count")]
+  assert counts and all(np.all(c == 6) for c in counts)
+
+
+def ck_flat(tree):
+  from qsf_jax.training.progressive import flatten_named
+  return flatten_named(tree)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(corpus):
+  root, path, cache = corpus
+  env = subprocess_env(root, cache)
+  wd = root / "term"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train"]
+      + _flags(path, wd, steps=100000, checkpoint_every=0, stage="koopman"),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = wd / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        break
+      time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert "Traceback" not in err
+  assert "SIGTERM received: stopped at step" in out
+  stopped = int(out.split("stopped at step ")[1].split(",")[0])
+  assert 3 <= stopped < 100000
+  c = ck.Checkpointer(wd, read_only=True)
+  assert c.latest_step() == stopped
+  c.close()
