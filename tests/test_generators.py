@@ -169,3 +169,9 @@ def test_bad_inputs():
     koopman_cov(np.eye(2), 1.0, 0.0)
   with pytest.raises(ValueError, match="A must be a square matrix"):
     decompose_generator(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_koopman_cov_rejects_bad_sigma_K(bad):
+  with pytest.raises(ValueError, match="sigma_K"):
+    koopman_cov(jnp.zeros((2, 2)), bad, 1.0)

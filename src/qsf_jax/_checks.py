@@ -86,6 +86,20 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def check_finite_nonneg(name: str, value) -> None:
+  """Raises ``ValueError`` for a concrete value that is not finite and >= 0."""
+  try:
+    v = np.asarray(value)
+  except Exception:  # a tracer: cannot be checked at trace time
+    return
+  if v.dtype == object:
+    return
+  if v.ndim != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
+  if not np.isfinite(v) or v < 0:
+    raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
   """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
   if value not in choices:

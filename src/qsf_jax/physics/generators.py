@@ -112,6 +112,7 @@ def koopman_cov(A, sigma_K=1.0, dt=1.0):
   A = _checks.as_array("A", A)
   d = _checks.check_square("A", A)
   _checks.check_positive("dt", dt)
+  _checks.check_finite_nonneg("sigma_K", sigma_K)
   dtype = _checks.result_dtype(A)
   A = A.astype(dtype)
   q = jnp.asarray(sigma_K, dtype) ** 2

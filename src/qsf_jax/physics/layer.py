@@ -12,7 +12,6 @@ not jittable; the propagators they call are.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -21,6 +20,7 @@ from qsf_jax import _checks
 from qsf_jax.physics.propagate import (FORMS, METHODS, GaussianState,
                                        check_finite_positive, measurement_update,
                                        propagate)
+from qsf_jax.physics.spectral import host_real, koopman_generator
 
 VARIANTS = ("continuous", "discrete")
 
@@ -32,9 +32,9 @@ def layer_generator(K, *, tol=1e-8):
   negative real axis (-inf, 0]; then the principal logarithm is real. An
   eigenvalue lambda counts as on that axis when Re(lambda) <= tol * rho and
   |Im(lambda)| <= tol * rho, with rho the spectral radius. The logarithm
-  (``scipy.linalg.logm``, float64 on the host) is accepted only if its imaginary
-  part is below tol * max(1, max|A|) and expm(A) reproduces K to
-  tol * max(1, max|K|); otherwise the discrete variant is reported.
+  (``koopman_generator``, float64 on the host) is accepted only if it is real
+  and expm(A) reproduces K to a relative 1-norm error below tol; otherwise the
+  discrete variant is reported.
 
   Args:
     K: Koopman matrix (d, d), real; a concrete array (not a tracer).
@@ -44,21 +44,17 @@ def layer_generator(K, *, tol=1e-8):
     (A, variant): A a float64 numpy array (d, d) and "continuous", or
     (None, "discrete").
   """
-  K = _checks.as_array("K", K)
-  _checks.check_square("K", K)
-  K64 = np.asarray(K, dtype=np.float64)
+  K64 = host_real("K", K)  # float64 on the host, whatever the x64 flag
+  _checks.check_square("K", K64)
   lam = np.linalg.eigvals(K64)
   rho = float(np.max(np.abs(lam)))
   on_axis = (lam.real <= tol * rho) & (np.abs(lam.imag) <= tol * rho)
   if rho == 0.0 or np.any(on_axis):
     return None, "discrete"
-  A = scipy.linalg.logm(K64)
-  A_re = np.real(A)
-  if np.max(np.abs(np.imag(A))) > tol * max(1.0, np.max(np.abs(A_re))):
+  A, info = koopman_generator(K64)
+  if A is None or np.iscomplexobj(A) or info["logm_rel_error"] > tol:
     return None, "discrete"
-  if np.max(np.abs(scipy.linalg.expm(A_re) - K64)) > tol * max(1.0, np.max(np.abs(K64))):
-    return None, "discrete"
-  return A_re, "continuous"
+  return A, "continuous"
 
 
 def continuous_bias(A, b):

@@ -43,14 +43,14 @@ def _host_matrices(K_list) -> np.ndarray:
   if isinstance(K_list, (list, tuple)):
     if not K_list:
       raise ValueError("K_list must hold at least one (d, d) matrix, got an empty list")
-    mats = [_host_real(f"K_list[{i}]", K) for i, K in enumerate(K_list)]
+    mats = [host_real(f"K_list[{i}]", K) for i, K in enumerate(K_list)]
     for i, K in enumerate(mats):
       _checks.check_square(f"K_list[{i}]", K)
       if K.shape != mats[0].shape:
         raise ValueError(f"K_list[{i}] has shape {K.shape}, but K_list[0] has {mats[0].shape}")
     K_LDD = np.stack(mats)
   else:
-    K_LDD = _host_real("K_list", K_list)
+    K_LDD = host_real("K_list", K_list)
     if K_LDD.ndim == 2:
       raise ValueError(
           f"K_list must be a list of (d, d) matrices or a stacked (L, d, d) array, got "
@@ -63,7 +63,7 @@ def _host_matrices(K_list) -> np.ndarray:
   return K_LDD
 
 
-def _host_real(name: str, x) -> np.ndarray:
+def host_real(name: str, x) -> np.ndarray:
   """Converts a real numeric array-like (numpy or jax) to float64 numpy."""
   if x is None:
     raise ValueError(f"{name} must be an array, got None")
@@ -158,7 +158,7 @@ def koopman_generator(K, dt: float = 1.0):
     0; info a dict with ``logm_real`` (bool), ``nonpositive_real_eigenvalues``
     (int) and ``logm_rel_error`` = ||expm(A dt) - K||_1 / ||K||_1.
   """
-  K = _host_real("K", K)
+  K = host_real("K", K)
   _checks.check_square("K", K)
   _checks.check_positive("dt", dt)
   lam = np.linalg.eigvals(K)
@@ -297,9 +297,9 @@ def effective_gain(K, h, *, cond_max: float = 1e12) -> np.ndarray:
   Returns:
     G_eff (...,) float64, between min |lambda| and max |lambda|; NaN where h = 0.
   """
-  K = _host_real("K", K)
+  K = host_real("K", K)
   d = _checks.check_square("K", K)
-  h = _host_real("h", h)
+  h = host_real("h", h)
   if h.ndim < 1 or h.shape[-1] != d:
     raise ValueError(f"h must have shape (..., {d}) to match K, got {h.shape}")
   lam, V = np.linalg.eig(K)
