@@ -1,0 +1,339 @@
+"""Array-level analysis functions: spectrum summary, modes, norms, propagators, plots, report."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg as sl
+
+from qsf_jax import analysis
+from qsf_jax.analysis import history, modes, propagation, spectrum, validation
+from qsf_jax.models.config import get_config
+from qsf_jax.physics import effective_gain, hamiltonian_koopman, propagate_layer
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  """Small graphs compile several times faster without XLA's heavy passes."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _stack(seed=0, L=3, d=12, scales=(0.5, 1.0, 2.0)):
+  rng = np.random.default_rng(seed)
+  return np.stack([s * rng.normal(size=(d, d)) / np.sqrt(d) for s in scales[:L]])
+
+
+def _assert_png(path, min_bytes=2000):
+  data = path.read_bytes()
+  assert data[:8] == PNG_SIGNATURE
+  assert len(data) > min_bytes
+
+
+def test_counts_sum_and_slogdet():
+  K = _stack()
+  res = spectrum.spectrum_summary(K)
+  n = res["n_eigenvalues"]
+  assert n == 3 * 12
+  for t in ("0.001", "0.01", "0.05"):
+    assert sum(res["counts_by_tol"][t].values()) == n
+  for r in res["layers"]:
+    assert sum(r["counts"].values()) == 12
+  logdet = sum(np.linalg.slogdet(k)[1] for k in K)
+  assert res["gamma_net"] == pytest.approx(logdet, rel=1e-10, abs=1e-10)
+  assert res["slogdet_consistent"] and res["slogdet_abs_error"] < 1e-9
+  assert res["gamma_net"] == pytest.approx(res["gamma_growth"] - res["gamma_decay"], abs=1e-12)
+  radii = [np.max(np.abs(np.linalg.eigvals(k))) for k in K]
+  np.testing.assert_allclose(res["radius_per_layer"], radii, rtol=1e-12)
+  assert res["argmax_layer"] == int(np.argmax(radii))
+
+
+def test_verdict_sign():
+  K = _stack(scales=(0.3, 0.3, 0.3))
+  res = spectrum.spectrum_summary(K)
+  assert res["net_dissipative"] and res["verdict"].startswith("net dissipative")
+  grow = spectrum.spectrum_summary(np.stack([3.0 * np.eye(4), 2.0 * np.eye(4)]))
+  assert not grow["net_dissipative"] and grow["verdict"].startswith("not net dissipative")
+  assert grow["counts"] == {"decay": 0, "neutral": 0, "growth": 8}
+
+
+def test_unit_circle_check_stage_iv(x64):
+  S = np.random.default_rng(1).normal(size=(3, 16, 16))
+  K = np.asarray(hamiltonian_koopman(jax.numpy.asarray(S)))
+  uc = spectrum.unit_circle_check(K, tol=1e-6)
+  assert uc["all_on_unit_circle"] and uc["neutral_fraction"] == 1.0
+  assert uc["max_abs_log_abs"] < 1e-12
+  res = spectrum.spectrum_summary(K, unit_circle=True)
+  assert res["verdict"].startswith("balanced")
+  off = spectrum.unit_circle_check(K * 1.01)
+  assert not off["all_on_unit_circle"] and off["neutral"] == 0
+
+
+def test_spectrum_bad_inputs():
+  with pytest.raises(ValueError, match="real"):
+    spectrum.spectrum_summary(np.eye(3)[None] * (1 + 1j))
+  with pytest.raises(ValueError, match="square"):
+    spectrum.spectrum_summary(np.zeros((2, 3, 4)))
+  with pytest.raises(ValueError):
+    spectrum.spectrum_summary(np.eye(3))  # a single matrix, not a stack
+
+
+def test_eigenvalues_per_layer_roundtrip():
+  K = _stack(L=2)
+  eigs = spectrum.eigenvalues_per_layer(spectrum.spectrum_summary(K))
+  for lam, k in zip(eigs, K):
+    np.testing.assert_allclose(np.sort_complex(lam), np.sort_complex(np.linalg.eigvals(k)),
+                               atol=1e-12)
+
+
+def test_mode_weights_match_effective_gain():
+  rng = np.random.default_rng(2)
+  K = rng.normal(size=(10, 10)) / 3
+  h = rng.normal(size=(7, 10))
+  basis = modes.mode_basis(K)
+  w = modes.mode_weights(basis, h)
+  np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+  g = modes.effective_gain_from_weights(basis.lam, w)
+  np.testing.assert_allclose(g, effective_gain(K, h), rtol=1e-10)
+
+
+def test_mode_weights_on_an_eigenvector():
+  K = np.diag([3.0, 0.5, 0.2]) + np.triu(np.ones((3, 3)), 1) * 0.1
+  basis = modes.mode_basis(K)
+  lam, V = np.linalg.eig(K)
+  k = int(np.argmax(np.abs(lam)))
+  w = modes.mode_weights(basis, V[:, k].real[None])
+  assert w[0, k] == pytest.approx(1.0, abs=1e-12)
+  assert basis.top == (k,)
+  assert modes.effective_gain_from_weights(basis.lam, w)[0] == pytest.approx(3.0)
+
+
+def test_top_mode_group_pairs_conjugates():
+  R = np.array([[0.0, -2.0], [2.0, 0.0]])
+  K = sl.block_diag(R, np.diag([1.0, 0.5]))
+  lam = np.linalg.eigvals(K)
+  top = modes.top_mode_group(lam)
+  assert len(top) == 2 and np.allclose(sorted(np.abs(lam[list(top)])), [2.0, 2.0])
+  assert np.allclose(lam[top[0]], np.conj(lam[top[1]]))
+  assert modes.top_mode_group(np.array([0.1, -4.0, 2.0])) == (1,)
+
+
+def test_mode_basis_bad_inputs():
+  with pytest.raises(ValueError, match="square"):
+    modes.mode_basis(np.zeros((3, 4)))
+  assert modes.mode_basis(np.array([[1.0, 1.0], [0.0, 1.0]])) is None  # defective (Jordan)
+  with pytest.raises(ValueError, match="h_ND"):
+    modes.mode_weights(modes.mode_basis(np.eye(3) * 2), np.zeros((2, 4)))
+
+
+def test_token_category():
+  cat = lambda text, i=5: modes.token_category(text, i, eot_id=9)
+  assert cat("x", 9) == "end of text"
+  assert cat("\n\n") == "newline"
+  assert cat(".") == "sentence end" and cat('!"') == "sentence end"
+  assert cat(" But") == "discourse marker"
+  assert cat(",") is None and cat(" cat") is None and cat('"') is None
+
+
+def test_token_occupancy_summary():
+  acc = modes.TokenOccupancy(vocab_size=6)
+  ids = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 5])
+  occ = np.array([0.9, 0.7, 0.8, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, np.nan])
+  acc.update(ids, occ, np.ones(10))
+  texts = {0: ".", 1: " cat", 2: " But", 5: "?"}
+  s = acc.summary(lambda ids_: texts[ids_[0]], eot_id=4, top=2, min_count=3)
+  assert s["tokens"] == 9  # the NaN occupancy is dropped
+  mean = occ[:9].mean()
+  assert s["mean_occupancy"] == pytest.approx(mean)
+  assert [r["id"] for r in s["top_tokens"]] == [0, 2]
+  assert s["top_tokens"][0]["mean_occupancy"] == pytest.approx(0.8)
+  assert s["categories"]["sentence end"]["enrichment"] == pytest.approx(0.8 / mean)
+  assert s["categories"]["discourse marker"]["share"] == pytest.approx(3 / 9)
+  assert s["categories"]["end of text"]["mean_occupancy"] is None
+
+
+def test_valid_inputs_and_rms_statistics():
+  mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+  valid = validation.valid_inputs(mask)
+  np.testing.assert_array_equal(valid, [[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+  x = np.zeros((3, 4, 2))
+  x[0, :3] = [[3.0, 4.0], [0.0, 2.0], [1.0, 1.0]]
+  x[2] = 2.0
+  per_seq = validation.sequence_rms(x, valid)
+  want0 = np.mean([np.sqrt(12.5), np.sqrt(2.0), 1.0])
+  np.testing.assert_allclose(per_seq, [want0, 2.0])
+  st = validation.norm_statistics(per_seq)
+  assert st["mean"] == pytest.approx((want0 + 2.0) / 2)
+  assert st["std"] == pytest.approx(abs(want0 - 2.0) / 2)
+  assert st["max"] == pytest.approx(max(want0, 2.0)) and st["non_finite"] == 0
+  nan = validation.norm_statistics([1.0, np.nan, 3.0])
+  assert nan["non_finite"] == 1 and nan["mean"] == 2.0
+  with pytest.raises(ValueError):
+    validation.sequence_rms(x, valid[:, :3])
+  with pytest.raises(ValueError):
+    validation.norm_statistics([])
+
+
+def _layer(seed, d=6, negative=False):
+  rng = np.random.default_rng(seed)
+  A = 0.3 * rng.normal(size=(d, d))
+  K = sl.expm(A)
+  if negative:
+    K = K @ np.diag([-1.0] + [1.0] * (d - 1))  # a real negative eigenvalue: no real log
+  return K, 0.1 * rng.normal(size=d), rng.normal(size=(d, d)), rng.normal(size=(4, d)), \
+      rng.normal(size=(4, d))
+
+
+@pytest.mark.parametrize("negative", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_propagate_sentence_matches_propagate_layer(x64, negative):
+  K, b, W, X0, XT = _layer(3, negative=negative)
+  steps = 0.5 * X0
+  prop = propagation.propagate_sentence(K, b, W, X0, XT, step_ND=steps, exact_tokens=2)
+  assert prop["variant"] == ("discrete" if negative else "continuous")
+  if not negative:  # the exact form only on evenly spaced tokens 0 and 3
+    np.testing.assert_array_equal(prop["exact_index"], [0, 3])
+    assert np.all(np.isnan(prop["exact"][1:3])) and np.all(np.isnan(prop["dev_exact"][1:3]))
+  np.testing.assert_allclose(prop["prior"], X0 @ K.T + b, atol=1e-12)
+  for method in ("paper", "exact"):
+    for t in (0, 3):
+      ref, variant = propagate_layer(K, b, W, X0[t], XT[t], method=method)
+      assert variant == prop["variant"]
+      np.testing.assert_allclose(prop[method][t], np.asarray(ref.mean), rtol=1e-8, atol=1e-10)
+  dev = np.linalg.norm(prop["paper"] - steps, axis=1) / np.linalg.norm(steps, axis=1)
+  np.testing.assert_allclose(prop["dev_paper"], dev)
+  if negative:
+    np.testing.assert_array_equal(prop["paper"], prop["exact"])
+  else:
+    assert not np.allclose(prop["paper"], prop["exact"])
+
+
+def test_exact_subset():
+  np.testing.assert_array_equal(propagation.exact_subset(5, None), np.arange(5))
+  np.testing.assert_array_equal(propagation.exact_subset(5, 9), np.arange(5))
+  np.testing.assert_array_equal(propagation.exact_subset(7, 3), [0, 3, 6])
+  with pytest.raises(ValueError):
+    propagation.exact_subset(7, 0)
+
+
+def test_propagate_sentence_bad_shapes():
+  K, b, W, X0, XT = _layer(4)
+  with pytest.raises(ValueError, match="W_V"):
+    propagation.propagate_sentence(K, b, W[:, :3], X0, XT)
+  with pytest.raises(ValueError, match="k_in_ND"):
+    propagation.propagate_sentence(K, b, W, X0, XT[:3])
+
+
+def test_layer_dynamics_reproduces_the_layer(x64):
+  K, b, *_ = _layer(5)
+  A, b_c, variant = propagation.layer_dynamics(K, b)
+  assert variant == "continuous"
+  aug = np.zeros((7, 7))
+  aug[:6, :6], aug[:6, 6] = A, b_c
+  flow = sl.expm(aug)  # time-1 flow of x' = A x + b_c
+  np.testing.assert_allclose(flow[:6, :6], K, atol=1e-10)
+  np.testing.assert_allclose(flow[:6, 6], b, atol=1e-10)
+  Kn, bn, *_ = _layer(5, negative=True)
+  A, b2, variant = propagation.layer_dynamics(Kn, bn)
+  assert variant == "discrete"
+  np.testing.assert_allclose(A + np.eye(6), Kn)
+  np.testing.assert_array_equal(b2, bn)
+
+
+def test_state_target_and_sse_ensemble(x64):
+  K, b, W, X0, _ = _layer(6)
+  x_star_true = np.random.default_rng(0).normal(size=6)
+  x_star = propagation.state_target(W, W @ x_star_true)
+  np.testing.assert_allclose(x_star, x_star_true, rtol=1e-9)
+  sse = propagation.sse_ensemble(jax.random.key(0), K, b, X0[0], x_star, n_paths=5, n_steps=50)
+  assert sse["norm"].shape == (5, 51) and sse["finite"]
+  assert sse["norm"][:, 0] == pytest.approx(1.0)  # starts on the unit sphere
+  # the unmeasured (sigma = inf) path is Euler for x' = A x + b_c: ends near K x0 + b
+  scale = np.linalg.norm(X0[0])
+  want = np.linalg.norm((K @ X0[0] + b) / scale)
+  assert sse["free_norm"][-1] == pytest.approx(want, rel=0.05)
+  with pytest.raises(ValueError, match="non-zero"):
+    propagation.sse_ensemble(jax.random.key(0), K, b, np.zeros(6), x_star)
+
+
+def test_pick_layer():
+  from qsf_jax.analysis.pipeline import pick_layer  # pylint: disable=g-import-not-at-top
+  neg = np.array([-2.0, 0.5])  # an eigenvalue on (-inf, 0]: no real log
+  pos = np.array([0.9, 0.5])
+  assert pick_layer([neg, pos, pos], [2.0, 0.9, 0.8]) == 1  # a real log beats a larger radius
+  assert pick_layer([neg, neg], [1.0, 3.0]) == 1  # none has one: the largest radius
+  assert pick_layer([pos, pos], [1.0, 1.0 + 1e-13]) == 1  # round-off ties: the deepest
+  assert pick_layer([pos, pos], [1.0, 1.0], candidates=[0]) == 0
+  assert pick_layer([pos], [1.0], candidates=[]) is None
+
+
+def test_plots_write_pngs(tmp_path):
+  K = _stack()
+  res = spectrum.spectrum_summary(K)
+  eigs = spectrum.eigenvalues_per_layer(res)
+  analysis.plot_spectrum(eigs, path=tmp_path / "s.png")
+  analysis.plot_log_abs_histogram(eigs, path=tmp_path / "h.png")
+  analysis.plot_layer_budget(res["radius_per_layer"], [r["gamma_decay"] for r in res["layers"]],
+                             [r["gamma_growth"] for r in res["layers"]],
+                             res["gamma_net_per_layer"], g_eff_L=[0.5, 0.6, 0.7],
+                             path=tmp_path / "l.png")
+  analysis.plot_alpha(np.array([1, 2, 3]), np.ones((3, 4)) + 0.1, path=tmp_path / "a.png")
+  analysis.plot_losses({"train": (np.arange(5), np.linspace(5, 3, 5)),
+                        "eval": (np.array([4]), np.array([3.2]))}, path=tmp_path / "c.png")
+  for name in ("s", "h", "l", "a", "c"):
+    _assert_png(tmp_path / f"{name}.png")
+  with pytest.raises(ValueError):
+    analysis.plot_alpha(np.array([1, 2]), np.ones((3, 4)))
+  with pytest.raises(ValueError):
+    analysis.plot_layer_budget([1.0, 2.0], [0.0], [0.0, 0.0], [0.0, 0.0])
+  with pytest.raises(ValueError):
+    analysis.plot_spectrum([])
+
+
+def test_history_parsing(tmp_path):
+  lines = [{"step": 1, "kind": "train", "loss": 5.0, "alpha/0": 1.0, "alpha/1": 1.1},
+           {"step": 2, "kind": "train", "loss": 4.0, "alpha/0": 1.2, "alpha/1": 1.3},
+           {"step": 2, "kind": "eval", "val_loss": 4.5}]
+  text = "\n".join(json.dumps(r) for r in lines) + "\nnot json\n"
+  (tmp_path / "metrics.jsonl").write_text(text)
+  recs = history.read_metrics(tmp_path)
+  assert len(recs) == 3
+  steps, alpha = history.alpha_from_metrics(recs, 2)
+  np.testing.assert_array_equal(steps, [1, 2])
+  np.testing.assert_allclose(alpha, [[1.0, 1.1], [1.2, 1.3]])
+  assert history.alpha_from_metrics(recs, 3) is None  # not every layer logged
+  curves = history.loss_curves(recs)
+  np.testing.assert_allclose(curves["train"][1], [5.0, 4.0])
+  np.testing.assert_allclose(curves["eval"][1], [4.5])
+  got = history.alpha_history(tmp_path, 2)
+  assert got["source"] == "metrics.jsonl"
+  assert history.alpha_history(tmp_path / "missing", 2) is None
+
+
+def test_report_from_synthetic_results(tmp_path):
+  K = _stack()
+  res = spectrum.spectrum_summary(K)
+  results = {"run": {"stage": "koopman_attn", "preset": "synthetic", "step": 0},
+             "spectrum": res, "alpha": {"steps": np.array([1, 2]), "alpha": np.ones((2, 3)),
+                                        "source": "test"},
+             "figures": {"spectrum": "spectrum.png"}, "notes": ["a note"],
+             "bad": float("nan")}
+  path = analysis.write_report(tmp_path, results)
+  text = path.read_text()
+  for needle in ("## Spectrum", "| 0.01 |", "Gamma_net", "**Verdict:** net", "![",
+                 "## Measurement strength", "- a note"):
+    assert needle in text
+  jpath = analysis.write_json(tmp_path / "spectrum.json", results)
+  back = json.loads(jpath.read_text())
+  assert back["bad"] is None and back["spectrum"]["n_eigenvalues"] == 36
+
+
+def test_operators_reject_other_stages():
+  with pytest.raises(ValueError, match="no Koopman operator"):
+    analysis.layer_operators({}, get_config("fnet", "tiny"))
+  with pytest.raises(ValueError, match="layers/koopman"):
+    analysis.layer_operators({"layers": {}}, get_config("koopman_attn", "tiny"))

@@ -1,0 +1,183 @@
+"""End-to-end analysis of tiny checkpoints made here (``experiments.analyze``)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import analyze as analyze_cli
+from qsf_jax import data as qdata
+from qsf_jax.analysis import forward, layer_operators
+from qsf_jax.analysis.pipeline import analyze_workdir
+from qsf_jax.data.synthetic import synthetic_stories
+from qsf_jax.training.config import TrainConfig
+from qsf_jax.training.loop import train_and_evaluate
+from qsf_jax.training.restore import load_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("spectrum", "log_abs_hist", "layers", "alpha", "loss", "occupancy", "propagation",
+           "sse")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  """Tiny models compile several times faster without XLA's heavy passes."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """A small synthetic .txt corpus (114 train / 6 validation stories), private cache."""
+  root = tmp_path_factory.mktemp("analysis")
+  corpus = root / "stories.txt"
+  corpus.write_text("\n<|endoftext|>\n".join(synthetic_stories(120, seed=5)))
+  old = os.environ.get(qdata.CACHE_DIR_ENV)
+  os.environ[qdata.CACHE_DIR_ENV] = str(root / "cache")
+  yield root, corpus
+  if old is None:
+    os.environ.pop(qdata.CACHE_DIR_ENV, None)
+  else:
+    os.environ[qdata.CACHE_DIR_ENV] = old
+
+
+def _train(env, stage, steps, **kw):
+  root, corpus = env
+  wd = root / stage
+  cfg = TrainConfig(stage=stage, preset="tiny", data=str(corpus), tokenizer="bytes",
+                    steps=steps, batch_size=2, checkpoint_every=kw.pop("checkpoint_every", steps),
+                    eval_every=steps, eval_batches=1, log_every=steps, sample_tokens=0,
+                    max_to_keep=5, **kw)
+  train_and_evaluate(cfg, wd)
+  return wd
+
+
+@pytest.fixture(scope="module")
+def stage3(env):
+  """Stage III, 3 steps, a checkpoint at every step (alpha history of 3 points)."""
+  return _train(env, "koopman_attn", 3, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def stage4(env):
+  return _train(env, "hamiltonian_attn", 2)
+
+
+def _png_ok(path):
+  data = path.read_bytes()
+  return data[:8] == PNG_SIGNATURE and len(data) > 5000
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_stage3(stage3, tmp_path, capsys):
+  out = tmp_path / "report"
+  rc = analyze_cli.run(["analyze", f"--workdir={stage3}", f"--out={out}", "--max_sequences=4",
+                        "--sse_paths=8", "--sse_steps=50", "--sentence_tokens=20"])
+  assert rc == 0, capsys.readouterr().err
+  for name in FIGURES:
+    assert _png_ok(out / f"{name}.png"), name
+  report = (out / "report.md").read_text()
+  for needle in ("## Spectrum", "### Energy budget", "**Verdict:**", "## Measurement strength",
+                 "## Hidden-state norms", "## Which tokens", "## Propagators", "### SSE",
+                 "(spectrum.png)", "(sse.png)"):
+    assert needle in report, needle
+  res = json.loads((out / "spectrum.json").read_text())
+  spec = res["spectrum"]
+  n = spec["n_eigenvalues"]
+  assert n == 2 * 32
+  for counts in spec["counts_by_tol"].values():
+    assert sum(counts.values()) == n
+  K = layer_operators(load_run(stage3).params, load_run(stage3).model_config).K
+  logdet = sum(np.linalg.slogdet(k)[1] for k in K)
+  assert spec["gamma_net"] == pytest.approx(logdet, rel=1e-9)
+  assert spec["slogdet_consistent"]
+  assert res["validation"]["sequences"] == 4
+  assert res["validation"]["z_rms"]["sequences"] == 4
+  alpha = res["alpha"]
+  assert alpha["source"] == "checkpoints" and alpha["steps"] == [1, 2, 3]
+  run = load_run(stage3)
+  np.testing.assert_allclose(alpha["alpha"][-1], np.asarray(run.params["layers"]["alpha"]),
+                             rtol=1e-6)
+  prop = res["propagation"]
+  assert prop["variant"] in ("continuous", "discrete") and prop["tokens"] == 20
+  assert res["sse"]["n_paths"] == 8 and res["sse"]["finite"]
+
+
+def test_replay_matches_the_model(stage3):
+  """The layer-by-layer replay gives the model's logits and each layer's eq. 60 terms."""
+  run = load_run(stage3)
+  cfg = run.model_config
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
+  ops = layer_operators(run.params, cfg)
+  steps = list(forward.iter_layers(run.params, run.collections, cfg, tokens, run.beta))
+  assert [s.layer for s in steps] == list(range(cfg.n_layers))
+  for s in steps:
+    l = s.layer
+    rebuilt = (np.asarray(s.k_in) @ ops.K[l].T + ops.b[l] + ops.alpha[l] * np.asarray(s.x_tgt))
+    np.testing.assert_allclose(np.asarray(s.h_out - s.h_in), rebuilt, atol=1e-5)
+  z = forward.final_states(run.params, run.collections, cfg, steps[-1].h_out, run.beta)
+  logits = z @ jnp.asarray(run.params["embed"]["embedding"]).T
+  ref = run.model.apply({"params": run.params, **run.collections}, jnp.asarray(tokens),
+                        beta=run.beta)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_stage4_is_all_neutral_in_float64(stage4, tmp_path):
+  res = analyze_workdir(stage4, out=tmp_path, max_sequences=2, sse_paths=4, sse_steps=20,
+                        sentence_tokens=8, log=None)
+  uc = res["spectrum"]["unit_circle"]
+  assert uc["tol"] == 1e-6 and uc["all_on_unit_circle"]
+  assert uc["neutral"] == uc["n_eigenvalues"] == 64
+  assert uc["max_abs_log_abs"] < 1e-12  # float64 round-off, not float32's ~1e-7
+  for counts in res["spectrum"]["counts_by_tol"].values():
+    assert counts["neutral"] == 64
+  assert res["spectrum"]["verdict"].startswith("balanced")
+  assert "unit-circle check" in (tmp_path / "report.md").read_text()
+  assert _png_ok(tmp_path / "spectrum.png")
+
+
+@pytest.mark.slow
+def test_stage2_has_no_measurement(env, tmp_path):
+  wd = _train(env, "koopman", 2)
+  res = analyze_workdir(wd, out=tmp_path, max_sequences=2, log=None)
+  assert res["alpha"] is None and "propagation" not in res
+  assert any("Stage II" in n for n in res["notes"])
+  assert sum(res["spectrum"]["counts"].values()) == 64
+  assert (tmp_path / "report.md").exists() and _png_ok(tmp_path / "spectrum.png")
+
+
+def _error_line(capsys):
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("analyze: error:")]
+  assert len(err) == 1
+  return err[0]
+
+
+def test_non_koopman_stage_is_a_clear_error(env, tmp_path, capsys):
+  wd = _train(env, "fnet", 2)
+  assert analyze_cli.run(["analyze", f"--workdir={wd}", f"--out={tmp_path}"]) == 1
+  line = _error_line(capsys)
+  assert "stage 'fnet' has no Koopman operator" in line and "koopman_attn" in line
+  assert not (tmp_path / "report.md").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for wd in (empty, tmp_path / "does_not_exist"):
+    assert analyze_cli.run(["analyze", f"--workdir={wd}"]) == 1
+    assert "no checkpoint found in" in _error_line(capsys)
+  assert analyze_cli.run(["analyze"]) == 1
+  assert "--workdir is required" in _error_line(capsys)
+
+
+def test_bad_flags_are_clear_errors(stage4, capsys):
+  assert analyze_cli.run(["analyze", f"--workdir={stage4}", "--layer=7"]) == 1
+  assert "--layer must be in [0, 2)" in _error_line(capsys)
+  assert analyze_cli.run(["analyze", f"--workdir={stage4}", "--max_sequences=0"]) == 1
+  assert "--max_sequences must be >= 1" in _error_line(capsys)
