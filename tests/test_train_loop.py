@@ -99,6 +99,22 @@ def test_loss_decreases_and_records(trained):
   assert (30, "eval/val_loss", pytest.approx(evals[1]["val_loss"], rel=1e-6)) in scalars
 
 
+def test_stage_three_logs_alpha_per_layer(env, trained):
+  """QSF Fig. 1: the learned alpha of every layer is in metrics.jsonl as alpha/<l>."""
+  root, corpus = env
+  wd = root / "alpha"
+  train_and_evaluate(_cfg(corpus, stage="koopman_attn", steps=3, checkpoint_every=0,
+                          eval_every=0), wd)
+  train = [r for r in _jsonl(wd) if r["kind"] == "train"]
+  c = ck.Checkpointer(wd, read_only=True)
+  params, _ = c.restore_params()
+  alpha = np.ravel(params["layers"]["alpha"])
+  c.close()
+  assert len(alpha) == 2 and all(f"alpha/{l}" in train[0] for l in range(2))
+  np.testing.assert_allclose([train[-1][f"alpha/{l}"] for l in range(2)], alpha, rtol=1e-6)
+  assert "alpha/0" not in _jsonl(trained[0])[0]  # Stage II has no measurement
+
+
 def _tree_snapshot(wd):
   return sorted((str(p.relative_to(wd)), p.stat().st_size, p.stat().st_mtime_ns)
                 for p in pathlib.Path(wd).rglob("*"))

@@ -15,6 +15,7 @@ import os
 from typing import Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from qsf_jax import data as qdata
@@ -66,6 +67,18 @@ def _all_finite(tree) -> jax.Array:
 
 def _due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
+
+
+def _scalars(metrics) -> dict[str, float]:
+  """Metrics as floats; a vector metric ``v`` (e.g. alpha per layer) becomes ``v/<i>``."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = float(v)
+    else:
+      out.update({f"{k}/{i}": float(x) for i, x in enumerate(v.ravel())})
+  return out
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
@@ -169,7 +182,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
       return
     step, m = pending
     pending = None
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    m = _scalars(jax.device_get(m))
     for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
       if not math.isfinite(m[key]):
         ckpt.wait()

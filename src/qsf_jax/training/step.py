@@ -171,6 +171,9 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
         rng=jax.random.split(state.rng)[0], collections=collections)
     metrics = {"loss": l_sum / denom, "tokens": n, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step), "beta": beta}
+    layers = params.get("layers", {}) if isinstance(params, dict) else {}
+    if isinstance(layers, dict) and "alpha" in layers:  # QSF Fig. 1: alpha_l over training
+      metrics["alpha"] = jnp.ravel(layers["alpha"]).astype(jnp.float32)
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
