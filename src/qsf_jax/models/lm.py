@@ -1,0 +1,153 @@
+"""The language-model wrapper shared by every stage but ``wave`` (QSF §3.4 "Output").
+
+  h_0 = E[x_t] + P[t]               (tied token embedding, learned positions)
+  h_L = layers(h_0)                 (``nn.scan`` over L identical blocks)
+  logits = N_f(h_L) E^T             (float32; N_f annealed in Stages III/IV)
+
+Parameter tree: ``embed/embedding`` (V, d), ``pos_embed/embedding`` (T_max, d),
+``layers/...`` (every leaf with a leading layer axis L), ``final_norm``, and
+``lm_head`` only if ``tie_embeddings`` is False.
+
+Calling convention (all stages):
+
+* ``model.init(key, tokens_BT)`` -> ``{"params", ["norm_stats"]}``.
+* ``model.apply(variables, tokens_BT, beta=b)`` -> logits (B, T, V) float32.
+* ``update_stats=True`` with ``mutable=["norm_stats"]`` updates the D5 EMA.
+* ``decode=True``: tokens (B, 1), with a ``"cache"`` collection (create it with
+  :func:`init_cache`) passed in and ``mutable=["cache"]``; each call consumes
+  one token at the cached position and returns its logits (B, 1, V). The
+  caller must not decode past ``max_seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qsf_jax import _checks
+from qsf_jax.models.blocks import BLOCKS
+from qsf_jax.models.config import ModelConfig
+from qsf_jax.models.ffn import compute_dtype
+from qsf_jax.models.norms import Norm
+
+
+def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
+  """Validates the token array at trace time; returns it as int32.
+
+  Args:
+    tokens_BT: token ids (B, T) integer; T = 1 when decoding, T <= max_seq_len.
+    cfg: model configuration.
+    decode: whether this is a decode call.
+  """
+  tokens_BT = _checks.as_array("tokens_BT", tokens_BT)
+  _checks.check_ndim("tokens_BT", tokens_BT, 2)
+  if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+    raise ValueError(f"tokens_BT must be integer token ids, got dtype {tokens_BT.dtype}")
+  T = tokens_BT.shape[1]
+  if decode and T != 1:
+    raise ValueError(f"decode=True takes one token per call: tokens_BT must have shape "
+                     f"(B, 1), got {tuple(tokens_BT.shape)}")
+  if T > cfg.max_seq_len or T < 1:
+    raise ValueError(f"tokens_BT has {T} positions (shape {tuple(tokens_BT.shape)}); "
+                     f"the model allows 1..max_seq_len={cfg.max_seq_len}")
+  return tokens_BT.astype(jnp.int32)
+
+
+def decode_position(module: nn.Module, decode: bool):
+  """The cached decode position t (int32 scalar), advanced by one per call."""
+  if not decode:
+    return jnp.zeros((), jnp.int32)
+  index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+  t = index.value
+  if not module.is_initializing():
+    index.value = t + 1
+  return t
+
+
+class QSFLanguageModel(nn.Module):
+  """Embedding + ``nn.scan`` over the stage's blocks + final norm + tied head.
+
+  Attributes:
+    cfg: model configuration (any stage but ``wave``).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, decode=False):
+    """Next-token logits (see the module docstring).
+
+    Args:
+      tokens_BT: token ids (B, T); (B, 1) when decoding.
+      beta: Stage III/IV anneal weight in [0, 1] (D5); ignored by other stages.
+      update_stats: update the D5 EMA (needs ``mutable=["norm_stats"]``).
+      decode: consume one token using the ``"cache"`` collection.
+
+    Returns:
+      logits (B, T, V) float32.
+    """
+    cfg = self.cfg
+    tokens_BT = check_tokens(tokens_BT, cfg, decode)
+    T = tokens_BT.shape[1]
+    init = nn.initializers.normal(cfg.init_std)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
+                     param_dtype=jnp.float32, name="embed")
+    pos = nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=init,
+                   param_dtype=jnp.float32, name="pos_embed")
+    t = decode_position(self, decode)
+    positions_T = (t + jnp.arange(T)) if decode else jnp.arange(T)
+    h_BTD = embed(tokens_BT) + pos(positions_T)[None]
+    beta = jnp.asarray(beta, jnp.float32)
+    _checks.check_ndim("beta", beta, 0)
+
+    Block = BLOCKS[cfg.stage]
+    Stack = nn.scan(Block, variable_axes={"params": 0, "norm_stats": 0, "cache": 0},
+                    split_rngs={"params": True}, in_axes=nn.broadcast,
+                    length=cfg.n_layers)
+    h_BTD, _ = Stack(cfg, decode=decode, update_stats=update_stats, name="layers")(
+        h_BTD, (beta, t))
+
+    z_BTD = Norm(cfg, annealed=cfg.annealed, update_stats=update_stats,
+                 name="final_norm")(h_BTD, beta)
+    dt = compute_dtype(cfg)
+    if cfg.tie_embeddings:
+      W_VD = embed.embedding
+    else:
+      W_VD = self.param("lm_head", init, (cfg.vocab_size, cfg.d_model), jnp.float32)
+    return jnp.einsum("btd,vd->btv", z_BTD.astype(dt), W_VD.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+  """The Flax Linen module of ``cfg.stage`` (see the module docstring for the API).
+
+  Args:
+    cfg: a ``ModelConfig`` (from ``get_config``).
+
+  Returns:
+    A module with ``__call__(tokens_BT, *, beta=0.0, update_stats=False,
+    decode=False) -> logits_BTV``.
+  """
+  if not isinstance(cfg, ModelConfig):
+    raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+  if cfg.stage == "wave":
+    from qsf_jax.models.wave import WaveLanguageModel  # pylint: disable=g-import-not-at-top
+    return WaveLanguageModel(cfg)
+  return QSFLanguageModel(cfg)
+
+
+def init_cache(model: nn.Module, batch_size: int):
+  """A zero ``"cache"`` collection for decoding ``batch_size`` sequences from position 0.
+
+  Built from shapes only (``jax.eval_shape``), so no parameters are allocated.
+
+  Args:
+    model: a module from ``build_model``.
+    batch_size: B.
+
+  Returns:
+    The cache pytree, to pass as ``{"params": ..., "cache": cache}``.
+  """
+  tokens = jnp.zeros((batch_size, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

@@ -1,0 +1,252 @@
+"""Configs, parameter counts (QSF §3.7, Table 2), the progressive-init mapping, bad inputs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax.models import (
+    PRESETS,
+    STAGES,
+    ModelConfig,
+    anneal_beta,
+    build_model,
+    count_params,
+    get_config,
+    paper_param_counts,
+    shared_param_paths,
+    stats_window,
+    transfer_params,
+    weight_decay_mask,
+)
+from qsf_jax.models.params import flatten
+
+# QSF spec §3.7: shared pieces with V = 50257, d = 320, T = 512, L = 32.
+V, D, TMAX, L = 50257, 320, 512, 32
+E, P, FINAL_LN = V * D, TMAX * D, 2 * D
+SHARED = E + P + FINAL_LN
+
+
+def _abstract_params(cfg):
+  model = build_model(cfg)
+  tokens = jax.ShapeDtypeStruct((1, cfg.max_seq_len), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+
+def _paper_count(stage, **overrides):
+  return count_params(_abstract_params(get_config(stage, "paper", **overrides)))
+
+
+# --- get_config ---------------------------------------------------------------------------
+
+
+def test_presets():
+  paper = get_config("koopman_attn", "paper")
+  assert (paper.d_model, paper.n_layers, paper.n_heads, paper.max_seq_len, paper.vocab_size,
+          paper.ffn_dim) == (320, 32, 8, 512, 50257, 512)
+  assert paper.head_dim == 40
+  for stage in STAGES:
+    for preset in PRESETS:
+      cfg = get_config(stage, preset)
+      assert cfg.stage == stage and cfg.preset == preset
+      assert cfg.d_model % cfg.n_heads == 0
+  tiny, small = get_config("fnet", "tiny"), get_config("fnet", "small")
+  assert tiny.d_model < small.d_model < paper.d_model
+  assert get_config("fnet", "tiny", vocab_size=50257).vocab_size == 50257
+
+
+def test_spec_defaults_of_the_ambiguity_flags():
+  cfg = get_config("koopman", "paper")
+  assert cfg.koopman_mixer == "cosine"            # D2: S2-a
+  assert cfg.fnet_postnorm is False               # D3: pre-norm with row scale
+  assert cfg.attn_scale == "position"             # D4: c_i = 1/((i+1) d_h)
+  assert (cfg.ls_scale, cfg.anneal_frac, cfg.anneal_shape, cfg.ls_ema_decay,
+          cfg.stats_steps) == ("ema", 0.15, "linear", 0.99, 500)   # D5
+  assert cfg.attn_form == "add"                   # D6
+  assert cfg.causal_include_self is True          # D7: j <= i
+  assert cfg.hamiltonian_param == "expm"          # D8
+  assert cfg.attn_impl == "auto" and cfg.dtype == "float32"
+  assert (cfg.stage3_keep_ffn, cfg.stage3_keep_fourier) == (False, False)
+  assert cfg.wave_readout == "born_logit"
+
+
+def test_config_is_frozen_and_hashable():
+  cfg = get_config("gla", "tiny")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.d_model = 64
+  assert hash(cfg) == hash(get_config("gla", "tiny"))
+  assert cfg.replace(d_model=64).d_model == 64
+  assert ModelConfig(**cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (("nope",), {}, "stage must be one of .*'fnet'"),
+    (("fnet", "huge"), {}, "preset must be one of .*'tiny'"),
+    (("fnet",), {"d_modle": 8}, "unknown ModelConfig override.*d_modle.*valid fields"),
+    (("fnet",), {"dtype": "float16"}, "dtype must be one of"),
+    (("fnet",), {"attn_impl": "cuda"}, "attn_impl must be one of"),
+    (("koopman",), {"koopman_mixer": "fft"}, "koopman_mixer must be one of"),
+    (("fnet",), {"d_model": 30, "n_heads": 4}, "divisible"),
+    (("fnet",), {"vocab_size": 0}, "vocab_size must be a positive int"),
+    (("fnet",), {"n_layers": 2.0}, "n_layers must be a positive int"),
+    (("fnet",), {"anneal_frac": 1.5}, "anneal_frac"),
+    (("fnet",), {"init_std": -1.0}, "init_std"),
+    (("wave", "tiny"), {"wave_readout": "born", "vocab_size": 4}, "isometry"),
+])
+def test_get_config_rejects_bad_inputs(args, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    get_config(*args, **kwargs)
+
+
+def test_replace_rejects_unknown_field():
+  with pytest.raises(ValueError, match="unknown ModelConfig override"):
+    get_config("fnet", "tiny").replace(width=3)
+
+
+# --- parameter counts (QSF §3.7) -----------------------------------------------------------
+
+
+def test_stage3_and_stage4_paper_counts_are_exact():
+  """The spec fixes III/IV: E + P + 640 + 32 (K+b, 3 (W+b), LN, alpha) = 29,415,392."""
+  per_layer = (D * D + D) + 3 * (D * D + D) + 2 * D + 1
+  assert SHARED + L * per_layer == 29_415_392
+  assert _paper_count("koopman_attn") == 29_415_392
+  assert _paper_count("hamiltonian_attn") == 29_415_392
+  # Table 2 says 29.4M for both.
+  assert round(_paper_count("koopman_attn") / 1e5) == paper_param_counts()["koopman_attn"] / 1e5
+
+
+def test_stage1_paper_counts():
+  """42.5M is reproduced by FFN 4d without FFN biases; the stated FFN 512 gives 26.80M."""
+  assert _paper_count("fnet", ffn_dim=4 * D, ffn_bias=False) == SHARED + L * (2 * D * 4 * D + 4 * D)
+  assert _paper_count("fnet", ffn_dim=4 * D, ffn_bias=False) == 42_502_080
+  ffn512 = 2 * D * 512 + 512 + D
+  assert _paper_count("fnet") == SHARED + L * (ffn512 + 4 * D)
+  assert round(_paper_count("fnet") / 1e4) == 2680                  # spec: 26.80M tied
+  assert round(_paper_count("fnet", tie_embeddings=False) / 1e4) == 4288   # 42.88M untied
+
+
+def test_stage2_and_baseline_counts_are_ours_not_the_papers():
+  """S2-a gives 30.09M (paper 36.0M) and the L=32 baseline 39.95M (paper 36.3M): unexplained (§3.7)."""
+  ffn512 = 2 * D * 512 + 512 + D
+  stage2 = _paper_count("koopman")
+  assert stage2 == SHARED + L * (D * D + D + ffn512 + 4 * D)
+  assert round(stage2 / 1e4) == 3009
+  base = _paper_count("transformer")
+  assert base == SHARED + L * (4 * (D * D + D) + ffn512 + 4 * D)
+  assert round(base / 1e4) == 3995
+  paper = paper_param_counts()
+  assert paper["koopman"] == 36_000_000 and paper["transformer"] == 36_300_000
+  assert abs(stage2 - paper["koopman"]) > 1e6 and abs(base - paper["transformer"]) > 1e6
+
+
+def test_paper_table2():
+  paper = paper_param_counts()
+  assert set(paper) == {"transformer", "fnet", "koopman", "koopman_attn", "hamiltonian_attn"}
+  # "19% fewer parameters": 29.4 / 36.3 = 0.81.
+  assert round(paper["koopman_attn"] / paper["transformer"], 2) == 0.81
+
+
+def test_count_params_counts_every_leaf():
+  assert count_params({"a": np.zeros((3, 4)), "b": {"c": np.zeros(5), "d": np.zeros(())}}) == 18
+
+
+# --- progressive init (QSF D12) -----------------------------------------------------------
+
+
+def _init(stage, **overrides):
+  """Random parameters with the model's tree and shapes (no compilation needed)."""
+  cfg = get_config(stage, "tiny", **overrides)
+  tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  shapes = jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens)["params"]
+  rng = np.random.default_rng(len(stage))
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def test_transfer_params_between_stages():
+  p1, p2 = _init("fnet"), _init("koopman")
+  merged, report = transfer_params(p1, p2, "fnet", "koopman")
+  assert {p.split("/")[0] for p in report["copied"]} == {"embed", "pos_embed", "layers",
+                                                         "final_norm"}
+  assert "layers/koopman/K" in report["new"] and "layers/koopman/b" in report["new"]
+  assert report["dropped"] == []
+  flat, f1, f2 = flatten(merged), flatten(p1), flatten(p2)
+  for p in report["copied"]:
+    np.testing.assert_array_equal(flat[p], f1[p])
+  np.testing.assert_array_equal(flat["layers/koopman/K"], f2["layers/koopman/K"])
+  assert set(flat) == set(f2)
+
+  p3 = _init("koopman_attn")
+  merged3, report3 = transfer_params(merged, p3, "koopman", "koopman_attn")
+  assert "layers/koopman/K" in report3["copied"] and "layers/norm1/scale" in report3["copied"]
+  assert "layers/attn/query/kernel" in report3["new"] and "layers/alpha" in report3["new"]
+  assert "layers/ffn/wi/kernel" in report3["dropped"]
+  np.testing.assert_array_equal(flatten(merged3)["layers/koopman/K"], flat["layers/koopman/K"])
+
+  p4 = _init("hamiltonian_attn")
+  _, report4 = transfer_params(merged, p4, "koopman", "hamiltonian_attn")
+  assert "layers/koopman/S" in report4["new"] and "layers/koopman/K" in report4["dropped"]
+  assert "layers/koopman/b" in report4["copied"]
+
+
+def test_transfer_params_rejects_bad_pairs_and_shapes():
+  with pytest.raises(ValueError, match="supported"):
+    shared_param_paths("transformer", "koopman_attn")
+  with pytest.raises(ValueError, match="src_stage must be one of"):
+    shared_param_paths("stage1", "koopman")
+  assert shared_param_paths("gla", "gla") == ("",)
+  p1 = _init("fnet")
+  p2 = _init("koopman", d_model=16)
+  with pytest.raises(ValueError, match="embed/embedding.*shape"):
+    transfer_params(p1, p2, "fnet", "koopman")
+
+
+def test_weight_decay_mask_by_name():
+  """D11: decay on E, K, S, W_*, FFN matrices; not on biases, norms, alpha."""
+  mask = flatten(weight_decay_mask(_init("koopman_attn")))
+  assert mask["embed/embedding"] and mask["layers/koopman/K"]
+  assert mask["layers/attn/query/kernel"]
+  assert not mask["layers/koopman/b"] and not mask["layers/attn/query/bias"]
+  assert not mask["layers/norm1/scale"] and not mask["layers/alpha"]
+  assert not mask["final_norm/scale"]
+  wave = flatten(weight_decay_mask(_init("wave")))
+  assert wave["readout/W_re"] and not wave["cell_0/hamiltonian/G_X"] and not wave["readout/beta"]
+
+
+# --- anneal schedule (D5) -----------------------------------------------------------------
+
+
+def test_anneal_beta_and_stats_window():
+  S = 1000
+  assert float(anneal_beta(0, S)) == 0.0 and float(anneal_beta(850, S)) == 0.0
+  np.testing.assert_allclose(float(anneal_beta(925, S)), 0.5, rtol=1e-6)
+  assert float(anneal_beta(1000, S)) == 1.0
+  np.testing.assert_allclose(float(anneal_beta(925, S, shape="cosine")), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(anneal_beta(870, S, shape="cosine")),
+                             0.5 * (1 - np.cos(np.pi * 20 / 150)), rtol=1e-5)
+  assert [stats_window(t, S) for t in (349, 350, 849, 850)] == [False, True, True, False]
+  with pytest.raises(ValueError, match="shape"):
+    anneal_beta(1, S, shape="step")
+
+
+# --- model input validation ---------------------------------------------------------------
+
+
+def test_model_rejects_bad_inputs():
+  cfg = get_config("koopman_attn", "tiny")
+  model = build_model(cfg)
+  ok = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="integer token ids"):
+    model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.float32))
+  with pytest.raises(ValueError, match="tokens_BT must have 2"):
+    model.init(jax.random.key(0), jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match="max_seq_len=32"):
+    model.init(jax.random.key(0), jnp.zeros((1, 33), jnp.int32))
+  with pytest.raises(ValueError, match=r"\(B, 1\)"):
+    model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), decode=True)
+  with pytest.raises(ValueError, match="beta"):
+    model.init(jax.random.key(0), ok, beta=jnp.zeros(2))
+  with pytest.raises(ValueError, match="ModelConfig"):
+    build_model({"stage": "fnet"})
