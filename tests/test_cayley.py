@@ -255,3 +255,43 @@ def test_bad_inputs_raise_with_argument_names():
     cy.realify(jnp.ones((2, 3)))
   with pytest.raises(ValueError, match="N must be a positive integer"):
     hm.random_hermitian(jax.random.PRNGKey(0), 0)
+
+
+def _fd_check(loss, X, Y, eps=1e-6, n_dirs=3):
+  """Directional central differences of a real loss against jax.grad."""
+  gX, gY = jax.grad(loss, argnums=(0, 1))(X, Y)
+  rng = np.random.default_rng(7)
+  for _ in range(n_dirs):
+    dX, dY = rng.standard_normal(X.shape), rng.standard_normal(Y.shape)
+    fd = (loss(X + eps * dX, Y + eps * dY) - loss(X - eps * dX, Y - eps * dY)) / (2 * eps)
+    an = float(jnp.sum(gX * dX) + jnp.sum(gY * dY))
+    assert abs(fd - an) <= 1e-6 * max(1.0, abs(fd)), (fd, an)
+
+
+def test_cayley_unitary_gradient_matches_finite_differences(x64):
+  """The custom derivative of the refined LU solve is the exact solve's derivative."""
+  X, Y = _rand_real(1, (3, 5, 5)), _rand_real(2, (3, 5, 5))
+  w = jnp.asarray(_rand_real(3, (1, 5, 5)))
+
+  def loss(X, Y):
+    U = cy.cayley_unitary(hm.hermitian_from_real(X, Y), dt=0.7)
+    return jnp.sum(w * jnp.real(U)) + jnp.sum(jnp.swapaxes(w, 1, 2) * jnp.imag(U) ** 2)
+
+  _fd_check(loss, jnp.asarray(X), jnp.asarray(Y))
+
+  def loss_step(X, Y):
+    psi = jnp.asarray(_rand_state(4, 5))
+    p = cy.cayley_step(hm.hermitian_from_real(X[0], Y[0]), psi, dt=0.7)
+    return jnp.sum(jnp.abs(p[:2]) ** 2)
+
+  _fd_check(loss_step, jnp.asarray(X), jnp.asarray(Y))
+
+
+def test_cayley_unitary_gradient_batched_complex64():
+  """Backprop through many complex64 Cayley unitaries completes and is finite."""
+  X = jnp.asarray(_rand_real(5, (160, 32, 32), np.float32))
+  Y = jnp.asarray(_rand_real(6, (160, 32, 32), np.float32))
+  w = jnp.asarray(_rand_real(7, (1, 32, 32), np.float32))
+  loss = lambda X, Y: jnp.sum(w * jnp.real(cy.cayley_unitary(hm.hermitian_from_real(X, Y))))
+  gX, gY = jax.jit(jax.grad(loss, argnums=(0, 1)))(X, Y)
+  assert gX.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(gX) & jnp.isfinite(gY)))
