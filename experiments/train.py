@@ -38,15 +38,18 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("max_train_stories", None, "Use only the first N training stories (D13: 500000).",
     flag_values=fv)
   s("workdir", None, "Run folder: checkpoints, metrics.jsonl, tb/.", flag_values=fv)
-  i("steps", d.steps, "Optimizer updates in this stage.", flag_values=fv)
-  i("batch_size", d.batch_size, "Global batch size (sequences).", flag_values=fv)
+  i("steps", None, "Optimizer updates in this stage (default: the preset's; paper 20000, "
+    "small 500, tiny 100).", flag_values=fv)
+  i("batch_size", None, "Global batch size in sequences (default: the preset's; paper 32, "
+    "small 16, tiny 8).", flag_values=fv)
   i("seq_len", None, "Tokens per sequence (default: the model's max_seq_len).", flag_values=fv)
   i("seed", d.seed, "Seed of init, step RNG and batch order.", flag_values=fv)
   s("init_from", None, "Previous stage's run folder for the progressive hand-off (D12).",
     flag_values=fv)
-  i("checkpoint_every", d.checkpoint_every, "Checkpoint period in steps (0: end only).",
+  i("checkpoint_every", None, "Checkpoint period in steps (0: end only; default: the preset's).",
     flag_values=fv)
-  i("eval_every", d.eval_every, "Validation period in steps (0: end only).", flag_values=fv)
+  i("eval_every", None, "Validation period in steps (0: end only; default: the preset's).",
+    flag_values=fv)
   i("eval_batches", d.eval_batches, "Validation batches per evaluation (0: whole split).",
     flag_values=fv)
   i("log_every", d.log_every, "Progress-line period in steps.", flag_values=fv)

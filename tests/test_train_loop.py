@@ -295,3 +295,12 @@ def test_loss_and_step_reject_bad_shapes():
     check_batch(good, grad_accum=2)
   with pytest.raises(ValueError, match="integer token ids"):
     check_batch(dict(good, inputs=m))
+
+
+def test_run_length_defaults_follow_the_preset():
+  from qsf_jax.training.config import PRESET_RUN_DEFAULTS
+  small = TrainConfig(stage="koopman_attn")
+  assert (small.steps, small.batch_size) == (500, 16)
+  paper = TrainConfig(stage="koopman_attn", preset="paper", batch_size=4)
+  assert (paper.steps, paper.batch_size, paper.eval_every) == (20000, 4, 1000)
+  assert set(PRESET_RUN_DEFAULTS) == {"tiny", "small", "paper"}
