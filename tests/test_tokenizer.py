@@ -95,17 +95,41 @@ def test_tiktoken_cache_route_matches_file(shared_data_dir, tmp_path, monkeypatc
   assert tok.encode("Once upon a time") == ONCE_IDS and tok.eot_id == 50256
 
 
-def test_offline_error_says_how_to_use_a_local_file(monkeypatch):
+def _offline(monkeypatch):
   import tiktoken
 
   def fail(name):
     raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
 
   monkeypatch.setattr(tiktoken, "get_encoding", fail)
+
+
+def test_offline_falls_back_to_the_bundled_vocabulary(monkeypatch):
+  from qsf_jax.data import tokenizer as tk
+  _offline(monkeypatch)
+  assert tk.file_sha256(tk.BUNDLED_R50K) == R50K_SHA256
+  tok = get_tokenizer("gpt2")
+  assert tok.encode("Once upon a time") == ONCE_IDS and tok.sha256 == R50K_SHA256
+
+
+def test_offline_error_says_how_to_use_a_local_file(monkeypatch, tmp_path):
+  from qsf_jax.data import tokenizer as tk
+  _offline(monkeypatch)
+  monkeypatch.setattr(tk, "BUNDLED_R50K", tmp_path / "missing.tiktoken")
   with pytest.raises(TokenizerUnavailableError,
                      match="QSF_TOKENIZER_FILE.*r50k_base.tiktoken") as info:
     get_tokenizer("gpt2")
   assert "tokenizer_file=" in str(info.value) and R50K_SHA256 in str(info.value)
+
+
+def test_tampered_bundled_vocabulary_is_rejected(monkeypatch, tmp_path):
+  from qsf_jax.data import tokenizer as tk
+  _offline(monkeypatch)
+  bad = tmp_path / "r50k_base.tiktoken"
+  bad.write_bytes(tk.BUNDLED_R50K.read_bytes()[:-10])
+  monkeypatch.setattr(tk, "BUNDLED_R50K", bad)
+  with pytest.raises(TokenizerHashError):
+    get_tokenizer("gpt2")
 
 
 def test_bytes_tokenizer_round_trip():

@@ -3,7 +3,10 @@
 ``get_tokenizer("gpt2")`` follows QSF spec §4.1 (GPT-2 tokenizer, V = 50,257,
 EOT = 50256). It is built from a local ``r50k_base.tiktoken`` when one is given
 (``tokenizer_file=`` or ``$QSF_TOKENIZER_FILE``), after checking the file's
-sha256; otherwise ``tiktoken.get_encoding("gpt2")`` downloads the vocabulary.
+sha256; otherwise ``tiktoken.get_encoding("gpt2")`` downloads (or reads from
+its cache) the vocabulary, and where that fails (no network) the copy bundled
+with the package (``assets/r50k_base.tiktoken``, sha256-checked) is used, with a
+log line saying so.
 ``gpt2`` and ``r50k_base`` are the same BPE (same ranks, regex and EOT), so
 both routes give identical ids and record the same ``sha256``.
 
@@ -18,6 +21,8 @@ import hashlib
 import os
 import pathlib
 from collections.abc import Callable, Sequence
+
+from absl import logging
 from typing import NamedTuple
 
 from qsf_jax.data.errors import TokenizerHashError, TokenizerUnavailableError, UnknownTokenizerError
@@ -134,6 +139,9 @@ def _gpt2_from_file(path: pathlib.Path):
       special_tokens={ENDOFTEXT: GPT2_EOT_ID}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
+BUNDLED_R50K = pathlib.Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
+
+
 def _gpt2_from_tiktoken():
   """``tiktoken.get_encoding("gpt2")`` with an actionable error when offline."""
   import tiktoken
@@ -156,13 +164,15 @@ def get_tokenizer(name: str = "gpt2", *,
     name: ``"gpt2"`` (GPT-2 BPE) or ``"bytes"`` (256 byte ids + EOT).
     tokenizer_file: for ``gpt2``, a local ``r50k_base.tiktoken`` (or a folder
       holding one); defaults to ``$QSF_TOKENIZER_FILE``. Without either,
-      tiktoken downloads the vocabulary. Ignored for ``bytes``.
+      tiktoken downloads the vocabulary, falling back to the bundled copy
+      offline. Ignored for ``bytes``.
 
   Raises:
     UnknownTokenizerError: ``name`` is not supported.
     TokenizerHashError: the local file's sha256 is not ``R50K_SHA256``.
     FileNotFoundError: the local file does not exist.
-    TokenizerUnavailableError: no local file and tiktoken's download failed.
+    TokenizerUnavailableError: no local file, tiktoken's download failed and
+      the bundled copy is missing.
   """
   if name == "bytes":
     return _bytes_tokenizer()
@@ -175,8 +185,17 @@ def get_tokenizer(name: str = "gpt2", *,
     enc = _gpt2_from_file(pathlib.Path(tokenizer_file).expanduser())
     sha = R50K_SHA256  # verified above
   else:
-    enc = _gpt2_from_tiktoken()
-    sha = _ranks_sha256(enc)
+    try:
+      enc = _gpt2_from_tiktoken()
+      sha = _ranks_sha256(enc)
+    except TokenizerUnavailableError as e:
+      if not BUNDLED_R50K.is_file():
+        raise
+      logging.warning("GPT-2 vocabulary not available from tiktoken (%s); using the "
+                      "bundled copy %s (sha256 verified)", str(e).split(". Without")[0],
+                      BUNDLED_R50K)
+      enc = _gpt2_from_file(BUNDLED_R50K)
+      sha = R50K_SHA256
   if enc.n_vocab != GPT2_VOCAB_SIZE or enc.eot_token != GPT2_EOT_ID:
     raise ValueError(
         f"GPT-2 encoding has n_vocab {enc.n_vocab} and eot {enc.eot_token}; "
