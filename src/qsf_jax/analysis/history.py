@@ -111,6 +111,10 @@ def alpha_from_checkpoints(workdir):
 def alpha_history(workdir, n_layers: int) -> dict | None:
   """alpha_l against training step (QSF Fig. 1 analogue), from metrics or checkpoints.
 
+  The metrics log (``alpha/<l>`` keys, written every ``log_every`` steps) is the
+  source unless it holds fewer than two points and the retained checkpoints
+  hold more.
+
   Args:
     workdir: the run folder.
     n_layers: L.
@@ -119,10 +123,11 @@ def alpha_history(workdir, n_layers: int) -> dict | None:
     ``{"steps" (S,), "alpha" (S, L), "source": "metrics.jsonl" | "checkpoints"}``
     or None (no alpha anywhere, e.g. Stage II).
   """
-  got = alpha_from_metrics(read_metrics(workdir), n_layers)
-  source = "metrics.jsonl"
-  if got is None:
-    got, source = alpha_from_checkpoints(os.fspath(workdir)), "checkpoints"
+  got, source = alpha_from_metrics(read_metrics(workdir), n_layers), "metrics.jsonl"
+  if got is None or len(got[0]) < 2:  # no curve in the metrics: try the checkpoints
+    ckpt = alpha_from_checkpoints(os.fspath(workdir))
+    if ckpt is not None and (got is None or len(ckpt[0]) > len(got[0])):
+      got, source = ckpt, "checkpoints"
   if got is None:
     return None
   return {"steps": got[0], "alpha": got[1], "source": source}
