@@ -1,0 +1,130 @@
+"""Training, sweep and entry point of the separation experiment (wave-function spec §2.5, §5)."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax.separation import bounds, models, plot, sweep, train
+from qsf_jax.tasks import separation as ts
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def task3():
+  return ts.make_task(3)
+
+
+def _cfg(task, kind, dim):
+  return models.ModelConfig(kind=kind, dim=dim, num_tokens=task.num_tokens,
+                            num_outcomes=task.K, eta=task.eta)
+
+
+def test_complex_training_lowers_kl_by_orders_of_magnitude(task3):
+  """Dynamics learned from scratch with the task's POVM as readout (spec §2.4, §5)."""
+  cfg = _cfg(task3, "complex", 3)
+  init = sweep.fixed_povm_init(cfg, (0,), jnp.float32)
+  tcfg = train.TrainConfig(steps=600, lr=0.02, log_every=200, frozen=("W_re", "W_im"))
+  result = train.train(task3, cfg, (0,), tcfg, init=init)
+  kl0, kl = result.kl_history[0, 0], result.kl[0]
+  assert kl0 > 0.1
+  assert kl < 1e-3 * kl0
+  np.testing.assert_array_equal(result.params["W_re"], init["W_re"])  # frozen readout
+
+
+def test_trained_real_model_stays_above_the_bound(task3):
+  """A real orthogonal model with D = N cannot beat the Eckart-Young bound (spec §2.5)."""
+  cfg = _cfg(task3, "real", 3)
+  result = train.train(task3, cfg, (0, 1), train.TrainConfig(steps=300, lr=0.02, log_every=150))
+  bound = bounds.eckart_young_bound(task3.probs_CK, 3)
+  assert bound > 0.5
+  assert result.kl_history[0, -1] < result.kl_history[0, 0]  # it did train
+  for logq in result.log_probs:
+    assert bounds.rms_centred_log_error(logq, task3.probs_CK) >= bound
+  assert np.all(result.kl > 0.1)
+
+
+def test_train_result_metrics_are_consistent(task3):
+  cfg = _cfg(task3, "realified", 6)
+  result = train.train(task3, cfg, (3,), train.TrainConfig(steps=20, log_every=10))
+  assert result.kl_history.shape == (1, 3) and list(result.steps_logged) == [0, 10, 20]
+  assert result.log_probs.dtype == np.float64
+  # KL from the float32 training loss agrees with the float64 re-evaluation.
+  assert abs(result.kl_history[0, -1] - result.kl[0]) < 1e-5
+  np.testing.assert_allclose(np.exp(result.log_probs[0]).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_train_bad_inputs(task3):
+  with pytest.raises(ValueError, match="steps must be a positive integer"):
+    train.TrainConfig(steps=0)
+  with pytest.raises(ValueError, match="lr"):
+    train.TrainConfig(lr=-1.0)
+  with pytest.raises(ValueError, match="does not match the task"):
+    train.train(task3, models.ModelConfig(kind="real", dim=3, num_tokens=5, num_outcomes=12),
+                (0,), train.TrainConfig(steps=1))
+  with pytest.raises(ValueError, match="seeds must be non-empty"):
+    train.train(task3, _cfg(task3, "real", 3), (), train.TrainConfig(steps=1))
+  with pytest.raises(ValueError, match="frozen names"):
+    train.train(task3, _cfg(task3, "real", 3), (0,), train.TrainConfig(steps=1, frozen=("Q",)))
+
+
+def test_default_dims_rule():
+  assert sweep.default_dims(3) == (3, 6, 9, 11, 24)
+  assert sweep.default_dims(4) == (4, 8, 16, 23, 48)
+  assert sweep.default_dims(5) == (5, 10, 25, 39, 80)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(Ns=(1,)), "each entry of N must be >= 2"),
+    (dict(Ns=()), "N must be a non-empty list"),
+    (dict(Ns=(3.5,)), "each entry of N must be an integer"),
+    (dict(dims=(0, 3)), "each entry of dims must be >= 1"),
+    (dict(dims=()), "dims must be a non-empty list"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(seeds=0), "seeds must be >= 1"),
+    (dict(lr=0.0), "lr must be finite and > 0"),
+    (dict(eta=0.0), "eta"),
+    (dict(num_cues=2, length=2), "fewer than"),
+])
+def test_validate_config_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sweep.validate_config(sweep.SweepConfig(**kwargs))
+
+
+def test_flag_parsing():
+  sys.path.insert(0, str(REPO_ROOT))
+  from experiments import separation as exp
+  assert exp.parse_int_list("N", ["3", " 4"]) == (3, 4)
+  with pytest.raises(ValueError, match="--N must be a comma-separated list of integers"):
+    exp.parse_int_list("N", ["3", "x"])
+
+
+def test_entry_point_rejects_bad_flags(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.separation", "--N=3,1", f"--out={tmp_path}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0
+  assert "each entry of N must be >= 2" in proc.stderr + proc.stdout
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_smoke(tmp_path):
+  cfg = sweep.SweepConfig(Ns=(2,), dims=(2,), steps=4, seeds=1, log_every=2, num_cues=3,
+                          length=2)
+  results = sweep.run_sweep(cfg, log=lambda s: None)
+  models_run = [r["model"] for r in results["runs"]]
+  assert models_run == ["complex_hardcoded", "realified_hardcoded", "complex",
+                        "complex_fixed_povm", "realified", "real"]
+  assert results["tasks"]["2"]["rank"] == 3
+  assert all(abs(r["kl"][0]) < 1e-10 for r in results["runs"] if r["model"].endswith("hardcoded"))
+  json.dumps(results)  # serialisable
+  table = sweep.summary_table(results)
+  assert "complex_fixed_povm" in table and "EY bound" in table
+  plot.plot_results(results, str(tmp_path / "fig.png"))
+  assert (tmp_path / "fig.png").stat().st_size > 10_000
