@@ -34,3 +34,15 @@ def shared_data_dir():
   if not (p / "gpt2" / "r50k_base.tiktoken").exists():
     pytest.skip(f"shared data folder not found at {p} (set QSF_SHARED_DATA)")
   return p
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Small models compile several times faster without XLA's heavy passes.
+
+  Request it per module with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``.
+  """
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

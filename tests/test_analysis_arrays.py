@@ -15,13 +15,7 @@ from qsf_jax.physics import effective_gain, hamiltonian_koopman, propagate_layer
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Small graphs compile several times faster without XLA's heavy passes."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _stack(seed=0, L=3, d=12, scales=(0.5, 1.0, 2.0)):

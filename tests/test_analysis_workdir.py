@@ -1,7 +1,6 @@
 """End-to-end analysis of tiny checkpoints made here (``experiments.analyze``)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,9 @@ import numpy as np
 import pytest
 
 from experiments import analyze as analyze_cli
-from qsf_jax import data as qdata
 from qsf_jax.analysis import forward, layer_operators
 from qsf_jax.analysis.pipeline import analyze_workdir
-from qsf_jax.data.synthetic import synthetic_stories
+from story_corpus import story_corpus
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.loop import train_and_evaluate
 from qsf_jax.training.restore import load_run
@@ -22,28 +20,15 @@ FIGURES = ("spectrum", "log_abs_hist", "layers", "alpha", "loss", "occupancy", "
            "sse")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Tiny models compile several times faster without XLA's heavy passes."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """A small synthetic .txt corpus (114 train / 6 validation stories), private cache."""
   root = tmp_path_factory.mktemp("analysis")
-  corpus = root / "stories.txt"
-  corpus.write_text("\n<|endoftext|>\n".join(synthetic_stories(120, seed=5)))
-  old = os.environ.get(qdata.CACHE_DIR_ENV)
-  os.environ[qdata.CACHE_DIR_ENV] = str(root / "cache")
-  yield root, corpus
-  if old is None:
-    os.environ.pop(qdata.CACHE_DIR_ENV, None)
-  else:
-    os.environ[qdata.CACHE_DIR_ENV] = old
+  with story_corpus(root, 120, seed=5) as corpus:
+    yield root, corpus
 
 
 def _train(env, stage, steps, **kw):

@@ -1,12 +1,10 @@
 """The absl entry points: train / evaluate / sample, and one-line errors."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from experiments import evaluate as evaluate_cli
@@ -14,31 +12,20 @@ from experiments import sample as sample_cli
 from experiments import train as train_cli
 from qsf_jax import data as qdata
 from qsf_jax.data.synthetic import synthetic_stories
+from story_corpus import story_corpus
 from qsf_jax.training import checkpoint as ck
 from qsf_jax.training.cli import parse_overrides
 from test_train_resume import REPO, compile_cache_dir, subprocess_env
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
-  corpus = root / "stories.txt"
-  corpus.write_text("\n<|endoftext|>\n".join(synthetic_stories(150, seed=7)))
-  old = os.environ.get(qdata.CACHE_DIR_ENV)
-  os.environ[qdata.CACHE_DIR_ENV] = str(root / "cache")
-  yield root, corpus, compile_cache_dir(tmp_path_factory)
-  if old is None:
-    os.environ.pop(qdata.CACHE_DIR_ENV, None)
-  else:
-    os.environ[qdata.CACHE_DIR_ENV] = old
+  with story_corpus(root, 150, seed=7) as corpus:
+    yield root, corpus, compile_cache_dir(tmp_path_factory)
 
 
 def _train_args(corpus, wd, **kw):

@@ -1,7 +1,6 @@
 """The training loop in-process: learning, accumulation, NaN stop, refusal, hand-off."""
 
 import json
-import os
 import pathlib
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from qsf_jax import data as qdata
-from qsf_jax.data.synthetic import synthetic_stories
+from story_corpus import story_corpus
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.training import checkpoint as ck
@@ -23,28 +22,15 @@ from qsf_jax.training.state import create_train_state, init_variables
 from qsf_jax.training.step import make_train_step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Tiny models compile several times faster without XLA's heavy passes."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """A small .txt corpus (synthetic stories) and a private token cache."""
   root = tmp_path_factory.mktemp("loop")
-  corpus = root / "stories.txt"
-  corpus.write_text("\n<|endoftext|>\n".join(synthetic_stories(240, seed=3)))
-  old = os.environ.get(qdata.CACHE_DIR_ENV)
-  os.environ[qdata.CACHE_DIR_ENV] = str(root / "cache")
-  yield root, corpus
-  if old is None:
-    os.environ.pop(qdata.CACHE_DIR_ENV, None)
-  else:
-    os.environ[qdata.CACHE_DIR_ENV] = old
+  with story_corpus(root, 240, seed=3) as corpus:
+    yield root, corpus
 
 
 def _cfg(corpus, **kw):

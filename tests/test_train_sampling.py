@@ -11,12 +11,7 @@ from qsf_jax.training.sampling import generate, sample_logits, top_k_logits
 from qsf_jax.training.state import init_variables
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_top_k_keeps_the_k_largest():
