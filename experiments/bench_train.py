@@ -1,0 +1,88 @@
+r"""Training throughput, step memory and decode latency per stage.
+
+  python -m experiments.bench_train [--out=bench_train.json] [--stages=...]
+      [--seq_lens=256,1024,4096] [--preset=small] [--batch_size=1] [--steps=5]
+
+Prints a markdown table and writes JSON: tokens/s and the memory of one train
+step per stage at each T (same d and L; the preset's context raised to T), and
+the per-token decode latency at context 256 vs 4096 for ``koopman_attn`` and
+``transformer``. Memory is the device's peak where the backend reports one (GPU)
+and XLA's compiled memory analysis otherwise (CPU); the table says which.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from absl import flags
+import jax
+
+from qsf_jax.models.config import STAGES
+from qsf_jax.training import bench, cli
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("out", "bench_train.json", "JSON output path.", flag_values=fv)
+  flags.DEFINE_list("stages", ["fnet", "koopman", "koopman_attn", "hamiltonian_attn",
+                               "transformer", "gla", "wave"], "Stages to time.", flag_values=fv)
+  flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Sequence lengths.", flag_values=fv)
+  flags.DEFINE_list("decode_stages", ["koopman_attn", "transformer"],
+                    "Stages whose decode latency is timed.", flag_values=fv)
+  flags.DEFINE_list("decode_contexts", ["256", "4096"], "Decode contexts.", flag_values=fv)
+  flags.DEFINE_string("preset", "small", "Model preset (tiny, small, paper).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 1, "Sequences per train step.", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "Timed train steps (median).", flag_values=fv)
+  flags.DEFINE_integer("vocab_size", 50257, "Vocabulary (GPT-2: 50257).", flag_values=fv)
+  cli.define_common(fv)
+
+
+def _ints(name, values):
+  try:
+    out = [int(v) for v in values]
+  except ValueError as e:
+    raise flags.Error(f"--{name} takes integers, got {values}") from e
+  if not out or min(out) < 1:
+    raise flags.Error(f"--{name} needs positive integers, got {values}")
+  return out
+
+
+def execute(fv: flags.FlagValues) -> int:
+  for s in list(fv.stages) + list(fv.decode_stages):
+    if s not in STAGES:
+      raise flags.Error(f"unknown stage {s!r}; choose from {list(STAGES)}")
+  seq_lens, contexts = _ints("seq_lens", fv.seq_lens), _ints("decode_contexts", fv.decode_contexts)
+  if fv.batch_size < 1 or fv.steps < 1:
+    raise flags.Error("--batch_size and --steps must be >= 1")
+  dev = jax.devices()[0]
+  device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  train_rows, decode_rows = [], []
+  for stage in fv.stages:
+    for T in seq_lens:
+      r = bench.train_throughput(stage, fv.preset, T, batch_size=fv.batch_size, steps=fv.steps,
+                                 vocab_size=fv.vocab_size)
+      print(f"train {stage:<17} T={T:<5} {r['step_s']:.3f} s/step {r['tokens_per_s']:.0f} tok/s",
+            flush=True)
+      train_rows.append(r)
+  for stage in fv.decode_stages:
+    for C in contexts:
+      r = bench.decode_latency(stage, fv.preset, C, max_len=max(contexts) + 1,
+                               vocab_size=fv.vocab_size)
+      print(f"decode {stage:<16} context={C:<5} {r['ms_per_token']:.3f} ms/token", flush=True)
+      decode_rows.append(r)
+  tg = bench.targets(train_rows, decode_rows)
+  print("\n" + bench.as_markdown(train_rows, decode_rows, tg, device, date))
+  with open(fv.out, "w") as f:
+    json.dump(dict(device=device, date=date, jax=jax.__version__, train=train_rows,
+                   decode=decode_rows, targets=tg), f, indent=1)
+  return 0
+
+
+def run(argv) -> int:
+  """Runs the entry point in-process on ``argv``; returns the exit status."""
+  return cli.run(define_flags, execute, argv)
+
+
+if __name__ == "__main__":
+  cli.main(define_flags, execute)
