@@ -72,13 +72,19 @@ def check_square(name: str, x, *, batch_dims: int | None = 0) -> int:
   return x.shape[-1]
 
 
-def check_positive(name: str, value) -> None:
-  """Raises ``ValueError`` for a concrete value that is not > 0 (tracers pass)."""
+def _concrete(value) -> np.ndarray | None:
+  """``value`` as a numpy array, or None for a tracer (not checkable at trace time)."""
   try:
     v = np.asarray(value)
-  except Exception:  # a tracer: cannot be checked at trace time
-    return
-  if v.dtype == object:
+  except Exception:  # a tracer
+    return None
+  return None if v.dtype == object else v
+
+
+def check_positive(name: str, value) -> None:
+  """Raises ``ValueError`` for a concrete value that is not > 0 (+inf allowed; tracers pass)."""
+  v = _concrete(value)
+  if v is None:
     return
   if np.any(~np.isfinite(v)) and not np.all(np.isinf(v) & (v > 0)):
     raise ValueError(f"{name} must be finite and > 0, got {value}")
@@ -87,12 +93,9 @@ def check_positive(name: str, value) -> None:
 
 
 def check_finite_nonneg(name: str, value) -> None:
-  """Raises ``ValueError`` for a concrete value that is not finite and >= 0."""
-  try:
-    v = np.asarray(value)
-  except Exception:  # a tracer: cannot be checked at trace time
-    return
-  if v.dtype == object:
+  """Raises ``ValueError`` for a concrete value that is not a finite scalar >= 0."""
+  v = _concrete(value)
+  if v is None:
     return
   if v.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
