@@ -5,11 +5,16 @@ r"""Runs the QSF progressive protocol and writes a Table-2-style report.
 Trains I (fnet) -> II (koopman) -> III (koopman_attn) and IV (hamiltonian_attn,
 from II), plus the transformer baseline (QSF spec D12), each in
 ``--workdir/<stage>``; re-running the same command resumes. Writes
-``table2.md`` and ``table2.json`` (parameters, val loss, perplexity, a D14
-sample per stage, and the paper's reported figures beside ours).
+``table2.md`` and ``table2.json`` (parameters, val loss, perplexity, tokens
+evaluated, steps, training wall time, a D14 sample per stage, and the paper's
+reported figures beside ours). ``--include=wave,gla`` adds those stages (from
+scratch). Exit status 130 when a SIGINT/SIGTERM stopped a stage (its
+checkpoint is saved; the same command resumes).
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import flags
 
@@ -52,6 +57,10 @@ def execute(fv: flags.FlagValues) -> int:
   table = run_progressive(base, fv.workdir, stages=fv.stages, include=fv.include,
                           eval_batches=fv.eval_batches)
   print(f"wrote {fv.workdir}/table2.md and table2.json ({len(table['rows'])} stages)")
+  if table["interrupted"]:
+    print(f"interrupted during {table['interrupted']}; run the same command again to resume",
+          file=sys.stderr)
+    return 130
   return 0
 
 

@@ -1,11 +1,12 @@
 """The progressive protocol runner and its Table-2 report (QSF spec D12, §4.2)."""
 
 import json
+import shutil
 
 import pytest
 
 from experiments import progressive as prog_cli
-from qsf_jax.models.params import count_params
+from qsf_jax.models.params import count_params, paper_param_counts
 from qsf_jax.training import table2
 from qsf_jax.training.errors import TrainConfigError
 from qsf_jax.training.restore import load_run
@@ -27,45 +28,98 @@ def ran(tmp_path_factory):
     yield root / "runs", argv
 
 
+@pytest.mark.slow
 def test_tables_have_every_stage_and_true_parameter_counts(ran):
   out, _ = ran
   table = json.loads((out / "table2.json").read_text())
+  assert table["interrupted"] is None
   rows = {r["stage"]: r for r in table["rows"]}
   assert list(rows) == STAGES
   assert [rows[s]["init_from"] for s in STAGES] == [None, "fnet", "koopman"]
   for s in STAGES:
-    assert rows[s]["params"] == count_params(load_run(out / s).params)
-    assert rows[s]["steps"] == 3 and rows[s]["tokens"] > 0
-    assert rows[s]["perplexity"] == pytest.approx(2.718281828 ** rows[s]["val_loss"], rel=1e-6)
+    r = rows[s]
+    assert set(r) == set(table2.COLUMNS)
+    assert r["params"] == count_params(load_run(out / s).params)
+    assert r["paper_params"] == paper_param_counts()[s]
+    assert r["steps"] == 3 and r["tokens"] > 0 and r["train_wall_s"] > 0
+    assert r["perplexity"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
+    assert isinstance(r["sample"], str)
+  # QSF spec §3.7 fixes Stage III at the paper preset: 29,415,392 parameters.
+  assert rows["koopman_attn"]["params_paper_preset"] == 29_415_392
   assert rows["koopman_attn"]["paper_params"] == 29_400_000
-  assert rows["koopman_attn"]["paper_val_loss"] == 2.08
+  assert (rows["koopman_attn"]["paper_val_loss"], rows["koopman_attn"]["paper_ppl"]) == (2.08, 8.0)
   md = (out / "table2.md").read_text()
-  assert "| koopman_attn | koopman |" in md and "29,400,000" in md and "Samples" in md
+  assert ("| stage | init from | params | params @ paper | paper params | val loss | ppl | "
+          "paper val loss | paper ppl | val tokens | steps | train wall (s) |") in md
+  assert (f"| koopman_attn | koopman | {rows['koopman_attn']['params']:,} | 29,415,392 | "
+          "29,400,000 |") in md
+  assert "## Samples (D14: temperature 0.8, top-k 50, 4 tokens)" in md
+  assert "- **fnet**: Once upon a time," in md
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_retraining(ran):
   out, argv = ran
   ckpts = {s: sorted(p.name for p in (out / s / "checkpoints").iterdir()) for s in STAGES}
+  walls = json.loads((out / table2.WALL_TIMES).read_text())
   before = json.loads((out / "table2.json").read_text())["rows"]
   assert prog_cli.run(argv) == 0
   after = json.loads((out / "table2.json").read_text())["rows"]
   assert [r["val_loss"] for r in after] == [r["val_loss"] for r in before]
+  assert [r["train_wall_s"] for r in after] == [r["train_wall_s"] for r in before]
+  assert json.loads((out / table2.WALL_TIMES).read_text()) == walls
   assert {s: sorted(p.name for p in (out / s / "checkpoints").iterdir()) for s in STAGES} == ckpts
+
+
+@pytest.mark.slow
+def test_a_lone_stage_starts_from_its_parents_run_folder(ran, tmp_path, capsys):
+  out, argv = ran
+  runs = tmp_path / "runs"
+  shutil.copytree(out, runs)
+  argv = [a for a in argv if not a.startswith(("--workdir", "--stages", "--steps"))]
+  assert prog_cli.run(argv + [f"--workdir={runs}", "--stages=hamiltonian_attn",
+                              "--steps=3"]) == 0
+  log = capsys.readouterr().out
+  assert "== hamiltonian_attn (init from koopman)" in log
+  assert f"init_from {runs / 'koopman'} (stage koopman, step 3)" in log
+  rows = json.loads((runs / "table2.json").read_text())["rows"]
+  assert [(r["stage"], r["init_from"]) for r in rows] == [("hamiltonian_attn", "koopman")]
 
 
 def test_plan_orders_and_validates_stages():
   assert table2.plan() == list(table2.PROTOCOL)
-  assert table2.plan(["koopman_attn", "hamiltonian_attn"], include=["gla"]) == [
-      ("koopman_attn", None), ("hamiltonian_attn", None), ("gla", None)]
+  assert table2.plan(["koopman_attn", "hamiltonian_attn", "koopman"], include=["gla", "gla"]) == [
+      ("koopman", None), ("koopman_attn", "koopman"), ("hamiltonian_attn", "koopman"),
+      ("gla", None)]
   with pytest.raises(TrainConfigError, match="unknown progressive stage 'stage5'.*fnet"):
     table2.plan(["stage5"])
   with pytest.raises(TrainConfigError, match="--include"):
     table2.plan(include=["transformer"])
+  with pytest.raises(TrainConfigError, match="no stage"):
+    table2.plan([])
 
 
-def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys):
-  assert prog_cli.run(["progressive", f"--workdir={tmp_path}", "--stages=nope"]) == 1
+def test_markdown_of_an_interrupted_run_says_how_to_resume():
+  settings = dict(preset="tiny", data="synthetic", tokenizer="bytes", steps=3, batch_size=2,
+                  seed=0, eval_batches=None, sample_prompt="Once upon a time,",
+                  sample_temperature=0.8, sample_top_k=50, sample_tokens=40)
+  md = table2.render_markdown(dict(rows=[], settings=settings, interrupted="koopman"))
+  assert "Interrupted during `koopman`: re-run the same command to resume." in md
+  assert "the whole validation split" in md
+
+
+@pytest.mark.parametrize("flag, msg", [
+    ("--stages=nope", "unknown progressive stage 'nope'; choose from ['fnet'"),
+    ("--include=transformer", "--include takes ['wave', 'gla']"),
+    ("--steps=1", "--steps must be >= 2"),
+    ("--preset=huge", "unknown preset 'huge'")])
+def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys, flag, msg):
+  assert prog_cli.run(["progressive", f"--workdir={tmp_path}", "--tokenizer=bytes",
+                       "--data=synthetic", flag]) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "unknown progressive stage" in err[0]
+  assert len(err) == 1 and msg in err[0], err
+
+
+def test_missing_workdir_is_an_error(capsys):
   assert prog_cli.run(["progressive"]) == 1
   assert "--workdir is required" in capsys.readouterr().err

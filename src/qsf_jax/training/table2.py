@@ -6,17 +6,25 @@
 
 Every stage trains through ``train_and_evaluate`` and so resumes exactly where
 it stopped (a finished stage is a no-op); the report evaluates each final
-checkpoint on the validation split and samples with the D14 settings.
+checkpoint on the validation split and samples with the D14 settings. The
+training wall time of each stage is summed over invocations in
+``workdir/wall_times.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 
-from qsf_jax.models.config import STAGES
-from qsf_jax.models.params import PAPER_TABLE2, count_params
+import jax
+import jax.numpy as jnp
+
+from qsf_jax.models.config import STAGES, get_config
+from qsf_jax.models.lm import build_model
+from qsf_jax.models.params import PAPER_TABLE2, count_params, paper_param_counts
+from qsf_jax.training.checkpoint import has_checkpoint
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import TrainConfigError
 from qsf_jax.training.evaluation import evaluate_workdir
@@ -28,6 +36,10 @@ from qsf_jax.training.sampling import sample_workdir
 PROTOCOL = (("fnet", None), ("koopman", "fnet"), ("koopman_attn", "koopman"),
             ("hamiltonian_attn", "koopman"), ("transformer", None))
 EXTRA_STAGES = ("wave", "gla")  # optional, trained from scratch
+WALL_TIMES = "wall_times.json"
+COLUMNS = ("stage", "init_from", "params", "params_paper_preset", "paper_params", "val_loss",
+           "perplexity", "paper_val_loss", "paper_ppl", "tokens", "steps", "train_wall_s",
+           "sample")
 
 
 def plan(stages=None, include=()) -> list[tuple[str, str | None]]:
@@ -35,8 +47,12 @@ def plan(stages=None, include=()) -> list[tuple[str, str | None]]:
 
   Args:
     stages: subset of the protocol's stages (None: all five). A stage whose
-      parent is left out starts from scratch.
+      parent is left out gets None here (``run_progressive`` still starts it
+      from the parent's run folder when that holds a checkpoint).
     include: extra stages (``wave``, ``gla``), appended, from scratch.
+
+  Raises:
+    TrainConfigError: an unknown stage (listing the choices) or nothing to run.
   """
   names = [s for s, _ in PROTOCOL]
   stages = names if stages is None else list(stages)
@@ -49,12 +65,57 @@ def plan(stages=None, include=()) -> list[tuple[str, str | None]]:
   if not stages and not include:
     raise TrainConfigError("no stage to run")
   chosen = [(s, p if p in stages else None) for s, p in PROTOCOL if s in stages]
-  return chosen + [(s, None) for s in include]
+  return chosen + [(s, None) for s in dict.fromkeys(include)]
+
+
+@functools.lru_cache(maxsize=None)
+def paper_preset_count(stage: str) -> int:
+  """Parameters of our ``stage`` model at the ``paper`` preset (V = 50257), from shapes only."""
+  cfg = get_config(stage, "paper")
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return count_params(jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens)["params"])
+
+
+def _load_wall_times(workdir) -> dict[str, float]:
+  path = os.path.join(workdir, WALL_TIMES)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {k: float(v) for k, v in json.load(f).items()}
+
+
+def _save_wall_times(workdir, walls: dict[str, float]) -> None:
+  path = os.path.join(workdir, WALL_TIMES)
+  with open(path + ".tmp", "w") as f:
+    json.dump(walls, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _report_row(stage, parent, wd, base: TrainConfig, eval_batches, wall_s) -> dict:
+  """Evaluates and samples one finished stage; the row of ``table2.json``."""
+  ev = evaluate_workdir(wd, max_batches=eval_batches, tokenizer_file=base.tokenizer_file)
+  run = load_run(wd, tokenizer_file=base.tokenizer_file)
+  sample = ""
+  if base.sample_tokens:
+    sample = sample_workdir(wd, base.sample_prompt, max_new_tokens=base.sample_tokens,
+                            temperature=base.sample_temperature, top_k=base.sample_top_k,
+                            seed=base.seed, tokenizer_file=base.tokenizer_file)
+  paper = PAPER_TABLE2.get(stage, {})
+  return dict(stage=stage, init_from=parent, params=count_params(run.params),
+              params_paper_preset=paper_preset_count(stage),
+              paper_params=paper_param_counts().get(stage), val_loss=ev["val_loss"],
+              perplexity=ev["perplexity"], paper_val_loss=paper.get("val_loss"),
+              paper_ppl=paper.get("ppl"), tokens=ev["tokens"], steps=run.step,
+              train_wall_s=round(wall_s, 1), sample=sample)
 
 
 def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
                     eval_batches: int | None = None, log=print) -> dict:
   """Trains every stage of the protocol, then writes ``table2.md`` and ``table2.json``.
+
+  A stage already trained to ``base.steps`` is not retrained, one stopped part
+  way resumes from its latest checkpoint, and a stage whose parent was not
+  selected starts from the parent's run folder if that holds a checkpoint.
 
   Args:
     base: settings shared by all stages (its ``stage`` and ``init_from`` are
@@ -66,36 +127,36 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
     log: progress sink.
 
   Returns:
-    The table as a dict: ``{"rows": [...], "settings": {...}}``.
+    The table as a dict: ``{"rows": [...], "settings": {...}, "interrupted": stage or None}``;
+    after a SIGINT/SIGTERM only the stages finished before it have rows.
   """
+  workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  rows = []
+  parents = dict(PROTOCOL)
+  rows, interrupted = [], None
+  walls = _load_wall_times(workdir)
   for stage, parent in plan(stages, include):
     assert stage in STAGES
     wd = os.path.join(workdir, stage)
+    if parent is None and parents.get(stage) and has_checkpoint(
+        os.path.join(workdir, parents[stage])):
+      parent = parents[stage]
     cfg = base.replace(stage=stage,
                        init_from=os.path.join(workdir, parent) if parent else None)
     log(f"== {stage}" + (f" (init from {parent})" if parent else " (scratch)"))
     t0 = time.time()
     result = train_and_evaluate(cfg, wd)
-    wall = time.time() - t0
+    if result.resumed_from is None or result.resumed_from < result.step:  # it trained
+      walls[stage] = walls.get(stage, 0.0) + time.time() - t0
+      _save_wall_times(workdir, walls)
     if result.interrupted:
       log(f"{stage} interrupted by {result.signal}; re-run the same command to resume")
+      interrupted = stage
       break
-    ev = evaluate_workdir(wd, max_batches=eval_batches, tokenizer_file=base.tokenizer_file)
-    run = load_run(wd, tokenizer_file=base.tokenizer_file)
-    sample = ""
-    if base.sample_tokens:
-      sample = sample_workdir(wd, base.sample_prompt, max_new_tokens=base.sample_tokens,
-                              temperature=base.sample_temperature, top_k=base.sample_top_k,
-                              tokenizer_file=base.tokenizer_file)
-    paper = PAPER_TABLE2.get(stage, {})
-    rows.append(dict(stage=stage, init_from=parent, params=count_params(run.params),
-                     paper_params=paper.get("params"), val_loss=ev["val_loss"],
-                     perplexity=ev["perplexity"], tokens=ev["tokens"], steps=result.step,
-                     paper_val_loss=paper.get("val_loss"), paper_ppl=paper.get("ppl"),
-                     wall_s_this_invocation=round(wall, 1), sample=sample))
-  table = dict(rows=rows, settings=dict(base.to_dict(), stage=None, init_from=None))
+    rows.append(_report_row(stage, parent, wd, base, eval_batches, walls.get(stage, 0.0)))
+  table = dict(rows=rows, settings=dict(base.to_dict(), stage=None, init_from=None,
+                                        eval_batches=eval_batches),
+               interrupted=interrupted)
   with open(os.path.join(workdir, "table2.json"), "w") as f:
     json.dump(table, f, indent=1)
   with open(os.path.join(workdir, "table2.md"), "w") as f:
@@ -108,22 +169,31 @@ def _fmt(x, spec):
 
 
 def render_markdown(table: dict) -> str:
-  """Table 2 of the QSF paper, ours next to the paper's reported figures."""
+  """Table 2 of the QSF paper (§4.2), ours next to the paper's reported figures."""
   s = table["settings"]
-  out = [f"# Progressive training (QSF Table 2 layout)\n",
+  evals = "the whole validation split" if s.get("eval_batches") is None else (
+      f"{s['eval_batches']} validation batches")
+  out = ["# Progressive training (QSF Table 2 layout)\n",
          f"preset `{s['preset']}`, data `{s['data']}`, tokenizer `{s['tokenizer']}`, "
-         f"{s['steps']} steps x batch {s['batch_size']}, seed {s['seed']}. The paper's "
-         "columns are its full-scale TinyStories results (§4.2), for reference only.\n",
-         "| stage | init from | params | paper params | val loss | ppl | paper val loss | "
-         "paper ppl | val tokens | steps |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         f"{s['steps']} steps x batch {s['batch_size']}, seed {s['seed']}; evaluated on "
+         f"{evals}. *params @ paper* is our model at the `paper` preset (V = 50257), "
+         "comparable with the paper's count; the paper's columns are its full-scale "
+         "TinyStories results (§4.2), for reference only.\n",
+         "| stage | init from | params | params @ paper | paper params | val loss | ppl | "
+         "paper val loss | paper ppl | val tokens | steps | train wall (s) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in table["rows"]:
     out.append(
         f"| {r['stage']} | {r['init_from'] or 'scratch'} | {r['params']:,} | "
-        f"{_fmt(r['paper_params'], ',')} | {r['val_loss']:.4f} | {r['perplexity']:.2f} | "
+        f"{r['params_paper_preset']:,} | {_fmt(r['paper_params'], ',')} | "
+        f"{r['val_loss']:.4f} | {r['perplexity']:.2f} | "
         f"{_fmt(r['paper_val_loss'], '.2f')} | {_fmt(r['paper_ppl'], '.1f')} | "
-        f"{r['tokens']:,} | {r['steps']} |")
-  out.append("\n## Samples (D14: temperature 0.8, top-k 50)\n")
+        f"{r['tokens']:,} | {r['steps']} | {r['train_wall_s']:.1f} |")
+  if table.get("interrupted"):
+    out.append(f"\nInterrupted during `{table['interrupted']}`: re-run the same command "
+               "to resume.")
+  out.append(f"\n## Samples (D14: temperature {s['sample_temperature']}, "
+             f"top-k {s['sample_top_k']}, {s['sample_tokens']} tokens)\n")
   for r in table["rows"]:
     out.append(f"- **{r['stage']}**: {s['sample_prompt']}{r['sample']}".replace("\n", " "))
   return "\n".join(out) + "\n"
