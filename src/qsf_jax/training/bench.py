@@ -6,34 +6,18 @@ measurement on the current device (median wall time after compilation).
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model, init_cache
-from qsf_jax.models.params import count_params
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.state import create_train_state, init_variables
 from qsf_jax.training.step import make_train_step
-
-
-def device_description() -> str:
-  """``platform: device kind`` of device 0, with the CPU model and core count on CPU."""
-  dev = jax.devices()[0]
-  desc = f"{dev.platform}: {getattr(dev, 'device_kind', '?')}"
-  if dev.platform == "cpu":
-    model = ""
-    try:
-      with open("/proc/cpuinfo") as f:
-        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-      pass
-    desc += f" ({model + ', ' if model else ''}{os.cpu_count()} cores)"
-  return desc
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -45,85 +29,43 @@ def _median_seconds(fn, reps: int) -> float:
   return statistics.median(times)
 
 
-def memory_measures(compiled) -> dict:
-  """Memory figures of one compiled call.
-
-  Returns:
-    ``memory_bytes`` (the headline figure), ``memory_measure`` (what it is) and
-    the parts: ``xla_temp_bytes``, ``xla_argument_bytes``, ``xla_output_bytes``,
-    ``xla_alias_bytes`` from ``compiled.memory_analysis()`` (None where the
-    backend has none) and ``device_peak_bytes`` (the device's
-    ``peak_bytes_in_use`` so far in this process; GPU/TPU only). The headline
-    is the device peak where reported, else XLA's temp + arguments + outputs
-    minus the outputs aliased to donated arguments (the train state is donated,
-    so it would otherwise count twice).
-  """
-  out = dict(xla_temp_bytes=None, xla_argument_bytes=None, xla_output_bytes=None,
-             xla_alias_bytes=None, device_peak_bytes=None)
-  try:
-    m = compiled.memory_analysis()
-    out.update(xla_temp_bytes=int(m.temp_size_in_bytes),
-               xla_argument_bytes=int(m.argument_size_in_bytes),
-               xla_output_bytes=int(m.output_size_in_bytes),
-               xla_alias_bytes=int(m.alias_size_in_bytes))
-  except Exception:  # backends without memory analysis  # pylint: disable=broad-except
-    pass
+def _memory_bytes(compiled) -> tuple[int | None, str]:
+  """Peak memory of one compiled call, and which measure it is."""
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
-    out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
-    out.update(memory_bytes=out["device_peak_bytes"],
-               memory_measure="device peak_bytes_in_use (process-wide peak so far)")
-  elif out["xla_temp_bytes"] is not None:
-    out.update(memory_bytes=out["xla_temp_bytes"] + out["xla_argument_bytes"]
-               + out["xla_output_bytes"] - out["xla_alias_bytes"],
-               memory_measure="XLA memory_analysis: temp + arguments + outputs - aliased")
-  else:
-    out.update(memory_bytes=None, memory_measure="unavailable")
-  return out
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  try:
+    m = compiled.memory_analysis()
+    total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes)
+    return int(total), "XLA memory_analysis (temp + arguments + outputs - aliased)"
+  except Exception:  # backends without memory analysis
+    return None, "unavailable"
 
 
 def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int = 1,
                      steps: int = 5, vocab_size: int = 50257, seed: int = 0) -> dict:
-  """Tokens/s and memory of one jitted train step (AdamW, donated state) at ``seq_len``.
+  """Tokens/s and step memory of one jitted train step at ``seq_len``.
 
-  The model is the preset's with ``max_seq_len`` raised to ``seq_len`` where
-  needed (same d, L); the step is the training loop's (``make_train_step``).
-
-  Args:
-    stage: model stage.
-    preset: model size preset.
-    seq_len: tokens per sequence T.
-    batch_size: sequences per step B.
-    steps: timed steps (the median is reported) after one warm-up step.
-    vocab_size: vocabulary V (random tokens).
-    seed: init and data seed.
-
-  Returns:
-    ``{stage, preset, seq_len, batch_size, step_s, tokens_per_s, params,
-    compile_s}`` plus the fields of :func:`memory_measures`.
+  The model is the preset's with ``max_seq_len`` raised to ``seq_len`` (same d, L).
   """
-  base = get_config(stage, preset)
-  cfg = get_config(stage, preset, max_seq_len=max(seq_len, base.max_seq_len),
+  cfg = get_config(stage, preset, max_seq_len=max(seq_len, get_config(stage, preset).max_seq_len),
                    vocab_size=vocab_size)
   model = build_model(cfg)
-  params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, seed, seq_len)
+  params, collections = init_variables(model, seed, seq_len)
   total = steps + 1
   tx = make_optimizer(total)
   state = create_train_state(params, collections, tx, seed)
-  collects_stats = cfg.annealed and cfg.ls_scale == "ema" and "norm_stats" in collections
   step = make_train_step(model, tx, schedule=onecycle_schedule(total, 1e-3), total_steps=total,
-                         anneal_frac=cfg.anneal_frac, anneal_shape=cfg.anneal_shape,
-                         stats_steps=cfg.stats_steps if collects_stats else None)
+                         anneal_frac=cfg.anneal_frac, stats_steps=cfg.stats_steps)
   tok = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, seq_len + 1), 0, vocab_size)
   batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
            "mask": jnp.ones((batch_size, seq_len), jnp.float32)}
-  t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  mem, mem_kind = _memory_bytes(compiled)
   state, m = compiled(state, batch)  # warm-up
   jax.block_until_ready(m)
-  mem = memory_measures(compiled)  # after a run, so a device peak includes this step
   holder = [state]
 
   def one():
@@ -131,70 +73,44 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
     return metrics
   sec = _median_seconds(one, steps)
   return dict(stage=stage, preset=preset, seq_len=seq_len, batch_size=batch_size,
-              step_s=sec, tokens_per_s=batch_size * seq_len / sec, compile_s=compile_s,
-              params=count_params(params), **mem)
+              step_s=sec, tokens_per_s=batch_size * seq_len / sec, memory_bytes=mem,
+              memory_measure=mem_kind, params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
-def decode_latency(stage: str, preset: str, context: int, *, reps: int = 20,
-                   max_len: int | None = None, vocab_size: int = 50257, seed: int = 0) -> dict:
+def decode_latency(stage: str, preset: str, context: int, *, max_len: int, reps: int = 20,
+                   vocab_size: int = 50257, seed: int = 0) -> dict:
   """Seconds per decoded token after ``context`` tokens, through ``decode=True``.
 
-  The cache is filled by ``context`` single-token decode steps (one
-  ``lax.scan``); then ``reps`` single-token steps are timed one by one, each
-  consuming the previous step's cache (donated, as in generation), and the
-  median is reported. The model's ``max_seq_len`` is ``context + reps + 1``
-  unless ``max_len`` is given, so the transformer's KV cache holds the context
-  and its per-token work grows with it, while the recurrent stages carry a
-  fixed-size state.
-
-  Args:
-    stage: model stage.
-    preset: model size preset (its ``max_seq_len`` is replaced).
-    context: tokens in the cache before the timed steps.
-    reps: timed decode steps (after one warm-up step).
-    max_len: the model's context limit (>= context + reps + 1).
-    vocab_size: vocabulary V.
-    seed: init and token seed.
-
-  Returns:
-    ``{stage, preset, context, max_len, reps, ms_per_token, ms_min}``.
+  The cache is filled by ``context`` recurrent decode steps (one ``lax.scan``),
+  then a single-token step from that cache is timed (the cache is not donated,
+  so every timed call does identical work).
   """
-  need = context + reps + 1
-  max_len = need if max_len is None else max_len
-  if max_len < need:
-    raise ValueError(f"max_len={max_len} < context + reps + 1 = {need}")
   cfg = get_config(stage, preset, max_seq_len=max_len, vocab_size=vocab_size)
   model = build_model(cfg)
-  params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, seed, 8)
+  params, collections = init_variables(model, seed, 8)
   variables = {"params": params, **collections}
   beta = 1.0 if cfg.annealed else 0.0
 
-  def apply(variables, cache, tok_B1):
+  @jax.jit
+  def step(cache, tok_B1):
     logits, upd = model.apply({**variables, "cache": cache}, tok_B1, beta=beta, decode=True,
                               mutable=["cache"])
     return upd["cache"], logits
 
-  step = jax.jit(apply, donate_argnums=(1,))
-
   @jax.jit
-  def prefill(variables, toks_N):
+  def prefill(toks_N):
     def body(cache, t):
-      return apply(variables, cache, t.reshape(1, 1))[0], None
+      cache, _ = step(cache, t.reshape(1, 1))
+      return cache, None
     return jax.lax.scan(body, init_cache(model, 1), toks_N)[0]
 
   toks = jax.random.randint(jax.random.PRNGKey(seed), (context,), 0, vocab_size)
-  cache = jax.block_until_ready(prefill(variables, toks))
+  cache = jax.block_until_ready(prefill(toks))
   nxt = toks[:1].reshape(1, 1)
-  cache, logits = step(variables, cache, nxt)  # compile + warm-up
-  jax.block_until_ready(logits)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    cache, logits = step(variables, cache, nxt)
-    jax.block_until_ready(logits)
-    times.append(time.perf_counter() - t0)
-  return dict(stage=stage, preset=preset, context=context, max_len=max_len, reps=reps,
-              ms_per_token=statistics.median(times) * 1e3, ms_min=min(times) * 1e3)
+  jax.block_until_ready(step(cache, nxt))
+  sec = _median_seconds(lambda: step(cache, nxt), reps)
+  return dict(stage=stage, preset=preset, context=context, max_len=max_len,
+              ms_per_token=sec * 1e3)
 
 
 def targets(train_rows, decode_rows) -> dict:
@@ -216,23 +132,18 @@ def targets(train_rows, decode_rows) -> dict:
   return out
 
 
-def as_markdown(train_rows, decode_rows, tg, device: str, date: str, load=None) -> str:
-  """The benchmark as markdown tables (train: per stage and T; decode: per context)."""
-  head = f"device: {device}; date: {date}"
-  if load is not None:
-    head += f"; load average at start: {', '.join(str(x) for x in load)}"
-  lines = [head, "", "| stage | T | batch | step (s) | tokens/s | memory (MiB) |",
-           "|---|---|---|---|---|---|"]
+def as_markdown(train_rows, decode_rows, tg, device: str, date: str) -> str:
+  lines = [f"device: {device}; date: {date}", "",
+           "| stage | T | batch | step (s) | tokens/s | memory (MiB) |", "|---|---|---|---|---|---|"]
   for r in train_rows:
-    mem = "—" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}"
+    mem = "—" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f}"
     lines.append(f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['step_s']:.3f} | "
                  f"{r['tokens_per_s']:.0f} | {mem} |")
   if train_rows:
     lines.append(f"\nmemory: {train_rows[0]['memory_measure']}")
   if decode_rows:
-    lines += ["", "| stage | context | ms / token (median) | min |", "|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['context']} | {r['ms_per_token']:.3f} | {r['ms_min']:.3f} |"
-              for r in decode_rows]
+    lines += ["", "| stage | context | ms / token |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['context']} | {r['ms_per_token']:.3f} |" for r in decode_rows]
   if tg:
     lines += ["", "targets: " + ", ".join(
         f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in tg.items())]
