@@ -2,11 +2,14 @@ r"""Training throughput, step memory and decode latency per stage.
 
   python -m experiments.bench_train [--out=bench_train.json] [--stages=...]
       [--seq_lens=256,1024,4096] [--preset=small] [--batch_size=1] [--steps=5]
+      [--decode_stages=koopman_attn,transformer] [--decode_contexts=256,4096]
 
 Prints a markdown table and writes JSON: tokens/s and the memory of one train
 step per stage at each T (same d and L; the preset's context raised to T), and
 the per-token decode latency at context 256 vs 4096 for ``koopman_attn`` and
-``transformer``. Memory is the device's peak where the backend reports one (GPU)
+``transformer`` (cache filled to the context through ``decode=True``, then the
+median of single-token steps, the stages and contexts timed in interleaved
+rounds). Memory is the device's peak where the backend reports one (GPU)
 and XLA's compiled memory analysis otherwise (CPU); the table says which.
 """
 
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 
 from absl import flags
 import jax
 
-from qsf_jax.models.config import STAGES
+from qsf_jax.models.config import PRESETS, STAGES
 from qsf_jax.training import bench, cli
 
 
@@ -30,6 +34,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list("decode_stages", ["koopman_attn", "transformer"],
                     "Stages whose decode latency is timed.", flag_values=fv)
   flags.DEFINE_list("decode_contexts", ["256", "4096"], "Decode contexts.", flag_values=fv)
+  flags.DEFINE_integer("decode_reps", 50, "Timed decode steps per context and round.",
+                       flag_values=fv)
+  flags.DEFINE_integer("decode_rounds", 3, "Interleaved decode timing rounds (median over all).",
+                       flag_values=fv)
   flags.DEFINE_string("preset", "small", "Model preset (tiny, small, paper).", flag_values=fv)
   flags.DEFINE_integer("batch_size", 1, "Sequences per train step.", flag_values=fv)
   flags.DEFINE_integer("steps", 5, "Timed train steps (median).", flag_values=fv)
@@ -52,10 +60,13 @@ def execute(fv: flags.FlagValues) -> int:
     if s not in STAGES:
       raise flags.Error(f"unknown stage {s!r}; choose from {list(STAGES)}")
   seq_lens, contexts = _ints("seq_lens", fv.seq_lens), _ints("decode_contexts", fv.decode_contexts)
-  if fv.batch_size < 1 or fv.steps < 1:
-    raise flags.Error("--batch_size and --steps must be >= 1")
-  dev = jax.devices()[0]
-  device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+  for name in ("batch_size", "steps", "decode_reps", "decode_rounds"):
+    if getattr(fv, name) < 1:
+      raise flags.Error(f"--{name} must be >= 1, got {getattr(fv, name)}")
+  if fv.preset not in PRESETS:
+    raise flags.Error(f"unknown preset {fv.preset!r}; choose from {list(PRESETS)}")
+  device = bench.device_description()
+  load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   train_rows, decode_rows = [], []
   for stage in fv.stages:
@@ -65,17 +76,18 @@ def execute(fv: flags.FlagValues) -> int:
       print(f"train {stage:<17} T={T:<5} {r['step_s']:.3f} s/step {r['tokens_per_s']:.0f} tok/s",
             flush=True)
       train_rows.append(r)
-  for stage in fv.decode_stages:
-    for C in contexts:
-      r = bench.decode_latency(stage, fv.preset, C, max_len=max(contexts) + 1,
-                               vocab_size=fv.vocab_size)
-      print(f"decode {stage:<16} context={C:<5} {r['ms_per_token']:.3f} ms/token", flush=True)
-      decode_rows.append(r)
+  pairs = [(stage, C) for stage in fv.decode_stages for C in contexts]
+  if pairs:
+    decode_rows = bench.decode_latencies(pairs, fv.preset, reps=fv.decode_reps,
+                                         rounds=fv.decode_rounds, vocab_size=fv.vocab_size)
+  for r in decode_rows:
+    print(f"decode {r['stage']:<16} context={r['context']:<5} {r['ms_per_token']:.3f} ms/token",
+          flush=True)
   tg = bench.targets(train_rows, decode_rows)
-  print("\n" + bench.as_markdown(train_rows, decode_rows, tg, device, date))
+  print("\n" + bench.as_markdown(train_rows, decode_rows, tg, device, date, load))
   with open(fv.out, "w") as f:
-    json.dump(dict(device=device, date=date, jax=jax.__version__, train=train_rows,
-                   decode=decode_rows, targets=tg), f, indent=1)
+    json.dump(dict(device=device, date=date, jax=jax.__version__, load_avg_at_start=load,
+                   train=train_rows, decode=decode_rows, targets=tg), f, indent=1)
   return 0
 
 

@@ -9,38 +9,82 @@ from qsf_jax.training import bench
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
+TRAIN_KEYS = {"stage", "preset", "seq_len", "batch_size", "step_s", "tokens_per_s", "compile_s",
+              "params", "memory_bytes", "memory_measure", "xla_temp_bytes",
+              "xla_argument_bytes", "xla_output_bytes", "xla_alias_bytes", "device_peak_bytes"}
+DECODE_KEYS = {"stage", "preset", "context", "max_len", "reps", "rounds", "ms_per_token",
+               "ms_min", "ms_round_medians"}
 
-def test_writes_rows_for_every_stage_length_and_context(tmp_path):
+
+@pytest.mark.slow
+def test_writes_rows_for_every_stage_length_and_context(tmp_path, capsys):
   out = tmp_path / "b.json"
   argv = ["bench_train", f"--out={out}", "--preset=tiny", "--stages=koopman_attn,transformer",
-          "--seq_lens=16,32", "--decode_contexts=4,16", "--steps=2", "--vocab_size=257"]
+          "--seq_lens=16,32", "--decode_contexts=4,16", "--decode_reps=3", "--decode_rounds=2",
+          "--steps=2",
+          "--vocab_size=257"]
   assert bench_train.run(argv) == 0
   res = json.loads(out.read_text())
+  assert {"device", "date", "jax", "load_avg_at_start", "train", "decode", "targets"} <= set(res)
   assert {(r["stage"], r["seq_len"]) for r in res["train"]} == {
       (s, T) for s in ("koopman_attn", "transformer") for T in (16, 32)}
   for r in res["train"]:
+    assert set(r) == TRAIN_KEYS
     assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["seq_len"] / r["step_s"])
-    assert r["memory_bytes"] is None or r["memory_bytes"] > 0
+    assert r["params"] > 0
+    if r["device_peak_bytes"] is None:  # CPU: XLA's analysis of the compiled step
+      assert r["memory_bytes"] == (r["xla_temp_bytes"] + r["xla_argument_bytes"]
+                                   + r["xla_output_bytes"] - r["xla_alias_bytes"]) > 0
+      assert r["memory_measure"].startswith("XLA memory_analysis")
+  # the activations grow with T
+  mem = {(r["stage"], r["seq_len"]): r["xla_temp_bytes"] for r in res["train"]}
+  assert mem[("transformer", 32)] > mem[("transformer", 16)]
   assert {(r["stage"], r["context"]) for r in res["decode"]} == {
       (s, C) for s in ("koopman_attn", "transformer") for C in (4, 16)}
+  for r in res["decode"]:
+    assert set(r) == DECODE_KEYS and r["max_len"] == r["context"] + 5 + 2 * 3
+    assert len(r["ms_round_medians"]) == 2
+    assert 0 < r["ms_min"] <= r["ms_per_token"] and r["ms_min"] <= min(r["ms_round_medians"])
   assert res["targets"] == {}  # the targets are defined at T=4096 and contexts 256/4096 only
+  printed = capsys.readouterr().out
+  assert "| stage | T | batch | step (s) | tokens/s | memory (MiB) |" in printed
+  assert "| stage | context | ms / token (median) | min |" in printed
 
 
 def test_targets_are_ratios_of_measured_rows():
   train = [dict(stage="koopman_attn", seq_len=4096, step_s=1.0),
            dict(stage="transformer", seq_len=4096, step_s=4.0)]
   dec = [dict(stage="koopman_attn", context=256, ms_per_token=2.0),
-         dict(stage="koopman_attn", context=4096, ms_per_token=2.2)]
+         dict(stage="koopman_attn", context=4096, ms_per_token=2.6)]
   tg = bench.targets(train, dec)
   assert tg["koopman_attn_step_T4096_over_transformer"] == 0.25
   assert tg["koopman_attn_step_T4096_le_0.5x"] is True
-  assert tg["koopman_attn_decode_4096_over_256"] == pytest.approx(1.1)
-  assert tg["koopman_attn_decode_4096_le_1.2x"] is True
+  assert tg["koopman_attn_decode_4096_over_256"] == pytest.approx(1.3)
+  assert tg["koopman_attn_decode_4096_le_1.2x"] is False
+  assert "transformer_decode_4096_over_256" not in tg
 
 
-@pytest.mark.parametrize("flag, msg", [("--stages=bogus", "unknown stage 'bogus'"),
+def test_decode_timer_keeps_to_its_capacity():
+  timer = bench.DecodeTimer("koopman_attn", "tiny", 8, capacity=3, warmup=1, vocab_size=257)
+  assert timer.max_len == 8 + 1 + 3
+  assert len(timer.time_steps(2)) == 2
+  with pytest.raises(ValueError, match="2 more steps exceed the timer's capacity \\(1 left\\)"):
+    timer.time_steps(2)
+  with pytest.raises(ValueError, match="context, capacity and warmup must be >= 1"):
+    bench.DecodeTimer("koopman_attn", "tiny", 8, capacity=0, vocab_size=257)
+  with pytest.raises(ValueError, match="reps and rounds must be >= 1"):
+    bench.decode_latencies([("koopman_attn", 8)], "tiny", rounds=0, vocab_size=257)
+
+
+@pytest.mark.parametrize("flag, msg", [("--stages=bogus", "unknown stage 'bogus'; choose from"),
+                                       ("--decode_stages=gpt", "unknown stage 'gpt'"),
                                        ("--seq_lens=12,x", "--seq_lens takes integers"),
-                                       ("--decode_contexts=0", "positive integers")])
+                                       ("--decode_contexts=0", "positive integers"),
+                                       ("--steps=0", "must be >= 1"),
+                                       ("--decode_rounds=0", "--decode_rounds must be >= 1"),
+                                       ("--preset=huge", "unknown preset 'huge'")])
 def test_bad_flags_exit_nonzero(tmp_path, capsys, flag, msg):
   assert bench_train.run(["bench_train", f"--out={tmp_path / 'x.json'}", flag]) == 1
-  assert msg in capsys.readouterr().err
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and msg in err[0], err
+  assert not (tmp_path / "x.json").exists()

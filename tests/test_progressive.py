@@ -23,7 +23,7 @@ def ran(tmp_path_factory):
   with story_corpus(root, 120, seed=11) as corpus:
     argv = ["progressive", f"--workdir={root / 'runs'}", "--preset=tiny", f"--data={corpus}",
             "--tokenizer=bytes", "--steps=3", "--batch_size=2", "--eval_batches=1",
-            "--sample_tokens=4", f"--stages={','.join(STAGES)}"]
+            "--sample_tokens=40", f"--stages={','.join(STAGES)}"]
     assert prog_cli.run(argv) == 0
     yield root / "runs", argv
 
@@ -43,7 +43,11 @@ def test_tables_have_every_stage_and_true_parameter_counts(ran):
     assert r["paper_params"] == paper_param_counts()[s]
     assert r["steps"] == 3 and r["tokens"] > 0 and r["train_wall_s"] > 0
     assert r["perplexity"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
-    assert isinstance(r["sample"], str)
+    run = load_run(out / s)
+    # D14 asks for 40 tokens; the tiny model's context leaves room for fewer
+    room = run.model_config.max_seq_len - len(run.tokenizer.encode("Once upon a time,"))
+    assert 0 < room < 40 and r["sample_tokens"] == room
+    assert isinstance(r["sample"], str) and r["sample"]
   # QSF spec §3.7 fixes Stage III at the paper preset: 29,415,392 parameters.
   assert rows["koopman_attn"]["params_paper_preset"] == 29_415_392
   assert rows["koopman_attn"]["paper_params"] == 29_400_000
@@ -53,8 +57,9 @@ def test_tables_have_every_stage_and_true_parameter_counts(ran):
           "paper val loss | paper ppl | val tokens | steps | train wall (s) |") in md
   assert (f"| koopman_attn | koopman | {rows['koopman_attn']['params']:,} | 29,415,392 | "
           "29,400,000 |") in md
-  assert "## Samples (D14: temperature 0.8, top-k 50, 4 tokens)" in md
+  assert "## Samples (D14: temperature 0.8, top-k 50, 40 tokens)" in md
   assert "- **fnet**: Once upon a time," in md
+  assert f"*({rows['fnet']['sample_tokens']} tokens: the model's context)*" in md
 
 
 @pytest.mark.slow

@@ -6,18 +6,34 @@ measurement on the current device (median wall time after compilation).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model, init_cache
+from qsf_jax.models.params import count_params
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.state import create_train_state, init_variables
 from qsf_jax.training.step import make_train_step
+
+
+def device_description() -> str:
+  """``platform: device kind`` of device 0, with the CPU model and core count on CPU."""
+  dev = jax.devices()[0]
+  desc = f"{dev.platform}: {getattr(dev, 'device_kind', '?')}"
+  if dev.platform == "cpu":
+    model = ""
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+      pass
+    desc += f" ({model + ', ' if model else ''}{os.cpu_count()} cores)"
+  return desc
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -29,43 +45,86 @@ def _median_seconds(fn, reps: int) -> float:
   return statistics.median(times)
 
 
-def _memory_bytes(compiled) -> tuple[int | None, str]:
-  """Peak memory of one compiled call, and which measure it is."""
+def memory_measures(compiled) -> dict:
+  """Memory figures of one compiled call.
+
+  Returns:
+    ``memory_bytes`` (the headline figure), ``memory_measure`` (what it is) and
+    the parts: ``xla_temp_bytes``, ``xla_argument_bytes``, ``xla_output_bytes``,
+    ``xla_alias_bytes`` from ``compiled.memory_analysis()`` (None where the
+    backend has none) and ``device_peak_bytes`` (the device's
+    ``peak_bytes_in_use`` so far in this process; GPU/TPU only). The headline
+    is the device peak where reported, else XLA's temp + arguments + outputs
+    minus the outputs aliased to donated arguments (the train state is donated,
+    so it would otherwise count twice).
+  """
+  out = dict(xla_temp_bytes=None, xla_argument_bytes=None, xla_output_bytes=None,
+             xla_alias_bytes=None, device_peak_bytes=None)
+  try:
+    m = compiled.memory_analysis()
+    out.update(xla_temp_bytes=int(m.temp_size_in_bytes),
+               xla_argument_bytes=int(m.argument_size_in_bytes),
+               xla_output_bytes=int(m.output_size_in_bytes),
+               xla_alias_bytes=int(m.alias_size_in_bytes))
+  except Exception:  # backends without memory analysis  # pylint: disable=broad-except
+    pass
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-  try:
-    m = compiled.memory_analysis()
-    total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-             - m.alias_size_in_bytes)
-    return int(total), "XLA memory_analysis (temp + arguments + outputs - aliased)"
-  except Exception:  # backends without memory analysis
-    return None, "unavailable"
+    out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    out.update(memory_bytes=out["device_peak_bytes"],
+               memory_measure="device peak_bytes_in_use (process-wide peak so far)")
+  elif out["xla_temp_bytes"] is not None:
+    out.update(memory_bytes=out["xla_temp_bytes"] + out["xla_argument_bytes"]
+               + out["xla_output_bytes"] - out["xla_alias_bytes"],
+               memory_measure="XLA memory_analysis: temp + arguments + outputs - aliased")
+  else:
+    out.update(memory_bytes=None, memory_measure="unavailable")
+  return out
 
 
 def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int = 1,
                      steps: int = 5, vocab_size: int = 50257, seed: int = 0) -> dict:
-  """Tokens/s and step memory of one jitted train step at ``seq_len``.
+  """Tokens/s and memory of one jitted train step (AdamW, donated state) at ``seq_len``.
 
-  The model is the preset's with ``max_seq_len`` raised to ``seq_len`` (same d, L).
+  The model is the preset's with ``max_seq_len`` raised to ``seq_len`` where
+  needed (same d, L); the step is the training loop's (``make_train_step``).
+
+  Args:
+    stage: model stage.
+    preset: model size preset.
+    seq_len: tokens per sequence T.
+    batch_size: sequences per step B.
+    steps: timed steps (the median is reported) after one warm-up step.
+    vocab_size: vocabulary V (random tokens).
+    seed: init and data seed.
+
+  Returns:
+    ``{stage, preset, seq_len, batch_size, step_s, tokens_per_s, params,
+    compile_s}`` plus the fields of :func:`memory_measures`.
   """
-  cfg = get_config(stage, preset, max_seq_len=max(seq_len, get_config(stage, preset).max_seq_len),
+  base = get_config(stage, preset)
+  cfg = get_config(stage, preset, max_seq_len=max(seq_len, base.max_seq_len),
                    vocab_size=vocab_size)
   model = build_model(cfg)
-  params, collections = init_variables(model, seed, seq_len)
+  init = jax.jit(init_variables, static_argnums=(0, 1, 2))
+  params, collections = init(model, seed, seq_len)
   total = steps + 1
   tx = make_optimizer(total)
   state = create_train_state(params, collections, tx, seed)
+  collects_stats = cfg.annealed and cfg.ls_scale == "ema" and "norm_stats" in collections
   step = make_train_step(model, tx, schedule=onecycle_schedule(total, 1e-3), total_steps=total,
-                         anneal_frac=cfg.anneal_frac, stats_steps=cfg.stats_steps)
+                         anneal_frac=cfg.anneal_frac, anneal_shape=cfg.anneal_shape,
+                         stats_steps=cfg.stats_steps if collects_stats else None)
   tok = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, seq_len + 1), 0, vocab_size)
   batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
            "mask": jnp.ones((batch_size, seq_len), jnp.float32)}
+  t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
-  mem, mem_kind = _memory_bytes(compiled)
+  compile_s = time.perf_counter() - t0
   state, m = compiled(state, batch)  # warm-up
   jax.block_until_ready(m)
+  mem = memory_measures(compiled)  # after a run, so a device peak includes this step
   holder = [state]
 
   def one():
@@ -73,44 +132,110 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
     return metrics
   sec = _median_seconds(one, steps)
   return dict(stage=stage, preset=preset, seq_len=seq_len, batch_size=batch_size,
-              step_s=sec, tokens_per_s=batch_size * seq_len / sec, memory_bytes=mem,
-              memory_measure=mem_kind, params=int(sum(x.size for x in jax.tree.leaves(params))))
+              step_s=sec, tokens_per_s=batch_size * seq_len / sec, compile_s=compile_s,
+              params=count_params(params), **mem)
 
 
-def decode_latency(stage: str, preset: str, context: int, *, max_len: int, reps: int = 20,
-                   vocab_size: int = 50257, seed: int = 0) -> dict:
-  """Seconds per decoded token after ``context`` tokens, through ``decode=True``.
+class DecodeTimer:
+  """One stage's ``decode=True`` model with its cache filled to ``context`` tokens.
 
-  The cache is filled by ``context`` recurrent decode steps (one ``lax.scan``),
-  then a single-token step from that cache is timed (the cache is not donated,
-  so every timed call does identical work).
+  The cache is filled by ``context`` single-token decode steps (one
+  ``lax.scan``) and ``warmup`` untimed steps (the first compiles). Each timed
+  step then consumes the previous step's cache (donated, as in generation).
+  The model's ``max_seq_len`` is ``context + warmup + capacity``, so the
+  transformer's KV cache holds the context and its per-token work grows with
+  it, while the recurrent stages carry a fixed-size state.
+
+  Args:
+    stage: model stage.
+    preset: model size preset (its ``max_seq_len`` is replaced).
+    context: tokens in the cache before the timed steps.
+    capacity: timed steps this timer may take in all.
+    warmup: untimed steps after the fill, >= 1.
+    vocab_size: vocabulary V.
+    seed: init and token seed.
   """
-  cfg = get_config(stage, preset, max_seq_len=max_len, vocab_size=vocab_size)
-  model = build_model(cfg)
-  params, collections = init_variables(model, seed, 8)
-  variables = {"params": params, **collections}
-  beta = 1.0 if cfg.annealed else 0.0
 
-  @jax.jit
-  def step(cache, tok_B1):
-    logits, upd = model.apply({**variables, "cache": cache}, tok_B1, beta=beta, decode=True,
-                              mutable=["cache"])
-    return upd["cache"], logits
+  def __init__(self, stage: str, preset: str, context: int, *, capacity: int, warmup: int = 5,
+               vocab_size: int = 50257, seed: int = 0):
+    if capacity < 1 or warmup < 1 or context < 1:
+      raise ValueError(f"context, capacity and warmup must be >= 1, got {context}, "
+                       f"{capacity} and {warmup}")
+    self.stage, self.preset, self.context = stage, preset, context
+    self.max_len, self._left = context + warmup + capacity, capacity
+    cfg = get_config(stage, preset, max_seq_len=self.max_len, vocab_size=vocab_size)
+    model = build_model(cfg)
+    params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, seed, 8)
+    self._variables = {"params": params, **collections}
+    beta = 1.0 if cfg.annealed else 0.0
 
-  @jax.jit
-  def prefill(toks_N):
-    def body(cache, t):
-      cache, _ = step(cache, t.reshape(1, 1))
-      return cache, None
-    return jax.lax.scan(body, init_cache(model, 1), toks_N)[0]
+    def apply(variables, cache, tok_B1):
+      logits, upd = model.apply({**variables, "cache": cache}, tok_B1, beta=beta, decode=True,
+                                mutable=["cache"])
+      return upd["cache"], logits
 
-  toks = jax.random.randint(jax.random.PRNGKey(seed), (context,), 0, vocab_size)
-  cache = jax.block_until_ready(prefill(toks))
-  nxt = toks[:1].reshape(1, 1)
-  jax.block_until_ready(step(cache, nxt))
-  sec = _median_seconds(lambda: step(cache, nxt), reps)
-  return dict(stage=stage, preset=preset, context=context, max_len=max_len,
-              ms_per_token=sec * 1e3)
+    def prefill(variables, toks_N):
+      body = lambda cache, t: (apply(variables, cache, t.reshape(1, 1))[0], None)
+      return jax.lax.scan(body, init_cache(model, 1), toks_N)[0]
+
+    self._step = jax.jit(apply, donate_argnums=(1,))
+    toks = jax.random.randint(jax.random.PRNGKey(seed), (context,), 0, vocab_size)
+    self._cache = jax.block_until_ready(jax.jit(prefill)(self._variables, toks))
+    self._tok = toks[:1].reshape(1, 1)
+    for _ in range(warmup):
+      self._advance()
+
+  def _advance(self):
+    self._cache, logits = self._step(self._variables, self._cache, self._tok)
+    jax.block_until_ready(logits)
+
+  def time_steps(self, n: int) -> list[float]:
+    """Seconds of each of ``n`` single-token decode steps."""
+    if n > self._left:
+      raise ValueError(f"{n} more steps exceed the timer's capacity ({self._left} left)")
+    self._left -= n
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      self._advance()
+      times.append(time.perf_counter() - t0)
+    return times
+
+
+def decode_latencies(pairs, preset: str, *, reps: int = 50, rounds: int = 3, warmup: int = 5,
+                     vocab_size: int = 50257, seed: int = 0) -> list[dict]:
+  """Per-token decode latency for each (stage, context) in ``pairs``, interleaved.
+
+  Every pair gets a ``DecodeTimer``; then ``rounds`` rounds each time ``reps``
+  steps of every pair in turn, so load changes on a shared machine hit all
+  pairs alike. The median over all ``rounds * reps`` steps is reported.
+
+  Args:
+    pairs: (stage, context) pairs.
+    preset: model size preset.
+    reps: timed steps per pair and round.
+    rounds: interleaved rounds.
+    warmup: untimed steps after the cache fill.
+    vocab_size: vocabulary V.
+    seed: init and token seed.
+
+  Returns:
+    One dict per pair: ``{stage, preset, context, max_len, reps, rounds,
+    ms_per_token, ms_min, ms_round_medians}``.
+  """
+  if reps < 1 or rounds < 1:
+    raise ValueError(f"reps and rounds must be >= 1, got {reps} and {rounds}")
+  timers = [DecodeTimer(s, preset, c, capacity=reps * rounds, warmup=warmup,
+                        vocab_size=vocab_size, seed=seed) for s, c in pairs]
+  times = [[] for _ in timers]
+  for _ in range(rounds):
+    for t, acc in zip(timers, times):
+      acc.append(t.time_steps(reps))
+  return [dict(stage=t.stage, preset=preset, context=t.context, max_len=t.max_len, reps=reps,
+               rounds=rounds, ms_per_token=statistics.median(sum(acc, [])) * 1e3,
+               ms_min=min(sum(acc, [])) * 1e3,
+               ms_round_medians=[statistics.median(r) * 1e3 for r in acc])
+          for t, acc in zip(timers, times)]
 
 
 def targets(train_rows, decode_rows) -> dict:
@@ -132,18 +257,25 @@ def targets(train_rows, decode_rows) -> dict:
   return out
 
 
-def as_markdown(train_rows, decode_rows, tg, device: str, date: str) -> str:
-  lines = [f"device: {device}; date: {date}", "",
-           "| stage | T | batch | step (s) | tokens/s | memory (MiB) |", "|---|---|---|---|---|---|"]
+def as_markdown(train_rows, decode_rows, tg, device: str, date: str, load=None) -> str:
+  """The benchmark as markdown tables (train: per stage and T; decode: per context)."""
+  head = f"device: {device}; date: {date}"
+  if load is not None:
+    head += f"; load average at start: {', '.join(str(x) for x in load)}"
+  lines = [head]
+  if train_rows:
+    lines += ["", "| stage | T | batch | step (s) | tokens/s | memory (MiB) |",
+              "|---|---|---|---|---|---|"]
   for r in train_rows:
-    mem = "—" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f}"
+    mem = "—" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}"
     lines.append(f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['step_s']:.3f} | "
                  f"{r['tokens_per_s']:.0f} | {mem} |")
   if train_rows:
     lines.append(f"\nmemory: {train_rows[0]['memory_measure']}")
   if decode_rows:
-    lines += ["", "| stage | context | ms / token |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['context']} | {r['ms_per_token']:.3f} |" for r in decode_rows]
+    lines += ["", "| stage | context | ms / token (median) | min |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['context']} | {r['ms_per_token']:.3f} | {r['ms_min']:.3f} |"
+              for r in decode_rows]
   if tg:
     lines += ["", "targets: " + ", ".join(
         f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in tg.items())]

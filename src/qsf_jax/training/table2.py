@@ -30,7 +30,7 @@ from qsf_jax.training.errors import TrainConfigError
 from qsf_jax.training.evaluation import evaluate_workdir
 from qsf_jax.training.loop import train_and_evaluate
 from qsf_jax.training.restore import load_run
-from qsf_jax.training.sampling import sample_workdir
+from qsf_jax.training.sampling import sample_text
 
 # stage -> the stage it is initialised from (None: scratch), in running order.
 PROTOCOL = (("fnet", None), ("koopman", "fnet"), ("koopman_attn", "koopman"),
@@ -39,7 +39,7 @@ EXTRA_STAGES = ("wave", "gla")  # optional, trained from scratch
 WALL_TIMES = "wall_times.json"
 COLUMNS = ("stage", "init_from", "params", "params_paper_preset", "paper_params", "val_loss",
            "perplexity", "paper_val_loss", "paper_ppl", "tokens", "steps", "train_wall_s",
-           "sample")
+           "sample", "sample_tokens")
 
 
 def plan(stages=None, include=()) -> list[tuple[str, str | None]]:
@@ -92,21 +92,28 @@ def _save_wall_times(workdir, walls: dict[str, float]) -> None:
 
 
 def _report_row(stage, parent, wd, base: TrainConfig, eval_batches, wall_s) -> dict:
-  """Evaluates and samples one finished stage; the row of ``table2.json``."""
+  """Evaluates and samples one finished stage; the row of ``table2.json``.
+
+  The D14 sample has ``base.sample_tokens`` new tokens, fewer where the
+  prompt and they would not fit the model's context (``sample_tokens`` says).
+  """
   ev = evaluate_workdir(wd, max_batches=eval_batches, tokenizer_file=base.tokenizer_file)
   run = load_run(wd, tokenizer_file=base.tokenizer_file)
+  max_len = run.model_config.max_seq_len
+  n_new = min(base.sample_tokens, max_len - (len(run.tokenizer.encode(base.sample_prompt)) or 1))
   sample = ""
-  if base.sample_tokens:
-    sample = sample_workdir(wd, base.sample_prompt, max_new_tokens=base.sample_tokens,
-                            temperature=base.sample_temperature, top_k=base.sample_top_k,
-                            seed=base.seed, tokenizer_file=base.tokenizer_file)
+  if n_new > 0:
+    sample = sample_text(run.model, run.params, run.collections, run.tokenizer,
+                         base.sample_prompt, max_new_tokens=n_new, seed=base.seed,
+                         temperature=base.sample_temperature, top_k=base.sample_top_k,
+                         beta=run.beta, max_len=max_len)
   paper = PAPER_TABLE2.get(stage, {})
   return dict(stage=stage, init_from=parent, params=count_params(run.params),
               params_paper_preset=paper_preset_count(stage),
               paper_params=paper_param_counts().get(stage), val_loss=ev["val_loss"],
               perplexity=ev["perplexity"], paper_val_loss=paper.get("val_loss"),
               paper_ppl=paper.get("ppl"), tokens=ev["tokens"], steps=run.step,
-              train_wall_s=round(wall_s, 1), sample=sample)
+              train_wall_s=round(wall_s, 1), sample=sample, sample_tokens=max(n_new, 0))
 
 
 def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
@@ -195,5 +202,8 @@ def render_markdown(table: dict) -> str:
   out.append(f"\n## Samples (D14: temperature {s['sample_temperature']}, "
              f"top-k {s['sample_top_k']}, {s['sample_tokens']} tokens)\n")
   for r in table["rows"]:
-    out.append(f"- **{r['stage']}**: {s['sample_prompt']}{r['sample']}".replace("\n", " "))
+    short = (f" *({r['sample_tokens']} tokens: the model's context)*"
+             if r["sample_tokens"] < s["sample_tokens"] else "")
+    out.append(f"- **{r['stage']}**: {s['sample_prompt']}{r['sample']}".replace("\n", " ")
+               + short)
   return "\n".join(out) + "\n"
