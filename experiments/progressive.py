@@ -32,6 +32,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   s("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 (sha256-checked).",
     flag_values=fv)
   s("cache_dir", None, "Token-cache folder.", flag_values=fv)
+  s("data_mode", "story", "story (one story per row, D13) | packed.", flag_values=fv)
+  i("max_train_stories", None, "Use only the first N training stories (D13: 500000; "
+    "default: all).", flag_values=fv)
   i("steps", None, "Steps per stage (default: the preset's).", flag_values=fv)
   i("batch_size", None, "Global batch size (default: the preset's).", flag_values=fv)
   i("seq_len", None, "Tokens per sequence (default: the model's maximum).", flag_values=fv)
@@ -52,8 +55,9 @@ def execute(fv: flags.FlagValues) -> int:
     raise flags.Error("--workdir is required")
   base = TrainConfig(stage="koopman_attn", preset=fv.preset, data=fv.data,
                      tokenizer=fv.tokenizer, tokenizer_file=fv.tokenizer_file,
-                     cache_dir=fv.cache_dir, steps=fv.steps, batch_size=fv.batch_size,
-                     seq_len=fv.seq_len, seed=fv.seed, lr=fv.lr, sample_tokens=fv.sample_tokens)
+                     cache_dir=fv.cache_dir, data_mode=fv.data_mode,
+                     max_train_stories=fv.max_train_stories, steps=fv.steps,
+                     batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed, lr=fv.lr, sample_tokens=fv.sample_tokens)
   table = run_progressive(base, fv.workdir, stages=fv.stages, include=fv.include,
                           eval_batches=fv.eval_batches)
   print(f"wrote {fv.workdir}/table2.md and table2.json ({len(table['rows'])} stages)")

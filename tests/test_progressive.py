@@ -23,7 +23,7 @@ def ran(tmp_path_factory):
   with story_corpus(root, 120, seed=11) as corpus:
     argv = ["progressive", f"--workdir={root / 'runs'}", "--preset=tiny", f"--data={corpus}",
             "--tokenizer=bytes", "--steps=3", "--batch_size=2", "--eval_batches=1",
-            "--sample_tokens=40", f"--stages={','.join(STAGES)}"]
+            "--sample_tokens=40", "--max_train_stories=100", f"--stages={','.join(STAGES)}"]
     assert prog_cli.run(argv) == 0
     yield root / "runs", argv
 
@@ -42,6 +42,7 @@ def test_tables_have_every_stage_and_true_parameter_counts(ran):
     assert r["params"] == count_params(load_run(out / s).params)
     assert r["paper_params"] == paper_param_counts()[s]
     assert r["steps"] == 3 and r["tokens"] > 0 and r["train_wall_s"] > 0
+    assert load_run(out / s).cfg.max_train_stories == 100
     assert r["perplexity"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
     run = load_run(out / s)
     # D14 asks for 40 tokens; the tiny model's context leaves room for fewer
@@ -52,7 +53,9 @@ def test_tables_have_every_stage_and_true_parameter_counts(ran):
   assert rows["koopman_attn"]["params_paper_preset"] == 29_415_392
   assert rows["koopman_attn"]["paper_params"] == 29_400_000
   assert (rows["koopman_attn"]["paper_val_loss"], rows["koopman_attn"]["paper_ppl"]) == (2.08, 8.0)
+  assert table["settings"]["max_train_stories"] == 100
   md = (out / "table2.md").read_text()
+  assert "first 100 training stories, 3 steps x batch 2" in md
   assert ("| stage | init from | params | params @ paper | paper params | val loss | ppl | "
           "paper val loss | paper ppl | val tokens | steps | train wall (s) |") in md
   assert (f"| koopman_attn | koopman | {rows['koopman_attn']['params']:,} | 29,415,392 | "
@@ -117,6 +120,7 @@ def test_markdown_of_an_interrupted_run_says_how_to_resume():
     ("--stages=nope", "unknown progressive stage 'nope'; choose from ['fnet'"),
     ("--include=transformer", "--include takes ['wave', 'gla']"),
     ("--steps=1", "--steps must be >= 2"),
+    ("--max_train_stories=0", "--max_train_stories must be >= 1"),
     ("--preset=huge", "unknown preset 'huge'")])
 def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys, flag, msg):
   assert prog_cli.run(["progressive", f"--workdir={tmp_path}", "--tokenizer=bytes",

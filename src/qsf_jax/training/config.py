@@ -97,6 +97,9 @@ class TrainConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 0:
         raise TrainConfigError(f"--{name} must be a non-negative integer, got {v!r}")
+    if self.max_train_stories is not None and self.max_train_stories < 1:
+      raise TrainConfigError(
+          f"--max_train_stories must be >= 1 (or unset for all), got {self.max_train_stories}")
     if self.seq_len is not None and self.seq_len < 1:
       raise TrainConfigError(f"--seq_len must be positive, got {self.seq_len}")
     if self.eval_batches is not None and self.eval_batches < 1:

@@ -182,7 +182,9 @@ def render_markdown(table: dict) -> str:
       f"{s['eval_batches']} validation batches")
   out = ["# Progressive training (QSF Table 2 layout)\n",
          f"preset `{s['preset']}`, data `{s['data']}`, tokenizer `{s['tokenizer']}`, "
-         f"{s['steps']} steps x batch {s['batch_size']}, seed {s['seed']}; evaluated on "
+         + (f"first {s['max_train_stories']:,} training stories, "
+            if s.get("max_train_stories") else "")
+         + f"{s['steps']} steps x batch {s['batch_size']}, seed {s['seed']}; evaluated on "
          f"{evals}. *params @ paper* is our model at the `paper` preset (V = 50257), "
          "comparable with the paper's count; the paper's columns are its full-scale "
          "TinyStories results (§4.2), for reference only.\n",
