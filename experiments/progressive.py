@@ -7,17 +7,21 @@ from II), plus the transformer baseline (QSF spec D12), each in
 ``--workdir/<stage>``; re-running the same command resumes. Writes
 ``table2.md`` and ``table2.json`` (parameters, val loss, perplexity, tokens
 evaluated, steps, training wall time, a D14 sample per stage, and the paper's
-reported figures beside ours). ``--include=wave,gla`` adds those stages (from
-scratch). Exit status 130 when a SIGINT/SIGTERM stopped a stage (its
+reported figures beside ours) and ``loss_curves.png`` (training and
+validation loss of every stage). ``--include=wave,gla`` adds those stages
+(from scratch). Exit status 130 when a SIGINT/SIGTERM stopped a stage (its
 checkpoint is saved; the same command resumes).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
 
+from qsf_jax.analysis.history import loss_curves, read_metrics
+from qsf_jax.analysis.plots_dynamics import plot_stage_losses
 from qsf_jax.training import cli
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.table2 import run_progressive
@@ -61,6 +65,12 @@ def execute(fv: flags.FlagValues) -> int:
   table = run_progressive(base, fv.workdir, stages=fv.stages, include=fv.include,
                           eval_batches=fv.eval_batches)
   print(f"wrote {fv.workdir}/table2.md and table2.json ({len(table['rows'])} stages)")
+  if table["rows"]:
+    curves = {r["stage"]: loss_curves(read_metrics(os.path.join(fv.workdir, r["stage"])))
+              for r in table["rows"]}
+    path = os.path.join(fv.workdir, "loss_curves.png")
+    plot_stage_losses(curves, title=f"progressive training, preset {fv.preset}", path=path)
+    print(f"wrote {path}")
   if table["interrupted"]:
     print(f"interrupted during {table['interrupted']}; run the same command again to resume",
           file=sys.stderr)

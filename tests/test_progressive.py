@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from experiments import progressive as prog_cli
+from qsf_jax.analysis.plots_dynamics import plot_stage_losses
 from qsf_jax.models.params import count_params, paper_param_counts
 from qsf_jax.training import table2
 from qsf_jax.training.errors import TrainConfigError
@@ -56,6 +57,8 @@ def test_tables_have_every_stage_and_true_parameter_counts(ran):
   assert table["settings"]["max_train_stories"] == 100
   md = (out / "table2.md").read_text()
   assert "first 100 training stories, 3 steps x batch 2" in md
+  png = (out / "loss_curves.png").read_bytes()
+  assert png.startswith(b"\x89PNG") and len(png) > 5000
   assert ("| stage | init from | params | params @ paper | paper params | val loss | ppl | "
           "paper val loss | paper ppl | val tokens | steps | train wall (s) |") in md
   assert (f"| koopman_attn | koopman | {rows['koopman_attn']['params']:,} | 29,415,392 | "
@@ -132,3 +135,8 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys, flag, msg):
 def test_missing_workdir_is_an_error(capsys):
   assert prog_cli.run(["progressive"]) == 1
   assert "--workdir is required" in capsys.readouterr().err
+
+
+def test_stage_loss_plot_needs_a_run():
+  with pytest.raises(ValueError, match="no run to plot"):
+    plot_stage_losses({})

@@ -34,6 +34,7 @@ from qsf_jax.analysis.plots_dynamics import (
     plot_occupancy,
     plot_propagation,
     plot_sse,
+    plot_stage_losses,
 )
 from qsf_jax.analysis.plots_spectrum import plot_layer_budget, plot_log_abs_histogram, plot_spectrum
 from qsf_jax.analysis.propagation import (

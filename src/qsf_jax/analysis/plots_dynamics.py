@@ -7,7 +7,7 @@ written when ``path`` is given.
 from __future__ import annotations
 
 import numpy as np
-from matplotlib import cm
+from matplotlib import cm, colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -71,6 +71,43 @@ def plot_losses(curves: dict, *, path=None) -> Figure:
   ax.set_ylabel("cross entropy (nats)")
   ax.legend()
   ax.set_title("loss")
+  return save(fig, path)
+
+
+def plot_stage_losses(curves_by_stage: dict, *, title: str = "", path=None) -> Figure:
+  """Training (left) and validation (right) loss of several runs against their own step.
+
+  Each progressive stage (QSF spec D12) restarts its step count, so the curves
+  share the x axis "step within the stage"; a stage initialised from its
+  parent starts below a stage trained from scratch.
+
+  Args:
+    curves_by_stage: ``{stage: {"train": (steps, loss), "eval": (steps, loss)}}`` in
+      plotting order (``history.loss_curves`` of each run).
+    title: figure title.
+    path: PNG path, or None.
+  """
+  if not curves_by_stage:
+    raise ValueError("curves_by_stage is empty: no run to plot")
+  fig = Figure(figsize=(11, 4), layout="constrained")
+  ax_tr, ax_ev = fig.subplots(1, 2, sharey=True)
+  colours = colormaps["tab10"]
+  for i, (stage, curves) in enumerate(curves_by_stage.items()):
+    c = colours(i % 10)
+    steps, loss = curves.get("train", (np.zeros(0), np.zeros(0)))
+    if len(steps):
+      ax_tr.plot(steps, loss, "-", color=c, lw=1.2, label=stage)
+    steps, loss = curves.get("eval", (np.zeros(0), np.zeros(0)))
+    if len(steps):
+      ax_ev.plot(steps, loss, "o-", color=c, ms=4, label=stage)
+  for ax, name in ((ax_tr, "training loss"), (ax_ev, "validation loss")):
+    ax.set_xlabel("step within the stage")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  ax_tr.set_ylabel("cross entropy (nats)")
+  ax_ev.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
   return save(fig, path)
 
 
