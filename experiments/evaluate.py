@@ -2,7 +2,9 @@ r"""Evaluates a run folder: ``python -m experiments.evaluate --workdir=runs/s3``
 
 Prints progress, then as its last line one JSON object with ``val_loss`` (mean
 token cross entropy in nats), ``perplexity`` (= e^val_loss, QSF spec D13),
-``tokens``, ``batches``, ``step``, ``stage`` and ``data``.
+``tokens``, ``batches``, ``step``, ``stage``, ``data`` and ``beta`` (the
+normalisation-anneal weight it was evaluated at; ``--beta`` overrides the
+checkpoint's).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_string("cache_dir", None, "Token-cache folder (default: the run's).",
                       flag_values=fv)
+  flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
+                     "the checkpoint's own; 0 evaluates with LayerNorm).", flag_values=fv)
   cli.define_common(fv)
 
 
@@ -35,7 +39,7 @@ def execute(fv: flags.FlagValues) -> int:
     raise flags.Error("--workdir is required")
   rec = evaluate_workdir(fv.workdir, data=fv.data, step=fv.step, max_batches=fv.eval_batches,
                          batch_size=fv.batch_size, tokenizer_file=fv.tokenizer_file,
-                         cache_dir=fv.cache_dir)
+                         cache_dir=fv.cache_dir, beta=fv.beta)
   print(json.dumps(rec), flush=True)
   return 0
 

@@ -10,7 +10,9 @@ from experiments import analyze as analyze_cli
 from qsf_jax.analysis import forward, layer_operators
 from qsf_jax.analysis.pipeline import analyze_workdir
 from story_corpus import story_corpus
+from qsf_jax.training import setup
 from qsf_jax.training.config import TrainConfig
+from qsf_jax.training.evaluation import evaluate_split, evaluate_workdir
 from qsf_jax.training.loop import train_and_evaluate
 from qsf_jax.training.restore import load_run
 
@@ -165,3 +167,21 @@ def test_bad_flags_are_clear_errors(stage4, capsys):
   assert "--layer must be in [0, 2)" in _error_line(capsys)
   assert analyze_cli.run(["analyze", f"--workdir={stage4}", "--max_sequences=0"]) == 1
   assert "--max_sequences must be >= 1" in _error_line(capsys)
+
+
+def test_evaluate_at_another_anneal_weight(stage3):
+  """evaluate_workdir(beta=...) overrides the checkpoint's anneal weight (QSF §3.4, D5)."""
+  default = evaluate_workdir(stage3, max_batches=1)
+  assert default["beta"] == pytest.approx(1.0, abs=1e-6)  # a finished Stage III: linear
+  with_ln = evaluate_workdir(stage3, max_batches=1, beta=0.0)
+  assert with_ln["beta"] == 0.0 and with_ln["tokens"] == default["tokens"]
+  run = load_run(stage3)
+  corpus = setup.load_corpus(run.cfg, run.tokenizer)
+  direct = evaluate_split(run.model, run.params, run.collections, corpus.valid,
+                          batch_size=run.cfg.batch_size, seq_len=run.seq_len, max_batches=1,
+                          beta=0.0)
+  assert with_ln["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-6)
+  assert with_ln["val_loss"] != pytest.approx(default["val_loss"], rel=1e-6)
+  for bad in (-0.1, 1.5, float("nan"), "1"):
+    with pytest.raises(ValueError, match="beta must be a number in"):
+      evaluate_workdir(stage3, max_batches=1, beta=bad)

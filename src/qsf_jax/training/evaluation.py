@@ -65,7 +65,8 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
 
 def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = None,
                      max_batches: int | None = None, batch_size: int | None = None,
-                     tokenizer_file: str | None = None, cache_dir: str | None = None) -> dict:
+                     tokenizer_file: str | None = None, cache_dir: str | None = None,
+                     beta: float | None = None) -> dict:
   """Validation loss and perplexity of a run folder's checkpoint (QSF spec D13).
 
   Args:
@@ -76,10 +77,15 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     batch_size: rows per batch (default: the run's batch size).
     tokenizer_file: local vocabulary for gpt2 runs.
     cache_dir: token-cache folder (default: the run's).
+    beta: the normalisation-anneal weight to evaluate at, in [0, 1] (QSF §3.4,
+      D5; default: the checkpoint's own, 1 after a finished Stage III/IV).
+      ``beta=0`` evaluates an annealed stage's weights with plain LayerNorm.
 
   Returns:
-    ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data"}``.
+    ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data", "beta"}``.
   """
+  if beta is not None and not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+    raise ValueError(f"beta must be a number in [0, 1] or None, got {beta!r}")
   from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
   from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
 
@@ -91,5 +97,6 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
   rec = evaluate_split(run.model, run.params, run.collections, corpus.valid, batch_size=bs,
                        seq_len=run.seq_len, mode=cfg.data_mode, max_batches=max_batches,
-                       beta=run.beta, mesh=mesh)
-  return dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"))
+                       beta=run.beta if beta is None else float(beta), mesh=mesh)
+  return dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"),
+              beta=run.beta if beta is None else float(beta))
