@@ -43,7 +43,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("layer", None, "Layer for the propagators and the SSE (default: the largest spectral "
     "radius among layers with a real log K).", flag_values=fv)
   i("sse_paths", 32, "SSE ensemble size.", flag_values=fv)
-  i("sse_steps", 200, "SSE Euler-Maruyama steps per token interval.", flag_values=fv)
+  i("sse_steps", 0, "SSE Euler-Maruyama steps per token interval (0: as many as a stable "
+    "explicit step needs, 200 to 5000).", flag_values=fv)
   i("seed", 0, "SSE noise seed.", flag_values=fv)
   s("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.", flag_values=fv)
   s("cache_dir", None, "Token-cache folder (default: the run's).", flag_values=fv)
@@ -69,15 +70,16 @@ def execute(fv: flags.FlagValues) -> int:
 def _execute(fv: flags.FlagValues) -> int:
   if not fv.workdir:
     raise flags.Error("--workdir is required")
-  for name in ("max_sequences", "batch_size", "sentence_tokens", "exact_tokens", "sse_paths",
-               "sse_steps"):
+  for name in ("max_sequences", "batch_size", "sentence_tokens", "exact_tokens", "sse_paths"):
     if getattr(fv, name) < 1:
       raise flags.Error(f"--{name} must be >= 1, got {getattr(fv, name)}")
+  if fv.sse_steps < 0:
+    raise flags.Error(f"--sse_steps must be >= 0 (0: automatic), got {fv.sse_steps}")
   analyze_workdir(fv.workdir, out=fv.out, data=fv.data, step=fv.step,
                   max_sequences=fv.max_sequences, batch_size=fv.batch_size,
                   sentence_tokens=fv.sentence_tokens, exact_tokens=fv.exact_tokens,
                   layer=fv.layer, sse_paths=fv.sse_paths,
-                  sse_steps=fv.sse_steps, seed=fv.seed, tokenizer_file=fv.tokenizer_file,
+                  sse_steps=fv.sse_steps or None, seed=fv.seed, tokenizer_file=fv.tokenizer_file,
                   cache_dir=fv.cache_dir, commutator=fv.commutator,
                   log=lambda msg: print(msg, flush=True))
   return 0

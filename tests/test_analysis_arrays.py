@@ -331,3 +331,20 @@ def test_operators_reject_other_stages():
     analysis.layer_operators({}, get_config("fnet", "tiny"))
   with pytest.raises(ValueError, match="layers/koopman"):
     analysis.layer_operators({"layers": {}}, get_config("koopman_attn", "tiny"))
+
+
+def test_sse_step_count_keeps_a_stiff_ensemble_finite():
+  """A far measured target makes eq. 43 stiff: 200 explicit steps diverge, the automatic
+  count (dt * stiffness <= 1/2) stays finite and bounded."""
+  K, b = 0.5 * np.eye(4), np.zeros(4)
+  x0, far = np.array([1.0, 0.0, 0.0, 0.0]), np.array([0.0, 40.0, 0.0, 0.0])
+  fixed = propagation.sse_ensemble(jax.random.key(0), K, b, x0, far, n_paths=8, n_steps=200)
+  assert not fixed["finite"] and fixed["n_steps"] == 200
+  auto = propagation.sse_ensemble(jax.random.key(0), K, b, x0, far, n_paths=8)
+  A = np.log(0.5) * np.eye(4)
+  want = int(np.ceil(2 * (abs(np.log(0.5)) + (np.hypot(1.0, 40.0) + 1.0) ** 2 / 2)))
+  assert auto["n_steps"] == want == propagation.stable_sse_steps(A, x0, far)
+  assert auto["finite"] and np.all(auto["norm"] < 2 * np.linalg.norm(far))  # no blow-up
+  near = np.array([0.0, 0.5, 0.0, 0.0])  # not stiff: the floor of 200 steps
+  assert propagation.stable_sse_steps(A, x0, near) == propagation.SSE_MIN_STEPS
+  assert propagation.stable_sse_steps(A, x0, 1e6 * far) == propagation.SSE_MAX_STEPS

@@ -86,7 +86,8 @@ def _decode_one(tokenizer):
 def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | None = None,
                     max_sequences: int = 64, batch_size: int = 8, sentence_tokens: int = 48,
                     exact_tokens: int = 12, layer: int | None = None, sse_paths: int = 32,
-                    sse_steps: int = 200, seed: int = 0, tokenizer_file: str | None = None,
+                    sse_steps: int | None = None, seed: int = 0,
+                    tokenizer_file: str | None = None,
                     cache_dir: str | None = None, commutator: bool = False,
                     log=print) -> dict:
   """Analyses the checkpoint in ``workdir`` and writes the report (QSF §6.6, §4.4).
@@ -103,7 +104,8 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
       evaluated (one (2d+2)-square matrix exponential each).
     layer: the layer for the propagators and the SSE (default: ``pick_layer``).
     sse_paths: SSE ensemble size.
-    sse_steps: SSE Euler-Maruyama steps per token interval.
+    sse_steps: SSE Euler-Maruyama steps per token interval (None: enough for a
+      stable explicit step, ``propagation.stable_sse_steps``).
     seed: SSE noise seed.
     tokenizer_file: local GPT-2 vocabulary (default: the run's).
     cache_dir: token-cache folder (default: the run's).
@@ -268,7 +270,7 @@ def _dynamics(results, out, ops, sentence, l, tokenizer, sse_paths, sse_steps, s
                                     token=labels[n])
   results["sse"] = {
       "layer": l, "token": labels[n], "position": n, "n_paths": sse_paths,
-      "n_steps": sse_steps, "variant_dynamics": sse["variant_dynamics"],
+      "n_steps": sse["n_steps"], "variant_dynamics": sse["variant_dynamics"],
       "sse_variant": sse["sse_variant"], "finite": sse["finite"], "scale": sse["scale"],
       "dist_end_mean": _finite_mean(sse["dist"][:, -1]),
       "free_dist_end": float(sse["free_dist"][-1])}

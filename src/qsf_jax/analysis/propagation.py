@@ -169,7 +169,41 @@ def state_target(W_V, x_tgt, *, rcond: float = 1e-6) -> np.ndarray:
                          rcond=rcond)[0]
 
 
-def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int = 200,
+SSE_MIN_STEPS, SSE_MAX_STEPS = 200, 5000
+
+
+def stable_sse_steps(A, x0, x_tgt, *, sigma: float = 1.0, min_steps: int = SSE_MIN_STEPS,
+                     max_steps: int = SSE_MAX_STEPS) -> int:
+  """Euler-Maruyama steps per unit interval that keep the eq. 43 drift stable.
+
+  The drift A x + b - ||e||^2 x / (2 sigma^2) has, near the path, a stiffness
+  of at most s = ||A||_2 + (r + 1)^2 / (2 sigma^2) with r = max(||x0 - x_tgt||,
+  ||x_tgt||) (the state moves between x0 and the origin, so ||e|| <= r + 1 in
+  the unit-sphere scaling). Explicit Euler is stable for dt * s < 2; this
+  returns n = ceil(2 s), i.e. dt * s <= 1/2, clipped to [min_steps, max_steps].
+  A target far from the state (a trained W_V that is close to singular puts
+  x* with W_V x* = x_tgt far away) makes the equation stiff, and a fixed
+  200 steps then diverges.
+
+  Args:
+    A: generator (d, d).
+    x0: start (d,) (already scaled).
+    x_tgt: target (d,) (same scaling).
+    sigma: measurement noise sigma_m.
+    min_steps, max_steps: bounds on the returned count.
+
+  Returns:
+    the number of steps (int).
+  """
+  A, x0, xt = (np.asarray(a, np.float64) for a in (A, x0, x_tgt))
+  r = max(float(np.linalg.norm(x0 - xt)), float(np.linalg.norm(xt)))
+  stiff = float(np.linalg.norm(A, 2)) + (r + 1.0) ** 2 / (2.0 * sigma ** 2)
+  if not np.isfinite(stiff):
+    return int(max_steps)
+  return int(np.clip(math.ceil(2.0 * stiff), min_steps, max_steps))
+
+
+def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int | None = None,
                  sigma: float = 1.0, variant: str = "paper", dynamics=None) -> dict:
   """SSE trajectories over one token interval from a layer's operators (QSF eq. 43/42, §6.7).
 
@@ -187,7 +221,7 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int = 200,
     x0: start, the layer's Koopman input at one token (d,).
     x_tgt: the measured target in state space (d,) (see ``state_target``).
     n_paths: ensemble size.
-    n_steps: Euler-Maruyama steps over the unit interval.
+    n_steps: Euler-Maruyama steps over the unit interval (None: ``stable_sse_steps``).
     sigma: measurement noise sigma_m.
     variant: "paper" (eq. 43) or "centered" (eq. 42).
     dynamics: ``layer_dynamics(K, b)`` if already computed.
@@ -195,8 +229,8 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int = 200,
   Returns:
     ``{"t" (n_steps+1,), "norm" (P, n_steps+1), "dist" (P, n_steps+1) = ||x - x_tgt||,
     "free_norm", "free_dist" (n_steps+1,) of the unmeasured flow (sigma = inf),
-    "variant_dynamics", "sse_variant", "scale" = ||x0||, "finite"}`` (norms and
-    distances in the scaled units).
+    "variant_dynamics", "sse_variant", "scale" = ||x0||, "finite", "n_steps"}`` (norms
+    and distances in the scaled units).
   """
   x0 = np.asarray(x0, np.float64)
   scale = float(np.linalg.norm(x0))
@@ -207,6 +241,8 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int = 200,
   if xt.shape != x0.shape:
     raise ValueError(f"x_tgt must have shape {x0.shape}, got {xt.shape}")
   args = (x0 / scale, A, b_c / scale, xt)
+  if n_steps is None:
+    n_steps = stable_sse_steps(A, x0 / scale, xt, sigma=sigma)
   with jax.enable_x64(True):
     paths = np.asarray(simulate_sse(key, *args, sigma=sigma, dt=1.0 / n_steps,
                                     n_steps=n_steps, variant=variant, n_paths=n_paths))
@@ -219,4 +255,4 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int = 200,
             "free_norm": np.linalg.norm(free, axis=-1),
             "free_dist": np.linalg.norm(free - xt, axis=-1),
             "variant_dynamics": dyn, "sse_variant": variant, "scale": scale,
-            "finite": bool(np.all(np.isfinite(paths)))}
+            "finite": bool(np.all(np.isfinite(paths))), "n_steps": int(n_steps)}
