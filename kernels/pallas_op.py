@@ -79,6 +79,29 @@ def _local_cumsum(g_BTH, C):
   return jnp.cumsum(g_BTH.astype(_F32).reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
 
 
+def _launch(kernel, grid, in_specs, out_specs, out_shape, tuning, interpret: bool, name: str,
+            cost):
+  """``pl.pallas_call`` on the Triton backend with one kernel's launch settings.
+
+  Args:
+    kernel: the kernel body (a ``functools.partial`` of ``fwd_kernel``/``bwd_kernel``).
+    grid: launch grid ``(NV, H, B)``.
+    in_specs, out_specs, out_shape: the block specs and output shapes.
+    tuning: the ``KernelConfig`` of this direction (``num_warps``, ``num_stages``).
+    interpret: run the kernel with the Pallas interpreter (CPU).
+    name: kernel name in profiles.
+    cost: ``pl.CostEstimate`` for XLA's scheduler.
+
+  Returns:
+    the callable ``pallas_call`` returns.
+  """
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
+                                           num_stages=tuning.num_stages),
+      interpret=interpret, name=name, cost_estimate=cost)
+
+
 def _fwd_call(q, k, v, b, h0, st: _Static):
   """Runs the forward kernel; returns (o (B,Tp,H,Dv), S_T (B,H,Dk,Dv) f32 or None)."""
   B, Tp, H, Dk = q.shape
@@ -100,21 +123,12 @@ def _fwd_call(q, k, v, b, h0, st: _Static):
                              store_state=st.return_final_state,
                              precision=_precision(q.dtype))
   itemsize = jnp.dtype(q.dtype).itemsize
-  outs = pl.pallas_call(
-      kernel,
-      grid=(NV, H, B),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=st.fwd.num_warps,
-                                           num_stages=st.fwd.num_stages),
-      interpret=st.interpret,
-      name="linear_attention_fwd",
-      cost_estimate=pl.CostEstimate(
-          flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
-          transcendentals=int(B * H * Tp * (C + 2) * NV),
-          bytes_accessed=int(roofline.fwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize))),
-  )(q, k, v, b, *([h0] if h0 is not None else []))
+  cost = pl.CostEstimate(
+      flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
+      transcendentals=int(B * H * Tp * (C + 2) * NV),
+      bytes_accessed=int(roofline.fwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
+  outs = _launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, st.fwd, st.interpret,
+                 "linear_attention_fwd", cost)(q, k, v, b, *([h0] if h0 is not None else []))
   return outs[0], (outs[1] if st.return_final_state else None)
 
 
@@ -152,21 +166,12 @@ def _bwd_call(q, k, v, b, do, h0, dST, st: _Static):
   kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_h0=h0 is not None,
                              has_dst=dST is not None, precision=_precision(q.dtype))
   itemsize = jnp.dtype(q.dtype).itemsize
-  outs = pl.pallas_call(
-      kernel,
-      grid=(NV, H, B),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=st.bwd.num_warps,
-                                           num_stages=st.bwd.num_stages),
-      interpret=st.interpret,
-      name="linear_attention_bwd",
-      cost_estimate=pl.CostEstimate(
-          flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
-          transcendentals=int(B * H * Tp * (2 * C + 4) * NV),
-          bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize))),
-  )(q, k, v, b, do, *extra_in)
+  cost = pl.CostEstimate(
+      flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
+      transcendentals=int(B * H * Tp * (2 * C + 4) * NV),
+      bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
+  outs = _launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, st.bwd, st.interpret,
+                 "linear_attention_bwd", cost)(q, k, v, b, do, *extra_in)
   dq_parts, dk_parts, dv, dgq, dgk = outs[:5]
   dq = dq_parts[0] if NV == 1 else jnp.sum(dq_parts, axis=0)
   dk = dk_parts[0] if NV == 1 else jnp.sum(dk_parts, axis=0)
