@@ -61,7 +61,8 @@ def execute(fv: flags.FlagValues) -> int:
                      tokenizer=fv.tokenizer, tokenizer_file=fv.tokenizer_file,
                      cache_dir=fv.cache_dir, data_mode=fv.data_mode,
                      max_train_stories=fv.max_train_stories, steps=fv.steps,
-                     batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed, lr=fv.lr, sample_tokens=fv.sample_tokens)
+                     batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed, lr=fv.lr,
+                     sample_tokens=fv.sample_tokens)
   table = run_progressive(base, fv.workdir, stages=fv.stages, include=fv.include,
                           eval_batches=fv.eval_batches)
   print(f"wrote {fv.workdir}/table2.md and table2.json ({len(table['rows'])} stages)")

@@ -348,3 +348,6 @@ def test_sse_step_count_keeps_a_stiff_ensemble_finite():
   near = np.array([0.0, 0.5, 0.0, 0.0])  # not stiff: the floor of 200 steps
   assert propagation.stable_sse_steps(A, x0, near) == propagation.SSE_MIN_STEPS
   assert propagation.stable_sse_steps(A, x0, 1e6 * far) == propagation.SSE_MAX_STEPS
+  for bad in (0, -3, 2.5):
+    with pytest.raises(ValueError, match="n_steps must be a positive int or None"):
+      propagation.sse_ensemble(jax.random.key(0), K, b, x0, far, n_steps=bad)

@@ -167,6 +167,8 @@ def test_bad_flags_are_clear_errors(stage4, capsys):
   assert "--layer must be in [0, 2)" in _error_line(capsys)
   assert analyze_cli.run(["analyze", f"--workdir={stage4}", "--max_sequences=0"]) == 1
   assert "--max_sequences must be >= 1" in _error_line(capsys)
+  assert analyze_cli.run(["analyze", f"--workdir={stage4}", "--sse_steps=-1"]) == 1
+  assert "--sse_steps must be >= 0 (0: automatic)" in _error_line(capsys)
 
 
 def test_evaluate_at_another_anneal_weight(stage3):

@@ -243,6 +243,8 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int | None
   args = (x0 / scale, A, b_c / scale, xt)
   if n_steps is None:
     n_steps = stable_sse_steps(A, x0 / scale, xt, sigma=sigma)
+  elif isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+    raise ValueError(f"n_steps must be a positive int or None (automatic), got {n_steps!r}")
   with jax.enable_x64(True):
     paths = np.asarray(simulate_sse(key, *args, sigma=sigma, dt=1.0 / n_steps,
                                     n_steps=n_steps, variant=variant, n_paths=n_paths))
