@@ -184,6 +184,6 @@ def test_evaluate_at_another_anneal_weight(stage3):
                           beta=0.0)
   assert with_ln["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-6)
   assert with_ln["val_loss"] != pytest.approx(default["val_loss"], rel=1e-6)
-  for bad in (-0.1, 1.5, float("nan"), "1"):
+  for bad in (-0.1, 1.5, float("nan"), "1", True):
     with pytest.raises(ValueError, match="beta must be a number in"):
       evaluate_workdir(stage3, max_batches=1, beta=bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,8 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data", "beta"}``.
   """
-  if beta is not None and not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+  if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
+                           or not 0.0 <= beta <= 1.0):
     raise ValueError(f"beta must be a number in [0, 1] or None, got {beta!r}")
   from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
   from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
