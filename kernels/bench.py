@@ -122,16 +122,43 @@ def _skip_reason(impl, mode, B, T, H, D, mem_budget):
   return None
 
 
+def measure_ceilings(reps=20, copy_bytes=2 << 30, gemm_n=8192):
+  """Measures this device's two roofline ceilings (kernels spec §7, "Ceilings").
+
+  Bandwidth: a jitted elementwise pass over ``copy_bytes`` of bf16 (read once,
+  written once), counting bytes read plus bytes written. Matmul: an
+  ``gemm_n``^3 bf16 product on random data (2 n^3 FLOP). Each is the median of
+  ``reps`` calls after compilation, rotating two input sets.
+
+  Returns:
+    a ``roofline.DevicePeak`` with the measured figures.
+  """
+  n = copy_bytes // 2
+  xs = [jax.random.normal(jax.random.key(s), (n,), jnp.bfloat16) for s in (0, 1)]
+  t_copy = _median_seconds(jax.jit(lambda x: x * 2), [(x,) for x in xs], reps)
+  del xs
+  mats = [tuple(jax.random.normal(k, (gemm_n, gemm_n), jnp.bfloat16)
+                for k in jax.random.split(jax.random.key(s), 2)) for s in (2, 3)]
+  t_mm = _median_seconds(jax.jit(lambda a, b: a @ b), mats, reps)
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+  return roofline.DevicePeak(2 * gemm_n ** 3 / t_mm, 2 * copy_bytes / t_copy,
+                             f"measured by bench --measure_ceilings, {date}")
+
+
 def _memory_budget():
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
   return 0.5 * limit if limit else 8e9
 
 
-def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs):
-  """Runs the sweep and returns the list of result rows (dicts)."""
+def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None):
+  """Runs the sweep and returns the list of result rows (dicts).
+
+  ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
+  ``roofline.device_peak`` of the device kind.
+  """
   dev = jax.devices()[0]
-  peak = roofline.device_peak(dev.device_kind)
+  peak = peak or roofline.device_peak(dev.device_kind)
   budget = _memory_budget()
   elem = jnp.dtype(dtype).itemsize
   cands = []
@@ -211,6 +238,9 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--sweep_configs", action="store_true",
                  help="time every Pallas launch configuration")
+  p.add_argument("--measure_ceilings", action="store_true",
+                 help="measure this device's copy bandwidth and bf16 matmul rate first and "
+                      "use them as the roofline ceilings")
   a = p.parse_args(argv)
   if a.reps < 20:
     p.error("--reps must be >= 20")
@@ -223,10 +253,13 @@ def main(argv=None):
   dev = jax.devices()[0]
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {date}")
+  peak = measure_ceilings() if a.measure_ceilings else roofline.device_peak(dev.device_kind)
+  if peak is not None:
+    print(f"ceilings: {peak.bandwidth / 1e12:.2f} TB/s, {peak.flops / 1e12:.0f} TFLOP/s "
+          f"({peak.source})")
   rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=a.impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
-             sweep_configs=a.sweep_configs)
-  peak = roofline.device_peak(dev.device_kind)
+             sweep_configs=a.sweep_configs, peak=peak)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
             f"{a.dtype}, median of {a.reps}, {date}")
   print("\n" + markdown_table(rows, header))

@@ -52,3 +52,15 @@ def test_bench_entry_point_writes_json(tmp_path, capsys):
 def test_bench_rejects_too_few_reps():
   with pytest.raises(SystemExit):
     bench.main(["--reps=5"])
+
+
+def test_measured_ceilings_feed_the_roofline_column():
+  peak = bench.measure_ceilings(reps=20, copy_bytes=1 << 20, gemm_n=128)
+  assert peak.bandwidth > 0 and peak.flops > 0 and "measured" in peak.source
+  # On CPU the device table has no ceilings; measured ones give every timed row a
+  # roofline fraction t_floor / t, which is positive and consistent with the row's rates.
+  rows = bench.run((64,), (16,), 1, 1, impls=["xla"], modes=["fwd"], reps=20,
+                   dtype="bfloat16", sweep_configs=False, peak=peak)
+  (r,) = rows
+  floor = max(r["gbps"] * 1e9 / peak.bandwidth, r["tflops"] * 1e12 / peak.flops)
+  assert r["roofline_pct"] == pytest.approx(100 * floor, rel=1e-9)
