@@ -33,14 +33,16 @@ from . import roofline
 from .op import linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
 
-# Launch configurations swept on GPU: name -> (chunk, KernelConfig for fwd and bwd).
+# Launch configurations swept on GPU: name -> (chunk, KernelConfig for fwd and bwd,
+# num_segments; None = automatic, see ``segments.auto_num_segments``).
 PALLAS_CONFIGS = {
-    "c64_bv64_w4_s2": (64, DEFAULT_FWD),
-    "c64_bv32_w4_s2": (64, KernelConfig(block_v=32, num_warps=4, num_stages=2)),
-    "c64_bv64_w8_s3": (64, KernelConfig(block_v=64, num_warps=8, num_stages=3)),
-    "c64_bv128_w8_s2": (64, KernelConfig(block_v=128, num_warps=8, num_stages=2)),
-    "c64_bv64_w2_s4": (64, KernelConfig(block_v=64, num_warps=2, num_stages=4)),
-    "c128_bv64_w8_s2": (128, KernelConfig(block_v=64, num_warps=8, num_stages=2)),
+    "c64_bv64_w4_s2": (64, DEFAULT_FWD, None),
+    "c64_bv64_w4_s2_seg1": (64, DEFAULT_FWD, 1),
+    "c64_bv64_w4_s2_seg16": (64, DEFAULT_FWD, 16),
+    "c64_bv32_w4_s2": (64, KernelConfig(block_v=32, num_warps=4, num_stages=2), None),
+    "c64_bv64_w8_s3": (64, KernelConfig(block_v=64, num_warps=8, num_stages=3), None),
+    "c64_bv128_w8_s2": (64, KernelConfig(block_v=128, num_warps=8, num_stages=2), None),
+    "c128_bv64_w8_s2": (128, KernelConfig(block_v=64, num_warps=8, num_stages=2), None),
 }
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
@@ -65,9 +67,10 @@ def _forward_fn(impl, cfg):
     return lambda q, k, v, g: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                            implementation=kind)
   if impl == "pallas":
-    chunk, kc = cfg
+    chunk, kc, nseg = cfg
     return lambda q, k, v, g: pallas_linear_attention(q, k, v, g, chunk_size=chunk,
-                                                      fwd_config=kc, bwd_config=kc)[0]
+                                                      fwd_config=kc, bwd_config=kc,
+                                                      num_segments=nseg)[0]
   return lambda q, k, v, g: linear_attention(q, k, v, g, impl=impl, chunk_size=64)
 
 
@@ -151,11 +154,13 @@ def _memory_budget():
   return 0.5 * limit if limit else 8e9
 
 
-def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None):
+def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, configs=None):
   """Runs the sweep and returns the list of result rows (dicts).
 
   ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
-  ``roofline.device_peak`` of the device kind.
+  ``roofline.device_peak`` of the device kind. ``configs`` names the Pallas
+  launch configurations to time (default: all with ``sweep_configs``, else the
+  default one).
   """
   dev = jax.devices()[0]
   peak = peak or roofline.device_peak(dev.device_kind)
@@ -164,7 +169,7 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None):
   cands = []
   for impl in impls:
     if impl == "pallas":
-      names = sorted(PALLAS_CONFIGS) if sweep_configs else ["c64_bv64_w4_s2"]
+      names = configs or (sorted(PALLAS_CONFIGS) if sweep_configs else ["c64_bv64_w4_s2"])
       cands += [("pallas", n, PALLAS_CONFIGS[n]) for n in names]
     else:
       cands.append((impl, "", None))
@@ -238,12 +243,19 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--sweep_configs", action="store_true",
                  help="time every Pallas launch configuration")
+  p.add_argument("--configs", default=None,
+                 help="comma-separated Pallas launch configurations to time (names of "
+                      "PALLAS_CONFIGS)")
   p.add_argument("--measure_ceilings", action="store_true",
                  help="measure this device's copy bandwidth and bf16 matmul rate first and "
                       "use them as the roofline ceilings")
   a = p.parse_args(argv)
   if a.reps < 20:
     p.error("--reps must be >= 20")
+  configs = a.configs.split(",") if a.configs else None
+  unknown = sorted(set(configs or ()) - set(PALLAS_CONFIGS))
+  if unknown:
+    p.error(f"unknown --configs {unknown}; choose from {sorted(PALLAS_CONFIGS)}")
   quick = a.quick or (jax.default_backend() == "cpu" and not a.full)
   sizes = dict(QUICK if quick else FULL)
   if a.T:
@@ -259,7 +271,7 @@ def main(argv=None):
           f"({peak.source})")
   rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=a.impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
-             sweep_configs=a.sweep_configs, peak=peak)
+             sweep_configs=a.sweep_configs, peak=peak, configs=configs)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
             f"{a.dtype}, median of {a.reps}, {date}")
   print("\n" + markdown_table(rows, header))

@@ -37,13 +37,19 @@ QUICK_CASES = [CASES[1], CASES[3], CASES[5]]
 
 
 def _grads(fn, args, do, dS):
-  def loss(q, k, v, g, S0):
+  """value_and_grad of <o, do> + <S_T, dS> in (q, k, v, g, S0).
+
+  The cotangents are jit arguments, not closed-over constants: as constants XLA
+  constant-folds their reshapes at compile time (seconds per case at T=4096).
+  """
+  def loss(q, k, v, g, S0, do, dS):
     o, S_T = fn(q, k, v, g, S0)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
-  return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(*args)
+  return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(*args, do, dS)
 
 
-def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, seed=0, interpret=False):
+def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments=None, seed=0,
+               interpret=False):
   """Compares Pallas with the float32 "xla" impl for one case.
 
   Args:
@@ -52,6 +58,7 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, seed=0, inte
     gate: gate family of ``testing.random_inputs``.
     chunk: Pallas chunk size.
     cfg: ``KernelConfig`` for both kernels, or None for the defaults.
+    num_segments: sequence segments of the kernels (None = automatic).
     seed: integer seed.
     interpret: run the kernels in interpret mode (for a CPU smoke test).
 
@@ -66,7 +73,7 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, seed=0, inte
   do = jnp.asarray(rng.standard_normal((B, T, H, Dv)).astype(np.float32))
   dS = jnp.asarray(rng.standard_normal((B, H, Dk, Dv)).astype(np.float32))
   kw = {} if cfg is None else dict(fwd_config=cfg, bwd_config=cfg)
-  kw["interpret"] = interpret
+  kw.update(interpret=interpret, num_segments=num_segments)
   pallas = lambda *a: pallas_linear_attention(*a, chunk_size=chunk, return_final_state=True,
                                               **kw)
   xla = lambda *a: chunked_linear_attention(*(x.astype(jnp.float32) for x in a), chunk_size=64)
@@ -96,16 +103,17 @@ def main(argv=None):
     print("gpu_check needs a GPU backend; found", jax.default_backend())
     return 2
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
-  runs = [(c, None, 64) for c in (QUICK_CASES if a.quick else CASES)]
+  runs = [(c, None, 64, None) for c in (QUICK_CASES if a.quick else CASES)]
   if not a.quick:  # every benchmarked launch configuration at one production shape
-    runs += [(CASES[0], cfg, chunk) for chunk, cfg in PALLAS_CONFIGS.values()]
+    runs += [(CASES[0], cfg, chunk, nseg) for chunk, cfg, nseg in PALLAS_CONFIGS.values()]
   failed = 0
-  for case, cfg, chunk in runs:
-    res = check_case(*case, chunk=chunk, cfg=cfg)
+  for case, cfg, chunk, nseg in runs:
+    res = check_case(*case, chunk=chunk, cfg=cfg, num_segments=nseg)
     bad = [(n, e, b) for n, e, b in res if not e <= b]
     failed += bool(bad)
     errs = " ".join(f"{n}={e:.1e}" for n, e, _ in res)
-    print(f"{'FAIL' if bad else 'ok  '} {case} C={chunk} {cfg or 'default'}: {errs}", flush=True)
+    print(f"{'FAIL' if bad else 'ok  '} {case} C={chunk} S={nseg or 'auto'} {cfg or 'default'}: "
+          f"{errs}", flush=True)
   print(f"{len(runs) - failed}/{len(runs)} cases passed")
   return 1 if failed else 0
 

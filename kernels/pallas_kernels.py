@@ -51,6 +51,23 @@ def _last(x_C, C):
   return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1, x_C, 0.0))
 
 
+def _dot_nt_state(a, S_f32, precision):
+  """a @ S^T with the float32 state S kept to about 16 mantissa bits.
+
+  For bf16/f16 ``a``, S is split as S = S_hi + S_lo with both halves in a's
+  dtype and the two products are summed in float32 (two MMAs instead of one).
+  A plain cast of S would round it to 8 bits; in the backward that error does
+  not cancel in the decay gradient dG_t = q_t.dq_t - k_t.dk_t, and with strong
+  decays it dominates dg (kernels spec §1.4: FLA keeps backward states in
+  float32). Float32 ``a`` uses S as is.
+  """
+  if a.dtype == _F32:
+    return _dot_nt(a, S_f32, precision)
+  S_hi = S_f32.astype(a.dtype)
+  S_lo = (S_f32 - S_hi.astype(_F32)).astype(a.dtype)
+  return _dot_nt(a, S_hi, precision) + _dot_nt(a, S_lo, precision)
+
+
 def _decay_mask(b_C, C):
   """M_ij = exp(b_i - b_j) [i >= j], masked to -inf *before* the exp (spec §1.2)."""
   row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
@@ -142,7 +159,7 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     b_last = _last(b_C, C)
     dA_CC = _dot_nt(do_CV, v_CV, precision) * _decay_mask(b_C, C)
     dq_CK = _dot(dA_CC.astype(k_CK.dtype), k_CK, precision)
-    dq_CK += _dot_nt(do_CV, S_KV.astype(do_CV.dtype), precision) * jnp.exp(b_C)[:, None]
+    dq_CK += _dot_nt_state(do_CV, S_KV, precision) * jnp.exp(b_C)[:, None]
     dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
     dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
     kd_CK = (k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]).astype(k_CK.dtype)
@@ -164,7 +181,7 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     dv_CV = (_dot_tn(A_CC.astype(do_CV.dtype), do_CV, precision)
              + _dot(k_CK, dS_KV.astype(k_CK.dtype), precision) * w_C1)
     dk_CK = (_dot_tn(dA_CC.astype(q_CK.dtype), q_CK, precision)
-             + _dot_nt(v_CV, dS_KV.astype(v_CV.dtype), precision) * w_C1)
+             + _dot_nt_state(v_CV, dS_KV, precision) * w_C1)
     dv_ref[sl] = dv_CV.astype(dv_ref.dtype)
     dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
     dgk_ref[sl] = jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import roofline
+from . import roofline, segments
 from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
                         validate_inputs)
 from .pallas_kernels import bwd_kernel, fwd_kernel
@@ -212,12 +212,14 @@ _core.defvjp(_core_fwd, _core_bwd)
 def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chunk_size=64,
                             interpret=False, return_final_state=False,
                             fwd_config: KernelConfig = DEFAULT_FWD,
-                            bwd_config: KernelConfig = DEFAULT_BWD):
+                            bwd_config: KernelConfig = DEFAULT_BWD, num_segments=None):
   """Chunked causal linear attention with fused Pallas-Triton kernels.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
   + q_t^T exp(G_t) S_0, S_T = sum_s exp(G_T - G_s) k_s v_s^T + exp(G_T) S_0,
-  computed chunk-wise (§1.2) with a ``custom_vjp`` backward (§1.3).
+  computed chunk-wise (§1.2) with a ``custom_vjp`` backward (§1.3). With
+  ``num_segments`` S > 1 the sequence is cut into S segments that the kernels
+  run as separate rows, from entering states passed in XLA (``segments``).
 
   Args:
     q: queries (B, T, H, Dk), float16/bfloat16/float32.
@@ -231,6 +233,9 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     return_final_state: also compute S_T (one (Dk, BV) store per program).
     fwd_config: forward launch parameters.
     bwd_config: backward launch parameters.
+    num_segments: S, a positive int, or None to choose it from the number of
+      kernel programs (``segments.auto_num_segments``: more programs for
+      small B * H, S = 1 for short sequences).
 
   Returns:
     (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
@@ -238,16 +243,22 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
 
   Raises:
     ValueError: for the bad inputs ``linear_attention`` rejects, a chunk that
-      is not a power of two >= 16, or a bad ``block_v``.
+      is not a power of two >= 16, a bad ``block_v`` or ``num_segments``.
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   check_chunk_size(chunk_size, power_of_two=True)
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   C = min(int(chunk_size), max(16, next_power_of_two(T)))
-  Tp = round_up(T, C)
   Dkp = max(16, next_power_of_two(Dk))
   Dvp = max(16, next_power_of_two(Dv))
+  if num_segments is None:
+    num_segments = segments.auto_num_segments(
+        B * H * (Dvp // _block_v(fwd_config, Dvp)), -(-T // C))
+  elif isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+    raise ValueError(f"num_segments must be a positive int or None, got {num_segments!r}")
+  nseg = num_segments
+  Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
                return_final_state=bool(return_final_state))
   g = jnp.zeros((B, T, H), _F32) if log_decay is None else log_decay
@@ -256,7 +267,15 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   vp = pad_axis(pad_axis(v, 1, Tp), 3, Dvp)
   gp = pad_axis(g, 1, Tp)
   h0p = None if initial_state is None else pad_axis(pad_axis(initial_state, 2, Dkp), 3, Dvp)
-  o, S_T = _core(qp, kp, vp, gp, h0p, st)
+  if nseg == 1:
+    o, S_T = _core(qp, kp, vp, gp, h0p, st)
+  else:
+    S_in, S_T = segments.entering_states(kp, vp, gp, h0p, nseg, precision=_precision(q.dtype))
+    o, _ = _core(*(segments.fold(x, nseg) for x in (qp, kp, vp, gp)),
+                 S_in.reshape((B * nseg,) + S_in.shape[2:]),
+                 dataclasses.replace(st, return_final_state=False))
+    o = segments.unfold(o, B)
+    S_T = S_T if return_final_state else None
   o = o[:, :T, :, :Dv]
   if S_T is not None:
     S_T = S_T[:, :, :Dk, :Dv]

@@ -64,3 +64,8 @@ def test_measured_ceilings_feed_the_roofline_column():
   (r,) = rows
   floor = max(r["gbps"] * 1e9 / peak.bandwidth, r["tflops"] * 1e12 / peak.flops)
   assert r["roofline_pct"] == pytest.approx(100 * floor, rel=1e-9)
+
+
+def test_bench_rejects_unknown_configs():
+  with pytest.raises(SystemExit):
+    bench.main(["--configs=c64_bv64_w4_s2,nonsense"])

@@ -36,7 +36,7 @@ requires_cuda_lowering = pytest.mark.skipif(
 
 
 def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, bwd=DEFAULT_BWD,
-                    with_state=True):
+                    with_state=True, num_segments=None):
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, Dk), dtype), S((B, T, H, Dk), dtype), S((B, T, H, Dv), dtype),
              S((B, T, H), jnp.float32), S((B, H, Dk, Dv), jnp.float32)]
@@ -44,7 +44,8 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
   def loss(q, k, v, g, S0):
     o, S_T = pallas_linear_attention(q, k, v, g, S0 if with_state else None,
                                      chunk_size=chunk_size, return_final_state=with_state,
-                                     fwd_config=fwd, bwd_config=bwd)
+                                     fwd_config=fwd, bwd_config=bwd,
+                                     num_segments=num_segments)
     extra = jnp.sum(S_T) if with_state else 0.0
     return jnp.sum(o.astype(jnp.float32)) + extra
 
@@ -56,9 +57,9 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("cfg_name", sorted(PALLAS_CONFIGS))
 def test_lowers_at_production_shapes(D, cfg_name):
-  chunk, cfg = PALLAS_CONFIGS[cfg_name]
+  chunk, cfg, nseg = PALLAS_CONFIGS[cfg_name]
   assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, chunk_size=chunk, fwd=cfg,
-                         bwd=cfg) == 2
+                         bwd=cfg, num_segments=nseg) == 2
 
 
 @requires_cuda_lowering

@@ -1,0 +1,85 @@
+"""Two-level split of the sequence (kernels/segments.py) under the Pallas kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax.kernels import pallas_linear_attention, reference_linear_attention, segments
+from qsf_jax.kernels.testing import GRAD_NAMES, TOL, gradient_case, random_inputs, rel_rms_error
+
+
+@pytest.mark.parametrize("programs, chunks, want", [
+    (128, 64, 4),    # B = H = 8, two value blocks, T = 4096: 4 x 128 = 512 programs
+    (512, 64, 1),    # already enough programs
+    (2, 5, 1),       # too short to split
+    (2, 8, 2),       # capped at 4 chunks per segment
+    (1, 1000, 128),  # capped at the largest power of two <= 1000 // 4
+])
+def test_auto_num_segments(programs, chunks, want):
+  assert segments.auto_num_segments(programs, chunks) == want
+
+
+def test_entering_states_are_prefix_states(x64):
+  # S_in[:, s] is the state after the first s L tokens; S_T the state after all T.
+  q, k, v, g, S0 = (None if x is None else jnp.asarray(np.asarray(x, np.float64))
+                    for x in random_inputs(2, 2, 96, 3, 8, 5, gate="strong"))
+  S_in, S_T = segments.entering_states(k, v, g, S0, 4)
+  assert S_in.shape == (2, 4, 3, 8, 5) and S_in.dtype == jnp.float32
+  L = 24
+  for s in range(5):
+    if s == 0:
+      want = S0
+    else:
+      _, want = reference_linear_attention(q[:, :s * L], k[:, :s * L], v[:, :s * L],
+                                           g[:, :s * L], S0)
+    got = S_in[:, s] if s < 4 else S_T
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_segments, gate, dtype", [
+    (2, "medium", "float32"),
+    (4, "extreme", "float32"),
+    (4, "strong", "bfloat16"),
+])
+def test_segmented_outputs_and_grads_match_float64(num_segments, gate, dtype):
+  # T = 200 pads to 256 = 4 segments x 4 chunks of 16; every output and gradient
+  # (through the kernels' custom_vjp and the XLA state passing) against float64.
+  args, do, dS, ref = gradient_case(1, 200, 2, 16, 32, dtype, gate, 11)
+
+  def run(q, k, v, g, S0):
+    return pallas_linear_attention(q, k, v, g, S0, chunk_size=16, interpret=True,
+                                   return_final_state=True, num_segments=num_segments)
+
+  def loss(*a):
+    o, S_T = run(*a)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
+
+  tol = TOL[dtype]
+  o, S_T = run(*args)
+  with jax.enable_x64(True):
+    o64, S64 = reference_linear_attention(*(jnp.asarray(np.asarray(x, np.float64))
+                                            for x in args))
+  assert rel_rms_error(o, o64) <= tol["o"] and rel_rms_error(S_T, S64) <= tol["o"]
+  grads = jax.grad(loss, argnums=range(5))(*args)
+  for name, x, gr, r in zip(GRAD_NAMES, args, grads, ref):
+    assert gr.dtype == x.dtype and np.all(np.isfinite(np.asarray(gr, np.float64))), name
+    bound = tol["dg"] if name == "log_decay" else tol["grad"]
+    assert rel_rms_error(gr, r) <= bound, (name, rel_rms_error(gr, r))
+
+
+def test_segments_without_initial_state_or_decay():
+  q, k, v, _, _ = random_inputs(5, 1, 128, 1, 16, 16, gate="none", initial_state=False)
+  o1, S1 = pallas_linear_attention(q, k, v, chunk_size=16, interpret=True,
+                                   return_final_state=True, num_segments=1)
+  o4, S4 = pallas_linear_attention(q, k, v, chunk_size=16, interpret=True,
+                                   return_final_state=True, num_segments=4)
+  assert rel_rms_error(o4, o1) < 1e-6 and rel_rms_error(S4, S1) < 1e-6
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_bad_num_segments(bad):
+  q, k, v, g, _ = random_inputs(0, 1, 32, 1, 16, 16)
+  with pytest.raises(ValueError, match="num_segments"):
+    pallas_linear_attention(q, k, v, g, interpret=True, num_segments=bad)
