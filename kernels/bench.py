@@ -34,15 +34,15 @@ from .op import linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
 
 # Launch configurations swept on GPU: name -> (chunk, KernelConfig for fwd and bwd,
-# num_segments; None = automatic, see ``segments.auto_num_segments``).
+# num_segments of the two-level split, see ``segments``).
 PALLAS_CONFIGS = {
-    "c64_bv64_w4_s2": (64, DEFAULT_FWD, None),
-    "c64_bv64_w4_s2_seg1": (64, DEFAULT_FWD, 1),
+    "c64_bv64_w4_s2": (64, DEFAULT_FWD, 1),
+    "c64_bv64_w4_s2_seg4": (64, DEFAULT_FWD, 4),
     "c64_bv64_w4_s2_seg16": (64, DEFAULT_FWD, 16),
-    "c64_bv32_w4_s2": (64, KernelConfig(block_v=32, num_warps=4, num_stages=2), None),
-    "c64_bv64_w8_s3": (64, KernelConfig(block_v=64, num_warps=8, num_stages=3), None),
-    "c64_bv128_w8_s2": (64, KernelConfig(block_v=128, num_warps=8, num_stages=2), None),
-    "c128_bv64_w8_s2": (128, KernelConfig(block_v=64, num_warps=8, num_stages=2), None),
+    "c64_bv32_w4_s2": (64, KernelConfig(block_v=32, num_warps=4, num_stages=2), 1),
+    "c64_bv64_w8_s3": (64, KernelConfig(block_v=64, num_warps=8, num_stages=3), 1),
+    "c64_bv128_w8_s2": (64, KernelConfig(block_v=128, num_warps=8, num_stages=2), 1),
+    "c128_bv64_w8_s2": (128, KernelConfig(block_v=64, num_warps=8, num_stages=2), 1),
 }
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)

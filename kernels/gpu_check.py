@@ -36,19 +36,21 @@ CASES = [  # (B, T, H, Dk, Dv, dtype, gate)
 QUICK_CASES = [CASES[1], CASES[3], CASES[5]]
 
 
-def _grads(fn, args, do, dS):
-  """value_and_grad of <o, do> + <S_T, dS> in (q, k, v, g, S0).
+def _grad_fn(fn):
+  """Jitted value_and_grad of <o, do> + <S_T, dS> in (q, k, v, g, S0).
 
-  The cotangents are jit arguments, not closed-over constants: as constants XLA
-  constant-folds their reshapes at compile time (seconds per case at T=4096).
+  Called as ``f(q, k, v, g, S0, do, dS)``. The cotangents are jit arguments, not
+  closed-over constants: as constants XLA constant-folds their reshapes at
+  compile time (seconds per case at T=4096). Build it once and call it twice,
+  so that the race check does not compile again.
   """
   def loss(q, k, v, g, S0, do, dS):
     o, S_T = fn(q, k, v, g, S0)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
-  return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(*args, do, dS)
+  return jax.jit(jax.value_and_grad(loss, argnums=range(5)))
 
 
-def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments=None, seed=0,
+def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments=1, seed=0,
                interpret=False):
   """Compares Pallas with the float32 "xla" impl for one case.
 
@@ -58,7 +60,7 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments
     gate: gate family of ``testing.random_inputs``.
     chunk: Pallas chunk size.
     cfg: ``KernelConfig`` for both kernels, or None for the defaults.
-    num_segments: sequence segments of the kernels (None = automatic).
+    num_segments: segments of the two-level split (1 = none).
     seed: integer seed.
     interpret: run the kernels in interpret mode (for a CPU smoke test).
 
@@ -80,12 +82,13 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments
   fwd = jax.jit(pallas)
   o1, S1 = fwd(*args)
   o2, S2 = fwd(*args)
-  (_, g1), (_, g2) = _grads(pallas, args, do, dS), _grads(pallas, args, do, dS)
+  pallas_grads = _grad_fn(pallas)
+  (_, g1), (_, g2) = pallas_grads(*args, do, dS), pallas_grads(*args, do, dS)
   if not (np.array_equal(np.asarray(o1), np.asarray(o2))
           and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(g1, g2))):
     raise AssertionError(f"results differ between two identical runs (race?): {B, T, H, Dk, Dv}")
   o_ref, S_ref = jax.jit(xla)(*args)
-  _, g_ref = _grads(xla, args, do, dS)
+  _, g_ref = _grad_fn(xla)(*args, do, dS)
   tol = TOL[dtype]
   out = [("o", rel_rms_error(o1, o_ref), tol["o"]), ("S_T", rel_rms_error(S1, S_ref), tol["o"])]
   for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), g1, g_ref):
@@ -103,7 +106,7 @@ def main(argv=None):
     print("gpu_check needs a GPU backend; found", jax.default_backend())
     return 2
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
-  runs = [(c, None, 64, None) for c in (QUICK_CASES if a.quick else CASES)]
+  runs = [(c, None, 64, 1) for c in (QUICK_CASES if a.quick else CASES)]
   if not a.quick:  # every benchmarked launch configuration at one production shape
     runs += [(CASES[0], cfg, chunk, nseg) for chunk, cfg, nseg in PALLAS_CONFIGS.values()]
   failed = 0
@@ -112,7 +115,7 @@ def main(argv=None):
     bad = [(n, e, b) for n, e, b in res if not e <= b]
     failed += bool(bad)
     errs = " ".join(f"{n}={e:.1e}" for n, e, _ in res)
-    print(f"{'FAIL' if bad else 'ok  '} {case} C={chunk} S={nseg or 'auto'} {cfg or 'default'}: "
+    print(f"{'FAIL' if bad else 'ok  '} {case} C={chunk} S={nseg} {cfg or 'default'}: "
           f"{errs}", flush=True)
   print(f"{len(runs) - failed}/{len(runs)} cases passed")
   return 1 if failed else 0

@@ -212,7 +212,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chunk_size=64,
                             interpret=False, return_final_state=False,
                             fwd_config: KernelConfig = DEFAULT_FWD,
-                            bwd_config: KernelConfig = DEFAULT_BWD, num_segments=None):
+                            bwd_config: KernelConfig = DEFAULT_BWD, num_segments: int = 1):
   """Chunked causal linear attention with fused Pallas-Triton kernels.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
@@ -233,9 +233,9 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     return_final_state: also compute S_T (one (Dk, BV) store per program).
     fwd_config: forward launch parameters.
     bwd_config: backward launch parameters.
-    num_segments: S, a positive int, or None to choose it from the number of
-      kernel programs (``segments.auto_num_segments``: more programs for
-      small B * H, S = 1 for short sequences).
+    num_segments: S >= 1 segments of the padded sequence, each run as its own
+      kernel row (more programs for small B * H; T is padded to a multiple of
+      S * chunk). 1, the default, runs the kernels over the whole sequence.
 
   Returns:
     (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
@@ -252,11 +252,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   C = min(int(chunk_size), max(16, next_power_of_two(T)))
   Dkp = max(16, next_power_of_two(Dk))
   Dvp = max(16, next_power_of_two(Dv))
-  if num_segments is None:
-    num_segments = segments.auto_num_segments(
-        B * H * (Dvp // _block_v(fwd_config, Dvp)), -(-T // C))
-  elif isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
-    raise ValueError(f"num_segments must be a positive int or None, got {num_segments!r}")
+  if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+    raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
   nseg = num_segments
   Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),

@@ -17,6 +17,11 @@ cancellation of two large cumsums). The kernels then run on (B S) rows of L
 tokens with initial states S_s; S_S is the final state. Everything here is
 differentiable, so gradients flow through the kernels' ``custom_vjp`` (which
 returns d initial_state) and through these few XLA ops.
+
+Measured on an H200 (WORKSPACE.md, "Pallas kernels on GPU"), the split did not
+pay at B = H = 8, T = 4096: the XLA state passing costs more than the extra
+programs save, so ``pallas_linear_attention`` defaults to one segment and the
+split is an option (``num_segments``) for shapes with very few programs.
 """
 
 from __future__ import annotations
@@ -24,29 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._validate import next_power_of_two
-
 _F32 = jnp.float32
-# Programs to aim for: a few per SM of a large GPU (an H100 has 132 SMs).
-TARGET_PROGRAMS = 512
-# Each segment keeps at least this many chunks, so that the state passing and
-# the extra read of k and v stay small against the kernel's work.
-MIN_CHUNKS_PER_SEGMENT = 4
-
-
-def auto_num_segments(programs: int, num_chunks: int) -> int:
-  """Segments S for ``programs`` kernel programs over ``num_chunks`` chunks.
-
-  The smallest power of two with S * programs >= TARGET_PROGRAMS, capped so
-  that each segment has at least MIN_CHUNKS_PER_SEGMENT chunks (S = 1 for
-  short sequences or large B * H).
-  """
-  want = next_power_of_two(max(1, -(-TARGET_PROGRAMS // max(1, programs))))
-  cap = max(1, num_chunks // MIN_CHUNKS_PER_SEGMENT)
-  cap = 1 << (cap.bit_length() - 1)  # largest power of two <= cap
-  return int(min(want, cap))
-
-
 def entering_states(k_BTHK, v_BTHV, g_BTH, h0_BHKV, num_segments: int, precision=None):
   """States entering each of S equal segments, and the final state.
 

@@ -9,17 +9,6 @@ from qsf_jax.kernels import pallas_linear_attention, reference_linear_attention,
 from qsf_jax.kernels.testing import GRAD_NAMES, TOL, gradient_case, random_inputs, rel_rms_error
 
 
-@pytest.mark.parametrize("programs, chunks, want", [
-    (128, 64, 4),    # B = H = 8, two value blocks, T = 4096: 4 x 128 = 512 programs
-    (512, 64, 1),    # already enough programs
-    (2, 5, 1),       # too short to split
-    (2, 8, 2),       # capped at 4 chunks per segment
-    (1, 1000, 128),  # capped at the largest power of two <= 1000 // 4
-])
-def test_auto_num_segments(programs, chunks, want):
-  assert segments.auto_num_segments(programs, chunks) == want
-
-
 def test_entering_states_are_prefix_states(x64):
   # S_in[:, s] is the state after the first s L tokens; S_T the state after all T.
   q, k, v, g, S0 = (None if x is None else jnp.asarray(np.asarray(x, np.float64))
@@ -78,7 +67,7 @@ def test_segments_without_initial_state_or_decay():
   assert rel_rms_error(o4, o1) < 1e-6 and rel_rms_error(S4, S1) < 1e-6
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4", None])
 def test_bad_num_segments(bad):
   q, k, v, g, _ = random_inputs(0, 1, 32, 1, 16, 16)
   with pytest.raises(ValueError, match="num_segments"):
