@@ -10,8 +10,9 @@ cotangent). Candidates: "pallas" (GPU only; every launch configuration of
 "reference" (O(T^2), only where its score tensors fit in memory), "scan" (short T
 only) and "softmax", ``jax.nn.dot_product_attention(..., is_causal=True)`` (the
 cuDNN implementation on GPU). Each time is the median of ``--reps`` (>= 20)
-calls after compilation, timed end to end with ``block_until_ready``, rotating
-two input sets. Throughput uses the FLOP/byte model of ``roofline`` (kernels
+calls after compilation, timed end to end with ``block_until_ready``
+(``--timing=pipelined``: ten calls back to back per sample), rotating two input
+sets. Throughput uses the FLOP/byte model of ``roofline`` (kernels
 spec §7): for every linear-attention impl the *useful* work of the chunked
 algorithm, so TFLOP/s are comparable across impls. On CPU the default is the
 ``--quick`` sweep and Pallas is skipped.
@@ -83,16 +84,28 @@ def _bench_fn(impl, cfg, mode):
   return jax.jit(jax.value_and_grad(loss, argnums=argnums))
 
 
-def _median_seconds(f, arg_sets, reps):
+PIPELINE_CALLS = 10  # back-to-back calls per sample with --timing=pipelined
+
+
+def _median_seconds(f, arg_sets, reps, timing="sync"):
+  """Median seconds per call of ``f`` over ``reps`` samples after compilation.
+
+  ``timing="sync"``: each sample is one call followed by ``block_until_ready``
+  (end to end: dispatch, host round trip and device time). ``"pipelined"``:
+  each sample is PIPELINE_CALLS calls issued back to back, blocked once, and
+  divided by their number, which hides the per-call host round trip and comes
+  closer to the device time.
+  """
   jax.block_until_ready(f(*arg_sets[0]))  # compile
   for a in arg_sets[1:]:
     jax.block_until_ready(f(*a))
+  calls = PIPELINE_CALLS if timing == "pipelined" else 1
   times = []
   for i in range(reps):
-    a = arg_sets[i % len(arg_sets)]
     t0 = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    times.append(time.perf_counter() - t0)
+    outs = [f(*arg_sets[(i * calls + j) % len(arg_sets)]) for j in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / calls)
   return statistics.median(times)
 
 
@@ -154,13 +167,14 @@ def _memory_budget():
   return 0.5 * limit if limit else 8e9
 
 
-def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, configs=None):
+def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, configs=None,
+        timing="sync"):
   """Runs the sweep and returns the list of result rows (dicts).
 
   ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
   ``roofline.device_peak`` of the device kind. ``configs`` names the Pallas
   launch configurations to time (default: all with ``sweep_configs``, else the
-  default one).
+  default one). ``timing`` is "sync" or "pipelined" (see ``_median_seconds``).
   """
   dev = jax.devices()[0]
   peak = peak or roofline.device_peak(dev.device_kind)
@@ -184,7 +198,7 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
           why = _skip_reason(impl, mode, B, T, H, D, budget)
           if why is None:
             try:
-              sec = _median_seconds(_bench_fn(impl, cfg, mode), arg_sets, reps)
+              sec = _median_seconds(_bench_fn(impl, cfg, mode), arg_sets, reps, timing)
             except Exception as e:  # pylint: disable=broad-except
               why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
           if why is not None:
@@ -240,6 +254,9 @@ def main(argv=None):
   p.add_argument("--T", default=None, help="comma-separated sequence lengths")
   p.add_argument("--D", default=None, help="comma-separated head dims")
   p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--timing", default="sync", choices=("sync", "pipelined"),
+                 help="sync: block after every call (end to end); pipelined: "
+                      f"{PIPELINE_CALLS} calls back to back per sample")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--sweep_configs", action="store_true",
                  help="time every Pallas launch configuration")
@@ -271,14 +288,14 @@ def main(argv=None):
           f"({peak.source})")
   rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=a.impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
-             sweep_configs=a.sweep_configs, peak=peak, configs=configs)
+             sweep_configs=a.sweep_configs, peak=peak, configs=configs, timing=a.timing)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
-            f"{a.dtype}, median of {a.reps}, {date}")
+            f"{a.dtype}, median of {a.reps}, {a.timing} timing, {date}")
   print("\n" + markdown_table(rows, header))
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
       json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
-                     jax_version=jax.__version__, quick=quick, reps=a.reps,
+                     jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
                      peak=None if peak is None else peak.__dict__, rows=rows), f, indent=1)
     print(f"wrote {a.out}")
 

@@ -69,3 +69,15 @@ def test_measured_ceilings_feed_the_roofline_column():
 def test_bench_rejects_unknown_configs():
   with pytest.raises(SystemExit):
     bench.main(["--configs=c64_bv64_w4_s2,nonsense"])
+
+
+def test_pipelined_timing(tmp_path):
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--T=32", "--impls=xla", "--modes=fwd", "--timing=pipelined",
+              f"--out={out}"])
+  data = json.loads(out.read_text())
+  assert data["timing"] == "pipelined"
+  (row,) = data["rows"]
+  assert row["impl"] == "xla" and row["ms"] > 0
+  with pytest.raises(SystemExit):
+    bench.main(["--timing=async"])
