@@ -68,6 +68,26 @@ def _dot_nt_state(a, S_f32, precision):
   return _dot_nt(a, S_hi, precision) + _dot_nt(a, S_lo, precision)
 
 
+def _state_increment(kd_CK, v_CV, precision, split):
+  """kd^T V, the state increment of one chunk (kd = decay-scaled keys, float32).
+
+  kd is rounded to V's dtype as an MMA operand (kernels spec §1.4). With
+  ``split`` (bf16/f16 V only) kd = kd_hi + kd_lo is kept to about 16 bits by two
+  MMAs. The forward does this when it returns S_T: the backward adds
+  <S_T, dS_T> to dG at the last step, and the reverse cumsum of dG then
+  subtracts the backward's own k.dk terms from it; an 8-bit S_T would leave
+  its rounding in every dg_t (seen with strong decays, where the difference is
+  small).
+  """
+  if v_CV.dtype == _F32:
+    return _dot_tn(kd_CK, v_CV, precision)
+  kd_hi = kd_CK.astype(v_CV.dtype)
+  out = _dot_tn(kd_hi, v_CV, precision)
+  if split:
+    out += _dot_tn((kd_CK - kd_hi.astype(_F32)).astype(v_CV.dtype), v_CV, precision)
+  return out
+
+
 def _decay_mask(b_C, C):
   """M_ij = exp(b_i - b_j) [i >= j], masked to -inf *before* the exp (spec §1.2)."""
   row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
@@ -85,7 +105,8 @@ def fwd_kernel(*refs, C, NT, has_h0, store_state, precision):
 
   Per chunk c, with b the chunk-local cumsum and gamma_c = b_{C-1}:
     A = (Q K^T) ⊙ M,  O = A V + diag(exp(b)) Q S_c,
-    S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K)^T V.
+    S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K)^T V
+  (the last product to about 16 bits when S_T is stored, see _state_increment).
 
   Args:
     *refs: q (Tp, Dk), k (Tp, Dk), v (Tp, BV), b (Tp,), [h0 (Dk, BV)] inputs,
@@ -113,8 +134,8 @@ def fwd_kernel(*refs, C, NT, has_h0, store_state, precision):
     o_CV = _dot(A_CC.astype(v_CV.dtype), v_CV, precision)
     o_CV += _dot(q_CK, S_KV.astype(q_CK.dtype), precision) * jnp.exp(b_C)[:, None]
     o_ref[sl] = o_CV.astype(o_ref.dtype)
-    kd_CK = (k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]).astype(k_CK.dtype)
-    return S_KV * jnp.exp(b_last) + _dot_tn(kd_CK, v_CV, precision)
+    kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
+    return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, store_state)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   S_KV = lax.fori_loop(0, NT, body, S0_KV)
@@ -162,8 +183,8 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     dq_CK += _dot_nt_state(do_CV, S_KV, precision) * jnp.exp(b_C)[:, None]
     dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
     dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
-    kd_CK = (k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]).astype(k_CK.dtype)
-    return S_KV * jnp.exp(b_last) + _dot_tn(kd_CK, v_CV, precision)
+    kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
+    return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, False)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   lax.fori_loop(0, NT, fwd_body, S0_KV)

@@ -103,12 +103,14 @@ def test_grads_bfloat16():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gate", ["medium", "strong"])
-def test_grads_bfloat16_multi_chunk_decay(gate):
-  # Eight chunks of 64 at D = 64: the backward's inter-chunk products use the float32
-  # state. Rounding it to bf16 gave a decay-gradient error of 4e-2 (strong) against the
-  # 2e-2 bound, since that error does not cancel in dG_t = q_t.dq_t - k_t.dk_t.
-  assert_grads_match("pallas", 1, 512, 2, 64, 64, dtype=jnp.bfloat16, gate=gate, seed=1,
+@pytest.mark.parametrize("gate, seed", [("medium", 1), ("strong", 1), ("extreme", 2)])
+def test_grads_bfloat16_multi_chunk_decay(gate, seed):
+  # Eight chunks of 64 at D = 64, bf16, with the final state and its cotangent. Two
+  # roundings of the float32 state to bf16 used to break the 2e-2 bound on dg: in the
+  # backward's inter-chunk products (4.3e-2 with strong decay; the error does not cancel
+  # in dG_t = q_t.dq_t - k_t.dk_t) and in the forward's S_T, whose <S_T, dS_T> the
+  # reverse cumsum of dG cancels against the backward's k.dk terms (2.4e-2, extreme).
+  assert_grads_match("pallas", 1, 512, 2, 64, 64, dtype=jnp.bfloat16, gate=gate, seed=seed,
                      chunk_size=64, interpret=True)
 
 
