@@ -3,6 +3,14 @@
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# XLA's multithreaded Eigen pool on CPU can wedge: a computation never finishes, the
+# main thread waits in block_until_ready and every pool thread sits idle. Seen once in
+# this suite (the batched complex64 Cayley gradient, jaxlib 0.10.2, 2 cores) and
+# reported elsewhere with the same stacks; single-threaded Eigen avoids it. Subprocess
+# tests inherit the flag through the environment.
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_cpu_multi_thread_eigen=false").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
