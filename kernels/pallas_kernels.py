@@ -51,6 +51,12 @@ def _last(x_C, C):
   return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1, x_C, 0.0))
 
 
+def _hi_lo(x_f32, dtype):
+  """x = hi + lo with both halves in ``dtype`` (about twice its mantissa bits)."""
+  hi = x_f32.astype(dtype)
+  return hi, (x_f32 - hi.astype(_F32)).astype(dtype)
+
+
 def _dot_nt_state(a, S_f32, precision):
   """a @ S^T with the float32 state S kept to about 16 mantissa bits.
 
@@ -63,8 +69,7 @@ def _dot_nt_state(a, S_f32, precision):
   """
   if a.dtype == _F32:
     return _dot_nt(a, S_f32, precision)
-  S_hi = S_f32.astype(a.dtype)
-  S_lo = (S_f32 - S_hi.astype(_F32)).astype(a.dtype)
+  S_hi, S_lo = _hi_lo(S_f32, a.dtype)
   return _dot_nt(a, S_hi, precision) + _dot_nt(a, S_lo, precision)
 
 
@@ -76,16 +81,15 @@ def _state_increment(kd_CK, v_CV, precision, split):
   MMAs. The forward does this when it returns S_T: the backward adds
   <S_T, dS_T> to dG at the last step, and the reverse cumsum of dG then
   subtracts the backward's own k.dk terms from it; an 8-bit S_T would leave
-  its rounding in every dg_t (seen with strong decays, where the difference is
+  its rounding in every dg_t (seen with extreme decays, where the difference is
   small).
   """
   if v_CV.dtype == _F32:
     return _dot_tn(kd_CK, v_CV, precision)
-  kd_hi = kd_CK.astype(v_CV.dtype)
-  out = _dot_tn(kd_hi, v_CV, precision)
-  if split:
-    out += _dot_tn((kd_CK - kd_hi.astype(_F32)).astype(v_CV.dtype), v_CV, precision)
-  return out
+  if not split:
+    return _dot_tn(kd_CK.astype(v_CV.dtype), v_CV, precision)
+  kd_hi, kd_lo = _hi_lo(kd_CK, v_CV.dtype)
+  return _dot_tn(kd_hi, v_CV, precision) + _dot_tn(kd_lo, v_CV, precision)
 
 
 def _decay_mask(b_C, C):

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+
+
 def entering_states(k_BTHK, v_BTHV, g_BTH, h0_BHKV, num_segments: int, precision=None):
   """States entering each of S equal segments, and the final state.
 
