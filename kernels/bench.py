@@ -26,6 +26,7 @@ import functools
 import json
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +35,34 @@ from . import roofline
 from .op import linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
 
-# Launch configurations swept on GPU: name -> (chunk, KernelConfig for fwd and bwd,
-# num_segments of the two-level split, see ``segments``).
+
+class Candidate(NamedTuple):
+  """One Pallas configuration: chunk, launch parameters, split and backward design."""
+  chunk: int
+  fwd: KernelConfig
+  bwd: KernelConfig
+  num_segments: int = 1  # two-level split of the sequence, see ``segments``
+  backward: str = "fused"  # "fused" or "chunked", see ``pallas_bwd_chunked``
+
+
+_W8 = KernelConfig(block_v=64, num_warps=8, num_stages=2)
+# Launch configurations swept on GPU (name -> Candidate).
 PALLAS_CONFIGS = {
-    "c64_bv64_w4_s2": (64, DEFAULT_FWD, 1),
-    "c64_bv64_w4_s2_seg4": (64, DEFAULT_FWD, 4),
-    "c64_bv64_w4_s2_seg16": (64, DEFAULT_FWD, 16),
-    "c64_bv32_w4_s2": (64, KernelConfig(block_v=32, num_warps=4, num_stages=2), 1),
-    "c64_bv64_w8_s3": (64, KernelConfig(block_v=64, num_warps=8, num_stages=3), 1),
-    "c64_bv128_w8_s2": (64, KernelConfig(block_v=128, num_warps=8, num_stages=2), 1),
-    "c128_bv64_w8_s2": (128, KernelConfig(block_v=64, num_warps=8, num_stages=2), 1),
+    "c64_bv64_w4_s2": Candidate(64, DEFAULT_FWD, DEFAULT_BWD),
+    "c64_bv64_w4_s2_seg4": Candidate(64, DEFAULT_FWD, DEFAULT_BWD, 4),
+    "c64_bv64_w4_s2_seg16": Candidate(64, DEFAULT_FWD, DEFAULT_BWD, 16),
+    "c64_bv32_w4_s2": Candidate(64, *[KernelConfig(block_v=32, num_warps=4, num_stages=2)] * 2),
+    "c64_bv64_w8_s3": Candidate(64, *[KernelConfig(block_v=64, num_warps=8, num_stages=3)] * 2),
+    "c64_bv128_w8_s2": Candidate(64, *[KernelConfig(block_v=128, num_warps=8, num_stages=2)] * 2),
+    "c128_bv64_w8_s2": Candidate(128, _W8, _W8),
+    # Chunk-parallel backward (with the default forward), 8 warps: with 4 the grads
+    # kernel spills at D = 128 (WORKSPACE.md). bv128 walks no value blocks; C = 128
+    # halves the float32 chunk states written and read.
+    "c64_bv64_w8_s2_chunkbwd": Candidate(64, DEFAULT_FWD, _W8, backward="chunked"),
+    "c64_bv128_w8_s2_chunkbwd": Candidate(
+        64, DEFAULT_FWD, KernelConfig(block_v=128, num_warps=8, num_stages=2),
+        backward="chunked"),
+    "c128_bv64_w8_s2_chunkbwd": Candidate(128, _W8, _W8, backward="chunked"),
 }
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
@@ -68,10 +87,9 @@ def _forward_fn(impl, cfg):
     return lambda q, k, v, g: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                            implementation=kind)
   if impl == "pallas":
-    chunk, kc, nseg = cfg
-    return lambda q, k, v, g: pallas_linear_attention(q, k, v, g, chunk_size=chunk,
-                                                      fwd_config=kc, bwd_config=kc,
-                                                      num_segments=nseg)[0]
+    return lambda q, k, v, g: pallas_linear_attention(
+        q, k, v, g, chunk_size=cfg.chunk, fwd_config=cfg.fwd, bwd_config=cfg.bwd,
+        num_segments=cfg.num_segments, backward=cfg.backward)[0]
   return lambda q, k, v, g: linear_attention(q, k, v, g, impl=impl, chunk_size=64)
 
 

@@ -1,6 +1,7 @@
 """Correctness of the compiled Pallas kernels on a GPU, at production shapes.
 
-Run as ``python -m qsf_jax.kernels.gpu_check [--quick]`` on a machine with a GPU
+Run as ``python -m qsf_jax.kernels.gpu_check [--quick] [--backward=chunked]
+[--configs=NAME,...]`` on a machine with a GPU
 (kernels spec §5.3, "GPU (when available)"). The unit tests run the same kernels
 in interpret mode on CPU; this checks what only a GPU shows: Triton's own
 compilation, TF32 defaults, races and out-of-bounds accesses. For each case the
@@ -20,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bench import PALLAS_CONFIGS
+from .bench import PALLAS_CONFIGS, Candidate
 from .chunked_xla import chunked_linear_attention
-from .pallas_op import pallas_linear_attention
+from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, pallas_linear_attention
 from .testing import TOL, random_inputs, rel_rms_error
 
 CASES = [  # (B, T, H, Dk, Dv, dtype, gate)
@@ -50,8 +51,8 @@ def _grad_fn(fn):
   return jax.jit(jax.value_and_grad(loss, argnums=range(5)))
 
 
-def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments=1, seed=0,
-               interpret=False):
+def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_config=None,
+               num_segments=1, backward="fused", seed=0, interpret=False):
   """Compares Pallas with the float32 "xla" impl for one case.
 
   Args:
@@ -59,8 +60,10 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments
     dtype: q/k/v dtype name.
     gate: gate family of ``testing.random_inputs``.
     chunk: Pallas chunk size.
-    cfg: ``KernelConfig`` for both kernels, or None for the defaults.
+    fwd_config, bwd_config: ``KernelConfig`` of each direction, or None for the
+      defaults.
     num_segments: segments of the two-level split (1 = none).
+    backward: the backward design, "fused" or "chunked".
     seed: integer seed.
     interpret: run the kernels in interpret mode (for a CPU smoke test).
 
@@ -74,8 +77,8 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments
   rng = np.random.default_rng(seed + 1)
   do = jnp.asarray(rng.standard_normal((B, T, H, Dv)).astype(np.float32))
   dS = jnp.asarray(rng.standard_normal((B, H, Dk, Dv)).astype(np.float32))
-  kw = {} if cfg is None else dict(fwd_config=cfg, bwd_config=cfg)
-  kw.update(interpret=interpret, num_segments=num_segments)
+  kw = dict(interpret=interpret, num_segments=num_segments, backward=backward)
+  kw.update({n: c for n, c in (("fwd_config", fwd_config), ("bwd_config", bwd_config)) if c})
   pallas = lambda *a: pallas_linear_attention(*a, chunk_size=chunk, return_final_state=True,
                                               **kw)
   xla = lambda *a: chunked_linear_attention(*(x.astype(jnp.float32) for x in a), chunk_size=64)
@@ -101,22 +104,33 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, cfg=None, num_segments
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="three cases, default config only")
+  p.add_argument("--backward", default="fused", choices=("fused", "chunked"),
+                 help="backward design of the cases at the default config")
+  p.add_argument("--configs", default=None,
+                 help="comma-separated PALLAS_CONFIGS names to check at the first case "
+                      "(default: all, unless --quick)")
   a = p.parse_args(argv)
+  names = a.configs.split(",") if a.configs else ([] if a.quick else sorted(PALLAS_CONFIGS))
+  unknown = sorted(set(names) - set(PALLAS_CONFIGS))
+  if unknown:
+    p.error(f"unknown --configs {unknown}; choose from {sorted(PALLAS_CONFIGS)}")
   if jax.default_backend() != "gpu":
     print("gpu_check needs a GPU backend; found", jax.default_backend())
     return 2
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
-  runs = [(c, None, 64, 1) for c in (QUICK_CASES if a.quick else CASES)]
-  if not a.quick:  # every benchmarked launch configuration at one production shape
-    runs += [(CASES[0], cfg, chunk, nseg) for chunk, cfg, nseg in PALLAS_CONFIGS.values()]
+  base = Candidate(64, DEFAULT_FWD, DEFAULT_BWD, backward=a.backward)
+  runs = [(c, f"default, {a.backward} backward", base)
+          for c in (QUICK_CASES if a.quick else CASES)]
+  # benchmarked launch configurations at one production shape
+  runs += [(CASES[0], n, PALLAS_CONFIGS[n]) for n in names]
   failed = 0
-  for case, cfg, chunk, nseg in runs:
-    res = check_case(*case, chunk=chunk, cfg=cfg, num_segments=nseg)
+  for case, name, cand in runs:
+    res = check_case(*case, chunk=cand.chunk, fwd_config=cand.fwd, bwd_config=cand.bwd,
+                     num_segments=cand.num_segments, backward=cand.backward)
     bad = [(n, e, b) for n, e, b in res if not e <= b]
     failed += bool(bad)
     errs = " ".join(f"{n}={e:.1e}" for n, e, _ in res)
-    print(f"{'FAIL' if bad else 'ok  '} {case} C={chunk} S={nseg} {cfg or 'default'}: "
-          f"{errs}", flush=True)
+    print(f"{'FAIL' if bad else 'ok  '} {case} {name}: {errs}", flush=True)
   print(f"{len(runs) - failed}/{len(runs)} cases passed")
   return 1 if failed else 0
 

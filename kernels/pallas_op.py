@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 from . import roofline, segments
 from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
                         validate_inputs)
+from .pallas_bwd_chunked import bwd_call_chunked
 from .pallas_kernels import bwd_kernel, fwd_kernel
 
 _F32 = jnp.float32
@@ -49,6 +50,7 @@ class KernelConfig:
 
 DEFAULT_FWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
+BACKWARDS = ("fused", "chunked")  # backward kernel designs, see pallas_linear_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ class _Static:
   bwd: KernelConfig
   interpret: bool
   return_final_state: bool
+  backward: str = "fused"
 
 
 def _precision(dtype):
@@ -196,8 +199,16 @@ def _core_bwd(st: _Static, res, cts):
   do, dST = cts
   if dST is not None:
     dST = dST.astype(_F32)
-  dq, dk, dv, dG_BTH, dh0 = _bwd_call(q, k, v, _local_cumsum(g, st.chunk), do.astype(v.dtype),
-                                      None if h0 is None else h0.astype(_F32), dST, st)
+  args = (q, k, v, _local_cumsum(g, st.chunk), do.astype(v.dtype),
+          None if h0 is None else h0.astype(_F32), dST)
+  if st.backward == "chunked":
+    launch = lambda kernel, grid, ins, outs, shapes, name, cost: _launch(
+        kernel, grid, ins, outs, shapes, st.bwd, st.interpret, name, cost)
+    dq, dk, dv, dG_BTH, dh0 = bwd_call_chunked(
+        *args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]), launch=launch,
+        precision=_precision(q.dtype))
+  else:
+    dq, dk, dv, dG_BTH, dh0 = _bwd_call(*args, st)
   if dST is not None:
     # G_T scales the whole final state: dL/dG_T gains <S_T, dS_T> (spec §1.3).
     dG_BTH = dG_BTH.at[:, -1, :].add(jnp.sum(S_T * dST, axis=(-2, -1)))
@@ -212,7 +223,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chunk_size=64,
                             interpret=False, return_final_state=False,
                             fwd_config: KernelConfig = DEFAULT_FWD,
-                            bwd_config: KernelConfig = DEFAULT_BWD, num_segments: int = 1):
+                            bwd_config: KernelConfig = DEFAULT_BWD, num_segments: int = 1,
+                            backward: str = "fused"):
   """Chunked causal linear attention with fused Pallas-Triton kernels.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
@@ -236,6 +248,9 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     num_segments: S >= 1 segments of the padded sequence, each run as its own
       kernel row (more programs for small B * H; T is padded to a multiple of
       S * chunk). 1, the default, runs the kernels over the whole sequence.
+    backward: "fused" (one kernel, two sweeps per value block; the default) or
+      "chunked" (chunk states to HBM, then one program per chunk;
+      ``pallas_bwd_chunked``). Both compute the same gradients.
 
   Returns:
     (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
@@ -243,7 +258,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
 
   Raises:
     ValueError: for the bad inputs ``linear_attention`` rejects, a chunk that
-      is not a power of two >= 16, a bad ``block_v`` or ``num_segments``.
+      is not a power of two >= 16, a bad ``block_v``, ``num_segments`` or
+      ``backward``.
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   check_chunk_size(chunk_size, power_of_two=True)
@@ -254,10 +270,12 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   Dvp = max(16, next_power_of_two(Dv))
   if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
     raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   nseg = num_segments
   Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
-               return_final_state=bool(return_final_state))
+               return_final_state=bool(return_final_state), backward=backward)
   g = jnp.zeros((B, T, H), _F32) if log_decay is None else log_decay
   qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
   kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)

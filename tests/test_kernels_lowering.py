@@ -36,7 +36,7 @@ requires_cuda_lowering = pytest.mark.skipif(
 
 
 def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, bwd=DEFAULT_BWD,
-                    with_state=True, num_segments=1):
+                    with_state=True, num_segments=1, backward="fused"):
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, Dk), dtype), S((B, T, H, Dk), dtype), S((B, T, H, Dv), dtype),
              S((B, T, H), jnp.float32), S((B, H, Dk, Dv), jnp.float32)]
@@ -45,7 +45,7 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
     o, S_T = pallas_linear_attention(q, k, v, g, S0 if with_state else None,
                                      chunk_size=chunk_size, return_final_state=with_state,
                                      fwd_config=fwd, bwd_config=bwd,
-                                     num_segments=num_segments)
+                                     num_segments=num_segments, backward=backward)
     extra = jnp.sum(S_T) if with_state else 0.0
     return jnp.sum(o.astype(jnp.float32)) + extra
 
@@ -57,23 +57,28 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("cfg_name", sorted(PALLAS_CONFIGS))
 def test_lowers_at_production_shapes(D, cfg_name):
-  chunk, cfg, nseg = PALLAS_CONFIGS[cfg_name]
-  assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, chunk_size=chunk, fwd=cfg,
-                         bwd=cfg, num_segments=nseg) == 2
+  c = PALLAS_CONFIGS[cfg_name]
+  n_kernels = 3 if c.backward == "chunked" else 2  # chunked: states + grads kernels
+  assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, chunk_size=c.chunk, fwd=c.fwd,
+                         bwd=c.bwd, num_segments=c.num_segments,
+                         backward=c.backward) == n_kernels
 
 
 @requires_cuda_lowering
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_lowers_other_dtypes(dtype):
   assert _export_fwd_bwd(2, 1024, 4, 64, 64, dtype) == 2
+  assert _export_fwd_bwd(2, 1024, 4, 64, 64, dtype, backward="chunked") == 3
 
 
 @requires_cuda_lowering
 @pytest.mark.parametrize("shape", [(2, 300, 2, 96, 40), (4, 1, 8, 64, 64), (1, 200, 3, 8, 256)])
 @pytest.mark.parametrize("with_state", [True, False])
-def test_lowers_padded_shapes(shape, with_state):
+@pytest.mark.parametrize("backward", ["fused", "chunked"])
+def test_lowers_padded_shapes(shape, with_state, backward):
   # T not a multiple of C, T = 1 (decode), non-power-of-two and tiny head dims.
-  assert _export_fwd_bwd(*shape, jnp.bfloat16, with_state=with_state) == 2
+  assert _export_fwd_bwd(*shape, jnp.bfloat16, with_state=with_state,
+                         backward=backward) == (3 if backward == "chunked" else 2)
 
 
 @requires_cuda_lowering
@@ -99,3 +104,29 @@ def test_lowering_rejects_a_non_power_of_two_tile():
                     S((1, 128, 1, 64), jnp.bfloat16), S((1, 128, 1), jnp.float32))
   with pytest.raises(ValueError, match="block_v"):
     _export_fwd_bwd(1, 64, 1, 64, 64, jnp.bfloat16, fwd=KernelConfig(block_v=48))
+
+
+def test_parse_ptxas_output():
+  from qsf_jax.kernels.ptxas_report import parse_ptxas  # pylint: disable=import-outside-toplevel
+  out = ("ptxas info    : Compiling entry function 'linear_attention_bwd' for 'sm_90a'\n"
+         "ptxas info    : Function properties for linear_attention_bwd\n"
+         "    2756 bytes stack frame, 2756 bytes spill stores, 2756 bytes spill loads\n"
+         "ptxas info    : Used 255 registers, used 1 barriers\n")
+  assert parse_ptxas(out) == (255, 2756)
+  with pytest.raises(ValueError, match="no register/spill line"):
+    parse_ptxas("ptxas fatal   : Unresolved extern function")
+
+
+@requires_cuda_lowering
+def test_ptxas_report_captures_the_triton_ir_of_every_kernel():
+  from qsf_jax.kernels import ptxas_report  # pylint: disable=import-outside-toplevel
+  found = ptxas_report.kernel_ir(PALLAS_CONFIGS["c64_bv64_w8_s2_chunkbwd"], 64, B=1, T=256, H=1)
+  assert sorted((n, w, s) for n, w, s, _ in found) == [
+      ("linear_attention_bwd_grads", 8, 2), ("linear_attention_bwd_states", 8, 2),
+      ("linear_attention_fwd", 4, 2)]
+  for name, _, _, ir in found:
+    assert f"tt.func public @{name}" in ir and "tt.dot" in ir
+  # The hooks are undone: a later export is not recorded.
+  assert pallas_linear_attention.__module__.endswith("pallas_op")
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  assert pl.pallas_call.__name__ == "pallas_call"

@@ -1,0 +1,215 @@
+"""Chunk-parallel ("chunked") backward for the Pallas-Triton linear attention.
+
+The fused backward (``pallas_kernels.bwd_kernel``) runs one program per (value
+block, head, batch row) through two sweeps of ~13 small matmuls per chunk, and
+sums dq, dk over value blocks in float32 outside the kernel. This variant
+follows FLA's ``chunk`` design (kernels spec §2.1: ``chunk_fwd_h`` recompute,
+``chunk_bwd_dh``, then ``chunk_bwd_dqkwg``/``chunk_bwd_dv``, parallel over
+chunks) in two kernels:
+
+1. ``states_kernel``, grid (Dv / BV, H, B), sequential over chunks but with one
+   matmul per chunk and sweep: it writes the state entering each chunk,
+   S_c, and the gradient of the state leaving it, dS_{c+1}, to HBM in float32
+   (spec §1.3):
+     S_0 = h0,       S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K_c)^T V_c,
+     dS_NT = dS_T,   dS_c    = exp(gamma_c) dS_{c+1} + (diag(exp(b)) Q_c)^T dO_c,
+   and dh0 = dS_0.
+2. ``grads_kernel``, grid (T / C, H, B), one program per chunk with every value
+   block in registers, so dq and dk are complete (no partial sums):
+     A  = (Q K^T) ⊙ M,  dA = (dO V^T) ⊙ M,
+     dQ = dA K + diag(exp(b)) dO S_c^T,
+     dK = dA^T Q + diag(exp(gamma_c - b)) V dS_{c+1}^T,
+     dV = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1},
+     dG_t = q_t . dq_t - k_t . dk_t.
+
+It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
+read back) for T/C times more programs and short serial chains. Products with
+the float32 states keep them to about 16 bits for 16-bit inputs, as the fused
+backward does (``pallas_kernels._dot_nt_state``). Selected with
+``pallas_linear_attention(..., backward="chunked")``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import roofline
+from .pallas_kernels import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state,
+                             _dot_tn, _last, _state_increment)
+
+_F32 = jnp.float32
+
+
+def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
+  """Chunk-boundary states and state gradients for one (value block, head, batch row).
+
+  QSF-independent, kernels spec §1.2-1.3 (see the module docstring for the
+  two recurrences).
+
+  Args:
+    *refs: q, k (Tp, Dk), v, do (Tp, BV), b (Tp,) chunk-local cumsums,
+      [h0 (Dk, BV)], [dST (Dk, BV)] inputs; then S (NT, Dk, BV) with S[c] the
+      state entering chunk c, dS (NT, Dk, BV) with dS[c] the gradient of the
+      state leaving chunk c, and [dh0 (Dk, BV)] outputs, all float32.
+    C: chunk length.
+    NT: number of chunks (Tp / C).
+    has_h0: whether an initial state is present (and dh0 is wanted).
+    has_dst: whether a final-state cotangent is present.
+    precision: dot precision (HIGHEST for float32 operands, else None).
+  """
+  q_ref, k_ref, v_ref, b_ref, do_ref = refs[:5]
+  rest = list(refs[5:])
+  h0_ref = rest.pop(0) if has_h0 else None
+  dst_ref = rest.pop(0) if has_dst else None
+  s_ref, ds_ref = rest[:2]
+  dh0_ref = rest[2] if has_h0 else None
+  Dk = q_ref.shape[-1]
+  BV = v_ref.shape[-1]
+
+  def fwd_body(c, S_KV):
+    s_ref[c] = S_KV
+    sl = _chunk_slice(c, C)
+    k_CK, v_CV = k_ref[sl], v_ref[sl]
+    b_C = b_ref[sl].astype(_F32)
+    b_last = _last(b_C, C)
+    kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
+    return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, False)
+
+  S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
+  lax.fori_loop(0, NT, fwd_body, S0_KV)
+
+  def bwd_body(i, dS_KV):
+    c = NT - 1 - i
+    ds_ref[c] = dS_KV
+    sl = _chunk_slice(c, C)
+    q_CK, do_CV = q_ref[sl], do_ref[sl]
+    b_C = b_ref[sl].astype(_F32)
+    qd_CK = (q_CK.astype(_F32) * jnp.exp(b_C)[:, None]).astype(q_CK.dtype)
+    return dS_KV * jnp.exp(_last(b_C, C)) + _dot_tn(qd_CK, do_CV, precision)
+
+  dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
+  dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
+  if has_h0:
+    dh0_ref[...] = dS_KV
+
+
+def grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, ds_ref,
+                 dq_ref, dk_ref, dv_ref, dg_ref, *, C, BV, precision):
+  """dq, dk, dv and dG of one chunk of one (head, batch row), every value block.
+
+  Kernels spec §1.3 with the states of ``states_kernel`` (module docstring).
+
+  Args:
+    q_ref, k_ref: (C, Dk) chunk of q and k.
+    v_ref, do_ref: (C, Dv) chunk of v and the output cotangent.
+    b_ref: (C,) float32 chunk-local cumsum of g.
+    s_ref: (Dk, Dv) float32 state entering the chunk.
+    ds_ref: (Dk, Dv) float32 gradient of the state leaving the chunk.
+    dq_ref, dk_ref: (C, Dk) outputs; dv_ref: (C, Dv); dg_ref: (C,) float32
+      dG_t = q_t . dq_t - k_t . dk_t.
+    C: chunk length.
+    BV: value block walked inside the program (Dv / BV static steps).
+    precision: dot precision (HIGHEST for float32 operands, else None).
+  """
+  q_CK, k_CK = q_ref[...], k_ref[...]
+  Dk = q_CK.shape[-1]
+  Dv = v_ref.shape[-1]
+  b_C = b_ref[...].astype(_F32)
+  M_CC = _decay_mask(b_C, C)
+  blocks = [pl.ds(j * BV, BV) for j in range(Dv // BV)]  # static, unrolled
+  # Two passes over the value blocks keep one (C, Dk) float32 accumulator live at a
+  # time (fewer spills at Dk = 128); the second reloads v, do and the states.
+  dA_CC = jnp.zeros((C, C), _F32)
+  dq_CK = jnp.zeros((C, Dk), _F32)
+  for cols in blocks:
+    do_CV = do_ref[:, cols]
+    dA_CC += _dot_nt(do_CV, v_ref[:, cols], precision)
+    dq_CK += _dot_nt_state(do_CV, s_ref[:, cols], precision)
+  dA_CC = (dA_CC * M_CC).astype(q_CK.dtype)
+  dq_CK = _dot(dA_CC, k_CK, precision) + dq_CK * jnp.exp(b_C)[:, None]
+  dq_ref[...] = dq_CK.astype(dq_ref.dtype)
+  dgq_C = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
+
+  w_C1 = jnp.exp(_last(b_C, C) - b_C)[:, None]
+  A_CC = (_dot_nt(q_CK, k_CK, precision) * M_CC).astype(v_ref.dtype)
+  dk_CK = jnp.zeros((C, Dk), _F32)
+  for cols in blocks:
+    v_CV, do_CV, dS_KV = v_ref[:, cols], do_ref[:, cols], ds_ref[:, cols]
+    dk_CK += _dot_nt_state(v_CV, dS_KV, precision)
+    dv_CV = (_dot_tn(A_CC, do_CV, precision)
+             + _dot(k_CK, dS_KV.astype(k_CK.dtype), precision) * w_C1)
+    dv_ref[:, cols] = dv_CV.astype(dv_ref.dtype)
+  dk_CK = _dot_tn(dA_CC, q_CK, precision) + dk_CK * w_C1
+  dk_ref[...] = dk_CK.astype(dk_ref.dtype)
+  dg_ref[...] = dgq_C - jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
+
+
+def bwd_call_chunked(q, k, v, b, do, h0, dST, *, chunk, block_v, launch, precision):
+  """The chunked backward on padded inputs (same contract as the fused one).
+
+  Args:
+    q, k: (B, Tp, H, Dk); v, do: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
+    b: (B, Tp, H) float32 chunk-local cumsums of g.
+    h0: (B, H, Dk, Dv) float32 initial state, or None.
+    dST: (B, H, Dk, Dv) float32 final-state cotangent, or None.
+    chunk: C.
+    block_v: value block BV of both kernels (divides Dv).
+    launch: ``(kernel, grid, in_specs, out_specs, out_shape, name, cost) ->
+      callable``, the Triton launcher with this direction's settings.
+    precision: dot precision.
+
+  Returns:
+    (dq, dk, dv, dG (B, Tp, H) float32, dh0 (B, H, Dk, Dv) float32 or None).
+  """
+  B, Tp, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C, BV = chunk, block_v
+  NT, NV = Tp // C, Dv // BV
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+  # 1. states, grid (NV, H, B), each program over the whole sequence.
+  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
+  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
+  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
+  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  hs_spec = pl.BlockSpec((None, None, NT, Dk, BV), lambda j, h, bb: (bb, h, 0, 0, j))
+  in_specs = [qk_spec, qk_spec, v_spec, b_spec, v_spec]
+  extra = [x for x in (h0, dST) if x is not None]
+  in_specs += [s_spec] * len(extra)
+  out_shape = [f32(B, H, NT, Dk, Dv), f32(B, H, NT, Dk, Dv)]
+  out_specs = [hs_spec, hs_spec]
+  if h0 is not None:
+    out_shape.append(f32(B, H, Dk, Dv))
+    out_specs.append(s_spec)
+  itemsize = jnp.dtype(q.dtype).itemsize
+  state_bytes = 2 * B * H * NT * Dk * Dv * 4
+  cost = pl.CostEstimate(
+      flops=int(4 * B * H * Tp * Dk * Dv), transcendentals=int(2 * B * H * Tp * NV),
+      bytes_accessed=int(B * H * Tp * (2 * Dk * NV + 2 * Dv) * itemsize + state_bytes))
+  kernel = functools.partial(states_kernel, C=C, NT=NT, has_h0=h0 is not None,
+                             has_dst=dST is not None, precision=precision)
+  outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape,
+                "linear_attention_bwd_states", cost)(q, k, v, b, do, *extra)
+  S_BHNKV, dS_BHNKV = outs[:2]
+  dh0 = outs[2] if h0 is not None else None
+  # 2. gradients, grid (NT, H, B), one chunk per program.
+  qk_spec = pl.BlockSpec((None, C, None, Dk), lambda c, h, bb: (bb, c, h, 0))
+  v_spec = pl.BlockSpec((None, C, None, Dv), lambda c, h, bb: (bb, c, h, 0))
+  b_spec = pl.BlockSpec((None, C, None), lambda c, h, bb: (bb, c, h))
+  st_spec = pl.BlockSpec((None, None, None, Dk, Dv), lambda c, h, bb: (bb, h, c, 0, 0))
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct(v.shape, v.dtype), f32(B, Tp, H)]
+  cost = pl.CostEstimate(
+      flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
+      transcendentals=int(B * H * Tp * (C + 2)),
+      bytes_accessed=int(B * H * Tp * (3 * Dk + 3 * Dv) * itemsize + state_bytes))
+  kernel = functools.partial(grads_kernel, C=C, BV=BV, precision=precision)
+  dq, dk, dv, dG = launch(kernel, (NT, H, B),
+                          [qk_spec, qk_spec, v_spec, v_spec, b_spec, st_spec, st_spec],
+                          [qk_spec, qk_spec, v_spec, b_spec], out_shape,
+                          "linear_attention_bwd_grads", cost)(q, k, v, do, b, S_BHNKV, dS_BHNKV)
+  return dq, dk, dv, dG, dh0

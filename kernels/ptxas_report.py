@@ -1,0 +1,135 @@
+"""Registers, spills and shared memory of each Pallas kernel, without a GPU.
+
+Run as ``python -m qsf_jax.kernels.ptxas_report [--configs=NAME,...] [--D=64,128]``
+on any host with ``triton`` installed (``pip install triton``; it bundles
+ptxas). For each launch configuration of ``bench.PALLAS_CONFIGS`` it exports
+forward + backward at B=8, T=4096, H=8, bf16 for CUDA (``lowering``, kernels
+spec §3.4), takes the Triton IR that Pallas emits for every ``pallas_call``,
+compiles it with pip Triton for sm_90a (H100) with the config's warps and
+stages, and runs ``ptxas -v`` on the PTX. The figures are leads, not device
+readings: XLA compiles the same IR with its own bundled Triton, whose
+allocation can differ. It hooks a private jax function
+(``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``), so it
+fails loudly where a jax version renames it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import pallas_op
+from .bench import PALLAS_CONFIGS
+from .lowering import export_for_cuda
+
+
+def parse_ptxas(stderr: str):
+  """(registers, spill-store bytes) from ``ptxas -v`` output (first kernel)."""
+  regs = re.search(r"Used (\d+) registers", stderr)
+  spill = re.search(r"(\d+) bytes spill stores", stderr)
+  if regs is None or spill is None:
+    raise ValueError(f"no register/spill line in ptxas output: {stderr[:300]!r}")
+  return int(regs.group(1)), int(spill.group(1))
+
+
+@contextlib.contextmanager
+def _capture_triton_ir():
+  """Records (kernel name, num_warps, num_stages, Triton IR text) per pallas_call."""
+  from jax._src.pallas.triton import lowering  # pylint: disable=import-outside-toplevel
+  launches, modules = {}, []
+  orig_lower, orig_call = lowering.lower_jaxpr_to_triton_module, pl.pallas_call
+
+  def lower(*a, **kw):
+    res = orig_lower(*a, **kw)
+    modules.append(res.module.operation.get_asm(enable_debug_info=False))
+    return res
+
+  def call(*a, **kw):
+    cp = kw["compiler_params"]
+    launches[kw["name"]] = (cp.num_warps, cp.num_stages)
+    return orig_call(*a, **kw)
+
+  lowering.lower_jaxpr_to_triton_module, pallas_op.pl.pallas_call = lower, call
+  try:
+    out = []
+    yield out
+    for ir in modules:
+      name = re.search(r"module @(\w+)", ir).group(1)
+      out.append((name,) + launches[name] + (ir,))
+  finally:
+    lowering.lower_jaxpr_to_triton_module, pallas_op.pl.pallas_call = orig_lower, orig_call
+
+
+def kernel_ir(candidate, D, *, B=8, T=4096, H=8):
+  """[(kernel name, num_warps, num_stages, Triton IR)] of forward + backward."""
+  S = jax.ShapeDtypeStruct
+  structs = [S((B, T, H, D), jnp.bfloat16)] * 3 + [S((B, T, H), jnp.float32)]
+
+  def loss(q, k, v, g):
+    o, _ = pallas_op.pallas_linear_attention(
+        q, k, v, g, chunk_size=candidate.chunk, fwd_config=candidate.fwd,
+        bwd_config=candidate.bwd, num_segments=candidate.num_segments,
+        backward=candidate.backward)
+    return jnp.sum(o.astype(jnp.float32))
+
+  with _capture_triton_ir() as found:
+    export_for_cuda(lambda *a: jax.value_and_grad(loss, argnums=range(4))(*a), *structs)
+  return found
+
+
+def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: str):
+  """(registers, spill bytes, shared memory bytes) of one kernel for sm_90a."""
+  import triton  # pylint: disable=import-outside-toplevel
+  from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
+  src = os.path.join(workdir, f"{tag}.ttir")
+  with open(src, "w", encoding="utf-8") as f:
+    f.write(ir)
+  compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+  ptx = os.path.join(workdir, f"{tag}.ptx")
+  with open(ptx, "w", encoding="utf-8") as f:
+    f.write(compiled.asm["ptx"])
+  ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+  res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                       capture_output=True, text=True, check=True)
+  return parse_ptxas(res.stderr) + (compiled.metadata.shared,)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--configs", default="c64_bv64_w4_s2",
+                 help="comma-separated PALLAS_CONFIGS names, or 'all'")
+  p.add_argument("--D", default="64,128", help="comma-separated head dims (Dk = Dv)")
+  a = p.parse_args(argv)
+  names = sorted(PALLAS_CONFIGS) if a.configs == "all" else a.configs.split(",")
+  unknown = sorted(set(names) - set(PALLAS_CONFIGS))
+  if unknown:
+    p.error(f"unknown --configs {unknown}; choose from {sorted(PALLAS_CONFIGS)}")
+  try:
+    import triton  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print("ptxas_report needs the triton package (pip install triton)", file=sys.stderr)
+    return 2
+  print("| config | D | kernel | warps | stages | registers | spill stores B | shared KB |")
+  print("|---|---|---|---|---|---|---|---|")
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in names:
+      for D in (int(x) for x in a.D.split(",")):
+        for kname, warps, stages, ir in kernel_ir(PALLAS_CONFIGS[name], D):
+          regs, spill, smem = compile_report(ir, warps, stages, tmp, f"{name}_{D}_{kname}")
+          print(f"| {name} | {D} | {kname} | {warps} | {stages} | {regs} | {spill} | "
+                f"{smem / 1024:.0f} |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
