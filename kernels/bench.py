@@ -15,7 +15,8 @@ calls after compilation, timed end to end with ``block_until_ready``
 sets. Throughput uses the FLOP/byte model of ``roofline`` (kernels
 spec §7): for every linear-attention impl the *useful* work of the chunked
 algorithm, so TFLOP/s are comparable across impls. On CPU the default is the
-``--quick`` sweep and Pallas is skipped.
+``--quick`` sweep and Pallas is skipped. ``--goals`` runs the sweep the kernels'
+performance goals need and prints a verdict per goal (``goals``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import roofline
+from . import goals, roofline
 from .op import linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
 
@@ -64,6 +65,7 @@ PALLAS_CONFIGS = {
         backward="chunked"),
     "c128_bv64_w8_s2_chunkbwd": Candidate(128, _W8, _W8, backward="chunked"),
 }
+DEFAULT_CONFIG = "c64_bv64_w4_s2"  # the configuration pallas_linear_attention uses by default
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
 SCAN_MAX_T = {"fwd": 2048, "fwdbwd": 1024}
@@ -201,7 +203,7 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
   cands = []
   for impl in impls:
     if impl == "pallas":
-      names = configs or (sorted(PALLAS_CONFIGS) if sweep_configs else ["c64_bv64_w4_s2"])
+      names = configs or (sorted(PALLAS_CONFIGS) if sweep_configs else [DEFAULT_CONFIG])
       cands += [("pallas", n, PALLAS_CONFIGS[n]) for n in names]
     else:
       cands.append((impl, "", None))
@@ -235,7 +237,8 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
 
 def _add_speedups(rows):
   key = lambda r: (r["mode"], r["T"], r["D"])
-  base = {(r["impl"],) + key(r): r["ms"] for r in rows if "ms" in r and r["config"] in ("", "c64_bv64_w4_s2")}
+  base = {(r["impl"],) + key(r): r["ms"] for r in rows
+          if "ms" in r and r["config"] in ("", DEFAULT_CONFIG)}
   for r in rows:
     if "ms" not in r:
       continue
@@ -267,7 +270,9 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="write the results as JSON to this path")
   p.add_argument("--quick", action="store_true", help="small sweep (the default on CPU)")
   p.add_argument("--full", action="store_true", help="the full sweep even on CPU")
-  p.add_argument("--impls", default="pallas,xla,reference,scan,softmax")
+  p.add_argument("--impls", default=None,
+                 help="comma-separated impls (default pallas,xla,reference,scan,softmax; "
+                      "with --goals pallas,xla,softmax)")
   p.add_argument("--modes", default="fwd,fwdbwd")
   p.add_argument("--T", default=None, help="comma-separated sequence lengths")
   p.add_argument("--D", default=None, help="comma-separated head dims")
@@ -281,6 +286,11 @@ def main(argv=None):
   p.add_argument("--configs", default=None,
                  help="comma-separated Pallas launch configurations to time (names of "
                       "PALLAS_CONFIGS)")
+  p.add_argument("--goals", action="store_true",
+                 help="the sweep the performance goals need (T 1K-16K, D 64 and 128, B=H=8, "
+                      "pallas/xla/softmax, both modes), then a verdict table (goals.py)")
+  p.add_argument("--goal_config", default=DEFAULT_CONFIG,
+                 help="the Pallas configuration the goals are judged on")
   p.add_argument("--measure_ceilings", action="store_true",
                  help="measure this device's copy bandwidth and bf16 matmul rate first and "
                       "use them as the roofline ceilings")
@@ -288,11 +298,15 @@ def main(argv=None):
   if a.reps < 20:
     p.error("--reps must be >= 20")
   configs = a.configs.split(",") if a.configs else None
+  if a.goals:  # the judged configuration is always timed
+    listed = configs or (sorted(PALLAS_CONFIGS) if a.sweep_configs else [DEFAULT_CONFIG])
+    configs = list(dict.fromkeys(listed + [a.goal_config]))
   unknown = sorted(set(configs or ()) - set(PALLAS_CONFIGS))
   if unknown:
     p.error(f"unknown --configs {unknown}; choose from {sorted(PALLAS_CONFIGS)}")
-  quick = a.quick or (jax.default_backend() == "cpu" and not a.full)
-  sizes = dict(QUICK if quick else FULL)
+  quick = not a.goals and (a.quick or (jax.default_backend() == "cpu" and not a.full))
+  sizes = dict(FULL, **goals.GOAL_SWEEP) if a.goals else dict(QUICK if quick else FULL)
+  impls = a.impls or ("pallas,xla,softmax" if a.goals else "pallas,xla,reference,scan,softmax")
   if a.T:
     sizes["T"] = tuple(int(x) for x in a.T.split(","))
   if a.D:
@@ -304,17 +318,23 @@ def main(argv=None):
   if peak is not None:
     print(f"ceilings: {peak.bandwidth / 1e12:.2f} TB/s, {peak.flops / 1e12:.0f} TFLOP/s "
           f"({peak.source})")
-  rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=a.impls.split(","),
+  rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
              sweep_configs=a.sweep_configs, peak=peak, configs=configs, timing=a.timing)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
             f"{a.dtype}, median of {a.reps}, {a.timing} timing, {date}")
   print("\n" + markdown_table(rows, header))
+  verdicts = None
+  if a.goals:
+    verdicts = goals.evaluate(rows, peak, a.goal_config)
+    print("\n" + goals.markdown(verdicts, f"Goals (stated for an H100), judged on {a.goal_config}, "
+                                           f"{dev.device_kind}, {date}"))
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
       json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
                      jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
-                     peak=None if peak is None else peak.__dict__, rows=rows), f, indent=1)
+                     peak=None if peak is None else peak.__dict__, rows=rows,
+                     goals=verdicts), f, indent=1)
     print(f"wrote {a.out}")
 
 

@@ -81,3 +81,51 @@ def test_pipelined_timing(tmp_path):
   assert row["impl"] == "xla" and row["ms"] > 0
   with pytest.raises(SystemExit):
     bench.main(["--timing=async"])
+
+
+def _row(impl, mode, T, D, ms, config=""):
+  return dict(impl=impl, config=config, mode=mode, B=8, H=8, T=T, D=D, ms=ms)
+
+
+def test_goal_verdicts_on_synthetic_rows():
+  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
+  h100 = roofline.device_peak("NVIDIA H100 80GB HBM3")
+  cfg = "c64_bv64_w4_s2"
+  # Spec §7 floors on an H100 at 3.0 TB/s: forward 89.7 us, forward+backward 247 us.
+  assert goals.floor_ms("fwd", 8, 8, 4096, 128, h100) == pytest.approx(0.0897, abs=5e-4)
+  assert goals.floor_ms("fwdbwd", 8, 8, 4096, 128, h100) == pytest.approx(0.247, abs=1e-3)
+  rows = []
+  for mode in ("fwd", "fwdbwd"):
+    for D in (64, 128):
+      for T in goals.GOAL_SWEEP["T"]:
+        rows.append(_row("xla", mode, T, D, 1.0))
+        rows.append(_row("pallas", mode, T, D, 0.5, cfg))
+      rows.append(_row("softmax", mode, 4096, D, 1.4))
+  rows.append(_row("pallas", "fwd", 4096, 128, 0.1, "another_config"))  # not judged
+  verdicts = {v["goal"][:2]: v for v in goals.evaluate(rows, h100, cfg)}
+  assert verdicts["1."]["verdict"] == "NOT met" and verdicts["1."]["measured"] == "0.500 ms"
+  assert verdicts["3."]["verdict"] == "met" and "20 of 20" in verdicts["3."]["measured"]
+  assert verdicts["4."]["measured"] == "2.80x"  # 1.4 / 0.5, under the 3x target
+  assert [v["verdict"] for v in goals.evaluate(rows, h100, cfg)[3:]] == ["NOT met"] * 4
+  # Faster pallas rows meet goals 1 and 4; one row slower than xla fails goal 3.
+  for r in rows:
+    if r["impl"] == "pallas" and r["T"] == 4096 and r["config"] == cfg:
+      r["ms"] = 0.13 if r["mode"] == "fwd" else 0.3
+  rows[1]["ms"] = 2.0  # pallas fwd T=1024 D=64
+  res = goals.evaluate(rows, h100, cfg)
+  assert [v["verdict"] for v in res] == ["met", "met", "NOT met"] + ["met"] * 4
+  assert "slower: fwd T=1024 D=64" in res[2]["measured"]
+  # Missing rows are unmeasured, never met; no ceilings leave goals 1-2 unmeasured.
+  res = goals.evaluate([r for r in rows if r["impl"] != "xla"], None, cfg)
+  assert [v["verdict"] for v in res[:3]] == ["unmeasured"] * 3
+  assert "goal | measured" in goals.markdown(res, "header")
+
+
+@pytest.mark.slow
+def test_bench_goals_mode_on_cpu(tmp_path, capsys):
+  out = tmp_path / "goals.json"
+  bench.main(["--goals", "--T=32", "--D=16", "--modes=fwd", f"--out={out}"])
+  data = json.loads(out.read_text())
+  assert {r["impl"] for r in data["rows"]} == {"pallas", "xla", "softmax"}
+  assert [g["verdict"] for g in data["goals"]] == ["unmeasured"] * 7  # no Pallas on CPU
+  assert "judged on c64_bv64_w4_s2" in capsys.readouterr().out

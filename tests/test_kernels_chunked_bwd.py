@@ -51,16 +51,19 @@ def test_chunked_backward_matches_float64(shape, dtype, gate, chunk, block_v):
     assert err <= bound, f"d{name} rel RMS error {err:.2e} > {bound:.0e}"
 
 
-def test_chunked_and_fused_backward_agree_without_decay_or_state():
+def test_chunked_and_fused_backward_agree_without_decay_or_state_under_vmap():
   # No log_decay, no initial state and no final-state cotangent: the kernels run without
-  # their optional refs. Both backwards see the same forward, in float32.
+  # their optional refs, under vmap (an extra grid axis) and jit. Both backwards see the
+  # same forward, in float32.
   q, k, v, _, _ = random_inputs(3, 2, 70, 2, 16, 32, gate="none", initial_state=False)
-  do = np.random.default_rng(4).standard_normal(v.shape).astype(np.float32)
+  stack = lambda x: jnp.stack([x, -0.5 * x])
+  do = np.random.default_rng(4).standard_normal((2,) + v.shape).astype(np.float32)
   outs = {}
   for backward in ("fused", "chunked"):
-    f = lambda q, k, v, b=backward: jnp.sum(pallas_linear_attention(
-        q, k, v, chunk_size=32, interpret=True, backward=b)[0] * do)
-    outs[backward] = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    f = lambda q, k, v, b=backward: pallas_linear_attention(
+        q, k, v, chunk_size=32, interpret=True, backward=b)[0]
+    loss = lambda q, k, v, f=f: jnp.sum(jax.vmap(f)(q, k, v) * do)
+    outs[backward] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(stack(q), stack(k), stack(v))
   for a, b in zip(outs["chunked"], outs["fused"]):
     assert rel_rms_error(a, b) <= 1e-5
 
