@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 
 from . import roofline
 from .pallas_kernels import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state,
-                             _dot_tn, _last, _state_increment)
+                             _dot_tn, _last, _split_refs, _state_grad_step, _state_step)
 
 _F32 = jnp.float32
 
@@ -62,10 +62,8 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
     has_dst: whether a final-state cotangent is present.
     precision: dot precision (HIGHEST for float32 operands, else None).
   """
-  q_ref, k_ref, v_ref, b_ref, do_ref = refs[:5]
-  rest = list(refs[5:])
-  h0_ref = rest.pop(0) if has_h0 else None
-  dst_ref = rest.pop(0) if has_dst else None
+  (q_ref, k_ref, v_ref, b_ref, do_ref), h0_ref, dst_ref, rest = _split_refs(
+      refs, 5, has_h0, has_dst)
   s_ref, ds_ref = rest[:2]
   dh0_ref = rest[2] if has_h0 else None
   Dk = q_ref.shape[-1]
@@ -74,11 +72,8 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
   def fwd_body(c, S_KV):
     s_ref[c] = S_KV
     sl = _chunk_slice(c, C)
-    k_CK, v_CV = k_ref[sl], v_ref[sl]
     b_C = b_ref[sl].astype(_F32)
-    b_last = _last(b_C, C)
-    kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
-    return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, False)
+    return _state_step(S_KV, k_ref[sl], v_ref[sl], b_C, _last(b_C, C), precision)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   lax.fori_loop(0, NT, fwd_body, S0_KV)
@@ -87,10 +82,8 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
     c = NT - 1 - i
     ds_ref[c] = dS_KV
     sl = _chunk_slice(c, C)
-    q_CK, do_CV = q_ref[sl], do_ref[sl]
     b_C = b_ref[sl].astype(_F32)
-    qd_CK = (q_CK.astype(_F32) * jnp.exp(b_C)[:, None]).astype(q_CK.dtype)
-    return dS_KV * jnp.exp(_last(b_C, C)) + _dot_tn(qd_CK, do_CV, precision)
+    return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], b_C, _last(b_C, C), precision)
 
   dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
   dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)

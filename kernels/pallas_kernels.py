@@ -92,6 +92,29 @@ def _state_increment(kd_CK, v_CV, precision, split):
   return _dot_tn(kd_hi, v_CV, precision) + _dot_tn(kd_lo, v_CV, precision)
 
 
+def _state_step(S_KV, k_CK, v_CV, b_C, b_last, precision, split=False):
+  """S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K)^T V (spec §1.2).
+
+  gamma_c = b_last; the increment is rounded as ``_state_increment`` says.
+  """
+  kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
+  return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, split)
+
+
+def _state_grad_step(dS_KV, q_CK, do_CV, b_C, b_last, precision):
+  """dS_c = exp(gamma_c) dS_{c+1} + (diag(exp(b)) Q)^T dO (spec §1.3)."""
+  qd_CK = (q_CK.astype(_F32) * jnp.exp(b_C)[:, None]).astype(q_CK.dtype)
+  return dS_KV * jnp.exp(b_last) + _dot_tn(qd_CK, do_CV, precision)
+
+
+def _split_refs(refs, n_in, has_h0, has_dst=False):
+  """(first n_in refs, h0 ref or None, dST ref or None, the remaining refs)."""
+  rest = list(refs[n_in:])
+  h0_ref = rest.pop(0) if has_h0 else None
+  dst_ref = rest.pop(0) if has_dst else None
+  return refs[:n_in], h0_ref, dst_ref, rest
+
+
 def _decay_mask(b_C, C):
   """M_ij = exp(b_i - b_j) [i >= j], masked to -inf *before* the exp (spec §1.2)."""
   row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
@@ -121,9 +144,7 @@ def fwd_kernel(*refs, C, NT, has_h0, store_state, precision):
     store_state: whether a final-state ref is present.
     precision: dot precision (HIGHEST for float32 operands, else None).
   """
-  q_ref, k_ref, v_ref, b_ref = refs[:4]
-  rest = list(refs[4:])
-  h0_ref = rest.pop(0) if has_h0 else None
+  (q_ref, k_ref, v_ref, b_ref), h0_ref, _, rest = _split_refs(refs, 4, has_h0)
   o_ref = rest.pop(0)
   st_ref = rest.pop(0) if store_state else None
   Dk = q_ref.shape[-1]
@@ -138,8 +159,7 @@ def fwd_kernel(*refs, C, NT, has_h0, store_state, precision):
     o_CV = _dot(A_CC.astype(v_CV.dtype), v_CV, precision)
     o_CV += _dot(q_CK, S_KV.astype(q_CK.dtype), precision) * jnp.exp(b_C)[:, None]
     o_ref[sl] = o_CV.astype(o_ref.dtype)
-    kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
-    return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, store_state)
+    return _state_step(S_KV, k_CK, v_CV, b_C, b_last, precision, split=store_state)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   S_KV = lax.fori_loop(0, NT, body, S0_KV)
@@ -168,10 +188,8 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     has_dst: whether a final-state cotangent is present.
     precision: dot precision (HIGHEST for float32 operands, else None).
   """
-  q_ref, k_ref, v_ref, b_ref, do_ref = refs[:5]
-  rest = list(refs[5:])
-  h0_ref = rest.pop(0) if has_h0 else None
-  dst_ref = rest.pop(0) if has_dst else None
+  (q_ref, k_ref, v_ref, b_ref, do_ref), h0_ref, dst_ref, rest = _split_refs(
+      refs, 5, has_h0, has_dst)
   dq_ref, dk_ref, dv_ref, dgq_ref, dgk_ref = rest[:5]
   dh0_ref = rest[5] if has_h0 else None
   Dk = q_ref.shape[-1]
@@ -187,8 +205,7 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     dq_CK += _dot_nt_state(do_CV, S_KV, precision) * jnp.exp(b_C)[:, None]
     dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
     dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
-    kd_CK = k_CK.astype(_F32) * jnp.exp(b_last - b_C)[:, None]
-    return S_KV * jnp.exp(b_last) + _state_increment(kd_CK, v_CV, precision, False)
+    return _state_step(S_KV, k_CK, v_CV, b_C, b_last, precision)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   lax.fori_loop(0, NT, fwd_body, S0_KV)
@@ -210,8 +227,7 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     dv_ref[sl] = dv_CV.astype(dv_ref.dtype)
     dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
     dgk_ref[sl] = jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
-    qd_CK = (q_CK.astype(_F32) * jnp.exp(b_C)[:, None]).astype(q_CK.dtype)
-    return dS_KV * jnp.exp(b_last) + _dot_tn(qd_CK, do_CV, precision)
+    return _state_grad_step(dS_KV, q_CK, do_CV, b_C, b_last, precision)
 
   dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
   dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
