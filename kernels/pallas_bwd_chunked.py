@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 
 from . import roofline
 from .pallas_kernels import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state,
-                             _dot_tn, _last, _split_refs, _state_grad_step, _state_step)
+                             _dot_tn, _gamma, _split_refs, _state_grad_step, _state_step)
 
 _F32 = jnp.float32
 
@@ -73,7 +73,7 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
     s_ref[c] = S_KV
     sl = _chunk_slice(c, C)
     b_C = b_ref[sl].astype(_F32)
-    return _state_step(S_KV, k_ref[sl], v_ref[sl], b_C, _last(b_C, C), precision)
+    return _state_step(S_KV, k_ref[sl], v_ref[sl], b_C, _gamma(b_ref, c, C), precision)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   lax.fori_loop(0, NT, fwd_body, S0_KV)
@@ -83,7 +83,8 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
     ds_ref[c] = dS_KV
     sl = _chunk_slice(c, C)
     b_C = b_ref[sl].astype(_F32)
-    return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], b_C, _last(b_C, C), precision)
+    return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], b_C, _gamma(b_ref, c, C),
+                            precision)
 
   dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
   dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
@@ -128,7 +129,7 @@ def grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, ds_ref,
   dq_ref[...] = dq_CK.astype(dq_ref.dtype)
   dgq_C = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
 
-  w_C1 = jnp.exp(_last(b_C, C) - b_C)[:, None]
+  w_C1 = jnp.exp(_gamma(b_ref, 0, C) - b_C)[:, None]
   A_CC = (_dot_nt(q_CK, k_CK, precision) * M_CC).astype(v_ref.dtype)
   dk_CK = jnp.zeros((C, Dk), _F32)
   for cols in blocks:

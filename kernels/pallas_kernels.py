@@ -8,7 +8,7 @@ recomputes the states for dq, then a reverse sweep carrying dS for dk and dv.
 
 Triton rules obeyed here (spec §3.2): every loaded/stored tile is a power of
 two with dims >= 16 (the wrapper pads T to a multiple of C and Dk/Dv to powers
-of two); values are never indexed or sliced (``_last`` is a masked reduction);
+of two); values are never indexed or sliced (``_gamma`` loads a scalar from the ref);
 loops are ``fori_loop`` without ``xs`` or ``reverse``; the reverse sweep walks
 with index arithmetic; refs, not values, are sliced with ``pl.ds``.
 
@@ -46,9 +46,14 @@ def _dot_nt(a, b, precision):
                          preferred_element_type=_F32)
 
 
-def _last(x_C, C):
-  """x_C[C - 1] as a masked reduction (Triton cannot index a register tensor)."""
-  return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1, x_C, 0.0))
+def _gamma(b_ref, c, C):
+  """gamma_c = b[c C + C - 1], the last chunk-local cumsum of chunk c, in float32.
+
+  A scalar load from the ref: Triton cannot index a register tensor, and a
+  masked reduction of the loaded chunk would add cross-warp barriers to every
+  step of the serial chunk loop (11 -> 8 ``bar.sync`` in the forward's PTX).
+  """
+  return b_ref[c * C + C - 1].astype(_F32)
 
 
 def _hi_lo(x_f32, dtype):
@@ -154,7 +159,7 @@ def fwd_kernel(*refs, C, NT, has_h0, store_state, precision):
     sl = _chunk_slice(c, C)
     q_CK, k_CK, v_CV = q_ref[sl], k_ref[sl], v_ref[sl]
     b_C = b_ref[sl].astype(_F32)
-    b_last = _last(b_C, C)
+    b_last = _gamma(b_ref, c, C)
     A_CC = _dot_nt(q_CK, k_CK, precision) * _decay_mask(b_C, C)
     o_CV = _dot(A_CC.astype(v_CV.dtype), v_CV, precision)
     o_CV += _dot(q_CK, S_KV.astype(q_CK.dtype), precision) * jnp.exp(b_C)[:, None]
@@ -199,7 +204,7 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     sl = _chunk_slice(c, C)
     q_CK, k_CK, v_CV, do_CV = q_ref[sl], k_ref[sl], v_ref[sl], do_ref[sl]
     b_C = b_ref[sl].astype(_F32)
-    b_last = _last(b_C, C)
+    b_last = _gamma(b_ref, c, C)
     dA_CC = _dot_nt(do_CV, v_CV, precision) * _decay_mask(b_C, C)
     dq_CK = _dot(dA_CC.astype(k_CK.dtype), k_CK, precision)
     dq_CK += _dot_nt_state(do_CV, S_KV, precision) * jnp.exp(b_C)[:, None]
@@ -215,7 +220,7 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     sl = _chunk_slice(c, C)
     q_CK, k_CK, v_CV, do_CV = q_ref[sl], k_ref[sl], v_ref[sl], do_ref[sl]
     b_C = b_ref[sl].astype(_F32)
-    b_last = _last(b_C, C)
+    b_last = _gamma(b_ref, c, C)
     M_CC = _decay_mask(b_C, C)
     A_CC = _dot_nt(q_CK, k_CK, precision) * M_CC
     dA_CC = _dot_nt(do_CV, v_CV, precision) * M_CC
