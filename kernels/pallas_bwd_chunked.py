@@ -48,8 +48,7 @@ _F32 = jnp.float32
 def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
   """Chunk-boundary states and state gradients for one (value block, head, batch row).
 
-  QSF-independent, kernels spec §1.2-1.3 (see the module docstring for the
-  two recurrences).
+  Kernels spec §1.2-1.3 (the two recurrences are in the module docstring).
 
   Args:
     *refs: q, k (Tp, Dk), v, do (Tp, BV), b (Tp,) chunk-local cumsums,
