@@ -47,21 +47,26 @@ class Candidate(NamedTuple):
 
 
 _W8 = KernelConfig(block_v=64, num_warps=8, num_stages=2)
+_W8S3 = KernelConfig(block_v=64, num_warps=8, num_stages=3)
+_W4S3 = KernelConfig(block_v=64, num_warps=4, num_stages=3)
 # Launch configurations swept on GPU (name -> Candidate).
 PALLAS_CONFIGS = {
     "c64_bv64_w4_s2": Candidate(64, DEFAULT_FWD, DEFAULT_BWD),
     "c64_bv64_w4_s2_seg4": Candidate(64, DEFAULT_FWD, DEFAULT_BWD, 4),
     "c64_bv64_w4_s2_seg16": Candidate(64, DEFAULT_FWD, DEFAULT_BWD, 16),
     "c64_bv32_w4_s2": Candidate(64, *[KernelConfig(block_v=32, num_warps=4, num_stages=2)] * 2),
-    "c64_bv64_w8_s3": Candidate(64, *[KernelConfig(block_v=64, num_warps=8, num_stages=3)] * 2),
+    "c64_bv64_w8_s3": Candidate(64, _W8S3, _W8S3),
+    # Three stages keep one chunk's loads in flight during the compute (with two, the
+    # compiled loop waits for every load at the top of each step; WORKSPACE.md).
+    "c64_bv64_w4_s3": Candidate(64, _W4S3, _W4S3),
     "c64_bv128_w8_s2": Candidate(64, *[KernelConfig(block_v=128, num_warps=8, num_stages=2)] * 2),
     "c128_bv64_w8_s2": Candidate(128, _W8, _W8),
     # Chunk-parallel backward (with the default forward), 8 warps: with 4 the grads
-    # kernel spills at D = 128 (WORKSPACE.md). bv128 walks no value blocks; C = 128
-    # halves the float32 chunk states written and read.
-    "c64_bv64_w8_s2_chunkbwd": Candidate(64, DEFAULT_FWD, _W8, backward="chunked"),
-    "c64_bv128_w8_s2_chunkbwd": Candidate(
-        64, DEFAULT_FWD, KernelConfig(block_v=128, num_warps=8, num_stages=2),
+    # kernel spills at D = 128. Three stages for the states kernel's chunk loop; bv128
+    # walks no value blocks; C = 128 halves the float32 chunk states written and read.
+    "c64_bv64_w8_s3_chunkbwd": Candidate(64, DEFAULT_FWD, _W8S3, backward="chunked"),
+    "c64_bv128_w8_s3_chunkbwd": Candidate(
+        64, DEFAULT_FWD, KernelConfig(block_v=128, num_warps=8, num_stages=3),
         backward="chunked"),
     "c128_bv64_w8_s2_chunkbwd": Candidate(128, _W8, _W8, backward="chunked"),
 }

@@ -6,7 +6,9 @@ ptxas). For each launch configuration of ``bench.PALLAS_CONFIGS`` it exports
 forward + backward at B=8, T=4096, H=8, bf16 for CUDA (``lowering``, kernels
 spec §3.4), takes the Triton IR that Pallas emits for every ``pallas_call``,
 compiles it with pip Triton for sm_90a (H100) with the config's warps and
-stages, and runs ``ptxas -v`` on the PTX. The figures are leads, not device
+stages, and runs ``ptxas -v`` on the PTX; it also lists the ``num`` of each
+``async_wait`` (0 in a chunk loop: the loads of the next chunk do not overlap
+this chunk's compute). The figures are leads, not device
 readings: XLA compiles the same IR with its own bundled Triton, whose
 allocation can differ. It hooks a private jax function
 (``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``), so it
@@ -86,8 +88,18 @@ def kernel_ir(candidate, D, *, B=8, T=4096, H=8):
   return found
 
 
+def async_waits(ttgir: str):
+  """The ``num`` of every ``ttg.async_wait`` in Triton GPU IR, in order.
+
+  In a software-pipelined loop, num > 0 leaves that many async copy groups in
+  flight while the step computes; num = 0 waits for every load first (no
+  overlap of the next chunk's loads with this chunk's matmuls).
+  """
+  return [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*?\{num = (\d+)", ttgir)]
+
+
 def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: str):
-  """(registers, spill bytes, shared memory bytes) of one kernel for sm_90a."""
+  """(registers, spill bytes, shared memory bytes, async_wait nums) of one kernel, sm_90a."""
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
   src = os.path.join(workdir, f"{tag}.ttir")
@@ -101,7 +113,7 @@ def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: 
   ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
   res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
                        capture_output=True, text=True, check=True)
-  return parse_ptxas(res.stderr) + (compiled.metadata.shared,)
+  return parse_ptxas(res.stderr) + (compiled.metadata.shared, async_waits(compiled.asm["ttgir"]))
 
 
 def main(argv=None):
@@ -119,15 +131,17 @@ def main(argv=None):
   except ImportError:
     print("ptxas_report needs the triton package (pip install triton)", file=sys.stderr)
     return 2
-  print("| config | D | kernel | warps | stages | registers | spill stores B | shared KB |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| config | D | kernel | warps | stages | registers | spill stores B | shared KB "
+        "| async_wait num |")
+  print("|---|---|---|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       for D in (int(x) for x in a.D.split(",")):
         for kname, warps, stages, ir in kernel_ir(PALLAS_CONFIGS[name], D):
-          regs, spill, smem = compile_report(ir, warps, stages, tmp, f"{name}_{D}_{kname}")
+          regs, spill, smem, waits = compile_report(ir, warps, stages, tmp,
+                                                    f"{name}_{D}_{kname}")
           print(f"| {name} | {D} | {kname} | {warps} | {stages} | {regs} | {spill} | "
-                f"{smem / 1024:.0f} |", flush=True)
+                f"{smem / 1024:.0f} | {', '.join(map(str, waits)) or '-'} |", flush=True)
   return 0
 
 

@@ -117,12 +117,21 @@ def test_parse_ptxas_output():
     parse_ptxas("ptxas fatal   : Unresolved extern function")
 
 
+def test_async_waits_from_triton_gpu_ir():
+  from qsf_jax.kernels.ptxas_report import async_waits  # pylint: disable=import-outside-toplevel
+  ttgir = ("%115 = ttg.async_wait %arg10, %arg11 {num = 7 : i32} loc(#loc44)\n"
+           "%9 = ttg.local_load %8 token %115\n"
+           "%300 = ttg.async_wait  {num = 0 : i32} loc(#loc1)\n")
+  assert async_waits(ttgir) == [7, 0]
+  assert async_waits("tt.func @k() { tt.return }") == []
+
+
 @requires_cuda_lowering
 def test_ptxas_report_captures_the_triton_ir_of_every_kernel():
   from qsf_jax.kernels import ptxas_report  # pylint: disable=import-outside-toplevel
-  found = ptxas_report.kernel_ir(PALLAS_CONFIGS["c64_bv64_w8_s2_chunkbwd"], 64, B=1, T=256, H=1)
+  found = ptxas_report.kernel_ir(PALLAS_CONFIGS["c64_bv64_w8_s3_chunkbwd"], 64, B=1, T=256, H=1)
   assert sorted((n, w, s) for n, w, s, _ in found) == [
-      ("linear_attention_bwd_grads", 8, 2), ("linear_attention_bwd_states", 8, 2),
+      ("linear_attention_bwd_grads", 8, 3), ("linear_attention_bwd_states", 8, 3),
       ("linear_attention_fwd", 4, 2)]
   for name, _, _, ir in found:
     assert f"tt.func public @{name}" in ir and "tt.dot" in ir
