@@ -11,7 +11,7 @@ chunks) in two kernels:
    matmul per chunk and sweep: it writes the state entering each chunk,
    S_c, and the gradient of the state leaving it, dS_{c+1}, to HBM in float32
    (spec §1.3):
-     S_0 = h0,       S_{c+1} = exp(gamma_c) S_c + (diag(exp(gamma_c - b)) K_c)^T V_c,
+     S_0 = h0,       S_{c+1} = exp(gamma_c) S_c + K_c^T diag(exp(gamma_c - b)) V_c,
      dS_NT = dS_T,   dS_c    = exp(gamma_c) dS_{c+1} + (diag(exp(b)) Q_c)^T dO_c,
    and dh0 = dS_0.
 2. ``grads_kernel``, grid (T / C, H, B), one program per chunk with every value
