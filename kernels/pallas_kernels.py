@@ -124,10 +124,20 @@ def _split_refs(refs, n_in, has_h0, has_dst=False):
   return refs[:n_in], h0_ref, dst_ref, rest
 
 
-def _decay_mask(b_C, C):
-  """M_ij = exp(b_i - b_j) [i >= j], masked to -inf *before* the exp (spec §1.2)."""
+def _decay_mask(b_C, C, transpose=False):
+  """M_ij = exp(b_i - b_j) [i >= j], masked to -inf *before* the exp (spec §1.2).
+
+  ``transpose`` gives M^T. The fused backward's reverse sweep builds the
+  transposed scores it needs, A^T = (K Q^T) ⊙ M^T and dA^T = (V dO^T) ⊙ M^T,
+  with their own matmuls instead of transposing a matmul result in registers:
+  no shared-memory round trip (``bar.sync`` 28 -> 24 in its PTX, fewer spills),
+  and not the pattern that Triton 3.4-3.7 miscompiles on Hopper (kernels spec
+  §2.1, FLA #640).
+  """
   row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
   col_CC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  if transpose:
+    return jnp.exp(jnp.where(col_CC >= row_CC, b_C[None, :] - b_C[:, None], -jnp.inf))
   return jnp.exp(jnp.where(row_CC >= col_CC, b_C[:, None] - b_C[None, :], -jnp.inf))
 
 
@@ -180,7 +190,8 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
   """Backward sweeps: kernels spec §1.3 for one (value block, head, batch row).
 
   With dA = (dO V^T) ⊙ M and dS_{c+1} the gradient of the state leaving chunk c
-  (dS_NT = dS_T or 0):
+  (dS_NT = dS_T or 0; the reverse sweep forms A^T and dA^T directly, see
+  ``_decay_mask``):
     dQ   = dA K + diag(exp(b)) dO S_c^T                   (forward sweep)
     dK   = dA^T Q + diag(exp(gamma_c - b)) V dS_{c+1}^T   (reverse sweep)
     dV   = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1}
@@ -225,13 +236,13 @@ def bwd_kernel(*refs, C, NT, has_h0, has_dst, precision):
     q_CK, k_CK, v_CV, do_CV = q_ref[sl], k_ref[sl], v_ref[sl], do_ref[sl]
     b_C = b_ref[sl].astype(_F32)
     b_last = _gamma(b_ref, c, C)
-    M_CC = _decay_mask(b_C, C)
-    A_CC = _dot_nt(q_CK, k_CK, precision) * M_CC
-    dA_CC = _dot_nt(do_CV, v_CV, precision) * M_CC
+    Mt_CC = _decay_mask(b_C, C, transpose=True)
+    At_CC = _dot_nt(k_CK, q_CK, precision) * Mt_CC
+    dAt_CC = _dot_nt(v_CV, do_CV, precision) * Mt_CC
     w_C1 = jnp.exp(b_last - b_C)[:, None]
-    dv_CV = (_dot_tn(A_CC.astype(do_CV.dtype), do_CV, precision)
+    dv_CV = (_dot(At_CC.astype(do_CV.dtype), do_CV, precision)
              + _dot(k_CK, dS_KV.astype(k_CK.dtype), precision) * w_C1)
-    dk_CK = (_dot_tn(dA_CC.astype(q_CK.dtype), q_CK, precision)
+    dk_CK = (_dot(dAt_CC.astype(q_CK.dtype), q_CK, precision)
              + _dot_nt_state(v_CV, dS_KV, precision) * w_C1)
     dv_ref[sl] = dv_CV.astype(dv_ref.dtype)
     dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
