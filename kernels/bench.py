@@ -303,6 +303,8 @@ def main(argv=None):
   if a.reps < 20:
     p.error("--reps must be >= 20")
   configs = a.configs.split(",") if a.configs else None
+  if a.goal_config not in PALLAS_CONFIGS:
+    p.error(f"unknown --goal_config {a.goal_config!r}; choose from {sorted(PALLAS_CONFIGS)}")
   if a.goals:  # the judged configuration is always timed
     listed = configs or (sorted(PALLAS_CONFIGS) if a.sweep_configs else [DEFAULT_CONFIG])
     configs = list(dict.fromkeys(listed + [a.goal_config]))

@@ -54,6 +54,15 @@ def test_bench_rejects_too_few_reps():
     bench.main(["--reps=5"])
 
 
+def test_bench_rejects_unknown_configs(capsys):
+  for flag, bad in (("--configs", ["--configs=c64_bv64_w4_s2,c64_nope"]),
+                    ("--goal_config", ["--goals", "--goal_config=c64_nope"])):
+    with pytest.raises(SystemExit):
+      bench.main(bad)
+    err = capsys.readouterr().err
+    assert f"unknown {flag}" in err and "c64_nope" in err
+
+
 def test_measured_ceilings_feed_the_roofline_column():
   peak = bench.measure_ceilings(reps=20, copy_bytes=1 << 20, gemm_n=128)
   assert peak.bandwidth > 0 and peak.flops > 0 and "measured" in peak.source
@@ -64,11 +73,6 @@ def test_measured_ceilings_feed_the_roofline_column():
   (r,) = rows
   floor = max(r["gbps"] * 1e9 / peak.bandwidth, r["tflops"] * 1e12 / peak.flops)
   assert r["roofline_pct"] == pytest.approx(100 * floor, rel=1e-9)
-
-
-def test_bench_rejects_unknown_configs():
-  with pytest.raises(SystemExit):
-    bench.main(["--configs=c64_bv64_w4_s2,nonsense"])
 
 
 def test_pipelined_timing(tmp_path):
