@@ -3,8 +3,9 @@
 Run as ``python -m qsf_jax.kernels.bench [--quick] [--out=PATH.json]``.
 
 Sweeps T in {512, 1K, 2K, 4K, 8K, 16K}, D = Dk = Dv in {64, 128}, B = H = 8, bf16
-inputs with float32 log-decays (kernels spec §6), forward ("fwd") and forward +
-backward ("fwdbwd": ``value_and_grad`` with respect to q, k, v, g with a random
+inputs with float32 log-decays (kernels spec §6; ``--decay=none`` drops them, as
+the QSF measurement term does), forward ("fwd") and forward + backward
+("fwdbwd": ``value_and_grad`` with respect to q, k, v, g with a random
 cotangent). Candidates: "pallas" (GPU only; every launch configuration of
 ``PALLAS_CONFIGS`` with ``--sweep_configs``), "xla" (chunked jnp, C = 64),
 "reference" (O(T^2), only where its score tensors fit in memory), "scan" (short T
@@ -74,6 +75,9 @@ DEFAULT_CONFIG = "c64_bv64_w4_s2"  # the configuration pallas_linear_attention u
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
 SCAN_MAX_T = {"fwd": 2048, "fwdbwd": 1024}
+# "logsigmoid": g = logsigmoid(N(0, 1)) (the spec's benchmark); "none": log_decay=None
+# (plain causal linear attention, the QSF measurement term; the kernels skip all decay work).
+DECAYS = ("logsigmoid", "none")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
@@ -87,24 +91,25 @@ def _inputs(seed, B, T, H, D, dtype):
   return q, k, v, g, do
 
 
-def _forward_fn(impl, cfg):
-  """(q, k, v, g) -> o for one candidate."""
+def _forward_fn(impl, cfg, decay="logsigmoid"):
+  """(q, k, v, g) -> o for one candidate (g is ignored with ``decay="none"``)."""
   if impl == "softmax":
     kind = "cudnn" if jax.default_backend() == "gpu" else "xla"
     return lambda q, k, v, g: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                            implementation=kind)
+  use = (lambda g: None) if decay == "none" else (lambda g: g)
   if impl == "pallas":
     return lambda q, k, v, g: pallas_linear_attention(
-        q, k, v, g, chunk_size=cfg.chunk, fwd_config=cfg.fwd, bwd_config=cfg.bwd,
+        q, k, v, use(g), chunk_size=cfg.chunk, fwd_config=cfg.fwd, bwd_config=cfg.bwd,
         num_segments=cfg.num_segments, backward=cfg.backward)[0]
-  return lambda q, k, v, g: linear_attention(q, k, v, g, impl=impl, chunk_size=64)
+  return lambda q, k, v, g: linear_attention(q, k, v, use(g), impl=impl, chunk_size=64)
 
 
-def _bench_fn(impl, cfg, mode):
-  fwd = _forward_fn(impl, cfg)
+def _bench_fn(impl, cfg, mode, decay="logsigmoid"):
+  fwd = _forward_fn(impl, cfg, decay)
   if mode == "fwd":
     return jax.jit(lambda q, k, v, g, do: fwd(q, k, v, g))
-  argnums = (0, 1, 2) if impl == "softmax" else (0, 1, 2, 3)
+  argnums = (0, 1, 2) if impl == "softmax" or decay == "none" else (0, 1, 2, 3)
   loss = lambda q, k, v, g, do: jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * do)
   return jax.jit(jax.value_and_grad(loss, argnums=argnums))
 
@@ -193,14 +198,17 @@ def _memory_budget():
 
 
 def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, configs=None,
-        timing="sync"):
+        timing="sync", decay="logsigmoid"):
   """Runs the sweep and returns the list of result rows (dicts).
 
   ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
   ``roofline.device_peak`` of the device kind. ``configs`` names the Pallas
   launch configurations to time (default: all with ``sweep_configs``, else the
-  default one). ``timing`` is "sync" or "pipelined" (see ``_median_seconds``).
+  default one). ``timing`` is "sync" or "pipelined" (see ``_median_seconds``);
+  ``decay`` one of ``DECAYS``.
   """
+  if decay not in DECAYS:
+    raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
   dev = jax.devices()[0]
   peak = peak or roofline.device_peak(dev.device_kind)
   budget = _memory_budget()
@@ -219,11 +227,12 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
       for mode in modes:
         for impl, cfg_name, cfg in cands:
           row = dict(impl=impl, config=cfg_name, mode=mode, B=B, T=T, H=H, D=D,
-                     dtype=jnp.dtype(dtype).name)
+                     dtype=jnp.dtype(dtype).name, decay=decay)
           why = _skip_reason(impl, mode, B, T, H, D, budget)
           if why is None:
             try:
-              sec = _median_seconds(_bench_fn(impl, cfg, mode), arg_sets, reps, timing)
+              sec = _median_seconds(_bench_fn(impl, cfg, mode, decay), arg_sets, reps,
+                                    timing)
             except Exception as e:  # pylint: disable=broad-except
               why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
           if why is not None:
@@ -286,6 +295,9 @@ def main(argv=None):
                  help="sync: block after every call (end to end); pipelined: "
                       f"{PIPELINE_CALLS} calls back to back per sample")
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--decay", default="logsigmoid", choices=DECAYS,
+                 help="logsigmoid: g = logsigmoid(N(0, 1)) (the spec's benchmark); none: "
+                      "log_decay=None (the QSF measurement term)")
   p.add_argument("--sweep_configs", action="store_true",
                  help="time every Pallas launch configuration")
   p.add_argument("--configs", default=None,
@@ -327,19 +339,22 @@ def main(argv=None):
           f"({peak.source})")
   rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
-             sweep_configs=a.sweep_configs, peak=peak, configs=configs, timing=a.timing)
+             sweep_configs=a.sweep_configs, peak=peak, configs=configs, timing=a.timing,
+             decay=a.decay)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
-            f"{a.dtype}, median of {a.reps}, {a.timing} timing, {date}")
+            f"{a.dtype}, decay {a.decay}, median of {a.reps}, {a.timing} timing, {date}")
   print("\n" + markdown_table(rows, header))
   verdicts = None
   if a.goals:
     verdicts = goals.evaluate(rows, peak, a.goal_config)
-    print("\n" + goals.markdown(verdicts, f"Goals (stated for an H100), judged on {a.goal_config}, "
+    print("\n" + goals.markdown(verdicts, f"Goals (stated for an H100), judged on "
+                                           f"{a.goal_config}, decay {a.decay}, "
                                            f"{dev.device_kind}, {date}"))
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
       json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
                      jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
+                     decay=a.decay,
                      peak=None if peak is None else peak.__dict__, rows=rows,
                      goals=verdicts), f, indent=1)
     print(f"wrote {a.out}")

@@ -22,7 +22,8 @@ chunks) in two kernels:
      dV = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1},
      dG_t = q_t . dq_t - k_t . dk_t.
 
-It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
+Without decay (b None) both kernels drop the b ref, every exp(.) factor and
+the dG output, as the fused kernels do (``pallas_kernels``). It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
 read back) for T/C times more programs and short serial chains. Products with
 the float32 states keep them to about 16 bits for 16-bit inputs, as the fused
 backward does (``pallas_kernels._dot_nt_state``). Selected with
@@ -40,29 +41,31 @@ from jax.experimental import pallas as pl
 
 from . import roofline
 from .pallas_kernels import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state,
-                             _dot_tn, _gamma, _split_refs, _state_grad_step, _state_step)
+                             _dot_tn, _exp, _gamma, _load_b, _masked, _rows, _split_refs,
+                             _state_grad_step, _state_step, _weights)
 
 _F32 = jnp.float32
 
 
-def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
+def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
   """Chunk-boundary states and state gradients for one (value block, head, batch row).
 
   Kernels spec §1.2-1.3 (the two recurrences are in the module docstring).
 
   Args:
-    *refs: q, k (Tp, Dk), v, do (Tp, BV), b (Tp,) chunk-local cumsums,
+    *refs: q, k (Tp, Dk), v, do (Tp, BV), [b (Tp,) chunk-local cumsums],
       [h0 (Dk, BV)], [dST (Dk, BV)] inputs; then S (NT, Dk, BV) with S[c] the
       state entering chunk c, dS (NT, Dk, BV) with dS[c] the gradient of the
       state leaving chunk c, and [dh0 (Dk, BV)] outputs, all float32.
     C: chunk length.
     NT: number of chunks (Tp / C).
+    has_decay: whether a b ref is present (else g = 0).
     has_h0: whether an initial state is present (and dh0 is wanted).
     has_dst: whether a final-state cotangent is present.
     precision: dot precision (HIGHEST for float32 operands, else None).
   """
-  (q_ref, k_ref, v_ref, b_ref, do_ref), h0_ref, dst_ref, rest = _split_refs(
-      refs, 5, has_h0, has_dst)
+  (q_ref, k_ref, v_ref, do_ref), b_ref, h0_ref, dst_ref, rest = _split_refs(
+      refs, 4, has_decay, has_h0, has_dst)
   s_ref, ds_ref = rest[:2]
   dh0_ref = rest[2] if has_h0 else None
   Dk = q_ref.shape[-1]
@@ -71,8 +74,8 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
   def fwd_body(c, S_KV):
     s_ref[c] = S_KV
     sl = _chunk_slice(c, C)
-    b_C = b_ref[sl].astype(_F32)
-    return _state_step(S_KV, k_ref[sl], v_ref[sl], b_C, _gamma(b_ref, c, C), precision)
+    return _state_step(S_KV, k_ref[sl], v_ref[sl], _load_b(b_ref, sl), _gamma(b_ref, c, C),
+                       precision)
 
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
   lax.fori_loop(0, NT, fwd_body, S0_KV)
@@ -81,9 +84,8 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
     c = NT - 1 - i
     ds_ref[c] = dS_KV
     sl = _chunk_slice(c, C)
-    b_C = b_ref[sl].astype(_F32)
-    return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], b_C, _gamma(b_ref, c, C),
-                            precision)
+    return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], _load_b(b_ref, sl),
+                            _gamma(b_ref, c, C), precision)
 
   dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
   dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
@@ -91,28 +93,28 @@ def states_kernel(*refs, C, NT, has_h0, has_dst, precision):
     dh0_ref[...] = dS_KV
 
 
-def grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, ds_ref,
-                 dq_ref, dk_ref, dv_ref, dg_ref, *, C, BV, precision):
+def grads_kernel(*refs, C, BV, has_decay, precision):
   """dq, dk, dv and dG of one chunk of one (head, batch row), every value block.
 
   Kernels spec §1.3 with the states of ``states_kernel`` (module docstring).
 
   Args:
-    q_ref, k_ref: (C, Dk) chunk of q and k.
-    v_ref, do_ref: (C, Dv) chunk of v and the output cotangent.
-    b_ref: (C,) float32 chunk-local cumsum of g.
-    s_ref: (Dk, Dv) float32 state entering the chunk.
-    ds_ref: (Dk, Dv) float32 gradient of the state leaving the chunk.
-    dq_ref, dk_ref: (C, Dk) outputs; dv_ref: (C, Dv); dg_ref: (C,) float32
-      dG_t = q_t . dq_t - k_t . dk_t.
+    *refs: q, k (C, Dk) chunks of q and k; v, do (C, Dv) chunks of v and the
+      output cotangent; [b (C,) float32 chunk-local cumsum of g]; S (Dk, Dv)
+      float32 state entering the chunk; dS (Dk, Dv) float32 gradient of the
+      state leaving it; then dq, dk (C, Dk), dv (C, Dv) and [dG (C,) float32,
+      dG_t = q_t . dq_t - k_t . dk_t] outputs.
     C: chunk length.
     BV: value block walked inside the program (Dv / BV static steps).
+    has_decay: whether b is present and dG is wanted (else g = 0).
     precision: dot precision (HIGHEST for float32 operands, else None).
   """
+  (q_ref, k_ref, v_ref, do_ref), b_ref, _, _, rest = _split_refs(refs, 4, has_decay, False)
+  s_ref, ds_ref, dq_ref, dk_ref, dv_ref = rest[:5]
   q_CK, k_CK = q_ref[...], k_ref[...]
   Dk = q_CK.shape[-1]
   Dv = v_ref.shape[-1]
-  b_C = b_ref[...].astype(_F32)
+  b_C = None if b_ref is None else b_ref[...].astype(_F32)
   M_CC = _decay_mask(b_C, C)
   blocks = [pl.ds(j * BV, BV) for j in range(Dv // BV)]  # static, unrolled
   # Two passes over the value blocks keep one (C, Dk) float32 accumulator live at a
@@ -123,31 +125,33 @@ def grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, ds_ref,
     do_CV = do_ref[:, cols]
     dA_CC += _dot_nt(do_CV, v_ref[:, cols], precision)
     dq_CK += _dot_nt_state(do_CV, s_ref[:, cols], precision)
-  dA_CC = (dA_CC * M_CC).astype(q_CK.dtype)
-  dq_CK = _dot(dA_CC, k_CK, precision) + dq_CK * jnp.exp(b_C)[:, None]
+  dA_CC = _masked(dA_CC, M_CC).astype(q_CK.dtype)
+  dq_CK = _dot(dA_CC, k_CK, precision) + _rows(dq_CK, _exp(b_C))
   dq_ref[...] = dq_CK.astype(dq_ref.dtype)
-  dgq_C = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
+  if has_decay:  # q.dq now, so that dq_CK is dead during the second pass
+    dgq_C = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
 
-  w_C1 = jnp.exp(_gamma(b_ref, 0, C) - b_C)[:, None]
-  A_CC = (_dot_nt(q_CK, k_CK, precision) * M_CC).astype(v_ref.dtype)
+  w_C = _weights(b_C, _gamma(b_ref, 0, C))
+  A_CC = _masked(_dot_nt(q_CK, k_CK, precision), M_CC).astype(v_ref.dtype)
   dk_CK = jnp.zeros((C, Dk), _F32)
   for cols in blocks:
     v_CV, do_CV, dS_KV = v_ref[:, cols], do_ref[:, cols], ds_ref[:, cols]
     dk_CK += _dot_nt_state(v_CV, dS_KV, precision)
     dv_CV = (_dot_tn(A_CC, do_CV, precision)
-             + _dot(k_CK, dS_KV.astype(k_CK.dtype), precision) * w_C1)
+             + _rows(_dot(k_CK, dS_KV.astype(k_CK.dtype), precision), w_C))
     dv_ref[:, cols] = dv_CV.astype(dv_ref.dtype)
-  dk_CK = _dot_tn(dA_CC, q_CK, precision) + dk_CK * w_C1
+  dk_CK = _dot_tn(dA_CC, q_CK, precision) + _rows(dk_CK, w_C)
   dk_ref[...] = dk_CK.astype(dk_ref.dtype)
-  dg_ref[...] = dgq_C - jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
+  if has_decay:
+    rest[5][...] = dgq_C - jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
 
 
-def bwd_call_chunked(q, k, v, b, do, h0, dST, *, chunk, block_v, launch, precision):
+def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision):
   """The chunked backward on padded inputs (same contract as the fused one).
 
   Args:
     q, k: (B, Tp, H, Dk); v, do: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
-    b: (B, Tp, H) float32 chunk-local cumsums of g.
+    b: (B, Tp, H) float32 chunk-local cumsums of g, or None (no decay).
     h0: (B, H, Dk, Dv) float32 initial state, or None.
     dST: (B, H, Dk, Dv) float32 final-state cotangent, or None.
     chunk: C.
@@ -157,12 +161,14 @@ def bwd_call_chunked(q, k, v, b, do, h0, dST, *, chunk, block_v, launch, precisi
     precision: dot precision.
 
   Returns:
-    (dq, dk, dv, dG (B, Tp, H) float32, dh0 (B, H, Dk, Dv) float32 or None).
+    (dq, dk, dv, dG (B, Tp, H) float32 or None without decay, dh0 (B, H, Dk,
+    Dv) float32 or None).
   """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
   C, BV = chunk, block_v
   NT, NV = Tp // C, Dv // BV
+  has_decay = b is not None
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
   # 1. states, grid (NV, H, B), each program over the whole sequence.
   qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
@@ -170,9 +176,9 @@ def bwd_call_chunked(q, k, v, b, do, h0, dST, *, chunk, block_v, launch, precisi
   b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
   s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
   hs_spec = pl.BlockSpec((None, None, NT, Dk, BV), lambda j, h, bb: (bb, h, 0, 0, j))
-  in_specs = [qk_spec, qk_spec, v_spec, b_spec, v_spec]
-  extra = [x for x in (h0, dST) if x is not None]
-  in_specs += [s_spec] * len(extra)
+  extra = [x for x in (b, h0, dST) if x is not None]
+  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay
+  in_specs += [s_spec] * (len(extra) - has_decay)
   out_shape = [f32(B, H, NT, Dk, Dv), f32(B, H, NT, Dk, Dv)]
   out_specs = [hs_spec, hs_spec]
   if h0 is not None:
@@ -181,12 +187,14 @@ def bwd_call_chunked(q, k, v, b, do, h0, dST, *, chunk, block_v, launch, precisi
   itemsize = jnp.dtype(q.dtype).itemsize
   state_bytes = 2 * B * H * NT * Dk * Dv * 4
   cost = pl.CostEstimate(
-      flops=int(4 * B * H * Tp * Dk * Dv), transcendentals=int(2 * B * H * Tp * NV),
+      flops=int(4 * B * H * Tp * Dk * Dv),
+      transcendentals=int(2 * B * H * Tp * NV) if has_decay else 0,
       bytes_accessed=int(B * H * Tp * (2 * Dk * NV + 2 * Dv) * itemsize + state_bytes))
-  kernel = functools.partial(states_kernel, C=C, NT=NT, has_h0=h0 is not None,
-                             has_dst=dST is not None, precision=precision)
+  kernel = functools.partial(states_kernel, C=C, NT=NT, has_decay=has_decay,
+                             has_h0=h0 is not None, has_dst=dST is not None,
+                             precision=precision)
   outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape,
-                "linear_attention_bwd_states", cost)(q, k, v, b, do, *extra)
+                "linear_attention_bwd_states", cost)(q, k, v, do, *extra)
   S_BHNKV, dS_BHNKV = outs[:2]
   dh0 = outs[2] if h0 is not None else None
   # 2. gradients, grid (NT, H, B), one chunk per program.
@@ -195,14 +203,17 @@ def bwd_call_chunked(q, k, v, b, do, h0, dST, *, chunk, block_v, launch, precisi
   b_spec = pl.BlockSpec((None, C, None), lambda c, h, bb: (bb, c, h))
   st_spec = pl.BlockSpec((None, None, None, Dk, Dv), lambda c, h, bb: (bb, h, c, 0, 0))
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype), f32(B, Tp, H)]
+               jax.ShapeDtypeStruct(v.shape, v.dtype)] + [f32(B, Tp, H)] * has_decay
   cost = pl.CostEstimate(
       flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
-      transcendentals=int(B * H * Tp * (C + 2)),
+      transcendentals=int(B * H * Tp * (C + 2)) if has_decay else 0,
       bytes_accessed=int(B * H * Tp * (3 * Dk + 3 * Dv) * itemsize + state_bytes))
-  kernel = functools.partial(grads_kernel, C=C, BV=BV, precision=precision)
-  dq, dk, dv, dG = launch(kernel, (NT, H, B),
-                          [qk_spec, qk_spec, v_spec, v_spec, b_spec, st_spec, st_spec],
-                          [qk_spec, qk_spec, v_spec, b_spec], out_shape,
-                          "linear_attention_bwd_grads", cost)(q, k, v, do, b, S_BHNKV, dS_BHNKV)
-  return dq, dk, dv, dG, dh0
+  kernel = functools.partial(grads_kernel, C=C, BV=BV, has_decay=has_decay,
+                             precision=precision)
+  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay + [st_spec, st_spec]
+  outs = launch(kernel, (NT, H, B), in_specs,
+                [qk_spec, qk_spec, v_spec] + [b_spec] * has_decay, out_shape,
+                "linear_attention_bwd_grads", cost)(
+                    q, k, v, do, *([b] if has_decay else []), S_BHNKV, dS_BHNKV)
+  dq, dk, dv = outs[:3]
+  return dq, dk, dv, (outs[3] if has_decay else None), dh0

@@ -77,7 +77,9 @@ def _block_v(cfg: KernelConfig, Dv: int) -> int:
 
 
 def _local_cumsum(g_BTH, C):
-  """Chunk-local inclusive cumsum b of the log-decay in float32 (spec §1.4)."""
+  """Chunk-local inclusive cumsum b of the log-decay in float32 (spec §1.4); None for None."""
+  if g_BTH is None:
+    return None
   B, Tp, H = g_BTH.shape
   return jnp.cumsum(g_BTH.astype(_F32).reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
 
@@ -106,7 +108,10 @@ def _launch(kernel, grid, in_specs, out_specs, out_shape, tuning, interpret: boo
 
 
 def _fwd_call(q, k, v, b, h0, st: _Static):
-  """Runs the forward kernel; returns (o (B,Tp,H,Dv), S_T (B,H,Dk,Dv) f32 or None)."""
+  """Runs the forward kernel; returns (o (B,Tp,H,Dv), S_T (B,H,Dk,Dv) f32 or None).
+
+  ``b`` is the chunk-local cumsum (B, Tp, H), or None for no decay.
+  """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
   C = st.chunk
@@ -116,32 +121,38 @@ def _fwd_call(q, k, v, b, h0, st: _Static):
   v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
   b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
   s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
-  in_specs = [qk_spec, qk_spec, v_spec, b_spec] + ([s_spec] if h0 is not None else [])
+  extra = [x for x in (b, h0) if x is not None]
+  in_specs = [qk_spec, qk_spec, v_spec] + [b_spec] * (b is not None)
+  in_specs += [s_spec] * (h0 is not None)
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
   out_specs = [v_spec]
   if st.return_final_state:
     out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
     out_specs.append(s_spec)
-  kernel = functools.partial(fwd_kernel, C=C, NT=Tp // C, has_h0=h0 is not None,
-                             store_state=st.return_final_state,
+  kernel = functools.partial(fwd_kernel, C=C, NT=Tp // C, has_decay=b is not None,
+                             has_h0=h0 is not None, store_state=st.return_final_state,
                              precision=_precision(q.dtype))
   itemsize = jnp.dtype(q.dtype).itemsize
   cost = pl.CostEstimate(
       flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
-      transcendentals=int(B * H * Tp * (C + 2) * NV),
+      transcendentals=int(B * H * Tp * (C + 2) * NV) if b is not None else 0,
       bytes_accessed=int(roofline.fwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
   outs = _launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, st.fwd, st.interpret,
-                 "linear_attention_fwd", cost)(q, k, v, b, *([h0] if h0 is not None else []))
+                 "linear_attention_fwd", cost)(q, k, v, *extra)
   return outs[0], (outs[1] if st.return_final_state else None)
 
 
-def _bwd_call(q, k, v, b, do, h0, dST, st: _Static):
-  """Runs the backward kernel; returns (dq, dk, dv, dG (B,Tp,H) f32, dh0 or None)."""
+def _bwd_call(q, k, v, do, b, h0, dST, st: _Static):
+  """Runs the backward kernel; returns (dq, dk, dv, dG (B,Tp,H) f32, dh0 or None).
+
+  ``b`` is the chunk-local cumsum, or None for no decay (then dG is None).
+  """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
   C = st.chunk
   BV = _block_v(st.bwd, Dv)
   NV = Dv // BV
+  has_decay = b is not None
   part_dtype = q.dtype if NV == 1 else _F32  # partial dq/dk are summed in float32
   qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
   v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
@@ -149,37 +160,34 @@ def _bwd_call(q, k, v, b, do, h0, dST, st: _Static):
   s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
   part_spec = pl.BlockSpec((None, None, Tp, None, Dk), lambda j, h, bb: (j, bb, 0, h, 0))
   dg_spec = pl.BlockSpec((None, None, Tp, None), lambda j, h, bb: (j, bb, 0, h))
-  in_specs = [qk_spec, qk_spec, v_spec, b_spec, v_spec]
-  extra_in = []
-  if h0 is not None:
-    in_specs.append(s_spec)
-    extra_in.append(h0)
-  if dST is not None:
-    in_specs.append(s_spec)
-    extra_in.append(dST)
+  extra = [x for x in (b, h0, dST) if x is not None]
+  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay
+  in_specs += [s_spec] * (len(extra) - has_decay)
   out_shape = [jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
                jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
-               jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype),
-               jax.ShapeDtypeStruct((NV, B, Tp, H), _F32),
-               jax.ShapeDtypeStruct((NV, B, Tp, H), _F32)]
-  out_specs = [part_spec, part_spec, v_spec, dg_spec, dg_spec]
+               jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
+  out_specs = [part_spec, part_spec, v_spec]
+  if has_decay:
+    out_shape += [jax.ShapeDtypeStruct((NV, B, Tp, H), _F32)] * 2
+    out_specs += [dg_spec, dg_spec]
   if h0 is not None:
     out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
     out_specs.append(s_spec)
-  kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_h0=h0 is not None,
-                             has_dst=dST is not None, precision=_precision(q.dtype))
+  kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_decay=has_decay,
+                             has_h0=h0 is not None, has_dst=dST is not None,
+                             precision=_precision(q.dtype))
   itemsize = jnp.dtype(q.dtype).itemsize
   cost = pl.CostEstimate(
       flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
-      transcendentals=int(B * H * Tp * (2 * C + 4) * NV),
+      transcendentals=int(B * H * Tp * (2 * C + 4) * NV) if has_decay else 0,
       bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
   outs = _launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, st.bwd, st.interpret,
-                 "linear_attention_bwd", cost)(q, k, v, b, do, *extra_in)
-  dq_parts, dk_parts, dv, dgq, dgk = outs[:5]
+                 "linear_attention_bwd", cost)(q, k, v, do, *extra)
+  dq_parts, dk_parts, dv = outs[:3]
   dq = dq_parts[0] if NV == 1 else jnp.sum(dq_parts, axis=0)
   dk = dk_parts[0] if NV == 1 else jnp.sum(dk_parts, axis=0)
-  dG = jnp.sum(dgq - dgk, axis=0)
-  return dq, dk, dv, dG, (outs[5] if h0 is not None else None)
+  dG = jnp.sum(outs[3] - outs[4], axis=0) if has_decay else None
+  return dq, dk, dv, dG, (outs[-1] if h0 is not None else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -194,12 +202,15 @@ def _core_fwd(q, k, v, g, h0, st: _Static):
 
 
 def _core_bwd(st: _Static, res, cts):
-  """Kernels spec §1.3: dq, dk, dv, dh0 from the kernel; dg by reverse cumsum."""
+  """Kernels spec §1.3: dq, dk, dv, dh0 from the kernel; dg by reverse cumsum.
+
+  Without decay (g None) there is no dg, and the kernels skip dG.
+  """
   q, k, v, g, h0, S_T = res
   do, dST = cts
   if dST is not None:
     dST = dST.astype(_F32)
-  args = (q, k, v, _local_cumsum(g, st.chunk), do.astype(v.dtype),
+  args = (q, k, v, do.astype(v.dtype), _local_cumsum(g, st.chunk),
           None if h0 is None else h0.astype(_F32), dST)
   if st.backward == "chunked":
     launch = lambda kernel, grid, ins, outs, shapes, name, cost: _launch(
@@ -209,11 +220,13 @@ def _core_bwd(st: _Static, res, cts):
         precision=_precision(q.dtype))
   else:
     dq, dk, dv, dG_BTH, dh0 = _bwd_call(*args, st)
-  if dST is not None:
-    # G_T scales the whole final state: dL/dG_T gains <S_T, dS_T> (spec §1.3).
-    dG_BTH = dG_BTH.at[:, -1, :].add(jnp.sum(S_T * dST, axis=(-2, -1)))
-  dg_BTH = jnp.flip(jnp.cumsum(jnp.flip(dG_BTH, 1), axis=1), 1)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg_BTH.astype(g.dtype),
+  dg_BTH = None
+  if g is not None:
+    if dST is not None:
+      # G_T scales the whole final state: dL/dG_T gains <S_T, dS_T> (spec §1.3).
+      dG_BTH = dG_BTH.at[:, -1, :].add(jnp.sum(S_T * dST, axis=(-2, -1)))
+    dg_BTH = jnp.flip(jnp.cumsum(jnp.flip(dG_BTH, 1), axis=1), 1).astype(g.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg_BTH,
           None if h0 is None else dh0.astype(h0.dtype))
 
 
@@ -278,17 +291,16 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
                return_final_state=bool(return_final_state), backward=backward)
-  g = jnp.zeros((B, T, H), _F32) if log_decay is None else log_decay
   qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
   kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)
   vp = pad_axis(pad_axis(v, 1, Tp), 3, Dvp)
-  gp = pad_axis(g, 1, Tp)
+  gp = None if log_decay is None else pad_axis(log_decay, 1, Tp)
   h0p = None if initial_state is None else pad_axis(pad_axis(initial_state, 2, Dkp), 3, Dvp)
   if nseg == 1:
     o, S_T = _core(qp, kp, vp, gp, h0p, st)
   else:
     S_in, S_T = segments.entering_states(kp, vp, gp, h0p, nseg, precision=_precision(q.dtype))
-    o, _ = _core(*(segments.fold(x, nseg) for x in (qp, kp, vp, gp)),
+    o, _ = _core(*(None if x is None else segments.fold(x, nseg) for x in (qp, kp, vp, gp)),
                  S_in.reshape((B * nseg,) + S_in.shape[2:]),
                  dataclasses.replace(st, return_final_state=False))
     o = segments.unfold(o, B)

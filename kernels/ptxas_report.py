@@ -1,9 +1,11 @@
 """Registers, spills and shared memory of each Pallas kernel, without a GPU.
 
-Run as ``python -m qsf_jax.kernels.ptxas_report [--configs=NAME,...] [--D=64,128]``
+Run as ``python -m qsf_jax.kernels.ptxas_report [--configs=NAME,...] [--D=64,128]
+[--decay=none]``
 on any host with ``triton`` installed (``pip install triton``; it bundles
 ptxas). For each launch configuration of ``bench.PALLAS_CONFIGS`` it exports
-forward + backward at B=8, T=4096, H=8, bf16 for CUDA (``lowering``, kernels
+forward + backward at B=8, T=4096, H=8, bf16 (with float32 log-decays, or
+without any with ``--decay=none``) for CUDA (``lowering``, kernels
 spec §3.4), takes the Triton IR that Pallas emits for every ``pallas_call``,
 compiles it with pip Triton for sm_90a (H100) with the config's warps and
 stages, and runs ``ptxas -v`` on the PTX; it also lists the ``num`` of each
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import pallas_op
-from .bench import PALLAS_CONFIGS
+from .bench import DECAYS, PALLAS_CONFIGS
 from .lowering import export_for_cuda
 
 
@@ -71,14 +73,17 @@ def _capture_triton_ir():
     lowering.lower_jaxpr_to_triton_module, pallas_op.pl.pallas_call = orig_lower, orig_call
 
 
-def kernel_ir(candidate, D, *, B=8, T=4096, H=8):
-  """[(kernel name, num_warps, num_stages, Triton IR)] of forward + backward."""
+def kernel_ir(candidate, D, *, B=8, T=4096, H=8, decay="logsigmoid"):
+  """[(kernel name, num_warps, num_stages, Triton IR)] of forward + backward.
+
+  ``decay="none"`` lowers the kernels without decay (``log_decay=None``).
+  """
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, D), jnp.bfloat16)] * 3 + [S((B, T, H), jnp.float32)]
 
   def loss(q, k, v, g):
     o, _ = pallas_op.pallas_linear_attention(
-        q, k, v, g, chunk_size=candidate.chunk, fwd_config=candidate.fwd,
+        q, k, v, None if decay == "none" else g, chunk_size=candidate.chunk, fwd_config=candidate.fwd,
         bwd_config=candidate.bwd, num_segments=candidate.num_segments,
         backward=candidate.backward)
     return jnp.sum(o.astype(jnp.float32))
@@ -121,6 +126,8 @@ def main(argv=None):
   p.add_argument("--configs", default="c64_bv64_w4_s2",
                  help="comma-separated PALLAS_CONFIGS names, or 'all'")
   p.add_argument("--D", default="64,128", help="comma-separated head dims (Dk = Dv)")
+  p.add_argument("--decay", default="logsigmoid", choices=DECAYS,
+                 help="lower the kernels with log-decays, or without (none)")
   a = p.parse_args(argv)
   names = sorted(PALLAS_CONFIGS) if a.configs == "all" else a.configs.split(",")
   unknown = sorted(set(names) - set(PALLAS_CONFIGS))
@@ -137,7 +144,7 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       for D in (int(x) for x in a.D.split(",")):
-        for kname, warps, stages, ir in kernel_ir(PALLAS_CONFIGS[name], D):
+        for kname, warps, stages, ir in kernel_ir(PALLAS_CONFIGS[name], D, decay=a.decay):
           regs, spill, smem, waits = compile_report(ir, warps, stages, tmp,
                                                     f"{name}_{D}_{kname}")
           print(f"| {name} | {D} | {kname} | {warps} | {stages} | {regs} | {spill} | "

@@ -38,7 +38,8 @@ def entering_states(k_BTHK, v_BTHV, g_BTH, h0_BHKV, num_segments: int, precision
   Args:
     k_BTHK: keys (B, T, H, K), T a multiple of S.
     v_BTHV: values (B, T, H, V).
-    g_BTH: log-decays (B, T, H).
+    g_BTH: log-decays (B, T, H), or None (no decay: U_s = sum_t k_t v_t^T and
+      S_{s+1} = S_s + U_s).
     h0_BHKV: the state entering the sequence (B, H, K, V), or None (zeros).
     num_segments: S.
     precision: dot precision (HIGHEST for float32 operands).
@@ -51,14 +52,17 @@ def entering_states(k_BTHK, v_BTHV, g_BTH, h0_BHKV, num_segments: int, precision
   V = v_BTHV.shape[-1]
   S = num_segments
   L = T // S
-  g_BSLH = g_BTH.astype(_F32).reshape(B, S, L, H)
-  # Inclusive reverse cumsum within each segment; its shift is sum_{r > t} g_r.
-  rc_BSLH = jnp.flip(jnp.cumsum(jnp.flip(g_BSLH, 2), axis=2), 2)
-  gamma_BSH = rc_BSLH[:, :, 0, :]
-  after_BSLH = jnp.concatenate([rc_BSLH[:, :, 1:, :], jnp.zeros_like(rc_BSLH[:, :, :1, :])],
-                               axis=2)
-  kd_BSLHK = (k_BTHK.reshape(B, S, L, H, K).astype(_F32)
-              * jnp.exp(after_BSLH)[..., None]).astype(k_BTHK.dtype)
+  kd_BSLHK = k_BTHK.reshape(B, S, L, H, K)
+  if g_BTH is None:
+    gamma_BSH = jnp.zeros((B, S, H), _F32)
+  else:
+    g_BSLH = g_BTH.astype(_F32).reshape(B, S, L, H)
+    # Inclusive reverse cumsum within each segment; its shift is sum_{r > t} g_r.
+    rc_BSLH = jnp.flip(jnp.cumsum(jnp.flip(g_BSLH, 2), axis=2), 2)
+    gamma_BSH = rc_BSLH[:, :, 0, :]
+    after_BSLH = jnp.concatenate([rc_BSLH[:, :, 1:, :], jnp.zeros_like(rc_BSLH[:, :, :1, :])],
+                                 axis=2)
+    kd_BSLHK = (kd_BSLHK.astype(_F32) * jnp.exp(after_BSLH)[..., None]).astype(k_BTHK.dtype)
   U_BSHKV = jnp.einsum("bslhk,bslhv->bshkv", kd_BSLHK, v_BTHV.reshape(B, S, L, H, V),
                        precision=precision, preferred_element_type=_F32)
   S0_BHKV = jnp.zeros((B, H, K, V), _F32) if h0_BHKV is None else h0_BHKV.astype(_F32)

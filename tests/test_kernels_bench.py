@@ -49,6 +49,22 @@ def test_bench_entry_point_writes_json(tmp_path, capsys):
   assert "| xla | fwd | 32 | 64 |" in capsys.readouterr().out
 
 
+def test_bench_without_decay_differentiates_q_k_v_only(tmp_path):
+  # --decay=none times log_decay=None (the QSF measurement term): no g gradient.
+  q, k, v, g, do = bench._inputs(0, 1, 32, 1, 16, bench.jnp.float32)
+  loss, grads = bench._bench_fn("xla", None, "fwdbwd", "none")(q, k, v, g, do)
+  assert len(grads) == 3 and bench.jnp.isfinite(loss)
+  assert len(bench._bench_fn("xla", None, "fwdbwd")(q, k, v, g, do)[1]) == 4
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--T=32", "--impls=xla", "--modes=fwd", "--decay=none",
+              f"--out={out}"])
+  data = json.loads(out.read_text())
+  assert data["decay"] == "none" and [r["decay"] for r in data["rows"]] == ["none"]
+  with pytest.raises(ValueError, match="decay must be one of"):
+    bench.run((32,), (16,), 1, 1, impls=["xla"], modes=["fwd"], reps=20,
+              dtype=bench.jnp.float32, sweep_configs=False, decay="None")
+
+
 def test_bench_rejects_too_few_reps():
   with pytest.raises(SystemExit):
     bench.main(["--reps=5"])

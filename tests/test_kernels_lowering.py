@@ -36,13 +36,14 @@ requires_cuda_lowering = pytest.mark.skipif(
 
 
 def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, bwd=DEFAULT_BWD,
-                    with_state=True, num_segments=1, backward="fused"):
+                    with_state=True, num_segments=1, backward="fused", with_decay=True):
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, Dk), dtype), S((B, T, H, Dk), dtype), S((B, T, H, Dv), dtype),
              S((B, T, H), jnp.float32), S((B, H, Dk, Dv), jnp.float32)]
 
   def loss(q, k, v, g, S0):
-    o, S_T = pallas_linear_attention(q, k, v, g, S0 if with_state else None,
+    o, S_T = pallas_linear_attention(q, k, v, g if with_decay else None,
+                                     S0 if with_state else None,
                                      chunk_size=chunk_size, return_final_state=with_state,
                                      fwd_config=fwd, bwd_config=bwd,
                                      num_segments=num_segments, backward=backward)
@@ -62,6 +63,15 @@ def test_lowers_at_production_shapes(D, cfg_name):
   assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, chunk_size=c.chunk, fwd=c.fwd,
                          bwd=c.bwd, num_segments=c.num_segments,
                          backward=c.backward) == n_kernels
+
+
+@requires_cuda_lowering
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("backward", ["fused", "chunked"])
+def test_lowers_without_decay_at_production_shapes(D, backward):
+  # log_decay=None compiles the kernels without the cumsum ref and the dG outputs.
+  assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, with_decay=False,
+                         backward=backward) == (3 if backward == "chunked" else 2)
 
 
 @requires_cuda_lowering
@@ -135,6 +145,14 @@ def test_ptxas_report_captures_the_triton_ir_of_every_kernel():
       ("linear_attention_fwd", 4, 2)]
   for name, _, _, ir in found:
     assert f"tt.func public @{name}" in ir and "tt.dot" in ir
+    # Decay factors are exp2 (one ex2.approx), never libdevice expf (about 8 instructions).
+    assert "__nv_exp2f" in ir and "__nv_expf" not in ir, name
+  # Without decay no kernel exponentiates.
+  found = ptxas_report.kernel_ir(PALLAS_CONFIGS["c64_bv64_w8_s3_chunkbwd"], 64, B=1, T=256, H=1,
+                                 decay="none")
+  assert len(found) == 3
+  for name, _, _, ir in found:
+    assert "tt.dot" in ir and "__nv_exp" not in ir and "math.exp" not in ir, name
   # The hooks are undone: a later export is not recorded.
   assert pallas_linear_attention.__module__.endswith("pallas_op")
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel

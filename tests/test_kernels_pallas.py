@@ -170,3 +170,9 @@ def test_gpu_check_script_logic_in_interpret_mode():
   assert [n for n, _, _ in res] == ["o", "S_T", "dq", "dk", "dv", "dg", "dh0"]
   for name, err, bound in res:
     assert err <= bound, (name, err)
+  # Without decay (the QSF measurement term) there is no dg to check.
+  res = gpu_check.check_case(1, 40, 1, 16, 24, "bfloat16", "none", chunk=16, interpret=True,
+                             backward="chunked")
+  assert [n for n, _, _ in res] == ["o", "S_T", "dq", "dk", "dv", "dh0"]
+  for name, err, bound in res:
+    assert err <= bound, (name, err)
