@@ -25,8 +25,8 @@ chunks) in two kernels:
 Without decay (b None) both kernels drop the b ref, every exp(.) factor and
 the dG output, as the fused kernels do (``pallas_kernels``). It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
 read back) for T/C times more programs and short serial chains. Products with
-the float32 states keep them to about 16 bits for 16-bit inputs, as the fused
-backward does (``pallas_kernels._dot_nt_state``). Selected with
+the float32 states keep them to about 16 bits for 16-bit inputs with decay, as
+the fused backward does (``pallas_kernels._dot_nt_state``). Selected with
 ``pallas_linear_attention(..., backward="chunked")``.
 """
 
@@ -124,7 +124,7 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
   for cols in blocks:
     do_CV = do_ref[:, cols]
     dA_CC += _dot_nt(do_CV, v_ref[:, cols], precision)
-    dq_CK += _dot_nt_state(do_CV, s_ref[:, cols], precision)
+    dq_CK += _dot_nt_state(do_CV, s_ref[:, cols], precision, has_decay)
   dA_CC = _masked(dA_CC, M_CC).astype(q_CK.dtype)
   dq_CK = _dot(dA_CC, k_CK, precision) + _rows(dq_CK, _exp(b_C))
   dq_ref[...] = dq_CK.astype(dq_ref.dtype)
@@ -136,7 +136,7 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
   dk_CK = jnp.zeros((C, Dk), _F32)
   for cols in blocks:
     v_CV, do_CV, dS_KV = v_ref[:, cols], do_ref[:, cols], ds_ref[:, cols]
-    dk_CK += _dot_nt_state(v_CV, dS_KV, precision)
+    dk_CK += _dot_nt_state(v_CV, dS_KV, precision, has_decay)
     dv_CV = (_dot_tn(A_CC, do_CV, precision)
              + _rows(_dot(k_CK, dS_KV.astype(k_CK.dtype), precision), w_C))
     dv_ref[:, cols] = dv_CV.astype(dv_ref.dtype)

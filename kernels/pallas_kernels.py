@@ -21,8 +21,9 @@ Kernel refs, per program (the BlockSpecs squeeze batch and head):
 Without decay (``log_decay=None``, the QSF measurement term) the kernels are
 compiled with ``has_decay=False``: no b ref and no dgq/dgk outputs, M is the
 boolean causal mask applied with a select, and every exp(.) factor is dropped
-(b == 0), so the chunk step does no transcendental work at all. ``b_C`` and
-gamma are then None in the helpers below.
+(b == 0), so the chunk step does no transcendental work at all; with no dG to
+protect, the backward casts the state to the input dtype as an MMA operand
+(``_dot_nt_state``). ``b_C`` and gamma are then None in the helpers below.
 """
 
 from __future__ import annotations
@@ -102,18 +103,23 @@ def _hi_lo(x_f32, dtype):
   return hi, (x_f32 - hi.astype(_F32)).astype(dtype)
 
 
-def _dot_nt_state(a, S_f32, precision):
-  """a @ S^T with the float32 state S kept to about 16 mantissa bits.
+def _dot_nt_state(a, S_f32, precision, split):
+  """a @ S^T, with the float32 state S kept to about 16 mantissa bits if ``split``.
 
-  For bf16/f16 ``a``, S is split as S = S_hi + S_lo with both halves in a's
-  dtype and the two products are summed in float32 (two MMAs instead of one).
-  A plain cast of S would round it to 8 bits; in the backward that error does
-  not cancel in the decay gradient dG_t = q_t.dq_t - k_t.dk_t, and with strong
-  decays it dominates dg (kernels spec §1.4: FLA keeps backward states in
-  float32). Float32 ``a`` uses S as is.
+  With ``split`` and bf16/f16 ``a``, S is split as S = S_hi + S_lo with both
+  halves in a's dtype and the two products are summed in float32 (two MMAs
+  instead of one). A plain cast of S rounds it to 8 bits; in the backward that
+  error does not cancel in the decay gradient dG_t = q_t.dq_t - k_t.dk_t, and
+  with strong decays it dominates dg (kernels spec §1.4: FLA keeps backward
+  states in float32). Without decay there is no dG and the kernels cast S as
+  an MMA operand, the spec's recipe: dq, dk then carry the bf16 error of dv
+  (2.9e-3 against 2.4e-3 split, B1 T512 H2 D64) and the backward saves the
+  second MMA of every product with a state. Float32 ``a`` uses S as is.
   """
   if a.dtype == _F32:
     return _dot_nt(a, S_f32, precision)
+  if not split:
+    return _dot_nt(a, S_f32.astype(a.dtype), precision)
   S_hi, S_lo = _hi_lo(S_f32, a.dtype)
   return _dot_nt(a, S_hi, precision) + _dot_nt(a, S_lo, precision)
 
@@ -283,7 +289,7 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     b_C = _load_b(b_ref, sl)
     dA_CC = _masked(_dot_nt(do_CV, v_CV, precision), _decay_mask(b_C, C))
     dq_CK = _dot(dA_CC.astype(k_CK.dtype), k_CK, precision)
-    dq_CK += _rows(_dot_nt_state(do_CV, S_KV, precision), _exp(b_C))
+    dq_CK += _rows(_dot_nt_state(do_CV, S_KV, precision, has_decay), _exp(b_C))
     dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
     if has_decay:
       dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
@@ -305,7 +311,7 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     dv_CV = (_dot(At_CC.astype(do_CV.dtype), do_CV, precision)
              + _rows(_dot(k_CK, dS_KV.astype(k_CK.dtype), precision), w_C))
     dk_CK = (_dot(dAt_CC.astype(q_CK.dtype), q_CK, precision)
-             + _rows(_dot_nt_state(v_CV, dS_KV, precision), w_C))
+             + _rows(_dot_nt_state(v_CV, dS_KV, precision, has_decay), w_C))
     dv_ref[sl] = dv_CV.astype(dv_ref.dtype)
     dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
     if has_decay:

@@ -3,7 +3,9 @@
 Without decay the wrapper compiles the kernels with ``has_decay=False``: no
 cumsum input, no dG outputs and no exponential in the chunk step. The values must be
 those of the decay kernels at g = 0 (in interpret mode, to the bit: every
-factor dropped is exactly 1) and of the float64 reference.
+factor dropped is exactly 1), except dq and dk in 16-bit dtypes, where the
+state is cast as an MMA operand instead of split hi/lo (``_dot_nt_state``);
+every gradient must match the float64 reference.
 """
 
 import jax
@@ -48,6 +50,9 @@ def test_no_decay_equals_zero_decay_and_float64(dtype, backward):
   names = ("o", "S_T", "dq", "dk", "dv", "dh0")
   for name, a, b in zip(names, got, at_zero):
     assert a.dtype == b.dtype and a.shape == b.shape, name
+    if dtype == "bfloat16" and name in ("dq", "dk"):  # one MMA with bf16 S, not two
+      assert 0 < rel_rms_error(a, b) <= TOL[dtype]["grad"], name
+      continue
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                   err_msg=name)
   ref = float64_grads((q, k, v, np.zeros(q.shape[:3], np.float32), S0), do, dS)
