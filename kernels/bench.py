@@ -12,8 +12,9 @@ cotangent). Candidates: "pallas" (GPU only; every launch configuration of
 only) and "softmax", ``jax.nn.dot_product_attention(..., is_causal=True)`` (the
 cuDNN implementation on GPU). Each time is the median of ``--reps`` (>= 20)
 calls after compilation, timed end to end with ``block_until_ready``
-(``--timing=pipelined``: ten calls back to back per sample), rotating two input
-sets. Throughput uses the FLOP/byte model of ``roofline`` (kernels
+(``--timing=pipelined``: ten calls back to back per sample; ``--timing=cupti``:
+device time of the launched kernels, with a per-kernel breakdown; ``timing``),
+rotating two input sets. Throughput uses the FLOP/byte model of ``roofline`` (kernels
 spec §7): for every linear-attention impl the *useful* work of the chunked
 algorithm, so TFLOP/s are comparable across impls. On CPU the default is the
 ``--quick`` sweep and Pallas is skipped. ``--goals`` runs the sweep the kernels'
@@ -26,16 +27,17 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from . import goals, roofline
+from .report import add_speedups, kernel_breakdown, markdown_table
 from .op import linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
+from .timing import (PIPELINE_CALLS, TIMINGS, cupti_seconds, measure_ceilings,
+                     median_seconds)
 
 
 class Candidate(NamedTuple):
@@ -114,31 +116,6 @@ def _bench_fn(impl, cfg, mode, decay="logsigmoid"):
   return jax.jit(jax.value_and_grad(loss, argnums=argnums))
 
 
-PIPELINE_CALLS = 10  # back-to-back calls per sample with --timing=pipelined
-
-
-def _median_seconds(f, arg_sets, reps, timing="sync"):
-  """Median seconds per call of ``f`` over ``reps`` samples after compilation.
-
-  ``timing="sync"``: each sample is one call followed by ``block_until_ready``
-  (end to end: dispatch, host round trip and device time). ``"pipelined"``:
-  each sample is PIPELINE_CALLS calls issued back to back, blocked once, and
-  divided by their number, which hides the per-call host round trip and comes
-  closer to the device time.
-  """
-  jax.block_until_ready(f(*arg_sets[0]))  # compile
-  for a in arg_sets[1:]:
-    jax.block_until_ready(f(*a))
-  calls = PIPELINE_CALLS if timing == "pipelined" else 1
-  times = []
-  for i in range(reps):
-    t0 = time.perf_counter()
-    outs = [f(*arg_sets[(i * calls + j) % len(arg_sets)]) for j in range(calls)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - t0) / calls)
-  return statistics.median(times)
-
-
 def _work(impl, mode, B, T, H, D, elem_bytes):
   """(flops, bytes) of the roofline model (spec §7) for one row."""
   bwd = mode == "fwdbwd"
@@ -168,29 +145,6 @@ def _skip_reason(impl, mode, B, T, H, D, mem_budget):
   return None
 
 
-def measure_ceilings(reps=20, copy_bytes=2 << 30, gemm_n=8192):
-  """Measures this device's two roofline ceilings (kernels spec §7, "Ceilings").
-
-  Bandwidth: a jitted elementwise pass over ``copy_bytes`` of bf16 (read once,
-  written once), counting bytes read plus bytes written. Matmul: an
-  ``gemm_n``^3 bf16 product on random data (2 n^3 FLOP). Each is the median of
-  ``reps`` calls after compilation, rotating two input sets.
-
-  Returns:
-    a ``roofline.DevicePeak`` with the measured figures.
-  """
-  n = copy_bytes // 2
-  xs = [jax.random.normal(jax.random.key(s), (n,), jnp.bfloat16) for s in (0, 1)]
-  t_copy = _median_seconds(jax.jit(lambda x: x * 2), [(x,) for x in xs], reps)
-  del xs
-  mats = [tuple(jax.random.normal(k, (gemm_n, gemm_n), jnp.bfloat16)
-                for k in jax.random.split(jax.random.key(s), 2)) for s in (2, 3)]
-  t_mm = _median_seconds(jax.jit(lambda a, b: a @ b), mats, reps)
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-  return roofline.DevicePeak(2 * gemm_n ** 3 / t_mm, 2 * copy_bytes / t_copy,
-                             f"measured by bench --measure_ceilings, {date}")
-
-
 def _memory_budget():
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
@@ -204,7 +158,7 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
   ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
   ``roofline.device_peak`` of the device kind. ``configs`` names the Pallas
   launch configurations to time (default: all with ``sweep_configs``, else the
-  default one). ``timing`` is "sync" or "pipelined" (see ``_median_seconds``);
+  default one). ``timing`` is one of ``timing.TIMINGS`` (see ``timing``);
   ``decay`` one of ``DECAYS``.
   """
   if decay not in DECAYS:
@@ -231,8 +185,12 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
           why = _skip_reason(impl, mode, B, T, H, D, budget)
           if why is None:
             try:
-              sec = _median_seconds(_bench_fn(impl, cfg, mode, decay), arg_sets, reps,
-                                    timing)
+              fn = _bench_fn(impl, cfg, mode, decay)
+              if timing == "cupti":
+                sec, kernels_ms = cupti_seconds(fn, arg_sets, reps)
+                row["kernels_ms"] = kernels_ms
+              else:
+                sec = median_seconds(fn, arg_sets, reps, timing)
             except Exception as e:  # pylint: disable=broad-except
               why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
           if why is not None:
@@ -245,38 +203,8 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
                            roofline_pct=None if frac is None else 100 * frac))
           print(f"  {impl:9s} {cfg_name:16s} {mode:6s} T={T:5d} D={D:3d} {sec * 1e3:9.3f} ms",
                 flush=True)
-  _add_speedups(rows)
+  add_speedups(rows, DEFAULT_CONFIG)
   return rows
-
-
-def _add_speedups(rows):
-  key = lambda r: (r["mode"], r["T"], r["D"])
-  base = {(r["impl"],) + key(r): r["ms"] for r in rows
-          if "ms" in r and r["config"] in ("", DEFAULT_CONFIG)}
-  for r in rows:
-    if "ms" not in r:
-      continue
-    for ref in ("xla", "softmax"):
-      t = base.get((ref,) + key(r))
-      r[f"vs_{ref}"] = None if t is None else t / r["ms"]
-
-
-def markdown_table(rows, header):
-  """The rows as a markdown table (speed-ups are time(ref) / time(row))."""
-  fmt = lambda x, f: "–" if x is None else format(x, f)
-  out = [header, "",
-         "| impl | mode | T | D | ms | TFLOP/s | GB/s | % roofline | vs xla | vs softmax |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    name = r["impl"] + (f" ({r['config']})" if r["config"] else "")
-    if "ms" not in r:
-      out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | skipped: {r['skipped']} "
-                 "| | | | | |")
-      continue
-    out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | {r['ms']:.3f} | "
-               f"{r['tflops']:.3f} | {r['gbps']:.1f} | {fmt(r['roofline_pct'], '.1f')} | "
-               f"{fmt(r['vs_xla'], '.2f')} | {fmt(r['vs_softmax'], '.2f')} |")
-  return "\n".join(out)
 
 
 def main(argv=None):
@@ -291,9 +219,10 @@ def main(argv=None):
   p.add_argument("--T", default=None, help="comma-separated sequence lengths")
   p.add_argument("--D", default=None, help="comma-separated head dims")
   p.add_argument("--reps", type=int, default=20)
-  p.add_argument("--timing", default="sync", choices=("sync", "pipelined"),
+  p.add_argument("--timing", default="sync", choices=TIMINGS,
                  help="sync: block after every call (end to end); pipelined: "
-                      f"{PIPELINE_CALLS} calls back to back per sample")
+                      f"{PIPELINE_CALLS} calls back to back per sample; cupti: device time "
+                      "of the launched kernels (GPU), with a per-kernel breakdown")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--decay", default="logsigmoid", choices=DECAYS,
                  help="logsigmoid: g = logsigmoid(N(0, 1)) (the spec's benchmark); none: "
@@ -314,6 +243,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.reps < 20:
     p.error("--reps must be >= 20")
+  if a.timing == "cupti" and jax.default_backend() != "gpu":
+    p.error(f"--timing=cupti needs a GPU (CUPTI); this backend is {jax.default_backend()!r}")
   configs = a.configs.split(",") if a.configs else None
   if a.goal_config not in PALLAS_CONFIGS:
     p.error(f"unknown --goal_config {a.goal_config!r}; choose from {sorted(PALLAS_CONFIGS)}")
@@ -344,6 +275,8 @@ def main(argv=None):
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
             f"{a.dtype}, decay {a.decay}, median of {a.reps}, {a.timing} timing, {date}")
   print("\n" + markdown_table(rows, header))
+  if a.timing == "cupti":
+    print("\n" + kernel_breakdown(rows))
   verdicts = None
   if a.goals:
     verdicts = goals.evaluate(rows, peak, a.goal_config)

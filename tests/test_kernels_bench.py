@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qsf_jax.kernels import bench, roofline
+from qsf_jax.kernels import bench, report, roofline, timing
 
 
 @pytest.mark.parametrize("D, gflop_fwd, mb_fwd, gflop_bwd, mb_bwd", [
@@ -101,6 +101,41 @@ def test_pipelined_timing(tmp_path):
   assert row["impl"] == "xla" and row["ms"] > 0
   with pytest.raises(SystemExit):
     bench.main(["--timing=async"])
+
+
+def test_cupti_timing_needs_a_gpu(capsys):
+  with pytest.raises(SystemExit):
+    bench.main(["--quick", "--T=32", "--impls=xla", "--timing=cupti"])
+  assert "--timing=cupti needs a GPU" in capsys.readouterr().err
+  with pytest.raises(RuntimeError, match="needs a GPU backend"):
+    timing.cupti_seconds(lambda x: x, [(1.0,)], 20)
+  with pytest.raises(ValueError, match="'sync' or 'pipelined'"):
+    timing.median_seconds(lambda x: x, [(1.0,)], 20, "cupti")
+
+
+def test_cupti_records_are_summed_per_call_and_per_kernel():
+  # Three calls; the grads kernel is launched twice in the second call (its two
+  # launches add up), and an XLA fusion runs only in the first call (median over
+  # the calls with 0 where it did not run).
+  calls = [
+      [("linear_attention_fwd", 0.30), ("linear_attention_bwd", 1.0), ("fusion.1", 0.2)],
+      [("linear_attention_fwd", 0.32), ("linear_attention_bwd", 0.5),
+       ("linear_attention_bwd", 0.6)],
+      [("linear_attention_fwd", 0.28), ("linear_attention_bwd", 1.2)],
+  ]
+  sec, per_kernel = timing.summarize_kernel_timings(calls)
+  assert sec == pytest.approx(1.48e-3)  # median of 1.50, 1.42, 1.48 ms
+  assert per_kernel == pytest.approx({"linear_attention_fwd": 0.30,
+                                      "linear_attention_bwd": 1.1, "fusion.1": 0.0})
+  for bad, why in (([], "not called"), ([[("k", 1.0)], []], "launched no GPU kernel")):
+    with pytest.raises(ValueError, match=why):
+      timing.summarize_kernel_timings(bad)
+  rows = [dict(impl="pallas", config="c64_bv64_w4_s2", mode="fwdbwd", T=4096, D=128,
+               kernels_ms=per_kernel), dict(impl="xla", config="", mode="fwd", T=4096, D=128)]
+  table = report.kernel_breakdown(rows, top=2).splitlines()
+  assert len(table) == 4  # header, rule and the two slowest kernels of the one CUPTI row
+  assert table[2] == ("| pallas (c64_bv64_w4_s2) | fwdbwd | 4096 | 128 | linear_attention_bwd "
+                      "| 1.100 | 79% |")
 
 
 def _row(impl, mode, T, D, ms, config=""):

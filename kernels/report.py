@@ -1,0 +1,53 @@
+"""Markdown tables of the kernel benchmark's rows (``bench``)."""
+
+from __future__ import annotations
+
+
+def add_speedups(rows, default_config):
+  """Adds vs_xla and vs_softmax (time(ref) / time(row)) to every timed row.
+
+  The references are the rows of impl "xla" and "softmax" (and a Pallas row of
+  ``default_config``) at the same mode, T and D.
+  """
+  key = lambda r: (r["mode"], r["T"], r["D"])
+  base = {(r["impl"],) + key(r): r["ms"] for r in rows
+          if "ms" in r and r["config"] in ("", default_config)}
+  for r in rows:
+    if "ms" not in r:
+      continue
+    for ref in ("xla", "softmax"):
+      t = base.get((ref,) + key(r))
+      r[f"vs_{ref}"] = None if t is None else t / r["ms"]
+
+
+def markdown_table(rows, header):
+  """The rows as a markdown table (speed-ups are time(ref) / time(row))."""
+  fmt = lambda x, f: "–" if x is None else format(x, f)
+  out = [header, "",
+         "| impl | mode | T | D | ms | TFLOP/s | GB/s | % roofline | vs xla | vs softmax |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    name = r["impl"] + (f" ({r['config']})" if r["config"] else "")
+    if "ms" not in r:
+      out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | skipped: {r['skipped']} "
+                 "| | | | | |")
+      continue
+    out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | {r['ms']:.3f} | "
+               f"{r['tflops']:.3f} | {r['gbps']:.1f} | {fmt(r['roofline_pct'], '.1f')} | "
+               f"{fmt(r['vs_xla'], '.2f')} | {fmt(r['vs_softmax'], '.2f')} |")
+  return "\n".join(out)
+
+
+def kernel_breakdown(rows, top=4):
+  """Markdown table of the ``top`` slowest kernels of each row timed with CUPTI."""
+  out = ["| impl | mode | T | D | kernel | ms | share |",
+         "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    if not r.get("kernels_ms"):
+      continue
+    name = r["impl"] + (f" ({r['config']})" if r["config"] else "")
+    total = sum(r["kernels_ms"].values())
+    for kernel, ms in sorted(r["kernels_ms"].items(), key=lambda kv: -kv[1])[:top]:
+      out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | {kernel} | {ms:.3f} | "
+                 f"{100 * ms / total:.0f}% |")
+  return "\n".join(out)
