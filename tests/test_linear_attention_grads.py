@@ -49,6 +49,35 @@ def test_grads_without_decay_or_state(impl):
     assert rel_rms_error(gr, r) <= TOL["float32"]["grad"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_xla_without_decay_with_states_matches_float64(dtype):
+  # log_decay=None with an initial state and a final-state cotangent: outputs, final
+  # state and the gradients in q, k, v and the initial state, batch 2, T = 120 in chunks
+  # of 32 (the last padded), against float64 at g = 0.
+  q, k, v, _, S0 = random_inputs(9, 2, 120, 2, 32, 32, dtype=jnp.dtype(dtype), gate="none")
+  rng = np.random.default_rng(10)
+  do = rng.standard_normal(v.shape).astype(np.float32)
+  dS = rng.standard_normal(S0.shape).astype(np.float32)
+
+  def loss(q, k, v, S0):
+    o, S_T = linear_attention(q, k, v, initial_state=S0, return_final_state=True, impl="xla",
+                              chunk_size=32)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS), (o, S_T)
+
+  (_, (o, S_T)), grads = jax.value_and_grad(loss, argnums=range(4), has_aux=True)(
+      q, k, v, S0)
+  zeros_g = np.zeros(q.shape[:3], np.float32)
+  with jax.enable_x64(True):
+    o64, S64 = linear_attention(*(jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)),
+                                initial_state=jnp.asarray(np.asarray(S0, np.float64)),
+                                return_final_state=True, impl="reference")
+  tol = TOL[dtype]
+  assert rel_rms_error(o, o64) <= tol["o"] and rel_rms_error(S_T, S64) <= tol["o"]
+  ref = float64_grads((q, k, v, zeros_g, S0), do, dS)
+  for name, gr, r in zip(("q", "k", "v", "initial_state"), grads, ref[:3] + ref[4:]):
+    assert rel_rms_error(gr, r) <= tol["grad"], (name, rel_rms_error(gr, r))
+
+
 @pytest.mark.slow
 def test_xla_grads_under_checkpoint_and_vmap():
   q, k, v, g, S0 = random_inputs(7, 1, 33, 1, 16, 16)
