@@ -10,7 +10,9 @@ spec §3.4), takes the Triton IR that Pallas emits for every ``pallas_call``,
 compiles it with pip Triton for sm_90a (H100) with the config's warps and
 stages, and runs ``ptxas -v`` on the PTX; it also lists the ``num`` of each
 ``async_wait`` (0 in a chunk loop: the loads of the next chunk do not overlap
-this chunk's compute). The figures are leads, not device
+this chunk's compute). ``--sass`` adds static counts of the SASS that Triton's
+bundled ``cuobjdump`` disassembles from the cubin: all instructions, spill
+loads/stores (LDL/STL), MUFU (``ex2``), HGMMA and BAR. The figures are leads, not device
 readings: XLA compiles the same IR with its own bundled Triton, whose
 allocation can differ. It hooks a private jax function
 (``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``), so it
@@ -103,8 +105,31 @@ def async_waits(ttgir: str):
   return [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*?\{num = (\d+)", ttgir)]
 
 
-def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: str):
-  """(registers, spill bytes, shared memory bytes, async_wait nums) of one kernel, sm_90a."""
+SASS_OPS = ("LDL", "STL", "MUFU", "HGMMA", "BAR")
+
+
+def sass_counts(sass: str):
+  """Static instruction counts of ``cuobjdump -sass`` text.
+
+  Returns:
+    {"total": all instructions, and one count per opcode of SASS_OPS}
+    (an opcode counts with all its modifiers, e.g. MUFU.EX2).
+  """
+  ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+  return dict(total=len(ops), **{op: ops.count(op) for op in SASS_OPS})
+
+
+def _bin(tool):
+  import triton  # pylint: disable=import-outside-toplevel
+  return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: str,
+                   sass: bool = False):
+  """(registers, spill bytes, shared memory bytes, async_wait nums, SASS counts) of a kernel.
+
+  Compiled for sm_90a; the SASS counts (``sass_counts``) are None unless ``sass``.
+  """
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
   src = os.path.join(workdir, f"{tag}.ttir")
@@ -115,10 +140,17 @@ def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: 
   ptx = os.path.join(workdir, f"{tag}.ptx")
   with open(ptx, "w", encoding="utf-8") as f:
     f.write(compiled.asm["ptx"])
-  ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-  res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+  res = subprocess.run([_bin("ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
                        capture_output=True, text=True, check=True)
-  return parse_ptxas(res.stderr) + (compiled.metadata.shared, async_waits(compiled.asm["ttgir"]))
+  counts = None
+  if sass:
+    cubin = os.path.join(workdir, f"{tag}.cubin")
+    with open(cubin, "wb") as f:
+      f.write(compiled.asm["cubin"])
+    counts = sass_counts(subprocess.run([_bin("cuobjdump"), "-sass", cubin], capture_output=True,
+                                        text=True, check=True).stdout)
+  return parse_ptxas(res.stderr) + (compiled.metadata.shared, async_waits(compiled.asm["ttgir"]),
+                                    counts)
 
 
 def main(argv=None):
@@ -128,6 +160,8 @@ def main(argv=None):
   p.add_argument("--D", default="64,128", help="comma-separated head dims (Dk = Dv)")
   p.add_argument("--decay", default="logsigmoid", choices=DECAYS,
                  help="lower the kernels with log-decays, or without (none)")
+  p.add_argument("--sass", action="store_true",
+                 help="also count SASS instructions (total, LDL, STL, MUFU, HGMMA, BAR)")
   a = p.parse_args(argv)
   names = sorted(PALLAS_CONFIGS) if a.configs == "all" else a.configs.split(",")
   unknown = sorted(set(names) - set(PALLAS_CONFIGS))
@@ -138,17 +172,19 @@ def main(argv=None):
   except ImportError:
     print("ptxas_report needs the triton package (pip install triton)", file=sys.stderr)
     return 2
+  extra = "".join(f" {op} |" for op in ("SASS",) + SASS_OPS) if a.sass else ""
   print("| config | D | kernel | warps | stages | registers | spill stores B | shared KB "
-        "| async_wait num |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| async_wait num |" + extra)
+  print("|---" * (9 + (1 + len(SASS_OPS)) * a.sass) + "|")
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       for D in (int(x) for x in a.D.split(",")):
         for kname, warps, stages, ir in kernel_ir(PALLAS_CONFIGS[name], D, decay=a.decay):
-          regs, spill, smem, waits = compile_report(ir, warps, stages, tmp,
-                                                    f"{name}_{D}_{kname}")
+          regs, spill, smem, waits, counts = compile_report(
+              ir, warps, stages, tmp, f"{name}_{D}_{kname}", sass=a.sass)
+          cells = "".join(f" {counts[k]} |" for k in ("total",) + SASS_OPS) if counts else ""
           print(f"| {name} | {D} | {kname} | {warps} | {stages} | {regs} | {spill} | "
-                f"{smem / 1024:.0f} | {', '.join(map(str, waits)) or '-'} |", flush=True)
+                f"{smem / 1024:.0f} | {', '.join(map(str, waits)) or '-'} |" + cells, flush=True)
   return 0
 
 

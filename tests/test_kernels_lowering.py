@@ -127,6 +127,21 @@ def test_parse_ptxas_output():
     parse_ptxas("ptxas fatal   : Unresolved extern function")
 
 
+def test_sass_counts_from_cuobjdump_text():
+  from qsf_jax.kernels.ptxas_report import sass_counts  # pylint: disable=import-outside-toplevel
+  sass = """\t\tFunction : linear_attention_bwd
+        /*0440*/                   STL [R1+0x44], R0 ;                 /* 0x0000440001007387 */
+        /*08f0*/               @P1 LDGSTS.E [R201+0x1e000], desc[UR6][R16.64] ; /* 0x1e0 */
+        /*0980*/              @!P2 BRA 0x9e0 ;                         /* 0x0000000000142947 */
+        /*2b40*/                   HGMMA.64x32x16.F32.BF16 R40, gdesc[UR36], RZ, !UPT ; /* 0x006 */
+        /*2d90*/                   MUFU.EX2 R93, R66 ;                 /* 0x00000042005d7308 */
+        /*2dc0*/                   MUFU.EX2 R62, R57 ;                 /* 0x00000039003e7308 */
+        /*2e00*/                   LDL.LU R3, [R1+0x44] ;              /* 0x0000440001037983 */
+        /*2e10*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;       /* 0x0000000000007b1d */
+"""
+  assert sass_counts(sass) == dict(total=8, LDL=1, STL=1, MUFU=2, HGMMA=1, BAR=1)
+
+
 def test_async_waits_from_triton_gpu_ir():
   from qsf_jax.kernels.ptxas_report import async_waits  # pylint: disable=import-outside-toplevel
   ttgir = ("%115 = ttg.async_wait %arg10, %arg11 {num = 7 : i32} loc(#loc44)\n"
