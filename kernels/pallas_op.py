@@ -250,7 +250,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     q: queries (B, T, H, Dk), float16/bfloat16/float32.
     k: keys (B, T, H, Dk).
     v: values (B, T, H, Dv).
-    log_decay: log-decays g <= 0 (B, T, H), or None for no decay.
+    log_decay: log-decays g <= 0 (B, T, H), or None for no decay (the kernels
+      are then compiled without any decay work: no exp, no dg).
     initial_state: state S_0 (B, H, Dk, Dv), or None.
     chunk_size: chunk C, a power of two >= 16 (reduced to the padded T when
       T is shorter).
