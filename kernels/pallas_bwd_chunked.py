@@ -22,12 +22,13 @@ chunks) in two kernels:
      dV = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1},
      dG_t = q_t . dq_t - k_t . dk_t.
 
-Without decay (b None) both kernels drop the b ref, every exp(.) factor and
-the dG output, as the fused kernels do (``pallas_kernels``). It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
+It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
 read back) for T/C times more programs and short serial chains. Products with
 the float32 states keep them to about 16 bits for 16-bit inputs with decay, as
-the fused backward does (``pallas_kernels._dot_nt_state``). Selected with
-``pallas_linear_attention(..., backward="chunked")``.
+the fused backward does (``chunk_step._dot_nt_state``). Without decay (b None)
+both kernels drop the b ref, every exp(.) factor and the dG output, as the
+fused kernels do. Selected with ``pallas_linear_attention(...,
+backward="chunked")``.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import roofline
-from .pallas_kernels import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state,
-                             _dot_tn, _exp, _gamma, _load_b, _masked, _rows, _split_refs,
-                             _state_grad_step, _state_step, _weights)
+from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _dot_tn,
+                         _exp, _gamma, _load_b, _masked, _rows, _split_refs, _state_grad_step,
+                         _state_step, _weights)
 
 _F32 = jnp.float32
 

@@ -114,6 +114,6 @@ def test_no_decay_kernels_have_no_exp_and_no_decay_refs(backward, n_in, n_out):
     assert (ins, outs) == (n_in[name], n_out[name]), (name, ins, outs)
     assert not {"exp", "exp2"} & body, name
   # With a decay every kernel takes the cumsum and exponentiates, always as exp2
-  # (one instruction on GPU, see pallas_kernels._exp); this is the control.
+  # (one instruction on GPU, see chunk_step._exp); this is the control.
   for name, ins, outs, body in _kernel_calls(lambda q, k, v: grads(g)(q, k, v), q, k, v):
     assert ins == n_in[name] + 1 and "exp2" in body and "exp" not in body, (name, ins)
