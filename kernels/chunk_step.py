@@ -84,6 +84,21 @@ def _hi_lo(x_f32, dtype):
   return hi, (x_f32 - hi.astype(_F32)).astype(dtype)
 
 
+def _dot_f32_operand(dot, a, x_f32, precision, split):
+  """dot(a, x) for a float32 x and an MMA operand a (``dot`` is _dot_nt or _dot_tn).
+
+  Float32 ``a`` takes x as is. Otherwise x is rounded to a's dtype as an MMA
+  operand, or with ``split`` kept to about 16 bits as x_hi + x_lo in a's dtype,
+  two MMAs summed in float32.
+  """
+  if a.dtype == _F32:
+    return dot(a, x_f32, precision)
+  if not split:
+    return dot(a, x_f32.astype(a.dtype), precision)
+  x_hi, x_lo = _hi_lo(x_f32, a.dtype)
+  return dot(a, x_hi, precision) + dot(a, x_lo, precision)
+
+
 def _dot_nt_state(a, S_f32, precision, split):
   """a @ S^T, with the float32 state S kept to about 16 mantissa bits if ``split``.
 
@@ -97,12 +112,7 @@ def _dot_nt_state(a, S_f32, precision, split):
   (2.9e-3 against 2.4e-3 split, B1 T512 H2 D64) and the backward saves the
   second MMA of every product with a state. Float32 ``a`` uses S as is.
   """
-  if a.dtype == _F32:
-    return _dot_nt(a, S_f32, precision)
-  if not split:
-    return _dot_nt(a, S_f32.astype(a.dtype), precision)
-  S_hi, S_lo = _hi_lo(S_f32, a.dtype)
-  return _dot_nt(a, S_hi, precision) + _dot_nt(a, S_lo, precision)
+  return _dot_f32_operand(_dot_nt, a, S_f32, precision, split)
 
 
 def _state_increment(k_CK, vd_CV, precision, split):
@@ -120,12 +130,7 @@ def _state_increment(k_CK, vd_CV, precision, split):
   terms from it; an 8-bit S_T would leave its rounding in every dg_t (seen with
   extreme decays, where the difference is small).
   """
-  if k_CK.dtype == _F32:
-    return _dot_tn(k_CK, vd_CV, precision)
-  if not split:
-    return _dot_tn(k_CK, vd_CV.astype(k_CK.dtype), precision)
-  vd_hi, vd_lo = _hi_lo(vd_CV, k_CK.dtype)
-  return _dot_tn(k_CK, vd_hi, precision) + _dot_tn(k_CK, vd_lo, precision)
+  return _dot_f32_operand(_dot_tn, k_CK, vd_CV, precision, split)
 
 
 def _state_step(S_KV, k_CK, v_CV, b_C, b_last, precision, split=False):
