@@ -80,6 +80,8 @@ def kernel_ir(candidate, D, *, B=8, T=4096, H=8, decay="logsigmoid"):
 
   ``decay="none"`` lowers the kernels without decay (``log_decay=None``).
   """
+  if decay not in DECAYS:
+    raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, D), jnp.bfloat16)] * 3 + [S((B, T, H), jnp.float32)]
 

@@ -162,6 +162,8 @@ def test_ptxas_report_captures_the_triton_ir_of_every_kernel():
     assert f"tt.func public @{name}" in ir and "tt.dot" in ir
     # Decay factors are exp2 (one ex2.approx), never libdevice expf (about 8 instructions).
     assert "__nv_exp2f" in ir and "__nv_expf" not in ir, name
+  with pytest.raises(ValueError, match="decay must be one of"):
+    ptxas_report.kernel_ir(PALLAS_CONFIGS["c64_bv64_w4_s2"], 64, decay="None")
   # Without decay no kernel exponentiates.
   found = ptxas_report.kernel_ir(PALLAS_CONFIGS["c64_bv64_w8_s3_chunkbwd"], 64, B=1, T=256, H=1,
                                  decay="none")
