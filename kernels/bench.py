@@ -218,6 +218,10 @@ def main(argv=None):
   p.add_argument("--modes", default="fwd,fwdbwd")
   p.add_argument("--T", default=None, help="comma-separated sequence lengths")
   p.add_argument("--D", default=None, help="comma-separated head dims")
+  p.add_argument("--B", type=int, default=None, help="batch size (default 8; 2 with --quick)")
+  p.add_argument("--H", type=int, default=None,
+                 help="heads (default 8; 2 with --quick); e.g. --B=4 --H=64 for FLA's "
+                      "benchmark shape, 512 programs instead of 128 at D=128")
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--timing", default="sync", choices=TIMINGS,
                  help="sync: block after every call (end to end); pipelined: "
@@ -243,6 +247,11 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.reps < 20:
     p.error("--reps must be >= 20")
+  for flag, val in (("--B", a.B), ("--H", a.H)):
+    if val is not None and val < 1:
+      p.error(f"{flag} must be a positive int, got {val}")
+    if val is not None and a.goals:
+      p.error(f"--goals judges the goals' shapes (B=H=8); drop {flag}")
   if a.timing == "cupti" and jax.default_backend() != "gpu":
     p.error(f"--timing=cupti needs a GPU (CUPTI); this backend is {jax.default_backend()!r}")
   configs = a.configs.split(",") if a.configs else None
@@ -261,6 +270,7 @@ def main(argv=None):
     sizes["T"] = tuple(int(x) for x in a.T.split(","))
   if a.D:
     sizes["D"] = tuple(int(x) for x in a.D.split(","))
+  sizes.update({k: v for k, v in (("B", a.B), ("H", a.H)) if v is not None})
   dev = jax.devices()[0]
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {date}")

@@ -65,6 +65,19 @@ def test_bench_without_decay_differentiates_q_k_v_only(tmp_path):
               dtype=bench.jnp.float32, sweep_configs=False, decay="None")
 
 
+def test_bench_batch_and_heads_flags(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--T=32", "--D=16", "--B=3", "--H=5", "--impls=xla", "--modes=fwd",
+              f"--out={out}"])
+  (row,) = json.loads(out.read_text())["rows"]
+  assert (row["B"], row["H"], row["T"], row["D"]) == (3, 5, 32, 16) and row["ms"] > 0
+  for bad, why in ((["--B=0"], "--B must be a positive int"),
+                   (["--goals", "--H=64"], "--goals judges")):
+    with pytest.raises(SystemExit):
+      bench.main(bad)
+    assert why in capsys.readouterr().err
+
+
 def test_bench_rejects_too_few_reps():
   with pytest.raises(SystemExit):
     bench.main(["--reps=5"])
