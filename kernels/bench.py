@@ -47,6 +47,7 @@ class Candidate(NamedTuple):
   bwd: KernelConfig
   num_segments: int = 1  # two-level split of the sequence, see ``segments``
   backward: str = "fused"  # "fused" or "chunked", see ``pallas_bwd_chunked``
+  forward: str = "fused"  # "fused" or "chunked", see ``pallas_fwd_chunked``
 
 
 _W8 = KernelConfig(block_v=64, num_warps=8, num_stages=2)
@@ -72,6 +73,10 @@ PALLAS_CONFIGS = {
         64, DEFAULT_FWD, KernelConfig(block_v=128, num_warps=8, num_stages=3),
         backward="chunked"),
     "c128_bv64_w8_s2_chunkbwd": Candidate(128, _W8, _W8, backward="chunked"),
+    # Chunk-parallel forward (states kernel, then one program per chunk), with the
+    # default backward; C = 128 halves the bf16 chunk states written and read.
+    "c64_bv64_w4_s3_chunkfwd": Candidate(64, _W4S3, DEFAULT_BWD, forward="chunked"),
+    "c128_bv64_w8_s2_chunkfwd": Candidate(128, _W8, _W8, forward="chunked"),
 }
 DEFAULT_CONFIG = "c64_bv64_w4_s2"  # the configuration pallas_linear_attention uses by default
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
@@ -103,7 +108,7 @@ def _forward_fn(impl, cfg, decay="logsigmoid"):
   if impl == "pallas":
     return lambda q, k, v, g: pallas_linear_attention(
         q, k, v, use(g), chunk_size=cfg.chunk, fwd_config=cfg.fwd, bwd_config=cfg.bwd,
-        num_segments=cfg.num_segments, backward=cfg.backward)[0]
+        num_segments=cfg.num_segments, backward=cfg.backward, forward=cfg.forward)[0]
   return lambda q, k, v, g: linear_attention(q, k, v, use(g), impl=impl, chunk_size=64)
 
 

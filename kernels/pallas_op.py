@@ -28,6 +28,7 @@ from . import roofline, segments
 from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
                         validate_inputs)
 from .pallas_bwd_chunked import bwd_call_chunked
+from .pallas_fwd_chunked import fwd_call_chunked
 from .pallas_kernels import bwd_kernel, fwd_kernel
 
 _F32 = jnp.float32
@@ -51,6 +52,7 @@ class KernelConfig:
 DEFAULT_FWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
 BACKWARDS = ("fused", "chunked")  # backward kernel designs, see pallas_linear_attention
+FORWARDS = ("fused", "chunked")  # forward kernel designs, see pallas_linear_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class _Static:
   interpret: bool
   return_final_state: bool
   backward: str = "fused"
+  forward: str = "fused"
 
 
 def _precision(dtype):
@@ -117,6 +120,11 @@ def _fwd_call(q, k, v, b, h0, st: _Static):
   C = st.chunk
   BV = _block_v(st.fwd, Dv)
   NV = Dv // BV
+  if st.forward == "chunked":
+    launch = lambda kernel, grid, ins, outs, shapes, name, cost: _launch(
+        kernel, grid, ins, outs, shapes, st.fwd, st.interpret, name, cost)
+    return fwd_call_chunked(q, k, v, b, h0, chunk=C, block_v=BV, launch=launch,
+                            precision=_precision(q.dtype), store_state=st.return_final_state)
   qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
   v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
   b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
@@ -237,7 +245,7 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
                             interpret=False, return_final_state=False,
                             fwd_config: KernelConfig = DEFAULT_FWD,
                             bwd_config: KernelConfig = DEFAULT_BWD, num_segments: int = 1,
-                            backward: str = "fused"):
+                            backward: str = "fused", forward: str = "fused"):
   """Chunked causal linear attention with fused Pallas-Triton kernels.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
@@ -267,6 +275,10 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
       ``pallas_bwd_chunked``; it needs 8 B H (T/C) Dk Dv bytes of float32
       states, 1.1 GB at B=H=8, T=8192, C=64, D=128). Both compute the same
       gradients.
+    forward: "fused" (one kernel, one program per value block over the whole
+      sequence; the default) or "chunked" (chunk states to HBM in the input
+      dtype, then one program per chunk; ``pallas_fwd_chunked``; 2 B H (T/C)
+      Dk Dv bytes of bf16 states). Both compute the same values.
 
   Returns:
     (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
@@ -274,8 +286,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
 
   Raises:
     ValueError: for the bad inputs ``linear_attention`` rejects, a chunk that
-      is not a power of two >= 16, a bad ``block_v``, ``num_segments`` or
-      ``backward``.
+      is not a power of two >= 16, a bad ``block_v``, ``num_segments``,
+      ``backward`` or ``forward``.
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   check_chunk_size(chunk_size, power_of_two=True)
@@ -288,10 +300,13 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+  if forward not in FORWARDS:
+    raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
   nseg = num_segments
   Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
-               return_final_state=bool(return_final_state), backward=backward)
+               return_final_state=bool(return_final_state), backward=backward,
+               forward=forward)
   qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
   kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)
   vp = pad_axis(pad_axis(v, 1, Tp), 3, Dvp)

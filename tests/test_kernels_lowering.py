@@ -36,7 +36,8 @@ requires_cuda_lowering = pytest.mark.skipif(
 
 
 def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, bwd=DEFAULT_BWD,
-                    with_state=True, num_segments=1, backward="fused", with_decay=True):
+                    with_state=True, num_segments=1, backward="fused", with_decay=True,
+                    forward="fused"):
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, Dk), dtype), S((B, T, H, Dk), dtype), S((B, T, H, Dv), dtype),
              S((B, T, H), jnp.float32), S((B, H, Dk, Dv), jnp.float32)]
@@ -46,7 +47,8 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
                                      S0 if with_state else None,
                                      chunk_size=chunk_size, return_final_state=with_state,
                                      fwd_config=fwd, bwd_config=bwd,
-                                     num_segments=num_segments, backward=backward)
+                                     num_segments=num_segments, backward=backward,
+                                     forward=forward)
     extra = jnp.sum(S_T) if with_state else 0.0
     return jnp.sum(o.astype(jnp.float32)) + extra
 
@@ -59,10 +61,11 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
 @pytest.mark.parametrize("cfg_name", sorted(PALLAS_CONFIGS))
 def test_lowers_at_production_shapes(D, cfg_name):
   c = PALLAS_CONFIGS[cfg_name]
-  n_kernels = 3 if c.backward == "chunked" else 2  # chunked: states + grads kernels
+  # A chunked forward or backward is two kernels (states, then outputs or gradients).
+  n_kernels = (1 + (c.forward == "chunked")) + (1 + (c.backward == "chunked"))
   assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, chunk_size=c.chunk, fwd=c.fwd,
-                         bwd=c.bwd, num_segments=c.num_segments,
-                         backward=c.backward) == n_kernels
+                         bwd=c.bwd, num_segments=c.num_segments, backward=c.backward,
+                         forward=c.forward) == n_kernels
 
 
 @requires_cuda_lowering
@@ -89,6 +92,14 @@ def test_lowers_padded_shapes(shape, with_state, backward):
   # T not a multiple of C, T = 1 (decode), non-power-of-two and tiny head dims.
   assert _export_fwd_bwd(*shape, jnp.bfloat16, with_state=with_state,
                          backward=backward) == (3 if backward == "chunked" else 2)
+
+
+@requires_cuda_lowering
+@pytest.mark.parametrize("shape", [(2, 300, 2, 96, 40), (4, 1, 8, 64, 64)])
+@pytest.mark.parametrize("with_state, with_decay", [(True, True), (False, False)])
+def test_chunked_forward_lowers_padded_shapes(shape, with_state, with_decay):
+  assert _export_fwd_bwd(*shape, jnp.bfloat16, with_state=with_state, with_decay=with_decay,
+                         forward="chunked") == 3
 
 
 @requires_cuda_lowering
