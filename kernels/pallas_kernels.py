@@ -1,4 +1,7 @@
-"""Pallas (Triton backend) kernel bodies for chunked causal linear attention.
+"""Pallas (Triton backend) fused kernels for chunked causal linear attention.
+
+The two kernel bodies and their launch wrappers (``fwd_call_fused``,
+``bwd_call_fused``: block specs, output shapes, cost estimates).
 
 Design (kernels spec §1.2-1.3, FLA ``fused_chunk``): one program per
 (value block, head, batch row) walks the T/C chunks with ``lax.fori_loop`` and
@@ -29,9 +32,14 @@ helpers of ``chunk_step``.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
+from . import roofline
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _exp,
                          _gamma, _load_b, _masked, _rows, _split_refs, _state_grad_step,
                          _state_step, _weights)
@@ -151,3 +159,111 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
   dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
   if has_h0:
     dh0_ref[...] = dS_KV.astype(dh0_ref.dtype)
+
+
+def fwd_call_fused(q, k, v, b, h0, *, chunk, block_v, launch, precision, store_state):
+  """The fused forward on padded inputs: grid (Dv / BV, H, B) over ``fwd_kernel``.
+
+  Args:
+    q, k: (B, Tp, H, Dk); v: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
+    b: (B, Tp, H) float32 chunk-local cumsums of g, or None (no decay).
+    h0: (B, H, Dk, Dv) float32 initial state, or None.
+    chunk: C.
+    block_v: value block BV (divides Dv).
+    launch: ``(kernel, grid, in_specs, out_specs, out_shape, name, cost) ->
+      callable``, the Triton launcher with the forward's settings.
+    precision: dot precision.
+    store_state: whether to return S_T.
+
+  Returns:
+    (o (B, Tp, H, Dv) in v's dtype, S_T (B, H, Dk, Dv) float32 or None).
+  """
+  B, Tp, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C, BV = chunk, block_v
+  NV = Dv // BV
+  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
+  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
+  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
+  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  extra = [x for x in (b, h0) if x is not None]
+  in_specs = [qk_spec, qk_spec, v_spec] + [b_spec] * (b is not None)
+  in_specs += [s_spec] * (h0 is not None)
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
+  out_specs = [v_spec]
+  if store_state:
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
+    out_specs.append(s_spec)
+  kernel = functools.partial(fwd_kernel, C=C, NT=Tp // C, has_decay=b is not None,
+                             has_h0=h0 is not None, store_state=store_state,
+                             precision=precision)
+  itemsize = jnp.dtype(q.dtype).itemsize
+  cost = pl.CostEstimate(
+      flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
+      transcendentals=int(B * H * Tp * (C + 2) * NV) if b is not None else 0,
+      bytes_accessed=int(roofline.fwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
+  outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, "linear_attention_fwd",
+                cost)(q, k, v, *extra)
+  return outs[0], (outs[1] if store_state else None)
+
+
+def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision):
+  """The fused backward on padded inputs: grid (Dv / BV, H, B) over ``bwd_kernel``.
+
+  dq, dk (and dG) come out of the kernel as partial sums over the value blocks,
+  in float32 when there are several, and are summed here.
+
+  Args:
+    q, k: (B, Tp, H, Dk); v, do: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
+    b: (B, Tp, H) float32 chunk-local cumsums of g, or None (no decay).
+    h0: (B, H, Dk, Dv) float32 initial state, or None.
+    dST: (B, H, Dk, Dv) float32 final-state cotangent, or None.
+    chunk: C.
+    block_v: value block BV (divides Dv).
+    launch: the Triton launcher with the backward's settings (see fwd_call_fused).
+    precision: dot precision.
+
+  Returns:
+    (dq, dk, dv, dG (B, Tp, H) float32 or None without decay, dh0 (B, H, Dk,
+    Dv) float32 or None).
+  """
+  B, Tp, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C, BV = chunk, block_v
+  NV = Dv // BV
+  has_decay = b is not None
+  part_dtype = q.dtype if NV == 1 else _F32  # partial dq/dk are summed in float32
+  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
+  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
+  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
+  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  part_spec = pl.BlockSpec((None, None, Tp, None, Dk), lambda j, h, bb: (j, bb, 0, h, 0))
+  dg_spec = pl.BlockSpec((None, None, Tp, None), lambda j, h, bb: (j, bb, 0, h))
+  extra = [x for x in (b, h0, dST) if x is not None]
+  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay
+  in_specs += [s_spec] * (len(extra) - has_decay)
+  out_shape = [jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
+               jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
+               jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
+  out_specs = [part_spec, part_spec, v_spec]
+  if has_decay:
+    out_shape += [jax.ShapeDtypeStruct((NV, B, Tp, H), _F32)] * 2
+    out_specs += [dg_spec, dg_spec]
+  if h0 is not None:
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
+    out_specs.append(s_spec)
+  kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_decay=has_decay,
+                             has_h0=h0 is not None, has_dst=dST is not None,
+                             precision=precision)
+  itemsize = jnp.dtype(q.dtype).itemsize
+  cost = pl.CostEstimate(
+      flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
+      transcendentals=int(B * H * Tp * (2 * C + 4) * NV) if has_decay else 0,
+      bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
+  outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, "linear_attention_bwd",
+                cost)(q, k, v, do, *extra)
+  dq_parts, dk_parts, dv = outs[:3]
+  dq = dq_parts[0] if NV == 1 else jnp.sum(dq_parts, axis=0)
+  dk = dk_parts[0] if NV == 1 else jnp.sum(dk_parts, axis=0)
+  dG = jnp.sum(outs[3] - outs[4], axis=0) if has_decay else None
+  return dq, dk, dv, dG, (outs[-1] if h0 is not None else None)

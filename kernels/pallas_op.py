@@ -1,8 +1,10 @@
 """Pallas-Triton causal linear attention: ``pallas_call`` wiring and ``custom_vjp``.
 
 Forward (kernels spec §1.2) and backward (§1.3) run as one fused kernel each
-(``pallas_kernels``); the decay gradient is finished in XLA (spec §3.2: Triton
-has no reverse cumsum):
+(``pallas_kernels``) or, selected by ``forward``/``backward="chunked"``, as a
+states kernel plus a chunk-parallel kernel (``pallas_fwd_chunked``,
+``pallas_bwd_chunked``); the decay gradient is finished in XLA (spec §3.2:
+Triton has no reverse cumsum):
 
   dG_t = q_t . dq_t - k_t . dk_t  (+ <S_T, dS_T> at t = T - 1),
   dg_t = sum_{r >= t} dG_r.
@@ -24,12 +26,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import roofline, segments
+from . import segments
 from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
                         validate_inputs)
 from .pallas_bwd_chunked import bwd_call_chunked
 from .pallas_fwd_chunked import fwd_call_chunked
-from .pallas_kernels import bwd_kernel, fwd_kernel
+from .pallas_kernels import bwd_call_fused, fwd_call_fused
 
 _F32 = jnp.float32
 
@@ -92,8 +94,8 @@ def _launch(kernel, grid, in_specs, out_specs, out_shape, tuning, interpret: boo
   """``pl.pallas_call`` on the Triton backend with one kernel's launch settings.
 
   Args:
-    kernel: the kernel body (a ``functools.partial`` of ``fwd_kernel``/``bwd_kernel``).
-    grid: launch grid ``(NV, H, B)``.
+    kernel: the kernel body (a ``functools.partial`` of a kernel function).
+    grid: launch grid, e.g. ``(NV, H, B)``.
     in_specs, out_specs, out_shape: the block specs and output shapes.
     tuning: the ``KernelConfig`` of this direction (``num_warps``, ``num_stages``).
     interpret: run the kernel with the Pallas interpreter (CPU).
@@ -110,92 +112,18 @@ def _launch(kernel, grid, in_specs, out_specs, out_shape, tuning, interpret: boo
       interpret=interpret, name=name, cost_estimate=cost)
 
 
+def _launcher(tuning: KernelConfig, interpret: bool):
+  """The ``launch`` callback of the kernel wrappers, with one direction's settings."""
+  return lambda kernel, grid, ins, outs, shapes, name, cost: _launch(
+      kernel, grid, ins, outs, shapes, tuning, interpret, name, cost)
+
+
 def _fwd_call(q, k, v, b, h0, st: _Static):
-  """Runs the forward kernel; returns (o (B,Tp,H,Dv), S_T (B,H,Dk,Dv) f32 or None).
-
-  ``b`` is the chunk-local cumsum (B, Tp, H), or None for no decay.
-  """
-  B, Tp, H, Dk = q.shape
-  Dv = v.shape[-1]
-  C = st.chunk
-  BV = _block_v(st.fwd, Dv)
-  NV = Dv // BV
-  if st.forward == "chunked":
-    launch = lambda kernel, grid, ins, outs, shapes, name, cost: _launch(
-        kernel, grid, ins, outs, shapes, st.fwd, st.interpret, name, cost)
-    return fwd_call_chunked(q, k, v, b, h0, chunk=C, block_v=BV, launch=launch,
-                            precision=_precision(q.dtype), store_state=st.return_final_state)
-  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
-  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
-  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
-  extra = [x for x in (b, h0) if x is not None]
-  in_specs = [qk_spec, qk_spec, v_spec] + [b_spec] * (b is not None)
-  in_specs += [s_spec] * (h0 is not None)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
-  out_specs = [v_spec]
-  if st.return_final_state:
-    out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
-    out_specs.append(s_spec)
-  kernel = functools.partial(fwd_kernel, C=C, NT=Tp // C, has_decay=b is not None,
-                             has_h0=h0 is not None, store_state=st.return_final_state,
-                             precision=_precision(q.dtype))
-  itemsize = jnp.dtype(q.dtype).itemsize
-  cost = pl.CostEstimate(
-      flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
-      transcendentals=int(B * H * Tp * (C + 2) * NV) if b is not None else 0,
-      bytes_accessed=int(roofline.fwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
-  outs = _launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, st.fwd, st.interpret,
-                 "linear_attention_fwd", cost)(q, k, v, *extra)
-  return outs[0], (outs[1] if st.return_final_state else None)
-
-
-def _bwd_call(q, k, v, do, b, h0, dST, st: _Static):
-  """Runs the backward kernel; returns (dq, dk, dv, dG (B,Tp,H) f32, dh0 or None).
-
-  ``b`` is the chunk-local cumsum, or None for no decay (then dG is None).
-  """
-  B, Tp, H, Dk = q.shape
-  Dv = v.shape[-1]
-  C = st.chunk
-  BV = _block_v(st.bwd, Dv)
-  NV = Dv // BV
-  has_decay = b is not None
-  part_dtype = q.dtype if NV == 1 else _F32  # partial dq/dk are summed in float32
-  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
-  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
-  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
-  part_spec = pl.BlockSpec((None, None, Tp, None, Dk), lambda j, h, bb: (j, bb, 0, h, 0))
-  dg_spec = pl.BlockSpec((None, None, Tp, None), lambda j, h, bb: (j, bb, 0, h))
-  extra = [x for x in (b, h0, dST) if x is not None]
-  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay
-  in_specs += [s_spec] * (len(extra) - has_decay)
-  out_shape = [jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
-               jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
-               jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
-  out_specs = [part_spec, part_spec, v_spec]
-  if has_decay:
-    out_shape += [jax.ShapeDtypeStruct((NV, B, Tp, H), _F32)] * 2
-    out_specs += [dg_spec, dg_spec]
-  if h0 is not None:
-    out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
-    out_specs.append(s_spec)
-  kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_decay=has_decay,
-                             has_h0=h0 is not None, has_dst=dST is not None,
-                             precision=_precision(q.dtype))
-  itemsize = jnp.dtype(q.dtype).itemsize
-  cost = pl.CostEstimate(
-      flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
-      transcendentals=int(B * H * Tp * (2 * C + 4) * NV) if has_decay else 0,
-      bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
-  outs = _launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, st.bwd, st.interpret,
-                 "linear_attention_bwd", cost)(q, k, v, do, *extra)
-  dq_parts, dk_parts, dv = outs[:3]
-  dq = dq_parts[0] if NV == 1 else jnp.sum(dq_parts, axis=0)
-  dk = dk_parts[0] if NV == 1 else jnp.sum(dk_parts, axis=0)
-  dG = jnp.sum(outs[3] - outs[4], axis=0) if has_decay else None
-  return dq, dk, dv, dG, (outs[-1] if h0 is not None else None)
+  """The forward design ``st.forward``; returns (o, S_T f32 or None). b None: no decay."""
+  call = fwd_call_chunked if st.forward == "chunked" else fwd_call_fused
+  return call(q, k, v, b, h0, chunk=st.chunk, block_v=_block_v(st.fwd, v.shape[-1]),
+              launch=_launcher(st.fwd, st.interpret), precision=_precision(q.dtype),
+              store_state=st.return_final_state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -220,14 +148,10 @@ def _core_bwd(st: _Static, res, cts):
     dST = dST.astype(_F32)
   args = (q, k, v, do.astype(v.dtype), _local_cumsum(g, st.chunk),
           None if h0 is None else h0.astype(_F32), dST)
-  if st.backward == "chunked":
-    launch = lambda kernel, grid, ins, outs, shapes, name, cost: _launch(
-        kernel, grid, ins, outs, shapes, st.bwd, st.interpret, name, cost)
-    dq, dk, dv, dG_BTH, dh0 = bwd_call_chunked(
-        *args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]), launch=launch,
-        precision=_precision(q.dtype))
-  else:
-    dq, dk, dv, dG_BTH, dh0 = _bwd_call(*args, st)
+  call = bwd_call_chunked if st.backward == "chunked" else bwd_call_fused
+  dq, dk, dv, dG_BTH, dh0 = call(*args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]),
+                                 launch=_launcher(st.bwd, st.interpret),
+                                 precision=_precision(q.dtype))
   dg_BTH = None
   if g is not None:
     if dST is not None:
