@@ -41,6 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import roofline
+from .block_specs import chunk_specs, sequence_specs
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _dot_tn,
                          _exp, _gamma, _load_b, _masked, _rows, _split_refs, _state_grad_step,
                          _state_step, _weights)
@@ -148,22 +149,11 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
 
 
 def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision):
-  """The chunked backward on padded inputs (same contract as the fused one).
+  """The chunked backward on padded inputs: ``states_kernel``, then ``grads_kernel``.
 
-  Args:
-    q, k: (B, Tp, H, Dk); v, do: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
-    b: (B, Tp, H) float32 chunk-local cumsums of g, or None (no decay).
-    h0: (B, H, Dk, Dv) float32 initial state, or None.
-    dST: (B, H, Dk, Dv) float32 final-state cotangent, or None.
-    chunk: C.
-    block_v: value block BV of both kernels (divides Dv).
-    launch: ``(kernel, grid, in_specs, out_specs, out_shape, name, cost) ->
-      callable``, the Triton launcher with this direction's settings.
-    precision: dot precision.
-
-  Returns:
-    (dq, dk, dv, dG (B, Tp, H) float32 or None without decay, dh0 (B, H, Dk,
-    Dv) float32 or None).
+  Arguments and results as ``pallas_kernels.bwd_call_fused`` (``block_v`` is
+  the value block of both kernels); dq, dk and dG come out complete, with no
+  partial sums, at the cost of 8 B H (Tp / C) Dk Dv bytes of float32 states.
   """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
@@ -172,19 +162,15 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
   has_decay = b is not None
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
   # 1. states, grid (NV, H, B), each program over the whole sequence.
-  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
-  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
-  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
-  hs_spec = pl.BlockSpec((None, None, NT, Dk, BV), lambda j, h, bb: (bb, h, 0, 0, j))
+  sp = sequence_specs(Tp, Dk, BV, NT)
   extra = [x for x in (b, h0, dST) if x is not None]
-  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay
-  in_specs += [s_spec] * (len(extra) - has_decay)
+  in_specs = [sp.qk, sp.qk, sp.v, sp.v] + [sp.b] * has_decay
+  in_specs += [sp.state] * (len(extra) - has_decay)
   out_shape = [f32(B, H, NT, Dk, Dv), f32(B, H, NT, Dk, Dv)]
-  out_specs = [hs_spec, hs_spec]
+  out_specs = [sp.chunk_states, sp.chunk_states]
   if h0 is not None:
     out_shape.append(f32(B, H, Dk, Dv))
-    out_specs.append(s_spec)
+    out_specs.append(sp.state)
   itemsize = jnp.dtype(q.dtype).itemsize
   state_bytes = 2 * B * H * NT * Dk * Dv * 4
   cost = pl.CostEstimate(
@@ -199,10 +185,7 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
   S_BHNKV, dS_BHNKV = outs[:2]
   dh0 = outs[2] if h0 is not None else None
   # 2. gradients, grid (NT, H, B), one chunk per program.
-  qk_spec = pl.BlockSpec((None, C, None, Dk), lambda c, h, bb: (bb, c, h, 0))
-  v_spec = pl.BlockSpec((None, C, None, Dv), lambda c, h, bb: (bb, c, h, 0))
-  b_spec = pl.BlockSpec((None, C, None), lambda c, h, bb: (bb, c, h))
-  st_spec = pl.BlockSpec((None, None, None, Dk, Dv), lambda c, h, bb: (bb, h, c, 0, 0))
+  cs = chunk_specs(C, Dk, Dv)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct(v.shape, v.dtype)] + [f32(B, Tp, H)] * has_decay
   cost = pl.CostEstimate(
@@ -211,9 +194,9 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
       bytes_accessed=int(B * H * Tp * (3 * Dk + 3 * Dv) * itemsize + state_bytes))
   kernel = functools.partial(grads_kernel, C=C, BV=BV, has_decay=has_decay,
                              precision=precision)
-  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay + [st_spec, st_spec]
+  in_specs = [cs.qk, cs.qk, cs.v, cs.v] + [cs.b] * has_decay + [cs.state, cs.state]
   outs = launch(kernel, (NT, H, B), in_specs,
-                [qk_spec, qk_spec, v_spec] + [b_spec] * has_decay, out_shape,
+                [cs.qk, cs.qk, cs.v] + [cs.b] * has_decay, out_shape,
                 "linear_attention_bwd_grads", cost)(
                     q, k, v, do, *([b] if has_decay else []), S_BHNKV, dS_BHNKV)
   dq, dk, dv = outs[:3]

@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import roofline
+from .block_specs import chunk_specs, sequence_specs
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _exp, _gamma, _load_b,
                          _masked, _rows, _split_refs, _state_step)
 
@@ -97,21 +98,11 @@ def out_kernel(*refs, C, BV, has_decay, precision):
 
 
 def fwd_call_chunked(q, k, v, b, h0, *, chunk, block_v, launch, precision, store_state):
-  """The chunked forward on padded inputs (same contract as the fused one).
+  """The chunked forward on padded inputs: ``states_kernel``, then ``out_kernel``.
 
-  Args:
-    q, k: (B, Tp, H, Dk); v: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
-    b: (B, Tp, H) float32 chunk-local cumsums of g, or None (no decay).
-    h0: (B, H, Dk, Dv) float32 initial state, or None.
-    chunk: C.
-    block_v: value block BV of both kernels (divides Dv).
-    launch: ``(kernel, grid, in_specs, out_specs, out_shape, name, cost) ->
-      callable``, the Triton launcher with the forward's settings.
-    precision: dot precision.
-    store_state: whether to return S_T.
-
-  Returns:
-    (o (B, Tp, H, Dv) in v's dtype, S_T (B, H, Dk, Dv) float32 or None).
+  Arguments and results as ``pallas_kernels.fwd_call_fused`` (``block_v`` is
+  the value block of both kernels); the bf16 chunk states in between cost
+  2 B H (Tp / C) Dk Dv bytes.
   """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
@@ -121,18 +112,14 @@ def fwd_call_chunked(q, k, v, b, h0, *, chunk, block_v, launch, precision, store
   itemsize = jnp.dtype(q.dtype).itemsize
   state_bytes = B * H * NT * Dk * Dv * itemsize
   # 1. states, grid (NV, H, B), each program over the whole sequence.
-  k_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
-  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
-  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
-  hs_spec = pl.BlockSpec((None, None, NT, Dk, BV), lambda j, h, bb: (bb, h, 0, 0, j))
+  sp = sequence_specs(Tp, Dk, BV, NT)
   extra = [x for x in (b, h0) if x is not None]
-  in_specs = [k_spec, v_spec] + [b_spec] * has_decay + [s_spec] * (h0 is not None)
+  in_specs = [sp.qk, sp.v] + [sp.b] * has_decay + [sp.state] * (h0 is not None)
   out_shape = [jax.ShapeDtypeStruct((B, H, NT, Dk, Dv), q.dtype)]
-  out_specs = [hs_spec]
+  out_specs = [sp.chunk_states]
   if store_state:
     out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
-    out_specs.append(s_spec)
+    out_specs.append(sp.state)
   cost = pl.CostEstimate(
       flops=int(2 * B * H * Tp * Dk * Dv),
       transcendentals=int(B * H * Tp * NV) if has_decay else 0,
@@ -143,10 +130,7 @@ def fwd_call_chunked(q, k, v, b, h0, *, chunk, block_v, launch, precision, store
   outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape,
                 "linear_attention_fwd_states", cost)(k, v, *extra)
   # 2. outputs, grid (NT, H, B), one chunk per program.
-  qk_spec = pl.BlockSpec((None, C, None, Dk), lambda c, h, bb: (bb, c, h, 0))
-  vo_spec = pl.BlockSpec((None, C, None, Dv), lambda c, h, bb: (bb, c, h, 0))
-  bc_spec = pl.BlockSpec((None, C, None), lambda c, h, bb: (bb, c, h))
-  st_spec = pl.BlockSpec((None, None, None, Dk, Dv), lambda c, h, bb: (bb, h, c, 0, 0))
+  cs = chunk_specs(C, Dk, Dv)
   cost = pl.CostEstimate(
       flops=int(roofline.fwd_flops(B, H, Tp, Dk, Dv, C)),
       transcendentals=int(B * H * Tp * (C + 1)) if has_decay else 0,
@@ -154,7 +138,7 @@ def fwd_call_chunked(q, k, v, b, h0, *, chunk, block_v, launch, precision, store
   kernel = functools.partial(out_kernel, C=C, BV=BV, has_decay=has_decay,
                              precision=precision)
   o = launch(kernel, (NT, H, B),
-             [qk_spec, qk_spec, vo_spec] + [bc_spec] * has_decay + [st_spec], [vo_spec],
+             [cs.qk, cs.qk, cs.v] + [cs.b] * has_decay + [cs.state], [cs.v],
              [jax.ShapeDtypeStruct(v.shape, v.dtype)], "linear_attention_fwd_out", cost)(
                  q, k, v, *([b] if has_decay else []), outs[0])[0]
   return o, (outs[1] if store_state else None)

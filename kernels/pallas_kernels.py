@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import roofline
+from .block_specs import sequence_specs
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _exp,
                          _gamma, _load_b, _masked, _rows, _split_refs, _state_grad_step,
                          _state_step, _weights)
@@ -182,18 +183,14 @@ def fwd_call_fused(q, k, v, b, h0, *, chunk, block_v, launch, precision, store_s
   Dv = v.shape[-1]
   C, BV = chunk, block_v
   NV = Dv // BV
-  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
-  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
-  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  sp = sequence_specs(Tp, Dk, BV)
   extra = [x for x in (b, h0) if x is not None]
-  in_specs = [qk_spec, qk_spec, v_spec] + [b_spec] * (b is not None)
-  in_specs += [s_spec] * (h0 is not None)
+  in_specs = [sp.qk, sp.qk, sp.v] + [sp.b] * (b is not None) + [sp.state] * (h0 is not None)
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
-  out_specs = [v_spec]
+  out_specs = [sp.v]
   if store_state:
     out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
-    out_specs.append(s_spec)
+    out_specs.append(sp.state)
   kernel = functools.partial(fwd_kernel, C=C, NT=Tp // C, has_decay=b is not None,
                              has_h0=h0 is not None, store_state=store_state,
                              precision=precision)
@@ -233,25 +230,22 @@ def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision
   NV = Dv // BV
   has_decay = b is not None
   part_dtype = q.dtype if NV == 1 else _F32  # partial dq/dk are summed in float32
-  qk_spec = pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j))
-  b_spec = pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h))
-  s_spec = pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j))
+  sp = sequence_specs(Tp, Dk, BV)
   part_spec = pl.BlockSpec((None, None, Tp, None, Dk), lambda j, h, bb: (j, bb, 0, h, 0))
   dg_spec = pl.BlockSpec((None, None, Tp, None), lambda j, h, bb: (j, bb, 0, h))
   extra = [x for x in (b, h0, dST) if x is not None]
-  in_specs = [qk_spec, qk_spec, v_spec, v_spec] + [b_spec] * has_decay
-  in_specs += [s_spec] * (len(extra) - has_decay)
+  in_specs = [sp.qk, sp.qk, sp.v, sp.v] + [sp.b] * has_decay
+  in_specs += [sp.state] * (len(extra) - has_decay)
   out_shape = [jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
                jax.ShapeDtypeStruct((NV, B, Tp, H, Dk), part_dtype),
                jax.ShapeDtypeStruct((B, Tp, H, Dv), v.dtype)]
-  out_specs = [part_spec, part_spec, v_spec]
+  out_specs = [part_spec, part_spec, sp.v]
   if has_decay:
     out_shape += [jax.ShapeDtypeStruct((NV, B, Tp, H), _F32)] * 2
     out_specs += [dg_spec, dg_spec]
   if h0 is not None:
     out_shape.append(jax.ShapeDtypeStruct((B, H, Dk, Dv), _F32))
-    out_specs.append(s_spec)
+    out_specs.append(sp.state)
   kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_decay=has_decay,
                              has_h0=h0 is not None, has_dst=dST is not None,
                              precision=precision)
