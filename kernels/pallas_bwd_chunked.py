@@ -22,12 +22,15 @@ chunks) in two kernels:
      dV = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1},
      dG_t = q_t . dq_t - k_t . dk_t.
 
-It trades HBM traffic (two float32 (T/C, Dk, Dv) state tensors written and
-read back) for T/C times more programs and short serial chains. Products with
-the float32 states keep them to about 16 bits for 16-bit inputs with decay, as
-the fused backward does (``chunk_step._dot_nt_state``). Without decay (b None)
+It trades HBM traffic (two (T/C, Dk, Dv) state tensors written and read
+back) for T/C times more programs and short serial chains. Products with the
+float32 states keep them to about 16 bits for 16-bit inputs with decay, as the
+fused backward does (``chunk_step._dot_nt_state``). Without decay (b None)
 both kernels drop the b ref, every exp(.) factor and the dG output, as the
-fused kernels do. Selected with ``pallas_linear_attention(...,
+fused kernels do, and for 16-bit inputs the states are stored in the input
+dtype (``state_store_dtype``): the grads kernel rounds every state to that
+dtype as an MMA operand anyway, so the results are the same to the bit and the
+state traffic halves. Selected with ``pallas_linear_attention(...,
 backward="chunked")``.
 """
 
@@ -49,6 +52,24 @@ from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state
 _F32 = jnp.float32
 
 
+def state_store_dtype(dtype, has_decay: bool) -> jnp.dtype:
+  """dtype of the chunk states S_c and dS_{c+1} that the chunked backward stores.
+
+  With decay, or for float32 inputs, float32: dG needs the states to about 16
+  bits (``chunk_step._dot_nt_state``). Without decay and with 16-bit inputs,
+  the input dtype: every product with a state then takes it rounded to the
+  input dtype as an MMA operand, so rounding when storing instead of when
+  loading gives the same bits and halves the state traffic (kernels spec §7:
+  2 (T/C) Dk Dv bytes per state and (b, h)).
+
+  Args:
+    dtype: dtype of q, k, v.
+    has_decay: whether a log-decay is present.
+  """
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(_F32) if has_decay or dtype.itemsize >= 4 else dtype
+
+
 def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
   """Chunk-boundary states and state gradients for one (value block, head, batch row).
 
@@ -58,7 +79,8 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     *refs: q, k (Tp, Dk), v, do (Tp, BV), [b (Tp,) chunk-local cumsums],
       [h0 (Dk, BV)], [dST (Dk, BV)] inputs; then S (NT, Dk, BV) with S[c] the
       state entering chunk c, dS (NT, Dk, BV) with dS[c] the gradient of the
-      state leaving chunk c, and [dh0 (Dk, BV)] outputs, all float32.
+      state leaving chunk c (both in ``state_store_dtype``), and [dh0 (Dk, BV)
+      float32] outputs.
     C: chunk length.
     NT: number of chunks (Tp / C).
     has_decay: whether a b ref is present (else g = 0).
@@ -74,7 +96,7 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
   BV = v_ref.shape[-1]
 
   def fwd_body(c, S_KV):
-    s_ref[c] = S_KV
+    s_ref[c] = S_KV.astype(s_ref.dtype)
     sl = _chunk_slice(c, C)
     return _state_step(S_KV, k_ref[sl], v_ref[sl], _load_b(b_ref, sl), _gamma(b_ref, c, C),
                        precision)
@@ -84,7 +106,7 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
 
   def bwd_body(i, dS_KV):
     c = NT - 1 - i
-    ds_ref[c] = dS_KV
+    ds_ref[c] = dS_KV.astype(ds_ref.dtype)
     sl = _chunk_slice(c, C)
     return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], _load_b(b_ref, sl),
                             _gamma(b_ref, c, C), precision)
@@ -103,9 +125,9 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
   Args:
     *refs: q, k (C, Dk) chunks of q and k; v, do (C, Dv) chunks of v and the
       output cotangent; [b (C,) float32 chunk-local cumsum of g]; S (Dk, Dv)
-      float32 state entering the chunk; dS (Dk, Dv) float32 gradient of the
-      state leaving it; then dq, dk (C, Dk), dv (C, Dv) and [dG (C,) float32,
-      dG_t = q_t . dq_t - k_t . dk_t] outputs.
+      state entering the chunk; dS (Dk, Dv) gradient of the state leaving it
+      (both in ``state_store_dtype``); then dq, dk (C, Dk), dv (C, Dv) and
+      [dG (C,) float32, dG_t = q_t . dq_t - k_t . dk_t] outputs.
     C: chunk length.
     BV: value block walked inside the program (Dv / BV static steps).
     has_decay: whether b is present and dG is wanted (else g = 0).
@@ -153,7 +175,8 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
 
   Arguments and results as ``pallas_kernels.bwd_call_fused`` (``block_v`` is
   the value block of both kernels); dq, dk and dG come out complete, with no
-  partial sums, at the cost of 8 B H (Tp / C) Dk Dv bytes of float32 states.
+  partial sums, at the cost of 2 B H (Tp / C) Dk Dv states in
+  ``state_store_dtype`` (float32, or the 16-bit input dtype without decay).
   """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
@@ -161,18 +184,19 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
   NT, NV = Tp // C, Dv // BV
   has_decay = b is not None
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+  state_dtype = state_store_dtype(q.dtype, has_decay)
   # 1. states, grid (NV, H, B), each program over the whole sequence.
   sp = sequence_specs(Tp, Dk, BV, NT)
   extra = [x for x in (b, h0, dST) if x is not None]
   in_specs = [sp.qk, sp.qk, sp.v, sp.v] + [sp.b] * has_decay
   in_specs += [sp.state] * (len(extra) - has_decay)
-  out_shape = [f32(B, H, NT, Dk, Dv), f32(B, H, NT, Dk, Dv)]
+  out_shape = [jax.ShapeDtypeStruct((B, H, NT, Dk, Dv), state_dtype)] * 2
   out_specs = [sp.chunk_states, sp.chunk_states]
   if h0 is not None:
     out_shape.append(f32(B, H, Dk, Dv))
     out_specs.append(sp.state)
   itemsize = jnp.dtype(q.dtype).itemsize
-  state_bytes = 2 * B * H * NT * Dk * Dv * 4
+  state_bytes = 2 * B * H * NT * Dk * Dv * state_dtype.itemsize
   cost = pl.CostEstimate(
       flops=int(4 * B * H * Tp * Dk * Dv),
       transcendentals=int(2 * B * H * Tp * NV) if has_decay else 0,

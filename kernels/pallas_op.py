@@ -197,8 +197,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     backward: "fused" (one kernel, two sweeps per value block; the default) or
       "chunked" (chunk states to HBM, then one program per chunk;
       ``pallas_bwd_chunked``; it needs 8 B H (T/C) Dk Dv bytes of float32
-      states, 1.1 GB at B=H=8, T=8192, C=64, D=128). Both compute the same
-      gradients.
+      states, 1.1 GB at B=H=8, T=8192, C=64, D=128, or half that in the
+      16-bit input dtype without decay). Both compute the same gradients.
     forward: "fused" (one kernel, one program per value block over the whole
       sequence; the default) or "chunked" (chunk states to HBM in the input
       dtype, then one program per chunk; ``pallas_fwd_chunked``; 2 B H (T/C)

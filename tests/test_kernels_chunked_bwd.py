@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsf_jax.kernels import KernelConfig, pallas_linear_attention
+from qsf_jax.kernels import KernelConfig, pallas_bwd_chunked, pallas_linear_attention
 from qsf_jax.kernels.testing import (GRAD_NAMES, TOL, gradient_case, random_inputs,
                                      rel_rms_error)
 
@@ -66,6 +66,51 @@ def test_chunked_and_fused_backward_agree_without_decay_or_state_under_vmap():
     outs[backward] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(stack(q), stack(k), stack(v))
   for a, b in zip(outs["chunked"], outs["fused"]):
     assert rel_rms_error(a, b) <= 1e-5
+
+
+def _states_dtypes_and_grads(q, k, v, g, S0, do, dS):
+  """dtypes of the two states the chunked backward stores, and every gradient."""
+  cfg = KernelConfig(block_v=16)  # Dv = 32: two value blocks in the states kernel
+
+  def loss(q, k, v, g, S0):
+    o, S_T = pallas_linear_attention(q, k, v, g, S0, chunk_size=32, interpret=True,
+                                     return_final_state=True, fwd_config=cfg,
+                                     bwd_config=cfg, backward="chunked")
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
+
+  grad = jax.grad(loss, argnums=range(5))
+  states = [e for e in jax.make_jaxpr(grad)(q, k, v, g, S0).jaxpr.eqns
+            if e.primitive.name == "pallas_call"
+            and e.params["name"] == "linear_attention_bwd_states"]
+  assert len(states) == 1, states
+  return [str(x.aval.dtype) for x in states[0].outvars[:2]], grad(q, k, v, g, S0)
+
+
+@pytest.mark.parametrize("dtype, gate, stored", [
+    ("bfloat16", "none", "bfloat16"),   # no dG: states rounded on store, not on load
+    ("bfloat16", "medium", "float32"),  # dG needs ~16-bit states (hi/lo products)
+    ("float32", "none", "float32"),
+])
+def test_chunked_backward_state_dtype_and_bits(monkeypatch, dtype, gate, stored):
+  # T = 100 in four chunks of 32 (the last padded), initial and final states.
+  q, k, v, g, S0 = random_inputs(8, 1, 100, 2, 16, 32, dtype=jnp.dtype(dtype), gate=gate)
+  rng = np.random.default_rng(8)
+  do = rng.standard_normal(v.shape).astype(np.float32)
+  dS = rng.standard_normal(S0.shape).astype(np.float32)
+  dtypes, grads = _states_dtypes_and_grads(q, k, v, g, S0, do, dS)
+  assert dtypes == [stored, stored]
+  # The same backward with float32 states: the same bits (the MMAs round the
+  # states to the input dtype either way).
+  monkeypatch.setattr(pallas_bwd_chunked, "state_store_dtype",
+                      lambda dtype, has_decay: jnp.dtype(jnp.float32))
+  dtypes32, grads32 = _states_dtypes_and_grads(q, k, v, g, S0, do, dS)
+  assert dtypes32 == ["float32", "float32"]
+  for name, a, b in zip(GRAD_NAMES, grads, grads32):
+    if a is None:
+      assert b is None and g is None and name == "log_decay", name
+      continue
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                  err_msg=name)
 
 
 def test_rejects_unknown_backward():
