@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from . import goals, roofline
 from .report import add_speedups, kernel_breakdown, markdown_table
 from .op import linear_attention
-from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, KernelConfig, pallas_linear_attention
+from .designs import DEFAULT_DESIGN, PALLAS_DESIGNS
+from .pallas_op import KernelConfig, pallas_linear_attention
 from .timing import (PIPELINE_CALLS, TIMINGS, cupti_seconds, measure_ceilings,
                      median_seconds)
 
@@ -50,35 +51,16 @@ class Candidate(NamedTuple):
   forward: str = "fused"  # "fused" or "chunked", see ``pallas_fwd_chunked``
 
 
-_W8 = KernelConfig(block_v=64, num_warps=8, num_stages=2)
-_W8S3 = KernelConfig(block_v=64, num_warps=8, num_stages=3)
-_W4S3 = KernelConfig(block_v=64, num_warps=4, num_stages=3)
-# Launch configurations swept on GPU (name -> Candidate).
-PALLAS_CONFIGS = {
-    "c64_bv64_w4_s2": Candidate(64, DEFAULT_FWD, DEFAULT_BWD),
-    "c64_bv64_w4_s2_seg4": Candidate(64, DEFAULT_FWD, DEFAULT_BWD, 4),
-    "c64_bv64_w4_s2_seg16": Candidate(64, DEFAULT_FWD, DEFAULT_BWD, 16),
-    "c64_bv32_w4_s2": Candidate(64, *[KernelConfig(block_v=32, num_warps=4, num_stages=2)] * 2),
-    "c64_bv64_w8_s3": Candidate(64, _W8S3, _W8S3),
-    # Three stages keep one chunk's loads in flight during the compute (with two, the
-    # compiled loop waits for every load at the top of each step; WORKSPACE.md).
-    "c64_bv64_w4_s3": Candidate(64, _W4S3, _W4S3),
-    "c64_bv128_w8_s2": Candidate(64, *[KernelConfig(block_v=128, num_warps=8, num_stages=2)] * 2),
-    "c128_bv64_w8_s2": Candidate(128, _W8, _W8),
-    # Chunk-parallel backward (with the default forward), 8 warps: with 4 the grads
-    # kernel spills at D = 128. Three stages for the states kernel's chunk loop; bv128
-    # walks no value blocks; C = 128 halves the float32 chunk states written and read.
-    "c64_bv64_w8_s3_chunkbwd": Candidate(64, DEFAULT_FWD, _W8S3, backward="chunked"),
-    "c64_bv128_w8_s3_chunkbwd": Candidate(
-        64, DEFAULT_FWD, KernelConfig(block_v=128, num_warps=8, num_stages=3),
-        backward="chunked"),
-    "c128_bv64_w8_s2_chunkbwd": Candidate(128, _W8, _W8, backward="chunked"),
-    # Chunk-parallel forward (states kernel, then one program per chunk), with the
-    # default backward; C = 128 halves the bf16 chunk states written and read.
-    "c64_bv64_w4_s3_chunkfwd": Candidate(64, _W4S3, DEFAULT_BWD, forward="chunked"),
-    "c128_bv64_w8_s2_chunkfwd": Candidate(128, _W8, _W8, forward="chunked"),
-}
-DEFAULT_CONFIG = "c64_bv64_w4_s2"  # the configuration pallas_linear_attention uses by default
+# Launch configurations swept on GPU (name "c{chunk}_{design}" -> Candidate); the
+# designs, with their reasons, are in ``designs.PALLAS_DESIGNS``. C = 128 halves the
+# chunk states that the chunked designs write and read.
+_SWEPT = ((64, "bv64_w4_s2"), (64, "bv64_w4_s2_seg4"), (64, "bv64_w4_s2_seg16"),
+          (64, "bv32_w4_s2"), (64, "bv64_w8_s3"), (64, "bv64_w4_s3"), (64, "bv128_w8_s2"),
+          (128, "bv64_w8_s2"), (64, "bv64_w8_s3_chunkbwd"), (64, "bv128_w8_s3_chunkbwd"),
+          (128, "bv64_w8_s2_chunkbwd"), (64, "bv64_w4_s3_chunkfwd"),
+          (128, "bv64_w8_s2_chunkfwd"))
+PALLAS_CONFIGS = {f"c{c}_{name}": Candidate(c, *PALLAS_DESIGNS[name]) for c, name in _SWEPT}
+DEFAULT_CONFIG = f"c64_{DEFAULT_DESIGN}"  # what pallas_linear_attention runs by default
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
 SCAN_MAX_T = {"fwd": 2048, "fwdbwd": 1024}

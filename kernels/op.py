@@ -45,6 +45,7 @@ from qsf_jax import _checks
 
 from . import _validate
 from .chunked_xla import chunked_linear_attention
+from .designs import PallasDesign, resolve_design
 from .pallas_op import pallas_linear_attention
 from .reference import reference_linear_attention, scan_linear_attention
 
@@ -81,14 +82,14 @@ def resolve_impl(impl: str, dtype, *, head_dim: int = 0, chunk_size: int = 64) -
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "interpret",
-                                             "return_final_state"))
+                                             "return_final_state", "design"))
 def _run(q, k, v, log_decay, initial_state, *, impl, chunk_size, interpret,
-         return_final_state):
+         return_final_state, design: PallasDesign):
   """Jitted dispatch; returns (o, S_T), with S_T None unless requested."""
   if impl == "pallas":
     return pallas_linear_attention(q, k, v, log_decay, initial_state, chunk_size=chunk_size,
                                    interpret=interpret,
-                                   return_final_state=return_final_state)
+                                   return_final_state=return_final_state, **design.kwargs())
   if impl == "reference":
     o, S_T = reference_linear_attention(q, k, v, log_decay, initial_state)
   elif impl == "scan":
@@ -101,7 +102,7 @@ def _run(q, k, v, log_decay, initial_state, *, impl, chunk_size, interpret,
 
 def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
                      return_final_state=False, chunk_size=64, impl="auto",
-                     interpret=False):
+                     interpret=False, pallas_design="default"):
   """Causal linear attention with optional per-step scalar decay.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
@@ -123,6 +124,12 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
     impl: "auto", "reference", "scan", "xla" or "pallas".
     interpret: run the Pallas kernels in interpret mode (CPU); only used by
       impl="pallas".
+    pallas_design: how the Pallas kernels run (launch parameters, fused or
+      chunked forward and backward): "default", a name in
+      ``designs.PALLAS_DESIGNS``, or a benchmark name ``c{chunk_size}_{design}``
+      (``python -m qsf_jax.kernels.bench`` prints them). Every design computes
+      the same values; only used where impl resolves to "pallas", but checked
+      always.
 
   Returns:
     o (B, T, H, Dv) in the input dtype, or (o, S_T) with S_T (B, H, Dk, Dv)
@@ -130,7 +137,8 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
 
   Raises:
     ValueError: for bad shapes or dtypes (naming the argument and shapes), an
-      unknown impl, a bad chunk_size, or float64 input with impl="pallas".
+      unknown impl or pallas_design, a bad chunk_size, or float64 input with
+      impl="pallas".
       (impl="pallas" without interpret=True on CPU fails in ``pallas_call``;
       exporting it for CUDA from a CPU host works, see ``lowering``.)
   """
@@ -139,10 +147,12 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
   impl = resolve_impl(impl, q.dtype, head_dim=max(q.shape[-1], v.shape[-1]),
                       chunk_size=chunk_size)
   _validate.check_chunk_size(chunk_size, power_of_two=impl == "pallas")
+  design = resolve_design(pallas_design, chunk_size)
   if impl == "pallas" and str(q.dtype) not in _PALLAS_DTYPES:
     raise ValueError(
         f"impl='pallas' supports q/k/v dtypes {list(_PALLAS_DTYPES)}, got {q.dtype} "
         f"(q shape {tuple(q.shape)}); use impl='xla' or 'reference' for float64")
   o, S_T = _run(q, k, v, log_decay, initial_state, impl=impl, chunk_size=chunk_size,
-                interpret=bool(interpret), return_final_state=bool(return_final_state))
+                interpret=bool(interpret), return_final_state=bool(return_final_state),
+                design=design)
   return (o, S_T) if return_final_state else o

@@ -115,6 +115,26 @@ def test_identity_differences_and_refusal(tmp_path):
   ck.check_resumable(tmp_path, stored, same)
 
 
+def test_meta_of_a_run_stored_before_a_config_field_existed(tmp_path):
+  # A run written before ModelConfig.attn_pallas_design existed reads back with
+  # the default design, so resuming it with today's configuration is no mismatch.
+  from qsf_jax.models import get_config
+  today = {"stage": "gla", "model_config": get_config("gla", "tiny").to_dict(), "seed": 0}
+  old = dict(today, model_config=dict(today["model_config"]))
+  del old["model_config"]["attn_pallas_design"]
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path, async_save=False)
+  c.save(3, st, old, wait=True)
+  meta = c.meta()
+  c.close()
+  assert meta["model_config"]["attn_pallas_design"] == "default"
+  assert ck.identity_differences(meta, today) == {}
+  other = dict(today, model_config=get_config(
+      "gla", "tiny", attn_pallas_design="bv64_w8_s3_chunkbwd").to_dict())
+  assert ck.identity_differences(meta, other) == {
+      "model_config.attn_pallas_design": ("default", "bv64_w8_s3_chunkbwd")}
+
+
 def test_git_sha_is_a_hex_string_or_none():
   sha = ck.git_sha()
   assert sha is None or (len(sha) == 40 and int(sha, 16) >= 0)

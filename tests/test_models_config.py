@@ -21,6 +21,7 @@ from qsf_jax.models import (
     transfer_params,
     weight_decay_mask,
 )
+from qsf_jax.models.config import complete_stored
 from qsf_jax.models.params import flatten
 
 # QSF spec §3.7: shared pieces with V = 50257, d = 320, T = 512, L = 32.
@@ -87,6 +88,9 @@ def test_config_is_frozen_and_hashable():
     (("fnet",), {"d_modle": 8}, "unknown ModelConfig override.*d_modle.*valid fields"),
     (("fnet",), {"dtype": "float16"}, "dtype must be one of"),
     (("fnet",), {"attn_impl": "cuda"}, "attn_impl must be one of"),
+    (("gla",), {"attn_pallas_design": "fastest"}, "unknown pallas_design 'fastest'"),
+    (("gla", "tiny"), {"attn_pallas_design": "c64_bv64_w8_s3_chunkbwd"},
+     "chunk-64 candidate, but chunk_size=16; pass chunk_size=64"),
     (("koopman",), {"koopman_mixer": "fft"}, "koopman_mixer must be one of"),
     (("fnet",), {"d_model": 30, "n_heads": 4}, "divisible"),
     (("fnet",), {"vocab_size": 0}, "vocab_size must be a positive int"),
@@ -250,3 +254,14 @@ def test_model_rejects_bad_inputs():
     model.init(jax.random.key(0), ok, beta=jnp.zeros(2))
   with pytest.raises(ValueError, match="ModelConfig"):
     build_model({"stage": "fnet"})
+
+
+def test_attn_pallas_design_names_and_stored_configs():
+  cfg = get_config("koopman_attn", "tiny", attn_pallas_design="c16_bv64_w4_s3_chunkfwd")
+  assert ModelConfig(**cfg.to_dict()) == cfg
+  assert get_config("koopman_attn").attn_pallas_design == "default"
+  # A configuration stored before the field existed rebuilds as the default design.
+  stored = get_config("koopman_attn").to_dict()
+  del stored["attn_pallas_design"]
+  assert complete_stored(stored) == get_config("koopman_attn").to_dict()
+  assert complete_stored(cfg.to_dict()) == cfg.to_dict()  # stored values win

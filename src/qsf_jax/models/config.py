@@ -24,9 +24,10 @@ Presets: ``paper`` (d=320, L=32, 8 heads, T=512, V=50257; QSF spec §4.1),
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 from qsf_jax import _checks
+from qsf_jax.kernels.designs import resolve_design
 
 STAGES = ("fnet", "koopman", "koopman_attn", "hamiltonian_attn", "transformer", "wave", "gla")
 PRESETS = ("tiny", "small", "paper")
@@ -71,6 +72,10 @@ class ModelConfig:
     tie_embeddings: output head tied to the embedding (QSF §3.4 "Output").
     attn_impl: ``impl`` passed to ``qsf_jax.kernels.linear_attention``.
     attn_chunk_size: ``chunk_size`` passed to the linear-attention op.
+    attn_pallas_design: ``pallas_design`` passed to the linear-attention op:
+      how its Pallas kernels run on a GPU ("default", or a name from
+      ``qsf_jax.kernels.PALLAS_DESIGNS`` or the kernel benchmark); every
+      design computes the same values.
     dtype: compute dtype of the matmul-heavy projections ("float32" or
       "bfloat16"); parameters, norms, the Koopman/unitary maths and the logits
       stay in float32 (conventions §2.4).
@@ -121,6 +126,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   attn_impl: str = "auto"
   attn_chunk_size: int = 64
+  attn_pallas_design: str = "default"
   dtype: str = "float32"
   init_std: float = 0.02
   ln_eps: float = 1e-5
@@ -163,6 +169,7 @@ class ModelConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
+    resolve_design(self.attn_pallas_design, self.attn_chunk_size)  # raises if unknown
     for name in ("init_std", "ln_eps", "recurrent_radius", "gla_gate_temp", "wave_dt"):
       _checks.check_positive(name, getattr(self, name))
     if self.d_model % self.n_heads:
@@ -210,6 +217,19 @@ _PRESETS = {
 }
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+# Fields added to ModelConfig after runs were first stored, each with the value that
+# reproduces the earlier behaviour: a stored configuration without one had that value.
+ADDED_FIELDS = {"attn_pallas_design": "default"}
+
+
+def complete_stored(stored: Mapping[str, Any]) -> dict[str, Any]:
+  """A stored ``ModelConfig.to_dict()`` with the fields added since then filled in.
+
+  Runs stored before a field of ``ADDED_FIELDS`` existed then still match the
+  configuration this version rebuilds for them (resume, evaluate, sample).
+  """
+  return {**ADDED_FIELDS, **stored}
 
 
 def _check_override_names(overrides) -> None:

@@ -65,7 +65,8 @@ class GatedLinearAttention(nn.Module):
     g_BTH = gla_log_decay(dense(cfg, H, "gate")(u_BTD), cfg.gla_gate_temp)
     if not self.decode:
       o_BTHD = kernels.linear_attention(q_BTHD, k_BTHD, v_BTHD, g_BTH, impl=cfg.attn_impl,
-                                        chunk_size=cfg.attn_chunk_size)
+                                        chunk_size=cfg.attn_chunk_size,
+                                        pallas_design=cfg.attn_pallas_design)
     else:
       S = self.variable("cache", "state", lambda: jnp.zeros((B, H, Dh, Dh), jnp.float32))
       if self.is_initializing():

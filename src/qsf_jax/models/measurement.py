@@ -88,7 +88,8 @@ class MeasurementAttention(nn.Module):
       if not cfg.causal_include_self:
         fk_BTHD, vv_BTHD = shift_right(fk_BTHD), shift_right(vv_BTHD)
       o_BTHD = kernels.linear_attention(fq_BTHD, fk_BTHD, vv_BTHD, impl=cfg.attn_impl,
-                                        chunk_size=cfg.attn_chunk_size)
+                                        chunk_size=cfg.attn_chunk_size,
+                                        pallas_design=cfg.attn_pallas_design)
       c_T = position_scale(jnp.arange(T), Dh, cfg.attn_scale)
     else:
       S = self.variable("cache", "state", lambda: jnp.zeros((B, H, Dh, Dh), jnp.float32))

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from qsf_jax.models import config as model_config
 from qsf_jax.training.errors import CheckpointMismatchError, NoCheckpointError
 from qsf_jax.training.state import TrainState, abstract_state
 
@@ -88,9 +89,17 @@ class Checkpointer:
     return int(step)
 
   def meta(self, step: int | None = None) -> dict:
-    """The JSON metadata stored with checkpoint ``step`` (default: the latest)."""
+    """The JSON metadata stored with checkpoint ``step`` (default: the latest).
+
+    A stored ``model_config`` comes back with the fields added to ``ModelConfig``
+    since it was written, at the values that reproduce it
+    (``models.config.complete_stored``).
+    """
     step = self._step_or_latest(step)
-    return dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    meta = dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    if isinstance(meta.get("model_config"), Mapping):
+      meta["model_config"] = model_config.complete_stored(meta["model_config"])
+    return meta
 
   def save(self, step: int, state: TrainState, meta: Mapping[str, Any], *,
            wait: bool = False) -> None:

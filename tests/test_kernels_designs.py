@@ -1,0 +1,127 @@
+"""Named Pallas kernel designs: the table, name resolution, and the op and models using them."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax import kernels
+from qsf_jax.kernels import (DEFAULT_DESIGN, PALLAS_DESIGNS, PallasDesign, linear_attention,
+                             pallas_linear_attention, resolve_design)
+from qsf_jax.kernels.bench import DEFAULT_CONFIG, PALLAS_CONFIGS
+from qsf_jax.kernels.pallas_op import BACKWARDS, FORWARDS
+from qsf_jax.kernels.testing import random_inputs, rel_rms_error
+from qsf_jax.models import build_model, get_config
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+
+def test_default_design_is_what_the_kernels_run_by_default():
+  defaults = {name: p.default for name, p in
+              inspect.signature(pallas_linear_attention).parameters.items()}
+  want = {k: defaults[k] for k in PallasDesign().kwargs()}
+  assert PALLAS_DESIGNS[DEFAULT_DESIGN].kwargs() == want
+  assert resolve_design("default", 64) == PALLAS_DESIGNS[DEFAULT_DESIGN]
+  assert DEFAULT_CONFIG == f"c64_{DEFAULT_DESIGN}"
+
+
+def test_benchmark_candidates_are_chunk_and_design():
+  for name, cand in PALLAS_CONFIGS.items():
+    chunk, design = name.split("_", 1)
+    assert chunk == f"c{cand.chunk}", name
+    assert tuple(cand)[1:] == tuple(PALLAS_DESIGNS[design]), name
+    assert resolve_design(name, cand.chunk) == PALLAS_DESIGNS[design]
+  for design in PALLAS_DESIGNS.values():
+    assert design.backward in BACKWARDS and design.forward in FORWARDS, design
+
+
+@pytest.mark.parametrize("name, chunk, match", [
+    ("bv64_w9_s2", 64, r"unknown pallas_design 'bv64_w9_s2'; choose 'default', one of "
+                       r"\[.*'bv64_w8_s3_chunkbwd'.*\], or a benchmark name"),
+    ("c64_nope", 64, "unknown pallas_design 'c64_nope'"),
+    ("c128_bv64_w8_s2_chunkfwd", 64,
+     r"'c128_bv64_w8_s2_chunkfwd' is the benchmark's chunk-128 candidate, but "
+     r"chunk_size=64; pass chunk_size=128, or the design name 'bv64_w8_s2_chunkfwd'"),
+    (None, 64, "pallas_design must be a design name"),
+])
+def test_resolve_design_rejects_bad_names(name, chunk, match):
+  with pytest.raises(ValueError, match=match):
+    resolve_design(name, chunk)
+
+
+def _pallas_call_names(fun, *args):
+  """Names of every pallas_call in the (nested) jaxpr of ``fun(*args)``."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        names.append(eqn.params["name"])
+        continue
+      for p in eqn.params.values():
+        for sub in p if isinstance(p, (list, tuple)) else [p]:
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fun)(*args).jaxpr)
+  return sorted(set(names))
+
+
+@pytest.mark.parametrize("design, chunk, kernel_names", [
+    ("default", 32, ["linear_attention_bwd", "linear_attention_fwd"]),
+    ("bv64_w8_s3_chunkbwd", 32, ["linear_attention_bwd_grads", "linear_attention_bwd_states",
+                                 "linear_attention_fwd"]),
+    ("c32_bv64_w4_s3_chunkfwd", 32, ["linear_attention_bwd", "linear_attention_fwd_out",
+                                     "linear_attention_fwd_states"]),
+])
+def test_linear_attention_runs_the_named_design(design, chunk, kernel_names):
+  # T = 70: three chunks of 32, the last padded; float32, with decay.
+  q, k, v, g, _ = random_inputs(11, 1, 70, 2, 16, 16, initial_state=False)
+  do = np.random.default_rng(11).standard_normal(v.shape).astype(np.float32)
+
+  def value_and_grads(name):
+    def loss(q, k, v, g):
+      o = linear_attention(q, k, v, g, chunk_size=chunk, impl="pallas", interpret=True,
+                           pallas_design=name)
+      return jnp.sum(o * do), o
+    fun = jax.value_and_grad(loss, argnums=range(4), has_aux=True)
+    return fun, fun(q, k, v, g)
+
+  fun, ((_, o), grads) = value_and_grads(design)
+  assert _pallas_call_names(fun, q, k, v, g) == kernel_names
+  _, ((_, o_ref), grads_ref) = value_and_grads("default")
+  np.testing.assert_array_equal(np.asarray(o), np.asarray(o_ref))  # every forward: same bits
+  for gr, r in zip(grads, grads_ref):
+    assert rel_rms_error(gr, r) <= 1e-5  # float32 tolerance (kernels spec §5.2)
+
+
+def test_linear_attention_checks_the_design_on_every_impl():
+  q, k, v, g, _ = random_inputs(12, 1, 8, 1, 16, 16, initial_state=False)
+  with pytest.raises(ValueError, match="unknown pallas_design 'fast'"):
+    linear_attention(q, k, v, g, impl="xla", pallas_design="fast")
+  # A valid design leaves the non-Pallas impls unchanged.
+  np.testing.assert_array_equal(
+      np.asarray(linear_attention(q, k, v, g, impl="xla", pallas_design="bv32_w4_s2")),
+      np.asarray(linear_attention(q, k, v, g, impl="xla")))
+
+
+@pytest.mark.parametrize("stage", ["koopman_attn", "hamiltonian_attn", "gla"])
+def test_models_pass_their_design_to_the_op(monkeypatch, stage):
+  seen = []
+  real = kernels.linear_attention
+
+  def spy(*args, **kw):
+    seen.append((kw.get("impl"), kw.get("pallas_design")))
+    return real(*args, **kw)
+
+  monkeypatch.setattr(kernels, "linear_attention", spy)
+  cfg = get_config(stage, "tiny", attn_pallas_design="bv64_w8_s3_chunkbwd")
+  model = build_model(cfg)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  model.apply(params, tokens)
+  assert seen and set(seen) == {("auto", "bv64_w8_s3_chunkbwd")}, seen
