@@ -178,3 +178,41 @@ def assert_grads_match(impl, B, T, H, Dk, Dv, *, dtype=jnp.float32, gate="medium
     err = rel_rms_error(gr, r)
     bound = tol["dg"] if name == "log_decay" else tol["grad"]
     assert err <= bound, f"{impl}: d{name} rel RMS error {err:.2e} > {bound:.0e}"
+
+
+def _sub_jaxprs(eqn):
+  """The jaxprs nested in one equation's parameters (pjit, custom_vjp, scan, ...)."""
+  for p in eqn.params.values():
+    for sub in p if isinstance(p, (list, tuple)) else [p]:
+      inner = getattr(sub, "jaxpr", sub)
+      if hasattr(inner, "eqns"):
+        yield inner
+
+
+def pallas_calls(fun, *args) -> list[tuple[str, int, int, set]]:
+  """Every ``pallas_call`` in the traced ``fun(*args)``, nested jaxprs included.
+
+  Returns:
+    one (kernel name, #inputs, #outputs, primitive names of the kernel body)
+    per call, in trace order.
+  """
+  def prims(jaxpr, acc):
+    for eqn in jaxpr.eqns:
+      acc.add(eqn.primitive.name)
+      for inner in _sub_jaxprs(eqn):
+        prims(inner, acc)
+    return acc
+
+  calls = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        calls.append((eqn.params["name"], len(eqn.invars), len(eqn.outvars),
+                      prims(eqn.params["jaxpr"], set())))
+        continue
+      for inner in _sub_jaxprs(eqn):
+        walk(inner)
+
+  walk(jax.make_jaxpr(fun)(*args).jaxpr)
+  return calls

@@ -12,7 +12,7 @@ from qsf_jax.kernels import (DEFAULT_DESIGN, PALLAS_DESIGNS, PallasDesign, linea
                              pallas_linear_attention, resolve_design)
 from qsf_jax.kernels.bench import DEFAULT_CONFIG, PALLAS_CONFIGS
 from qsf_jax.kernels.pallas_op import BACKWARDS, FORWARDS
-from qsf_jax.kernels.testing import random_inputs, rel_rms_error
+from qsf_jax.kernels.testing import pallas_calls, random_inputs, rel_rms_error
 from qsf_jax.models import build_model, get_config
 
 pytestmark = pytest.mark.filterwarnings(
@@ -52,25 +52,6 @@ def test_resolve_design_rejects_bad_names(name, chunk, match):
     resolve_design(name, chunk)
 
 
-def _pallas_call_names(fun, *args):
-  """Names of every pallas_call in the (nested) jaxpr of ``fun(*args)``."""
-  names = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        names.append(eqn.params["name"])
-        continue
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (list, tuple)) else [p]:
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-
-  walk(jax.make_jaxpr(fun)(*args).jaxpr)
-  return sorted(set(names))
-
-
 @pytest.mark.parametrize("design, chunk, kernel_names", [
     ("default", 32, ["linear_attention_bwd", "linear_attention_fwd"]),
     ("bv64_w8_s3_chunkbwd", 32, ["linear_attention_bwd_grads", "linear_attention_bwd_states",
@@ -92,7 +73,7 @@ def test_linear_attention_runs_the_named_design(design, chunk, kernel_names):
     return fun, fun(q, k, v, g)
 
   fun, ((_, o), grads) = value_and_grads(design)
-  assert _pallas_call_names(fun, q, k, v, g) == kernel_names
+  assert sorted({c[0] for c in pallas_calls(fun, q, k, v, g)}) == kernel_names
   _, ((_, o_ref), grads_ref) = value_and_grads("default")
   np.testing.assert_array_equal(np.asarray(o), np.asarray(o_ref))  # every forward: same bits
   for gr, r in zip(grads, grads_ref):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from qsf_jax.kernels import KernelConfig, pallas_linear_attention
-from qsf_jax.kernels.testing import TOL, float64_grads, random_inputs, rel_rms_error
+from qsf_jax.kernels.testing import (TOL, float64_grads, pallas_calls, random_inputs,
+                                     rel_rms_error)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -61,34 +62,6 @@ def test_no_decay_equals_zero_decay_and_float64(dtype, backward):
     assert rel_rms_error(gr, r) <= tol, (name, rel_rms_error(gr, r))
 
 
-def _kernel_calls(fun, *args):
-  """(name, #inputs, #outputs, primitive names of the kernel body) per pallas_call."""
-  def prims(jaxpr, acc):
-    for eqn in jaxpr.eqns:
-      acc.add(eqn.primitive.name)
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (list, tuple)) else [p]:
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            prims(inner, acc)
-    return acc
-
-  calls = []
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        calls.append((eqn.params["name"], len(eqn.invars), len(eqn.outvars),
-                      prims(eqn.params["jaxpr"], set())))
-        continue
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (list, tuple)) else [p]:
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-  walk(jax.make_jaxpr(fun)(*args).jaxpr)
-  return calls
-
-
 @pytest.mark.parametrize("backward, n_in, n_out", [
     ("fused", {"linear_attention_fwd": 3, "linear_attention_bwd": 4},
      {"linear_attention_fwd": 1, "linear_attention_bwd": 3}),
@@ -108,12 +81,12 @@ def test_no_decay_kernels_have_no_exp_and_no_decay_refs(backward, n_in, n_out):
       return jnp.sum(o.astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))
 
-  calls = _kernel_calls(grads(None), q, k, v)
+  calls = pallas_calls(grads(None), q, k, v)
   assert {c[0] for c in calls} == set(n_in), calls
   for name, ins, outs, body in calls:
     assert (ins, outs) == (n_in[name], n_out[name]), (name, ins, outs)
     assert not {"exp", "exp2"} & body, name
   # With a decay every kernel takes the cumsum and exponentiates, always as exp2
   # (one instruction on GPU, see chunk_step._exp); this is the control.
-  for name, ins, outs, body in _kernel_calls(lambda q, k, v: grads(g)(q, k, v), q, k, v):
+  for name, ins, outs, body in pallas_calls(lambda q, k, v: grads(g)(q, k, v), q, k, v):
     assert ins == n_in[name] + 1 and "exp2" in body and "exp" not in body, (name, ins)
