@@ -3,6 +3,7 @@ r"""Training throughput, step memory and decode latency per stage.
   python -m experiments.bench_train [--out=bench_train.json] [--stages=...]
       [--seq_lens=256,1024,4096] [--preset=small] [--batch_size=1] [--steps=5]
       [--decode_stages=koopman_attn,transformer] [--decode_contexts=256,4096]
+      [--override=attn_pallas_design=bv64_w8_s3_chunkbwd ...]
 
 Prints a markdown table and writes JSON: tokens/s and the memory of one train
 step per stage at each T (same d and L; the preset's context raised to T), and
@@ -11,6 +12,9 @@ the per-token decode latency at context 256 vs 4096 for ``koopman_attn`` and
 median of single-token steps, the stages and contexts timed in interleaved
 rounds). Memory is the device's peak where the backend reports one (GPU)
 and XLA's compiled memory analysis otherwise (CPU); the table says which.
+``--override`` changes the model configuration of the train rows, e.g. to time
+training with another Pallas design of the linear-attention kernels (decoding
+runs the token recurrence and ignores it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 from absl import flags
 import jax
 
-from qsf_jax.models.config import PRESETS, STAGES
+from qsf_jax.models.config import PRESETS, STAGES, get_config
 from qsf_jax.training import bench, cli
 
 
@@ -42,6 +46,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("batch_size", 1, "Sequences per train step.", flag_values=fv)
   flags.DEFINE_integer("steps", 5, "Timed train steps (median).", flag_values=fv)
   flags.DEFINE_integer("vocab_size", 50257, "Vocabulary (GPT-2: 50257).", flag_values=fv)
+  flags.DEFINE_multi_string("override", [], "Model config override name=value for the train "
+                            "rows (repeatable), e.g. "
+                            "--override=attn_pallas_design=bv64_w8_s3_chunkbwd.",
+                            flag_values=fv)
   cli.define_common(fv)
 
 
@@ -65,6 +73,9 @@ def execute(fv: flags.FlagValues) -> int:
       raise flags.Error(f"--{name} must be >= 1, got {getattr(fv, name)}")
   if fv.preset not in PRESETS:
     raise flags.Error(f"unknown preset {fv.preset!r}; choose from {list(PRESETS)}")
+  overrides = dict(cli.parse_overrides(fv.override))
+  for stage in fv.stages:  # bad names or values fail here, before anything is timed
+    get_config(stage, fv.preset, **overrides)
   device = bench.device_description()
   load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -72,7 +83,7 @@ def execute(fv: flags.FlagValues) -> int:
   for stage in fv.stages:
     for T in seq_lens:
       r = bench.train_throughput(stage, fv.preset, T, batch_size=fv.batch_size, steps=fv.steps,
-                                 vocab_size=fv.vocab_size)
+                                 vocab_size=fv.vocab_size, overrides=overrides)
       print(f"train {stage:<17} T={T:<5} {r['step_s']:.3f} s/step {r['tokens_per_s']:.0f} tok/s",
             flush=True)
       train_rows.append(r)
@@ -84,10 +95,11 @@ def execute(fv: flags.FlagValues) -> int:
     print(f"decode {r['stage']:<16} context={r['context']:<5} {r['ms_per_token']:.3f} ms/token",
           flush=True)
   tg = bench.targets(train_rows, decode_rows)
-  print("\n" + bench.as_markdown(train_rows, decode_rows, tg, device, date, load))
+  print("\n" + bench.as_markdown(train_rows, decode_rows, tg, device, date, load, overrides))
   with open(fv.out, "w") as f:
     json.dump(dict(device=device, date=date, jax=jax.__version__, load_avg_at_start=load,
-                   train=train_rows, decode=decode_rows, targets=tg), f, indent=1)
+                   overrides=overrides, train=train_rows, decode=decode_rows, targets=tg),
+              f, indent=1)
   return 0
 
 

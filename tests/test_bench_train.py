@@ -82,9 +82,25 @@ def test_decode_timer_keeps_to_its_capacity():
                                        ("--decode_contexts=0", "positive integers"),
                                        ("--steps=0", "must be >= 1"),
                                        ("--decode_rounds=0", "--decode_rounds must be >= 1"),
-                                       ("--preset=huge", "unknown preset 'huge'")])
+                                       ("--preset=huge", "unknown preset 'huge'"),
+                                       ("--override=attn_pallas_design=fastest",
+                                        "unknown pallas_design 'fastest'"),
+                                       ("--override=d_modle=8", "unknown ModelConfig override"),
+                                       ("--override=d_model", "expects name=value")])
 def test_bad_flags_exit_nonzero(tmp_path, capsys, flag, msg):
   assert bench_train.run(["bench_train", f"--out={tmp_path / 'x.json'}", flag]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and msg in err[0], err
   assert not (tmp_path / "x.json").exists()
+
+
+def test_train_rows_take_model_overrides():
+  kw = dict(steps=1, vocab_size=257)
+  base = bench.train_throughput("koopman_attn", "tiny", 16, **kw)
+  r = bench.train_throughput("koopman_attn", "tiny", 16, overrides={
+      "d_model": 16, "attn_pallas_design": "bv64_w8_s3_chunkbwd"}, **kw)
+  assert r["seq_len"] == 16 and 0 < r["params"] < base["params"]
+  md = bench.as_markdown([r], [], {}, "cpu", "today", None,
+                         {"attn_pallas_design": "bv64_w8_s3_chunkbwd"})
+  assert md.splitlines()[0] == ("device: cpu; date: today; train overrides: "
+                                "attn_pallas_design=bv64_w8_s3_chunkbwd")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,8 @@ def memory_measures(compiled) -> dict:
 
 
 def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int = 1,
-                     steps: int = 5, vocab_size: int = 50257, seed: int = 0) -> dict:
+                     steps: int = 5, vocab_size: int = 50257, seed: int = 0,
+                     overrides: Mapping[str, Any] | None = None) -> dict:
   """Tokens/s and memory of one jitted train step (AdamW, donated state) at ``seq_len``.
 
   The model is the preset's with ``max_seq_len`` raised to ``seq_len`` where
@@ -98,14 +100,14 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
     steps: timed steps (the median is reported) after one warm-up step.
     vocab_size: vocabulary V (random tokens).
     seed: init and data seed.
+    overrides: other ``ModelConfig`` fields (e.g. ``attn_pallas_design``).
 
   Returns:
     ``{stage, preset, seq_len, batch_size, step_s, tokens_per_s, params,
     compile_s}`` plus the fields of :func:`memory_measures`.
   """
-  base = get_config(stage, preset)
-  cfg = get_config(stage, preset, max_seq_len=max(seq_len, base.max_seq_len),
-                   vocab_size=vocab_size)
+  base = get_config(stage, preset, **(overrides or {}))
+  cfg = base.replace(max_seq_len=max(seq_len, base.max_seq_len), vocab_size=vocab_size)
   model = build_model(cfg)
   init = jax.jit(init_variables, static_argnums=(0, 1, 2))
   params, collections = init(model, seed, seq_len)
@@ -257,11 +259,14 @@ def targets(train_rows, decode_rows) -> dict:
   return out
 
 
-def as_markdown(train_rows, decode_rows, tg, device: str, date: str, load=None) -> str:
+def as_markdown(train_rows, decode_rows, tg, device: str, date: str, load=None,
+                overrides=None) -> str:
   """The benchmark as markdown tables (train: per stage and T; decode: per context)."""
   head = f"device: {device}; date: {date}"
   if load is not None:
     head += f"; load average at start: {', '.join(str(x) for x in load)}"
+  if overrides:
+    head += "; train overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
   lines = [head]
   if train_rows:
     lines += ["", "| stage | T | batch | step (s) | tokens/s | memory (MiB) |",
