@@ -49,6 +49,13 @@ class Candidate(NamedTuple):
   num_segments: int = 1  # two-level split of the sequence, see ``segments``
   backward: str = "fused"  # "fused" or "chunked", see ``pallas_bwd_chunked``
   forward: str = "fused"  # "fused" or "chunked", see ``pallas_fwd_chunked``
+  split_sweeps: bool = False  # the backward's two sweeps in separate programs
+
+  def kwargs(self) -> dict:
+    """The keyword arguments of ``pallas_linear_attention`` for this candidate."""
+    return dict(chunk_size=self.chunk, fwd_config=self.fwd, bwd_config=self.bwd,
+                num_segments=self.num_segments, backward=self.backward,
+                forward=self.forward, split_sweeps=self.split_sweeps)
 
 
 # Launch configurations swept on GPU (name "c{chunk}_{design}" -> Candidate); the
@@ -58,7 +65,8 @@ _SWEPT = ((64, "bv64_w4_s2"), (64, "bv64_w4_s2_seg4"), (64, "bv64_w4_s2_seg16"),
           (64, "bv32_w4_s2"), (64, "bv64_w8_s3"), (64, "bv64_w4_s3"), (64, "bv128_w8_s2"),
           (128, "bv64_w8_s2"), (64, "bv64_w8_s3_chunkbwd"), (64, "bv128_w8_s3_chunkbwd"),
           (128, "bv64_w8_s2_chunkbwd"), (64, "bv64_w4_s3_chunkfwd"),
-          (128, "bv64_w8_s2_chunkfwd"))
+          (128, "bv64_w8_s2_chunkfwd"), (64, "bv64_w4_s2_split"),
+          (64, "bv64_w8_s3_chunkbwd_split"))
 PALLAS_CONFIGS = {f"c{c}_{name}": Candidate(c, *PALLAS_DESIGNS[name]) for c, name in _SWEPT}
 DEFAULT_CONFIG = f"c64_{DEFAULT_DESIGN}"  # what pallas_linear_attention runs by default
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
@@ -88,9 +96,7 @@ def _forward_fn(impl, cfg, decay="logsigmoid"):
                                                            implementation=kind)
   use = (lambda g: None) if decay == "none" else (lambda g: g)
   if impl == "pallas":
-    return lambda q, k, v, g: pallas_linear_attention(
-        q, k, v, use(g), chunk_size=cfg.chunk, fwd_config=cfg.fwd, bwd_config=cfg.bwd,
-        num_segments=cfg.num_segments, backward=cfg.backward, forward=cfg.forward)[0]
+    return lambda q, k, v, g: pallas_linear_attention(q, k, v, use(g), **cfg.kwargs())[0]
   return lambda q, k, v, g: linear_attention(q, k, v, use(g), impl=impl, chunk_size=64)
 
 

@@ -4,7 +4,9 @@ Two launch layouts (the specs squeeze batch and head, so kernels see 2-D refs):
 
 * ``sequence_specs``: grid (Dv / BV, H, B), one program per (value block,
   head, batch row) over the whole padded sequence (the fused kernels and the
-  states kernels of the chunked designs);
+  states kernels of the chunked designs); or grid (2 Dv / BV, H, B) for the
+  backward kernels with split sweeps, where programs j and j + Dv / BV share
+  value block j;
 * ``chunk_specs``: grid (T / C, H, B), one program per chunk (the chunked
   designs' output and gradient kernels).
 """
@@ -25,15 +27,26 @@ class SequenceSpecs(NamedTuple):
   chunk_states: Optional[pl.BlockSpec]  # (NT, Dk, BV) of (B, H, NT, Dk, Dv), or None
 
 
-def sequence_specs(Tp: int, Dk: int, BV: int, NT: Optional[int] = None) -> SequenceSpecs:
-  """Specs of the (Dv / BV, H, B) grid; ``NT`` adds the per-chunk state spec."""
+def value_block(j, NV: Optional[int]):
+  """The value block of grid index j: j itself, or j mod NV on a split grid."""
+  return j if NV is None else j % NV
+
+
+def sequence_specs(Tp: int, Dk: int, BV: int, NT: Optional[int] = None,
+                   NV: Optional[int] = None) -> SequenceSpecs:
+  """Specs of the (Dv / BV, H, B) grid; ``NT`` adds the per-chunk state spec.
+
+  With ``NV`` (= Dv / BV) the grid's first axis may be a multiple of NV and
+  grid index j reads value block j mod NV (split sweeps).
+  """
   return SequenceSpecs(
       qk=pl.BlockSpec((None, Tp, None, Dk), lambda j, h, bb: (bb, 0, h, 0)),
-      v=pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, j)),
+      v=pl.BlockSpec((None, Tp, None, BV), lambda j, h, bb: (bb, 0, h, value_block(j, NV))),
       b=pl.BlockSpec((None, Tp, None), lambda j, h, bb: (bb, 0, h)),
-      state=pl.BlockSpec((None, None, Dk, BV), lambda j, h, bb: (bb, h, 0, j)),
+      state=pl.BlockSpec((None, None, Dk, BV),
+                         lambda j, h, bb: (bb, h, 0, value_block(j, NV))),
       chunk_states=None if NT is None else pl.BlockSpec(
-          (None, None, NT, Dk, BV), lambda j, h, bb: (bb, h, 0, 0, j)))
+          (None, None, NT, Dk, BV), lambda j, h, bb: (bb, h, 0, 0, value_block(j, NV))))
 
 
 class ChunkSpecs(NamedTuple):

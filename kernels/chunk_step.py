@@ -195,3 +195,18 @@ def _masked(x_CC, M_CC):
 def _chunk_slice(c, C):
   """The rows of chunk c, as an aligned dynamic slice of a (Tp, ...) ref."""
   return pl.ds(pl.multiple_of(c * C, C), C)
+
+
+def _run_sweeps(forward_sweep, reverse_sweep, NV):
+  """Both sweeps in order (NV None), or the one of this program on a split grid.
+
+  On the split grid (2 NV, H, B) programs 0..NV-1 run ``forward_sweep`` and
+  programs NV..2NV-1 ``reverse_sweep``.
+  """
+  if NV is None:
+    forward_sweep()
+    reverse_sweep()
+    return
+  reverse = pl.program_id(0) >= NV
+  pl.when(jnp.logical_not(reverse))(forward_sweep)
+  pl.when(reverse)(reverse_sweep)

@@ -27,17 +27,19 @@ class PallasDesign(NamedTuple):
     num_segments: two-level split of the sequence (``segments``); 1 = none.
     backward: "fused" or "chunked" (``pallas_bwd_chunked``).
     forward: "fused" or "chunked" (``pallas_fwd_chunked``).
+    split_sweeps: the backward's two sweeps in separate programs.
   """
   fwd: KernelConfig = DEFAULT_FWD
   bwd: KernelConfig = DEFAULT_BWD
   num_segments: int = 1
   backward: str = "fused"
   forward: str = "fused"
+  split_sweeps: bool = False
 
   def kwargs(self) -> dict:
     """The keyword arguments of ``pallas_linear_attention`` for this design."""
     return dict(fwd_config=self.fwd, bwd_config=self.bwd, num_segments=self.num_segments,
-                backward=self.backward, forward=self.forward)
+                backward=self.backward, forward=self.forward, split_sweeps=self.split_sweeps)
 
 
 _W8 = KernelConfig(block_v=64, num_warps=8, num_stages=2)
@@ -62,6 +64,13 @@ PALLAS_DESIGNS = {
         DEFAULT_FWD, KernelConfig(block_v=128, num_warps=8, num_stages=3),
         backward="chunked"),
     "bv64_w8_s2_chunkbwd": PallasDesign(_W8, _W8, backward="chunked"),
+    # The backward's forward sweep (dq) and reverse sweep (dk, dv) in separate
+    # programs: 2 Dv / BV programs per (head, batch row), each with a serial chain of
+    # T / C steps instead of 2 T / C. With 4 warps two programs fit on one SM (255
+    # registers, 97 KB of shared memory at D = 128); with 8 warps only one.
+    "bv64_w4_s2_split": PallasDesign(split_sweeps=True),
+    "bv64_w8_s3_chunkbwd_split": PallasDesign(DEFAULT_FWD, _W8S3, backward="chunked",
+                                              split_sweeps=True),
     # Chunk-parallel forward (states kernel, then one program per chunk), with the
     # default backward.
     "bv64_w4_s3_chunkfwd": PallasDesign(_W4S3, DEFAULT_BWD, forward="chunked"),

@@ -53,7 +53,8 @@ def _grad_fn(fn):
 
 
 def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_config=None,
-               num_segments=1, backward="fused", forward="fused", seed=0, interpret=False):
+               num_segments=1, backward="fused", forward="fused", split_sweeps=False, seed=0,
+               interpret=False):
   """Compares Pallas with the float32 "xla" impl for one case.
 
   Args:
@@ -67,6 +68,7 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
     num_segments: segments of the two-level split (1 = none).
     backward: the backward design, "fused" or "chunked".
     forward: the forward design, "fused" or "chunked".
+    split_sweeps: the backward's two sweeps in separate programs.
     seed: integer seed.
     interpret: run the kernels in interpret mode (for a CPU smoke test).
 
@@ -81,7 +83,8 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
   rng = np.random.default_rng(seed + 1)
   do = jnp.asarray(rng.standard_normal((B, T, H, Dv)).astype(np.float32))
   dS = jnp.asarray(rng.standard_normal((B, H, Dk, Dv)).astype(np.float32))
-  kw = dict(interpret=interpret, num_segments=num_segments, backward=backward, forward=forward)
+  kw = dict(interpret=interpret, num_segments=num_segments, backward=backward, forward=forward,
+            split_sweeps=split_sweeps)
   kw.update({n: c for n, c in (("fwd_config", fwd_config), ("bwd_config", bwd_config)) if c})
   pallas = lambda *a: pallas_linear_attention(*a, chunk_size=chunk, return_final_state=True,
                                               **kw)
@@ -132,9 +135,8 @@ def main(argv=None):
   runs += [(CASES[0], n, PALLAS_CONFIGS[n]) for n in names]
   failed = 0
   for case, name, cand in runs:
-    res = check_case(*case, chunk=cand.chunk, fwd_config=cand.fwd, bwd_config=cand.bwd,
-                     num_segments=cand.num_segments, backward=cand.backward,
-                     forward=cand.forward)
+    kw = cand.kwargs()
+    res = check_case(*case, chunk=kw.pop("chunk_size"), **kw)
     bad = [(n, e, b) for n, e, b in res if not e <= b]
     failed += bool(bad)
     errs = " ".join(f"{n}={e:.1e}" for n, e, _ in res)

@@ -45,9 +45,9 @@ from jax.experimental import pallas as pl
 
 from . import roofline
 from .block_specs import chunk_specs, sequence_specs
-from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _dot_tn,
-                         _exp, _gamma, _load_b, _masked, _rows, _split_refs, _state_grad_step,
-                         _state_step, _weights)
+from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _dot_tn, _exp,
+                         _gamma, _load_b, _masked, _rows, _run_sweeps, _split_refs,
+                         _state_grad_step, _state_step, _weights)
 
 _F32 = jnp.float32
 
@@ -70,7 +70,7 @@ def state_store_dtype(dtype, has_decay: bool) -> jnp.dtype:
   return jnp.dtype(_F32) if has_decay or dtype.itemsize >= 4 else dtype
 
 
-def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
+def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
   """Chunk-boundary states and state gradients for one (value block, head, batch row).
 
   Kernels spec §1.2-1.3 (the two recurrences are in the module docstring).
@@ -87,6 +87,8 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     has_h0: whether an initial state is present (and dh0 is wanted).
     has_dst: whether a final-state cotangent is present.
     precision: dot precision (HIGHEST for float32 operands, else None).
+    NV: None runs both sweeps here; the number of value blocks splits them
+      over the grid (2 NV, H, B) as ``pallas_kernels.bwd_kernel`` does.
   """
   (q_ref, k_ref, v_ref, do_ref), b_ref, h0_ref, dst_ref, rest = _split_refs(
       refs, 4, has_decay, has_h0, has_dst)
@@ -101,8 +103,9 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     return _state_step(S_KV, k_ref[sl], v_ref[sl], _load_b(b_ref, sl), _gamma(b_ref, c, C),
                        precision)
 
-  S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
-  lax.fori_loop(0, NT, fwd_body, S0_KV)
+  def forward_sweep():
+    S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
+    lax.fori_loop(0, NT, fwd_body, S0_KV)
 
   def bwd_body(i, dS_KV):
     c = NT - 1 - i
@@ -111,10 +114,13 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     return _state_grad_step(dS_KV, q_ref[sl], do_ref[sl], _load_b(b_ref, sl),
                             _gamma(b_ref, c, C), precision)
 
-  dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
-  dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
-  if has_h0:
-    dh0_ref[...] = dS_KV
+  def reverse_sweep():
+    dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
+    dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
+    if has_h0:
+      dh0_ref[...] = dS_KV
+
+  _run_sweeps(forward_sweep, reverse_sweep, NV)
 
 
 def grads_kernel(*refs, C, BV, has_decay, precision):
@@ -170,13 +176,15 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
     rest[5][...] = dgq_C - jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
 
 
-def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision):
+def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision,
+                     split_sweeps=False):
   """The chunked backward on padded inputs: ``states_kernel``, then ``grads_kernel``.
 
   Arguments and results as ``pallas_kernels.bwd_call_fused`` (``block_v`` is
   the value block of both kernels); dq, dk and dG come out complete, with no
   partial sums, at the cost of 2 B H (Tp / C) Dk Dv states in
   ``state_store_dtype`` (float32, or the 16-bit input dtype without decay).
+  ``split_sweeps`` runs the states kernel's two sweeps in separate programs.
   """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
@@ -185,8 +193,9 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
   has_decay = b is not None
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
   state_dtype = state_store_dtype(q.dtype, has_decay)
-  # 1. states, grid (NV, H, B), each program over the whole sequence.
-  sp = sequence_specs(Tp, Dk, BV, NT)
+  # 1. states, grid (NV, H, B) or (2 NV, H, B), each program over the whole sequence.
+  split = NV if split_sweeps else None
+  sp = sequence_specs(Tp, Dk, BV, NT, NV=split)
   extra = [x for x in (b, h0, dST) if x is not None]
   in_specs = [sp.qk, sp.qk, sp.v, sp.v] + [sp.b] * has_decay
   in_specs += [sp.state] * (len(extra) - has_decay)
@@ -203,9 +212,9 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
       bytes_accessed=int(B * H * Tp * (2 * Dk * NV + 2 * Dv) * itemsize + state_bytes))
   kernel = functools.partial(states_kernel, C=C, NT=NT, has_decay=has_decay,
                              has_h0=h0 is not None, has_dst=dST is not None,
-                             precision=precision)
-  outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape,
-                "linear_attention_bwd_states", cost)(q, k, v, do, *extra)
+                             precision=precision, NV=split)
+  outs = launch(kernel, (2 * NV if split_sweeps else NV, H, B), in_specs, out_specs,
+                out_shape, "linear_attention_bwd_states", cost)(q, k, v, do, *extra)
   S_BHNKV, dS_BHNKV = outs[:2]
   dh0 = outs[2] if h0 is not None else None
   # 2. gradients, grid (NT, H, B), one chunk per program.

@@ -40,9 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import roofline
-from .block_specs import sequence_specs
-from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _exp,
-                         _gamma, _load_b, _masked, _rows, _split_refs, _state_grad_step,
+from .block_specs import sequence_specs, value_block
+from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _exp, _gamma,
+                         _load_b, _masked, _rows, _run_sweeps, _split_refs, _state_grad_step,
                          _state_step, _weights)
 
 _F32 = jnp.float32
@@ -90,7 +90,7 @@ def fwd_kernel(*refs, C, NT, has_decay, has_h0, store_state, precision):
     st_ref[...] = S_KV.astype(st_ref.dtype)
 
 
-def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
+def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
   """Backward sweeps: kernels spec §1.3 for one (value block, head, batch row).
 
   With dA = (dO V^T) ⊙ M and dS_{c+1} the gradient of the state leaving chunk c
@@ -112,6 +112,12 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
     has_h0: whether the initial state is present (and dh0 is wanted).
     has_dst: whether a final-state cotangent is present.
     precision: dot precision (HIGHEST for float32 operands, else None).
+    NV: None runs both sweeps in this program, one after the other. An int
+      (the number of value blocks) splits them: on the grid (2 NV, H, B),
+      program j < NV runs the forward sweep of value block j and program
+      NV + j its reverse sweep. The sweeps share nothing but the inputs and
+      write disjoint outputs, so the results are the same to the bit, with
+      twice the programs and half the serial chain each.
   """
   (q_ref, k_ref, v_ref, do_ref), b_ref, h0_ref, dst_ref, rest = _split_refs(
       refs, 4, has_decay, has_h0, has_dst)
@@ -133,8 +139,9 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
       dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
     return _state_step(S_KV, k_CK, v_CV, b_C, _gamma(b_ref, c, C), precision)
 
-  S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
-  lax.fori_loop(0, NT, fwd_body, S0_KV)
+  def forward_sweep():
+    S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
+    lax.fori_loop(0, NT, fwd_body, S0_KV)
 
   def bwd_body(i, dS_KV):
     c = NT - 1 - i
@@ -156,10 +163,13 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision):
       dgk_ref[sl] = jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
     return _state_grad_step(dS_KV, q_CK, do_CV, b_C, b_last, precision)
 
-  dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
-  dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
-  if has_h0:
-    dh0_ref[...] = dS_KV.astype(dh0_ref.dtype)
+  def reverse_sweep():
+    dS0_KV = dst_ref[...].astype(_F32) if has_dst else jnp.zeros((Dk, BV), _F32)
+    dS_KV = lax.fori_loop(0, NT, bwd_body, dS0_KV)
+    if has_h0:
+      dh0_ref[...] = dS_KV.astype(dh0_ref.dtype)
+
+  _run_sweeps(forward_sweep, reverse_sweep, NV)
 
 
 def fwd_call_fused(q, k, v, b, h0, *, chunk, block_v, launch, precision, store_state):
@@ -204,11 +214,14 @@ def fwd_call_fused(q, k, v, b, h0, *, chunk, block_v, launch, precision, store_s
   return outs[0], (outs[1] if store_state else None)
 
 
-def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision):
+def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision,
+                   split_sweeps=False):
   """The fused backward on padded inputs: grid (Dv / BV, H, B) over ``bwd_kernel``.
 
   dq, dk (and dG) come out of the kernel as partial sums over the value blocks,
-  in float32 when there are several, and are summed here.
+  in float32 when there are several, and are summed here. With
+  ``split_sweeps`` the grid is (2 Dv / BV, H, B): the forward and reverse
+  sweeps of each value block run in separate programs (same results).
 
   Args:
     q, k: (B, Tp, H, Dk); v, do: (B, Tp, H, Dv), Tp a multiple of ``chunk``.
@@ -219,6 +232,7 @@ def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision
     block_v: value block BV (divides Dv).
     launch: the Triton launcher with the backward's settings (see fwd_call_fused).
     precision: dot precision.
+    split_sweeps: run the two sweeps in separate programs.
 
   Returns:
     (dq, dk, dv, dG (B, Tp, H) float32 or None without decay, dh0 (B, H, Dk,
@@ -230,9 +244,12 @@ def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision
   NV = Dv // BV
   has_decay = b is not None
   part_dtype = q.dtype if NV == 1 else _F32  # partial dq/dk are summed in float32
-  sp = sequence_specs(Tp, Dk, BV)
-  part_spec = pl.BlockSpec((None, None, Tp, None, Dk), lambda j, h, bb: (j, bb, 0, h, 0))
-  dg_spec = pl.BlockSpec((None, None, Tp, None), lambda j, h, bb: (j, bb, 0, h))
+  split = NV if split_sweeps else None
+  sp = sequence_specs(Tp, Dk, BV, NV=split)
+  part_spec = pl.BlockSpec((None, None, Tp, None, Dk),
+                           lambda j, h, bb: (value_block(j, split), bb, 0, h, 0))
+  dg_spec = pl.BlockSpec((None, None, Tp, None),
+                         lambda j, h, bb: (value_block(j, split), bb, 0, h))
   extra = [x for x in (b, h0, dST) if x is not None]
   in_specs = [sp.qk, sp.qk, sp.v, sp.v] + [sp.b] * has_decay
   in_specs += [sp.state] * (len(extra) - has_decay)
@@ -248,14 +265,14 @@ def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision
     out_specs.append(sp.state)
   kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_decay=has_decay,
                              has_h0=h0 is not None, has_dst=dST is not None,
-                             precision=precision)
+                             precision=precision, NV=split)
   itemsize = jnp.dtype(q.dtype).itemsize
   cost = pl.CostEstimate(
       flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),
       transcendentals=int(B * H * Tp * (2 * C + 4) * NV) if has_decay else 0,
       bytes_accessed=int(roofline.bwd_bytes(B, H, Tp, Dk, Dv, C, elem_bytes=itemsize)))
-  outs = launch(kernel, (NV, H, B), in_specs, out_specs, out_shape, "linear_attention_bwd",
-                cost)(q, k, v, do, *extra)
+  outs = launch(kernel, (2 * NV if split_sweeps else NV, H, B), in_specs, out_specs,
+                out_shape, "linear_attention_bwd", cost)(q, k, v, do, *extra)
   dq_parts, dk_parts, dv = outs[:3]
   dq = dq_parts[0] if NV == 1 else jnp.sum(dq_parts, axis=0)
   dk = dk_parts[0] if NV == 1 else jnp.sum(dk_parts, axis=0)

@@ -67,6 +67,7 @@ class _Static:
   return_final_state: bool
   backward: str = "fused"
   forward: str = "fused"
+  split_sweeps: bool = False
 
 
 def _precision(dtype):
@@ -151,7 +152,7 @@ def _core_bwd(st: _Static, res, cts):
   call = bwd_call_chunked if st.backward == "chunked" else bwd_call_fused
   dq, dk, dv, dG_BTH, dh0 = call(*args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]),
                                  launch=_launcher(st.bwd, st.interpret),
-                                 precision=_precision(q.dtype))
+                                 precision=_precision(q.dtype), split_sweeps=st.split_sweeps)
   dg_BTH = None
   if g is not None:
     if dST is not None:
@@ -169,7 +170,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
                             interpret=False, return_final_state=False,
                             fwd_config: KernelConfig = DEFAULT_FWD,
                             bwd_config: KernelConfig = DEFAULT_BWD, num_segments: int = 1,
-                            backward: str = "fused", forward: str = "fused"):
+                            backward: str = "fused", forward: str = "fused",
+                            split_sweeps: bool = False):
   """Chunked causal linear attention with fused Pallas-Triton kernels.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
@@ -203,6 +205,10 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
       sequence; the default) or "chunked" (chunk states to HBM in the input
       dtype, then one program per chunk; ``pallas_fwd_chunked``; 2 B H (T/C)
       Dk Dv bytes of bf16 states). Both compute the same values.
+    split_sweeps: run the backward's forward sweep (dq; chunk states) and its
+      reverse sweep (dk, dv; state gradients) in separate programs: twice the
+      programs, each with half the serial chunk chain. The same values to the
+      bit; applies to both backward designs.
 
   Returns:
     (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
@@ -211,7 +217,7 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   Raises:
     ValueError: for the bad inputs ``linear_attention`` rejects, a chunk that
       is not a power of two >= 16, a bad ``block_v``, ``num_segments``,
-      ``backward`` or ``forward``.
+      ``backward``, ``forward`` or ``split_sweeps``.
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   check_chunk_size(chunk_size, power_of_two=True)
@@ -226,11 +232,13 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   if forward not in FORWARDS:
     raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+  if not isinstance(split_sweeps, bool):
+    raise ValueError(f"split_sweeps must be a bool, got {split_sweeps!r}")
   nseg = num_segments
   Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
                return_final_state=bool(return_final_state), backward=backward,
-               forward=forward)
+               forward=forward, split_sweeps=split_sweeps)
   qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
   kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)
   vp = pad_axis(pad_axis(v, 1, Tp), 3, Dvp)

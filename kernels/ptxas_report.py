@@ -87,10 +87,7 @@ def kernel_ir(candidate, D, *, B=8, T=4096, H=8, decay="logsigmoid"):
 
   def loss(q, k, v, g):
     o, _ = pallas_op.pallas_linear_attention(
-        q, k, v, None if decay == "none" else g, chunk_size=candidate.chunk,
-        fwd_config=candidate.fwd, bwd_config=candidate.bwd,
-        num_segments=candidate.num_segments, backward=candidate.backward,
-        forward=candidate.forward)
+        q, k, v, None if decay == "none" else g, **candidate.kwargs())
     return jnp.sum(o.astype(jnp.float32))
 
   with _capture_triton_ir() as found:
