@@ -189,6 +189,22 @@ def _sub_jaxprs(eqn):
         yield inner
 
 
+def pallas_eqns(fun, *args) -> list:
+  """Every ``pallas_call`` equation of the traced ``fun(*args)``, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append(eqn)
+        continue
+      for inner in _sub_jaxprs(eqn):
+        walk(inner)
+
+  walk(jax.make_jaxpr(fun)(*args).jaxpr)
+  return found
+
+
 def pallas_calls(fun, *args) -> list[tuple[str, int, int, set]]:
   """Every ``pallas_call`` in the traced ``fun(*args)``, nested jaxprs included.
 
@@ -203,16 +219,5 @@ def pallas_calls(fun, *args) -> list[tuple[str, int, int, set]]:
         prims(inner, acc)
     return acc
 
-  calls = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        calls.append((eqn.params["name"], len(eqn.invars), len(eqn.outvars),
-                      prims(eqn.params["jaxpr"], set())))
-        continue
-      for inner in _sub_jaxprs(eqn):
-        walk(inner)
-
-  walk(jax.make_jaxpr(fun)(*args).jaxpr)
-  return calls
+  return [(e.params["name"], len(e.invars), len(e.outvars), prims(e.params["jaxpr"], set()))
+          for e in pallas_eqns(fun, *args)]

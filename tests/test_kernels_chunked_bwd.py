@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from qsf_jax.kernels import KernelConfig, pallas_bwd_chunked, pallas_linear_attention
-from qsf_jax.kernels.testing import (GRAD_NAMES, TOL, gradient_case, random_inputs,
-                                     rel_rms_error)
+from qsf_jax.kernels.testing import (GRAD_NAMES, TOL, gradient_case, pallas_eqns,
+                                     random_inputs, rel_rms_error)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -79,9 +79,8 @@ def _states_dtypes_and_grads(q, k, v, g, S0, do, dS):
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
 
   grad = jax.grad(loss, argnums=range(5))
-  states = [e for e in jax.make_jaxpr(grad)(q, k, v, g, S0).jaxpr.eqns
-            if e.primitive.name == "pallas_call"
-            and e.params["name"] == "linear_attention_bwd_states"]
+  states = [e for e in pallas_eqns(grad, q, k, v, g, S0)
+            if e.params["name"] == "linear_attention_bwd_states"]
   assert len(states) == 1, states
   return [str(x.aval.dtype) for x in states[0].outvars[:2]], grad(q, k, v, g, S0)
 

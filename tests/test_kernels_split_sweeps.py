@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qsf_jax.kernels import KernelConfig, pallas_linear_attention
-from qsf_jax.kernels.testing import GRAD_NAMES, random_inputs
+from qsf_jax.kernels.testing import GRAD_NAMES, pallas_eqns, random_inputs
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -30,20 +30,8 @@ def _grads(args, do, dS, backward, split_sweeps):
 
   grad = jax.grad(loss, argnums=range(5))
   grids = {e.params["name"]: tuple(e.params["grid_mapping"].grid)
-           for e in _pallas_eqns(jax.make_jaxpr(grad)(*args).jaxpr)}
+           for e in pallas_eqns(grad, *args)}
   return grad(*args), grids
-
-
-def _pallas_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      yield eqn
-      continue
-    for p in eqn.params.values():
-      for sub in p if isinstance(p, (list, tuple)) else [p]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from _pallas_eqns(inner)
 
 
 @pytest.mark.parametrize("backward, sweeps_kernel", [
@@ -68,6 +56,24 @@ def test_split_sweeps_give_the_same_bits(backward, sweeps_kernel, dtype, gate):
       continue
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                   err_msg=name)
+
+
+def test_split_sweeps_with_segments():
+  # The two-level split folds segments into the batch; each folded row's backward
+  # splits its sweeps the same way.
+  q, k, v, g, _ = random_inputs(23, 1, 128, 1, 16, 32, initial_state=False)
+  do = np.random.default_rng(23).standard_normal(v.shape).astype(np.float32)
+
+  def grads(split):
+    def loss(q, k, v, g):
+      o, _ = pallas_linear_attention(q, k, v, g, chunk_size=32, interpret=True,
+                                     fwd_config=_CFG, bwd_config=_CFG, num_segments=2,
+                                     split_sweeps=split)
+      return jnp.sum(o * do)
+    return jax.grad(loss, argnums=range(4))(q, k, v, g)
+
+  for a, b in zip(grads(True), grads(False)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_rejects_a_non_bool_split_sweeps():
