@@ -35,14 +35,14 @@ import jax.numpy as jnp
 from . import goals, roofline
 from .report import add_speedups, kernel_breakdown, markdown_table
 from .op import linear_attention
-from .designs import DEFAULT_DESIGN, PALLAS_DESIGNS
+from .designs import DEFAULT_DESIGN, PALLAS_DESIGNS, PallasDesign
 from .pallas_op import KernelConfig, pallas_linear_attention
 from .timing import (PIPELINE_CALLS, TIMINGS, cupti_seconds, measure_ceilings,
                      median_seconds)
 
 
 class Candidate(NamedTuple):
-  """One Pallas configuration: chunk, launch parameters, split and backward design."""
+  """One benchmarked configuration: the chunk, then the fields of a ``PallasDesign``."""
   chunk: int
   fwd: KernelConfig
   bwd: KernelConfig
@@ -53,9 +53,7 @@ class Candidate(NamedTuple):
 
   def kwargs(self) -> dict:
     """The keyword arguments of ``pallas_linear_attention`` for this candidate."""
-    return dict(chunk_size=self.chunk, fwd_config=self.fwd, bwd_config=self.bwd,
-                num_segments=self.num_segments, backward=self.backward,
-                forward=self.forward, split_sweeps=self.split_sweeps)
+    return dict(chunk_size=self.chunk, **PallasDesign(*self[1:]).kwargs())
 
 
 # Launch configurations swept on GPU (name "c{chunk}_{design}" -> Candidate); the
