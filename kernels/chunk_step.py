@@ -145,6 +145,22 @@ def _state_step(S_KV, k_CK, v_CV, b_C, b_last, precision, split=False):
   return S_KV * _exp(b_last) + _state_increment(k_CK, vd_CV, precision, split)
 
 
+def _store_chunk_states(s_ref, k_ref, v_ref, b_ref, S0_KV, *, C, NT, precision, split=False):
+  """s_ref[c] = S_c, the state entering chunk c, for c < NT (the states kernels).
+
+  S_c follows ``_state_step`` from S_0 = ``S0_KV`` and is stored in s_ref's
+  dtype; k_ref (Tp, Dk), v_ref (Tp, BV), b_ref (Tp,) or None. Returns the
+  float32 state leaving the last chunk, S_T.
+  """
+  def body(c, S_KV):
+    s_ref[c] = S_KV.astype(s_ref.dtype)
+    sl = _chunk_slice(c, C)
+    return _state_step(S_KV, k_ref[sl], v_ref[sl], _load_b(b_ref, sl), _gamma(b_ref, c, C),
+                       precision, split=split)
+
+  return lax.fori_loop(0, NT, body, S0_KV)
+
+
 def _state_grad_step(dS_KV, q_CK, do_CV, b_C, b_last, precision):
   """dS_c = exp(gamma_c) dS_{c+1} + (diag(exp(b)) Q)^T dO (spec §1.3).
 

@@ -47,7 +47,7 @@ from . import roofline
 from .block_specs import chunk_specs, sequence_specs
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _dot_tn, _exp,
                          _gamma, _load_b, _masked, _rows, _run_sweeps, _split_refs,
-                         _state_grad_step, _state_step, _weights)
+                         _state_grad_step, _store_chunk_states, _weights)
 
 _F32 = jnp.float32
 
@@ -97,15 +97,9 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
   Dk = q_ref.shape[-1]
   BV = v_ref.shape[-1]
 
-  def fwd_body(c, S_KV):
-    s_ref[c] = S_KV.astype(s_ref.dtype)
-    sl = _chunk_slice(c, C)
-    return _state_step(S_KV, k_ref[sl], v_ref[sl], _load_b(b_ref, sl), _gamma(b_ref, c, C),
-                       precision)
-
   def forward_sweep():
     S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
-    lax.fori_loop(0, NT, fwd_body, S0_KV)
+    _store_chunk_states(s_ref, k_ref, v_ref, b_ref, S0_KV, C=C, NT=NT, precision=precision)
 
   def bwd_body(i, dS_KV):
     c = NT - 1 - i

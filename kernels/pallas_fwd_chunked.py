@@ -29,13 +29,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from . import roofline
 from .block_specs import chunk_specs, sequence_specs
-from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _exp, _gamma, _load_b,
-                         _masked, _rows, _split_refs, _state_step)
+from .chunk_step import (_decay_mask, _dot, _dot_nt, _exp, _masked, _rows, _split_refs,
+                         _store_chunk_states)
 
 _F32 = jnp.float32
 
@@ -60,14 +59,9 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, store_state, precision):
   Dk = k_ref.shape[-1]
   BV = v_ref.shape[-1]
 
-  def body(c, S_KV):
-    s_ref[c] = S_KV.astype(s_ref.dtype)
-    sl = _chunk_slice(c, C)
-    return _state_step(S_KV, k_ref[sl], v_ref[sl], _load_b(b_ref, sl), _gamma(b_ref, c, C),
-                       precision, split=store_state)
-
   S0_KV = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros((Dk, BV), _F32)
-  S_KV = lax.fori_loop(0, NT, body, S0_KV)
+  S_KV = _store_chunk_states(s_ref, k_ref, v_ref, b_ref, S0_KV, C=C, NT=NT,
+                             precision=precision, split=store_state)
   if store_state:
     rest[1][...] = S_KV
 
