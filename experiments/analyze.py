@@ -50,6 +50,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   s("cache_dir", None, "Token-cache folder (default: the run's).", flag_values=fv)
   flags.DEFINE_bool("commutator", False, "Also report logm K, its (H, D) split and "
                     "||[H, D]|| per layer (one matrix logarithm per layer).", flag_values=fv)
+  cli.define_attn_impl(fv)
   cli.define_common(fv)
 
 
@@ -80,7 +81,7 @@ def _execute(fv: flags.FlagValues) -> int:
                   sentence_tokens=fv.sentence_tokens, exact_tokens=fv.exact_tokens,
                   layer=fv.layer, sse_paths=fv.sse_paths,
                   sse_steps=fv.sse_steps or None, seed=fv.seed, tokenizer_file=fv.tokenizer_file,
-                  cache_dir=fv.cache_dir, commutator=fv.commutator,
+                  cache_dir=fv.cache_dir, commutator=fv.commutator, attn_impl=fv.attn_impl,
                   log=lambda msg: print(msg, flush=True))
   return 0
 

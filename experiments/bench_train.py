@@ -27,7 +27,7 @@ from absl import flags
 import jax
 
 from qsf_jax.models.config import PRESETS, STAGES, get_config
-from qsf_jax.training import bench, cli
+from qsf_jax.training import bench, cli, setup
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -75,7 +75,7 @@ def execute(fv: flags.FlagValues) -> int:
     raise flags.Error(f"unknown preset {fv.preset!r}; choose from {list(PRESETS)}")
   overrides = dict(cli.parse_overrides(fv.override))
   for stage in fv.stages:  # bad names or values fail here, before anything is timed
-    get_config(stage, fv.preset, **overrides)
+    setup.check_attn_backend(get_config(stage, fv.preset, **overrides))
   device = bench.device_description()
   load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -31,6 +31,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
                      "the checkpoint's own; 0 evaluates with LayerNorm).", flag_values=fv)
+  cli.define_attn_impl(fv)
   cli.define_common(fv)
 
 
@@ -39,7 +40,7 @@ def execute(fv: flags.FlagValues) -> int:
     raise flags.Error("--workdir is required")
   rec = evaluate_workdir(fv.workdir, data=fv.data, step=fv.step, max_batches=fv.eval_batches,
                          batch_size=fv.batch_size, tokenizer_file=fv.tokenizer_file,
-                         cache_dir=fv.cache_dir, beta=fv.beta)
+                         cache_dir=fv.cache_dir, beta=fv.beta, attn_impl=fv.attn_impl)
   print(json.dumps(rec), flush=True)
   return 0
 

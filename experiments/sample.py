@@ -23,6 +23,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
   flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
                       flag_values=fv)
+  cli.define_attn_impl(fv)
   cli.define_common(fv)
 
 
@@ -31,7 +32,8 @@ def execute(fv: flags.FlagValues) -> int:
     raise flags.Error("--workdir is required")
   text = sample_workdir(fv.workdir, fv.prompt, max_new_tokens=fv.max_new_tokens,
                         temperature=fv.temperature, top_k=fv.top_k, seed=fv.seed,
-                        step=fv.step, tokenizer_file=fv.tokenizer_file)
+                        step=fv.step, tokenizer_file=fv.tokenizer_file,
+                        attn_impl=fv.attn_impl)
   print(fv.prompt + text, flush=True)
   return 0
 

@@ -131,7 +131,9 @@ def test_meta_of_a_run_stored_before_a_config_field_existed(tmp_path):
   assert ck.identity_differences(meta, today) == {}
   other = dict(today, model_config=get_config(
       "gla", "tiny", attn_pallas_design="bv64_w8_s3_chunkbwd").to_dict())
-  assert ck.identity_differences(meta, other) == {
+  # the design is an execution field: reported, but no mismatch
+  assert ck.identity_differences(meta, other) == {}
+  assert ck.execution_differences(meta, other) == {
       "model_config.attn_pallas_design": ("default", "bv64_w8_s3_chunkbwd")}
 
 

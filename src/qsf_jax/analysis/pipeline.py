@@ -89,7 +89,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
                     sse_steps: int | None = None, seed: int = 0,
                     tokenizer_file: str | None = None,
                     cache_dir: str | None = None, commutator: bool = False,
-                    log=print) -> dict:
+                    attn_impl: str | None = None, log=print) -> dict:
   """Analyses the checkpoint in ``workdir`` and writes the report (QSF §6.6, §4.4).
 
   Args:
@@ -110,6 +110,8 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
     tokenizer_file: local GPT-2 vocabulary (default: the run's).
     cache_dir: token-cache folder (default: the run's).
     commutator: also report logm K, its (H, D) split and ||[H, D]|| per layer.
+    attn_impl: linear-attention impl to run the model with (default: the run's
+      own; see ``load_run``).
     log: progress printer (None: silent).
 
   Returns:
@@ -123,7 +125,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
   t0 = time.perf_counter()
   timings = {}
   stage = checkpoint_stage(workdir, step)
-  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file)
+  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   mcfg = run.model_config
   if layer is not None and not 0 <= layer < mcfg.n_layers:
     raise ValueError(f"--layer must be in [0, {mcfg.n_layers}), got {layer}")

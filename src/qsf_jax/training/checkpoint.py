@@ -166,13 +166,33 @@ def _flatten(prefix: str, value, out: dict) -> None:
     out[prefix] = list(value) if isinstance(value, tuple) else value
 
 
-def identity_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
-  """``{key: (stored, requested)}`` for the run-identity entries that differ."""
+# Model-config entries that may change on resume: they choose how the same
+# function is computed (``models.config.EXECUTION_FIELDS``).
+EXECUTION_KEYS = tuple(f"model_config.{f}" for f in model_config.EXECUTION_FIELDS)
+
+
+def _all_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
   a, b = {}, {}
   for k in IDENTITY_KEYS:
     _flatten(k, stored.get(k), a)
     _flatten(k, requested.get(k), b)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def identity_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
+  """``{key: (stored, requested)}`` for the run-identity entries that differ.
+
+  ``EXECUTION_KEYS`` (the linear-attention impl and Pallas design) are not part
+  of a run's identity; ``execution_differences`` reports them.
+  """
+  return {k: v for k, v in _all_differences(stored, requested).items()
+          if k not in EXECUTION_KEYS}
+
+
+def execution_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
+  """``{key: (stored, requested)}`` for the ``EXECUTION_KEYS`` that differ."""
+  return {k: v for k, v in _all_differences(stored, requested).items()
+          if k in EXECUTION_KEYS}
 
 
 def check_resumable(workdir: str | os.PathLike, stored: Mapping[str, Any],

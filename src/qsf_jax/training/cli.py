@@ -94,3 +94,12 @@ def main(define_flags, execute) -> None:
 def define_common(fv: flags.FlagValues) -> None:
   """Flags every entry point has."""
   flags.DEFINE_bool("traceback", False, "Show the full traceback of errors.", flag_values=fv)
+
+
+def define_attn_impl(fv: flags.FlagValues) -> None:
+  """``--attn_impl`` of the entry points that load a trained run."""
+  from qsf_jax.kernels import IMPLS  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("attn_impl", None, list(IMPLS),
+                    "Linear-attention impl to run the model with (default: the run's own; "
+                    "a run trained with 'pallas' loads with 'auto' where there is no GPU). "
+                    "Every impl computes the same function.", flag_values=fv)

@@ -67,7 +67,7 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
 def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = None,
                      max_batches: int | None = None, batch_size: int | None = None,
                      tokenizer_file: str | None = None, cache_dir: str | None = None,
-                     beta: float | None = None) -> dict:
+                     beta: float | None = None, attn_impl: str | None = None) -> dict:
   """Validation loss and perplexity of a run folder's checkpoint (QSF spec D13).
 
   Args:
@@ -81,6 +81,8 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     beta: the normalisation-anneal weight to evaluate at, in [0, 1] (QSF §3.4,
       D5; default: the checkpoint's own, 1 after a finished Stage III/IV).
       ``beta=0`` evaluates an annealed stage's weights with plain LayerNorm.
+    attn_impl: linear-attention impl to run the model with (default: the run's
+      own; see ``load_run``).
 
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data", "beta"}``.
@@ -91,7 +93,7 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
   from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
 
-  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file)
+  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
   corpus = setup.load_corpus(cfg, run.tokenizer, data=data)
   mesh = shd.make_mesh()

@@ -22,7 +22,8 @@ from qsf_jax import data as qdata
 from qsf_jax.models.norms import anneal_beta
 from qsf_jax.training import setup
 from qsf_jax.training import sharding as shd
-from qsf_jax.training.checkpoint import Checkpointer, check_resumable, has_checkpoint, is_primary
+from qsf_jax.training.checkpoint import (Checkpointer, check_resumable, execution_differences,
+                                         has_checkpoint, is_primary)
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import NonFiniteLossError
 from qsf_jax.training.evaluation import evaluate_split
@@ -109,6 +110,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   setup.check_stage_and_preset(cfg.stage, cfg.preset)
   tokenizer = setup.load_tokenizer(cfg)
   mcfg = setup.make_model_config(cfg, tokenizer.vocab_size)
+  setup.check_attn_backend(mcfg)
   seq_len = setup.resolve_seq_len(cfg, mcfg)
   mesh = shd.make_mesh(devices)
   shd.check_batch_divisible(cfg.batch_size, cfg.grad_accum, mesh)
@@ -119,9 +121,13 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   if resume:  # refuse a different run before anything is written into workdir
     probe = Checkpointer(workdir, read_only=True)
     try:
-      check_resumable(workdir, probe.meta(), meta)
+      stored = probe.meta()
+      check_resumable(workdir, stored, meta)
     finally:
       probe.close()
+    for key, (was, now) in execution_differences(stored, meta).items():
+      _log(f"resuming with {key.rsplit('.', 1)[-1]}={now!r} (the run used {was!r}; "
+           "same function, another way to compute it)")
 
   model = setup.build_model(mcfg)
   tx = make_optimizer(cfg.steps, max_lr=cfg.lr, weight_decay=cfg.weight_decay,

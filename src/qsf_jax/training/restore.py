@@ -6,6 +6,10 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+from absl import logging
+
+from qsf_jax.models import config as model_config
 from qsf_jax.models.norms import anneal_beta
 from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
@@ -19,7 +23,7 @@ class LoadedRun:
 
   Attributes:
     cfg: the run's ``TrainConfig``.
-    model_config: its ``ModelConfig``.
+    model_config: its ``ModelConfig``, with the ``attn_impl`` it was loaded with.
     model: the Flax module.
     params: parameters.
     collections: the model's other collections (e.g. norm statistics).
@@ -41,8 +45,26 @@ class LoadedRun:
   beta: float
 
 
+def _loaded_attn_impl(mcfg, attn_impl: str | None, workdir: str):
+  """The run's ``ModelConfig`` with the linear-attention impl to load it with."""
+  if attn_impl is None:
+    if (mcfg.stage in model_config.LINEAR_ATTENTION_STAGES and mcfg.attn_impl == "pallas"
+        and jax.default_backend() != "gpu"):
+      logging.info("%s was trained with attn_impl='pallas'; the JAX backend is %r, so it is "
+                   "loaded with attn_impl='auto' (the same function through the 'xla' path)",
+                   workdir, jax.default_backend())
+      return mcfg.replace(attn_impl="auto")
+    return mcfg
+  try:
+    mcfg = mcfg.replace(attn_impl=attn_impl)
+  except ValueError as e:
+    raise TrainConfigError(f"invalid attn_impl: {e}") from e
+  setup.check_attn_backend(mcfg)
+  return mcfg
+
+
 def load_run(workdir: str | os.PathLike, *, step: int | None = None,
-             tokenizer_file: str | None = None) -> LoadedRun:
+             tokenizer_file: str | None = None, attn_impl: str | None = None) -> LoadedRun:
   """Restores the checkpoint ``step`` (default: latest) of a run folder.
 
   Args:
@@ -50,10 +72,15 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None,
     step: which checkpoint; None for the latest.
     tokenizer_file: local vocabulary for gpt2 runs (default: the one recorded
       at training time, or ``$QSF_TOKENIZER_FILE``).
+    attn_impl: the linear-attention impl to run the model with ("auto",
+      "reference", "scan", "xla", "pallas"; every impl computes the same
+      function). Default: the run's own, except that a run trained with
+      "pallas" loads with "auto" where the JAX backend has no GPU.
 
   Raises:
     NoCheckpointError: no checkpoint in ``workdir``.
-    TrainConfigError: the tokenizer differs from the one the run used.
+    TrainConfigError: the tokenizer differs from the one the run used, or
+      ``attn_impl`` is unknown or "pallas" without a GPU backend.
   """
   workdir = os.fspath(workdir)
   if not has_checkpoint(workdir):
@@ -80,6 +107,7 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None,
     raise TrainConfigError(
         f"{workdir}: the stored model configuration cannot be rebuilt by this version "
         "of the code")
+  mcfg = _loaded_attn_impl(mcfg, attn_impl, workdir)
   beta = 0.0
   if mcfg.annealed:
     beta = float(anneal_beta(meta["step"], cfg.steps, anneal_frac=mcfg.anneal_frac,

@@ -137,7 +137,7 @@ def sample_text(model, params, collections, tokenizer, prompt: str, *, max_new_t
 
 def sample_workdir(workdir, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.8,
                    top_k: int = 50, seed: int = 0, step: int | None = None,
-                   tokenizer_file: str | None = None) -> str:
+                   tokenizer_file: str | None = None, attn_impl: str | None = None) -> str:
   """Generates a continuation of ``prompt`` from a run folder's checkpoint (D14).
 
   Args:
@@ -149,13 +149,15 @@ def sample_workdir(workdir, prompt: str, *, max_new_tokens: int = 40, temperatur
     seed: sampling seed.
     step: checkpoint step (default: the latest).
     tokenizer_file: local vocabulary for gpt2 runs.
+    attn_impl: linear-attention impl to run the model with (default: the run's
+      own; see ``load_run``).
 
   Returns:
     The generated continuation (without the prompt).
   """
   from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
 
-  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file)
+  run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   return sample_text(run.model, run.params, run.collections, run.tokenizer, prompt,
                      max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                      top_k=top_k, beta=run.beta, max_len=run.model_config.max_seq_len)

@@ -51,6 +51,23 @@ def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config.ModelCo
     raise TrainConfigError(f"invalid model configuration: {e}") from e
 
 
+def check_attn_backend(mcfg: model_config.ModelConfig) -> None:
+  """Refuses ``attn_impl="pallas"`` for a linear-attention stage off the GPU.
+
+  The Pallas kernels compile for GPUs only; "auto" picks them on a GPU and the
+  "xla" path elsewhere, computing the same function.
+
+  Raises:
+    TrainConfigError: ``attn_impl="pallas"`` while the JAX backend is not "gpu".
+  """
+  backend = jax.default_backend()
+  if (mcfg.stage in model_config.LINEAR_ATTENTION_STAGES and mcfg.attn_impl == "pallas"
+      and backend != "gpu"):
+    raise TrainConfigError(
+        f"attn_impl='pallas' runs the Pallas GPU kernels, but the JAX backend is "
+        f"{backend!r}; use attn_impl='auto' (Pallas on a GPU, 'xla' elsewhere) or 'xla'")
+
+
 def resolve_seq_len(cfg: TrainConfig, mcfg: model_config.ModelConfig) -> int:
   """``--seq_len`` or the model's ``max_seq_len``; refuses lengths beyond it."""
   seq_len = cfg.seq_len if cfg.seq_len is not None else mcfg.max_seq_len
