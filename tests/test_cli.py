@@ -179,3 +179,20 @@ def test_gpt2_run_and_hand_off_from_shared_files(env, shared_data_dir, capsys):
                          "--max_new_tokens=5", f"--tokenizer_file={vocab}"]) == 0
   text = capsys.readouterr().out
   assert text.startswith("Once upon a time,") and len(text.strip()) > len("Once upon a time,")
+
+
+def test_log_filter_drops_orbax_chatter_only():
+  import logging
+  from qsf_jax.training.cli import keep_log_record
+
+  def rec(path, level, msg):
+    return logging.LogRecord("absl", level, path, 1, msg, (), None)
+
+  orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not keep_log_record(rec(orbax, logging.INFO, "Saving step 3"))
+  assert not keep_log_record(rec(orbax, logging.WARNING, "Given directory is read only=/r"))
+  assert not keep_log_record(rec(
+      orbax, logging.WARNING, "CheckpointManagerOptions.read_only=True, setting max_to_keep"))
+  assert keep_log_record(rec(orbax, logging.WARNING, "Found incomplete checkpoint at 7"))
+  assert keep_log_record(rec(orbax, logging.ERROR, "directory is read only"))
+  assert keep_log_record(rec("/src/qsf_jax/data/corpus.py", logging.INFO, "data: local"))

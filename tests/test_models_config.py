@@ -231,6 +231,10 @@ def test_anneal_beta_and_stats_window():
   np.testing.assert_allclose(float(anneal_beta(870, S, shape="cosine")),
                              0.5 * (1 - np.cos(np.pi * 20 / 150)), rtol=1e-5)
   assert [stats_window(t, S) for t in (349, 350, 849, 850)] == [False, True, True, False]
+  for S in (7, 100, 500, 20000):  # a finished run evaluates at exactly beta = 1
+    assert float(anneal_beta(S, S)) == 1.0 and float(anneal_beta(S, S, shape="cosine")) == 1.0
+    assert float(jax.jit(anneal_beta, static_argnums=1)(S, S)) == 1.0
+  assert float(anneal_beta(85, 100)) == 0.0
   with pytest.raises(ValueError, match="shape"):
     anneal_beta(1, S, shape="step")
 

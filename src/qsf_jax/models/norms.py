@@ -148,9 +148,10 @@ def anneal_beta(step, total_steps, *, anneal_frac=0.15, shape="linear"):
   """
   if shape not in ("linear", "cosine"):
     raise ValueError(f"shape must be one of ['linear', 'cosine'], got {shape!r}")
-  S = jnp.float32(total_steps)
-  start = (1.0 - anneal_frac) * S
-  beta = jnp.clip((jnp.float32(step) - start) / (anneal_frac * S), 0.0, 1.0)
+  # = (t - (1 - f) S) / (f S), written so that t = S gives exactly 1 in float32
+  # (and t = (1 - f) S exactly 0 where f S is an integer)
+  ramp = jnp.float32(anneal_frac * total_steps)
+  beta = jnp.clip(1.0 - (jnp.float32(total_steps) - jnp.float32(step)) / ramp, 0.0, 1.0)
   if shape == "cosine":
     beta = 0.5 * (1.0 - jnp.cos(jnp.pi * beta))
   return beta

@@ -78,14 +78,27 @@ def run(define_flags: Callable[[flags.FlagValues], None],
     return 130
 
 
+# Orbax's notices that a checkpoint folder was opened read-only (evaluate, sample,
+# analyze and the resume check only read).
+_READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
+
+
+def keep_log_record(record: logging.LogRecord) -> bool:
+  """Log filter of the entry points: drops orbax's INFO chatter and read-only notices."""
+  if "/orbax/" not in record.pathname:
+    return True
+  if record.levelno < logging.WARNING:
+    return False  # every checkpoint phase is logged at INFO
+  return record.levelno >= logging.ERROR or not any(
+      n in record.getMessage() for n in _READ_ONLY_NOTICES)
+
+
 def main(define_flags, execute) -> None:
   """``app.run`` wrapper: absl logging set up, then ``run`` and exit."""
   argv = list(sys.argv)
 
   def _main(_):
-    # Orbax logs every checkpoint phase at INFO; keep its warnings only.
-    absl_logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+    absl_logging.get_absl_handler().addFilter(keep_log_record)
     sys.exit(run(define_flags, execute, argv))
 
   app.run(_main, argv=[argv[0]], flags_parser=lambda a: flags.FLAGS(a[:1]))
