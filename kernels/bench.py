@@ -38,7 +38,7 @@ from .op import linear_attention
 from .designs import DEFAULT_DESIGN, PALLAS_DESIGNS, PallasDesign
 from .pallas_op import KernelConfig, pallas_linear_attention
 from .timing import (PIPELINE_CALLS, TIMINGS, cupti_seconds, measure_ceilings,
-                     median_seconds)
+                     median_seconds, precompile)
 
 
 class Candidate(NamedTuple):
@@ -136,6 +136,11 @@ def _skip_reason(impl, mode, B, T, H, D, mem_budget):
   return None
 
 
+def _error_line(e):
+  """A failed candidate's ``skipped`` entry: "Type: first line", or None for None."""
+  return None if e is None else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
 def _memory_budget():
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
@@ -143,14 +148,16 @@ def _memory_budget():
 
 
 def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, configs=None,
-        timing="sync", decay="logsigmoid"):
+        timing="sync", decay="logsigmoid", compile_workers=1):
   """Runs the sweep and returns the list of result rows (dicts).
 
   ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
   ``roofline.device_peak`` of the device kind. ``configs`` names the Pallas
   launch configurations to time (default: all with ``sweep_configs``, else the
   default one). ``timing`` is one of ``timing.TIMINGS`` (see ``timing``);
-  ``decay`` one of ``DECAYS``.
+  ``decay`` one of ``DECAYS``. ``compile_workers`` > 1 compiles the candidates
+  of each (T, D) on that many threads before timing them one by one
+  (``timing.precompile``); the timings are the same, the sweep shorter.
   """
   if decay not in DECAYS:
     raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
@@ -169,31 +176,39 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
   for D in Ds:
     for T in Ts:
       arg_sets = [_inputs(s, B, T, H, D, jnp.dtype(dtype)) for s in (0, 1)]
+      todo = []  # (row, fn or None, why)
       for mode in modes:
         for impl, cfg_name, cfg in cands:
           row = dict(impl=impl, config=cfg_name, mode=mode, B=B, T=T, H=H, D=D,
                      dtype=jnp.dtype(dtype).name, decay=decay)
           why = _skip_reason(impl, mode, B, T, H, D, budget)
-          if why is None:
-            try:
-              fn = _bench_fn(impl, cfg, mode, decay)
-              if timing == "cupti":
-                sec, kernels_ms = cupti_seconds(fn, arg_sets, reps)
-                row["kernels_ms"] = kernels_ms
-              else:
-                sec = median_seconds(fn, arg_sets, reps, timing)
-            except Exception as e:  # pylint: disable=broad-except
-              why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-          if why is not None:
-            rows.append(dict(row, skipped=why))
-            continue
-          flops, nbytes = _work(impl, mode, B, T, H, D, elem)
-          frac = roofline.roofline_fraction(flops, nbytes, sec, peak)
-          rows.append(dict(row, ms=sec * 1e3, tflops=flops / sec / 1e12,
-                           gbps=nbytes / sec / 1e9,
-                           roofline_pct=None if frac is None else 100 * frac))
-          print(f"  {impl:9s} {cfg_name:16s} {mode:6s} T={T:5d} D={D:3d} {sec * 1e3:9.3f} ms",
-                flush=True)
+          todo.append((row, None if why else _bench_fn(impl, cfg, mode, decay), why))
+      if compile_workers > 1:  # compile this (T, D)'s candidates side by side first
+        jobs = [(fn, arg_sets[0]) for _, fn, why in todo if why is None]
+        errors = iter(precompile(jobs, compile_workers))
+        todo = [(row, fn, why if why else _error_line(next(errors)))
+                for row, fn, why in todo]
+      for row, fn, why in todo:
+        impl, mode = row["impl"], row["mode"]
+        if why is None:
+          try:
+            if timing == "cupti":
+              sec, kernels_ms = cupti_seconds(fn, arg_sets, reps)
+              row["kernels_ms"] = kernels_ms
+            else:
+              sec = median_seconds(fn, arg_sets, reps, timing)
+          except Exception as e:  # pylint: disable=broad-except
+            why = _error_line(e)
+        if why is not None:
+          rows.append(dict(row, skipped=why))
+          continue
+        flops, nbytes = _work(impl, mode, B, T, H, D, elem)
+        frac = roofline.roofline_fraction(flops, nbytes, sec, peak)
+        rows.append(dict(row, ms=sec * 1e3, tflops=flops / sec / 1e12,
+                         gbps=nbytes / sec / 1e9,
+                         roofline_pct=None if frac is None else 100 * frac))
+        print(f"  {impl:9s} {row['config']:16s} {mode:6s} T={T:5d} D={D:3d} "
+              f"{sec * 1e3:9.3f} ms", flush=True)
   add_speedups(rows, DEFAULT_CONFIG)
   return rows
 
@@ -218,6 +233,10 @@ def main(argv=None):
                  help="sync: block after every call (end to end); pipelined: "
                       f"{PIPELINE_CALLS} calls back to back per sample; cupti: device time "
                       "of the launched kernels (GPU), with a per-kernel breakdown")
+  p.add_argument("--compile_workers", type=int, default=1,
+                 help="compile each (T, D)'s candidates on this many threads before timing "
+                      "them (XLA and Triton compile outside the GIL; 1: compile each "
+                      "candidate just before its timing)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--decay", default="logsigmoid", choices=DECAYS,
                  help="logsigmoid: g = logsigmoid(N(0, 1)) (the spec's benchmark); none: "
@@ -238,6 +257,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.reps < 20:
     p.error("--reps must be >= 20")
+  if a.compile_workers < 1:
+    p.error(f"--compile_workers must be >= 1, got {a.compile_workers}")
   for flag, val in (("--B", a.B), ("--H", a.H)):
     if val is not None and val < 1:
       p.error(f"{flag} must be a positive int, got {val}")
@@ -272,7 +293,7 @@ def main(argv=None):
   rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
              sweep_configs=a.sweep_configs, peak=peak, configs=configs, timing=a.timing,
-             decay=a.decay)
+             decay=a.decay, compile_workers=a.compile_workers)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
             f"{a.dtype}, decay {a.decay}, median of {a.reps}, {a.timing} timing, {date}")
   print("\n" + markdown_table(rows, header))

@@ -25,6 +25,7 @@ from .bench import PALLAS_CONFIGS, Candidate
 from .chunked_xla import chunked_linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, pallas_linear_attention
 from .testing import TOL, random_inputs, rel_rms_error
+from .timing import precompile
 
 CASES = [  # (B, T, H, Dk, Dv, dtype, gate)
     (8, 4096, 8, 128, 128, "bfloat16", "medium"),
@@ -54,7 +55,7 @@ def _grad_fn(fn):
 
 def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_config=None,
                num_segments=1, backward="fused", forward="fused", split_sweeps=False, seed=0,
-               interpret=False):
+               interpret=False, compile_workers=1):
   """Compares Pallas with the float32 "xla" impl for one case.
 
   Args:
@@ -71,6 +72,9 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
     split_sweeps: the backward's two sweeps in separate programs.
     seed: integer seed.
     interpret: run the kernels in interpret mode (for a CPU smoke test).
+    compile_workers: > 1 compiles the case's four functions (Pallas and
+      reference, forward and gradients) on that many threads first
+      (``timing.precompile``).
 
   Returns:
     A list of (name, relative RMS error, bound) for o, S_T, dq, dk, dv, dg
@@ -90,16 +94,22 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
                                               **kw)
   xla = lambda *a: chunked_linear_attention(
       *(None if x is None else x.astype(jnp.float32) for x in a), chunk_size=64)
-  fwd = jax.jit(pallas)
+  fwd, pallas_grads = jax.jit(pallas), _grad_fn(pallas)
+  xla_fwd, xla_grads = jax.jit(xla), _grad_fn(xla)
+  if compile_workers > 1:
+    jobs = [(f, args) for f in (fwd, xla_fwd)]
+    jobs += [(f, (*args, do, dS)) for f in (pallas_grads, xla_grads)]
+    for e in precompile(jobs, compile_workers):
+      if e is not None:
+        raise e
   o1, S1 = fwd(*args)
   o2, S2 = fwd(*args)
-  pallas_grads = _grad_fn(pallas)
   (_, g1), (_, g2) = pallas_grads(*args, do, dS), pallas_grads(*args, do, dS)
   if not (np.array_equal(np.asarray(o1), np.asarray(o2))
           and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(g1, g2))):
     raise AssertionError(f"results differ between two identical runs (race?): {B, T, H, Dk, Dv}")
-  o_ref, S_ref = jax.jit(xla)(*args)
-  _, g_ref = _grad_fn(xla)(*args, do, dS)
+  o_ref, S_ref = xla_fwd(*args)
+  _, g_ref = xla_grads(*args, do, dS)
   tol = TOL[dtype]
   out = [("o", rel_rms_error(o1, o_ref), tol["o"]), ("S_T", rel_rms_error(S1, S_ref), tol["o"])]
   for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), g1, g_ref):
@@ -119,7 +129,12 @@ def main(argv=None):
   p.add_argument("--configs", default=None,
                  help="comma-separated PALLAS_CONFIGS names to check at the first case "
                       "(default: all, unless --quick)")
+  p.add_argument("--compile_workers", type=int, default=1,
+                 help="compile each case's Pallas and reference functions on this many "
+                      "threads first (1: one after another)")
   a = p.parse_args(argv)
+  if a.compile_workers < 1:
+    p.error(f"--compile_workers must be >= 1, got {a.compile_workers}")
   names = a.configs.split(",") if a.configs else ([] if a.quick else sorted(PALLAS_CONFIGS))
   unknown = sorted(set(names) - set(PALLAS_CONFIGS))
   if unknown:
@@ -136,7 +151,7 @@ def main(argv=None):
   failed = 0
   for case, name, cand in runs:
     kw = cand.kwargs()
-    res = check_case(*case, chunk=kw.pop("chunk_size"), **kw)
+    res = check_case(*case, chunk=kw.pop("chunk_size"), compile_workers=a.compile_workers, **kw)
     bad = [(n, e, b) for n, e, b in res if not e <= b]
     failed += bool(bad)
     errs = " ".join(f"{n}={e:.1e}" for n, e, _ in res)

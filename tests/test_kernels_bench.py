@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from qsf_jax.kernels import bench, report, roofline, timing
@@ -197,3 +199,45 @@ def test_bench_goals_mode_on_cpu(tmp_path, capsys):
   assert {r["impl"] for r in data["rows"]} == {"pallas", "xla", "softmax"}
   assert [g["verdict"] for g in data["goals"]] == ["unmeasured"] * 7  # no Pallas on CPU
   assert "judged on c64_bv64_w4_s2" in capsys.readouterr().out
+
+
+def test_precompile_fills_the_dispatch_cache_and_reports_failures():
+  compiles = []
+
+  def listener(event, duration, **kw):
+    if "backend_compile" in event:
+      compiles.append(event)
+
+  x = jnp.ones((8, 8))
+  good = [jax.jit(lambda a, i=i: jnp.sin(a) * i @ a) for i in range(4)]
+  bad = jax.jit(lambda a: a @ jnp.ones((3, 3)))  # shape error at trace time
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    errors = timing.precompile([(f, (x,)) for f in good[:2]] + [(bad, (x,))]
+                               + [(f, (x,)) for f in good[2:]], workers=3)
+    assert [e is None for e in errors] == [True, True, False, True, True]
+    assert isinstance(errors[2], TypeError) and "dot_general" in str(errors[2])
+    n = len(compiles)
+    assert n >= 4
+    for f in good:  # the timed calls compile nothing more
+      jax.block_until_ready(f(x))
+    assert len(compiles) == n
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert timing.precompile([(good[0], (x,)), (bad, (x,))], workers=1)[0] is None
+
+
+def test_bench_compile_workers_give_the_same_rows(tmp_path, capsys):
+  rows = {}
+  for w in (1, 3):
+    out = tmp_path / f"bench{w}.json"
+    bench.main(["--quick", "--T=32", "--D=16", "--impls=xla,scan,pallas,reference",
+                "--modes=fwd,fwdbwd", f"--compile_workers={w}", f"--out={out}"])
+    rows[w] = json.loads(out.read_text())["rows"]
+  key = lambda r: (r["impl"], r["mode"], r["T"], r["D"], r.get("skipped"))
+  assert [key(r) for r in rows[1]] == [key(r) for r in rows[3]]
+  assert all(r["ms"] > 0 for r in rows[3] if "skipped" not in r)
+  assert sum("skipped" in r for r in rows[3]) == 2  # pallas on CPU
+  with pytest.raises(SystemExit):
+    bench.main(["--compile_workers=0"])
+  assert "--compile_workers must be >= 1" in capsys.readouterr().err

@@ -163,10 +163,22 @@ def test_rejects_bad_block_v():
     pallas_linear_attention(*args, interpret=True, fwd_config=KernelConfig(block_v=24))
 
 
+def test_gpu_check_flags_on_cpu(capsys):
+  from qsf_jax.kernels import gpu_check  # pylint: disable=import-outside-toplevel
+  for bad, why in ((["--compile_workers=0"], "--compile_workers must be >= 1"),
+                   (["--configs=c64_nope"], "unknown --configs")):
+    with pytest.raises(SystemExit):
+      gpu_check.main(bad)
+    assert why in capsys.readouterr().err
+  assert gpu_check.main(["--quick", "--compile_workers=4"]) == 2  # no GPU: says so, exits 2
+  assert "needs a GPU backend" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_gpu_check_script_logic_in_interpret_mode():
   from qsf_jax.kernels import gpu_check  # pylint: disable=import-outside-toplevel
-  res = gpu_check.check_case(1, 40, 1, 16, 24, "float32", "medium", chunk=16, interpret=True)
+  res = gpu_check.check_case(1, 40, 1, 16, 24, "float32", "medium", chunk=16, interpret=True,
+                             compile_workers=3)  # the four functions compiled side by side
   assert [n for n, _, _ in res] == ["o", "S_T", "dq", "dk", "dv", "dg", "dh0"]
   for name, err, bound in res:
     assert err <= bound, (name, err)
