@@ -1,8 +1,9 @@
 """Execution-only model fields: resuming and loading a run with another attention impl.
 
-``attn_impl`` and ``attn_pallas_design`` choose how the linear attention is computed,
-not what it computes, so a run trained one way resumes, evaluates and samples
-another way (e.g. trained on a GPU with "pallas", analysed on a laptop).
+``attn_impl``, ``attn_chunk_size`` and ``attn_pallas_design`` choose how the linear
+attention is computed, not what it computes, so a run trained one way resumes,
+evaluates and samples another way (e.g. trained on a GPU with "pallas", analysed on
+a laptop).
 """
 
 import json
@@ -83,13 +84,14 @@ def test_resume_with_another_impl_continues_the_run(xla_run, env, capsys):
 
 def test_identity_keys_leave_out_execution_fields():
   base = {"stage": "gla", "model_config": {"attn_impl": "xla", "attn_pallas_design": "default",
-                                           "d_model": 32}, "seed": 0}
-  other = {"stage": "gla", "model_config": {"attn_impl": "pallas",
+                                           "attn_chunk_size": 64, "d_model": 32}, "seed": 0}
+  other = {"stage": "gla", "model_config": {"attn_impl": "pallas", "attn_chunk_size": 128,
                                             "attn_pallas_design": "bv64_w8_s3", "d_model": 64},
            "seed": 0}
   assert ck.identity_differences(base, other) == {"model_config.d_model": (32, 64)}
   assert ck.execution_differences(base, other) == {
       "model_config.attn_impl": ("xla", "pallas"),
+      "model_config.attn_chunk_size": (64, 128),
       "model_config.attn_pallas_design": ("default", "bv64_w8_s3")}
 
 

@@ -72,7 +72,8 @@ class ModelConfig:
     tie_embeddings: output head tied to the embedding (QSF §3.4 "Output").
     attn_impl: ``impl`` passed to ``qsf_jax.kernels.linear_attention``
       (an ``EXECUTION_FIELDS`` entry: a run may resume or load with another).
-    attn_chunk_size: ``chunk_size`` passed to the linear-attention op.
+    attn_chunk_size: ``chunk_size`` passed to the linear-attention op (an
+      ``EXECUTION_FIELDS`` entry).
     attn_pallas_design: ``pallas_design`` passed to the linear-attention op:
       how its Pallas kernels run on a GPU ("default", or a name from
       ``qsf_jax.kernels.PALLAS_DESIGNS`` or the kernel benchmark); every
@@ -220,10 +221,10 @@ _PRESETS = {
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 # Fields that choose how the model is computed, not what it computes: every
-# linear-attention impl and Pallas design gives the same function up to float
-# rounding. A run may resume, and a checkpoint may be loaded, with other values
-# (e.g. trained on a GPU with "pallas", evaluated on a laptop with "xla").
-EXECUTION_FIELDS = ("attn_impl", "attn_pallas_design")
+# linear-attention impl, chunk size and Pallas design gives the same function up
+# to float rounding. A run may resume, and a checkpoint may be loaded, with other
+# values (e.g. trained on a GPU with "pallas", evaluated on a laptop with "xla").
+EXECUTION_FIELDS = ("attn_impl", "attn_chunk_size", "attn_pallas_design")
 
 # Fields added to ModelConfig after runs were first stored, each with the value that
 # reproduces the earlier behaviour: a stored configuration without one had that value.
