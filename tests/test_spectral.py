@@ -83,6 +83,7 @@ def test_classification_thresholds_on_diagonal_K():
   assert l1["gamma_growth"] == pytest.approx(0.735, abs=1e-14)
   assert l1["gamma_net"] == pytest.approx(0.5, abs=1e-14)
   assert l1["gamma_by_class"] == pytest.approx({"decay": -0.23, "neutral": 0.0, "growth": 0.73})
+  assert sum(l1["gamma_by_class"].values()) == pytest.approx(l1["gamma_net"], abs=1e-14)
   l2 = r["layers"][1]
   omega = dict(zip(np.round(l2["abs"], 12), l2["omega"]))
   assert omega[np.round(np.exp(0.6), 12)] == pytest.approx(-np.pi)  # lambda < 0: arg = pi

@@ -203,6 +203,8 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
   (eqs. 6-8; Gamma_decay >= 0 is a magnitude):
     Gamma_decay = sum_{gamma<0} |gamma|,  Gamma_growth = sum_{gamma>0} gamma,
     Gamma_net = sum gamma = Gamma_growth - Gamma_decay,  net_dissipative: Gamma_net < 0.
+  ``gamma_by_class`` is the signed sum of gamma over each class's modes (so its
+  "decay" entry is negative, and the three entries add up to Gamma_net).
   Consistency: Gamma_net = sum_l ln|det K^(l)| / dt (slogdet), accepted when
   |difference| <= slogdet_rtol * max(1, sum |gamma|); an exactly singular layer
   gives ``slogdet_gamma_net = None`` and ``slogdet_consistent = False``.
