@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import segments
+from . import partitioning, segments
 from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
                         validate_inputs)
 from .pallas_bwd_chunked import bwd_call_chunked
@@ -119,12 +119,57 @@ def _launcher(tuning: KernelConfig, interpret: bool):
       kernel, grid, ins, outs, shapes, tuning, interpret, name, cost)
 
 
+def _present(*xs):
+  return tuple(x for x in xs if x is not None)
+
+
+def _fill(arrays, present):
+  """The operands of a partitioned call back in place, None where absent."""
+  it = iter(arrays)
+  return [next(it) if p else None for p in present]
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_partitioned(st: _Static, has_b: bool, has_h0: bool):
+  """The forward kernels of ``st`` for (q, k, v[, b][, h0]), partitioned over B and H."""
+
+  def fwd(*arrays):
+    q, k, v, b, h0 = _fill(arrays, (True, True, True, has_b, has_h0))
+    call = fwd_call_chunked if st.forward == "chunked" else fwd_call_fused
+    o, S_T = call(q, k, v, b, h0, chunk=st.chunk, block_v=_block_v(st.fwd, v.shape[-1]),
+                  launch=_launcher(st.fwd, st.interpret), precision=_precision(q.dtype),
+                  store_state=st.return_final_state)
+    return _present(o, S_T)
+
+  ins = ["b t h k", "b t h k", "b t h v"] + ["b t h"] * has_b + ["b h k v"] * has_h0
+  return partitioning.batch_head_partitioned(
+      fwd, ins, ["b t h v"] + ["b h k v"] * st.return_final_state)
+
+
 def _fwd_call(q, k, v, b, h0, st: _Static):
   """The forward design ``st.forward``; returns (o, S_T f32 or None). b None: no decay."""
-  call = fwd_call_chunked if st.forward == "chunked" else fwd_call_fused
-  return call(q, k, v, b, h0, chunk=st.chunk, block_v=_block_v(st.fwd, v.shape[-1]),
-              launch=_launcher(st.fwd, st.interpret), precision=_precision(q.dtype),
-              store_state=st.return_final_state)
+  outs = _fwd_partitioned(st, b is not None, h0 is not None)(*_present(q, k, v, b, h0))
+  return outs[0], (outs[1] if st.return_final_state else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_partitioned(st: _Static, has_b: bool, has_h0: bool, has_dST: bool):
+  """The backward kernels of ``st`` for (q, k, v, do[, b][, h0][, dST]), partitioned
+  over B and H; returns (dq, dk, dv[, dG][, dh0])."""
+
+  def bwd(*arrays):
+    args = _fill(arrays, (True, True, True, True, has_b, has_h0, has_dST))
+    q, v = args[0], args[2]
+    call = bwd_call_chunked if st.backward == "chunked" else bwd_call_fused
+    dq, dk, dv, dG, dh0 = call(*args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]),
+                               launch=_launcher(st.bwd, st.interpret),
+                               precision=_precision(q.dtype), split_sweeps=st.split_sweeps)
+    return _present(dq, dk, dv, dG, dh0)
+
+  ins = (["b t h k", "b t h k", "b t h v", "b t h v"] + ["b t h"] * has_b
+         + ["b h k v"] * (has_h0 + has_dST))
+  outs = ["b t h k", "b t h k", "b t h v"] + ["b t h"] * has_b + ["b h k v"] * has_h0
+  return partitioning.batch_head_partitioned(bwd, ins, outs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -149,10 +194,8 @@ def _core_bwd(st: _Static, res, cts):
     dST = dST.astype(_F32)
   args = (q, k, v, do.astype(v.dtype), _local_cumsum(g, st.chunk),
           None if h0 is None else h0.astype(_F32), dST)
-  call = bwd_call_chunked if st.backward == "chunked" else bwd_call_fused
-  dq, dk, dv, dG_BTH, dh0 = call(*args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]),
-                                 launch=_launcher(st.bwd, st.interpret),
-                                 precision=_precision(q.dtype), split_sweeps=st.split_sweeps)
+  outs = _bwd_partitioned(st, g is not None, h0 is not None, dST is not None)(*_present(*args))
+  dq, dk, dv, dG_BTH, dh0 = _fill(outs, (True, True, True, g is not None, h0 is not None))
   dg_BTH = None
   if g is not None:
     if dST is not None:
