@@ -12,7 +12,6 @@ one-line error with a non-zero exit status.
 
 from __future__ import annotations
 
-import logging
 import os
 
 # The host linear algebra (eig, slogdet, logm of d x d matrices, d <= 320) gains
@@ -54,21 +53,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   cli.define_common(fv)
 
 
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-  """Drops orbax's notices about read-only checkpoint managers (the analysis only reads)."""
-  return record.levelno >= logging.ERROR or "/orbax/" not in record.pathname
-
-
 def execute(fv: flags.FlagValues) -> int:
-  logger = logging.getLogger("absl")
-  logger.addFilter(_quiet_orbax)
-  try:
-    return _execute(fv)
-  finally:
-    logger.removeFilter(_quiet_orbax)
-
-
-def _execute(fv: flags.FlagValues) -> int:
   if not fv.workdir:
     raise flags.Error("--workdir is required")
   for name in ("max_sequences", "batch_size", "sentence_tokens", "exact_tokens", "sse_paths"):

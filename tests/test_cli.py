@@ -97,8 +97,10 @@ def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
   assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 
-def test_evaluate_prints_json_last_line(run_dir, capsys):
+def test_evaluate_prints_json_last_line(run_dir, capsys, caplog):
+  caplog.set_level("WARNING", logger="absl")
   assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}"]) == 0
+  assert not [r for r in caplog.records if "read only" in r.getMessage()]  # keep_log_record
   last = capsys.readouterr().out.strip().splitlines()[-1]
   rec = json.loads(last)
   assert rec["step"] == 6 and rec["stage"] == "koopman"

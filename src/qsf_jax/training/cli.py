@@ -15,7 +15,6 @@ import sys
 from typing import Callable, Sequence
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 # Exceptions that mean "the user asked for something that cannot be done".
 USER_ERRORS = (ValueError, OSError, ConnectionError, FloatingPointError, flags.Error)
@@ -50,6 +49,8 @@ def run(define_flags: Callable[[flags.FlagValues], None],
         execute: Callable[[flags.FlagValues], int], argv: Sequence[str]) -> int:
   """Parses ``argv`` into fresh flags and executes; returns the exit status.
 
+  While it runs, ``keep_log_record`` filters the absl logger (orbax's chatter).
+
   Args:
     define_flags: defines the entry point's flags on a ``FlagValues``.
     execute: runs the program from parsed flags, returns an exit status.
@@ -62,6 +63,8 @@ def run(define_flags: Callable[[flags.FlagValues], None],
     print(fv.get_help())
     return 0
   traceback = "--traceback" in argv[1:]
+  logger = logging.getLogger("absl")
+  logger.addFilter(keep_log_record)
   try:
     rest = fv(list(argv), known_only=True)
     rest = flags.FLAGS(rest)  # absl's own flags (e.g. --verbosity); rejects unknown ones
@@ -76,6 +79,8 @@ def run(define_flags: Callable[[flags.FlagValues], None],
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr, flush=True)
     return 130
+  finally:
+    logger.removeFilter(keep_log_record)
 
 
 # Orbax's notices that a checkpoint folder was opened read-only (evaluate, sample,
@@ -98,7 +103,6 @@ def main(define_flags, execute) -> None:
   argv = list(sys.argv)
 
   def _main(_):
-    absl_logging.get_absl_handler().addFilter(keep_log_record)
     sys.exit(run(define_flags, execute, argv))
 
   app.run(_main, argv=[argv[0]], flags_parser=lambda a: flags.FLAGS(a[:1]))
