@@ -29,6 +29,12 @@ flags.DEFINE_integer("num_cues", 8, "number of cue tokens A")
 flags.DEFINE_integer("length", 3, "cues per context L")
 flags.DEFINE_integer("task_seed", 0, "seed of the cue phases")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "training dtype")
+flags.DEFINE_list("readout_ranks", ["1", "2"], "POVM element ranks r of the learned complex "
+                  "Born readouts (1 = the spec's rank-one POVM); one 'complex' and one "
+                  "'complex_fixed_dynamics' row per r")
+flags.DEFINE_list("models", [], "models to run (empty: all): complex_hardcoded, "
+                  "realified_hardcoded, complex, complex_fixed_povm, complex_fixed_dynamics, "
+                  "realified, real")
 flags.DEFINE_string("out", "runs/separation", "output directory")
 FLAGS = flags.FLAGS
 
@@ -51,9 +57,14 @@ def config_from_flags():
   if not Ns:
     raise ValueError("--N must list at least one integer")
   dims = parse_int_list("dims", FLAGS.dims) or None
+  ranks = parse_int_list("readout_ranks", FLAGS.readout_ranks)
+  if not ranks:
+    raise ValueError("--readout_ranks must list at least one integer")
+  names = tuple(m.strip() for m in FLAGS.models) or None
   cfg = SweepConfig(Ns=Ns, dims=dims, steps=FLAGS.steps, seeds=FLAGS.seeds, lr=FLAGS.lr,
                     eta=FLAGS.eta, num_cues=FLAGS.num_cues, length=FLAGS.length,
-                    task_seed=FLAGS.task_seed, dtype=FLAGS.dtype)
+                    task_seed=FLAGS.task_seed, dtype=FLAGS.dtype, readout_ranks=ranks,
+                    models=names)
   try:
     validate_config(cfg)
   except ValueError as e:

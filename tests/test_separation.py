@@ -9,8 +9,9 @@ import pytest
 
 from qsf_jax.separation import bounds, construction, elimination, models
 from qsf_jax.tasks import separation as ts
+from qsf_jax.wavefunction.born import povm_probabilities
 from qsf_jax.wavefunction.cayley import cayley_unitary, orthogonal_cayley
-from qsf_jax.wavefunction.hermitian import hermitian_from_real, skew_from_real
+from qsf_jax.wavefunction.hermitian import hermitian_from_real, isometry_from_real, skew_from_real
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,51 @@ def test_model_bad_inputs(task3):
     models.log_probs(dict(params, b=params["b"] * 1j), task3.tokens_CT, cfg)
   with pytest.raises(ValueError, match="tokens_CT must be an int matrix"):
     models.final_states(models.transitions(params, cfg), np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_rank_r_readout_is_the_general_born_rule(task3, rank, x64):
+  """p_k = (1-eta) Tr(E_k rho) + eta/K with E_k = sum_i M_{k,i}^dagger M_{k,i} (spec §1.4)."""
+  cfg = _cfg(task3, "complex", 3, readout_rank=rank)
+  params = models.init_params(jax.random.key(5), cfg, jnp.float64)
+  assert params["W_re"].shape == (task3.K * rank, 3)
+  T = models.transitions(params, cfg)
+  psi = models.final_states(T, task3.tokens_CT)
+  logq = models.readout_log_probs(params, psi, cfg)
+  M = np.asarray(isometry_from_real(params["W_re"], params["W_im"])).reshape(task3.K, rank, 3)
+  E = np.einsum("kia,kib->kab", M.conj(), M)  # (E_k)_ab = sum_i conj(M_kia) M_kib
+  np.testing.assert_allclose(E.sum(axis=0), np.eye(3), atol=1e-12)  # a POVM
+  assert np.linalg.matrix_rank(E[0]) == min(rank, 3)
+  E_eta = (1 - task3.eta) * E + task3.eta / task3.K * np.eye(3)
+  np.testing.assert_allclose(np.exp(logq), povm_probabilities(E_eta, psi), atol=1e-12)
+  np.testing.assert_allclose(np.exp(logq).sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_rank_two_readout_contains_the_rank_one_povm(x64):
+  """Rank-one rows padded with zero rows give the exact model of spec §2.4 again."""
+  task = ts.make_task(3)
+  params, cfg1 = construction.hardcoded_complex(task)
+  cfg2 = models.ModelConfig(**{**cfg1.__dict__, "readout_rank": 2})
+  pad = lambda W: jnp.stack([W, jnp.zeros_like(W)], axis=1).reshape(2 * task.K, task.N)
+  params2 = dict(params, W_re=pad(params["W_re"]), W_im=pad(params["W_im"]))
+  logq = np.asarray(models.log_probs(params2, task.tokens_CT, cfg2))
+  np.testing.assert_allclose(logq, np.asarray(models.log_probs(params, task.tokens_CT, cfg1)),
+                             atol=1e-12)
+  assert abs(bounds.expected_kl(logq, task.probs_CK, task.weights_C)) < 1e-10
+
+
+def test_readout_rank_bad_inputs(task3):
+  with pytest.raises(ValueError, match="readout_rank must be a positive integer"):
+    _cfg(task3, "complex", 3, readout_rank=0)
+  with pytest.raises(ValueError, match="readout_rank applies to the complex Born readout only"):
+    _cfg(task3, "real", 4, readout_rank=2)
+  with pytest.raises(ValueError, match="num_outcomes \\* readout_rank >= dim"):
+    models.ModelConfig(kind="complex", dim=5, num_tokens=3, num_outcomes=2, readout_rank=2)
+  models.ModelConfig(kind="complex", dim=5, num_tokens=3, num_outcomes=2, readout_rank=3)
+  cfg = _cfg(task3, "complex", 3, readout_rank=2)
+  params = models.init_params(jax.random.key(0), _cfg(task3, "complex", 3))  # rank-one shapes
+  with pytest.raises(ValueError, match=r"params\['W_re'\] must have shape \(24, 3\)"):
+    models.log_probs(params, task3.tokens_CT, cfg)
 
 
 # --- explicit constructions -------------------------------------------------------------

@@ -36,6 +36,26 @@ def test_complex_training_lowers_kl_by_orders_of_magnitude(task3):
   np.testing.assert_array_equal(result.params["W_re"], init["W_re"])  # frozen readout
 
 
+def test_readout_alone_is_learnable_at_rank_two_not_rank_one(task3):
+  """The explicit dynamics of spec §2.4 fixed, the Born readout learned from random values.
+
+  A measured property of this task instance and these seeds (docs/RESULTS_separation.md):
+  the rank-one POVM readout stalls, the rank-two one reaches the target.
+  """
+  seeds = (0, 1, 2)
+  kls = {}
+  for rank in (1, 2):
+    cfg = models.ModelConfig(kind="complex", dim=3, num_tokens=task3.num_tokens,
+                             num_outcomes=task3.K, eta=task3.eta, readout_rank=rank)
+    init = sweep.fixed_dynamics_init(task3, cfg, seeds, jnp.float32)
+    tcfg = train.TrainConfig(steps=1500, lr=0.02, log_every=1500, frozen=("X", "Y"))
+    result = train.train(task3, cfg, seeds, tcfg, init=init)
+    np.testing.assert_array_equal(result.params["X"], init["X"])  # frozen dynamics
+    kls[rank] = result.kl
+  assert np.all(kls[2] < 1e-4), kls
+  assert np.all(kls[1] > 1e-2), kls
+
+
 def test_trained_real_model_stays_above_the_bound(task3):
   """A real orthogonal model with D = N cannot beat the Eckart-Young bound (spec §2.5)."""
   cfg = _cfg(task3, "real", 3)
@@ -89,6 +109,10 @@ def test_default_dims_rule():
     (dict(lr=0.0), "lr must be finite and > 0"),
     (dict(eta=0.0), "eta"),
     (dict(num_cues=2, length=2), "fewer than"),
+    (dict(readout_ranks=(1, 0)), "each entry of readout_ranks must be >= 1"),
+    (dict(readout_ranks=(2, 2)), "must not repeat"),
+    (dict(models=("complex", "quantum")), r"unknown models \['quantum'\]"),
+    (dict(models=()), "models must be a non-empty list"),
 ])
 def test_validate_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -103,12 +127,17 @@ def test_flag_parsing():
     exp.parse_int_list("N", ["3", "x"])
 
 
-def test_entry_point_rejects_bad_flags(tmp_path):
+@pytest.mark.parametrize("flag,message", [
+    ("--N=3,1", "each entry of N must be >= 2"),
+    ("--models=complex,bogus", "unknown models ['bogus']"),
+    ("--readout_ranks=2,x", "--readout_ranks must be a comma-separated list of integers"),
+])
+def test_entry_point_rejects_bad_flags(tmp_path, flag, message):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.separation", "--N=3,1", f"--out={tmp_path}"],
+      [sys.executable, "-m", "experiments.separation", flag, f"--out={tmp_path}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0
-  assert "each entry of N must be >= 2" in proc.stderr + proc.stdout
+  assert message in proc.stderr + proc.stdout
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "results.json").exists()
 
@@ -119,8 +148,12 @@ def test_sweep_smoke(tmp_path):
                           length=2)
   results = sweep.run_sweep(cfg, log=lambda s: None)
   models_run = [r["model"] for r in results["runs"]]
-  assert models_run == ["complex_hardcoded", "realified_hardcoded", "complex",
-                        "complex_fixed_povm", "realified", "real"]
+  assert models_run == ["complex_hardcoded", "realified_hardcoded", "complex", "complex_r2",
+                        "complex_fixed_povm", "complex_fixed_dynamics",
+                        "complex_r2_fixed_dynamics", "realified", "real"]
+  ranks = {r["model"]: r["readout_rank"] for r in results["runs"]}
+  assert ranks["complex_r2"] == ranks["complex_r2_fixed_dynamics"] == 2
+  assert ranks["complex"] == ranks["complex_fixed_dynamics"] == 1 and ranks["real"] is None
   assert results["tasks"]["2"]["rank"] == 3
   assert all(abs(r["kl"][0]) < 1e-10 for r in results["runs"] if r["model"].endswith("hardcoded"))
   json.dumps(results)  # serialisable
@@ -128,3 +161,12 @@ def test_sweep_smoke(tmp_path):
   assert "complex_fixed_povm" in table and "EY bound" in table
   plot.plot_results(results, str(tmp_path / "fig.png"))
   assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_sweep_model_subset():
+  cfg = sweep.SweepConfig(Ns=(2,), dims=(2,), steps=2, seeds=1, log_every=2, num_cues=3,
+                          length=2, readout_ranks=(3,), models=("complex", "real"))
+  results = sweep.run_sweep(cfg, log=lambda s: None)
+  assert [r["model"] for r in results["runs"]] == ["complex_r3", "real"]
+  assert results["runs"][0]["readout_rank"] == 3
+  assert np.asarray(results["runs"][0]["kl"]).shape == (1,)

@@ -6,6 +6,8 @@ is precomputed and the recurrence is a mat-vec inside ``jax.lax.scan`` (spec §1
 
   "complex":   psi in C^N,  U_v = Cayley(H_v), H_v = herm(X_v, Y_v),
                p_k = (1-eta) |(M psi_T)_k|^2 + eta/K      (Born readout, spec §1.4, §2.4)
+               or, with readout_rank r > 1, the general Born rule
+               p_k = (1-eta) Tr(E_k rho_T) + eta/K, E_k of rank <= r (spec §1.4)
   "real":      h in R^D,    Q_v = Cayley_real(S_v - S_v^T) in SO(D),
                p = softmax(W h_T + b)                     (affine-softmax, spec §2.2, §2.5)
   "realified": h in R^{2N}, Q_v as "real" with D = 2N,
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 from qsf_jax import _checks
 from qsf_jax.separation.elimination import cayley_unitary_elim, orthogonal_cayley_elim
-from qsf_jax.wavefunction.born import born_probabilities
+from qsf_jax.wavefunction.born import amplitudes, born_probabilities
 from qsf_jax.wavefunction.cayley import cayley_unitary, orthogonal_cayley
 from qsf_jax.wavefunction.hermitian import hermitian_from_real, isometry_from_real, skew_from_real
 
@@ -51,6 +53,12 @@ class ModelConfig:
       Gauss-Jordan, ``separation.elimination``; safe in jitted, vmapped
       training on jaxlib 0.10.2 CPU) or "core" (the shared LAPACK-based
       ``wavefunction.cayley`` functions).
+    readout_rank: r, the rank bound of each POVM element of a "complex" model's
+      Born readout. 1 (the spec's rank-one POVM, E_k = m_k m_k^dagger) or more:
+      E_k = sum_{i<r} m_{k,i} m_{k,i}^dagger, where rows k r .. k r + r - 1 of
+      one isometry M (K r, N) hold the bras m_{k,i}^dagger.
+      Every r gives a Born rule on the same N-dimensional state; r > 1 only
+      widens the readout. Other kinds need 1.
   """
   kind: str
   dim: int
@@ -59,20 +67,25 @@ class ModelConfig:
   eta: float = 0.0
   dt: float = 1.0
   solver: str = "elimination"
+  readout_rank: int = 1
 
   def __post_init__(self):
     _checks.check_choice("kind", self.kind, KINDS)
     _checks.check_choice("solver", self.solver, SOLVERS)
-    for name in ("dim", "num_tokens", "num_outcomes"):
+    for name in ("dim", "num_tokens", "num_outcomes", "readout_rank"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if self.kind == "realified" and self.dim % 2:
       raise ValueError(f"a realified model needs an even dim = 2N, got {self.dim}")
-    if self.kind == "complex" and self.num_outcomes < self.dim:
+    if self.kind != "complex" and self.readout_rank != 1:
       raise ValueError(
-          f"a Born readout needs num_outcomes >= dim (an isometry), got "
-          f"num_outcomes={self.num_outcomes}, dim={self.dim}")
+          f"readout_rank applies to the complex Born readout only; a {self.kind} model "
+          f"needs readout_rank=1, got {self.readout_rank}")
+    if self.kind == "complex" and self.num_outcomes * self.readout_rank < self.dim:
+      raise ValueError(
+          f"a Born readout needs num_outcomes * readout_rank >= dim (an isometry), got "
+          f"num_outcomes={self.num_outcomes}, readout_rank={self.readout_rank}, dim={self.dim}")
     if self.kind == "realified" and 2 * self.num_outcomes < self.dim:
       raise ValueError(
           f"a quadratic readout needs 2 * num_outcomes >= dim, got "
@@ -95,18 +108,19 @@ def init_params(key, cfg: ModelConfig, dtype=jnp.float32) -> dict:
 
   Returns:
     A dict of real arrays; keys depend on ``cfg.kind``:
-    complex {X, Y (V, N, N), W_re, W_im (K, N)}; real {S (V, D, D), W (K, D),
-    b (K,)}; realified {S (V, 2N, 2N), R (2K, 2N)}.
+    complex {X, Y (V, N, N), W_re, W_im (K r, N)} with r = ``cfg.readout_rank``;
+    real {S (V, D, D), W (K, D), b (K,)}; realified {S (V, 2N, 2N), R (2K, 2N)}.
   """
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a real floating dtype, got {dtype}")
   V, D, K = cfg.num_tokens, cfg.dim, cfg.num_outcomes
+  Kr = K * cfg.readout_rank
   k1, k2, k3, k4 = jax.random.split(key, 4)
   scale = 1.0 / D**0.5
   normal = lambda k, shape: jax.random.normal(k, shape, dtype)
   if cfg.kind == "complex":
     return {"X": scale * normal(k1, (V, D, D)), "Y": scale * normal(k2, (V, D, D)),
-            "W_re": normal(k3, (K, D)), "W_im": normal(k4, (K, D))}
+            "W_re": normal(k3, (Kr, D)), "W_im": normal(k4, (Kr, D))}
   if cfg.kind == "real":
     return {"S": scale * normal(k1, (V, D, D)), "W": normal(k3, (K, D)),
             "b": jnp.zeros((K,), dtype)}
@@ -194,6 +208,8 @@ def readout_log_probs(params: dict, h_CD, cfg: ModelConfig) -> jax.Array:
   """Output log-probabilities from final states (wave-function spec §1.4, §2.2).
 
     complex:    p_k = (1-eta) |(M psi)_k|^2 + eta/K,   M = W (W^dagger W)^{-1/2}
+                (readout_rank r > 1: p_k = (1-eta) sum_{i<r} |(M psi)_{k r + i}|^2 + eta/K
+                = (1-eta) Tr(E_k rho) + eta/K, with M (K r, N) and sum_k E_k = M^dagger M = I)
     real:       log p = log_softmax(W h + b)
     realified:  p_k = (1-eta) ||R_k h||^2 + eta/K,     R = polar(R_raw), R^T R = I
 
@@ -208,8 +224,12 @@ def readout_log_probs(params: dict, h_CD, cfg: ModelConfig) -> jax.Array:
   _check_params(params, cfg)
   K = cfg.num_outcomes
   if cfg.kind == "complex":
-    M_KN = isometry_from_real(params["W_re"], params["W_im"])
-    return jnp.log(born_probabilities(M_KN, h_CD, cfg.eta))
+    M = isometry_from_real(params["W_re"], params["W_im"])
+    if cfg.readout_rank == 1:
+      return jnp.log(born_probabilities(M, h_CD, cfg.eta))
+    a_CKr = amplitudes(M, h_CD).reshape(h_CD.shape[0], K, cfg.readout_rank)
+    p_CK = jnp.sum(jnp.real(a_CKr)**2 + jnp.imag(a_CKr)**2, axis=-1)
+    return jnp.log((1.0 - cfg.eta) * p_CK + cfg.eta / K)
   if cfg.kind == "real":
     return jax.nn.log_softmax(h_CD @ params["W"].T + params["b"][None, :], axis=-1)
   R = params["R"]
@@ -235,8 +255,9 @@ def log_probs(params: dict, tokens_CT, cfg: ModelConfig) -> jax.Array:
 
 def _check_params(params, cfg):
   V, D, K = cfg.num_tokens, cfg.dim, cfg.num_outcomes
+  Kr = K * cfg.readout_rank
   shapes = {
-      "complex": {"X": (V, D, D), "Y": (V, D, D), "W_re": (K, D), "W_im": (K, D)},
+      "complex": {"X": (V, D, D), "Y": (V, D, D), "W_re": (Kr, D), "W_im": (Kr, D)},
       "real": {"S": (V, D, D), "W": (K, D), "b": (K,)},
       "realified": {"S": (V, D, D), "R": (2 * K, D)},
   }[cfg.kind]

@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 KL_FLOOR = 1e-16  # KL values below this (rounding, possibly negative) are drawn here
 STYLES = {
     "real": dict(color="tab:blue", marker="o", label="real SO(D) + affine-softmax (trained)"),
-    "complex": dict(color="tab:red", marker="s", label="complex U(N) + Born, all learned"),
+    "complex": dict(color="tab:red", marker="s",
+                    label="complex U(N) + Born, rank-1 POVM, all learned"),
     "complex_fixed_povm": dict(color="tab:orange", marker="D",
                                label="complex U(N) + Born, fixed POVM"),
     "complex_hardcoded": dict(color="black", marker="*", label="complex U(N), explicit (spec §2.4)"),
@@ -25,6 +26,20 @@ STYLES = {
     "realified_hardcoded": dict(color="tab:green", marker="x",
                                 label="realified SO(2N) + quadratic, explicit"),
 }
+
+
+RANKED_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive")  # complex_r{r}, r = 2, 3, ...
+
+
+def _style(model: str):
+  """The plot style of a row, or None for rows the figure leaves out."""
+  if model in STYLES:
+    return STYLES[model]
+  rank = model[len("complex_r"):]
+  if model.startswith("complex_r") and rank.isdigit():
+    return dict(color=RANKED_COLORS[(int(rank) - 2) % len(RANKED_COLORS)], marker="P",
+                label=f"complex U(N) + Born, rank-{rank} POVM, all learned")
+  return None  # e.g. the complex_fixed_dynamics diagnostics (table only)
 
 
 def _xpos(run):
@@ -45,9 +60,10 @@ def plot_results(results: dict, path: str) -> None:
     task = results["tasks"][str(N)]
     ax_kl, ax_rms = axes[0, col], axes[1, col]
     runs = [r for r in results["runs"] if r["N"] == N]
-    for model, style in STYLES.items():
+    for model in dict.fromkeys(r["model"] for r in runs):
+      style = _style(model)
       rs = [r for r in runs if r["model"] == model]
-      if not rs:
+      if style is None:
         continue
       for ax, key, floor in ((ax_kl, "kl", KL_FLOOR), (ax_rms, "rms_log_err", KL_FLOOR)):
         x = [_xpos(r) for r in rs]

@@ -7,8 +7,14 @@ evaluates or trains:
   realified_hardcoded  its realification, dimension 2N, quadratic readout
   complex              complex Cayley model, dimension N, Born readout, all learned
   complex_fixed_povm   the same with the task's POVM as a fixed readout
+  complex_fixed_dynamics  the explicit dynamics of spec §2.4, fixed, with a learned
+                       Born readout (is the readout alone learnable?)
   realified            real SO(2N) dynamics + learned quadratic readout (control)
   real                 real SO(D) dynamics + affine-softmax readout, for each D
+
+"complex" and "complex_fixed_dynamics" run once per readout rank r in
+``readout_ranks`` (POVM elements of rank <= r, ``models.ModelConfig``); rows
+with r > 1 are named "complex_r{r}" and "complex_r{r}_fixed_dynamics".
 
 and records the expected KL, the rms double-centred log error and the
 Eckart-Young lower bound of spec §2.5.
@@ -28,7 +34,9 @@ from qsf_jax.separation import bounds, construction, models, train
 from qsf_jax.tasks.separation import make_task, num_outcomes, povm_vectors
 
 DEFAULT_NS = (3, 4, 5)
-TRAINED_KINDS = ("complex", "complex_fixed_povm", "realified", "real")
+MODEL_NAMES = ("complex_hardcoded", "realified_hardcoded", "complex", "complex_fixed_povm",
+               "complex_fixed_dynamics", "realified", "real")
+DEFAULT_READOUT_RANKS = (1, 2)
 SUCCESS_KL = 1e-4
 
 
@@ -48,6 +56,9 @@ class SweepConfig:
     length: L.
     task_seed: seed of the cue phases.
     dtype: "float32" or "float64" training dtype (metrics are float64 either way).
+    readout_ranks: POVM element ranks r of the learned complex Born readouts
+      ("complex" and "complex_fixed_dynamics" rows, one row each per r).
+    models: the subset of ``MODEL_NAMES`` to run (None: all).
   """
   Ns: tuple = DEFAULT_NS
   dims: tuple | None = None
@@ -60,6 +71,8 @@ class SweepConfig:
   length: int = 3
   task_seed: int = 0
   dtype: str = "float32"
+  readout_ranks: tuple = DEFAULT_READOUT_RANKS
+  models: tuple | None = None
 
 
 def default_dims(N: int) -> tuple:
@@ -100,6 +113,16 @@ def validate_config(cfg: SweepConfig) -> None:
     raise ValueError(f"lr must be finite and > 0, got {cfg.lr}")
   if not 0.0 < cfg.eta < 1.0:
     raise ValueError(f"eta must lie in (0, 1) (finite log-probabilities), got {cfg.eta}")
+  check_list("readout_ranks", cfg.readout_ranks, 1)
+  if len(set(cfg.readout_ranks)) != len(cfg.readout_ranks):
+    raise ValueError(f"readout_ranks must not repeat a rank, got {tuple(cfg.readout_ranks)}")
+  if cfg.models is not None:
+    if isinstance(cfg.models, (str, bytes)) or len(cfg.models) == 0:
+      raise ValueError(f"models must be a non-empty list of names from {list(MODEL_NAMES)}, "
+                       f"got {cfg.models!r}")
+    unknown = [m for m in cfg.models if m not in MODEL_NAMES]
+    if unknown:
+      raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)}")
   if cfg.dtype not in ("float32", "float64"):
     raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
   for N in cfg.Ns:
@@ -115,8 +138,8 @@ def _metrics(logq_SCK, task):
   return kl, rms
 
 
-def _record(N, model, dim, real_dim, kl, rms, bound, seconds, result=None):
-  rec = {"N": N, "model": model, "dim": dim, "real_dim": real_dim,
+def _record(N, model, dim, real_dim, kl, rms, bound, seconds, result=None, readout_rank=None):
+  rec = {"N": N, "model": model, "dim": dim, "real_dim": real_dim, "readout_rank": readout_rank,
          "kl": [float(x) for x in kl], "rms_log_err": [float(x) for x in rms],
          "bound": None if bound is None else float(bound), "seconds": float(seconds)}
   if result is not None:
@@ -143,6 +166,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     raise ValueError("dtype float64 needs jax_enable_x64")
   tcfg = train.TrainConfig(steps=cfg.steps, lr=cfg.lr, log_every=min(cfg.log_every, cfg.steps))
   seeds = tuple(range(cfg.seeds))
+  wanted = lambda name: cfg.models is None or name in cfg.models
   out = {"config": dataclasses.asdict(cfg), "tasks": {}, "runs": [],
          "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                          "machine": platform.machine(), "python": platform.python_version()}}
@@ -160,34 +184,59 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     with jax.enable_x64(True):
       for name, build, real_dim in (("complex_hardcoded", construction.hardcoded_complex, 2 * N),
                                     ("realified_hardcoded", construction.hardcoded_realified, 2 * N)):
+        if not wanted(name):
+          continue
         t0 = time.perf_counter()
         params, mcfg = build(task, dtype=jnp.float64)
         logq = np.asarray(train.task_log_probs_fn(task, mcfg)(params))[None]
         kl, rms = _metrics(logq, task)
         out["runs"].append(_record(N, name, mcfg.dim, real_dim, kl, rms, None,
-                                   time.perf_counter() - t0))
-        log(f"  {name:20s} dim={mcfg.dim:3d}  KL={kl[0]:.2e}")
+                                   time.perf_counter() - t0,
+                                   readout_rank=1 if name == "complex_hardcoded" else None))
+        log(f"  {name:26s} dim={mcfg.dim:3d}  KL={kl[0]:.2e}")
 
-    base = dict(num_tokens=task.num_tokens, num_outcomes=task.K, eta=task.eta)
-    jobs = [("complex", models.ModelConfig(kind="complex", dim=N, **base), 2 * N),
-            ("complex_fixed_povm", models.ModelConfig(kind="complex", dim=N, **base), 2 * N),
-            ("realified", models.ModelConfig(kind="realified", dim=2 * N, **base), 2 * N)]
-    jobs += [("real", models.ModelConfig(kind="real", dim=D, **base), D) for D in dims]
-    for name, mcfg, real_dim in jobs:
+    for name, kind, mcfg, real_dim in _jobs(cfg, task, dims):
+      if not wanted(kind):
+        continue
       init, job_tcfg = None, tcfg
-      if name == "complex_fixed_povm":
+      if kind == "complex_fixed_povm":
         init, job_tcfg = fixed_povm_init(mcfg, seeds, dtype), dataclasses.replace(
             tcfg, frozen=("W_re", "W_im"))
+      elif kind == "complex_fixed_dynamics":
+        init, job_tcfg = fixed_dynamics_init(task, mcfg, seeds, dtype), dataclasses.replace(
+            tcfg, frozen=("X", "Y"))
       result = train.train(task, mcfg, seeds, job_tcfg, dtype=dtype, init=init)
       kl, rms = _metrics(result.log_probs, task)
-      bound = bounds.eckart_young_bound(task.probs_CK, real_dim) if name == "real" else None
+      bound = bounds.eckart_young_bound(task.probs_CK, real_dim) if kind == "real" else None
+      rank = mcfg.readout_rank if mcfg.kind == "complex" else None
       out["runs"].append(_record(N, name, mcfg.dim, real_dim, kl, rms, bound, result.seconds,
-                                 result))
+                                 result, readout_rank=rank))
       extra = "" if bound is None else f"  bound={bound:.3f}"
-      log(f"  {name:20s} dim={mcfg.dim:3d}  KL median={np.median(kl):.2e} "
+      log(f"  {name:26s} dim={mcfg.dim:3d}  KL median={np.median(kl):.2e} "
           f"min={np.min(kl):.2e}  rms={np.median(rms):.3f}{extra}  ({result.seconds:.1f}s)")
   out["wall_seconds"] = time.perf_counter() - start
   return out
+
+
+def _jobs(cfg: SweepConfig, task, dims):
+  """The trained rows for one task: (row name, model name, ModelConfig, real dimension)."""
+  N = task.N
+  base = dict(num_tokens=task.num_tokens, num_outcomes=task.K, eta=task.eta)
+  jobs = []
+  for r in cfg.readout_ranks:
+    suffix = "" if r == 1 else f"_r{r}"
+    mcfg = models.ModelConfig(kind="complex", dim=N, readout_rank=r, **base)
+    jobs.append((f"complex{suffix}", "complex", mcfg, 2 * N))
+  jobs.append(("complex_fixed_povm", "complex_fixed_povm",
+               models.ModelConfig(kind="complex", dim=N, **base), 2 * N))
+  for r in cfg.readout_ranks:
+    suffix = "" if r == 1 else f"_r{r}"
+    mcfg = models.ModelConfig(kind="complex", dim=N, readout_rank=r, **base)
+    jobs.append((f"complex{suffix}_fixed_dynamics", "complex_fixed_dynamics", mcfg, 2 * N))
+  jobs.append(("realified", "realified",
+               models.ModelConfig(kind="realified", dim=2 * N, **base), 2 * N))
+  jobs += [("real", "real", models.ModelConfig(kind="real", dim=D, **base), D) for D in dims]
+  return jobs
 
 
 def fixed_povm_init(mcfg, seeds, dtype):
@@ -210,9 +259,31 @@ def fixed_povm_init(mcfg, seeds, dtype):
   return params
 
 
+def fixed_dynamics_init(task, mcfg, seeds, dtype):
+  """The explicit dynamics of spec §2.4 with a random Born readout, for every seed.
+
+  Args:
+    task: the T_N instance.
+    mcfg: a "complex" ``ModelConfig`` of dimension N (any readout rank).
+    seeds: integer seeds (S of them).
+    dtype: real parameter dtype.
+
+  Returns:
+    Parameters stacked over seeds (S, ...): X, Y of ``construction.hardcoded_hamiltonians``
+    for every seed, W_re/W_im drawn as ``models.init_params`` draws them.
+  """
+  X, Y = construction.hardcoded_hamiltonians(task, mcfg.dt)
+  keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+  params = jax.vmap(lambda k: models.init_params(jax.random.wrap_key_data(k), mcfg, dtype))(keys)
+  S = len(seeds)
+  params["X"] = jnp.broadcast_to(jnp.asarray(X, dtype), (S,) + X.shape)
+  params["Y"] = jnp.broadcast_to(jnp.asarray(Y, dtype), (S,) + Y.shape)
+  return params
+
+
 def summary_table(results: dict) -> str:
   """A plain-text table: one row per (N, model, dimension)."""
-  head = (f"{'N':>2} {'model':<20} {'dim':>4} {'real D':>6} {'KL median':>10} {'KL min':>9} "
+  head = (f"{'N':>2} {'model':<25} {'dim':>4} {'real D':>6} {'KL median':>10} {'KL min':>9} "
           f"{'KL max':>9} {'ok':>5} {'rms log err':>11} {'EY bound':>9}")
   lines = [head, "-" * len(head)]
   for r in results["runs"]:
@@ -220,7 +291,7 @@ def summary_table(results: dict) -> str:
     ok = f"{int(np.sum(kl < SUCCESS_KL))}/{kl.size}"
     bound = "" if r["bound"] is None else f"{r['bound']:.3f}"
     lines.append(
-        f"{r['N']:>2} {r['model']:<20} {r['dim']:>4} {r['real_dim']:>6} {np.median(kl):>10.2e} "
+        f"{r['N']:>2} {r['model']:<25} {r['dim']:>4} {r['real_dim']:>6} {np.median(kl):>10.2e} "
         f"{kl.min():>9.2e} {kl.max():>9.2e} {ok:>5} {np.median(r['rms_log_err']):>11.3f} "
         f"{bound:>9}")
   lines.append(f"ok = seeds with KL < {SUCCESS_KL:g}; rms log err = rms of the double-centred "
