@@ -251,8 +251,7 @@ def fixed_povm_init(mcfg, seeds, dtype):
     Parameters stacked over seeds (S, ...), W_re/W_im equal to the POVM for every seed.
   """
   m_re, m_im = povm_vectors(mcfg.dim)
-  keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-  params = jax.vmap(lambda k: models.init_params(jax.random.wrap_key_data(k), mcfg, dtype))(keys)
+  params = train.init_params_for_seeds(mcfg, seeds, dtype)
   S = len(seeds)
   params["W_re"] = jnp.broadcast_to(jnp.asarray(m_re, dtype), (S,) + m_re.shape)
   params["W_im"] = jnp.broadcast_to(jnp.asarray(-m_im, dtype), (S,) + m_im.shape)
@@ -273,8 +272,7 @@ def fixed_dynamics_init(task, mcfg, seeds, dtype):
     for every seed, W_re/W_im drawn as ``models.init_params`` draws them.
   """
   X, Y = construction.hardcoded_hamiltonians(task, mcfg.dt)
-  keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-  params = jax.vmap(lambda k: models.init_params(jax.random.wrap_key_data(k), mcfg, dtype))(keys)
+  params = train.init_params_for_seeds(mcfg, seeds, dtype)
   S = len(seeds)
   params["X"] = jnp.broadcast_to(jnp.asarray(X, dtype), (S,) + X.shape)
   params["Y"] = jnp.broadcast_to(jnp.asarray(Y, dtype), (S,) + Y.shape)

@@ -140,6 +140,18 @@ def make_optimizer(tcfg: TrainConfig, params: dict) -> optax.GradientTransformat
   return optax.multi_transform({"train": optax.adam(lr), "frozen": optax.set_to_zero()}, labels)
 
 
+def init_params_for_seeds(cfg: ModelConfig, seeds, dtype=jnp.float32) -> dict:
+  """``models.init_params`` from ``jax.random.key(s)`` for each seed, stacked (S, ...).
+
+  Args:
+    cfg: the model configuration.
+    seeds: integer seeds.
+    dtype: real parameter dtype.
+  """
+  keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+  return jax.vmap(lambda k: init_params(jax.random.wrap_key_data(k), cfg, dtype))(keys)
+
+
 def train(task: SeparationTask, cfg: ModelConfig, seeds, tcfg: TrainConfig,
           dtype=jnp.float32, init=None) -> TrainResult:
   """Trains ``cfg`` on ``task`` from several seeds at once (exact expected cross-entropy).
@@ -171,8 +183,7 @@ def train(task: SeparationTask, cfg: ModelConfig, seeds, tcfg: TrainConfig,
   loss_fn = lambda p: expected_cross_entropy(logq_fn(p), probs, weights)
 
   if init is None:
-    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-    params = jax.vmap(lambda k: init_params(jax.random.wrap_key_data(k), cfg, dtype))(keys)
+    params = init_params_for_seeds(cfg, seeds, dtype)
   else:
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), init)
   opt = make_optimizer(tcfg, params)
