@@ -122,7 +122,8 @@ def validate_config(cfg: SweepConfig) -> None:
                        f"got {cfg.models!r}")
     unknown = [m for m in cfg.models if m not in MODEL_NAMES]
     if unknown:
-      raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)}")
+      raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)} (rows "
+                       f"such as complex_r2 come from 'complex' and readout_ranks)")
   if cfg.dtype not in ("float32", "float64"):
     raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
   for N in cfg.Ns:
