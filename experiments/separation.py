@@ -3,10 +3,13 @@
 Trains the complex unitary Cayley model (Born readout), the realified control
 and real orthogonal models with an affine-softmax readout on the pairwise-phase
 disambiguation family T_N, then writes ``results.json`` and
-``separation.png`` into ``--out`` and prints a summary table.
+``separation.png`` into ``--out`` and prints a summary table. ``--task=born_logit``
+runs the tight variant of spec §2.6 instead (softmax of the Born probabilities;
+exact real dimension D* = N(N-1), or N^2 - 1 with ``--contexts=generic``).
 
   python -m experiments.separation --out=runs/separation
   python -m experiments.separation --N=3,4 --dims=3,6,9,11 --steps=1000 --seeds=2 --out=runs/sep_small
+  python -m experiments.separation --task=born_logit --out=runs/separation_born_logit
 """
 
 from __future__ import annotations
@@ -18,23 +21,33 @@ import time
 
 from absl import app, flags
 
+flags.DEFINE_enum("task", "pairwise", ["pairwise", "born_logit"], "pairwise: T_N (spec §2.3); "
+                  "born_logit: its tight Born-logit variant (spec §2.6)")
+flags.DEFINE_enum("contexts", "phase", ["phase", "generic"], "context states of the "
+                  "born_logit task: phase (those of T_N; D* = N(N-1)) or generic (random cue "
+                  "Hamiltonians; D* = N^2 - 1, needs N >= 3)")
+flags.DEFINE_float("beta", None, "inverse temperature of the born_logit targets (> 0); "
+                   "default K")
 flags.DEFINE_list("N", ["3", "4", "5"], "numbers of latent senses N (integers >= 2)")
 flags.DEFINE_list("dims", [], "real-model state dimensions D (integers >= 1); empty: "
-                  "{N, 2N, N^2, K-1, 2K} with K = 2N(N-1), for each N")
+                  "{N, 2N, N^2, K-1, 2K} with K = 2N(N-1) for each N (pairwise), "
+                  "{N, 2N, D*-1, D*, 2D*} (born_logit)")
 flags.DEFINE_integer("steps", 4000, "Adam steps per model")
 flags.DEFINE_integer("seeds", 3, "seeds per model (0 .. seeds-1)")
 flags.DEFINE_float("lr", 0.02, "peak learning rate (cosine decay to 1% of it)")
-flags.DEFINE_float("eta", 0.1, "target unsharpness, in (0, 1)")
+flags.DEFINE_float("eta", 0.1, "target unsharpness, in (0, 1) (pairwise task)")
 flags.DEFINE_integer("num_cues", 8, "number of cue tokens A")
 flags.DEFINE_integer("length", 3, "cues per context L")
 flags.DEFINE_integer("task_seed", 0, "seed of the cue phases")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "training dtype")
 flags.DEFINE_list("readout_ranks", ["1", "2"], "POVM element ranks r of the learned complex "
                   "Born readouts (1 = the spec's rank-one POVM); one 'complex' and one "
-                  "'complex_fixed_dynamics' row per r")
+                  "'complex_fixed_dynamics' row per r (pairwise task); one 'complex' row "
+                  "per r (born_logit task, rank-r Born-logit forms)")
 flags.DEFINE_list("models", [], "models to run (empty: all): complex_hardcoded, "
                   "realified_hardcoded, complex, complex_fixed_povm, complex_fixed_dynamics, "
-                  "realified, real")
+                  "realified, real (pairwise); complex_hardcoded, real_hardcoded, complex, "
+                  "real (born_logit)")
 flags.DEFINE_string("out", "runs/separation", "output directory")
 FLAGS = flags.FLAGS
 
@@ -61,10 +74,14 @@ def config_from_flags():
   if not ranks:
     raise ValueError("--readout_ranks must list at least one integer")
   names = tuple(m.strip() for m in FLAGS.models) or None
+  unused = ("eta",) if FLAGS.task == "born_logit" else ("contexts", "beta")
+  given = [f"--{name}" for name in unused if FLAGS[name].present]
+  if given:
+    raise ValueError(f"{', '.join(given)} does not apply to --task={FLAGS.task}")
   cfg = SweepConfig(Ns=Ns, dims=dims, steps=FLAGS.steps, seeds=FLAGS.seeds, lr=FLAGS.lr,
                     eta=FLAGS.eta, num_cues=FLAGS.num_cues, length=FLAGS.length,
                     task_seed=FLAGS.task_seed, dtype=FLAGS.dtype, readout_ranks=ranks,
-                    models=names)
+                    models=names, task=FLAGS.task, contexts=FLAGS.contexts, beta=FLAGS.beta)
   try:
     validate_config(cfg)
   except ValueError as e:

@@ -220,7 +220,7 @@ def test_rank_two_readout_contains_the_rank_one_povm(x64):
 def test_readout_rank_bad_inputs(task3):
   with pytest.raises(ValueError, match="readout_rank must be a positive integer"):
     _cfg(task3, "complex", 3, readout_rank=0)
-  with pytest.raises(ValueError, match="readout_rank applies to the complex Born readout only"):
+  with pytest.raises(ValueError, match="readout_rank applies to the complex Born readouts only"):
     _cfg(task3, "real", 4, readout_rank=2)
   with pytest.raises(ValueError, match="num_outcomes \\* readout_rank >= dim"):
     models.ModelConfig(kind="complex", dim=5, num_tokens=3, num_outcomes=2, readout_rank=2)

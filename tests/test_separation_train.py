@@ -113,6 +113,13 @@ def test_default_dims_rule():
     (dict(readout_ranks=(2, 2)), "must not repeat"),
     (dict(models=("complex", "quantum")), r"unknown models \['quantum'\]"),
     (dict(models=()), "models must be a non-empty list"),
+    (dict(models=("real_hardcoded",)), r"unknown models \['real_hardcoded'\] for task 'pairwise'"),
+    (dict(task="born_logit", models=("realified",)),
+     r"unknown models \['realified'\] for task 'born_logit'"),
+    (dict(task="tight"), "task must be one of"),
+    (dict(task="born_logit", contexts="mixed"), "contexts must be one of"),
+    (dict(task="born_logit", beta=-1.0), "beta must be a finite number > 0"),
+    (dict(task="born_logit", contexts="generic", Ns=(2, 3)), "each entry of N must be >= 3"),
 ])
 def test_validate_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -131,10 +138,13 @@ def test_flag_parsing():
     ("--N=3,1", "each entry of N must be >= 2"),
     ("--models=complex,bogus", "unknown models ['bogus']"),
     ("--readout_ranks=2,x", "--readout_ranks must be a comma-separated list of integers"),
+    ("--task=born_logit --eta=0.2", "--eta does not apply to --task=born_logit"),
+    ("--beta=3 --contexts=generic", "--contexts, --beta does not apply to --task=pairwise"),
+    ("--task=born_logit --models=realified", "unknown models ['realified'] for task 'born_logit'"),
 ])
 def test_entry_point_rejects_bad_flags(tmp_path, flag, message):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.separation", flag, f"--out={tmp_path}"],
+      [sys.executable, "-m", "experiments.separation", *flag.split(), f"--out={tmp_path}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0
   assert message in proc.stderr + proc.stdout
@@ -159,6 +169,30 @@ def test_sweep_smoke(tmp_path):
   json.dumps(results)  # serialisable
   table = sweep.summary_table(results)
   assert "complex_fixed_povm" in table and "EY bound" in table
+  plot.plot_results(results, str(tmp_path / "fig.png"))
+  assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_born_logit_sweep_smoke(tmp_path):
+  cfg = sweep.SweepConfig(Ns=(3,), dims=(7, 8), steps=4, seeds=1, log_every=2, num_cues=3,
+                          length=3, task="born_logit", contexts="generic", beta=2.0,
+                          readout_ranks=(1, 2))
+  results = sweep.run_sweep(cfg, log=lambda s: None)
+  assert [(r["model"], r["dim"]) for r in results["runs"]] == [
+      ("complex_hardcoded", 3), ("real_hardcoded", 8), ("complex", 3), ("complex_r2", 3),
+      ("real", 7), ("real", 8)]
+  task = results["tasks"]["3"]
+  assert task["rank"] == task["exact_real_dim"] == 8
+  assert task["contexts"] == "generic" and task["beta"] == 2.0
+  assert [r["readout_rank"] for r in results["runs"][2:5]] == [1, 2, None]
+  hard = [r for r in results["runs"] if r["model"].endswith("hardcoded")]
+  assert all(abs(r["kl"][0]) < 1e-12 for r in hard)
+  assert hard[1]["bound"] < 1e-12
+  bounds_by_dim = {r["dim"]: r["bound"] for r in results["runs"] if r["model"] == "real"}
+  assert bounds_by_dim[7] > 1e-3 and bounds_by_dim[8] < 1e-12
+  json.dumps(results)
+  assert "real_hardcoded" in sweep.summary_table(results)
   plot.plot_results(results, str(tmp_path / "fig.png"))
   assert (tmp_path / "fig.png").stat().st_size > 10_000
 

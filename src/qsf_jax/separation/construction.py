@@ -22,11 +22,41 @@ from qsf_jax.separation.models import ModelConfig
 from qsf_jax.tasks.separation import SeparationTask, povm_vectors
 
 
+def rotation_to(u_D) -> np.ndarray:
+  """Rotation R in SO(D) with R e_1 = u, acting in span(e_1, u) (spec §2.4, §2.6).
+
+    R = I + (cos a - 1)(e_1 e_1^T + v v^T) + sin a (v e_1^T - e_1 v^T),
+    cos a = u_1,   v = (u - e_1 cos a) / sin a   (R = I when u = e_1).
+
+  The angle a is below pi when u_1 > -1, so R has no eigenvalue -1 and a real
+  Cayley generator (``inverse_cayley_real``).
+
+  Args:
+    u_D: unit vector (D,), D >= 2, with u_1 > -1.
+
+  Returns:
+    float64 (D, D).
+  """
+  u = np.asarray(u_D, np.float64)
+  if u.ndim != 1 or u.size < 2 or abs(np.linalg.norm(u) - 1.0) > 1e-12:
+    raise ValueError(f"u_D must be a unit vector of length >= 2, got shape {u.shape}")
+  if u[0] <= -1.0 + 1e-12:
+    raise ValueError("u_D = -e_1 needs a rotation by pi, which has no Cayley generator")
+  D = u.size
+  e1 = np.eye(D)[0]
+  cos_a = u[0]
+  sin_a = np.linalg.norm(u - cos_a * e1)
+  if sin_a == 0.0:
+    return np.eye(D)
+  v = (u - cos_a * e1) / sin_a
+  return (np.eye(D) + (cos_a - 1.0) * (np.outer(e1, e1) + np.outer(v, v))
+          + sin_a * (np.outer(v, e1) - np.outer(e1, v)))
+
+
 def word_rotation(N: int) -> np.ndarray:
   """Rotation R in SO(N) with R e_1 = 1/sqrt(N), acting in span(e_1, 1) (spec §2.4).
 
-    R = I + (cos a - 1)(e_1 e_1^T + v v^T) + sin a (v e_1^T - e_1 v^T),
-    cos a = 1/sqrt(N),   v = (1/sqrt(N) - e_1 cos a) / sin a.
+  ``rotation_to`` the uniform superposition, cos a = 1/sqrt(N).
 
   Args:
     N: dimension (>= 2).
@@ -36,13 +66,30 @@ def word_rotation(N: int) -> np.ndarray:
   """
   if N < 2:
     raise ValueError(f"N must be >= 2, got {N}")
-  u = np.full(N, 1.0 / np.sqrt(N))
-  e1 = np.eye(N)[0]
-  cos_a = 1.0 / np.sqrt(N)
-  sin_a = np.sqrt(1.0 - cos_a**2)
-  v = (u - cos_a * e1) / sin_a
-  return (np.eye(N) + (cos_a - 1.0) * (np.outer(e1, e1) + np.outer(v, v))
-          + sin_a * (np.outer(v, e1) - np.outer(e1, v)))
+  return rotation_to(np.full(N, 1.0 / np.sqrt(N)))
+
+
+def inverse_cayley_real(Q_DD, dt: float = 1.0) -> np.ndarray:
+  """The skew A with (I - dt A/2)^{-1}(I + dt A/2) = Q (inverse of spec §1.3's real Cayley map).
+
+    A = (2/dt) (Q - I)(Q + I)^{-1},
+
+  defined when Q has no eigenvalue -1. A complex model uses H = i A, for which
+  Cayley(H) = Q.
+
+  Args:
+    Q_DD: real orthogonal matrix (D, D), float64.
+    dt: Cayley step length.
+
+  Returns:
+    float64 antisymmetric (D, D).
+  """
+  Q = np.asarray(Q_DD, np.float64)
+  I = np.eye(Q.shape[-1])
+  if np.linalg.cond(Q + I) > 1e12:
+    raise ValueError("Q has an eigenvalue -1 (a rotation by pi): no real Cayley generator")
+  A = (2.0 / dt) * np.linalg.solve((Q + I).T, (Q - I).T).T  # (Q - I)(Q + I)^{-1}
+  return 0.5 * (A - A.T)  # exact antisymmetry (it is antisymmetric up to rounding)
 
 
 def hardcoded_hamiltonians(task: SeparationTask, dt: float = 1.0):
@@ -60,13 +107,9 @@ def hardcoded_hamiltonians(task: SeparationTask, dt: float = 1.0):
   N, A = task.N, task.num_cues
   if np.any(np.abs(task.theta_AN) >= np.pi):
     raise ValueError("cue phases must lie in (-pi, pi) for the Cayley construction")
-  R = word_rotation(N)
-  I = np.eye(N)
-  A_w = (2.0 / dt) * np.linalg.solve((R + I).T, (R - I).T).T  # (R - I)(R + I)^{-1}
-  A_w = 0.5 * (A_w - A_w.T)  # exact antisymmetry (it is antisymmetric up to rounding)
   X = np.zeros((A + 1, N, N))
   Y = np.zeros((A + 1, N, N))
-  Y[0] = A_w
+  Y[0] = inverse_cayley_real(word_rotation(N), dt)
   lam_AN = (2.0 / dt) * np.tan(0.5 * task.theta_AN)
   X[1:, np.arange(N), np.arange(N)] = lam_AN
   return X, Y

@@ -1,6 +1,6 @@
 """Token-driven sequence models for the separation experiment (wave-function spec §2, §4).
 
-Three model kinds, all with real trainable parameters and token-only
+Four model kinds, all with real trainable parameters and token-only
 (state-independent) transitions, so that one transition matrix per input token
 is precomputed and the recurrence is a mat-vec inside ``jax.lax.scan`` (spec §1.6):
 
@@ -12,6 +12,9 @@ is precomputed and the recurrence is a mat-vec inside ``jax.lax.scan`` (spec §1
                p = softmax(W h_T + b)                     (affine-softmax, spec §2.2, §2.5)
   "realified": h in R^{2N}, Q_v as "real" with D = 2N,
                p_k = (1-eta) ||R_k h_T||^2 + eta/K        (quadratic readout, spec §2.2 fact 1)
+  "born_logit": psi in C^N as "complex",
+               p = softmax(|W psi_T|^2 + b), W in C^{K x N} free  (Born-logit head, spec §2.6)
+               or, with readout_rank r > 1, logits_k = sum_{i<r} |(W psi_T)_{k r + i}|^2 + b_k
 
 The realified control has rank-two real POVM elements R_k^T R_k (R_k: 2 x 2N
 rows of a real isometry R), the real form of the complex Born rule; it
@@ -29,11 +32,12 @@ import jax.numpy as jnp
 
 from qsf_jax import _checks
 from qsf_jax.separation.elimination import cayley_unitary_elim, orthogonal_cayley_elim
-from qsf_jax.wavefunction.born import amplitudes, born_probabilities
+from qsf_jax.wavefunction.born import amplitudes, born_logits, born_probabilities
 from qsf_jax.wavefunction.cayley import cayley_unitary, orthogonal_cayley
 from qsf_jax.wavefunction.hermitian import hermitian_from_real, isometry_from_real, skew_from_real
 
-KINDS = ("complex", "real", "realified")
+KINDS = ("complex", "real", "realified", "born_logit")
+COMPLEX_KINDS = ("complex", "born_logit")
 SOLVERS = ("elimination", "core")
 
 
@@ -43,11 +47,12 @@ class ModelConfig:
 
   Attributes:
     kind: one of ``KINDS``.
-    dim: state dimension: N (complex dimension) for "complex", D for "real",
-      2N for "realified" (must be even).
+    dim: state dimension: N (complex dimension) for "complex" and "born_logit",
+      D for "real", 2N for "realified" (must be even).
     num_tokens: input vocabulary size V (the word and the cues).
     num_outcomes: K, the number of output tokens.
-    eta: unsharpness of the Born / quadratic readouts (ignored by "real").
+    eta: unsharpness of the Born / quadratic readouts (ignored by "real" and
+      "born_logit").
     dt: Cayley step length.
     solver: how the Cayley maps are computed: "elimination" (plain XLA
       Gauss-Jordan, ``separation.elimination``; safe in jitted, vmapped
@@ -58,7 +63,9 @@ class ModelConfig:
       E_k = sum_{i<r} m_{k,i} m_{k,i}^dagger, where rows k r .. k r + r - 1 of
       one isometry M (K r, N) hold the bras m_{k,i}^dagger.
       Every r gives a Born rule on the same N-dimensional state; r > 1 only
-      widens the readout. Other kinds need 1.
+      widens the readout. A "born_logit" model's logits likewise become
+      psi^dagger E_k psi + b_k with E_k = sum_{i<r} w_{k,i} w_{k,i}^dagger (W: K r x N,
+      not an isometry). Other kinds need 1.
   """
   kind: str
   dim: int
@@ -78,9 +85,9 @@ class ModelConfig:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if self.kind == "realified" and self.dim % 2:
       raise ValueError(f"a realified model needs an even dim = 2N, got {self.dim}")
-    if self.kind != "complex" and self.readout_rank != 1:
+    if self.kind not in COMPLEX_KINDS and self.readout_rank != 1:
       raise ValueError(
-          f"readout_rank applies to the complex Born readout only; a {self.kind} model "
+          f"readout_rank applies to the complex Born readouts only; a {self.kind} model "
           f"needs readout_rank=1, got {self.readout_rank}")
     if self.kind == "complex" and self.num_outcomes * self.readout_rank < self.dim:
       raise ValueError(
@@ -109,7 +116,8 @@ def init_params(key, cfg: ModelConfig, dtype=jnp.float32) -> dict:
   Returns:
     A dict of real arrays; keys depend on ``cfg.kind``:
     complex {X, Y (V, N, N), W_re, W_im (K r, N)} with r = ``cfg.readout_rank``;
-    real {S (V, D, D), W (K, D), b (K,)}; realified {S (V, 2N, 2N), R (2K, 2N)}.
+    real {S (V, D, D), W (K, D), b (K,)}; realified {S (V, 2N, 2N), R (2K, 2N)};
+    born_logit {X, Y (V, N, N), W_re, W_im (K r, N), b (K,)}.
   """
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a real floating dtype, got {dtype}")
@@ -121,6 +129,10 @@ def init_params(key, cfg: ModelConfig, dtype=jnp.float32) -> dict:
   if cfg.kind == "complex":
     return {"X": scale * normal(k1, (V, D, D)), "Y": scale * normal(k2, (V, D, D)),
             "W_re": normal(k3, (Kr, D)), "W_im": normal(k4, (Kr, D))}
+  if cfg.kind == "born_logit":  # |W psi|^2 has mean 2 for unit psi: O(1) logits
+    return {"X": scale * normal(k1, (V, D, D)), "Y": scale * normal(k2, (V, D, D)),
+            "W_re": normal(k3, (Kr, D)), "W_im": normal(k4, (Kr, D)),
+            "b": jnp.zeros((K,), dtype)}
   if cfg.kind == "real":
     return {"S": scale * normal(k1, (V, D, D)), "W": normal(k3, (K, D)),
             "b": jnp.zeros((K,), dtype)}
@@ -130,7 +142,7 @@ def init_params(key, cfg: ModelConfig, dtype=jnp.float32) -> dict:
 def transitions(params: dict, cfg: ModelConfig) -> jax.Array:
   """One transition matrix per input token (wave-function spec §1.3, §1.6).
 
-    complex:            U_v = (I + i dt H_v/2)^{-1}(I - i dt H_v/2),  H_v = herm(X_v, Y_v)
+    complex, born_logit: U_v = (I + i dt H_v/2)^{-1}(I - i dt H_v/2), H_v = herm(X_v, Y_v)
     real, realified:    Q_v = (I - dt A_v/2)^{-1}(I + dt A_v/2),     A_v = S_v - S_v^T
 
   Args:
@@ -142,7 +154,7 @@ def transitions(params: dict, cfg: ModelConfig) -> jax.Array:
   """
   _check_params(params, cfg)
   core = cfg.solver == "core"
-  if cfg.kind == "complex":
+  if cfg.kind in COMPLEX_KINDS:
     H_VNN = hermitian_from_real(params["X"], params["Y"])
     return (cayley_unitary if core else cayley_unitary_elim)(H_VNN, cfg.dt)
   A_VDD = skew_from_real(params["S"])
@@ -212,10 +224,12 @@ def readout_log_probs(params: dict, h_CD, cfg: ModelConfig) -> jax.Array:
                 = (1-eta) Tr(E_k rho) + eta/K, with M (K r, N) and sum_k E_k = M^dagger M = I)
     real:       log p = log_softmax(W h + b)
     realified:  p_k = (1-eta) ||R_k h||^2 + eta/K,     R = polar(R_raw), R^T R = I
+    born_logit: log p = log_softmax(|W psi|^2 + b),     W = W_re + i W_im (spec §2.6)
+                (readout_rank r > 1: logits_k = sum_{i<r} |(W psi)_{k r + i}|^2 + b_k)
 
   Args:
     params: parameters from ``init_params``.
-    h_CD: final states (C, D), complex for "complex", real otherwise.
+    h_CD: final states (C, D), complex for "complex" and "born_logit", real otherwise.
     cfg: the model configuration.
 
   Returns:
@@ -232,6 +246,10 @@ def readout_log_probs(params: dict, h_CD, cfg: ModelConfig) -> jax.Array:
     return jnp.log((1.0 - cfg.eta) * p_CK + cfg.eta / K)
   if cfg.kind == "real":
     return jax.nn.log_softmax(h_CD @ params["W"].T + params["b"][None, :], axis=-1)
+  if cfg.kind == "born_logit":
+    W = jax.lax.complex(params["W_re"], params["W_im"])
+    sq_CKr = born_logits(W, h_CD, 1.0).reshape(h_CD.shape[0], K, cfg.readout_rank)
+    return jax.nn.log_softmax(jnp.sum(sq_CKr, axis=-1) + params["b"][None, :], axis=-1)
   R = params["R"]
   R_KD = jnp.real(isometry_from_real(R, jnp.zeros_like(R)))
   amp_CK2 = (h_CD @ R_KD.T).reshape(h_CD.shape[0], K, 2)
@@ -260,6 +278,8 @@ def _check_params(params, cfg):
       "complex": {"X": (V, D, D), "Y": (V, D, D), "W_re": (Kr, D), "W_im": (Kr, D)},
       "real": {"S": (V, D, D), "W": (K, D), "b": (K,)},
       "realified": {"S": (V, D, D), "R": (2 * K, D)},
+      "born_logit": {"X": (V, D, D), "Y": (V, D, D), "W_re": (Kr, D), "W_im": (Kr, D),
+                     "b": (K,)},
   }[cfg.kind]
   if not isinstance(params, dict) or set(params) != set(shapes):
     got = sorted(params) if isinstance(params, dict) else type(params).__name__

@@ -3,7 +3,8 @@
 One column per N. Top row: expected KL to the target; bottom row: rms
 double-centred log error with the Eckart-Young lower bound curve for
 affine-softmax models of dimension D. Complex models are drawn at their
-complex dimension N (their realification has real dimension 2N).
+complex dimension N (their realification has real dimension 2N). Works for
+both tasks of ``sweep`` (T_N and the Born-logit variant of spec §2.6).
 """
 
 from __future__ import annotations
@@ -26,20 +27,40 @@ STYLES = {
     "realified_hardcoded": dict(color="tab:green", marker="x",
                                 label="realified SO(2N) + quadratic, explicit"),
 }
+BORN_LOGIT_STYLES = {  # rows of the Born-logit task (spec §2.6)
+    "real": STYLES["real"],
+    "complex": dict(color="tab:red", marker="s", label="complex U(N) + Born-logit, all learned"),
+    "complex_hardcoded": dict(color="black", marker="*",
+                              label="complex U(N) + Born-logit, explicit (spec §2.6)"),
+    "real_hardcoded": dict(color="tab:cyan", marker="X",
+                           label="real SO(D*) adjoint + affine-softmax, explicit (spec §2.6)"),
+}
 
 
 RANKED_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive")  # complex_r{r}, r = 2, 3, ...
 
 
-def _style(model: str):
-  """The plot style of a row, or None for rows the figure leaves out."""
-  if model in STYLES:
-    return STYLES[model]
+def _style(model: str, task: str = "pairwise"):
+  """The plot style of a row of ``task``, or None for rows the figure leaves out."""
+  styles = BORN_LOGIT_STYLES if task == "born_logit" else STYLES
+  if model in styles:
+    return styles[model]
   rank = model[len("complex_r"):]
   if model.startswith("complex_r") and rank.isdigit():
+    head = "rank-{} Born-logit form" if task == "born_logit" else "Born, rank-{} POVM"
     return dict(color=RANKED_COLORS[(int(rank) - 2) % len(RANKED_COLORS)], marker="P",
-                label=f"complex U(N) + Born, rank-{rank} POVM, all learned")
+                label=f"complex U(N) + {head.format(rank)}, all learned")
   return None  # e.g. the complex_fixed_dynamics diagnostics (table only)
+
+
+def _tick_labels(ticks, span, min_gap=0.04):
+  """Labels for sorted ticks; a tick closer than min_gap * span to the last labelled one
+  gets none (e.g. D* - 1 next to D*), keeping the larger, later tick labelled."""
+  labels = [str(t) for t in ticks]
+  for i in range(len(ticks) - 1):
+    if ticks[i + 1] - ticks[i] < min_gap * span:
+      labels[i] = ""
+  return labels
 
 
 def _xpos(run):
@@ -55,13 +76,14 @@ def plot_results(results: dict, path: str) -> None:
     path: output file name (.png).
   """
   Ns = sorted(int(n) for n in results["tasks"])
+  task_name = results["config"].get("task", "pairwise")
   fig, axes = plt.subplots(2, len(Ns), figsize=(4.6 * len(Ns), 7.5), squeeze=False)
   for col, N in enumerate(Ns):
     task = results["tasks"][str(N)]
     ax_kl, ax_rms = axes[0, col], axes[1, col]
     runs = [r for r in results["runs"] if r["N"] == N]
     for model in dict.fromkeys(r["model"] for r in runs):
-      style = _style(model)
+      style = _style(model, task_name)
       rs = [r for r in runs if r["model"] == model]
       if style is None:
         continue
@@ -74,21 +96,28 @@ def plot_results(results: dict, path: str) -> None:
           ax.scatter([_xpos(r)] * vals.size, vals, color=style["color"], alpha=0.3, s=12)
     d = np.asarray(task["bound_dims"])
     b = np.asarray(task["bound"])
-    keep = (d >= 1) & (d < task["K"] - 1)  # the bound is exactly 0 from D = K - 1 on
+    keep = (d >= 1) & (d < task["rank"])  # the bound is exactly 0 from D = rank on
     ax_rms.step(d[keep], b[keep], where="mid", color="gray", linestyle="--",
-                label="Eckart-Young lower bound (affine-softmax, dim D); 0 for D >= K-1")
-    ticks = sorted({r["dim"] for r in runs} | {N * N, task["K"] - 1})
+                label="Eckart-Young lower bound (affine-softmax, dim D); 0 from D = "
+                      "rank(J log P* J) on")
+    if task_name == "born_logit":
+      marks = ((task["exact_real_dim"], "D*"),)
+      title = f"Born-logit task ({task['contexts']}), N = {N} (K = {task['K']})"
+    else:
+      marks = ((N * N, "N²"), (task["K"] - 1, "K-1"))
+      title = f"T_N, N = {N} (K = {task['K']} outputs)"
+    ticks = sorted({r["dim"] for r in runs} | {x for x, _ in marks})
     for ax in (ax_kl, ax_rms):
       ax.set_yscale("log")
       ax.set_ylim(bottom=KL_FLOOR / 3)
       ax.set_xlim(0, max(ticks) + 1)
-      ax.set_xticks(ticks)
-      for xv, lab in ((N * N, "N²"), (task["K"] - 1, "K-1")):
+      ax.set_xticks(ticks, _tick_labels(ticks, span=max(ticks) + 1))
+      for xv, lab in marks:
         ax.axvline(xv, color="lightgray", linewidth=1)
         ax.text(xv, 0.02, " " + lab, transform=ax.get_xaxis_transform(), fontsize=8,
                 color="gray")
       ax.grid(True, which="major", alpha=0.3)
-    ax_kl.set_title(f"T_N, N = {N} (K = {task['K']} outputs)")
+    ax_kl.set_title(title)
     ax_kl.set_ylabel("expected KL(p* || model) [nats]")
     ax_rms.set_ylabel("rms double-centred log error")
     ax_rms.set_xlabel("state dimension (complex: N; real: D)")

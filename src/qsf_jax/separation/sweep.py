@@ -1,23 +1,18 @@
 """The separation sweep: complex N vs real orthogonal D on T_N (wave-function spec §2, §5).
 
-For each N it builds T_N, certifies the rank of the centred log-target, and
-evaluates or trains:
+For each N it builds the task, certifies the rank of the centred log-target,
+and evaluates or trains the task's rows:
 
-  complex_hardcoded    the explicit construction of spec §2.4 (no training)
-  realified_hardcoded  its realification, dimension 2N, quadratic readout
-  complex              complex Cayley model, dimension N, Born readout, all learned
-  complex_fixed_povm   the same with the task's POVM as a fixed readout
-  complex_fixed_dynamics  the explicit dynamics of spec §2.4, fixed, with a learned
-                       Born readout (is the readout alone learnable?)
-  realified            real SO(2N) dynamics + learned quadratic readout (control)
-  real                 real SO(D) dynamics + affine-softmax readout, for each D
+  task "pairwise"    T_N (spec §2.3): the rows of ``pairwise_rows`` (explicit
+                     complex and realified models; learned complex Born models of
+                     each readout rank, with fixed POVM or fixed dynamics; the
+                     realified control; real models of each dimension D);
+  task "born_logit"  the tight variant (spec §2.6): the rows of ``born_logit_rows``
+                     (explicit complex Born-logit and real adjoint models, the
+                     learned complex Born-logit model, real models of each D).
 
-"complex" and "complex_fixed_dynamics" run once per readout rank r in
-``readout_ranks`` (POVM elements of rank <= r, ``models.ModelConfig``); rows
-with r > 1 are named "complex_r{r}" and "complex_r{r}_fixed_dynamics".
-
-and records the expected KL, the rms double-centred log error and the
-Eckart-Young lower bound of spec §2.5.
+Every row records the expected KL, the rms double-centred log error and, for
+real models, the Eckart-Young lower bound of spec §2.5.
 """
 
 from __future__ import annotations
@@ -30,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsf_jax.separation import bounds, construction, models, train
-from qsf_jax.tasks.separation import make_task, num_outcomes, povm_vectors
+from qsf_jax.separation import born_logit_rows, bounds, models, pairwise_rows, train
+from qsf_jax.separation.pairwise_rows import (DEFAULT_READOUT_RANKS, MODEL_NAMES, default_dims,
+                                              fixed_dynamics_init, fixed_povm_init)
+from qsf_jax.tasks.born_logit import CONTEXTS, make_born_logit_task
+from qsf_jax.tasks.separation import make_task, num_outcomes
 
 DEFAULT_NS = (3, 4, 5)
-MODEL_NAMES = ("complex_hardcoded", "realified_hardcoded", "complex", "complex_fixed_povm",
-               "complex_fixed_dynamics", "realified", "real")
-DEFAULT_READOUT_RANKS = (1, 2)
+TASKS = ("pairwise", "born_logit")
 SUCCESS_KL = 1e-4
 
 
@@ -45,20 +41,26 @@ class SweepConfig:
   """Settings of one sweep.
 
   Attributes:
-    Ns: numbers of senses N (each >= 2).
-    dims: real-model state dimensions D; None picks ``default_dims(N)`` per N.
+    Ns: numbers of senses N (each >= 2; >= 3 for generic Born-logit contexts).
+    dims: real-model state dimensions D; None picks ``default_dims(N)`` per N
+      (``born_logit_rows.default_dims`` on the Born-logit task).
     steps: Adam steps per model.
     seeds: number of seeds (0 .. seeds-1) per model.
     lr: peak learning rate.
     log_every: steps per logged KL point.
-    eta: target unsharpness.
+    eta: target unsharpness (T_N only).
     num_cues: A.
     length: L.
     task_seed: seed of the cue phases.
     dtype: "float32" or "float64" training dtype (metrics are float64 either way).
-    readout_ranks: POVM element ranks r of the learned complex Born readouts
-      ("complex" and "complex_fixed_dynamics" rows, one row each per r).
-    models: the subset of ``MODEL_NAMES`` to run (None: all).
+    readout_ranks: ranks r of the learned complex readouts' elements (T_N: the
+      "complex" and "complex_fixed_dynamics" rows, one row each per r; Born-logit
+      task: one "complex" row per r).
+    models: the subset of the task's model names to run (None: all): ``MODEL_NAMES``
+      on T_N, ``born_logit_rows.MODEL_NAMES`` on the Born-logit task.
+    task: "pairwise" (T_N, spec §2.3) or "born_logit" (the tight variant, spec §2.6).
+    contexts: "phase" or "generic" context states of the Born-logit task.
+    beta: inverse temperature of the Born-logit targets; None: K.
   """
   Ns: tuple = DEFAULT_NS
   dims: tuple | None = None
@@ -73,17 +75,9 @@ class SweepConfig:
   dtype: str = "float32"
   readout_ranks: tuple = DEFAULT_READOUT_RANKS
   models: tuple | None = None
-
-
-def default_dims(N: int) -> tuple:
-  """Real state dimensions from N to past N^2: {N, 2N, N^2, K-1, 2K}, K = 2N(N-1) (spec §2.5).
-
-  K - 1 is the rank of the centred log-target, where the Eckart-Young bound
-  first reaches zero (for N >= 3 it exceeds N^2); 2K probes whether extra
-  dimensions beyond the bound let cue-driven orthogonal dynamics reach zero.
-  """
-  K = num_outcomes(N)
-  return tuple(sorted({N, 2 * N, N * N, K - 1, 2 * K}))
+  task: str = "pairwise"
+  contexts: str = "phase"
+  beta: float | None = None
 
 
 def validate_config(cfg: SweepConfig) -> None:
@@ -100,7 +94,15 @@ def validate_config(cfg: SweepConfig) -> None:
     for v in values:
       check_int(f"each entry of {name}", v, minimum)
 
-  check_list("N", cfg.Ns, 2)
+  if cfg.task not in TASKS:
+    raise ValueError(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
+  if cfg.contexts not in CONTEXTS:
+    raise ValueError(f"contexts must be one of {list(CONTEXTS)}, got {cfg.contexts!r}")
+  if cfg.beta is not None and (isinstance(cfg.beta, bool) or not np.isfinite(cfg.beta)
+                               or cfg.beta <= 0):
+    raise ValueError(f"beta must be a finite number > 0 (or None: K), got {cfg.beta!r}")
+  generic = cfg.task == "born_logit" and cfg.contexts == "generic"
+  check_list("N", cfg.Ns, 3 if generic else 2)
   if cfg.dims is not None:
     check_list("dims", cfg.dims, 1)
   check_int("steps", cfg.steps, 1)
@@ -117,13 +119,15 @@ def validate_config(cfg: SweepConfig) -> None:
   if len(set(cfg.readout_ranks)) != len(cfg.readout_ranks):
     raise ValueError(f"readout_ranks must not repeat a rank, got {tuple(cfg.readout_ranks)}")
   if cfg.models is not None:
+    names = task_model_names(cfg.task)
     if isinstance(cfg.models, (str, bytes)) or len(cfg.models) == 0:
-      raise ValueError(f"models must be a non-empty list of names from {list(MODEL_NAMES)}, "
+      raise ValueError(f"models must be a non-empty list of names from {list(names)}, "
                        f"got {cfg.models!r}")
-    unknown = [m for m in cfg.models if m not in MODEL_NAMES]
+    unknown = [m for m in cfg.models if m not in names]
     if unknown:
-      raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)} (rows "
-                       f"such as complex_r2 come from 'complex' and readout_ranks)")
+      raise ValueError(f"unknown models {unknown} for task {cfg.task!r}; choose from "
+                       f"{list(names)} (rows such as complex_r2 come from 'complex' and "
+                       f"readout_ranks)")
   if cfg.dtype not in ("float32", "float64"):
     raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
   for N in cfg.Ns:
@@ -131,6 +135,11 @@ def validate_config(cfg: SweepConfig) -> None:
       raise ValueError(
           f"num_cues**length = {cfg.num_cues**cfg.length} contexts is fewer than "
           f"K = {num_outcomes(N)} outputs for N = {N}; the rank certificate needs C >= K")
+
+
+def task_model_names(task: str) -> tuple:
+  """The model names a sweep of ``task`` ("pairwise" or "born_logit") can run."""
+  return MODEL_NAMES if task == "pairwise" else born_logit_rows.MODEL_NAMES
 
 
 def _metrics(logq_SCK, task):
@@ -172,31 +181,32 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
          "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                          "machine": platform.machine(), "python": platform.python_version()}}
   for N in cfg.Ns:
-    task = make_task(N, num_cues=cfg.num_cues, length=cfg.length, eta=cfg.eta, seed=cfg.task_seed)
-    dims = tuple(cfg.dims) if cfg.dims is not None else default_dims(N)
+    task, dims, hardcoded, jobs = _plan(cfg, N)
     curve_dims = np.arange(0, max(max(dims), task.K) + 1)
     out["tasks"][str(N)] = {
         "K": task.K, "C": task.C, "entropy": task.entropy,
         "rank": bounds.log_rank(task.probs_CK), "dims": list(dims),
         "bound_dims": curve_dims.tolist(),
         "bound": bounds.eckart_young_bound(task.probs_CK, curve_dims).tolist()}
+    if cfg.task == "born_logit":
+      out["tasks"][str(N)].update(contexts=task.contexts, beta=task.beta,
+                                  exact_real_dim=task.exact_real_dim)
     log(f"N={N}: K={task.K}, C={task.C}, rank(J log P* J)={out['tasks'][str(N)]['rank']}")
 
     with jax.enable_x64(True):
-      for name, build, real_dim in (("complex_hardcoded", construction.hardcoded_complex, 2 * N),
-                                    ("realified_hardcoded", construction.hardcoded_realified, 2 * N)):
+      for name, build, real_dim, rank in hardcoded:
         if not wanted(name):
           continue
         t0 = time.perf_counter()
         params, mcfg = build(task, dtype=jnp.float64)
         logq = np.asarray(train.task_log_probs_fn(task, mcfg)(params))[None]
         kl, rms = _metrics(logq, task)
-        out["runs"].append(_record(N, name, mcfg.dim, real_dim, kl, rms, None,
-                                   time.perf_counter() - t0,
-                                   readout_rank=1 if name == "complex_hardcoded" else None))
+        bound = bounds.eckart_young_bound(task.probs_CK, real_dim) if mcfg.kind == "real" else None
+        out["runs"].append(_record(N, name, mcfg.dim, real_dim, kl, rms, bound,
+                                   time.perf_counter() - t0, readout_rank=rank))
         log(f"  {name:26s} dim={mcfg.dim:3d}  KL={kl[0]:.2e}")
 
-    for name, kind, mcfg, real_dim in _jobs(cfg, task, dims):
+    for name, kind, mcfg, real_dim in jobs:
       if not wanted(kind):
         continue
       init, job_tcfg = None, tcfg
@@ -209,7 +219,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
       result = train.train(task, mcfg, seeds, job_tcfg, dtype=dtype, init=init)
       kl, rms = _metrics(result.log_probs, task)
       bound = bounds.eckart_young_bound(task.probs_CK, real_dim) if kind == "real" else None
-      rank = mcfg.readout_rank if mcfg.kind == "complex" else None
+      rank = mcfg.readout_rank if mcfg.kind in models.COMPLEX_KINDS else None
       out["runs"].append(_record(N, name, mcfg.dim, real_dim, kl, rms, bound, result.seconds,
                                  result, readout_rank=rank))
       extra = "" if bound is None else f"  bound={bound:.3f}"
@@ -219,65 +229,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
   return out
 
 
-def _jobs(cfg: SweepConfig, task, dims):
-  """The trained rows for one task: (row name, model name, ModelConfig, real dimension)."""
-  N = task.N
-  base = dict(num_tokens=task.num_tokens, num_outcomes=task.K, eta=task.eta)
-  jobs = []
-  for r in cfg.readout_ranks:
-    suffix = "" if r == 1 else f"_r{r}"
-    mcfg = models.ModelConfig(kind="complex", dim=N, readout_rank=r, **base)
-    jobs.append((f"complex{suffix}", "complex", mcfg, 2 * N))
-  jobs.append(("complex_fixed_povm", "complex_fixed_povm",
-               models.ModelConfig(kind="complex", dim=N, **base), 2 * N))
-  for r in cfg.readout_ranks:
-    suffix = "" if r == 1 else f"_r{r}"
-    mcfg = models.ModelConfig(kind="complex", dim=N, readout_rank=r, **base)
-    jobs.append((f"complex{suffix}_fixed_dynamics", "complex_fixed_dynamics", mcfg, 2 * N))
-  jobs.append(("realified", "realified",
-               models.ModelConfig(kind="realified", dim=2 * N, **base), 2 * N))
-  jobs += [("real", "real", models.ModelConfig(kind="real", dim=D, **base), D) for D in dims]
-  return jobs
-
-
-def fixed_povm_init(mcfg, seeds, dtype):
-  """Random dynamics with the T_N POVM rows m_k^dagger as a fixed readout (spec §2.3, §2.4).
-
-  Args:
-    mcfg: a "complex" ``ModelConfig`` of dimension N.
-    seeds: integer seeds (S of them).
-    dtype: real parameter dtype.
-
-  Returns:
-    Parameters stacked over seeds (S, ...), W_re/W_im equal to the POVM for every seed.
-  """
-  m_re, m_im = povm_vectors(mcfg.dim)
-  params = train.init_params_for_seeds(mcfg, seeds, dtype)
-  S = len(seeds)
-  params["W_re"] = jnp.broadcast_to(jnp.asarray(m_re, dtype), (S,) + m_re.shape)
-  params["W_im"] = jnp.broadcast_to(jnp.asarray(-m_im, dtype), (S,) + m_im.shape)
-  return params
-
-
-def fixed_dynamics_init(task, mcfg, seeds, dtype):
-  """The explicit dynamics of spec §2.4 with a random Born readout, for every seed.
-
-  Args:
-    task: the T_N instance.
-    mcfg: a "complex" ``ModelConfig`` of dimension N (any readout rank).
-    seeds: integer seeds (S of them).
-    dtype: real parameter dtype.
-
-  Returns:
-    Parameters stacked over seeds (S, ...): X, Y of ``construction.hardcoded_hamiltonians``
-    for every seed, W_re/W_im drawn as ``models.init_params`` draws them.
-  """
-  X, Y = construction.hardcoded_hamiltonians(task, mcfg.dt)
-  params = train.init_params_for_seeds(mcfg, seeds, dtype)
-  S = len(seeds)
-  params["X"] = jnp.broadcast_to(jnp.asarray(X, dtype), (S,) + X.shape)
-  params["Y"] = jnp.broadcast_to(jnp.asarray(Y, dtype), (S,) + Y.shape)
-  return params
+def _plan(cfg: SweepConfig, N: int):
+  """The task for N, its real dimensions, explicit rows and trained rows."""
+  if cfg.task == "born_logit":
+    task = make_born_logit_task(N, contexts=cfg.contexts, beta=cfg.beta, num_cues=cfg.num_cues,
+                                length=cfg.length, seed=cfg.task_seed)
+    dims = tuple(cfg.dims) if cfg.dims is not None else born_logit_rows.default_dims(task)
+    return (task, dims, born_logit_rows.hardcoded_rows(task),
+            born_logit_rows.trained_rows(task, dims, cfg.readout_ranks))
+  task = make_task(N, num_cues=cfg.num_cues, length=cfg.length, eta=cfg.eta, seed=cfg.task_seed)
+  dims = tuple(cfg.dims) if cfg.dims is not None else default_dims(N)
+  return (task, dims, pairwise_rows.hardcoded_rows(task),
+          pairwise_rows.trained_rows(task, dims, cfg.readout_ranks))
 
 
 def summary_table(results: dict) -> str:

@@ -1,0 +1,41 @@
+"""The sweep rows of the Born-logit task (wave-function spec §2.6).
+
+  complex_hardcoded  the complex N-dimensional Born-logit model (``adjoint.hardcoded_born_logit``)
+  real_hardcoded     the real adjoint-representation model of dimension D*
+                     (``adjoint.hardcoded_adjoint``), affine-softmax readout
+  complex            complex Cayley model, dimension N, Born-logit head, all learned
+                     (one row per readout rank r; "complex_r{r}" for r > 1)
+  real               real SO(D) dynamics + affine-softmax readout, for each D
+
+D* = N(N-1) for phase contexts and N^2 - 1 for generic ones: the Eckart-Young
+bound of spec §2.5 is positive below D* and zero from D* on.
+"""
+
+from __future__ import annotations
+
+from qsf_jax.separation import adjoint, models
+from qsf_jax.tasks.born_logit import BornLogitTask
+
+MODEL_NAMES = ("complex_hardcoded", "real_hardcoded", "complex", "real")
+
+
+def default_dims(task: BornLogitTask) -> tuple:
+  """Real state dimensions around the exact one: {N, 2N, D* - 1, D*, 2 D*} (spec §2.6)."""
+  N, D = task.N, task.exact_real_dim
+  return tuple(sorted({N, 2 * N, D - 1, D, 2 * D}))
+
+
+def hardcoded_rows(task: BornLogitTask):
+  """The explicit rows: (row name, builder(task, dtype=...), real dimension, readout rank)."""
+  return [("complex_hardcoded", adjoint.hardcoded_born_logit, 2 * task.N, None),
+          ("real_hardcoded", adjoint.hardcoded_adjoint, task.exact_real_dim, None)]
+
+
+def trained_rows(task: BornLogitTask, dims, readout_ranks=(1,)):
+  """The trained rows: (row name, model name, ``ModelConfig``, real dimension)."""
+  base = dict(num_tokens=task.num_tokens, num_outcomes=task.K)
+  rows = [("complex" if r == 1 else f"complex_r{r}", "complex",
+           models.ModelConfig(kind="born_logit", dim=task.N, readout_rank=r, **base), 2 * task.N)
+          for r in readout_ranks]
+  rows += [("real", "real", models.ModelConfig(kind="real", dim=D, **base), D) for D in dims]
+  return rows
