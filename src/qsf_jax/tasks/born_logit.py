@@ -35,7 +35,7 @@ import itertools
 
 import numpy as np
 
-from qsf_jax.tasks.separation import WORD_TOKEN, _check_int, num_outcomes, povm_vectors
+from qsf_jax.tasks.separation import ContextTask, _check_int, all_contexts, num_outcomes, povm_vectors
 
 CONTEXTS = ("phase", "generic")
 
@@ -130,7 +130,7 @@ def born_logit_targets(psi_CN, beta: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class BornLogitTask:
+class BornLogitTask(ContextTask):
   """One instance of the Born-logit task with every context and its target (spec §2.6).
 
   Attributes:
@@ -161,30 +161,9 @@ class BornLogitTask:
   probs_CK: np.ndarray
 
   @property
-  def K(self) -> int:
-    """Number of output tokens, 2N(N-1)."""
-    return self.probs_CK.shape[1]
-
-  @property
-  def C(self) -> int:
-    """Number of contexts, A^L."""
-    return self.tokens_CT.shape[0]
-
-  @property
-  def num_tokens(self) -> int:
-    """Input vocabulary size A + 1 (the word and the cues)."""
-    return self.num_cues + 1
-
-  @property
   def exact_real_dim(self) -> int:
     """D* = N(N-1) (phase) or N^2 - 1 (generic): the smallest exact affine-softmax dimension."""
     return self.N * (self.N - 1) if self.contexts == "phase" else self.N**2 - 1
-
-  @property
-  def entropy(self) -> float:
-    """Expected target entropy, the floor of the expected cross-entropy."""
-    P = self.probs_CK
-    return float(-(self.weights_C @ (P * np.log(P)).sum(axis=1)))
 
 
 def make_born_logit_task(N: int, *, contexts: str = "phase", beta: float | None = None,
@@ -214,16 +193,13 @@ def make_born_logit_task(N: int, *, contexts: str = "phase", beta: float | None 
   beta = float(K) if beta is None else beta
   if isinstance(beta, (bool, complex)) or not np.isfinite(beta) or beta <= 0:
     raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-  if num_cues**length > 1_000_000:
-    raise ValueError(f"num_cues**length = {num_cues**length} contexts is too many to enumerate")
+  cues_CL, tokens_CT = all_contexts(num_cues, length)
   H_ANN = cue_hamiltonians(N, num_cues, contexts, seed)
   U_ANN = cayley(H_ANN)
   psi_PN = np.full((1, N), 1.0 / np.sqrt(N), complex)
   for _ in range(length):  # prefix tree, contexts in lexicographic cue order
     psi_PN = np.einsum("aij,pj->pai", U_ANN, psi_PN).reshape(-1, N)
-  cues_CL = np.asarray(list(itertools.product(range(num_cues), repeat=length)), dtype=np.int64)
   C = cues_CL.shape[0]
-  tokens_CT = np.concatenate([np.full((C, 1), WORD_TOKEN), cues_CL + 1], axis=1).astype(np.int32)
   logits, probs = born_logit_targets(psi_PN, float(beta))
   return BornLogitTask(N=N, num_cues=num_cues, length=length, contexts=contexts,
                        beta=float(beta), seed=seed, H_ANN=H_ANN, tokens_CT=tokens_CT,

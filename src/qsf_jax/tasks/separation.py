@@ -152,8 +152,56 @@ def born_target_probabilities(Phi_CN, eta: float = 0.1) -> np.ndarray:
   return (1.0 - eta) * (amp_re**2 + amp_im**2) + eta / K
 
 
+class ContextTask:
+  """Properties shared by the tasks over all A^L contexts (T_N and its Born-logit variant).
+
+  Subclasses hold ``num_cues``, ``tokens_CT`` (C, L + 1), ``weights_C`` (C,) and
+  ``probs_CK`` (C, K).
+  """
+
+  @property
+  def K(self) -> int:
+    """Number of output tokens, 2N(N-1)."""
+    return self.probs_CK.shape[1]
+
+  @property
+  def C(self) -> int:
+    """Number of contexts, A^L."""
+    return self.tokens_CT.shape[0]
+
+  @property
+  def num_tokens(self) -> int:
+    """Input vocabulary size A + 1 (the word and the cues)."""
+    return self.num_cues + 1
+
+  @property
+  def entropy(self) -> float:
+    """Expected target entropy sum_c w_c H(p*(.|c)), the floor of the cross-entropy."""
+    P = self.probs_CK
+    return float(-(self.weights_C @ (P * np.log(P)).sum(axis=1)))
+
+
+def all_contexts(num_cues: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every cue sequence of length L in lexicographic order, and its input tokens (spec §2.3).
+
+  Args:
+    num_cues: A.
+    length: L.
+
+  Returns:
+    (cues_CL int64 (A^L, L), tokens_CT int32 (A^L, L + 1)): tokens are
+    (w, a_1 + 1, ..., a_L + 1), token 0 being the ambiguous word.
+  """
+  if num_cues**length > 1_000_000:
+    raise ValueError(f"num_cues**length = {num_cues**length} contexts is too many to enumerate")
+  cues_CL = np.asarray(list(itertools.product(range(num_cues), repeat=length)), dtype=np.int64)
+  C = cues_CL.shape[0]
+  tokens_CT = np.concatenate([np.full((C, 1), WORD_TOKEN), cues_CL + 1], axis=1).astype(np.int32)
+  return cues_CL, tokens_CT
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class SeparationTask:
+class SeparationTask(ContextTask):
   """One instance of T_N with every context and its exact target (spec §2.3).
 
   Attributes:
@@ -181,30 +229,9 @@ class SeparationTask:
   probs_CK: np.ndarray
 
   @property
-  def K(self) -> int:
-    """Number of output tokens, 2N(N-1)."""
-    return self.probs_CK.shape[1]
-
-  @property
-  def C(self) -> int:
-    """Number of contexts, A^L."""
-    return self.tokens_CT.shape[0]
-
-  @property
-  def num_tokens(self) -> int:
-    """Input vocabulary size A + 1 (the word and the cues)."""
-    return self.num_cues + 1
-
-  @property
   def outcomes(self) -> np.ndarray:
     """The (j, l, m) row of each output token (K, 3)."""
     return outcome_table(self.N)
-
-  @property
-  def entropy(self) -> float:
-    """Expected target entropy sum_c w_c H(p*(.|c)), the floor of the cross-entropy."""
-    P = self.probs_CK
-    return float(-(self.weights_C @ (P * np.log(P)).sum(axis=1)))
 
 
 def make_task(N: int, *, num_cues: int = 8, length: int = 3, eta: float = 0.1,
@@ -230,13 +257,10 @@ def make_task(N: int, *, num_cues: int = 8, length: int = 3, eta: float = 0.1,
   _check_int("length", length, minimum=1)
   _check_int("seed", seed, minimum=0)
   _check_eta(eta)
-  if num_cues**length > 1_000_000:
-    raise ValueError(f"num_cues**length = {num_cues**length} contexts is too many to enumerate")
+  cues_CL, tokens_CT = all_contexts(num_cues, length)
+  C = cues_CL.shape[0]
   rng = np.random.default_rng(seed)
   theta_AN = rng.uniform(-np.pi, np.pi, size=(num_cues, N))
-  cues_CL = np.asarray(list(itertools.product(range(num_cues), repeat=length)), dtype=np.int64)
-  C = cues_CL.shape[0]
-  tokens_CT = np.concatenate([np.full((C, 1), WORD_TOKEN), cues_CL + 1], axis=1).astype(np.int32)
   Phi_CN = context_phases(theta_AN, cues_CL)
   return SeparationTask(
       N=N, num_cues=num_cues, length=length, eta=float(eta), seed=seed,
