@@ -101,6 +101,8 @@ def test_default_beta_is_K():
     (dict(N=3, beta=0.0), "beta must be a finite number > 0"),
     (dict(N=3, beta=float("nan")), "beta must be a finite number > 0"),
     (dict(N=3, beta=True), "beta must be a finite number > 0"),
+    (dict(N=3, beta="2"), "beta must be a finite number > 0"),
+    (dict(N=3, beta=1j), "beta must be a finite number > 0"),
     (dict(N=3, num_cues=0), "num_cues must be >= 1"),
     (dict(N=3, num_cues=20, length=5), "too many"),
 ])

@@ -119,6 +119,7 @@ def test_default_dims_rule():
     (dict(task="tight"), "task must be one of"),
     (dict(task="born_logit", contexts="mixed"), "contexts must be one of"),
     (dict(task="born_logit", beta=-1.0), "beta must be a finite number > 0"),
+    (dict(task="born_logit", beta="1"), "beta must be a finite number > 0"),
     (dict(task="born_logit", contexts="generic", Ns=(2, 3)), "each entry of N must be >= 3"),
 ])
 def test_validate_config_errors(kwargs, match):

@@ -98,8 +98,9 @@ def validate_config(cfg: SweepConfig) -> None:
     raise ValueError(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
   if cfg.contexts not in CONTEXTS:
     raise ValueError(f"contexts must be one of {list(CONTEXTS)}, got {cfg.contexts!r}")
-  if cfg.beta is not None and (isinstance(cfg.beta, bool) or not np.isfinite(cfg.beta)
-                               or cfg.beta <= 0):
+  if cfg.beta is not None and (isinstance(cfg.beta, bool)
+                               or not isinstance(cfg.beta, (int, float, np.integer, np.floating))
+                               or not np.isfinite(cfg.beta) or cfg.beta <= 0):
     raise ValueError(f"beta must be a finite number > 0 (or None: K), got {cfg.beta!r}")
   generic = cfg.task == "born_logit" and cfg.contexts == "generic"
   check_list("N", cfg.Ns, 3 if generic else 2)

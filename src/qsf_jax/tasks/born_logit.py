@@ -191,7 +191,8 @@ def make_born_logit_task(N: int, *, contexts: str = "phase", beta: float | None 
   _check_int("seed", seed, minimum=0)
   K = num_outcomes(N)
   beta = float(K) if beta is None else beta
-  if isinstance(beta, (bool, complex)) or not np.isfinite(beta) or beta <= 0:
+  if (isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating))
+      or not np.isfinite(beta) or beta <= 0):
     raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
   cues_CL, tokens_CT = all_contexts(num_cues, length)
   H_ANN = cue_hamiltonians(N, num_cues, contexts, seed)
