@@ -244,3 +244,21 @@ def test_rank_r_born_logit_form(x64):
   logq = np.asarray(models.log_probs(params, task.tokens_CT, cfg))
   np.testing.assert_allclose(logq, z - np.log(np.exp(z).sum(1, keepdims=True)), atol=1e-13)
   assert np.all(np.linalg.eigvalsh(E) > -1e-12) and np.linalg.matrix_rank(E[0]) == 3
+
+
+@pytest.mark.parametrize("kind,frozen", [("complex_fixed_head", ("W_re", "W_im", "b")),
+                                         ("complex_fixed_dynamics", ("X", "Y"))])
+def test_diagnostic_rows_start_from_and_keep_the_explicit_half(kind, frozen, x64):
+  task = bl.make_born_logit_task(3, contexts="generic", num_cues=3, length=3)
+  cfg = models.ModelConfig(kind="born_logit", dim=3, num_tokens=task.num_tokens,
+                           num_outcomes=task.K, readout_rank=1)
+  init, names = born_logit_rows.row_init(kind, task, cfg, (0, 1), jnp.float64)
+  assert names == frozen
+  explicit, _ = adjoint.hardcoded_born_logit(task)
+  result = train.train(task, cfg, (0, 1), train.TrainConfig(steps=20, log_every=20,
+                                                            frozen=names),
+                       dtype=jnp.float64, init=init)
+  for k in explicit:
+    same = np.allclose(np.asarray(result.params[k]), np.asarray(explicit[k])[None], atol=0)
+    assert same == (k in frozen), k
+  assert born_logit_rows.row_init("real", task, cfg, (0,), jnp.float64) == (None, ())

@@ -182,11 +182,12 @@ def test_born_logit_sweep_smoke(tmp_path):
   results = sweep.run_sweep(cfg, log=lambda s: None)
   assert [(r["model"], r["dim"]) for r in results["runs"]] == [
       ("complex_hardcoded", 3), ("real_hardcoded", 8), ("complex", 3), ("complex_r2", 3),
-      ("real", 7), ("real", 8)]
+      ("complex_fixed_head", 3), ("complex_fixed_dynamics", 3),
+      ("complex_r2_fixed_dynamics", 3), ("real", 7), ("real", 8)]
   task = results["tasks"]["3"]
   assert task["rank"] == task["exact_real_dim"] == 8
   assert task["contexts"] == "generic" and task["beta"] == 2.0
-  assert [r["readout_rank"] for r in results["runs"][2:5]] == [1, 2, None]
+  assert [r["readout_rank"] for r in results["runs"][2:8]] == [1, 2, 1, 1, 2, None]
   hard = [r for r in results["runs"] if r["model"].endswith("hardcoded")]
   assert all(abs(r["kl"][0]) < 1e-12 for r in hard)
   assert hard[1]["bound"] < 1e-12

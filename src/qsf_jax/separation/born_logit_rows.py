@@ -5,6 +5,10 @@
                      (``adjoint.hardcoded_adjoint``), affine-softmax readout
   complex            complex Cayley model, dimension N, Born-logit head, all learned
                      (one row per readout rank r; "complex_r{r}" for r > 1)
+  complex_fixed_head the head fixed to the explicit one (W = sqrt(beta) M, b = 0),
+                     dynamics learned (are the dynamics alone learnable?)
+  complex_fixed_dynamics  the explicit dynamics, fixed, with a learned head of each
+                     readout rank r ("complex_r{r}_fixed_dynamics" for r > 1)
   real               real SO(D) dynamics + affine-softmax readout, for each D
 
 D* = N(N-1) for phase contexts and N^2 - 1 for generic ones: the Eckart-Young
@@ -13,10 +17,13 @@ bound of spec §2.5 is positive below D* and zero from D* on.
 
 from __future__ import annotations
 
-from qsf_jax.separation import adjoint, models
+import jax.numpy as jnp
+
+from qsf_jax.separation import adjoint, models, train
 from qsf_jax.tasks.born_logit import BornLogitTask
 
-MODEL_NAMES = ("complex_hardcoded", "real_hardcoded", "complex", "real")
+MODEL_NAMES = ("complex_hardcoded", "real_hardcoded", "complex", "complex_fixed_head",
+               "complex_fixed_dynamics", "real")
 
 
 def default_dims(task: BornLogitTask) -> tuple:
@@ -34,8 +41,27 @@ def hardcoded_rows(task: BornLogitTask):
 def trained_rows(task: BornLogitTask, dims, readout_ranks=(1,)):
   """The trained rows: (row name, model name, ``ModelConfig``, real dimension)."""
   base = dict(num_tokens=task.num_tokens, num_outcomes=task.K)
-  rows = [("complex" if r == 1 else f"complex_r{r}", "complex",
-           models.ModelConfig(kind="born_logit", dim=task.N, readout_rank=r, **base), 2 * task.N)
-          for r in readout_ranks]
+  cfg = lambda r: models.ModelConfig(kind="born_logit", dim=task.N, readout_rank=r, **base)
+  name = lambda r, suffix: ("complex" if r == 1 else f"complex_r{r}") + suffix
+  rows = [(name(r, ""), "complex", cfg(r), 2 * task.N) for r in readout_ranks]
+  rows.append(("complex_fixed_head", "complex_fixed_head", cfg(1), 2 * task.N))
+  rows += [(name(r, "_fixed_dynamics"), "complex_fixed_dynamics", cfg(r), 2 * task.N)
+           for r in readout_ranks]
   rows += [("real", "real", models.ModelConfig(kind="real", dim=D, **base), D) for D in dims]
   return rows
+
+
+def row_init(kind: str, task: BornLogitTask, mcfg, seeds, dtype):
+  """(initial parameters stacked over seeds or None, frozen parameter names) of a trained row.
+
+  complex_fixed_head: random dynamics, the explicit head sqrt(beta) M, b = 0 (frozen);
+  complex_fixed_dynamics: the explicit dynamics (frozen), a random head of rank r.
+  """
+  if kind not in ("complex_fixed_head", "complex_fixed_dynamics"):
+    return None, ()
+  explicit, _ = adjoint.hardcoded_born_logit(task, dt=mcfg.dt, dtype=dtype)
+  params = train.init_params_for_seeds(mcfg, seeds, dtype)
+  names = ("W_re", "W_im", "b") if kind == "complex_fixed_head" else ("X", "Y")
+  for k in names:
+    params[k] = jnp.broadcast_to(explicit[k], (len(seeds),) + explicit[k].shape)
+  return params, names

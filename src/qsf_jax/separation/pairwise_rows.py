@@ -102,3 +102,12 @@ def fixed_dynamics_init(task, mcfg, seeds, dtype):
   params["X"] = jnp.broadcast_to(jnp.asarray(X, dtype), (S,) + X.shape)
   params["Y"] = jnp.broadcast_to(jnp.asarray(Y, dtype), (S,) + Y.shape)
   return params
+
+
+def row_init(kind: str, task: SeparationTask, mcfg, seeds, dtype):
+  """(initial parameters stacked over seeds or None, frozen parameter names) of a trained row."""
+  if kind == "complex_fixed_povm":
+    return fixed_povm_init(mcfg, seeds, dtype), ("W_re", "W_im")
+  if kind == "complex_fixed_dynamics":
+    return fixed_dynamics_init(task, mcfg, seeds, dtype), ("X", "Y")
+  return None, ()

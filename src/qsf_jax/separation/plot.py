@@ -30,6 +30,8 @@ STYLES = {
 BORN_LOGIT_STYLES = {  # rows of the Born-logit task (spec §2.6)
     "real": STYLES["real"],
     "complex": dict(color="tab:red", marker="s", label="complex U(N) + Born-logit, all learned"),
+    "complex_fixed_head": dict(color="tab:orange", marker="D",
+                               label="complex U(N) + Born-logit, fixed explicit head"),
     "complex_hardcoded": dict(color="black", marker="*",
                               label="complex U(N) + Born-logit, explicit (spec §2.6)"),
     "real_hardcoded": dict(color="tab:cyan", marker="X",

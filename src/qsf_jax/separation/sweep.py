@@ -27,7 +27,7 @@ import numpy as np
 
 from qsf_jax.separation import born_logit_rows, bounds, models, pairwise_rows, train
 from qsf_jax.separation.pairwise_rows import (DEFAULT_READOUT_RANKS, MODEL_NAMES, default_dims,
-                                              fixed_dynamics_init, fixed_povm_init)
+                                              fixed_dynamics_init, fixed_povm_init)  # noqa: F401
 from qsf_jax.tasks.born_logit import CONTEXTS, make_born_logit_task
 from qsf_jax.tasks.separation import make_task, num_outcomes
 
@@ -210,13 +210,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     for name, kind, mcfg, real_dim in jobs:
       if not wanted(kind):
         continue
-      init, job_tcfg = None, tcfg
-      if kind == "complex_fixed_povm":
-        init, job_tcfg = fixed_povm_init(mcfg, seeds, dtype), dataclasses.replace(
-            tcfg, frozen=("W_re", "W_im"))
-      elif kind == "complex_fixed_dynamics":
-        init, job_tcfg = fixed_dynamics_init(task, mcfg, seeds, dtype), dataclasses.replace(
-            tcfg, frozen=("X", "Y"))
+      rows = born_logit_rows if cfg.task == "born_logit" else pairwise_rows
+      init, frozen = rows.row_init(kind, task, mcfg, seeds, dtype)
+      job_tcfg = dataclasses.replace(tcfg, frozen=frozen) if frozen else tcfg
       result = train.train(task, mcfg, seeds, job_tcfg, dtype=dtype, init=init)
       kl, rms = _metrics(result.log_probs, task)
       bound = bounds.eckart_young_bound(task.probs_CK, real_dim) if kind == "real" else None
