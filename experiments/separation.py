@@ -40,14 +40,13 @@ flags.DEFINE_integer("num_cues", 8, "number of cue tokens A")
 flags.DEFINE_integer("length", 3, "cues per context L")
 flags.DEFINE_integer("task_seed", 0, "seed of the cue phases")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "training dtype")
-flags.DEFINE_list("readout_ranks", ["1", "2"], "POVM element ranks r of the learned complex "
-                  "Born readouts (1 = the spec's rank-one POVM); one 'complex' and one "
-                  "'complex_fixed_dynamics' row per r (pairwise task); one 'complex' row "
-                  "per r (born_logit task, rank-r Born-logit forms)")
+flags.DEFINE_list("readout_ranks", ["1", "2"], "ranks r of the elements of the learned "
+                  "complex readouts (1 = the spec's rank-one POVM, or the plain Born-logit "
+                  "head); one 'complex' and one 'complex_fixed_dynamics' row per r")
 flags.DEFINE_list("models", [], "models to run (empty: all): complex_hardcoded, "
                   "realified_hardcoded, complex, complex_fixed_povm, complex_fixed_dynamics, "
                   "realified, real (pairwise); complex_hardcoded, real_hardcoded, complex, "
-                  "real (born_logit)")
+                  "complex_fixed_head, complex_fixed_dynamics, real (born_logit)")
 flags.DEFINE_string("out", "runs/separation", "output directory")
 FLAGS = flags.FLAGS
 

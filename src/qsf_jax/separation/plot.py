@@ -56,8 +56,8 @@ def _style(model: str, task: str = "pairwise"):
 
 
 def _tick_labels(ticks, span, min_gap=0.04):
-  """Labels for sorted ticks; a tick closer than min_gap * span to the last labelled one
-  gets none (e.g. D* - 1 next to D*), keeping the larger, later tick labelled."""
+  """Labels for sorted ticks; a tick closer than min_gap * span to the next one gets none
+  (e.g. D* - 1 next to D*), so the later tick keeps its label."""
   labels = [str(t) for t in ticks]
   for i in range(len(ticks) - 1):
     if ticks[i + 1] - ticks[i] < min_gap * span:

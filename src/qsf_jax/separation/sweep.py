@@ -8,8 +8,9 @@ and evaluates or trains the task's rows:
                      each readout rank, with fixed POVM or fixed dynamics; the
                      realified control; real models of each dimension D);
   task "born_logit"  the tight variant (spec §2.6): the rows of ``born_logit_rows``
-                     (explicit complex Born-logit and real adjoint models, the
-                     learned complex Born-logit model, real models of each D).
+                     (explicit complex Born-logit and real adjoint models; learned
+                     complex Born-logit models of each readout rank, with fixed
+                     head or fixed dynamics; real models of each D).
 
 Every row records the expected KL, the rms double-centred log error and, for
 real models, the Eckart-Young lower bound of spec §2.5.
@@ -53,9 +54,9 @@ class SweepConfig:
     length: L.
     task_seed: seed of the cue phases.
     dtype: "float32" or "float64" training dtype (metrics are float64 either way).
-    readout_ranks: ranks r of the learned complex readouts' elements (T_N: the
-      "complex" and "complex_fixed_dynamics" rows, one row each per r; Born-logit
-      task: one "complex" row per r).
+    readout_ranks: ranks r of the learned complex readouts' elements (POVM
+      elements on T_N, Born-logit forms on the Born-logit task): one "complex"
+      and one "complex_fixed_dynamics" row each per r.
     models: the subset of the task's model names to run (None: all): ``MODEL_NAMES``
       on T_N, ``born_logit_rows.MODEL_NAMES`` on the Born-logit task.
     task: "pairwise" (T_N, spec §2.3) or "born_logit" (the tight variant, spec §2.6).
