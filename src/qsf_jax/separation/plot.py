@@ -55,7 +55,7 @@ def _style(model: str, task: str = "pairwise"):
   return None  # e.g. the complex_fixed_dynamics diagnostics (table only)
 
 
-def _tick_labels(ticks, span, min_gap=0.04):
+def _tick_labels(ticks, span, min_gap=0.05):
   """Labels for sorted ticks; a tick closer than min_gap * span to the next one gets none
   (e.g. D* - 1 next to D*), so the later tick keeps its label."""
   labels = [str(t) for t in ticks]
