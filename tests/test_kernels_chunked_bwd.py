@@ -100,9 +100,16 @@ def test_chunked_backward_state_dtype_and_bits(monkeypatch, dtype, gate, stored)
   assert dtypes == [stored, stored]
   # The same backward with float32 states: the same bits (the MMAs round the
   # states to the input dtype either way).
+  # jax >= 0.12 caches the traced kernels of a partitioned call, so the patch needs
+  # fresh traces, and so do the tests that run after this one.
   monkeypatch.setattr(pallas_bwd_chunked, "state_store_dtype",
                       lambda dtype, has_decay: jnp.dtype(jnp.float32))
-  dtypes32, grads32 = _states_dtypes_and_grads(q, k, v, g, S0, do, dS)
+  jax.clear_caches()
+  try:
+    dtypes32, grads32 = _states_dtypes_and_grads(q, k, v, g, S0, do, dS)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
   assert dtypes32 == ["float32", "float32"]
   for name, a, b in zip(GRAD_NAMES, grads, grads32):
     if a is None:
