@@ -64,9 +64,9 @@ def run(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
     print(f"  {case:<40} {size:<18} {seconds * 1e3:10.3f} ms {note}", flush=True)
 
   A, b, x0, x_tgt, W_V = _problem(jax.random.PRNGKey(0), d, n_tok)
-  for method in ("paper", "exact"):
-    f = jax.jit(lambda x0, xt, m=method: q.propagate(x0, A, b, xt, W_V, method=m))
-    add(f"propagate ({method})", f"d={d}", _time(f, x0, x_tgt[0], repeats=repeats))
+  for mode in ("paper", "kalman_bucy"):
+    f = jax.jit(lambda x0, xt, m=mode: q.propagate(x0, A, b, xt, W_V, mode=m))
+    add(f"propagate ({mode})", f"d={d}", _time(f, x0, x_tgt[0], repeats=repeats))
 
   for method in ("sequential", "associative"):
     f = jax.jit(lambda x0, m=method: q.chain_mean(x0, A, b, n_steps=n_tok, method=m))

@@ -193,11 +193,11 @@ def test_propagate_sentence_matches_propagate_layer(x64, negative):
     np.testing.assert_array_equal(prop["exact_index"], [0, 3])
     assert np.all(np.isnan(prop["exact"][1:3])) and np.all(np.isnan(prop["dev_exact"][1:3]))
   np.testing.assert_allclose(prop["prior"], X0 @ K.T + b, atol=1e-12)
-  for method in ("paper", "exact"):
+  for key, mode in (("paper", "paper"), ("exact", "kalman_bucy")):
     for t in (0, 3):
-      ref, variant = propagate_layer(K, b, W, X0[t], XT[t], method=method)
+      ref, variant = propagate_layer(K, b, W, X0[t], XT[t], mode=mode)
       assert variant == prop["variant"]
-      np.testing.assert_allclose(prop[method][t], np.asarray(ref.mean), rtol=1e-8, atol=1e-10)
+      np.testing.assert_allclose(prop[key][t], np.asarray(ref.mean), rtol=1e-8, atol=1e-10)
   dev = np.linalg.norm(prop["paper"] - steps, axis=1) / np.linalg.norm(steps, axis=1)
   np.testing.assert_allclose(prop["dev_paper"], dev)
   if negative:

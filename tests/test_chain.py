@@ -99,7 +99,7 @@ def test_semigroup_property(x64):
 
 def test_chain_filter_with_zero_start_covariance_begins_with_propagate(x64):
   s = _seq(4)
-  kw = dict(dt=0.9, sigma=0.7, sigma_K=1.2)
+  kw = dict(dt=0.9, sigma_m=0.7, sigma_K=1.2)
   st = chain_filter(s["x0"], s["A"], s["b"], s["y"], s["M"], **kw)
   assert st.mean.shape == (N, D) and st.precision.shape == (N, D, D)
   one = propagate(s["x0"], s["A"][0], s["b"][0], s["y"][0], s["M"], **kw)
@@ -112,7 +112,7 @@ def test_chain_filter_matches_numpy_kalman_chain(x64, form):
   s = _seq(5)
   dt, sig, sK = 0.9, 0.7, 1.2
   P0 = np.diag([0.3, 0.1, 0.5])
-  out = chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"], dt=dt, sigma=sig,
+  out = chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"], dt=dt, sigma_m=sig,
                           sigma_K=sK, P0=P0, form=form)
   m, P = s["x0"], P0
   for n in range(N):
@@ -126,7 +126,7 @@ def test_chain_filter_matches_numpy_kalman_chain(x64, form):
 def test_chain_filter_without_measurement_is_free_chain(x64):
   s = _seq(6)
   dt, sK = 0.5, 0.8
-  out = chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"], dt=dt, sigma=jnp.inf,
+  out = chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"], dt=dt, sigma_m=jnp.inf,
                           sigma_K=sK)
   np.testing.assert_allclose(out.mean, chain_mean(s["x0"], s["A"], s["b"], dt),
                              rtol=1e-12, atol=1e-13)
@@ -143,10 +143,10 @@ def test_exact_chain_composes_exactly(x64):
   the paper chain (one endpoint measurement per token) does not."""
   s = _seq(12)
   A, b, y = s["A"][0], s["b"][0], s["y"][0]
-  kw = dict(sigma=0.8, sigma_K=1.1)
+  kw = dict(sigma_m=0.8, sigma_K=1.1)
   chain = chain_filter_full(s["x0"], A, b, np.tile(y, (N, 1)), s["M"], dt=0.3,
-                            method="exact", **kw)
-  one = propagate_full(s["x0"], A, b, y, s["M"], dt=N * 0.3, method="exact", **kw)
+                            mode="kalman_bucy", **kw)
+  one = propagate_full(s["x0"], A, b, y, s["M"], dt=N * 0.3, mode="kalman_bucy", **kw)
   np.testing.assert_allclose(chain.mean[-1], one.mean, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(chain.covariance[-1], one.covariance, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(jnp.sum(chain.log_normalizer), one.log_normalizer, rtol=1e-10)
@@ -157,7 +157,7 @@ def test_exact_chain_composes_exactly(x64):
 @pytest.mark.parametrize("method", ["associative", "sequential"])
 def test_measured_mean_chain_iterates_propagate(x64, method):
   s = _seq(7)
-  kw = dict(dt=0.8, sigma=0.6, sigma_K=1.1)
+  kw = dict(dt=0.8, sigma_m=0.6, sigma_K=1.1)
   got = chain_measured_mean(s["x0"], s["A"], s["b"], s["y"], s["M"], method=method, **kw)
   x = s["x0"]
   for n in range(N):
@@ -202,12 +202,12 @@ def test_chain_bad_inputs():
     chain_filter(x0, A, b, y[:3])
   with pytest.raises(ValueError, match=r"P0 must have shape \(3, 3\)"):
     chain_filter(x0, A, b, y, P0=np.eye(2))
-  with pytest.raises(ValueError, match=r"W_V must have shape \(3, 3\)"):
+  with pytest.raises(ValueError, match=r"M must have shape \(3, 3\)"):
     chain_measured_mean(x0, A, b, y, np.eye(2))
-  with pytest.raises(ValueError, match="sigma must be > 0"):
-    chain_filter(x0, A, b, y, sigma=0.0)
-  with pytest.raises(ValueError, match="method must be one of"):
-    chain_filter(x0, A, b, y, method="kalman_bucy")
+  with pytest.raises(ValueError, match="sigma_m must be > 0"):
+    chain_filter(x0, A, b, y, sigma_m=0.0)
+  with pytest.raises(ValueError, match="mode must be one of"):
+    chain_filter(x0, A, b, y, mode="exact")
   with pytest.raises(ValueError, match=r"c_ND must have shape \(5, 3\)"):
     scan_affine(x0, A, b[:4])
 
@@ -225,16 +225,16 @@ def test_layer_continuous_variant_recovers_generator(x64):
   A_rec, variant = layer_generator(K)
   assert variant == "continuous"
   np.testing.assert_allclose(A_rec, A, atol=1e-10)
-  kw = dict(sigma=0.8, sigma_K=1.1)
+  kw = dict(sigma_m=0.8, sigma_K=1.1)
   st, variant = propagate_layer(K, b, W, x0, y, **kw)
   assert variant == "continuous"
   ref = propagate(x0, A, continuous_bias(A, b), y, W, dt=1.0, **kw)
   np.testing.assert_allclose(st.mean, ref.mean, rtol=1e-9, atol=1e-10)
   np.testing.assert_allclose(st.precision, ref.precision, rtol=1e-9)
   # Without measurement the prior mean is the layer's own map K x0 + b.
-  free, _ = propagate_layer(K, b, W, x0, y, sigma=jnp.inf, sigma_K=1.1)
+  free, _ = propagate_layer(K, b, W, x0, y, sigma_m=jnp.inf, sigma_K=1.1)
   np.testing.assert_allclose(free.mean, K @ x0 + b, rtol=1e-10, atol=1e-12)
-  exact, variant = propagate_layer(K, b, W, x0, y, method="exact", **kw)
+  exact, variant = propagate_layer(K, b, W, x0, y, mode="kalman_bucy", **kw)
   assert variant == "continuous" and np.all(np.isfinite(np.asarray(exact.mean)))
   assert np.max(np.abs(np.asarray(exact.mean) - np.asarray(st.mean))) > 1e-3
 
@@ -244,7 +244,7 @@ def test_layer_discrete_variant(x64):
   Q = np.random.default_rng(12).normal(size=(D, D))
   K = Q @ np.diag([-0.5, 0.8, 1.3]) @ np.linalg.inv(Q)  # a negative real eigenvalue
   sig, sK = 0.8, 1.1
-  st, variant = propagate_layer(K, b, W, x0, y, sigma=sig, sigma_K=sK)
+  st, variant = propagate_layer(K, b, W, x0, y, sigma_m=sig, sigma_K=sK)
   assert variant == "discrete"
   mu, P = _np_update(K @ x0 + b, sK**2 * np.eye(D), y, W, 1 / sig**2)
   np.testing.assert_allclose(st.mean, mu, rtol=1e-10, atol=1e-12)
@@ -264,5 +264,5 @@ def test_layer_bad_inputs():
     propagate_layer(np.eye(3), b, np.eye(2), x0, y)
   with pytest.raises(ValueError, match="K must be real"):
     propagate_layer(np.eye(3) * 1j, b, W, x0, y)
-  with pytest.raises(ValueError, match="method must be one of"):
-    propagate_layer(np.eye(3), b, W, x0, y, method="kalman_bucy")
+  with pytest.raises(ValueError, match="mode must be one of"):
+    propagate_layer(np.eye(3), b, W, x0, y, mode="exact")

@@ -57,7 +57,7 @@ def test_completing_the_square_remainder_is_constant(x64):
   T, sig, sK = 0.7, 0.8, 1.3
   mu_K, S_K = _np_prior(s["A"], s["b"], s["x0"], T, sK)
   for form in FORMS:
-    out = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=sig,
+    out = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig,
                          sigma_K=sK, form=form)
     rems = [_log_gauss(x, mu_K, S_K) - T / (2 * sig**2) * np.sum((s["M"] @ x - s["x_tgt"])**2)
             - _log_gauss(x, np.asarray(out.mean), np.asarray(out.covariance)) for x in xs[:, :3]]
@@ -70,7 +70,7 @@ def test_paper_propagator_is_bayesian_posterior(x64, form):
   T, sig, sK = 0.7, 0.8, 1.3
   mu_K, S_K = _np_prior(s["A"], s["b"], s["x0"], T, sK)
   mu, Lam = _np_posterior(mu_K, S_K, s["M"], s["x_tgt"], T / sig**2)
-  st = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=sig, sigma_K=sK,
+  st = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig, sigma_K=sK,
                  form=form)
   assert isinstance(st, GaussianState)
   np.testing.assert_allclose(st.mean, mu, rtol=1e-10, atol=1e-12)
@@ -80,27 +80,27 @@ def test_paper_propagator_is_bayesian_posterior(x64, form):
 @pytest.mark.parametrize("T,sig", [(1.0, 1.0), (1e-3, 0.5), (0.5, 1e3), (2.0, 0.1)])
 def test_information_form_equals_gain_form(x64, T, sig):
   s = _setup(3)
-  outs = [propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=sig,
+  outs = [propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig,
                          form=f) for f in FORMS]
   for field in ("mean", "precision", "covariance", "log_normalizer"):
     a, b = (np.asarray(getattr(o, field)) for o in outs)
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.max(np.abs(b)), err_msg=field)
 
 
-@pytest.mark.parametrize("method,form", [("paper", "gain"), ("paper", "information"),
-                                         ("exact", "auto")])
-def test_no_measurement_limit(x64, method, form):
+@pytest.mark.parametrize("mode,form", [("paper", "gain"), ("paper", "information"),
+                                       ("kalman_bucy", "auto")])
+def test_no_measurement_limit(x64, mode, form):
   s = _setup(4)
   T, sK = 0.9, 0.7
   mu_K, S_K = _np_prior(s["A"], s["b"], s["x0"], T, sK)
-  out = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=jnp.inf,
-                       sigma_K=sK, method=method, form=form)
+  out = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=jnp.inf,
+                       sigma_K=sK, mode=mode, form=form)
   np.testing.assert_allclose(out.mean, mu_K, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(out.precision, np.linalg.inv(S_K), rtol=1e-9)
   np.testing.assert_allclose(out.log_normalizer, 0.0, atol=1e-12)
   # sigma large but finite approaches the same limit at rate 1/sigma^2.
-  big = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=1e4, sigma_K=sK,
-                  method=method, form=form)
+  big = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=1e4, sigma_K=sK,
+                  mode=mode, form=form)
   err = np.max(np.abs(np.asarray(big.mean) - mu_K))
   assert 0 < err < 1e-7
 
@@ -111,7 +111,7 @@ def test_strong_measurement_limit(x64, form):
   target = np.linalg.solve(s["M"], s["x_tgt"])
   errs = []
   for sig in (1e-3, 1e-4, 1e-7):
-    st = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], sigma=sig, form=form)
+    st = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], sigma_m=sig, form=form)
     errs.append(np.max(np.abs(np.asarray(st.mean) - target)))
   assert errs[2] < 1e-10
   np.testing.assert_allclose(errs[0] / errs[1], 100.0, rtol=1e-3)  # O(sigma^2) approach
@@ -121,19 +121,19 @@ def test_singular_generator(x64):
   s = _setup(6)
   T, sig, sK = 1.3, 0.9, 1.1
   A0 = np.zeros((3, 3))
-  st = propagate(s["x0"], A0, s["b"], s["x_tgt"], s["M"], dt=T, sigma=sig, sigma_K=sK)
+  st = propagate(s["x0"], A0, s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig, sigma_K=sK)
   mu, Lam = _np_posterior(s["x0"] + s["b"] * T, sK**2 * T * np.eye(3), s["M"], s["x_tgt"],
                           T / sig**2)
   np.testing.assert_allclose(st.mean, mu, rtol=1e-12)
   np.testing.assert_allclose(st.precision, Lam, rtol=1e-12)
   nil = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-  for method in ("paper", "exact"):
-    out = propagate_full(s["x0"], nil, s["b"], s["x_tgt"], s["M"], dt=T, method=method)
+  for mode in ("paper", "kalman_bucy"):
+    out = propagate_full(s["x0"], nil, s["b"], s["x_tgt"], s["M"], dt=T, mode=mode)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in out)
-    base = propagate(s["x0"], A0, s["b"], s["x_tgt"], s["M"], dt=T, method=method)
+    base = propagate(s["x0"], A0, s["b"], s["x_tgt"], s["M"], dt=T, mode=mode)
     E = np.random.default_rng(0).normal(size=(3, 3))
     errs = [np.max(np.abs(np.asarray(propagate(s["x0"], e * E, s["b"], s["x_tgt"], s["M"],
-                                               dt=T, method=method).mean) - base.mean))
+                                               dt=T, mode=mode).mean) - base.mean))
             for e in (1e-3, 1e-4)]
     assert errs[1] < 1e-3 and 8 < errs[0] / errs[1] < 12  # continuous, O(eps)
 
@@ -161,8 +161,8 @@ def test_exact_matches_kalman_bucy_ode(x64, T):
   s = _setup(7)
   sig, sK = 0.8, 1.3
   m, P, logz = _kb_ode(s["A"], s["b"], s["x0"], s["x_tgt"], s["M"], T, sig, sK)
-  out = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=sig,
-                       sigma_K=sK, method="exact")
+  out = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig,
+                       sigma_K=sK, mode="kalman_bucy")
   np.testing.assert_allclose(out.mean, m, rtol=1e-9, atol=1e-11)
   np.testing.assert_allclose(out.covariance, P, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(out.precision @ P, np.eye(3), atol=1e-8)
@@ -175,14 +175,14 @@ def test_exact_step_from_gaussian_start_and_substeps(x64):
   P0 = np.array([[0.5, 0.1, 0.0], [0.1, 0.3, 0.05], [0.0, 0.05, 0.2]])
   m, P, logz = _kb_ode(s["A"], s["b"], s["x0"], s["x_tgt"], s["M"], 0.8, 0.7, 1.2, P0=P0)
   for n_sub in (1, 4):
-    out = kalman_bucy_step(s["x0"], P0, *args, dt=0.8, sigma=0.7, sigma_K=1.2, n_sub=n_sub)
+    out = kalman_bucy_step(s["x0"], P0, *args, dt=0.8, sigma_m=0.7, sigma_K=1.2, n_sub=n_sub)
     np.testing.assert_allclose(out.mean, m, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(out.covariance, P, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(out.log_normalizer, logz, rtol=1e-9)
   # Strong measurement over a long interval: one exponential e^{Hh dt} is too
   # ill-conditioned (nu dt ~ 50); exact sub-steps restore full accuracy.
   m, P, logz = _kb_ode(s["A"], s["b"], s["x0"], s["x_tgt"], s["M"], 5.0, 0.1, 1.0)
-  out = propagate_full(s["x0"], *args, dt=5.0, sigma=0.1, method="exact", n_sub=16)
+  out = propagate_full(s["x0"], *args, dt=5.0, sigma_m=0.1, mode="kalman_bucy", n_sub=16)
   np.testing.assert_allclose(out.mean, m, rtol=1e-9, atol=1e-11)
   np.testing.assert_allclose(out.covariance, P, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(out.log_normalizer, logz, rtol=1e-9)
@@ -192,7 +192,7 @@ def test_exact_scalar_closed_form(x64):
   # A = 0, b = 0, M = I, sigma = sigma_K = 1: P' = 1 - P^2 gives P = tanh t, the
   # mean relaxes as (x0 - y)/cosh t, and log Z = -d/2 log cosh T - 1/2 tanh T |x0 - y|^2.
   x0, y, T = np.array([0.3, -1.2, 0.0]), np.array([1.0, 0.5, 2.0]), 1.0
-  out = propagate_full(x0, np.zeros((3, 3)), np.zeros(3), y, method="exact", dt=T)
+  out = propagate_full(x0, np.zeros((3, 3)), np.zeros(3), y, mode="kalman_bucy", dt=T)
   np.testing.assert_allclose(out.mean, y + (x0 - y) / np.cosh(T), rtol=1e-12)
   np.testing.assert_allclose(out.covariance, np.tanh(T) * np.eye(3), rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(out.log_normalizer,
@@ -204,12 +204,12 @@ def test_exact_is_limit_of_fine_measurement_chain(x64):
   """Measuring every dt/N (N paper steps: a Riemann sum of S_meas) tends to Kalman-Bucy, O(1/N)."""
   s = _setup(8)
   T, sig, sK = 1.0, 0.7, 1.2
-  ex = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma=sig,
-                      sigma_K=sK, method="exact")
+  ex = propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig,
+                      sigma_K=sK, mode="kalman_bucy")
   errs = []
   for N in (50, 100):
     ch = chain_filter_full(s["x0"], s["A"], s["b"], np.tile(s["x_tgt"], (N, 1)), s["M"],
-                           dt=T / N, sigma=sig, sigma_K=sK)
+                           dt=T / N, sigma_m=sig, sigma_K=sK)
     errs.append([np.max(np.abs(ch.mean[-1] - ex.mean)) / np.max(np.abs(ex.mean)),
                  np.max(np.abs(ch.covariance[-1] - ex.covariance)) / np.max(ex.covariance),
                  abs(float(jnp.sum(ch.log_normalizer)) / float(ex.log_normalizer) - 1)])
@@ -251,8 +251,8 @@ def test_exact_matches_importance_weighted_path_integral(x64):
   se_cov = np.sqrt(np.einsum("n,nij->ij", w**2, (dev[:, :, None] * dev[:, None, :] - cov)**2))
   ess = 1 / np.sum(w**2)
   assert ess > 0.1 * n_paths
-  ex = propagate_full(x0, A, b, y, M, dt=T, sigma=sig, sigma_K=sK, method="exact")
-  ch = chain_filter_full(x0, A, b, np.tile(y, (n, 1)), M, dt=h, sigma=sig, sigma_K=sK)
+  ex = propagate_full(x0, A, b, y, M, dt=T, sigma_m=sig, sigma_K=sK, mode="kalman_bucy")
+  ch = chain_filter_full(x0, A, b, np.tile(y, (n, 1)), M, dt=h, sigma_m=sig, sigma_K=sK)
   disc_mean, disc_cov = np.asarray(ch.mean[-1]), np.asarray(ch.covariance[-1])
   assert np.all(np.abs(mean - disc_mean) <= 4 * se_mean)
   assert np.all(np.abs(cov - disc_cov) <= 4 * se_cov)
@@ -261,16 +261,16 @@ def test_exact_matches_importance_weighted_path_integral(x64):
   assert np.all(np.abs(cov - ex.covariance) <= 4 * se_cov + bias_cov)
   assert np.max(bias_mean / se_mean) < 1 and np.max(bias_cov / se_cov) < 1
   # ... and it bites: the paper form's endpoint mean is many standard errors off.
-  paper = propagate(x0, A, b, y, M, dt=T, sigma=sig, sigma_K=sK)
+  paper = propagate(x0, A, b, y, M, dt=T, sigma_m=sig, sigma_K=sK)
   assert np.max(np.abs(mean - paper.mean) / se_mean) > 10
 
 
 def _shift_ratio(s, T):
   """|mu_paper - mu_K| / |mu_exact - mu_K| with M = I, sigma = sigma_K = 1."""
-  kw = dict(dt=T, sigma=1.0, sigma_K=1.0)
-  free = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], dt=T, sigma=jnp.inf)
+  kw = dict(dt=T, sigma_m=1.0, sigma_K=1.0)
+  free = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], dt=T, sigma_m=jnp.inf)
   paper = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], **kw)
-  exact = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], method="exact", **kw)
+  exact = propagate(s["x0"], s["A"], s["b"], s["x_tgt"], mode="kalman_bucy", **kw)
   return np.linalg.norm(paper.mean - free.mean) / np.linalg.norm(exact.mean - free.mean)
 
 
@@ -294,13 +294,13 @@ def test_float32_path():
                         s32["x0"].astype(np.float64), T, sK)
   mu, Lam = _np_posterior(mu_K, S_K, s32["M"].astype(np.float64),
                           s32["x_tgt"].astype(np.float64), T / sig**2)
-  st = propagate(s32["x0"], s32["A"], s32["b"], s32["x_tgt"], s32["M"], dt=T, sigma=sig,
+  st = propagate(s32["x0"], s32["A"], s32["b"], s32["x_tgt"], s32["M"], dt=T, sigma_m=sig,
                  sigma_K=sK)
   assert st.mean.dtype == jnp.float32 and st.precision.dtype == jnp.float32
   np.testing.assert_allclose(st.mean, mu, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(st.precision, Lam, rtol=1e-4, atol=1e-4)
-  ex = propagate(s32["x0"], s32["A"], s32["b"], s32["x_tgt"], s32["M"], dt=T, sigma=sig,
-                 sigma_K=sK, method="exact")
+  ex = propagate(s32["x0"], s32["A"], s32["b"], s32["x_tgt"], s32["M"], dt=T, sigma_m=sig,
+                 sigma_K=sK, mode="kalman_bucy")
   m, P, _ = _kb_ode(*(s32[k].astype(np.float64) for k in ("A", "b", "x0", "x_tgt", "M")),
                     T, sig, sK)
   assert ex.mean.dtype == jnp.float32
@@ -313,14 +313,31 @@ def test_jit_and_vmap(x64):
   s = _setup(13)
   args = (s["x0"], s["A"], s["b"], s["x_tgt"], s["M"])
   X0 = np.random.default_rng(0).normal(size=(4, 3))
-  for method in ("paper", "exact"):
-    f = jax.jit(jax.vmap(lambda x, dt, sig: propagate(x, *args[1:], dt=dt, sigma=sig,
-                                                      method=method),
+  for mode in ("paper", "kalman_bucy"):
+    f = jax.jit(jax.vmap(lambda x, dt, sig: propagate(x, *args[1:], dt=dt, sigma_m=sig,
+                                                      mode=mode),
                          in_axes=(0, None, None)))
     batched = f(X0, 0.6, 0.9)
-    eager = propagate(X0[3], *args[1:], dt=0.6, sigma=0.9, method=method)
+    eager = propagate(X0[3], *args[1:], dt=0.6, sigma_m=0.9, mode=mode)
     np.testing.assert_allclose(batched.mean[3], eager.mean, rtol=1e-12)
     np.testing.assert_allclose(batched.precision[3], eager.precision, rtol=1e-12)
+
+
+def test_spec_signature_positional_order(x64):
+  # Spec §6.2: propagate(x0, A, b, x_tgt, M=W_V, dt=1, sigma_m=1, sigma_K=1, mode="paper").
+  s = _setup(15)
+  args = (s["x0"], s["A"], s["b"], s["x_tgt"], s["M"])
+  for mode in ("paper", "kalman_bucy"):
+    pos = propagate_full(*args, 0.7, 0.5, 1.3, mode)
+    kw = propagate_full(*args, dt=0.7, sigma_m=0.5, sigma_K=1.3, mode=mode)
+    for got, want in zip(pos, kw):
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(propagate(*args, 0.7, 0.5, 1.3, mode).mean, kw.mean)
+  paper = propagate(*args, 0.7, 0.5, 1.3)
+  exact = propagate(*args, 0.7, 0.5, 1.3, "kalman_bucy")
+  assert np.max(np.abs(np.asarray(paper.mean) - np.asarray(exact.mean))) > 1e-3
+  with pytest.raises(TypeError):
+    propagate(*args, 0.7, 0.5, 1.3, "paper", "gain")  # form and n_sub are keyword-only
 
 
 def test_measurement_update_prior_with_singular_covariance(x64):
@@ -340,18 +357,18 @@ def test_bad_inputs():
       (dict(A=np.zeros((2, 3, 3))), r"A must have 2 dimensions"),
       (dict(b=np.zeros((3, 1))), r"b must have shape \(3\), got \(3, 1\)"),
       (dict(x_tgt=np.zeros(2)), r"x_tgt must have shape \(3\), got \(2,\)"),
-      (dict(W_V=np.zeros((2, 3))), r"W_V must have shape \(3, 3\), got \(2, 3\)"),
+      (dict(M=np.zeros((2, 3))), r"M must have shape \(3, 3\), got \(2, 3\)"),
       (dict(A=A + 0j), "A must be real"),
       (dict(x_tgt=y * 1j), "x_tgt must be real"),
       (dict(dt=0.0), "dt must be > 0"),
-      (dict(sigma=-1.0), "sigma must be > 0"),
+      (dict(sigma_m=-1.0), "sigma_m must be > 0"),
       (dict(sigma_K=jnp.inf), "sigma_K must be finite"),
-      (dict(method="kalman"), "method must be one of"),
+      (dict(mode="kalman"), "mode must be one of"),
       (dict(form="joseph"), "form must be one of"),
       (dict(n_sub=0), "n_sub must be an integer >= 1"),
       (dict(n_sub=2.5), "n_sub must be an integer >= 1"),
   ]
-  base = dict(x0=x0, A=A, b=b, x_tgt=y, W_V=M)
+  base = dict(x0=x0, A=A, b=b, x_tgt=y, M=M)
   for override, msg in cases:
     kw = {**base, **override}
     with pytest.raises(ValueError, match=msg):

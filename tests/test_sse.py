@@ -41,7 +41,7 @@ def test_ito_cancellation(x64):
   sigma, dt, n, key = 0.6, 1e-2, 100_000, jax.random.key(1)
   q = float(np.sum((X0 - X_TGT) ** 2)) / sigma**2  # ||x0 - x_tgt||^2 / sigma^2 ~ 3.9
   zeros = (np.zeros((D, D)), np.zeros(D))
-  run = lambda variant: simulate_sse(key, X0, *zeros, X_TGT, sigma=sigma, dt=dt, n_steps=1,
+  run = lambda variant: simulate_sse(key, X0, *zeros, X_TGT, sigma_m=sigma, dt=dt, n_steps=1,
                                      variant=variant, n_paths=n, return_path=False)
   # The measurement increments simulate_sse used (documented: split key, sse_increments).
   dW = jax.jit(jax.vmap(lambda k: sse_increments(k, 1, D, dt, jnp.float64)[0][0]))(
@@ -57,14 +57,14 @@ def test_weak_measurement_limit_converges_to_koopman_mean(x64):
   """QSF §6.8 item 10: sigma -> inf, sigma_K = 0 gives the free mean mu_K, EM error O(dt)."""
   A, b = _model()
   mu_K = np.asarray(koopman_mean(A, b, X0, 1.0))
-  ends = [np.asarray(simulate_sse(jax.random.key(0), X0, A, b, X_TGT, sigma=jnp.inf,
+  ends = [np.asarray(simulate_sse(jax.random.key(0), X0, A, b, X_TGT, sigma_m=jnp.inf,
                                  dt=1.0 / n, n_steps=n, return_path=False)) for n in (20, 40)]
   errs = [np.linalg.norm(x - mu_K) for x in ends]
   assert 1.8 < errs[0] / errs[1] < 2.2  # first order: the error halves with dt
   # The O(dt) error is all EM discretisation: Richardson extrapolation removes it.
   assert np.linalg.norm(2 * ends[1] - ends[0] - mu_K) < errs[1] / 20
   # A finite sigma approaches the free flow like 1/sigma.
-  run = lambda s: np.asarray(simulate_sse(jax.random.key(0), X0, A, b, X_TGT, sigma=s,
+  run = lambda s: np.asarray(simulate_sse(jax.random.key(0), X0, A, b, X_TGT, sigma_m=s,
                                           dt=1 / 40, n_steps=40, return_path=False))
   dev = [np.abs(run(s) - ends[1]).max() for s in (1e3, 1e4)]
   assert 9 < dev[0] / dev[1] < 11
@@ -76,7 +76,7 @@ def test_centered_variant_preserves_the_unit_norm(x64):
   A, b = _model(1)
   sigma = 0.7
   for variant, sig in (("centered", sigma), ("centered", jnp.inf)):
-    drift, diff = sse_coefficients(X0, A, b, X_TGT, sigma=sig, variant=variant)
+    drift, diff = sse_coefficients(X0, A, b, X_TGT, sigma_m=sig, variant=variant)
     e = X0 - X_TGT
     radial = -(e @ e - (X0 @ e) ** 2) / (2 * sigma**2) if sig == sigma else 0.0
     assert float(X0 @ np.asarray(drift)) == pytest.approx(radial, abs=1e-12)
@@ -84,13 +84,13 @@ def test_centered_variant_preserves_the_unit_norm(x64):
   # One step with dW = +-sqrt(dt): the two-point average is the exact Gaussian mean of
   # the quadratic d||x||^2, and dW = +sqrt(dt) alone is a pathwise check.
   def dnorm2(variant, dt, sign):
-    x1 = sse_integrate(X0, A, b, X_TGT, jnp.array([sign * np.sqrt(dt)]), sigma=sigma, dt=dt,
+    x1 = sse_integrate(X0, A, b, X_TGT, jnp.array([sign * np.sqrt(dt)]), sigma_m=sigma, dt=dt,
                        variant=variant, return_path=False)
     return float(np.sum(np.asarray(x1) ** 2) - 1.0)
   for dt in (1e-2, 2.5e-3):
     mean_c = 0.5 * (dnorm2("centered", dt, 1) + dnorm2("centered", dt, -1)) / dt
     mean_p = 0.5 * (dnorm2("paper", dt, 1) + dnorm2("paper", dt, -1)) / dt
-    drift = np.asarray(sse_coefficients(X0, A, b, X_TGT, sigma=sigma, variant="centered")[0])
+    drift = np.asarray(sse_coefficients(X0, A, b, X_TGT, sigma_m=sigma, variant="centered")[0])
     assert mean_c == pytest.approx(drift @ drift * dt, rel=1e-9)  # = ||a||^2 dt: O(dt)
     assert abs(mean_p) > 0.1 and abs(mean_c) < 0.1 * abs(mean_p)  # paper: O(1) when A != 0
   ratio = dnorm2("centered", 1e-2, 1) / dnorm2("centered", 2.5e-3, 1)
@@ -104,23 +104,23 @@ def test_piecewise_schedule_equals_chained_runs(x64):
   dW, dW_K = sse_increments(jax.random.key(3), n1 + n2, D, dt, jnp.float64)
   schedule = np.concatenate([np.tile(t1, (n1, 1)), np.tile(t2, (n2, 1))])
   for variant in ("paper", "centered", "linear"):
-    kw = dict(sigma=0.8, dt=dt, variant=variant, sigma_K=0.3)
+    kw = dict(sigma_m=0.8, dt=dt, variant=variant, sigma_K=0.3)
     full = sse_integrate(X0, A, b, schedule, dW, dW_K, **kw)
     first = sse_integrate(X0, A, b, t1, dW[:n1], dW_K[:n1], **kw)
     second = sse_integrate(first[-1], A, b, t2, dW[n1:], dW_K[n1:], **kw)
     np.testing.assert_allclose(full, np.concatenate([first, second[1:]]), rtol=0, atol=1e-14)
     assert not np.allclose(full, sse_integrate(X0, A, b, t1, dW, dW_K, **kw))
   # simulate_sse draws its noise with sse_increments(key, ...).
-  sim = simulate_sse(jax.random.key(3), X0, A, b, schedule, sigma=0.8, dt=dt, n_steps=n1 + n2,
+  sim = simulate_sse(jax.random.key(3), X0, A, b, schedule, sigma_m=0.8, dt=dt, n_steps=n1 + n2,
                      sigma_K=0.3)
-  np.testing.assert_allclose(sim, sse_integrate(X0, A, b, schedule, dW, dW_K, sigma=0.8, dt=dt,
+  np.testing.assert_allclose(sim, sse_integrate(X0, A, b, schedule, dW, dW_K, sigma_m=0.8, dt=dt,
                                                 sigma_K=0.3), rtol=0, atol=1e-14)
 
 
 def test_shapes_determinism_and_jit():
   A, b = _model(3)
   key = jax.random.key(4)
-  kw = dict(sigma=1.0, dt=0.1, n_steps=4, sigma_K=0.5)
+  kw = dict(sigma_m=1.0, dt=0.1, n_steps=4, sigma_K=0.5)
   ens = simulate_sse(key, X0, A, b, X_TGT, n_paths=5, **kw)
   assert ens.shape == (5, 5, D) and ens.dtype == jnp.float32
   np.testing.assert_array_equal(ens[:, 0], np.tile(X0.astype(np.float32), (5, 1)))
@@ -145,7 +145,7 @@ def test_koopman_noise_matches_van_loan_covariance(x64):
   A, b = _model(4, scale=0.4)
   A = A - np.eye(D)
   n, T, n_steps = 20_000, 1.0, 100
-  ends = np.asarray(simulate_sse(jax.random.key(6), X0, A, b, X_TGT, sigma=jnp.inf,
+  ends = np.asarray(simulate_sse(jax.random.key(6), X0, A, b, X_TGT, sigma_m=jnp.inf,
                                  dt=T / n_steps, n_steps=n_steps, sigma_K=1.0, n_paths=n,
                                  return_path=False))
   cov = np.asarray(koopman_cov(A, 1.0, T))
@@ -156,9 +156,22 @@ def test_koopman_noise_matches_van_loan_covariance(x64):
   assert np.all(np.abs(ends.mean(0) - mu) < 5 * np.sqrt(np.diag(cov) / n) + 0.02)
 
 
+def test_simulate_sse_spec_signature():
+  # Spec §6.7: simulate_sse(key, x0, A, b, x_tgt, sigma_m, dt, n_steps, variant, sigma_K).
+  A, b = _model()
+  key = jax.random.key(4)
+  pos = simulate_sse(key, X0, A, b, X_TGT, 0.8, 0.05, 6, "centered", 0.2)
+  kw = simulate_sse(key, X0, A, b, X_TGT, sigma_m=0.8, dt=0.05, n_steps=6, variant="centered",
+                    sigma_K=0.2)
+  np.testing.assert_array_equal(pos, kw)
+  assert pos.shape == (7, D)
+  paper = simulate_sse(key, X0, A, b, X_TGT, 0.8, 0.05, 6)
+  assert np.max(np.abs(np.asarray(paper) - np.asarray(pos))) > 1e-4
+
+
 def _good():
   A, b = _model()
-  return dict(key=jax.random.key(0), x0=X0, A=A, b=b, x_tgt=X_TGT, sigma=1.0, dt=0.1,
+  return dict(key=jax.random.key(0), x0=X0, A=A, b=b, x_tgt=X_TGT, sigma_m=1.0, dt=0.1,
               n_steps=3)
 
 
@@ -172,10 +185,10 @@ def _good():
     ({"x_tgt": np.ones((4, D))}, r"x_tgt must have shape \(3, 3\)"),
     ({"x_tgt": np.ones((3, D, 1))}, "x_tgt must have 1 or 2 dimension"),
     ({"variant": "ito"}, "variant must be one of"),
-    ({"sigma": 0.0}, "sigma must be > 0"),
+    ({"sigma_m": 0.0}, "sigma_m must be > 0"),
     ({"dt": -0.1}, "dt must be > 0"),
     ({"dt": np.full(D, 0.1)}, r"dt must be a scalar, got shape \(3,\)"),
-    ({"sigma": np.ones(D)}, r"sigma must be a scalar, got shape \(3,\)"),
+    ({"sigma_m": np.ones(D)}, r"sigma_m must be a scalar, got shape \(3,\)"),
     ({"sigma_K": np.ones(D)}, "sigma_K must be a finite scalar >= 0"),
     ({"sigma_K": -1.0}, "sigma_K must be a finite scalar >= 0"),
     ({"n_steps": 0}, "n_steps must be an int > 0"),
@@ -195,12 +208,12 @@ def test_simulate_sse_bad_inputs(override, match):
 def test_integrate_and_increments_bad_inputs():
   A, b = _model()
   with pytest.raises(ValueError, match="dW must have 1 dimension"):
-    sse_integrate(X0, A, b, X_TGT, np.zeros((4, 1)), sigma=1.0, dt=0.1)
+    sse_integrate(X0, A, b, X_TGT, np.zeros((4, 1)), sigma_m=1.0, dt=0.1)
   with pytest.raises(ValueError, match=r"dW_K must have shape \(4, 3\)"):
-    sse_integrate(X0, A, b, X_TGT, np.zeros(4), np.zeros((4, 2)), sigma=1.0, dt=0.1)
+    sse_integrate(X0, A, b, X_TGT, np.zeros(4), np.zeros((4, 2)), sigma_m=1.0, dt=0.1)
   with pytest.raises(ValueError, match=r"x_tgt must have shape \(4, 3\)"):
-    sse_integrate(X0, A, b, np.zeros((5, D)), np.zeros(4), sigma=1.0, dt=0.1)
+    sse_integrate(X0, A, b, np.zeros((5, D)), np.zeros(4), sigma_m=1.0, dt=0.1)
   with pytest.raises(ValueError, match="d must be an int > 0"):
     sse_increments(jax.random.key(0), 4, 0, 0.1)
   with pytest.raises(ValueError, match="x_tgt must have 1 dimension"):
-    sse_coefficients(X0, A, b, np.zeros((2, D)), sigma=1.0)
+    sse_coefficients(X0, A, b, np.zeros((2, D)), sigma_m=1.0)

@@ -263,7 +263,7 @@ def _dynamics(results, out, ops, sentence, l, tokenizer, sse_paths, sse_steps, s
       "exact_tokens": int(len(prop["exact_index"])),
       "dev_prior_median": med(prop["dev_prior"]), "dev_paper_median": med(prop["dev_paper"]),
       "dev_exact_median": med(prop["dev_exact"]), "shift_ratio_median": med(prop["shift_ratio"]),
-      "sigma": 1.0, "sigma_K": 1.0}
+      "sigma_m": 1.0, "sigma_K": 1.0}
   n = sentence.tokens.size - 1
   x_star = propagation.state_target(ops.W_V[l], sentence.x_tgt[l][n])
   sse = propagation.sse_ensemble(jax.random.key(seed), ops.K[l], ops.b[l], sentence.k_in[l][n],

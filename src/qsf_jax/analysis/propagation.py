@@ -54,9 +54,9 @@ def layer_dynamics(K, b) -> tuple[np.ndarray, np.ndarray, str]:
   return K - np.eye(K.shape[0]), b, variant
 
 
-def _exact_substeps(A, M, sigma, sigma_K) -> int:
-  """Sub-steps of the exact propagator: nu dt <= 8 with nu = |A|_2 + sigma_K |M|_2 / sigma."""
-  nu = np.linalg.norm(A, 2) + sigma_K * np.linalg.norm(M, 2) / sigma
+def _exact_substeps(A, M, sigma_m, sigma_K) -> int:
+  """Sub-steps of the exact propagator: nu dt <= 8 with nu = |A|_2 + sigma_K |M|_2 / sigma_m."""
+  nu = np.linalg.norm(A, 2) + sigma_K * np.linalg.norm(M, 2) / sigma_m
   return max(1, int(math.ceil(nu / 8.0)))
 
 
@@ -69,14 +69,14 @@ def exact_subset(n: int, exact_tokens: int | None) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, n - 1, exact_tokens)).astype(np.int64))
 
 
-def propagate_sentence(K, b, W_V, k_in_ND, x_tgt_ND, *, sigma: float = 1.0,
+def propagate_sentence(K, b, W_V, k_in_ND, x_tgt_ND, *, sigma_m: float = 1.0,
                        sigma_K: float = 1.0, step_ND=None, exact_tokens: int | None = None,
                        dynamics=None) -> dict:
   """Propagator means of one layer over a sentence, paper and exact (QSF eqs. 57-58, §6.3).
 
   Continuous variant (A = logm K, dt = 1, spec §6.4):
-    paper:  Lambda = Sigma_K^{-1} + W_V^T W_V / sigma^2,
-            mu = Lambda^{-1} (Sigma_K^{-1} mu_K + W_V^T x_tgt / sigma^2),  mu_K = K x0 + b;
+    paper:  Lambda = Sigma_K^{-1} + W_V^T W_V / sigma_m^2,
+            mu = Lambda^{-1} (Sigma_K^{-1} mu_K + W_V^T x_tgt / sigma_m^2),  mu_K = K x0 + b;
     exact:  the Kalman-Bucy mean of spec §6.3.
   Discrete variant: the paper update with prior N(K x0 + b, sigma_K^2 I); exact = paper.
 
@@ -90,7 +90,7 @@ def propagate_sentence(K, b, W_V, k_in_ND, x_tgt_ND, *, sigma: float = 1.0,
     W_V: value projection (d, d) (the measurement matrix M).
     k_in_ND: Koopman inputs x0 per token (N, d).
     x_tgt_ND: attention targets per token (N, d).
-    sigma: measurement noise sigma_m (QSF: 1).
+    sigma_m: measurement noise (QSF: 1).
     sigma_K: Koopman noise (QSF: 1).
     step_ND: the layer's update h^(l+1) - h^(l) per token (N, d), optional.
     exact_tokens: evaluate the exact form on at most this many tokens (None: all).
@@ -116,20 +116,20 @@ def propagate_sentence(K, b, W_V, k_in_ND, x_tgt_ND, *, sigma: float = 1.0,
   idx = exact_subset(X0.shape[0], exact_tokens)
   with jax.enable_x64(True):
     if variant == "continuous":
-      n_sub = _exact_substeps(A, M, sigma, sigma_K)
+      n_sub = _exact_substeps(A, M, sigma_m, sigma_K)
       # The operators are arguments, not closure constants, so that XLA does not
       # constant-fold d x d products at compile time.
-      fns = {method: jax.jit(jax.vmap(
-          lambda x0, xt, A_, b_, M_, method=method: propagate(
-              x0, A_, b_, xt, M_, sigma=sigma, sigma_K=sigma_K, method=method,
+      fns = {key: jax.jit(jax.vmap(
+          lambda x0, xt, A_, b_, M_, mode=mode: propagate(
+              x0, A_, b_, xt, M_, sigma_m=sigma_m, sigma_K=sigma_K, mode=mode,
               n_sub=n_sub).mean, in_axes=(0, 0, None, None, None)))
-             for method in ("paper", "exact")}
+             for key, mode in (("paper", "paper"), ("exact", "kalman_bucy"))}
       paper = np.asarray(fns["paper"](X0, XT, A, b_c, M))
       exact = np.full_like(paper, np.nan)
       exact[idx] = np.asarray(fns["exact"](X0[idx], XT[idx], A, b_c, M))
     else:
       fn = jax.jit(jax.vmap(lambda m0, xt, cov, M_: measurement_update(
-          m0, cov, xt, M_, 1.0 / sigma ** 2).mean, in_axes=(0, 0, None, None)))
+          m0, cov, xt, M_, 1.0 / sigma_m ** 2).mean, in_axes=(0, 0, None, None)))
       paper = np.asarray(fn(prior, XT, sigma_K ** 2 * np.eye(d), M))
       idx = np.arange(X0.shape[0])
       exact = paper
@@ -172,12 +172,12 @@ def state_target(W_V, x_tgt, *, rcond: float = 1e-6) -> np.ndarray:
 SSE_MIN_STEPS, SSE_MAX_STEPS = 200, 5000
 
 
-def stable_sse_steps(A, x0, x_tgt, *, sigma: float = 1.0, min_steps: int = SSE_MIN_STEPS,
+def stable_sse_steps(A, x0, x_tgt, *, sigma_m: float = 1.0, min_steps: int = SSE_MIN_STEPS,
                      max_steps: int = SSE_MAX_STEPS) -> int:
   """Euler-Maruyama steps per unit interval that keep the eq. 43 drift stable.
 
-  The drift A x + b - ||e||^2 x / (2 sigma^2) has, near the path, a stiffness
-  of at most s = ||A||_2 + (r + 1)^2 / (2 sigma^2) with r = max(||x0 - x_tgt||,
+  The drift A x + b - ||e||^2 x / (2 sigma_m^2) has, near the path, a stiffness
+  of at most s = ||A||_2 + (r + 1)^2 / (2 sigma_m^2) with r = max(||x0 - x_tgt||,
   ||x_tgt||) (the state moves between x0 and the origin, so ||e|| <= r + 1 in
   the unit-sphere scaling). Explicit Euler is stable for dt * s < 2; this
   returns n = ceil(2 s), i.e. dt * s <= 1/2, clipped to [min_steps, max_steps].
@@ -189,7 +189,7 @@ def stable_sse_steps(A, x0, x_tgt, *, sigma: float = 1.0, min_steps: int = SSE_M
     A: generator (d, d).
     x0: start (d,) (already scaled).
     x_tgt: target (d,) (same scaling).
-    sigma: measurement noise sigma_m.
+    sigma_m: measurement noise.
     min_steps, max_steps: bounds on the returned count.
 
   Returns:
@@ -197,17 +197,17 @@ def stable_sse_steps(A, x0, x_tgt, *, sigma: float = 1.0, min_steps: int = SSE_M
   """
   A, x0, xt = (np.asarray(a, np.float64) for a in (A, x0, x_tgt))
   r = max(float(np.linalg.norm(x0 - xt)), float(np.linalg.norm(xt)))
-  stiff = float(np.linalg.norm(A, 2)) + (r + 1.0) ** 2 / (2.0 * sigma ** 2)
+  stiff = float(np.linalg.norm(A, 2)) + (r + 1.0) ** 2 / (2.0 * sigma_m ** 2)
   if not np.isfinite(stiff):
     return int(max_steps)
   return int(np.clip(math.ceil(2.0 * stiff), min_steps, max_steps))
 
 
 def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int | None = None,
-                 sigma: float = 1.0, variant: str = "paper", dynamics=None) -> dict:
+                 sigma_m: float = 1.0, variant: str = "paper", dynamics=None) -> dict:
   """SSE trajectories over one token interval from a layer's operators (QSF eq. 43/42, §6.7).
 
-    x_{n+1} = x_n + [A x_n + b_c - ||e_n||^2 x_n / (2 sigma^2)] dt + (e_n / sigma) dW_n,
+    x_{n+1} = x_n + [A x_n + b_c - ||e_n||^2 x_n / (2 sigma_m^2)] dt + (e_n / sigma_m) dW_n,
     e_n = x_n - x_tgt,  dt = 1 / n_steps   (variant "paper", eq. 43)
 
   with (A, b_c) from ``layer_dynamics``. The SSE describes a normalised state,
@@ -222,13 +222,13 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int | None
     x_tgt: the measured target in state space (d,) (see ``state_target``).
     n_paths: ensemble size.
     n_steps: Euler-Maruyama steps over the unit interval (None: ``stable_sse_steps``).
-    sigma: measurement noise sigma_m.
+    sigma_m: measurement noise.
     variant: "paper" (eq. 43) or "centered" (eq. 42).
     dynamics: ``layer_dynamics(K, b)`` if already computed.
 
   Returns:
     ``{"t" (n_steps+1,), "norm" (P, n_steps+1), "dist" (P, n_steps+1) = ||x - x_tgt||,
-    "free_norm", "free_dist" (n_steps+1,) of the unmeasured flow (sigma = inf),
+    "free_norm", "free_dist" (n_steps+1,) of the unmeasured flow (sigma_m = inf),
     "variant_dynamics", "sse_variant", "scale" = ||x0||, "finite", "n_steps"}`` (norms
     and distances in the scaled units).
   """
@@ -242,13 +242,13 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int | None
     raise ValueError(f"x_tgt must have shape {x0.shape}, got {xt.shape}")
   args = (x0 / scale, A, b_c / scale, xt)
   if n_steps is None:
-    n_steps = stable_sse_steps(A, x0 / scale, xt, sigma=sigma)
+    n_steps = stable_sse_steps(A, x0 / scale, xt, sigma_m=sigma_m)
   elif isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
     raise ValueError(f"n_steps must be a positive int or None (automatic), got {n_steps!r}")
   with jax.enable_x64(True):
-    paths = np.asarray(simulate_sse(key, *args, sigma=sigma, dt=1.0 / n_steps,
+    paths = np.asarray(simulate_sse(key, *args, sigma_m=sigma_m, dt=1.0 / n_steps,
                                     n_steps=n_steps, variant=variant, n_paths=n_paths))
-    free = np.asarray(simulate_sse(key, *args, sigma=np.inf, dt=1.0 / n_steps,
+    free = np.asarray(simulate_sse(key, *args, sigma_m=np.inf, dt=1.0 / n_steps,
                                    n_steps=n_steps, variant=variant))
   with np.errstate(over="ignore", invalid="ignore"):
     return {"t": np.linspace(0.0, 1.0, n_steps + 1),

@@ -20,7 +20,7 @@ import jax.scipy.linalg as jsl
 
 from qsf_jax import _checks
 from qsf_jax.physics.generators import koopman_affine, koopman_cov
-from qsf_jax.physics.propagate import (FORMS, METHODS, GaussianPropagator, GaussianState,
+from qsf_jax.physics.propagate import (FORMS, MODES, GaussianPropagator, GaussianState,
                                        check_finite_positive, kalman_bucy_step,
                                        measurement_update)
 
@@ -163,26 +163,26 @@ def chain_mean(x0, A_seq, b_seq, dt=1.0, *, n_steps=None, method="associative"):
   return scan_affine(x0.astype(dtype), U_NDD, c_ND, method=method)
 
 
-def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, W_V, dt, sigma, sigma_K):
+def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt, sigma_m, sigma_K):
   """Shared validation of the measured chains; returns cast arrays and N."""
   y = _checks.as_array("x_tgt_seq", x_tgt_seq)
   _checks.check_ndim("x_tgt_seq", y, 2)
-  extra = [y] + ([] if W_V is None else [_checks.as_array("W_V", W_V)])
+  extra = [y] + ([] if M is None else [_checks.as_array("M", M)])
   x0 = _checks.as_array("x0", x0)
   A, b, d, N, dtype = _validate_seq(A_seq, b_seq, extra=extra + [x0],
                                     n_from={"x_tgt_seq": y.shape[0]})
   _checks.check_shape("x_tgt_seq", y, (N, d))
   _checks.check_shape("x0", x0, (d,))
-  M = jnp.eye(d, dtype=dtype) if W_V is None else extra[1]
-  _checks.check_shape("W_V", M, (d, d))
+  M = jnp.eye(d, dtype=dtype) if M is None else extra[1]
+  _checks.check_shape("M", M, (d, d))
   _checks.check_positive("dt", dt)
-  _checks.check_positive("sigma", sigma)
+  _checks.check_positive("sigma_m", sigma_m)
   check_finite_positive("sigma_K", sigma_K)
-  r = jnp.asarray(dt, dtype) / jnp.asarray(sigma, dtype) ** 2
+  r = jnp.asarray(dt, dtype) / jnp.asarray(sigma_m, dtype) ** 2
   return x0.astype(dtype), A, b, y.astype(dtype), M.astype(dtype), N, r
 
 
-def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.0,
+def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
                         sigma_K=1.0, method="associative"):
   """Chain of paper propagator means, each step restarted at the last mean (QSF eqs. 57-59).
 
@@ -190,7 +190,7 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=
   mean is affine in x_{n-1} (gain form, spec §6.2):
 
     x_n = (I - G_n M)(U_n x_{n-1} + c_n) + G_n x_tgt,n,
-    G_n = r Sigma_K,n M^T (r M Sigma_K,n M^T + I)^{-1},  r = dt/sigma^2,
+    G_n = r Sigma_K,n M^T (r M Sigma_K,n M^T + I)^{-1},  r = dt/sigma_m^2,
 
   so the chain is again eq. 59's affine composition and can use the parallel scan.
 
@@ -199,9 +199,9 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=
     A_seq: generators (d, d) or (N, d, d).
     b_seq: biases (d,) or (N, d).
     x_tgt_seq: targets per token (N, d).
-    W_V: value projection M (d, d), or None (identity).
+    M: measurement matrix, the value projection W_V (d, d), or None (identity).
     dt: token step > 0.
-    sigma: measurement noise > 0 (inf: no measurement, = ``chain_mean``).
+    sigma_m: measurement noise > 0 (inf: no measurement, = ``chain_mean``).
     sigma_K: Koopman noise, finite > 0.
     method: "associative" or "sequential" (static).
 
@@ -209,8 +209,8 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=
     means (N, d).
   """
   _checks.check_choice("method", method, SCAN_METHODS)
-  x0, A, b, y, M, N, r = _validate_measured(x0, A_seq, b_seq, x_tgt_seq, W_V, dt,
-                                            sigma, sigma_K)
+  x0, A, b, y, M, N, r = _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt,
+                                            sigma_m, sigma_K)
   d = x0.shape[0]
 
   def step_map(A_DD, b_D):
@@ -226,19 +226,19 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=
   return scan_affine(x0, V_NDD, off_ND, method=method)
 
 
-def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.0,
-                      sigma_K=1.0, P0=None, method="paper", form="auto",
+def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
+                      sigma_K=1.0, P0=None, mode="paper", form="auto",
                       n_sub=1) -> GaussianPropagator:
   """The Kalman chain over tokens with covariances and log-normalisers (spec §6.5).
 
   Starting from N(x0, P0), each token n predicts with the free flow and updates
-  with its target. ``method="paper"`` (QSF eqs. 57-59, spec §6.2):
+  with its target. ``mode="paper"`` (QSF eqs. 57-59, spec §6.2):
 
     m^- = U_n m + c_n,   P^- = U_n P U_n^T + Sigma_K,n,
-    (m, P) <- measurement_update(m^-, P^-, x_tgt,n, W_V, dt/sigma^2);
+    (m, P) <- measurement_update(m^-, P^-, x_tgt,n, M, dt/sigma_m^2);
 
   with P0 = 0 the first step is exactly QSF eqs. 57-58 (``propagate``).
-  ``method="exact"``: each token runs the exact running-measurement
+  ``mode="kalman_bucy"``: each token runs the exact running-measurement
   propagator from N(m, P) (``kalman_bucy_step``, spec §6.3), so the chain is the
   exact path integral of QSF eqs. 52-55 with a piecewise-constant target.
 
@@ -247,24 +247,24 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.
     A_seq: generators (d, d) or (N, d, d).
     b_seq: biases (d,) or (N, d).
     x_tgt_seq: targets per token (N, d).
-    W_V: value projection M (d, d), or None (identity).
+    M: measurement matrix, the value projection W_V (d, d), or None (identity).
     dt: token step > 0.
-    sigma: measurement noise > 0 (inf allowed).
+    sigma_m: measurement noise > 0 (inf allowed).
     sigma_K: Koopman noise, finite > 0.
     P0: initial covariance (d, d), PSD; None means 0 (a known start point).
-    method: "paper" or "exact" (static).
-    form: "auto"/"gain" or "information" update (static; paper method).
-    n_sub: exact sub-steps per token (static; exact method).
+    mode: "paper" or "kalman_bucy" (static).
+    form: "auto"/"gain" or "information" update (static; paper mode).
+    n_sub: exact sub-steps per token (static; Kalman-Bucy mode).
 
   Returns:
     GaussianPropagator with mean (N, d), precision (N, d, d), covariance
     (N, d, d) and log_normalizer (N,) (log predictive weight of each target;
     their sum is the chain's log Z).
   """
-  _checks.check_choice("method", method, METHODS)
+  _checks.check_choice("mode", mode, MODES)
   _checks.check_choice("form", form, FORMS)
-  x0, A, b, y, M, N, r = _validate_measured(x0, A_seq, b_seq, x_tgt_seq, W_V, dt,
-                                            sigma, sigma_K)
+  x0, A, b, y, M, N, r = _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt,
+                                            sigma_m, sigma_K)
   d = x0.shape[0]
   if P0 is None:
     P0 = jnp.zeros((d, d), x0.dtype)
@@ -272,12 +272,12 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.
     P0 = _checks.as_array("P0", P0)
     _checks.check_shape("P0", P0, (d, d))
     P0 = P0.astype(x0.dtype)
-  if method == "exact":
+  if mode == "kalman_bucy":
     A_NDD = jnp.broadcast_to(A, (N, d, d))
     b_ND = jnp.broadcast_to(b, (N, d))
 
     def exact_step(carry, inputs):
-      out = kalman_bucy_step(*carry, *inputs, M, dt=dt, sigma=sigma, sigma_K=sigma_K,
+      out = kalman_bucy_step(*carry, *inputs, M, dt=dt, sigma_m=sigma_m, sigma_K=sigma_K,
                              n_sub=n_sub)
       return (out.mean, out.covariance), out
 
@@ -298,8 +298,8 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.
   return jax.lax.scan(step, (x0, P0), (U_NDD, c_ND, S_NDD, y))[1]
 
 
-def chain_filter(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.0,
-                 sigma_K=1.0, P0=None, method="paper", form="auto",
+def chain_filter(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
+                 sigma_K=1.0, P0=None, mode="paper", form="auto",
                  n_sub=1) -> GaussianState:
   """The Kalman chain over tokens (QSF eqs. 57-59, spec §6.5).
 
@@ -311,18 +311,18 @@ def chain_filter(x0, A_seq, b_seq, x_tgt_seq, W_V=None, *, dt=1.0, sigma=1.0,
     A_seq: generators (d, d) or (N, d, d).
     b_seq: biases (d,) or (N, d).
     x_tgt_seq: targets (N, d).
-    W_V: value projection (d, d) or None.
+    M: measurement matrix W_V (d, d) or None (identity).
     dt: token step > 0.
-    sigma: measurement noise > 0 (inf allowed).
+    sigma_m: measurement noise > 0 (inf allowed).
     sigma_K: Koopman noise, finite > 0.
     P0: initial covariance (d, d) or None (0).
-    method: "paper" or "exact" (Kalman-Bucy within each token).
-    form: "auto"/"gain" or "information" (paper method).
-    n_sub: exact sub-steps per token (exact method).
+    mode: "paper" or "kalman_bucy" (exact propagator within each token).
+    form: "auto"/"gain" or "information" (paper mode).
+    n_sub: exact sub-steps per token (Kalman-Bucy mode).
 
   Returns:
     GaussianState with mean (N, d) and precision (N, d, d).
   """
-  full = chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, W_V, dt=dt, sigma=sigma,
-                           sigma_K=sigma_K, P0=P0, method=method, form=form, n_sub=n_sub)
+  full = chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M, dt=dt, sigma_m=sigma_m,
+                           sigma_K=sigma_K, P0=P0, mode=mode, form=form, n_sub=n_sub)
   return GaussianState(full.mean, full.precision)

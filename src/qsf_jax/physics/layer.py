@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from qsf_jax import _checks
-from qsf_jax.physics.propagate import (FORMS, METHODS, GaussianState,
+from qsf_jax.physics.propagate import (FORMS, MODES, GaussianState,
                                        check_finite_positive, measurement_update,
                                        propagate)
 from qsf_jax.physics.spectral import host_real, koopman_generator
@@ -79,18 +79,18 @@ def continuous_bias(A, b):
   return jnp.linalg.solve(phi1, b)
 
 
-def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma=1.0, sigma_K=1.0, method="paper",
+def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma_m=1.0, sigma_K=1.0, mode="paper",
                     form="auto", tol=1e-8):
   """Gaussian propagator of a trained layer, continuous or discrete (spec §6.4).
 
   * continuous (K has a real logarithm): A = logm(K), dt = 1, bias b_c with
     phi_1(A) b_c = b (``continuous_bias``), then QSF eqs. 57-58
-    (or the exact Kalman-Bucy form, ``method="exact"``): prior
+    (or the exact Kalman-Bucy form, ``mode="kalman_bucy"``): prior
     N(K x0 + b, Sigma_K), Sigma_K = sigma_K^2 int_0^1 e^{As} e^{A^T s} ds.
   * discrete (an eigenvalue on (-inf, 0]): prior N(K x0 + b, sigma_K^2 I), then
-    the same Bayesian update (QSF eqs. 16-17 with M = W_V, noise sigma^2):
-    Lambda = I/sigma_K^2 + W_V^T W_V/sigma^2,
-    mu = Lambda^{-1}((K x0 + b)/sigma_K^2 + W_V^T x_tgt/sigma^2); ``method`` has no
+    the same Bayesian update (QSF eqs. 16-17 with M = W_V, noise sigma_m^2):
+    Lambda = I/sigma_K^2 + W_V^T W_V/sigma_m^2,
+    mu = Lambda^{-1}((K x0 + b)/sigma_K^2 + W_V^T x_tgt/sigma_m^2); ``mode`` has no
     effect here.
 
   Not jittable (the logarithm is taken on the host).
@@ -101,9 +101,9 @@ def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma=1.0, sigma_K=1.0, method="pap
     W_V: value projection (d, d), or None (identity).
     x0: state entering the layer (d,).
     x_tgt: attention target in value space (d,).
-    sigma: measurement noise > 0 (inf allowed).
+    sigma_m: measurement noise > 0 (inf allowed).
     sigma_K: Koopman noise, finite > 0.
-    method: "paper" or "exact" (continuous variant only).
+    mode: "paper" or "kalman_bucy" (continuous variant only).
     form: "auto"/"gain" or "information".
     tol: tolerance of ``layer_generator``.
 
@@ -111,7 +111,7 @@ def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma=1.0, sigma_K=1.0, method="pap
     (GaussianState(mean (d,), precision (d, d)), variant) with variant
     "continuous" or "discrete".
   """
-  _checks.check_choice("method", method, METHODS)
+  _checks.check_choice("mode", mode, MODES)
   _checks.check_choice("form", form, FORMS)
   K = _checks.as_array("K", K)
   d = _checks.check_square("K", K)
@@ -123,18 +123,18 @@ def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma=1.0, sigma_K=1.0, method="pap
   _checks.check_shape("x_tgt", x_tgt, (d,))
   M = jnp.eye(d, dtype=K.dtype) if W_V is None else _checks.as_array("W_V", W_V)
   _checks.check_shape("W_V", M, (d, d))
-  _checks.check_positive("sigma", sigma)
+  _checks.check_positive("sigma_m", sigma_m)
   check_finite_positive("sigma_K", sigma_K)
   dtype = _checks.result_dtype(K, b, x0, x_tgt, M)
   K, b, x0, x_tgt, M = (a.astype(dtype) for a in (K, b, x0, x_tgt, M))
   A, variant = layer_generator(K, tol=tol)
   if variant == "continuous":
     A = jnp.asarray(A.astype(dtype))
-    state = propagate(x0, A, continuous_bias(A, b), x_tgt, M, dt=1.0, sigma=sigma,
-                      sigma_K=sigma_K, method=method, form=form)
+    state = propagate(x0, A, continuous_bias(A, b), x_tgt, M, dt=1.0, sigma_m=sigma_m,
+                      sigma_K=sigma_K, mode=mode, form=form)
     return state, variant
   prior_cov = jnp.asarray(sigma_K, dtype) ** 2 * jnp.eye(d, dtype=dtype)
-  r = 1.0 / jnp.asarray(sigma, dtype) ** 2
+  r = 1.0 / jnp.asarray(sigma_m, dtype) ** 2
   out = measurement_update(K @ x0 + b, prior_cov, x_tgt, M, r,
                            form="information" if form == "information" else "gain")
   return GaussianState(out.mean, out.precision), variant

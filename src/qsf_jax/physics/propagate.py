@@ -1,12 +1,14 @@
 """Gaussian path-integral propagators over one token interval (QSF eqs. 56-58).
 
 The path weight exp(-S_K - S_meas) (QSF eqs. 52-55) maps a start point x0 to
-Z * N(mean, precision^{-1}). ``method="paper"`` (QSF eqs. 57-58, spec §6.2)
+Z * N(mean, precision^{-1}). ``mode="paper"`` (QSF eqs. 57-58, spec §6.2)
 updates the Koopman prior N(mu_K, Sigma_K) by one endpoint measurement
-x_tgt ~ N(W_V x, (sigma^2/dt) I); ``method="exact"`` (spec §6.3) is the exact
-marginal of the running measurement cost (1/2 sigma^2) int |W_V x - x_tgt|^2 dt,
-the Kalman-Bucy solution, through a Hamiltonian matrix exponential. In both,
-log Z = log E_free[exp(-S_meas)] (0 for sigma = inf).
+x_tgt ~ N(M x, (sigma_m^2/dt) I), M = W_V; ``mode="kalman_bucy"`` (spec §6.3) is
+the exact marginal of the running measurement cost
+(1/2 sigma_m^2) int |M x - x_tgt|^2 dt, the Kalman-Bucy solution, through a
+Hamiltonian matrix exponential. In both, log Z = log E_free[exp(-S_meas)]
+(0 for sigma_m = inf). The signatures follow spec §6.2:
+``propagate(x0, A, b, x_tgt, M=W_V, dt=1, sigma_m=1, sigma_K=1, mode="paper")``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from qsf_jax import _checks
 from qsf_jax.physics.generators import koopman_affine, koopman_cov
 
-METHODS = ("paper", "exact")
+MODES = ("paper", "kalman_bucy")
 FORMS = ("auto", "information", "gain")
 
 
@@ -144,19 +146,19 @@ def measurement_update(prior_mean, prior_cov, x_tgt, M, obs_precision, *, form="
   return GaussianPropagator(mu, Lam, P, log_z)
 
 
-def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma, sigma_K, n_sub=1):
+def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma_m, sigma_K, n_sub=1):
   """Exact running-measurement propagator from N(m, P), in closed form (spec §6.3).
 
   The endpoint marginal of exp(-S_K - S_meas) (QSF eqs. 52-55) over [0, dt] with
   a constant target and x(0) ~ N(m0, P0) is Z * N(m(dt), P(dt)), the Kalman-Bucy
   solution
 
-    m' = A m + b + P M^T (x_tgt - M m) / sigma^2,           m(0) = m0,
-    P' = A P + P A^T + sigma_K^2 I - P M^T M P / sigma^2,    P(0) = P0.
+    m' = A m + b + P M^T (x_tgt - M m) / sigma_m^2,           m(0) = m0,
+    P' = A P + P A^T + sigma_K^2 I - P M^T M P / sigma_m^2,    P(0) = P0.
 
   Derivation (no ODE solver). Homogenise with a constant coordinate, xh = [x; 1],
   Ah = [[A, b], [0, 0]], Qh = diag(sigma_K^2 I, 0), Rh = [[R, -g], [-g^T, 2c]]
-  with R = M^T M/sigma^2, g = M^T x_tgt/sigma^2, c = |x_tgt|^2/(2 sigma^2), so the
+  with R = M^T M/sigma_m^2, g = M^T x_tgt/sigma_m^2, c = |x_tgt|^2/(2 sigma_m^2), so the
   running cost is (1/2) xh^T Rh xh. Let Hh = [[Ah, Qh], [Rh, -Ah^T]] (Hamiltonian)
   and F = expm(Hh dt) [[I, Ph0], [0, I]] = [[F11, F12], [F21, F22]], Ph0 = diag(P0, 0)
   (the shear accounts for the initial spread; F is symplectic).
@@ -172,7 +174,7 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma, sigma_K, n_sub=1):
     1/2 (log det F22 + dt tr A); so
     log Z = -1/2 mh0^T W mh0 - 1/2 log det F22 - 1/2 dt tr A.
 
-  The exponential grows like e^{nu dt}, nu ~ |A| + sigma_K |M|/sigma; for
+  The exponential grows like e^{nu dt}, nu ~ |A| + sigma_K |M|/sigma_m; for
   nu dt >~ 10 split the interval into ``n_sub`` exact sub-steps (chained with the
   same formulas, carrying P and accumulating log Z).
 
@@ -184,7 +186,7 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma, sigma_K, n_sub=1):
     x_tgt: target in value space (d,).
     M: measurement matrix W_V (d, d).
     dt: interval length, scalar > 0.
-    sigma: measurement noise, scalar > 0 (inf: no measurement).
+    sigma_m: measurement noise, scalar > 0 (inf: no measurement).
     sigma_K: Koopman noise, scalar > 0.
     n_sub: number of equal exact sub-steps (static int >= 1).
 
@@ -201,8 +203,8 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma, sigma_K, n_sub=1):
   dtype = _checks.result_dtype(A, *arrs.values())
   m_D, P_DD, b, x_tgt, M = (arrs[k].astype(dtype) for k in ("m", "P", "b", "x_tgt", "M"))
   A, n = A.astype(dtype), d + 1
-  _check_scalars(dt, sigma, sigma_K, n_sub)
-  inv_s2 = 1.0 / jnp.asarray(sigma, dtype) ** 2
+  _check_scalars(dt, sigma_m, sigma_K, n_sub)
+  inv_s2 = 1.0 / jnp.asarray(sigma_m, dtype) ** 2
   g_D = inv_s2 * (M.T @ x_tgt)
   Ah = jnp.zeros((n, n), dtype).at[:d, :d].set(A).at[:d, d].set(b)
   Qh = jnp.zeros((n, n), dtype).at[:d, :d].set(
@@ -233,15 +235,15 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma, sigma_K, n_sub=1):
   return GaussianPropagator(mh[:d], Lam, Ph[:d, :d], log_z)
 
 
-def _check_scalars(dt, sigma, sigma_K, n_sub):
+def _check_scalars(dt, sigma_m, sigma_K, n_sub):
   _checks.check_positive("dt", dt)
-  _checks.check_positive("sigma", sigma)
+  _checks.check_positive("sigma_m", sigma_m)
   check_finite_positive("sigma_K", sigma_K)
   if not isinstance(n_sub, (int, np.integer)) or n_sub < 1:
     raise ValueError(f"n_sub must be an integer >= 1, got {n_sub!r}")
 
 
-def _validate(x0, A, b, x_tgt, W_V, dt, sigma, sigma_K):
+def _validate(x0, A, b, x_tgt, M):
   """Checks shapes/dtypes and casts every array to one real floating dtype."""
   A = _checks.as_array("A", A)
   d = _checks.check_square("A", A)
@@ -251,94 +253,97 @@ def _validate(x0, A, b, x_tgt, W_V, dt, sigma, sigma_K):
   _checks.check_shape("b", b, (d,))
   x_tgt = _checks.as_array("x_tgt", x_tgt)
   _checks.check_shape("x_tgt", x_tgt, (d,))
-  if W_V is None:
+  if M is None:
     dtype = _checks.result_dtype(x0, A, b, x_tgt)
     M = jnp.eye(d, dtype=dtype)
   else:
-    M = _checks.as_array("W_V", W_V)
-    _checks.check_shape("W_V", M, (d, d))
+    M = _checks.as_array("M", M)
+    _checks.check_shape("M", M, (d, d))
     dtype = _checks.result_dtype(x0, A, b, x_tgt, M)
   return tuple(a.astype(dtype) for a in (x0, A, b, x_tgt, M))
 
 
-def propagate_full(x0, A, b, x_tgt, W_V=None, *, dt=1.0, sigma=1.0, sigma_K=1.0,
-                   method="paper", form="auto", n_sub=1) -> GaussianPropagator:
+def propagate_full(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0,
+                   mode="paper", *, form="auto", n_sub=1) -> GaussianPropagator:
   """One-interval Gaussian propagator with covariance and log-normaliser (QSF eqs. 56-58).
 
-  ``method="paper"`` (QSF eqs. 57-58): prior N(mu_K, Sigma_K) from the free
+  ``mode="paper"`` (QSF eqs. 57-58): prior N(mu_K, Sigma_K) from the free
   Koopman flow (QSF eq. 58, ``koopman_affine``/``koopman_cov``), then
 
-    Lambda = Sigma_K^{-1} + (dt/sigma^2) W_V^T W_V,                      (eq. 57)
-    mu = Lambda^{-1} [Sigma_K^{-1} mu_K + (dt/sigma^2) W_V^T x_tgt],     (eq. 58)
+    Lambda = Sigma_K^{-1} + (dt/sigma_m^2) M^T M,                      (eq. 57)
+    mu = Lambda^{-1} [Sigma_K^{-1} mu_K + (dt/sigma_m^2) M^T x_tgt],   (eq. 58)
 
   computed in the gain form (``form="auto"`` or ``"gain"``; well-behaved as
-  dt -> 0 and sigma -> inf) or literally (``form="information"``); see
-  ``measurement_update``. ``method="exact"``: the Kalman-Bucy propagator of the
-  running measurement (spec §6.3; see ``kalman_bucy_step``), for which ``form``
-  has no effect. For small dt the paper form's mean shift is twice the exact one.
+  dt -> 0 and sigma_m -> inf) or literally (``form="information"``); see
+  ``measurement_update``. ``mode="kalman_bucy"``: the exact path-integral
+  propagator of the running measurement (spec §6.3; see ``kalman_bucy_step``),
+  for which ``form`` has no effect. For small dt the paper form's mean shift is
+  twice the exact one.
 
   Args:
     x0: initial state (d,).
     A: real generator (d, d); may be singular.
     b: bias (d,).
     x_tgt: context-aggregated target in value space (d,).
-    W_V: value projection M (d, d); None means the identity.
+    M: measurement matrix, the value projection W_V (d, d); None means the
+      identity.
     dt: interval length, scalar > 0.
-    sigma: measurement noise sigma_m, scalar > 0; jnp.inf switches the
-      measurement off (mu = mu_K, Lambda = Sigma_K^{-1}).
+    sigma_m: measurement noise, scalar > 0; jnp.inf switches the measurement
+      off (mu = mu_K, Lambda = Sigma_K^{-1}).
     sigma_K: Koopman noise, finite scalar > 0.
-    method: "paper" or "exact" (static).
-    form: "auto", "gain" or "information" (static; paper method only).
-    n_sub: exact sub-steps of the exact method (static int >= 1; see
+    mode: "paper" or "kalman_bucy" (static).
+    form: "auto", "gain" or "information" (static; paper mode only).
+    n_sub: exact sub-steps of the Kalman-Bucy mode (static int >= 1; see
       ``kalman_bucy_step``).
 
   Returns:
     GaussianPropagator: mean (d,), precision (d, d), covariance (d, d) and
     log_normalizer (scalar), log Z = log E_free[exp(-S_meas)].
   """
-  _checks.check_choice("method", method, METHODS)
+  _checks.check_choice("mode", mode, MODES)
   _checks.check_choice("form", form, FORMS)
-  x0, A, b, x_tgt, M = _validate(x0, A, b, x_tgt, W_V, dt, sigma, sigma_K)
-  _check_scalars(dt, sigma, sigma_K, n_sub)
-  if method == "exact":
-    return kalman_bucy_step(x0, jnp.zeros_like(A), A, b, x_tgt, M, dt=dt, sigma=sigma,
+  x0, A, b, x_tgt, M = _validate(x0, A, b, x_tgt, M)
+  _check_scalars(dt, sigma_m, sigma_K, n_sub)
+  if mode == "kalman_bucy":
+    return kalman_bucy_step(x0, jnp.zeros_like(A), A, b, x_tgt, M, dt=dt, sigma_m=sigma_m,
                             sigma_K=sigma_K, n_sub=n_sub)
   Phi, c = koopman_affine(A, b, dt)
   mu_K = Phi @ x0 + c
   Sigma_K = koopman_cov(A, sigma_K, dt)
-  r = jnp.asarray(dt, x0.dtype) / jnp.asarray(sigma, x0.dtype) ** 2
+  r = jnp.asarray(dt, x0.dtype) / jnp.asarray(sigma_m, x0.dtype) ** 2
   return measurement_update(mu_K, Sigma_K, x_tgt, M, r,
                             form="information" if form == "information" else "gain")
 
 
-def propagate(x0, A, b, x_tgt, W_V=None, *, dt=1.0, sigma=1.0, sigma_K=1.0,
-              method="paper", form="auto", n_sub=1) -> GaussianState:
+def propagate(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0, mode="paper", *,
+              form="auto", n_sub=1) -> GaussianState:
   """Gaussian propagator G(x_T, dt | x0) ~ N(mu, Lambda^{-1}) (QSF eqs. 56-58).
 
   Paper form (QSF eqs. 57-58):
-    Lambda = Sigma_K^{-1} + (dt/sigma^2) W_V^T W_V,
-    mu = Lambda^{-1} [Sigma_K^{-1} mu_K + (dt/sigma^2) W_V^T x_tgt],
-  with mu_K = e^{A dt} x0 + (int_0^dt e^{As} ds) b and
-  Sigma_K = sigma_K^2 int_0^dt e^{As} e^{A^T s} ds. ``method="exact"`` gives the
-  Kalman-Bucy endpoint marginal of the running measurement (spec §6.3).
-  ``propagate_full`` also returns the covariance and the log-normaliser.
+    Lambda = Sigma_K^{-1} + (dt/sigma_m^2) M^T M,
+    mu = Lambda^{-1} [Sigma_K^{-1} mu_K + (dt/sigma_m^2) M^T x_tgt],
+  with mu_K = e^{A dt} x0 + (int_0^dt e^{As} ds) b,
+  Sigma_K = sigma_K^2 int_0^dt e^{As} e^{A^T s} ds and M = W_V.
+  ``mode="kalman_bucy"`` gives the exact endpoint marginal of the running
+  measurement (spec §6.3). ``propagate_full`` also returns the covariance and
+  the log-normaliser.
 
   Args:
     x0: initial state (d,).
     A: real generator (d, d).
     b: bias (d,).
     x_tgt: target in value space (d,).
-    W_V: value projection (d, d) or None (identity).
+    M: measurement matrix W_V (d, d), or None (identity).
     dt: interval length > 0.
-    sigma: measurement noise > 0 (inf allowed).
+    sigma_m: measurement noise > 0 (inf allowed).
     sigma_K: Koopman noise, finite > 0.
-    method: "paper" or "exact".
+    mode: "paper" or "kalman_bucy".
     form: "auto" (gain), "gain" or "information".
-    n_sub: exact sub-steps (exact method only).
+    n_sub: exact sub-steps (Kalman-Bucy mode only).
 
   Returns:
     GaussianState(mean (d,), precision (d, d)).
   """
-  full = propagate_full(x0, A, b, x_tgt, W_V, dt=dt, sigma=sigma, sigma_K=sigma_K,
-                        method=method, form=form, n_sub=n_sub)
+  full = propagate_full(x0, A, b, x_tgt, M, dt, sigma_m, sigma_K, mode, form=form,
+                        n_sub=n_sub)
   return GaussianState(full.mean, full.precision)

@@ -4,11 +4,11 @@ Euler-Maruyama integration of dx = a(x) dt + s(x) dW + sigma_K dW' with one
 scalar measurement channel W (decision D19) and an optional additive vector
 Koopman noise W'. With e = x - x_tgt, f = A x + b and <O> = x . e:
 
-  "paper"    (QSF eq. 43):  a = f - ||e||^2 x / (2 sigma^2),            s = e / sigma
-  "centered" (QSF eq. 42):  a = f - (x.f) x - (||e||^2 - <O>^2) x / (2 sigma^2),
-                            s = (e - <O> x) / sigma
+  "paper"    (QSF eq. 43):  a = f - ||e||^2 x / (2 sigma_m^2),            s = e / sigma_m
+  "centered" (QSF eq. 42):  a = f - (x.f) x - (||e||^2 - <O>^2) x / (2 sigma_m^2),
+                            s = (e - <O> x) / sigma_m
   "linear"   (QSF eq. 44, the unnormalised SSE under the reference measure):
-                            a = f,                                        s = e / sigma
+                            a = f,                                        s = e / sigma_m
 
 The discrete scheme is (QSF §6.7)
 
@@ -33,12 +33,12 @@ from qsf_jax import _checks
 VARIANTS = ("paper", "centered", "linear")
 
 
-def _coefficients(x_D, A_DD, b_D, xt_D, sigma, variant: str):
+def _coefficients(x_D, A_DD, b_D, xt_D, sigma_m, variant: str):
   """Drift a (d,) and measurement diffusion s (d,) of the chosen SSE variant."""
   e_D = x_D - xt_D
   f_D = A_DD @ x_D + b_D
   q = jnp.dot(e_D, e_D)
-  inv_s = 1.0 / sigma
+  inv_s = 1.0 / sigma_m
   if variant == "paper":
     return f_D - 0.5 * inv_s**2 * q * x_D, inv_s * e_D
   if variant == "centered":
@@ -64,7 +64,7 @@ def _check_nonneg(name: str, value) -> None:
     raise ValueError(f"{name} must be a finite scalar >= 0, got {value}")
 
 
-def _validate_model(x0, A, b, x_tgt, sigma, variant, n_steps=None):
+def _validate_model(x0, A, b, x_tgt, sigma_m, variant, n_steps=None):
   """Checks shapes and values; returns the arrays in one floating dtype."""
   _checks.check_choice("variant", variant, VARIANTS)
   x0 = _checks.as_array("x0", x0)
@@ -78,19 +78,19 @@ def _validate_model(x0, A, b, x_tgt, sigma, variant, n_steps=None):
   x_tgt = _checks.as_array("x_tgt", x_tgt)
   _checks.check_ndim("x_tgt", x_tgt, (1, 2))
   _checks.check_shape("x_tgt", x_tgt, (d,) if x_tgt.ndim == 1 else (n_steps, d))
-  _check_scalar("sigma", sigma)
-  _checks.check_positive("sigma", sigma)
+  _check_scalar("sigma_m", sigma_m)
+  _checks.check_positive("sigma_m", sigma_m)
   dtype = _checks.result_dtype(x0, A, b, x_tgt)
   return tuple(a.astype(dtype) for a in (x0, A, b, x_tgt)), dtype
 
 
-def sse_coefficients(x, A, b, x_tgt, *, sigma, variant: str = "paper"):
+def sse_coefficients(x, A, b, x_tgt, *, sigma_m, variant: str = "paper"):
   """Drift and measurement diffusion of the SSE (QSF eq. 43, eq. 42 or eq. 44).
 
-    paper:    dx = [A x + b - ||e||^2 x / (2 sigma^2)] dt + (e / sigma) dW     (eq. 43)
-    centered: dx = [f - (x.f) x - (||e||^2 - <O>^2) x / (2 sigma^2)] dt
-                   + ((e - <O> x) / sigma) dW                                  (eq. 42)
-    linear:   dx = (A x + b) dt + (e / sigma) dW                               (eq. 44)
+    paper:    dx = [A x + b - ||e||^2 x / (2 sigma_m^2)] dt + (e / sigma_m) dW     (eq. 43)
+    centered: dx = [f - (x.f) x - (||e||^2 - <O>^2) x / (2 sigma_m^2)] dt
+                   + ((e - <O> x) / sigma_m) dW                                  (eq. 42)
+    linear:   dx = (A x + b) dt + (e / sigma_m) dW                               (eq. 44)
 
   with e = x - x_tgt, f = A x + b, <O> = x . e.
 
@@ -99,15 +99,15 @@ def sse_coefficients(x, A, b, x_tgt, *, sigma, variant: str = "paper"):
     A: real generator (d, d).
     b: real bias (d,).
     x_tgt: measurement target (d,).
-    sigma: measurement noise scale (> 0; inf gives the free Koopman flow).
+    sigma_m: measurement noise scale (> 0; inf gives the free Koopman flow).
     variant: "paper", "centered" or "linear".
 
   Returns:
     (drift, diffusion): (d,) and (d,).
   """
-  (x, A, b, x_tgt), dtype = _validate_model(x, A, b, x_tgt, sigma, variant)
+  (x, A, b, x_tgt), dtype = _validate_model(x, A, b, x_tgt, sigma_m, variant)
   _checks.check_ndim("x_tgt", x_tgt, 1)
-  return _coefficients(x, A, b, x_tgt, jnp.asarray(sigma, dtype), variant)
+  return _coefficients(x, A, b, x_tgt, jnp.asarray(sigma_m, dtype), variant)
 
 
 def sse_increments(key, n_steps: int, d: int, dt, dtype=jnp.float32):
@@ -139,7 +139,7 @@ def sse_increments(key, n_steps: int, d: int, dt, dtype=jnp.float32):
   return dW_N, dWK_ND
 
 
-def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma, dt, variant: str = "paper",
+def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma_m, dt, variant: str = "paper",
                   sigma_K=0.0, return_path: bool = True):
   """Euler-Maruyama for the SSE with given noise increments (QSF §6.7, eqs. 42-44).
 
@@ -154,7 +154,7 @@ def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma, dt, variant: str = "
     x_tgt: target, constant (d,) or a piecewise-constant schedule (n_steps, d).
     dW: measurement increments (n_steps,).
     dW_K: Koopman increments (n_steps, d); None means no Koopman noise.
-    sigma: measurement noise scale (> 0; inf gives the free flow x' = A x + b).
+    sigma_m: measurement noise scale (> 0; inf gives the free flow x' = A x + b).
     dt: step length (> 0).
     variant: "paper", "centered" or "linear" (static).
     sigma_K: Koopman noise scale (>= 0).
@@ -166,7 +166,7 @@ def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma, dt, variant: str = "
   dW = _checks.as_array("dW", dW)
   _checks.check_ndim("dW", dW, 1)
   n_steps = dW.shape[0]
-  (x0, A, b, x_tgt), dtype = _validate_model(x0, A, b, x_tgt, sigma, variant, n_steps)
+  (x0, A, b, x_tgt), dtype = _validate_model(x0, A, b, x_tgt, sigma_m, variant, n_steps)
   d = x0.shape[0]
   if dW_K is None:
     dW_K = jnp.zeros((n_steps, d), dtype)
@@ -176,18 +176,18 @@ def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma, dt, variant: str = "
   _checks.check_positive("dt", dt)
   _check_nonneg("sigma_K", sigma_K)
   xt_ND = jnp.broadcast_to(x_tgt, (n_steps, d)) if x_tgt.ndim == 1 else x_tgt
-  sigma, dt, sigma_K = (jnp.asarray(v, dtype) for v in (sigma, dt, sigma_K))
-  return _em_scan(x0, A, b, xt_ND, dW.astype(dtype), dW_K.astype(dtype), sigma, dt, sigma_K,
+  sigma_m, dt, sigma_K = (jnp.asarray(v, dtype) for v in (sigma_m, dt, sigma_K))
+  return _em_scan(x0, A, b, xt_ND, dW.astype(dtype), dW_K.astype(dtype), sigma_m, dt, sigma_K,
                   variant=variant, return_path=return_path)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "return_path"))
-def _em_scan(x0_D, A_DD, b_D, xt_ND, dW_N, dWK_ND, sigma, dt, sigma_K, *, variant, return_path):
+def _em_scan(x0_D, A_DD, b_D, xt_ND, dW_N, dWK_ND, sigma_m, dt, sigma_K, *, variant, return_path):
   """The Euler-Maruyama scan on validated arrays (jitted, so eager calls are cached)."""
 
   def step(x_D, inputs):
     xt_D, dw, dwk_D = inputs
-    drift_D, diff_D = _coefficients(x_D, A_DD, b_D, xt_D, sigma, variant)
+    drift_D, diff_D = _coefficients(x_D, A_DD, b_D, xt_D, sigma_m, variant)
     x_D = x_D + drift_D * dt + diff_D * dw + sigma_K * dwk_D
     return x_D, (x_D if return_path else None)
 
@@ -197,9 +197,12 @@ def _em_scan(x0_D, A_DD, b_D, xt_ND, dW_N, dWK_ND, sigma, dt, sigma_K, *, varian
   return jnp.concatenate([x0_D[None], path_ND], axis=0)
 
 
-def simulate_sse(key, x0, A, b, x_tgt, *, sigma, dt, n_steps: int, variant: str = "paper",
-                 sigma_K=0.0, n_paths: int | None = None, return_path: bool = True):
+def simulate_sse(key, x0, A, b, x_tgt, sigma_m, dt, n_steps: int, variant: str = "paper",
+                 sigma_K=0.0, *, n_paths: int | None = None, return_path: bool = True):
   """Samples SSE trajectories by Euler-Maruyama (QSF §6.7; eq. 43, 42 or 44).
+
+  The signature is spec §6.7's,
+  ``simulate_sse(key, x0, A, b, x_tgt, sigma_m, dt, n_steps, variant, sigma_K)``.
 
     x_{n+1} = x_n + a(x_n) dt + s(x_n) dW_n + sigma_K dW'_n,
     dW_n ~ N(0, dt) scalar,  dW'_n ~ N(0, dt I_d)   (decision D19).
@@ -214,7 +217,7 @@ def simulate_sse(key, x0, A, b, x_tgt, *, sigma, dt, n_steps: int, variant: str 
     A: real generator (d, d).
     b: real bias (d,).
     x_tgt: target, constant (d,) or piecewise-constant schedule (n_steps, d).
-    sigma: measurement noise scale (> 0; inf gives the free flow).
+    sigma_m: measurement noise scale (> 0; inf gives the free flow).
     dt: step length (> 0).
     n_steps: number of steps (python int > 0).
     variant: "paper" (eq. 43), "centered" (eq. 42) or "linear" (eq. 44).
@@ -229,23 +232,23 @@ def simulate_sse(key, x0, A, b, x_tgt, *, sigma, dt, n_steps: int, variant: str 
   _check_count("n_steps", n_steps)
   if n_paths is not None:
     _check_count("n_paths", n_paths)
-  (x0, A, b, x_tgt), dtype = _validate_model(x0, A, b, x_tgt, sigma, variant, n_steps)
+  (x0, A, b, x_tgt), dtype = _validate_model(x0, A, b, x_tgt, sigma_m, variant, n_steps)
   _check_scalar("dt", dt)
   _checks.check_positive("dt", dt)
   _check_nonneg("sigma_K", sigma_K)
-  sigma, dt, sigma_K = (jnp.asarray(v, dtype) for v in (sigma, dt, sigma_K))
-  return _simulate(key, x0, A, b, x_tgt, sigma, dt, sigma_K, n_steps=n_steps,
+  sigma_m, dt, sigma_K = (jnp.asarray(v, dtype) for v in (sigma_m, dt, sigma_K))
+  return _simulate(key, x0, A, b, x_tgt, sigma_m, dt, sigma_K, n_steps=n_steps,
                    variant=variant, n_paths=n_paths, return_path=return_path)
 
 
 @functools.partial(jax.jit, static_argnames=("n_steps", "variant", "n_paths", "return_path"))
-def _simulate(key, x0_D, A_DD, b_D, x_tgt, sigma, dt, sigma_K, *, n_steps, variant, n_paths,
+def _simulate(key, x0_D, A_DD, b_D, x_tgt, sigma_m, dt, sigma_K, *, n_steps, variant, n_paths,
               return_path):
   """Noise plus integration for validated arrays, vmapped over an ensemble (jitted)."""
 
   def one_path(k):
     dW_N, dWK_ND = sse_increments(k, n_steps, x0_D.shape[0], dt, x0_D.dtype)
-    return sse_integrate(x0_D, A_DD, b_D, x_tgt, dW_N, dWK_ND, sigma=sigma, dt=dt,
+    return sse_integrate(x0_D, A_DD, b_D, x_tgt, dW_N, dWK_ND, sigma_m=sigma_m, dt=dt,
                          variant=variant, sigma_K=sigma_K, return_path=return_path)
 
   if n_paths is None:
