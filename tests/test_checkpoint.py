@@ -55,6 +55,24 @@ def test_round_trip_keeps_structure_and_values(tmp_path):
   c.close()
 
 
+def test_read_only_open_drops_only_orbax_read_only_notices(tmp_path, caplog):
+  import logging
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path)
+  c.save(3, st, {"stage": "koopman"})
+  c.close()
+  absl_logger = logging.getLogger("absl")
+  with caplog.at_level(logging.WARNING):
+    c = ck.Checkpointer(tmp_path, read_only=True)
+    assert c.latest_step() == 3
+    c.close()
+    absl_logger.warning("Given directory is read only=%s (outside the constructor)", tmp_path)
+  messages = [r.getMessage() for r in caplog.records]
+  assert not [m for m in messages if "read_only=True" in m], messages
+  assert [m for m in messages if "outside the constructor" in m], messages  # filter removed
+  assert not absl_logger.filters
+
+
 def test_partial_checkpoint_never_replaces_last_good(tmp_path, monkeypatch):
   """A save that dies before orbax's atomic rename leaves step 1 as the latest."""
   from orbax.checkpoint._src.path import async_path

@@ -10,6 +10,7 @@ so a save that dies half-way leaves the previous checkpoint as the latest one.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import subprocess
@@ -24,6 +25,17 @@ from qsf_jax.training.state import TrainState, abstract_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
 META_FORMAT = 1
+
+# Orbax's warnings that a checkpoint folder was opened read-only, which is what
+# evaluate, sample, analyze, ``load_run`` and the resume check ask for.
+READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
+
+
+class _DropReadOnlyNotices(logging.Filter):
+  """Drops orbax's read-only notices from the ``absl`` logger (nothing else)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(n in record.getMessage() for n in READ_ONLY_NOTICES)
 
 
 def git_sha() -> str | None:
@@ -66,11 +78,17 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     if read_only and not self.directory.is_dir():
       raise NoCheckpointError(f"no checkpoints found in {self.workdir}")
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save)
-    self._mgr = ocp.CheckpointManager(self.directory.absolute(), options=options,
-                                      item_names=("state", "meta"))
+    quiet, absl_logger = _DropReadOnlyNotices(), logging.getLogger("absl")
+    if read_only:
+      absl_logger.addFilter(quiet)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+          enable_async_checkpointing=async_save)
+      self._mgr = ocp.CheckpointManager(self.directory.absolute(), options=options,
+                                        item_names=("state", "meta"))
+    finally:
+      absl_logger.removeFilter(quiet)
 
   def latest_step(self) -> int | None:
     """The newest finalized checkpoint's step, or None."""

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
+from qsf_jax.training import checkpoint
+
 # Exceptions that mean "the user asked for something that cannot be done".
 USER_ERRORS = (ValueError, OSError, ConnectionError, FloatingPointError, flags.Error)
 EXIT_USER_ERROR = 1
@@ -83,11 +85,6 @@ def run(define_flags: Callable[[flags.FlagValues], None],
     logger.removeFilter(keep_log_record)
 
 
-# Orbax's notices that a checkpoint folder was opened read-only (evaluate, sample,
-# analyze and the resume check only read).
-_READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
-
-
 def keep_log_record(record: logging.LogRecord) -> bool:
   """Log filter of the entry points: drops orbax's INFO chatter and read-only notices."""
   if "/orbax/" not in record.pathname:
@@ -95,7 +92,7 @@ def keep_log_record(record: logging.LogRecord) -> bool:
   if record.levelno < logging.WARNING:
     return False  # every checkpoint phase is logged at INFO
   return record.levelno >= logging.ERROR or not any(
-      n in record.getMessage() for n in _READ_ONLY_NOTICES)
+      n in record.getMessage() for n in checkpoint.READ_ONLY_NOTICES)
 
 
 def main(define_flags, execute) -> None:
