@@ -248,6 +248,9 @@ def _validate(x0, A, b, x_tgt, M):
   A = _checks.as_array("A", A)
   d = _checks.check_square("A", A)
   x0 = _checks.as_array("x0", x0)
+  if x0.ndim > 1 and x0.shape[-1] == d:
+    raise ValueError(f"x0 must have shape ({d},), got {tuple(x0.shape)}: the propagators take "
+                     "one state; map over a batch with jax.vmap")
   _checks.check_shape("x0", x0, (d,))
   b = _checks.as_array("b", b)
   _checks.check_shape("b", b, (d,))
