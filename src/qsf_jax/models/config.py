@@ -49,6 +49,7 @@ _CHOICES = {
     "attn_form": ("add", "pull"),
     "hamiltonian_param": ("expm", "cayley"),
     "wave_readout": ("born_logit", "born"),
+    "wave_bias_init": ("zeros", "unigram"),
 }
 
 
@@ -115,6 +116,12 @@ class ModelConfig:
       large-V LMs) or "born" (POVM isometry, log(|M psi|^2 (1-eta) + eta/V)).
     wave_dt: Cayley step Delta t (spec §1.2: fixed 1.0).
     wave_eta: unsharpness eta of the "born" readout (spec §1.4).
+    wave_bias_init: the Born-logit bias b at the start of training: "zeros"
+      (the spec is silent; the default) or "unigram", the log frequencies of
+      the training tokens (counts + 1/2), set by the training loop before the
+      first step (``training.setup.initial_params``). With "zeros" and the QSF
+      schedule, Adam moves b by about the learning rate per step, too little to
+      reach the unigram (docs/RESULTS.md).
   """
   stage: str
   preset: str = "small"
@@ -161,6 +168,7 @@ class ModelConfig:
   wave_readout: str = "born_logit"
   wave_dt: float = 1.0
   wave_eta: float = 0.1
+  wave_bias_init: str = "zeros"
 
   def __post_init__(self):
     for name, choices in _CHOICES.items():
@@ -183,6 +191,10 @@ class ModelConfig:
       raise ValueError(f"ls_ema_decay must be in (0, 1), got {self.ls_ema_decay}")
     if not 0.0 <= self.wave_eta < 1.0:
       raise ValueError(f"wave_eta must be in [0, 1), got {self.wave_eta}")
+    if self.wave_bias_init != "zeros" and self.wave_readout != "born_logit":
+      raise ValueError(
+          f"wave_bias_init={self.wave_bias_init!r} needs wave_readout='born_logit' (the "
+          f"'born' readout has no bias), got wave_readout={self.wave_readout!r}")
     if self.wave_readout == "born" and self.vocab_size < self.wave_dim:
       raise ValueError(
           f"wave_readout='born' needs vocab_size >= wave_dim (an isometry), got "
@@ -228,7 +240,7 @@ EXECUTION_FIELDS = ("attn_impl", "attn_chunk_size", "attn_pallas_design")
 
 # Fields added to ModelConfig after runs were first stored, each with the value that
 # reproduces the earlier behaviour: a stored configuration without one had that value.
-ADDED_FIELDS = {"attn_pallas_design": "default"}
+ADDED_FIELDS = {"attn_pallas_design": "default", "wave_bias_init": "zeros"}
 
 
 def complete_stored(stored: Mapping[str, Any]) -> dict[str, Any]:

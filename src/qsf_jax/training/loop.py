@@ -135,6 +135,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   schedule = onecycle_schedule(cfg.steps, cfg.lr)
   params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(
       model, cfg.seed, seq_len)
+  if not resume:
+    params = setup.initial_params(params, mcfg, corpus, log=_log)
   if cfg.init_from and not resume:
     params, _ = init_from_checkpoint(params, cfg.init_from, stage=cfg.stage, log=_log)
   elif cfg.init_from:

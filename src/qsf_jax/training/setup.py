@@ -6,6 +6,8 @@ import datetime
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from qsf_jax import data as qdata
 from qsf_jax.models import lm as model_lm
@@ -90,6 +92,54 @@ def load_corpus(cfg: TrainConfig, tokenizer, data: str | None = None):
 
 def build_model(mcfg: model_config.ModelConfig):
   return model_lm.build_model(mcfg)
+
+
+def unigram_log_probs(tokens, vocab_size: int) -> np.ndarray:
+  """Log unigram frequencies of a token array, log((n_v + 1/2) / sum_u (n_u + 1/2)).
+
+  Args:
+    tokens: token ids (any shape), integers in [0, vocab_size).
+    vocab_size: V.
+
+  Returns:
+    (V,) float32; every entry finite (the 1/2 is an add-half prior).
+  """
+  ids = np.asarray(tokens).reshape(-1)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+  counts = np.bincount(ids, minlength=vocab_size).astype(np.float64) + 0.5
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def initial_params(params, mcfg: model_config.ModelConfig, corpus, log=None):
+  """Freshly initialised parameters with the data-dependent parts set.
+
+  ``wave_bias_init="unigram"`` (wave stage): the Born-logit bias b of
+  softmax(beta |W psi|^2 + b) starts at ``unigram_log_probs`` of the training
+  split, so the head starts from the unigram distribution tilted by the Born
+  term. Everything else is returned unchanged.
+
+  Args:
+    params: the model's ``params`` from ``init_variables``.
+    mcfg: its ``ModelConfig``.
+    corpus: the run's corpus (``corpus.train.tokens``).
+    log: optional callable taking one message string.
+
+  Returns:
+    The parameters (a new tree where something was set).
+  """
+  if mcfg.stage != "wave" or mcfg.wave_bias_init == "zeros":
+    return params
+  bias = unigram_log_probs(corpus.train.tokens, mcfg.vocab_size)
+  readout = dict(params["readout"])
+  if readout["bias"].shape != bias.shape:
+    raise ValueError(f"readout/bias has shape {readout['bias'].shape}, the vocabulary "
+                     f"{bias.shape}")
+  readout["bias"] = jnp.asarray(bias, readout["bias"].dtype)
+  if log is not None:
+    log(f"wave_bias_init=unigram: Born-logit bias set to the log unigram of "
+        f"{int(np.asarray(corpus.train.tokens).size)} training tokens")
+  return {**params, "readout": readout}
 
 
 def run_metadata(cfg: TrainConfig, mcfg: model_config.ModelConfig, corpus,
