@@ -246,7 +246,7 @@ def test_bad_inputs_raise_with_argument_names():
     bn.povm_probabilities(jnp.ones((5, 3, 2)), psi)
   with pytest.raises(ValueError, match=r"psi must have shape \(\.\.\., 3\) to match W"):
     bn.born_logits(M, jnp.ones(2))
-  with pytest.raises(ValueError, match=r"bias must have shape \(5\)"):
+  with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
     bn.born_logits(M, psi, bias=jnp.ones(4))
   with pytest.raises(ValueError, match="bias must be real"):
     bn.born_logits(M, psi, bias=jnp.ones(5) * 1j)

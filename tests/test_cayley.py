@@ -235,7 +235,7 @@ def test_bad_inputs_raise_with_argument_names():
     cy.cayley_scan(H, psi)
   with pytest.raises(ValueError, match=r"psi0 must have shape \(\.\.\., 4\)"):
     cy.cayley_scan(H[None], jnp.ones(3))
-  with pytest.raises(ValueError, match=r"psi0 must have shape \(4\)"):
+  with pytest.raises(ValueError, match=r"psi0 must have shape \(4,\)"):
     cy.cayley_scan_parallel(H[None], jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="X must be real"):
     hm.hermitian_from_real(jnp.ones((3, 3)) * 1j, jnp.ones((3, 3)))

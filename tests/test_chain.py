@@ -190,7 +190,7 @@ def test_chain_bad_inputs():
     chain_mean(x0, A[:, :, :2], b)
   with pytest.raises(ValueError, match=r"b_seq must have shape \(\?, 3\)"):
     chain_mean(x0, A, np.zeros((N, 2)))
-  with pytest.raises(ValueError, match=r"x0 must have shape \(3\)"):
+  with pytest.raises(ValueError, match=r"x0 must have shape \(3,\)"):
     chain_mean(np.zeros(2), A, b)
   with pytest.raises(ValueError, match="A_seq must be real"):
     chain_mean(x0, A * 1j, b)

@@ -159,9 +159,9 @@ def test_van_loan_equals_euler_maruyama_covariance(x64):
 def test_bad_inputs():
   with pytest.raises(ValueError, match="A must be a square matrix"):
     koopman_affine(np.zeros((3, 2)), np.zeros(3))
-  with pytest.raises(ValueError, match=r"b must have shape \(3\)"):
+  with pytest.raises(ValueError, match=r"b must have shape \(3,\)"):
     koopman_affine(np.zeros((3, 3)), np.zeros(4))
-  with pytest.raises(ValueError, match=r"x0 must have shape \(3\)"):
+  with pytest.raises(ValueError, match=r"x0 must have shape \(3,\)"):
     koopman_mean(np.zeros((3, 3)), np.zeros(3), np.zeros((3, 1)))
   with pytest.raises(ValueError, match="A must be real"):
     koopman_cov(np.eye(2) * 1j)

@@ -352,13 +352,13 @@ def test_bad_inputs():
   s = _setup(14)
   x0, A, b, y, M = s["x0"], s["A"], s["b"], s["x_tgt"], s["M"]
   cases = [
-      (dict(x0=np.zeros(4)), r"x0 must have shape \(3\), got \(4,\)"),
+      (dict(x0=np.zeros(4)), r"x0 must have shape \(3,\), got \(4,\)"),
       (dict(x0=np.zeros((5, 3))), r"got \(5, 3\): the propagators take one state; map over "
                                   r"a batch with jax.vmap"),
       (dict(A=np.zeros((3, 4))), r"A must be a square matrix, got shape \(3, 4\)"),
       (dict(A=np.zeros((2, 3, 3))), r"A must have 2 dimensions"),
-      (dict(b=np.zeros((3, 1))), r"b must have shape \(3\), got \(3, 1\)"),
-      (dict(x_tgt=np.zeros(2)), r"x_tgt must have shape \(3\), got \(2,\)"),
+      (dict(b=np.zeros((3, 1))), r"b must have shape \(3,\), got \(3, 1\)"),
+      (dict(x_tgt=np.zeros(2)), r"x_tgt must have shape \(3,\), got \(2,\)"),
       (dict(M=np.zeros((2, 3))), r"M must have shape \(3, 3\), got \(2, 3\)"),
       (dict(A=A + 0j), "A must be real"),
       (dict(x_tgt=y * 1j), "x_tgt must be real"),

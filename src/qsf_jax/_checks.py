@@ -51,7 +51,8 @@ def check_shape(name: str, x, shape: Sequence[int | None]) -> None:
   """Raises ``ValueError`` unless ``x.shape`` matches ``shape`` (None = any)."""
   if x.ndim != len(shape) or any(
       s is not None and s != xs for s, xs in zip(shape, x.shape)):
-    want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+    parts = ["?" if s is None else str(s) for s in shape]
+    want = "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
     raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
 
 
