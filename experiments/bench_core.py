@@ -112,7 +112,7 @@ def main(argv):
         f"median of {FLAGS.repeats}")
   rows = run(d, n_tok, dims, steps, FLAGS.repeats)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-  print(f"\n| case | size | time per call (ms) |\n|---|---|---|")
+  print("\n| case | size | time per call (ms) |\n|---|---|---|")
   for r in rows:
     print(f"| {r['case']} | {r['size']} | {r['ms']:.3f} |")
   print(f"\ndevice: {device}; date: {stamp}; jax {jax.__version__}")

@@ -1,7 +1,6 @@
 """The absl entry points: train / evaluate / sample, and one-line errors."""
 
 import json
-import pathlib
 import subprocess
 import sys
 

@@ -247,7 +247,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(env):
     st = create_train_state(params, coll, tx, 0)
     st, m = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10)(st, batch)
     out[dtype] = (st, m)
-  (s32, m32), (s16, m16) = out["float32"], out["bfloat16"]
+  (_, m32), (s16, m16) = out["float32"], out["bfloat16"]
   assert m16["loss"].dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
   assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)

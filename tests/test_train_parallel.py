@@ -2,7 +2,6 @@
 must be set before jax initialises)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
