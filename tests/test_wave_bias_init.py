@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from qsf_jax import data as qdata
 from qsf_jax.models.config import complete_stored, get_config
 from qsf_jax.training import load_run, setup
 from qsf_jax.training.config import TrainConfig
@@ -19,6 +20,14 @@ def test_unigram_log_probs_counts_with_an_add_half_prior():
   assert lp.dtype == np.float32 and lp.shape == (5,)
   with pytest.raises(ValueError, match=r"token ids must lie in \[0, 5\), got \[0, 5\]"):
     setup.unigram_log_probs(np.array([0, 5]), 5)
+  # A TokenSplit counts its token stream.
+  split = qdata.TokenSplit(tokens=np.array([0, 0, 1, 3], np.uint16),
+                           offsets=np.array([0, 4]), eot_id=4)
+  np.testing.assert_array_equal(setup.unigram_log_probs(split, 5), lp)
+  with pytest.raises(ValueError, match="integer ids, got dtype float64"):
+    setup.unigram_log_probs(np.array([0.0, 1.0]), 5)
+  with pytest.raises(ValueError, match="an integer array or a TokenSplit, got a tuple"):
+    setup.unigram_log_probs(([0, 1], [2]), 5)
 
 
 def test_config_choices_and_old_runs():

@@ -98,13 +98,22 @@ def unigram_log_probs(tokens, vocab_size: int) -> np.ndarray:
   """Log unigram frequencies of a token array, log((n_v + 1/2) / sum_u (n_u + 1/2)).
 
   Args:
-    tokens: token ids (any shape), integers in [0, vocab_size).
+    tokens: token ids (any shape), integers in [0, vocab_size), or a
+      ``TokenSplit`` (e.g. ``corpus.train``), whose token stream is counted.
     vocab_size: V.
 
   Returns:
     (V,) float32; every entry finite (the 1/2 is an add-half prior).
   """
-  ids = np.asarray(tokens).reshape(-1)
+  if isinstance(tokens, qdata.TokenSplit):
+    tokens = tokens.tokens
+  try:
+    ids = np.asarray(tokens).reshape(-1)
+  except ValueError as e:
+    raise ValueError(f"tokens must be an integer array or a TokenSplit, got a "
+                     f"{type(tokens).__name__} that is not a rectangular array") from e
+  if ids.dtype.kind not in "iu":
+    raise ValueError(f"tokens must hold integer ids, got dtype {ids.dtype}")
   if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
     raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
   counts = np.bincount(ids, minlength=vocab_size).astype(np.float64) + 0.5
