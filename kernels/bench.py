@@ -18,7 +18,10 @@ rotating two input sets. Throughput uses the FLOP/byte model of ``roofline`` (ke
 spec §7): for every linear-attention impl the *useful* work of the chunked
 algorithm, so TFLOP/s are comparable across impls. On CPU the default is the
 ``--quick`` sweep and Pallas is skipped. ``--goals`` runs the sweep the kernels'
-performance goals need and prints a verdict per goal (``goals``).
+performance goals need and prints a verdict per goal (``goals``); it measures
+T = 4096, D = 128 (goals 1, 2 and 4) first. ``--out`` is rewritten after each
+(T, D) with ``"partial": true`` until the sweep ends, so a sweep cut short keeps
+what it measured.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def _memory_budget():
 
 
 def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, configs=None,
-        timing="sync", decay="logsigmoid", compile_workers=1):
+        timing="sync", decay="logsigmoid", compile_workers=1, first=None, on_rows=None):
   """Runs the sweep and returns the list of result rows (dicts).
 
   ``peak`` (a ``roofline.DevicePeak``) sets the roofline ceilings; None takes
@@ -158,6 +161,9 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
   ``decay`` one of ``DECAYS``. ``compile_workers`` > 1 compiles the candidates
   of each (T, D) on that many threads before timing them one by one
   (``timing.precompile``); the timings are the same, the sweep shorter.
+  ``first``, a (T, D) of the sweep, is measured before the others (the
+  returned rows keep the sweep's order). ``on_rows(rows)`` is called with the
+  rows so far after each (T, D), so a caller can save a sweep that is cut short.
   """
   if decay not in DECAYS:
     raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
@@ -172,45 +178,58 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
       cands += [("pallas", n, PALLAS_CONFIGS[n]) for n in names]
     else:
       cands.append((impl, "", None))
+  pairs = [(T, D) for D in Ds for T in Ts]
+  if first is not None:
+    if tuple(first) not in pairs:
+      raise ValueError(f"first={tuple(first)} is not a (T, D) of the sweep")
+    pairs.remove(tuple(first))
+    pairs.insert(0, tuple(first))
   rows = []
-  for D in Ds:
-    for T in Ts:
-      arg_sets = [_inputs(s, B, T, H, D, jnp.dtype(dtype)) for s in (0, 1)]
-      todo = []  # (row, fn or None, why)
-      for mode in modes:
-        for impl, cfg_name, cfg in cands:
-          row = dict(impl=impl, config=cfg_name, mode=mode, B=B, T=T, H=H, D=D,
-                     dtype=jnp.dtype(dtype).name, decay=decay)
-          why = _skip_reason(impl, mode, B, T, H, D, budget)
-          todo.append((row, None if why else _bench_fn(impl, cfg, mode, decay), why))
-      if compile_workers > 1:  # compile this (T, D)'s candidates side by side first
-        jobs = [(fn, arg_sets[0]) for _, fn, why in todo if why is None]
-        errors = iter(precompile(jobs, compile_workers))
-        todo = [(row, fn, why if why else _error_line(next(errors)))
-                for row, fn, why in todo]
-      for row, fn, why in todo:
-        impl, mode = row["impl"], row["mode"]
-        if why is None:
-          try:
-            if timing == "cupti":
-              sec, kernels_ms = cupti_seconds(fn, arg_sets, reps)
-              row["kernels_ms"] = kernels_ms
-            else:
-              sec = median_seconds(fn, arg_sets, reps, timing)
-          except Exception as e:  # pylint: disable=broad-except
-            why = _error_line(e)
-        if why is not None:
-          rows.append(dict(row, skipped=why))
-          continue
-        flops, nbytes = _work(impl, mode, B, T, H, D, elem)
-        frac = roofline.roofline_fraction(flops, nbytes, sec, peak)
-        rows.append(dict(row, ms=sec * 1e3, tflops=flops / sec / 1e12,
-                         gbps=nbytes / sec / 1e9,
-                         roofline_pct=None if frac is None else 100 * frac))
-        print(f"  {impl:9s} {row['config']:16s} {mode:6s} T={T:5d} D={D:3d} "
-              f"{sec * 1e3:9.3f} ms", flush=True)
+  for T, D in pairs:
+    arg_sets = [_inputs(s, B, T, H, D, jnp.dtype(dtype)) for s in (0, 1)]
+    todo = []  # (row, fn or None, why)
+    for mode in modes:
+      for impl, cfg_name, cfg in cands:
+        row = dict(impl=impl, config=cfg_name, mode=mode, B=B, T=T, H=H, D=D,
+                   dtype=jnp.dtype(dtype).name, decay=decay)
+        why = _skip_reason(impl, mode, B, T, H, D, budget)
+        todo.append((row, None if why else _bench_fn(impl, cfg, mode, decay), why))
+    if compile_workers > 1:  # compile this (T, D)'s candidates side by side first
+      jobs = [(fn, arg_sets[0]) for _, fn, why in todo if why is None]
+      errors = iter(precompile(jobs, compile_workers))
+      todo = [(row, fn, why if why else _error_line(next(errors)))
+              for row, fn, why in todo]
+    for row, fn, why in todo:
+      impl, mode = row["impl"], row["mode"]
+      if why is None:
+        try:
+          if timing == "cupti":
+            sec, kernels_ms = cupti_seconds(fn, arg_sets, reps)
+            row["kernels_ms"] = kernels_ms
+          else:
+            sec = median_seconds(fn, arg_sets, reps, timing)
+        except Exception as e:  # pylint: disable=broad-except
+          why = _error_line(e)
+      if why is not None:
+        rows.append(dict(row, skipped=why))
+        continue
+      flops, nbytes = _work(impl, mode, B, T, H, D, elem)
+      frac = roofline.roofline_fraction(flops, nbytes, sec, peak)
+      rows.append(dict(row, ms=sec * 1e3, tflops=flops / sec / 1e12,
+                       gbps=nbytes / sec / 1e9,
+                       roofline_pct=None if frac is None else 100 * frac))
+      print(f"  {impl:9s} {row['config']:16s} {mode:6s} T={T:5d} D={D:3d} "
+            f"{sec * 1e3:9.3f} ms", flush=True)
+    if on_rows is not None:
+      on_rows(_in_sweep_order(rows, Ts, Ds))
+  rows = _in_sweep_order(rows, Ts, Ds)
   add_speedups(rows, DEFAULT_CONFIG)
   return rows
+
+
+def _in_sweep_order(rows, Ts, Ds):
+  """``rows`` sorted by (D, T) in the order of the sweep (stable within a (T, D))."""
+  return sorted(rows, key=lambda r: (Ds.index(r["D"]), Ts.index(r["T"])))
 
 
 def main(argv=None):
@@ -290,10 +309,27 @@ def main(argv=None):
   if peak is not None:
     print(f"ceilings: {peak.bandwidth / 1e12:.2f} TB/s, {peak.flops / 1e12:.0f} TFLOP/s "
           f"({peak.source})")
+  def save(rows, partial):
+    """Writes ``--out``; a partial file (rows so far) after each (T, D)."""
+    rows = [dict(r) for r in rows]
+    add_speedups(rows, DEFAULT_CONFIG)
+    verdicts = goals.evaluate(rows, peak, a.goal_config) if a.goals else None
+    with open(a.out, "w", encoding="utf-8") as f:
+      json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
+                     jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
+                     decay=a.decay, partial=partial,
+                     peak=None if peak is None else peak.__dict__, rows=rows,
+                     goals=verdicts), f, indent=1)
+
+  # With --goals the shape of goals 1, 2 and 4 is measured first, so a sweep cut
+  # short (and saved after each (T, D)) still holds them.
+  first = (4096, 128) if a.goals and (4096, 128) in [
+      (T, D) for T in sizes["T"] for D in sizes["D"]] else None
   rows = run(sizes["T"], sizes["D"], sizes["B"], sizes["H"], impls=impls.split(","),
              modes=a.modes.split(","), reps=a.reps, dtype=jnp.dtype(a.dtype),
              sweep_configs=a.sweep_configs, peak=peak, configs=configs, timing=a.timing,
-             decay=a.decay, compile_workers=a.compile_workers)
+             decay=a.decay, compile_workers=a.compile_workers, first=first,
+             on_rows=(lambda rows: save(rows, True)) if a.out else None)
   header = (f"Causal linear attention, {dev.device_kind}, B={sizes['B']} H={sizes['H']} "
             f"{a.dtype}, decay {a.decay}, median of {a.reps}, {a.timing} timing, {date}")
   print("\n" + markdown_table(rows, header))
@@ -306,12 +342,7 @@ def main(argv=None):
                                            f"{a.goal_config}, decay {a.decay}, "
                                            f"{dev.device_kind}, {date}"))
   if a.out:
-    with open(a.out, "w", encoding="utf-8") as f:
-      json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
-                     jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
-                     decay=a.decay,
-                     peak=None if peak is None else peak.__dict__, rows=rows,
-                     goals=verdicts), f, indent=1)
+    save(rows, False)
     print(f"wrote {a.out}")
 
 

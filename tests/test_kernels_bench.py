@@ -201,6 +201,41 @@ def test_bench_goals_mode_on_cpu(tmp_path, capsys):
   assert "judged on c64_bv64_w4_s2" in capsys.readouterr().out
 
 
+def test_sweep_is_saved_after_each_shape_with_the_goal_shape_first(tmp_path, monkeypatch):
+  # Timing is stubbed: this checks the order of the sweep and the partial files.
+  timed, stop_at = [], []
+  monkeypatch.setattr(bench, "_inputs", lambda s, B, T, H, D, dtype: (T, D))
+  monkeypatch.setattr(bench, "_bench_fn", lambda *a, **kw: None)
+
+  def fake_seconds(fn, arg_sets, reps, timing):
+    if arg_sets[0] in stop_at:
+      raise KeyboardInterrupt  # the sweep is cut short here
+    timed.append(arg_sets[0])
+    return 1e-3
+
+  monkeypatch.setattr(bench, "median_seconds", fake_seconds)
+  out = tmp_path / "goals.json"
+  argv = ["--goals", "--T=1024,4096", "--D=64,128", "--modes=fwd", f"--out={out}"]
+  stop_at.append((1024, 64))
+  with pytest.raises(KeyboardInterrupt):
+    bench.main(argv)
+  data = json.loads(out.read_text())
+  assert data["partial"] and timed == [(4096, 128)] * 2  # xla and softmax; no Pallas on CPU
+  assert {(r["T"], r["D"]) for r in data["rows"]} == {(4096, 128)}
+  assert [g["verdict"] for g in data["goals"]] == ["unmeasured"] * 7
+  timed.clear(), stop_at.clear()
+  bench.main(argv)
+  sweep = [(1024, 64), (4096, 64), (1024, 128), (4096, 128)]
+  assert timed[::2] == [(4096, 128)] + sweep[:3]
+  data = json.loads(out.read_text())
+  assert not data["partial"]
+  assert [(r["T"], r["D"]) for r in data["rows"]][::3] == sweep  # pallas, xla, softmax each
+  assert all(r["vs_xla"] == 1.0 for r in data["rows"] if r["impl"] == "xla")
+  with pytest.raises(ValueError, match=r"first=\(64, 16\) is not a \(T, D\) of the sweep"):
+    bench.run((32,), (16,), 1, 1, impls=["xla"], modes=["fwd"], reps=20, dtype="float32",
+              sweep_configs=False, first=(64, 16))
+
+
 def test_precompile_fills_the_dispatch_cache_and_reports_failures():
   compiles = []
 
