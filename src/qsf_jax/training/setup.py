@@ -131,7 +131,7 @@ def initial_params(params, mcfg: model_config.ModelConfig, corpus, log=None):
   Args:
     params: the model's ``params`` from ``init_variables``.
     mcfg: its ``ModelConfig``.
-    corpus: the run's corpus (``corpus.train.tokens``).
+    corpus: the run's corpus (its ``train`` split is counted).
     log: optional callable taking one message string.
 
   Returns:
@@ -139,7 +139,7 @@ def initial_params(params, mcfg: model_config.ModelConfig, corpus, log=None):
   """
   if mcfg.stage != "wave" or mcfg.wave_bias_init == "zeros":
     return params
-  bias = unigram_log_probs(corpus.train.tokens, mcfg.vocab_size)
+  bias = unigram_log_probs(corpus.train, mcfg.vocab_size)
   readout = dict(params["readout"])
   if readout["bias"].shape != bias.shape:
     raise ValueError(f"readout/bias has shape {readout['bias'].shape}, the vocabulary "
