@@ -30,52 +30,21 @@ import argparse
 import datetime
 import functools
 import json
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from . import goals, roofline
-from .report import add_speedups, kernel_breakdown, markdown_table
+from .candidates import DECAYS, DEFAULT_CONFIG, PALLAS_CONFIGS, row_work
 from .op import linear_attention
-from .designs import DEFAULT_DESIGN, PALLAS_DESIGNS, PallasDesign
-from .pallas_op import KernelConfig, pallas_linear_attention
+from .pallas_op import pallas_linear_attention
+from .report import add_speedups, kernel_breakdown, markdown_table
 from .timing import (PIPELINE_CALLS, TIMINGS, cupti_seconds, measure_ceilings,
                      median_seconds, precompile)
 
-
-class Candidate(NamedTuple):
-  """One benchmarked configuration: the chunk, then the fields of a ``PallasDesign``."""
-  chunk: int
-  fwd: KernelConfig
-  bwd: KernelConfig
-  num_segments: int = 1  # two-level split of the sequence, see ``segments``
-  backward: str = "fused"  # "fused" or "chunked", see ``pallas_bwd_chunked``
-  forward: str = "fused"  # "fused" or "chunked", see ``pallas_fwd_chunked``
-  split_sweeps: bool = False  # the backward's two sweeps in separate programs
-
-  def kwargs(self) -> dict:
-    """The keyword arguments of ``pallas_linear_attention`` for this candidate."""
-    return dict(chunk_size=self.chunk, **PallasDesign(*self[1:]).kwargs())
-
-
-# Launch configurations swept on GPU (name "c{chunk}_{design}" -> Candidate); the
-# designs, with their reasons, are in ``designs.PALLAS_DESIGNS``. C = 128 halves the
-# chunk states that the chunked designs write and read.
-_SWEPT = ((64, "bv64_w4_s2"), (64, "bv64_w4_s2_seg4"), (64, "bv64_w4_s2_seg16"),
-          (64, "bv32_w4_s2"), (64, "bv64_w8_s3"), (64, "bv64_w4_s3"), (64, "bv128_w8_s2"),
-          (128, "bv64_w8_s2"), (64, "bv64_w8_s3_chunkbwd"), (64, "bv128_w8_s3_chunkbwd"),
-          (128, "bv64_w8_s2_chunkbwd"), (64, "bv64_w4_s3_chunkfwd"),
-          (128, "bv64_w8_s2_chunkfwd"), (64, "bv64_w4_s2_split"),
-          (64, "bv64_w8_s3_chunkbwd_split"))
-PALLAS_CONFIGS = {f"c{c}_{name}": Candidate(c, *PALLAS_DESIGNS[name]) for c, name in _SWEPT}
-DEFAULT_CONFIG = f"c64_{DEFAULT_DESIGN}"  # what pallas_linear_attention runs by default
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
 SCAN_MAX_T = {"fwd": 2048, "fwdbwd": 1024}
-# "logsigmoid": g = logsigmoid(N(0, 1)) (the spec's benchmark); "none": log_decay=None
-# (plain causal linear attention, the QSF measurement term; the kernels skip all decay work).
-DECAYS = ("logsigmoid", "none")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
@@ -108,22 +77,6 @@ def _bench_fn(impl, cfg, mode, decay="logsigmoid"):
   argnums = (0, 1, 2) if impl == "softmax" or decay == "none" else (0, 1, 2, 3)
   loss = lambda q, k, v, g, do: jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * do)
   return jax.jit(jax.value_and_grad(loss, argnums=argnums))
-
-
-def _work(impl, mode, B, T, H, D, elem_bytes):
-  """(flops, bytes) of the roofline model (spec §7) for one row."""
-  bwd = mode == "fwdbwd"
-  if impl == "softmax":
-    flops = roofline.softmax_causal_flops(B, H, T, D)
-    flops += roofline.softmax_causal_flops(B, H, T, D, backward=True) if bwd else 0
-    nbytes = roofline.softmax_bytes(B, H, T, D, elem_bytes=elem_bytes)
-    nbytes += roofline.softmax_bytes(B, H, T, D, elem_bytes=elem_bytes, backward=True) if bwd else 0
-    return flops, nbytes
-  C = 64
-  flops = roofline.fwd_flops(B, H, T, D, D, C) + (roofline.bwd_flops(B, H, T, D, D, C) if bwd else 0)
-  nbytes = roofline.fwd_bytes(B, H, T, D, D, C, elem_bytes=elem_bytes)
-  nbytes += roofline.bwd_bytes(B, H, T, D, D, C, elem_bytes=elem_bytes) if bwd else 0
-  return flops, nbytes
 
 
 def _skip_reason(impl, mode, B, T, H, D, mem_budget):
@@ -213,7 +166,7 @@ def run(Ts, Ds, B, H, *, impls, modes, reps, dtype, sweep_configs, peak=None, co
       if why is not None:
         rows.append(dict(row, skipped=why))
         continue
-      flops, nbytes = _work(impl, mode, B, T, H, D, elem)
+      flops, nbytes = row_work(impl, mode, B, T, H, D, elem)
       frac = roofline.roofline_fraction(flops, nbytes, sec, peak)
       rows.append(dict(row, ms=sec * 1e3, tflops=flops / sec / 1e12,
                        gbps=nbytes / sec / 1e9,

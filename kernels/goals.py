@@ -45,7 +45,7 @@ def evaluate(rows, peak: roofline.DevicePeak | None, config: str):
   Args:
     rows: benchmark rows (dicts with impl, config, mode, T, D, B, H and ms).
     peak: the ceilings of the device, or None (goals 1-2 are then unmeasured).
-    config: the Pallas configuration judged (a ``bench.PALLAS_CONFIGS`` name).
+    config: the Pallas configuration judged (a ``candidates.PALLAS_CONFIGS`` name).
 
   Returns:
     a list of dicts with keys goal, measured, target and verdict ("met", "NOT met"

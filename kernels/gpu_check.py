@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bench import PALLAS_CONFIGS, Candidate
+from .candidates import PALLAS_CONFIGS, Candidate
 from .chunked_xla import chunked_linear_attention
 from .pallas_op import DEFAULT_BWD, DEFAULT_FWD, pallas_linear_attention
 from .testing import TOL, random_inputs, rel_rms_error

@@ -3,7 +3,7 @@
 Run as ``python -m qsf_jax.kernels.ptxas_report [--configs=NAME,...] [--D=64,128]
 [--decay=none]``
 on any host with ``triton`` installed (``pip install triton``; it bundles
-ptxas). For each launch configuration of ``bench.PALLAS_CONFIGS`` it exports
+ptxas). For each launch configuration of ``candidates.PALLAS_CONFIGS`` it exports
 forward + backward at B=8, T=4096, H=8, bf16 (with float32 log-decays, or
 without any with ``--decay=none``) for CUDA (``lowering``, kernels
 spec §3.4), takes the Triton IR that Pallas emits for every ``pallas_call``,
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import pallas_op
-from .bench import DECAYS, PALLAS_CONFIGS
+from .candidates import DECAYS, PALLAS_CONFIGS
 from .lowering import export_for_cuda
 
 

@@ -10,7 +10,7 @@ import pytest
 from qsf_jax import kernels
 from qsf_jax.kernels import (DEFAULT_DESIGN, PALLAS_DESIGNS, PallasDesign, linear_attention,
                              pallas_linear_attention, resolve_design)
-from qsf_jax.kernels.bench import DEFAULT_CONFIG, PALLAS_CONFIGS
+from qsf_jax.kernels.candidates import DEFAULT_CONFIG, PALLAS_CONFIGS
 from qsf_jax.kernels.pallas_op import BACKWARDS, FORWARDS
 from qsf_jax.kernels.testing import pallas_calls, random_inputs, rel_rms_error
 from qsf_jax.models import build_model, get_config

@@ -13,7 +13,7 @@ import pytest
 
 from qsf_jax.kernels import (DEFAULT_BWD, DEFAULT_FWD, KernelConfig, linear_attention,
                              pallas_linear_attention)
-from qsf_jax.kernels.bench import PALLAS_CONFIGS
+from qsf_jax.kernels.candidates import PALLAS_CONFIGS
 from qsf_jax.kernels.lowering import count_triton_calls, export_for_cuda
 
 pytestmark = pytest.mark.filterwarnings(
