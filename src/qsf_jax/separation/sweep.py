@@ -201,7 +201,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
           continue
         t0 = time.perf_counter()
         params, mcfg = build(task, dtype=jnp.float64)
-        logq = np.asarray(train.task_log_probs_fn(task, mcfg)(params))[None]
+        logq = np.asarray(jax.jit(train.task_log_probs_fn(task, mcfg))(params))[None]
         kl, rms = _metrics(logq, task)
         bound = bounds.eckart_young_bound(task.probs_CK, real_dim) if mcfg.kind == "real" else None
         out["runs"].append(_record(N, name, mcfg.dim, real_dim, kl, rms, bound,
