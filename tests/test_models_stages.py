@@ -52,33 +52,53 @@ def _check_decode(model, variables, tokens, full):
   return cache
 
 
-def _check_causal(model, variables, tokens, vocab):
-  """Perturbing tokens after t leaves logits at <= t unchanged (and changes t+1)."""
-  base = tokens[:1]
+def _with_variants(tokens, vocab):
+  """``tokens`` (B, T), then T - 1 copies of row 0 with every token after t changed.
+
+  One batch, so one compiled forward serves the full-forward, causality and decode
+  checks.
+  """
+  base = np.asarray(tokens[0])
   rng = np.random.default_rng(0)
   variants = []
   for t in range(T - 1):
-    v = np.array(base[0])
+    v = base.copy()
     new = rng.integers(0, vocab, size=T - t - 1)
     new = np.where(new == v[t + 1:], (new + 1) % vocab, new)
     v[t + 1:] = new
     variants.append(v)
-  batch = jnp.concatenate([base, jnp.asarray(np.stack(variants), jnp.int32)], axis=0)
-  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, beta=BETA))(variables, batch))
+  return jnp.concatenate([tokens, jnp.asarray(np.stack(variants), tokens.dtype)], axis=0)
+
+
+def _check_causal(logits, batch_size):
+  """Changing tokens after t leaves logits at <= t unchanged (and changes t + 1).
+
+  Args:
+    logits: full-forward logits of ``_with_variants`` (B + T - 1, T, V).
+    batch_size: B, the rows before the variants.
+  """
+  logits = np.asarray(logits)
   for t in range(T - 1):
-    np.testing.assert_allclose(logits[1 + t, :t + 1], logits[0, :t + 1], rtol=1e-6, atol=1e-6,
+    row = logits[batch_size + t]
+    np.testing.assert_allclose(row[:t + 1], logits[0, :t + 1], rtol=1e-6, atol=1e-6,
                                err_msg=f"position <= {t} changed")
-    assert np.max(np.abs(logits[1 + t, t + 1] - logits[0, t + 1])) > 1e-6, t
+    assert np.max(np.abs(row[t + 1] - logits[0, t + 1])) > 1e-6, t
+
+
+def _check_causal_and_decode(model, variables, tokens, vocab):
+  """Full forward of tokens and their variants: causal, and equal to T decode calls."""
+  batch = _with_variants(tokens, vocab)
+  full = _full(model, variables, batch)
+  assert full.shape == (batch.shape[0], T, vocab) and full.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(full)))
+  _check_causal(full, tokens.shape[0])
+  return _check_decode(model, variables, batch, full)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_causal_and_decode_match_full_forward(stage):
   cfg, model, variables, tokens = _setup(stage)
-  full = _full(model, variables, tokens)
-  assert full.shape == (2, T, cfg.vocab_size) and full.dtype == jnp.float32
-  assert bool(jnp.all(jnp.isfinite(full)))
-  _check_causal(model, variables, tokens, cfg.vocab_size)
-  cache = _check_decode(model, variables, tokens, full)
+  cache = _check_causal_and_decode(model, variables, tokens, cfg.vocab_size)
   if stage != "wave":  # the position counter advanced once per token
     assert int(cache["index"]) == T
 
@@ -106,9 +126,7 @@ def test_decode_state_is_constant_size_for_linear_attention():
 ])
 def test_variants_causal_and_decode(stage, overrides):
   cfg, model, variables, tokens = _setup(stage, **overrides)
-  full = _full(model, variables, tokens)
-  _check_causal(model, variables, tokens, cfg.vocab_size)
-  _check_decode(model, variables, tokens, full)
+  _check_causal_and_decode(model, variables, tokens, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("stage", ["koopman_attn", "transformer"])
