@@ -12,6 +12,8 @@ from qsf_jax.models.fourier import causal_cosine_mix, causal_fourier_mix
 from qsf_jax.models.measurement import MeasurementAttention
 from qsf_jax.models.norms import Norm
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile time dominates
+
 
 def _np(x):
   return np.asarray(x, np.float64)

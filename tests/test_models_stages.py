@@ -11,6 +11,8 @@ import pytest
 
 from qsf_jax.models import STAGES, build_model, get_config, init_cache
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile time dominates
+
 T = 8
 BETA = 0.4  # a mid-anneal weight, so Stages III/IV mix LN and LS
 

@@ -8,6 +8,8 @@ import pytest
 from qsf_jax.models import STAGES, build_model, get_config
 from qsf_jax.models.wave import MixtureHamiltonian
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile time dominates
+
 T = 7
 
 

@@ -13,6 +13,8 @@ from qsf_jax.wavefunction.born import povm_probabilities
 from qsf_jax.wavefunction.cayley import cayley_unitary, orthogonal_cayley
 from qsf_jax.wavefunction.hermitian import hermitian_from_real, isometry_from_real, skew_from_real
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile time dominates
+
 
 @pytest.fixture(scope="module")
 def task3():

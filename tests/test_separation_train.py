@@ -13,6 +13,8 @@ from qsf_jax.tasks import separation as ts
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile time dominates
+
 
 @pytest.fixture(scope="module")
 def task3():
