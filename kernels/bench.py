@@ -45,6 +45,8 @@ from .timing import (PIPELINE_CALLS, TIMINGS, cupti_seconds, measure_ceilings,
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
 QUICK = dict(T=(256, 512, 1024), D=(64,), B=2, H=2)
 SCAN_MAX_T = {"fwd": 2048, "fwdbwd": 1024}
+IMPLS = ("pallas", "xla", "reference", "scan", "softmax")
+MODES = ("fwd", "fwdbwd")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
@@ -185,7 +187,8 @@ def _in_sweep_order(rows, Ts, Ds):
   return sorted(rows, key=lambda r: (Ds.index(r["D"]), Ts.index(r["T"])))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m qsf_jax.kernels.bench``."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="write the results as JSON to this path")
   p.add_argument("--quick", action="store_true", help="small sweep (the default on CPU)")
@@ -226,7 +229,15 @@ def main(argv=None):
   p.add_argument("--measure_ceilings", action="store_true",
                  help="measure this device's copy bandwidth and bf16 matmul rate first and "
                       "use them as the roofline ceilings")
-  a = p.parse_args(argv)
+  return p
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace):
+  """Checks the flags that need no device; returns the Pallas configs to time.
+
+  Exits through ``p.error`` on a bad flag. The device-dependent check
+  (``--timing=cupti`` needs a GPU) is made by ``main``.
+  """
   if a.reps < 20:
     p.error("--reps must be >= 20")
   if a.compile_workers < 1:
@@ -236,8 +247,6 @@ def main(argv=None):
       p.error(f"{flag} must be a positive int, got {val}")
     if val is not None and a.goals:
       p.error(f"--goals judges the goals' shapes (B=H=8); drop {flag}")
-  if a.timing == "cupti" and jax.default_backend() != "gpu":
-    p.error(f"--timing=cupti needs a GPU (CUPTI); this backend is {jax.default_backend()!r}")
   configs = a.configs.split(",") if a.configs else None
   if a.goal_config not in PALLAS_CONFIGS:
     p.error(f"unknown --goal_config {a.goal_config!r}; choose from {sorted(PALLAS_CONFIGS)}")
@@ -247,6 +256,26 @@ def main(argv=None):
   unknown = sorted(set(configs or ()) - set(PALLAS_CONFIGS))
   if unknown:
     p.error(f"unknown --configs {unknown}; choose from {sorted(PALLAS_CONFIGS)}")
+  for flag, val, allowed in (("--impls", a.impls, IMPLS), ("--modes", a.modes, MODES)):
+    bad = sorted(set(val.split(",")) - set(allowed)) if val is not None else []
+    if bad:
+      p.error(f"unknown {flag} {bad}; choose from {list(allowed)}")
+  try:
+    jnp.dtype(a.dtype)
+  except TypeError:
+    p.error(f"unknown --dtype {a.dtype!r}")
+  for flag, val in (("--T", a.T), ("--D", a.D)):
+    if val is not None and not all(x.strip().isdigit() and int(x) > 0 for x in val.split(",")):
+      p.error(f"{flag} must be comma-separated positive ints, got {val!r}")
+  return configs
+
+
+def main(argv=None):
+  p = build_parser()
+  a = p.parse_args(argv)
+  configs = check_args(p, a)
+  if a.timing == "cupti" and jax.default_backend() != "gpu":
+    p.error(f"--timing=cupti needs a GPU (CUPTI); this backend is {jax.default_backend()!r}")
   quick = not a.goals and (a.quick or (jax.default_backend() == "cpu" and not a.full))
   sizes = dict(FULL, **goals.GOAL_SWEEP) if a.goals else dict(QUICK if quick else FULL)
   impls = a.impls or ("pallas,xla,softmax" if a.goals else "pallas,xla,reference,scan,softmax")

@@ -121,9 +121,10 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
   return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m qsf_jax.kernels.gpu_check``."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="three cases, default config only")
+  p.add_argument("--quick", action="store_true", help="the QUICK_CASES only, at the default config")
   p.add_argument("--backward", default="fused", choices=("fused", "chunked"),
                  help="backward design of the cases at the default config")
   p.add_argument("--configs", default=None,
@@ -132,13 +133,27 @@ def main(argv=None):
   p.add_argument("--compile_workers", type=int, default=1,
                  help="compile each case's Pallas and reference functions on this many "
                       "threads first (1: one after another)")
-  a = p.parse_args(argv)
+  return p
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+  """Checks the flags (no device needed); returns the configs to check at CASES[0].
+
+  Exits through ``p.error`` on a bad flag.
+  """
   if a.compile_workers < 1:
     p.error(f"--compile_workers must be >= 1, got {a.compile_workers}")
   names = a.configs.split(",") if a.configs else ([] if a.quick else sorted(PALLAS_CONFIGS))
   unknown = sorted(set(names) - set(PALLAS_CONFIGS))
   if unknown:
     p.error(f"unknown --configs {unknown}; choose from {sorted(PALLAS_CONFIGS)}")
+  return names
+
+
+def main(argv=None):
+  p = build_parser()
+  a = p.parse_args(argv)
+  names = check_args(p, a)
   if jax.default_backend() != "gpu":
     print("gpu_check needs a GPU backend; found", jax.default_backend())
     return 2

@@ -1,0 +1,105 @@
+"""The GPU suite runner: its plan is valid for the tools it calls, and its budget,
+dependencies, timeouts and summary work (with small stand-in steps on the CPU)."""
+
+import json
+import sys
+
+import pytest
+
+from qsf_jax.kernels import bench, gpu_check, gpu_suite
+from qsf_jax.kernels.gpu_suite import Step
+
+
+@pytest.mark.parametrize("step", [s for s in gpu_suite.PLAN if s.argv[0] == "-m"],
+                         ids=lambda s: s.name)
+def test_plan_steps_parse_with_their_tools(step, tmp_path):
+  """Every flag and config name in the plan is accepted by the tool it runs
+  (a typo would otherwise surface only on a GPU)."""
+  tool = {"qsf_jax.kernels.bench": bench, "qsf_jax.kernels.gpu_check": gpu_check}[step.argv[1]]
+  cmd = gpu_suite.step_command(step, str(tmp_path))
+  assert cmd[0] == sys.executable and "{out}" not in " ".join(cmd)
+  parser = tool.build_parser()
+  tool.check_args(parser, parser.parse_args(cmd[3:]))
+  for arg in cmd:  # every output lands in the suite's folder
+    if arg.startswith("--out="):
+      assert arg == f"--out={tmp_path}/{step.name}.json"
+
+
+def test_plan_order_and_needs():
+  names = [s.name for s in gpu_suite.PLAN]
+  assert names[:3] == ["env", "check", "goals"]  # what the kernels are judged on, first
+  for i, s in enumerate(gpu_suite.PLAN):
+    assert set(s.needs) <= set(names[:i])
+  assert all(s.needs == ("check",) for s in gpu_suite.PLAN if "--out=" in " ".join(s.argv))
+
+
+def test_tools_reject_bad_flags():
+  for tool, argv in ((bench, ["--configs=c64_nope"]), (bench, ["--modes=fwd,bwd"]),
+                     (bench, ["--impls=pallas,cudnn"]), (bench, ["--T=4096,x"]),
+                     (bench, ["--dtype=bf17"]), (gpu_check, ["--configs=c64_nope"])):
+    parser = tool.build_parser()
+    with pytest.raises(SystemExit):
+      tool.check_args(parser, parser.parse_args(argv))
+
+
+def _py(code):
+  return ("-c", code)
+
+
+def test_run_suite_statuses_needs_and_outputs(tmp_path, capsys):
+  steps = (
+      Step("ok", _py("print('hello from ok')"), 30),
+      Step("writes", _py("import sys; open(sys.argv[1].split('=')[1], 'w').write('{}')")
+           + ("--out={out}/writes.json",), 30, ("ok",)),
+      Step("fails", _py("import sys; print('broken'); sys.exit(3)"), 30),
+      Step("after_fail", _py("print('never')"), 30, ("fails",)),
+      Step("after_ok", _py("print('runs')"), 30, ("ok",)),
+  )
+  summary = gpu_suite.run_suite(str(tmp_path / "out"), steps)
+  got = {r["name"]: r for r in summary["steps"]}
+  assert [r["status"] for r in summary["steps"]] == [
+      "passed", "passed", "failed", "skipped", "passed"]
+  assert got["fails"]["rc"] == 3
+  assert got["writes"]["outputs"] == [str(tmp_path / "out" / "writes.json")]
+  assert "fails" in got["after_fail"]["reason"] and got["after_ok"]["limit_s"] is None
+  log = (tmp_path / "out" / "suite.log").read_text()
+  assert "hello from ok" in log and "broken" in log and "never" not in log
+  assert "hello from ok" in capsys.readouterr().out  # streamed to the console too
+  on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert on_disk["finished"] is not None and on_disk["steps"] == summary["steps"]
+  table = gpu_suite.markdown(summary)
+  assert "| after_fail | skipped |" in table and "writes.json" in table
+
+
+def test_run_suite_cuts_off_a_step_and_respects_the_budget(tmp_path, monkeypatch):
+  monkeypatch.setattr(gpu_suite, "MIN_STEP_S", 1.0)
+  steps = (
+      Step("slow", _py("import time; print('started', flush=True); time.sleep(60)"), 1.5),
+      Step("needs_slow", _py("print('x')"), 30, ("slow",)),
+      Step("eats_budget", _py("import time; time.sleep(60)"), 30),
+      Step("late", _py("print('late')"), 30),
+  )
+  summary = gpu_suite.run_suite(str(tmp_path), steps, budget_s=3.5)
+  got = {r["name"]: r for r in summary["steps"]}
+  assert got["slow"]["status"] == "timed_out" and got["slow"]["wall_s"] < 15
+  assert got["slow"]["limit_s"] == 1.5
+  assert got["needs_slow"]["status"] == "skipped" and "timed_out" in got["needs_slow"]["reason"]
+  # the third step gets what is left of the budget (about 2 s), then nothing is left
+  assert got["eats_budget"]["status"] == "timed_out" and got["eats_budget"]["limit_s"] < 2.5
+  assert got["late"]["status"] == "skipped" and got["late"]["reason"].startswith("budget")
+  assert "started" in (tmp_path / "suite.log").read_text()
+
+
+def test_main_lists_selects_and_rejects(tmp_path, capsys):
+  assert gpu_suite.main(["--list", "--steps=goals,check"]) == 0
+  out = capsys.readouterr().out
+  assert out.index("check:") < out.index("goals:") and "designs" not in out
+  for bad in (["--steps=check,nope"], ["--steps=,"], ["--budget_s=0", "--out=x"],
+              ["--steps=check"], [f"--out={tmp_path / 'f'}", "--steps=env"]):
+    if bad[0].startswith("--out"):
+      (tmp_path / "f").write_text("a file, not a folder")
+    with pytest.raises(SystemExit):
+      gpu_suite.main(bad)
+  assert (tmp_path / "f").read_text() == "a file, not a folder"  # left as it was
+  with pytest.raises(ValueError, match="unique"):
+    gpu_suite.run_suite(str(tmp_path / "o"), (Step("a", _py("1"), 1), Step("a", _py("1"), 1)))
