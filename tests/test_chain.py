@@ -184,6 +184,10 @@ def test_chain_bad_inputs():
     chain_mean(x0, A, b, n_steps=N + 2)
   with pytest.raises(ValueError, match="n_steps is required"):
     chain_mean(x0, A[0], b[0])
+  for bad in (2.5, True, "3"):  # not truncated or coerced to a length
+    with pytest.raises(ValueError, match="n_steps must be an int"):
+      chain_mean(x0, A[0], b[0], n_steps=bad)
+  assert chain_mean(x0, A[0], b[0], n_steps=np.int64(2)).shape == (2, D)
   with pytest.raises(ValueError, match=r"A_seq must have 2 or 3 dimension\(s\)"):
     chain_mean(x0, A[None], b)
   with pytest.raises(ValueError, match="A_seq must be a square matrix"):
