@@ -31,7 +31,8 @@ Everything a step prints goes to the console and to ``DIR/suite.log``;
 ``DIR/summary.json`` (rewritten after each step) says what ran, for how long
 and how it ended; the benchmark steps write ``DIR/<step>.json``. Exits with
 status 1 if a step failed or was cut off, 0 otherwise (a step skipped for lack
-of budget is not a failure; the summary names it).
+of budget is not a failure; the summary names it). Ctrl-C or SIGTERM stops the
+running step and its processes, records it as "interrupted" and exits with 130.
 """
 
 from __future__ import annotations
@@ -143,6 +144,21 @@ def _commit() -> str | None:
   return res.stdout.strip() or None
 
 
+def _stop(proc: subprocess.Popen) -> None:
+  """Stops a step's process group: SIGTERM, then SIGKILL after 10 s (and to stragglers)."""
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+      break
+    if sig == signal.SIGTERM:
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        pass
+  proc.wait()
+
+
 def _run_one(cmd: list[str], limit: float | None, log) -> tuple[int | None, bool]:
   """Runs ``cmd``, copying its output to stdout and ``log``; returns (rc, timed_out)."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -163,16 +179,10 @@ def _run_one(cmd: list[str], limit: float | None, log) -> tuple[int | None, bool
     proc.wait(timeout=limit)
   except subprocess.TimeoutExpired:
     timed_out = True
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-      try:
-        os.killpg(proc.pid, sig)
-      except ProcessLookupError:
-        break
-      try:
-        proc.wait(timeout=grace)
-        break
-      except subprocess.TimeoutExpired:
-        continue
+    _stop(proc)
+  except BaseException:  # interrupted (Ctrl-C, or SIGTERM through ``main``): no orphans
+    _stop(proc)
+    raise
   reader.join(timeout=10)
   return proc.returncode, timed_out
 
@@ -189,7 +199,9 @@ def run_suite(out_dir: str, steps=PLAN, budget_s: float | None = None) -> dict:
   Returns:
     the summary: dict with started, finished, budget_s, commit and steps, a list
     of dicts (name, command, status in passed / failed / timed_out / skipped,
-    rc, wall_s, limit_s, reason, outputs).
+    rc, wall_s, limit_s, reason, outputs). An interrupted suite (Ctrl-C, or
+    SIGTERM under ``main``) stops the running step, records it as
+    "interrupted" in summary.json and re-raises ``KeyboardInterrupt``.
   """
   if budget_s is not None and not budget_s > 0:
     raise ValueError(f"budget_s must be > 0 or None, got {budget_s}")
@@ -227,7 +239,13 @@ def run_suite(out_dir: str, steps=PLAN, budget_s: float | None = None) -> dict:
           stream.write(f"{head}: {display_command(step, out_dir)}\n")
           stream.flush()
         start = time.monotonic()
-        rc, timed_out = _run_one(cmd, limit, log)
+        try:
+          rc, timed_out = _run_one(cmd, limit, log)
+        except KeyboardInterrupt:
+          rec.update(status="interrupted", wall_s=round(time.monotonic() - start, 1))
+          summary["steps"].append(rec)
+          save()
+          raise
         rec.update(rc=rc, wall_s=round(time.monotonic() - start, 1),
                    status="timed_out" if timed_out else ("passed" if rc == 0 else "failed"))
         rec["outputs"] = sorted(a.split("=", 1)[1] for a in cmd
@@ -293,10 +311,17 @@ def main(argv=None) -> int:
     return 0
   if a.out is None:
     p.error("--out is required (a folder for the log, the summary and the JSON)")
+  def interrupt(signum, frame):  # SIGTERM stops the running step as Ctrl-C does
+    raise KeyboardInterrupt(f"signal {signum}")
+
+  signal.signal(signal.SIGTERM, interrupt)
   try:
     summary = run_suite(a.out, steps, a.budget_s)
   except ValueError as e:
     p.error(str(e))
+  except KeyboardInterrupt:
+    print(f"interrupted; the steps so far are in {os.path.join(a.out, 'summary.json')}")
+    return 130
   print("\n" + markdown(summary))
   bad = [r["name"] for r in summary["steps"] if r["status"] in ("failed", "timed_out")]
   return 1 if bad else 0

@@ -103,3 +103,34 @@ def test_main_lists_selects_and_rejects(tmp_path, capsys):
   assert (tmp_path / "f").read_text() == "a file, not a folder"  # left as it was
   with pytest.raises(ValueError, match="unique"):
     gpu_suite.run_suite(str(tmp_path / "o"), (Step("a", _py("1"), 1), Step("a", _py("1"), 1)))
+
+
+def test_sigterm_stops_the_running_step_and_records_it(tmp_path):
+  """A suite stopped from outside (SIGTERM) leaves no step process running."""
+  import os
+  import signal
+  import subprocess
+  import time
+  pid_file = tmp_path / "child.pid"
+  step = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+  script = "\n".join([
+      "import sys",
+      "from qsf_jax.kernels import gpu_suite as g",
+      f"g.PLAN = (g.Step('sleepy', ('-c', {step!r}), 300),)",
+      f"sys.exit(g.main(['--out={tmp_path / 'out'}']))"])
+  suite = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 60
+  while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+    assert suite.poll() is None, suite.communicate()[0]
+    time.sleep(0.05)
+  child = int(pid_file.read_text())
+  suite.send_signal(signal.SIGTERM)
+  out, _ = suite.communicate(timeout=30)
+  assert suite.returncode == 130, out
+  with pytest.raises(ProcessLookupError):  # the step was stopped with the suite
+    for _ in range(100):
+      os.kill(child, 0)
+      time.sleep(0.05)
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert [r["status"] for r in summary["steps"]] == ["interrupted"]
