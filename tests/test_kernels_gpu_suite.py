@@ -2,7 +2,11 @@
 dependencies, timeouts and summary work (with small stand-in steps on the CPU)."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -107,10 +111,6 @@ def test_main_lists_selects_and_rejects(tmp_path, capsys):
 
 def test_sigterm_stops_the_running_step_and_records_it(tmp_path):
   """A suite stopped from outside (SIGTERM) leaves no step process running."""
-  import os
-  import signal
-  import subprocess
-  import time
   pid_file = tmp_path / "child.pid"
   step = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
   script = "\n".join([
