@@ -214,7 +214,7 @@ def main(argv=None):
     with open(a.out, "w", encoding="utf-8") as f:
       json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
                      jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
-                     decay=a.decay, partial=partial,
+                     decay=a.decay, partial=partial, goal_config=a.goal_config,
                      peak=None if peak is None else peak.__dict__, rows=rows,
                      goals=verdicts), f, indent=1)
 

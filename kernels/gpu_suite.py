@@ -1,7 +1,8 @@
 """The kernels' GPU checks and benchmarks, in order, within a time budget.
 
 Run as ``python -m qsf_jax.kernels.gpu_suite --out=DIR [--budget_s=540]
-[--steps=NAME,...] [--list]`` on a machine with a GPU. Where jax with CUDA is
+[--steps=NAME,...] [--list]`` on a machine with a GPU; ``--report=DIR`` prints
+the tables of a finished run's folder again (anywhere, no GPU needed). Where jax with CUDA is
 already installed and nothing can be fetched, install this checkout first with
 ``pip install --no-deps --no-build-isolation -e .``.
 
@@ -23,9 +24,10 @@ are judged on:
 A timing step needs ``check`` to have passed when ``check`` ran in the same
 suite (timing kernels that give wrong answers says nothing). With
 ``--budget_s``, each step runs for at most its own cap (``Step.max_s``) and
-never past the budget; a step is skipped when less than ``MIN_STEP_S`` is left.
-A step cut off by its limit is stopped (SIGTERM, then SIGKILL); ``bench``
-rewrites its JSON after each (T, D), so the rows it measured are kept.
+never past the budget; a step is skipped when less than
+``suite_runner.MIN_STEP_S`` is left. A step cut off by its limit is stopped
+(SIGTERM, then SIGKILL); ``bench`` rewrites its JSON after each (T, D), so the
+rows it measured are kept.
 
 Everything a step prints goes to the console and to ``DIR/suite.log``;
 ``DIR/summary.json`` (rewritten after each step) says what ran, for how long
@@ -38,17 +40,11 @@ running step and its processes, records it as "interrupted" and exits with 130.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
-from typing import NamedTuple
 
-MIN_STEP_S = 30.0  # a step is not started with less than this left of the budget
+from .suite_runner import Step, display_command, markdown, report, run_suite, select
 
 # The designs compared at T=4096 (WORKSPACE.md, "Next steps"): the default
 # (c64_bv64_w4_s2), its split backward and 3-stage variant, the chunked
@@ -56,6 +52,8 @@ MIN_STEP_S = 30.0  # a step is not started with less than this left of the budge
 DESIGNS = ("c64_bv64_w4_s2,c64_bv64_w4_s2_split,c64_bv64_w4_s3,c64_bv64_w8_s3_chunkbwd,"
            "c64_bv64_w8_s3_chunkbwd_split,c64_bv128_w8_s3_chunkbwd,c128_bv64_w8_s2_chunkbwd,"
            "c64_bv64_w4_s3_chunkfwd,c128_bv64_w8_s2_chunkfwd")
+# The designs whose correctness is checked before they are timed (the default is
+# checked by the "check" step).
 CHECKED_DESIGNS = ("c64_bv64_w8_s3_chunkbwd,c64_bv128_w8_s3_chunkbwd,c64_bv64_w4_s3_chunkfwd,"
                    "c64_bv64_w4_s2_split,c64_bv64_w8_s3_chunkbwd_split")
 
@@ -73,20 +71,6 @@ if shutil.which("nvidia-smi"):
 import jax
 print("backend", jax.default_backend(), [d.device_kind for d in jax.devices()])
 """
-
-
-class Step(NamedTuple):
-  """One step: ``python <argv>`` with ``{out}`` replaced by the output folder.
-
-  name: the step's name (``--steps`` picks by it).
-  argv: the arguments after the Python executable.
-  max_s: the step's cap in seconds when the suite runs on a budget.
-  needs: steps that must have passed when they ran in the same suite.
-  """
-  name: str
-  argv: tuple[str, ...]
-  max_s: float
-  needs: tuple[str, ...] = ()
 
 
 def _tool(module: str, *args: str) -> tuple[str, ...]:
@@ -114,181 +98,6 @@ PLAN = (
 )
 
 
-def step_command(step: Step, out_dir: str) -> list[str]:
-  """The command line of ``step``, with its outputs under ``out_dir``."""
-  return [sys.executable] + [a.replace("{out}", out_dir) for a in step.argv]
-
-
-def display_command(step: Step, out_dir: str) -> str:
-  """``step_command`` as one line; an inline script (``-c``) is named, not printed."""
-  cmd = step_command(step, out_dir)
-  if cmd[1] == "-c":
-    cmd = cmd[:2] + [f"<{step.name} script, {len(cmd[2].splitlines())} lines>"]
-  return " ".join(cmd)
-
-
-def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _commit() -> str | None:
-  """The git commit of this checkout, if it is one (None otherwise)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    res = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True, timeout=10, check=False)
-  except (OSError, subprocess.SubprocessError):
-    return None
-  if res.returncode != 0:
-    return None
-  return res.stdout.strip() or None
-
-
-def _stop(proc: subprocess.Popen) -> None:
-  """Stops a step's process group: SIGTERM, then SIGKILL after 10 s (and to stragglers)."""
-  for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-      os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-      break
-    if sig == signal.SIGTERM:
-      try:
-        proc.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        pass
-  proc.wait()
-
-
-def _run_one(cmd: list[str], limit: float | None, log) -> tuple[int | None, bool]:
-  """Runs ``cmd``, copying its output to stdout and ``log``; returns (rc, timed_out)."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          start_new_session=True, text=True, errors="replace")
-
-  def copy():
-    for line in proc.stdout:
-      sys.stdout.write(line)
-      sys.stdout.flush()
-      log.write(line)
-      log.flush()
-
-  reader = threading.Thread(target=copy, daemon=True)
-  reader.start()
-  timed_out = False
-  try:
-    proc.wait(timeout=limit)
-  except subprocess.TimeoutExpired:
-    timed_out = True
-    _stop(proc)
-  except BaseException:  # interrupted (Ctrl-C, or SIGTERM through ``main``): no orphans
-    _stop(proc)
-    raise
-  reader.join(timeout=10)
-  return proc.returncode, timed_out
-
-
-def run_suite(out_dir: str, steps=PLAN, budget_s: float | None = None) -> dict:
-  """Runs ``steps`` in order; returns (and writes to ``out_dir``) the summary.
-
-  Args:
-    out_dir: folder for suite.log, summary.json and the steps' JSON (created).
-    steps: the ``Step``s to run, in order.
-    budget_s: wall-clock seconds for the whole suite, or None for no limit
-      (then no step is cut off).
-
-  Returns:
-    the summary: dict with started, finished, budget_s, commit and steps, a list
-    of dicts (name, command, status in passed / failed / timed_out / skipped,
-    rc, wall_s, limit_s, reason, outputs). An interrupted suite (Ctrl-C, or
-    SIGTERM under ``main``) stops the running step, records it as
-    "interrupted" in summary.json and re-raises ``KeyboardInterrupt``.
-  """
-  if budget_s is not None and not budget_s > 0:
-    raise ValueError(f"budget_s must be > 0 or None, got {budget_s}")
-  names = [s.name for s in steps]
-  if len(set(names)) != len(names):
-    raise ValueError(f"step names must be unique, got {names}")
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ValueError(f"--out {out_dir!r} exists and is not a folder")
-  os.makedirs(out_dir, exist_ok=True)
-  t0 = time.monotonic()
-  summary = dict(started=_now(), finished=None, budget_s=budget_s, commit=_commit(), steps=[])
-  status = {}
-
-  def save():
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=1)
-
-  with open(os.path.join(out_dir, "suite.log"), "a", encoding="utf-8") as log:
-    for step in steps:
-      cmd = step_command(step, out_dir)
-      rec = dict(name=step.name, command=cmd, status="skipped", rc=None, wall_s=0.0,
-                 limit_s=None, reason=None, outputs=[])
-      left = None if budget_s is None else budget_s - (time.monotonic() - t0)
-      unmet = [n for n in step.needs if status.get(n, "passed") != "passed"]
-      if unmet:
-        rec["reason"] = f"needs {', '.join(unmet)} to pass ({', '.join(status[n] for n in unmet)})"
-      elif left is not None and left < MIN_STEP_S:
-        rec["reason"] = f"budget: {max(left, 0.0):.0f} s left, a step needs {MIN_STEP_S:.0f} s"
-      else:
-        limit = None if left is None else min(step.max_s, left)
-        rec["limit_s"] = limit
-        head = f"=== {step.name} ({_now()}, limit {'none' if limit is None else f'{limit:.0f} s'})"
-        for stream in (sys.stdout, log):
-          stream.write(f"{head}: {display_command(step, out_dir)}\n")
-          stream.flush()
-        start = time.monotonic()
-        try:
-          rc, timed_out = _run_one(cmd, limit, log)
-        except KeyboardInterrupt:
-          rec.update(status="interrupted", wall_s=round(time.monotonic() - start, 1))
-          summary["steps"].append(rec)
-          save()
-          raise
-        rec.update(rc=rc, wall_s=round(time.monotonic() - start, 1),
-                   status="timed_out" if timed_out else ("passed" if rc == 0 else "failed"))
-        rec["outputs"] = sorted(a.split("=", 1)[1] for a in cmd
-                                if a.startswith("--out=") and os.path.exists(a.split("=", 1)[1]))
-      if rec["status"] == "skipped":
-        line = f"=== {step.name}: skipped, {rec['reason']}\n"
-      else:
-        line = f"=== {step.name}: {rec['status']} (rc {rec['rc']}) in {rec['wall_s']:.1f} s\n"
-      for stream in (sys.stdout, log):
-        stream.write(line)
-        stream.flush()
-      status[step.name] = rec["status"]
-      summary["steps"].append(rec)
-      save()
-  summary["finished"] = _now()
-  save()
-  return summary
-
-
-def markdown(summary: dict) -> str:
-  """The summary as a markdown table."""
-  lines = [f"GPU suite, started {summary['started']}, commit {summary['commit'] or '?'}, "
-           f"budget {summary['budget_s'] or 'none'}", "",
-           "| step | status | wall (s) | limit (s) | note |", "|---|---|---|---|---|"]
-  for r in summary["steps"]:
-    limit = "–" if r["limit_s"] is None else f"{r['limit_s']:.0f}"
-    note = r["reason"] or ", ".join(os.path.basename(p) for p in r["outputs"]) or ""
-    lines.append(f"| {r['name']} | {r['status']} | {r['wall_s']:.1f} | {limit} | {note} |")
-  return "\n".join(lines)
-
-
-def select(steps, names: str | None):
-  """The steps named in the comma-separated ``names`` (all if None), in plan order."""
-  if names is None:
-    return tuple(steps)
-  wanted = [n.strip() for n in names.split(",") if n.strip()]
-  known = [s.name for s in steps]
-  unknown = [n for n in wanted if n not in known]
-  if unknown or not wanted:
-    raise ValueError(f"--steps must name steps from {known}, got {names!r}")
-  return tuple(s for s in steps if s.name in wanted)
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="output folder (created)")
@@ -297,7 +106,15 @@ def main(argv=None) -> int:
   p.add_argument("--steps", default=None,
                  help=f"comma-separated steps to run (default all: {','.join(s.name for s in PLAN)})")
   p.add_argument("--list", action="store_true", help="print the plan and run nothing")
+  p.add_argument("--report", default=None, metavar="DIR",
+                 help="print the markdown tables of an earlier run's folder and run nothing")
   a = p.parse_args(argv)
+  if a.report is not None:
+    try:
+      print(report(a.report))
+    except ValueError as e:
+      p.error(str(e))
+    return 0
   try:
     steps = select(PLAN, a.steps)
   except ValueError as e:
@@ -311,6 +128,7 @@ def main(argv=None) -> int:
     return 0
   if a.out is None:
     p.error("--out is required (a folder for the log, the summary and the JSON)")
+
   def interrupt(signum, frame):  # SIGTERM stops the running step as Ctrl-C does
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import goals
+
 
 def add_speedups(rows, default_config):
   """Adds vs_xla and vs_softmax (time(ref) / time(row)) to every timed row.
@@ -51,3 +53,36 @@ def kernel_breakdown(rows, top=4):
       out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | {kernel} | {ms:.3f} | "
                  f"{100 * ms / total:.0f}% |")
   return "\n".join(out)
+
+
+def results_markdown(data: dict) -> str:
+  """A benchmark's JSON (``bench --out``) as markdown, as ``bench`` printed it.
+
+  The rows' table under a header naming the device, jax version, shape, timing
+  and date; the per-kernel breakdown where the rows were timed with CUPTI; and
+  the goal verdicts of a ``--goals`` run. A run cut short (``"partial": true``)
+  says so in the header.
+
+  Raises:
+    ValueError: if ``data`` lacks the keys ``bench`` writes.
+  """
+  missing = sorted({"date", "device", "jax_version", "timing", "decay", "reps", "rows"}
+                   - set(data))
+  if missing:
+    raise ValueError(f"not a benchmark JSON written by bench --out: no {missing}")
+  rows = data["rows"]
+  shape = f"B={rows[0]['B']} H={rows[0]['H']} {rows[0]['dtype']}, " if rows else ""
+  header = (f"Causal linear attention, {data['device']}, jax {data['jax_version']}, {shape}"
+            f"decay {data['decay']}, median of {data['reps']}, {data['timing']} timing, "
+            f"{data['date']}" + (" (PARTIAL: the run was cut short)" if data.get("partial")
+                                 else ""))
+  parts = [markdown_table(rows, header)]
+  if any(r.get("kernels_ms") for r in rows):
+    parts.append(kernel_breakdown(rows))
+  if data.get("goals"):
+    judged = f", judged on {data['goal_config']}" if data.get("goal_config") else ""
+    parts.append(goals.markdown(data["goals"], f"Goals (stated for an H100){judged}, "
+                                               f"decay {data['decay']}, {data['device']}, "
+                                               f"{data['date']}"))
+  return "\n\n".join(parts)
+

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from qsf_jax.kernels import bench, gpu_check, gpu_suite
-from qsf_jax.kernels.gpu_suite import Step
+from qsf_jax.kernels import bench, gpu_check, gpu_suite, report, suite_runner
+from qsf_jax.kernels.suite_runner import Step
 
 
 @pytest.mark.parametrize("step", [s for s in gpu_suite.PLAN if s.argv[0] == "-m"],
@@ -20,7 +20,7 @@ def test_plan_steps_parse_with_their_tools(step, tmp_path):
   """Every flag and config name in the plan is accepted by the tool it runs
   (a typo would otherwise surface only on a GPU)."""
   tool = {"qsf_jax.kernels.bench": bench, "qsf_jax.kernels.gpu_check": gpu_check}[step.argv[1]]
-  cmd = gpu_suite.step_command(step, str(tmp_path))
+  cmd = suite_runner.step_command(step, str(tmp_path))
   assert cmd[0] == sys.executable and "{out}" not in " ".join(cmd)
   parser = tool.build_parser()
   tool.check_args(parser, parser.parse_args(cmd[3:]))
@@ -59,7 +59,7 @@ def test_run_suite_statuses_needs_and_outputs(tmp_path, capsys):
       Step("after_fail", _py("print('never')"), 30, ("fails",)),
       Step("after_ok", _py("print('runs')"), 30, ("ok",)),
   )
-  summary = gpu_suite.run_suite(str(tmp_path / "out"), steps)
+  summary = suite_runner.run_suite(str(tmp_path / "out"), steps)
   got = {r["name"]: r for r in summary["steps"]}
   assert [r["status"] for r in summary["steps"]] == [
       "passed", "passed", "failed", "skipped", "passed"]
@@ -71,19 +71,19 @@ def test_run_suite_statuses_needs_and_outputs(tmp_path, capsys):
   assert "hello from ok" in capsys.readouterr().out  # streamed to the console too
   on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
   assert on_disk["finished"] is not None and on_disk["steps"] == summary["steps"]
-  table = gpu_suite.markdown(summary)
+  table = suite_runner.markdown(summary)
   assert "| after_fail | skipped |" in table and "writes.json" in table
 
 
 def test_run_suite_cuts_off_a_step_and_respects_the_budget(tmp_path, monkeypatch):
-  monkeypatch.setattr(gpu_suite, "MIN_STEP_S", 1.0)
+  monkeypatch.setattr(suite_runner, "MIN_STEP_S", 1.0)
   steps = (
       Step("slow", _py("import time; print('started', flush=True); time.sleep(60)"), 1.5),
       Step("needs_slow", _py("print('x')"), 30, ("slow",)),
       Step("eats_budget", _py("import time; time.sleep(60)"), 30),
       Step("late", _py("print('late')"), 30),
   )
-  summary = gpu_suite.run_suite(str(tmp_path), steps, budget_s=3.5)
+  summary = suite_runner.run_suite(str(tmp_path), steps, budget_s=3.5)
   got = {r["name"]: r for r in summary["steps"]}
   assert got["slow"]["status"] == "timed_out" and got["slow"]["wall_s"] < 15
   assert got["slow"]["limit_s"] == 1.5
@@ -106,7 +106,7 @@ def test_main_lists_selects_and_rejects(tmp_path, capsys):
       gpu_suite.main(bad)
   assert (tmp_path / "f").read_text() == "a file, not a folder"  # left as it was
   with pytest.raises(ValueError, match="unique"):
-    gpu_suite.run_suite(str(tmp_path / "o"), (Step("a", _py("1"), 1), Step("a", _py("1"), 1)))
+    suite_runner.run_suite(str(tmp_path / "o"), (Step("a", _py("1"), 1), Step("a", _py("1"), 1)))
 
 
 def test_sigterm_stops_the_running_step_and_records_it(tmp_path):
@@ -134,3 +134,33 @@ def test_sigterm_stops_the_running_step_and_records_it(tmp_path):
       time.sleep(0.05)
   summary = json.loads((tmp_path / "out" / "summary.json").read_text())
   assert [r["status"] for r in summary["steps"]] == ["interrupted"]
+
+
+def test_report_renders_a_finished_run_from_anywhere(tmp_path, capsys):
+  """--report rebuilds the markdown of a run from its folder, also after a move."""
+  step = Step("goals", ("-m", "qsf_jax.kernels.bench", "--goals", "--T=32", "--D=16",
+                        "--modes=fwd", "--impls=xla", "--out={out}/goals.json"), 120)
+  run_dir = tmp_path / "run"
+  summary = suite_runner.run_suite(str(run_dir), (step,))
+  assert summary["steps"][0]["status"] == "passed", (run_dir / "suite.log").read_text()
+  moved = tmp_path / "fetched"
+  run_dir.rename(moved)
+  assert gpu_suite.main([f"--report={moved}"]) == 0
+  text = capsys.readouterr().out
+  assert "| goals | passed |" in text and "### goals" in text
+  assert "| xla | fwd | 32 | 16 |" in text
+  assert "judged on c64_bv64_w4_s2" in text and "| unmeasured |" in text  # no Pallas on CPU
+  assert "PARTIAL" not in text
+  data = json.loads((moved / "goals.json").read_text())
+  assert "PARTIAL" in report.results_markdown(dict(data, partial=True))
+  # bad folders and files: a clear error, nothing written
+  with pytest.raises(ValueError, match="cannot read"):
+    suite_runner.report(str(tmp_path / "nowhere"))
+  (moved / "goals.json").write_text('{"rows": []}')
+  with pytest.raises(ValueError, match="not a benchmark JSON"):
+    suite_runner.report(str(moved))
+  (moved / "goals.json").unlink()
+  with pytest.raises(ValueError, match="cannot read .*goals.json"):
+    suite_runner.report(str(moved))
+  with pytest.raises(SystemExit):
+    gpu_suite.main([f"--report={tmp_path / 'nowhere'}"])
