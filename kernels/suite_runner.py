@@ -110,8 +110,17 @@ def _run_one(cmd: list[str], limit: float | None, log) -> tuple[int | None, bool
   return proc.returncode, timed_out
 
 
+def _written(paths, since: float) -> list[str]:
+  """The ``paths`` that exist and were written at or after ``since`` (a time.time()),
+  so that a file left by an earlier run into the same folder is not listed."""
+  return sorted(p for p in paths if os.path.exists(p) and os.path.getmtime(p) >= since - 1.0)
+
+
 def run_suite(out_dir: str, steps, budget_s: float | None = None) -> dict:
   """Runs ``steps`` in order; returns (and writes to ``out_dir``) the summary.
+
+  A second run into the same folder appends to its suite.log and rewrites its
+  summary.json and the JSON of the steps it runs.
 
   Args:
     out_dir: folder for suite.log, summary.json and the steps' JSON (created).
@@ -161,7 +170,7 @@ def run_suite(out_dir: str, steps, budget_s: float | None = None) -> dict:
         for stream in (sys.stdout, log):
           stream.write(f"{head}: {display_command(step, out_dir)}\n")
           stream.flush()
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         try:
           rc, timed_out = _run_one(cmd, limit, log)
         except KeyboardInterrupt:
@@ -171,8 +180,8 @@ def run_suite(out_dir: str, steps, budget_s: float | None = None) -> dict:
           raise
         rec.update(rc=rc, wall_s=round(time.monotonic() - start, 1),
                    status="timed_out" if timed_out else ("passed" if rc == 0 else "failed"))
-        rec["outputs"] = sorted(a.split("=", 1)[1] for a in cmd
-                                if a.startswith("--out=") and os.path.exists(a.split("=", 1)[1]))
+        rec["outputs"] = _written([a.split("=", 1)[1] for a in cmd if a.startswith("--out=")],
+                                  since=start_wall)
       if rec["status"] == "skipped":
         line = f"=== {step.name}: skipped, {rec['reason']}\n"
       else:

@@ -58,11 +58,16 @@ def test_run_suite_statuses_needs_and_outputs(tmp_path, capsys):
       Step("fails", _py("import sys; print('broken'); sys.exit(3)"), 30),
       Step("after_fail", _py("print('never')"), 30, ("fails",)),
       Step("after_ok", _py("print('runs')"), 30, ("ok",)),
+      Step("stale", _py("import sys; sys.exit(1)") + ("--out={out}/stale.json",), 30),
   )
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "stale.json").write_text("{}")  # left by an earlier run
+  os.utime(tmp_path / "out" / "stale.json", (time.time() - 3600,) * 2)
   summary = suite_runner.run_suite(str(tmp_path / "out"), steps)
   got = {r["name"]: r for r in summary["steps"]}
   assert [r["status"] for r in summary["steps"]] == [
-      "passed", "passed", "failed", "skipped", "passed"]
+      "passed", "passed", "failed", "skipped", "passed", "failed"]
+  assert got["stale"]["outputs"] == []  # not written by this run
   assert got["fails"]["rc"] == 3
   assert got["writes"]["outputs"] == [str(tmp_path / "out" / "writes.json")]
   assert "fails" in got["after_fail"]["reason"] and got["after_ok"]["limit_s"] is None
