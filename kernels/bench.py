@@ -38,7 +38,7 @@ from .bench_args import build_parser, check_args
 from .candidates import DECAYS, DEFAULT_CONFIG, PALLAS_CONFIGS, row_work
 from .op import linear_attention
 from .pallas_op import pallas_linear_attention
-from .report import add_speedups, kernel_breakdown, markdown_table
+from .report import add_speedups, design_ranking, kernel_breakdown, markdown_table
 from .timing import cupti_seconds, measure_ceilings, median_seconds, precompile
 
 FULL = dict(T=(512, 1024, 2048, 4096, 8192, 16384), D=(64, 128), B=8, H=8)
@@ -215,6 +215,7 @@ def main(argv=None):
       json.dump(dict(date=date, device=dev.device_kind, platform=dev.platform,
                      jax_version=jax.__version__, quick=quick, reps=a.reps, timing=a.timing,
                      decay=a.decay, partial=partial, goal_config=a.goal_config,
+                     default_config=DEFAULT_CONFIG,
                      peak=None if peak is None else peak.__dict__, rows=rows,
                      goals=verdicts), f, indent=1)
 
@@ -231,6 +232,9 @@ def main(argv=None):
   print("\n" + markdown_table(rows, header))
   if a.timing == "cupti":
     print("\n" + kernel_breakdown(rows))
+  ranking = design_ranking(rows, DEFAULT_CONFIG)
+  if ranking:
+    print("\nFastest Pallas configuration per row:\n\n" + ranking)
   verdicts = None
   if a.goals:
     verdicts = goals.evaluate(rows, peak, a.goal_config)

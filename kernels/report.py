@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import goals
+from .candidates import DEFAULT_CONFIG
 
 
 def add_speedups(rows, default_config):
@@ -55,12 +56,39 @@ def kernel_breakdown(rows, top=4):
   return "\n".join(out)
 
 
+def design_ranking(rows, default_config):
+  """Markdown table of the fastest Pallas configuration per (mode, T, D), or "".
+
+  For each (mode, T, D) with at least two timed Pallas configurations: the
+  fastest one, its time, the default configuration's time and the speed-up of
+  the fastest over the default (the figure that decides whether to change
+  ``designs.DEFAULT_DESIGN``). Empty where no (mode, T, D) has two.
+  """
+  groups = {}
+  for r in rows:
+    if r["impl"] == "pallas" and "ms" in r:
+      groups.setdefault((r["mode"], r["T"], r["D"]), []).append(r)
+  out = ["| mode | T | D | fastest | ms | default ms | speed-up over default | configs timed |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for (mode, T, D), rs in groups.items():
+    if len(rs) < 2:
+      continue
+    best = min(rs, key=lambda r: r["ms"])
+    dflt = next((r for r in rs if r["config"] == default_config), None)
+    ms_d = "–" if dflt is None else f"{dflt['ms']:.3f}"
+    gain = "–" if dflt is None else f"{dflt['ms'] / best['ms']:.2f}x"
+    out.append(f"| {mode} | {T} | {D} | {best['config']} | {best['ms']:.3f} | {ms_d} | "
+               f"{gain} | {len(rs)} |")
+  return "\n".join(out) if len(out) > 2 else ""
+
+
 def results_markdown(data: dict) -> str:
   """A benchmark's JSON (``bench --out``) as markdown, as ``bench`` printed it.
 
   The rows' table under a header naming the device, jax version, shape, timing
-  and date; the per-kernel breakdown where the rows were timed with CUPTI; and
-  the goal verdicts of a ``--goals`` run. A run cut short (``"partial": true``)
+  and date; the per-kernel breakdown where the rows were timed with CUPTI; the
+  fastest Pallas configuration per (mode, T, D) where several were timed
+  (``design_ranking``); and the goal verdicts of a ``--goals`` run. A run cut short (``"partial": true``)
   says so in the header.
 
   Raises:
@@ -79,6 +107,9 @@ def results_markdown(data: dict) -> str:
   parts = [markdown_table(rows, header)]
   if any(r.get("kernels_ms") for r in rows):
     parts.append(kernel_breakdown(rows))
+  ranking = design_ranking(rows, data.get("default_config", DEFAULT_CONFIG))
+  if ranking:
+    parts.append("Fastest Pallas configuration per row:\n\n" + ranking)
   if data.get("goals"):
     judged = f", judged on {data['goal_config']}" if data.get("goal_config") else ""
     parts.append(goals.markdown(data["goals"], f"Goals (stated for an H100){judged}, "

@@ -191,6 +191,33 @@ def test_goal_verdicts_on_synthetic_rows():
   assert "goal | measured" in goals.markdown(res, "header")
 
 
+def test_design_ranking_names_the_fastest_config_per_row():
+  dflt = "c64_bv64_w4_s2"
+  rows = [_row("pallas", "fwd", 4096, 128, 0.40, dflt),
+          _row("pallas", "fwd", 4096, 128, 0.25, "c64_bv64_w8_s3_chunkbwd"),
+          _row("pallas", "fwd", 4096, 128, 0.30, "c64_bv64_w4_s3"),
+          _row("xla", "fwd", 4096, 128, 0.10),  # not a Pallas config: never ranked
+          _row("pallas", "fwdbwd", 4096, 128, 1.0, "c64_bv64_w4_s3"),
+          _row("pallas", "fwdbwd", 4096, 128, 1.2, "c128_bv64_w8_s2"),  # default not timed
+          _row("pallas", "fwd", 4096, 64, 0.2, dflt),  # one config: no ranking row
+          dict(_row("pallas", "fwd", 4096, 64, 0.0, "c64_bv64_w4_s3"), skipped="failed")]
+  for r in rows:
+    if "skipped" in r:
+      del r["ms"]
+  lines = report.design_ranking(rows, dflt).splitlines()
+  assert lines[2] == ("| fwd | 4096 | 128 | c64_bv64_w8_s3_chunkbwd | 0.250 | 0.400 | 1.60x "
+                      "| 3 |")
+  assert lines[3] == "| fwdbwd | 4096 | 128 | c64_bv64_w4_s3 | 1.000 | – | – | 2 |"
+  assert len(lines) == 4
+  assert report.design_ranking(rows[:1] + rows[3:4], dflt) == ""
+  timed = [dict(r, tflops=1.0, gbps=1.0, roofline_pct=None, vs_xla=None, vs_softmax=None)
+           if "ms" in r else dict(r, dtype="bfloat16") for r in rows]
+  data = dict(date="d", device="dev", jax_version="0", timing="sync", decay="logsigmoid",
+              reps=20, rows=[dict(r, dtype="bfloat16") for r in timed])
+  text = report.results_markdown(data)
+  assert "Fastest Pallas configuration per row" in text and lines[2] in text
+
+
 @pytest.mark.slow
 def test_bench_goals_mode_on_cpu(tmp_path, capsys):
   out = tmp_path / "goals.json"
