@@ -33,12 +33,12 @@ def _resolve_steps(n_steps, **per_step_sizes):
   """The chain length from the per-step arguments' leading axes and ``n_steps``."""
   sizes = {k: v for k, v in per_step_sizes.items() if v is not None}
   if n_steps is not None:
-    try:
-      if isinstance(n_steps, bool):
-        raise TypeError
-      sizes["n_steps"] = operator.index(n_steps)
+    try:  # an int-like (python, numpy or concrete jax integer), never truncated
+      sizes["n_steps"] = None if isinstance(n_steps, bool) else operator.index(n_steps)
     except TypeError:
-      raise ValueError(f"n_steps must be an int (a static chain length), got {n_steps!r}") from None
+      sizes["n_steps"] = None
+    if sizes["n_steps"] is None:
+      raise ValueError(f"n_steps must be an int (a static chain length), got {n_steps!r}")
   if not sizes:
     raise ValueError("n_steps is required when A_seq and b_seq are both constant "
                      "(no per-step axis to take the chain length from)")
