@@ -96,6 +96,9 @@ def test_config_is_frozen_and_hashable():
     (("fnet",), {"vocab_size": 0}, "vocab_size must be a positive int"),
     (("fnet",), {"n_layers": 2.0}, "n_layers must be a positive int"),
     (("fnet",), {"anneal_frac": 1.5}, "anneal_frac"),
+    (("koopman_attn",), {"anneal_hold_frac": -0.1}, "anneal_hold_frac"),
+    (("koopman_attn",), {"anneal_hold_frac": 0.9},
+     r"anneal_hold_frac must be in \[0, 1 - anneal_frac\] = \[0, 0.85\]"),
     (("fnet",), {"init_std": -1.0}, "init_std"),
     (("wave", "tiny"), {"wave_readout": "born", "vocab_size": 4}, "isometry"),
 ])
@@ -239,6 +242,24 @@ def test_anneal_beta_and_stats_window():
     anneal_beta(1, S, shape="step")
 
 
+
+def test_anneal_hold_ends_the_ramp_early():
+  """anneal_hold_frac h: the ramp spans [(1-f-h)S, (1-h)S], then beta = 1; h = 0 is D5."""
+  S, f, h = 1000, 0.15, 0.1
+  beta = lambda t, **kw: float(anneal_beta(t, S, anneal_frac=f, hold_frac=h, **kw))
+  assert beta(750) == 0.0 and beta(900) == 1.0 and beta(1000) == 1.0
+  np.testing.assert_allclose(beta(825), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(beta(825, shape="cosine"), 0.5, rtol=1e-6)
+  assert [stats_window(t, S, hold_frac=h) for t in (249, 250, 749, 750)] == [
+      False, True, True, False]
+  for t in (0, 850, 925, 999, 1000):  # h = 0 is bit for bit the spec's schedule
+    assert float(anneal_beta(t, S, hold_frac=0.0)) == float(anneal_beta(t, S))
+  for S in (7, 100, 20000):  # the hold starts at exactly beta = 1
+    assert float(anneal_beta(round(0.8 * S), S, anneal_frac=0.2, hold_frac=0.2)) == 1.0
+  cfg = get_config("koopman_attn", "tiny", anneal_hold_frac=0.85)  # f + h = 1 is allowed
+  assert cfg.anneal_hold_frac == 0.85
+
+
 # --- model input validation ---------------------------------------------------------------
 
 
@@ -269,3 +290,7 @@ def test_attn_pallas_design_names_and_stored_configs():
   del stored["attn_pallas_design"]
   assert complete_stored(stored) == get_config("koopman_attn").to_dict()
   assert complete_stored(cfg.to_dict()) == cfg.to_dict()  # stored values win
+  # So does one stored before anneal_hold_frac existed: no hold, the spec's schedule.
+  stored = get_config("koopman_attn").to_dict()
+  del stored["anneal_hold_frac"]
+  assert complete_stored(stored) == get_config("koopman_attn").to_dict()

@@ -18,6 +18,7 @@ from qsf_jax.training.errors import CheckpointMismatchError, NonFiniteLossError,
 from qsf_jax.training.loop import train_and_evaluate
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.progressive import flatten_named, init_from_checkpoint
+from qsf_jax.training.restore import load_run
 from qsf_jax.training.state import create_train_state, init_variables
 from qsf_jax.training.step import make_train_step
 
@@ -99,6 +100,20 @@ def test_stage_three_logs_alpha_per_layer(env, trained):
   assert len(alpha) == 2 and all(f"alpha/{l}" in train[0] for l in range(2))
   np.testing.assert_allclose([train[-1][f"alpha/{l}"] for l in range(2)], alpha, rtol=1e-6)
   assert "alpha/0" not in _jsonl(trained[0])[0]  # Stage II has no measurement
+
+
+def test_anneal_hold_trains_at_beta_one(env):
+  """anneal_hold_frac: the ramp ends early and the last updates run at beta = 1,
+  as does the evaluation of the finished run."""
+  root, corpus = env
+  wd = root / "hold"
+  overrides = {"anneal_frac": 0.25, "anneal_hold_frac": 0.5}
+  train_and_evaluate(_cfg(corpus, stage="koopman_attn", steps=4, checkpoint_every=0,
+                          eval_every=0, model_overrides=overrides), wd)
+  recs = _jsonl(wd)
+  # S = 4: ramp over [1, 2] (one step), then beta = 1 for steps 2 and 3
+  assert [r["beta"] for r in recs if r["kind"] == "train"] == [0.0, 0.0, 1.0, 1.0]
+  assert load_run(wd).beta == 1.0
 
 
 def _tree_snapshot(wd):
@@ -200,10 +215,11 @@ def test_stats_window_matches_the_model_zoo():
   """D5: the jitted window test agrees with ``models.norms.stats_window``."""
   from qsf_jax.models.norms import stats_window
   from qsf_jax.training.step import in_stats_window
-  for S, f, n in ((8, 0.15, 500), (20000, 0.15, 500), (1000, 0.3, 50), (7, 0.15, 2)):
-    got = np.asarray(in_stats_window(jnp.arange(S), S, f, n)).tolist()
-    want = [stats_window(t, S, anneal_frac=f, stats_steps=n) for t in range(S)]
-    assert got == want, (S, f, n)
+  for S, f, n, h in ((8, 0.15, 500, 0.0), (20000, 0.15, 500, 0.0), (1000, 0.3, 50, 0.0),
+                     (7, 0.15, 2, 0.0), (1000, 0.15, 50, 0.15), (9, 0.3, 2, 0.2)):
+    got = np.asarray(in_stats_window(jnp.arange(S), S, f, n, h)).tolist()
+    want = [stats_window(t, S, anneal_frac=f, stats_steps=n, hold_frac=h) for t in range(S)]
+    assert got == want, (S, f, n, h)
 
 
 def test_init_from_maps_shared_parameters(trained):

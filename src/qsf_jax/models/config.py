@@ -96,7 +96,11 @@ class ModelConfig:
     ls_scale: D5, the frozen scale s-bar of the linear scaling: "ema" (EMA of
       the per-token std of the norm input, default), "sqrt_d" or "one".
     ls_ema_decay: D5 EMA decay (0.99).
-    anneal_frac: D5, the final fraction of steps over which beta ramps 0 -> 1.
+    anneal_frac: D5, the fraction of steps over which beta ramps 0 -> 1.
+    anneal_hold_frac: the final fraction of steps held at beta = 1 after the
+      ramp, so the model trains in its exactly linear form (not in the spec,
+      whose ramp ends at the last step: 0, the default). The ramp then spans
+      [(1 - f - h) S, (1 - h) S]; see ``norms.anneal_beta``.
     anneal_shape: D5 ramp shape, "linear" (default) or "cosine".
     stats_steps: D5, steps before the anneal during which s-bar is collected.
     attn_form: D6, "add" (alpha x_tgt, default) or "pull" (alpha (x_tgt - v)).
@@ -150,6 +154,7 @@ class ModelConfig:
   ls_scale: str = "ema"
   ls_ema_decay: float = 0.99
   anneal_frac: float = 0.15
+  anneal_hold_frac: float = 0.0
   anneal_shape: str = "linear"
   stats_steps: int = 500
   # D6, D7, D8
@@ -187,6 +192,10 @@ class ModelConfig:
           f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
     if not 0.0 < self.anneal_frac <= 1.0:
       raise ValueError(f"anneal_frac must be in (0, 1], got {self.anneal_frac}")
+    if not (0.0 <= self.anneal_hold_frac < 1.0
+            and self.anneal_frac + self.anneal_hold_frac <= 1.0):
+      raise ValueError(f"anneal_hold_frac must be in [0, 1 - anneal_frac] = "
+                       f"[0, {1.0 - self.anneal_frac:g}], got {self.anneal_hold_frac}")
     if not 0.0 < self.ls_ema_decay < 1.0:
       raise ValueError(f"ls_ema_decay must be in (0, 1), got {self.ls_ema_decay}")
     if not 0.0 <= self.wave_eta < 1.0:
@@ -240,7 +249,8 @@ EXECUTION_FIELDS = ("attn_impl", "attn_chunk_size", "attn_pallas_design")
 
 # Fields added to ModelConfig after runs were first stored, each with the value that
 # reproduces the earlier behaviour: a stored configuration without one had that value.
-ADDED_FIELDS = {"attn_pallas_design": "default", "wave_bias_init": "zeros"}
+ADDED_FIELDS = {"attn_pallas_design": "default", "wave_bias_init": "zeros",
+                "anneal_hold_frac": 0.0}
 
 
 def complete_stored(stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """LayerNorm, its anneal to a linear scaling, and the anneal schedule (QSF §3.4, D5).
 
-During the final ``anneal_frac`` of Stage III/IV training every norm interpolates
+During the final ``anneal_frac`` of Stage III/IV training (or the ``anneal_frac``
+before a final ``anneal_hold_frac`` held at beta = 1) every norm interpolates
 
   N_beta(u) = (1 - beta) LN(u) + beta LS(u),   LS(u) = gamma * u / s_bar + beta_LN,
 
@@ -131,43 +132,56 @@ class Norm(nn.Module):
     return s_bar
 
 
-def anneal_beta(step, total_steps, *, anneal_frac=0.15, shape="linear"):
+def anneal_beta(step, total_steps, *, anneal_frac=0.15, shape="linear", hold_frac=0.0):
   """The anneal weight beta_t (QSF §3.4, decision D5).
 
-    beta_t = clip((t - (1 - f) S) / (f S), 0, 1)        (shape "linear")
+    beta_t = clip((t - (1 - f - h) S) / (f S), 0, 1)    (shape "linear")
     beta_t = (1 - cos(pi * beta_t^lin)) / 2              (shape "cosine")
+
+  With h = 0 (the spec) the ramp ends at the last step; h > 0 holds beta = 1
+  for the final h S steps (``ModelConfig.anneal_hold_frac``).
 
   Args:
     step: training step t (int or traced scalar).
     total_steps: S, the total number of steps of the stage.
-    anneal_frac: f, the final fraction of steps of the ramp (0.15).
+    anneal_frac: f, the fraction of steps of the ramp (0.15).
     shape: "linear" or "cosine".
+    hold_frac: h, the final fraction of steps held at beta = 1 (0).
 
   Returns:
     beta in [0, 1] (float32 scalar).
   """
   if shape not in ("linear", "cosine"):
     raise ValueError(f"shape must be one of ['linear', 'cosine'], got {shape!r}")
-  # = (t - (1 - f) S) / (f S), written so that t = S gives exactly 1 in float32
-  # (and t = (1 - f) S exactly 0 where f S is an integer)
+  # = (t - (1 - f - h) S) / (f S), written so that t = (1 - h) S gives exactly 1 in
+  # float32 (and t = (1 - f - h) S exactly 0 where f S and h S are integers)
   ramp = jnp.float32(anneal_frac * total_steps)
-  beta = jnp.clip(1.0 - (jnp.float32(total_steps) - jnp.float32(step)) / ramp, 0.0, 1.0)
+  end = jnp.float32(total_steps) - jnp.float32(hold_frac * total_steps)
+  beta = jnp.clip(1.0 - (end - jnp.float32(step)) / ramp, 0.0, 1.0)
   if shape == "cosine":
     beta = 0.5 * (1.0 - jnp.cos(jnp.pi * beta))
   return beta
 
 
-def stats_window(step, total_steps, *, anneal_frac=0.15, stats_steps=500):
-  """Whether step t collects the D5 statistics: (1-f)S - stats_steps <= t < (1-f)S.
+def stats_window(step, total_steps, *, anneal_frac=0.15, stats_steps=500, hold_frac=0.0):
+  """Whether step t collects the D5 statistics: t0 - stats_steps <= t < t0.
+
+  t0 = floor((1 - f - h) S), the first step of the ramp.
 
   Args:
     step: training step t (int).
     total_steps: S.
     anneal_frac: f.
     stats_steps: length of the collection window (500).
+    hold_frac: h, the final fraction of steps held at beta = 1 (0).
 
   Returns:
     bool.
   """
-  start = int(math.floor((1.0 - anneal_frac) * total_steps))
+  start = ramp_start(total_steps, anneal_frac, hold_frac)
   return start - stats_steps <= int(step) < start
+
+
+def ramp_start(total_steps, anneal_frac, hold_frac=0.0) -> int:
+  """t0 = floor((1 - f - h) S), the step at which the D5 ramp starts."""
+  return int(math.floor((1.0 - anneal_frac - hold_frac) * total_steps))

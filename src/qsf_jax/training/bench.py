@@ -117,6 +117,7 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
   collects_stats = cfg.annealed and cfg.ls_scale == "ema" and "norm_stats" in collections
   step = make_train_step(model, tx, schedule=onecycle_schedule(total, 1e-3), total_steps=total,
                          anneal_frac=cfg.anneal_frac, anneal_shape=cfg.anneal_shape,
+                         anneal_hold_frac=cfg.anneal_hold_frac,
                          stats_steps=cfg.stats_steps if collects_stats else None)
   tok = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, seq_len + 1), 0, vocab_size)
   batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:],

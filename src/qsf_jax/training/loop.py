@@ -152,7 +152,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   writer = MetricWriter(workdir, enabled=is_primary())
 
   common = dict(schedule=schedule, total_steps=cfg.steps, anneal_frac=mcfg.anneal_frac,
-                anneal_shape=mcfg.anneal_shape, grad_accum=cfg.grad_accum)
+                anneal_shape=mcfg.anneal_shape, anneal_hold_frac=mcfg.anneal_hold_frac,
+                grad_accum=cfg.grad_accum)
   collects_stats = mcfg.annealed and mcfg.ls_scale == "ema" and "norm_stats" in collections
   train_step = make_train_step(
       model, tx, stats_steps=mcfg.stats_steps if collects_stats else None, **common)
@@ -160,7 +161,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   def eval_and_sample(step: int) -> dict:
     p, c = state.params, state.collections
     beta = float(anneal_beta(step, cfg.steps, anneal_frac=mcfg.anneal_frac,
-                             shape=mcfg.anneal_shape)) if mcfg.annealed else 0.0
+                             shape=mcfg.anneal_shape, hold_frac=mcfg.anneal_hold_frac)
+                 ) if mcfg.annealed else 0.0
     rec = evaluate_split(model, p, c, corpus.valid, batch_size=cfg.batch_size,
                          seq_len=seq_len, mode=cfg.data_mode, max_batches=cfg.eval_batches,
                          beta=beta, mesh=mesh)

@@ -111,7 +111,7 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None,
   beta = 0.0
   if mcfg.annealed:
     beta = float(anneal_beta(meta["step"], cfg.steps, anneal_frac=mcfg.anneal_frac,
-                             shape=mcfg.anneal_shape))
+                             shape=mcfg.anneal_shape, hold_frac=mcfg.anneal_hold_frac))
   return LoadedRun(cfg=cfg, model_config=mcfg, model=setup.build_model(mcfg), params=params,
                    collections=collections, tokenizer=tokenizer, meta=meta,
                    step=int(meta["step"]), seq_len=int(meta["seq_len"]), beta=beta)

@@ -9,7 +9,6 @@ array carries a leading micro-batch axis (A, B/A, T).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from qsf_jax import _checks
-from qsf_jax.models.norms import anneal_beta
+from qsf_jax.models.norms import anneal_beta, ramp_start
 from qsf_jax.training.state import TrainState
 
 
@@ -90,21 +89,23 @@ def check_batch(batch, grad_accum: int = 1) -> None:
       raise ValueError(f"batch[{k!r}] must hold integer token ids, got {batch[k].dtype}")
 
 
-def in_stats_window(step, total_steps: int, anneal_frac: float, stats_steps: int):
+def in_stats_window(step, total_steps: int, anneal_frac: float, stats_steps: int,
+                    hold_frac: float = 0.0):
   """Whether update ``step`` collects the D5 norm statistics (traced bool).
 
-    (1 - f) S - n_stats <= t < (1 - f) S,   (1 - f) S rounded down
+    t0 - n_stats <= t < t0,   t0 = floor((1 - f - h) S), the start of the ramp
 
   as ``qsf_jax.models.norms.stats_window``, but usable inside ``jit``.
   """
-  start = int(math.floor((1.0 - anneal_frac) * total_steps))
+  start = ramp_start(total_steps, anneal_frac, hold_frac)
   return (step >= start - stats_steps) & (step < start)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *,
                     schedule: Callable[[Any], jax.Array], total_steps: int,
                     anneal_frac: float = 0.15, anneal_shape: str = "linear",
-                    grad_accum: int = 1, stats_steps: int | None = None):
+                    anneal_hold_frac: float = 0.0, grad_accum: int = 1,
+                    stats_steps: int | None = None):
   """Builds ``train_step(state, batch) -> (state, metrics)``, jitted, state donated.
 
   One call applies one optimizer update. With ``grad_accum = A`` the batch
@@ -119,6 +120,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     total_steps: S, for the normalisation anneal (D5).
     anneal_frac: final fraction of steps over which beta ramps to 1.
     anneal_shape: "linear" or "cosine".
+    anneal_hold_frac: final fraction of steps held at beta = 1 after the ramp.
     grad_accum: number of micro-batches A.
     stats_steps: for models with a ``norm_stats`` collection (D5), the length
       of the window before the anneal in which the statistics are updated;
@@ -143,7 +145,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
 
   def train_step(state: TrainState, batch: dict):
     check_batch(batch, grad_accum)
-    beta = anneal_beta(state.step, total_steps, anneal_frac=anneal_frac, shape=anneal_shape)
+    beta = anneal_beta(state.step, total_steps, anneal_frac=anneal_frac, shape=anneal_shape,
+                       hold_frac=anneal_hold_frac)
     if grad_accum == 1:
       (l_sum, (n, collections)), g_sum = grad_fn(state.params, state.collections, batch, beta)
     else:
@@ -159,7 +162,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
               state.collections)
       (g_sum, l_sum, n, collections), _ = jax.lax.scan(body, init, batch)
     if update_stats:
-      keep = in_stats_window(state.step, total_steps, anneal_frac, stats_steps)
+      keep = in_stats_window(state.step, total_steps, anneal_frac, stats_steps,
+                             anneal_hold_frac)
       collections = jax.tree.map(lambda new, old: jnp.where(keep, new, old),
                                  collections, state.collections)
     denom = jnp.maximum(n, 1.0)
