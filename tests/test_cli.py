@@ -139,6 +139,9 @@ def test_parse_overrides():
       ("max_seq_len", 64), ("attn_scale", "none"), ("ffn_bias", False), ("x", 1e-3))
   with pytest.raises(ValueError):
     parse_overrides(["novalue"])
+  # lower-case booleans are booleans, not the (truthy) string "false"
+  assert parse_overrides(["tie_embeddings=false", "ffn_bias=TRUE", "x= False"]) == (
+      ("tie_embeddings", False), ("ffn_bias", True), ("x", False))
 
 
 @pytest.mark.slow

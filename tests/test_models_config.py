@@ -100,6 +100,11 @@ def test_config_is_frozen_and_hashable():
     (("koopman_attn",), {"anneal_hold_frac": 0.9},
      r"anneal_hold_frac must be in \[0, 1 - anneal_frac\] = \[0, 0.85\]"),
     (("fnet",), {"init_std": -1.0}, "init_std"),
+    (("fnet",), {"tie_embeddings": "false"}, "tie_embeddings must be True or False"),
+    (("fnet",), {"fnet_postnorm": 1}, "fnet_postnorm must be True or False"),
+    (("koopman_attn",), {"anneal_frac": "0.2"}, "anneal_frac must be a real number"),
+    (("koopman_attn",), {"alpha_init": True}, "alpha_init must be a real number"),
+    (("fnet",), {"attn_scale": None}, "attn_scale must be a string"),
     (("wave", "tiny"), {"wave_readout": "born", "vocab_size": 4}, "isometry"),
 ])
 def test_get_config_rejects_bad_inputs(args, kwargs, match):

@@ -24,6 +24,7 @@ Presets: ``paper`` (d=320, L=32, 8 heads, T=512, V=50257; QSF spec §4.1),
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 from qsf_jax import _checks
@@ -176,6 +177,14 @@ class ModelConfig:
   wave_bias_init: str = "zeros"
 
   def __post_init__(self):
+    for f in dataclasses.fields(self):  # types first: "false" would pass as a truthy bool
+      v = getattr(self, f.name)
+      if f.type == "bool" and not isinstance(v, bool):
+        raise ValueError(f"{f.name} must be True or False, got {v!r}")
+      if f.type == "float" and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise ValueError(f"{f.name} must be a real number, got {v!r}")
+      if f.type == "str" and not isinstance(v, str):
+        raise ValueError(f"{f.name} must be a string, got {v!r}")
     for name, choices in _CHOICES.items():
       _checks.check_choice(name, getattr(self, name), choices)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len",

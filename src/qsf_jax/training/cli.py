@@ -26,7 +26,8 @@ EXIT_USER_ERROR = 1
 def parse_overrides(items: Sequence[str] | None) -> tuple:
   """Parses ``name=value`` strings; values are Python literals, else strings.
 
-  Example: ``["max_seq_len=64", "attn_scale=none", "ffn_bias=False"]`` gives
+  ``true`` and ``false`` in any case are the booleans (as on most command lines).
+  Example: ``["max_seq_len=64", "attn_scale=none", "ffn_bias=false"]`` gives
   ``(("max_seq_len", 64), ("attn_scale", "none"), ("ffn_bias", False))``.
   """
   out = []
@@ -34,10 +35,13 @@ def parse_overrides(items: Sequence[str] | None) -> tuple:
     name, sep, raw = item.partition("=")
     if not sep or not name.strip():
       raise ValueError(f"--override expects name=value, got {item!r}")
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
+    if raw.strip().lower() in ("true", "false"):
+      value = raw.strip().lower() == "true"
+    else:
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        value = raw
     out.append((name.strip(), value))
   return tuple(out)
 
