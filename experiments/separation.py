@@ -10,6 +10,8 @@ exact real dimension D* = N(N-1), or N^2 - 1 with ``--contexts=generic``).
   python -m experiments.separation --out=runs/separation
   python -m experiments.separation --N=3,4 --dims=3,6,9,11 --steps=1000 --seeds=2 --out=runs/sep_small
   python -m experiments.separation --task=born_logit --out=runs/separation_born_logit
+  python -m experiments.separation --task=born_logit --models=complex --readout_ranks=1 \
+      --complex_dims=N,N+1,2N --seeds=16 --out=runs/born_logit_complex_dims
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "training dtype")
 flags.DEFINE_list("readout_ranks", ["1", "2"], "ranks r of the elements of the learned "
                   "complex readouts (1 = the spec's rank-one POVM, or the plain Born-logit "
                   "head); one 'complex' and one 'complex_fixed_dynamics' row per r")
+flags.DEFINE_list("complex_dims", ["N"], "complex dimensions n of the all-learned complex "
+                  "rows: integers or expressions in N such as N, N+1, 2N (rows with n != N "
+                  "are named complex_d<n>, complex_r2_d<n>)")
 flags.DEFINE_list("models", [], "models to run (empty: all): complex_hardcoded, "
                   "realified_hardcoded, complex, complex_fixed_povm, complex_fixed_dynamics, "
                   "realified, real (pairwise); complex_hardcoded, real_hardcoded, complex, "
@@ -80,7 +85,8 @@ def config_from_flags():
   cfg = SweepConfig(Ns=Ns, dims=dims, steps=FLAGS.steps, seeds=FLAGS.seeds, lr=FLAGS.lr,
                     eta=FLAGS.eta, num_cues=FLAGS.num_cues, length=FLAGS.length,
                     task_seed=FLAGS.task_seed, dtype=FLAGS.dtype, readout_ranks=ranks,
-                    models=names, task=FLAGS.task, contexts=FLAGS.contexts, beta=FLAGS.beta)
+                    models=names, task=FLAGS.task, contexts=FLAGS.contexts, beta=FLAGS.beta,
+                    complex_dims=tuple(d.strip() for d in FLAGS.complex_dims))
   try:
     validate_config(cfg)
   except ValueError as e:

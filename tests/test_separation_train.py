@@ -123,6 +123,13 @@ def test_default_dims_rule():
     (dict(task="born_logit", beta=-1.0), "beta must be a finite number > 0"),
     (dict(task="born_logit", beta="1"), "beta must be a finite number > 0"),
     (dict(task="born_logit", contexts="generic", Ns=(2, 3)), "each entry of N must be >= 3"),
+    (dict(complex_dims=()), "complex_dims must be a non-empty list"),
+    (dict(complex_dims="N"), "complex_dims must be a non-empty list"),
+    (dict(complex_dims=("N", "M+1")), "must be an integer or an expression like N"),
+    (dict(complex_dims=(True,)), "must be an integer or an expression like N"),
+    (dict(complex_dims=("N-3",)), r"'N-3' gives dimension 0 < 1 for N = 3"),
+    (dict(Ns=(3,), complex_dims=("N", "3")), r"'3' repeats dimension 3 for N = 3"),
+    (dict(Ns=(2,), complex_dims=("N", "5")), r"complex dimension 5 at N = 2 exceeds K \* r = 4"),
 ])
 def test_validate_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -141,6 +148,7 @@ def test_flag_parsing():
     ("--N=3,1", "each entry of N must be >= 2"),
     ("--models=complex,bogus", "unknown models ['bogus']"),
     ("--readout_ranks=2,x", "--readout_ranks must be a comma-separated list of integers"),
+    ("--complex_dims=N,2M", "must be an integer or an expression like N, 2N or N+1, got '2M'"),
     ("--task=born_logit --eta=0.2", "--eta does not apply to --task=born_logit"),
     ("--beta=3 --contexts=generic", "--contexts, --beta does not apply to --task=pairwise"),
     ("--task=born_logit --models=realified", "unknown models ['realified'] for task 'born_logit'"),
@@ -199,6 +207,33 @@ def test_born_logit_sweep_smoke(tmp_path):
   assert "real_hardcoded" in sweep.summary_table(results)
   plot.plot_results(results, str(tmp_path / "fig.png"))
   assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_resolve_complex_dims():
+  assert sweep.resolve_complex_dims(("N", "N+1", "2N", "3N-2", "7", 9), 4) == (4, 5, 8, 10, 7, 9)
+  assert sweep.resolve_complex_dims([" 2 N "], 3) == (6,)
+  # the isometry bound K r >= n is checked with the smallest readout rank
+  sweep.validate_config(sweep.SweepConfig(Ns=(2,), complex_dims=("N", "4"), readout_ranks=(1,)))
+
+
+def test_sweep_complex_dims_rows():
+  """Extra complex dimensions add learned rows named _d<n>; the fixed rows stay at N."""
+  cfg = sweep.SweepConfig(Ns=(2,), dims=(2,), steps=2, seeds=1, log_every=2, num_cues=3,
+                          length=2, readout_ranks=(1, 2), complex_dims=("N", "2N"),
+                          models=("complex", "complex_fixed_dynamics"))
+  results = sweep.run_sweep(cfg, log=lambda s: None)
+  assert [(r["model"], r["dim"], r["real_dim"], r["readout_rank"]) for r in results["runs"]] == [
+      ("complex", 2, 4, 1), ("complex_r2", 2, 4, 2), ("complex_d4", 4, 8, 1),
+      ("complex_r2_d4", 4, 8, 2), ("complex_fixed_dynamics", 2, 4, 1),
+      ("complex_r2_fixed_dynamics", 2, 4, 2)]
+  cfg = sweep.SweepConfig(Ns=(3,), dims=(3,), steps=2, seeds=1, log_every=2, num_cues=3,
+                          length=3, task="born_logit", readout_ranks=(1,),
+                          complex_dims=("N+1",), models=("complex",))
+  results = sweep.run_sweep(cfg, log=lambda s: None)
+  assert [(r["model"], r["dim"], r["real_dim"]) for r in results["runs"]] == [
+      ("complex_d4", 4, 8)]
+  assert np.isfinite(results["runs"][0]["kl"]).all()
+  json.dumps(results)
 
 
 def test_sweep_model_subset():

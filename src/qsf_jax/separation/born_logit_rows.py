@@ -4,7 +4,8 @@
   real_hardcoded     the real adjoint-representation model of dimension D*
                      (``adjoint.hardcoded_adjoint``), affine-softmax readout
   complex            complex Cayley model, dimension N, Born-logit head, all learned
-                     (one row per readout rank r; "complex_r{r}" for r > 1)
+                     (one row per readout rank r; "complex_r{r}" for r > 1), and per
+                     complex dimension n of ``complex_dims`` ("_d{n}" for n != N)
   complex_fixed_head the head fixed to the explicit one (W = sqrt(beta) M, b = 0),
                      dynamics learned (are the dynamics alone learnable?)
   complex_fixed_dynamics  the explicit dynamics, fixed, with a learned head of each
@@ -20,6 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qsf_jax.separation import adjoint, models, train
+from qsf_jax.separation.pairwise_rows import learned_complex_name
 from qsf_jax.tasks.born_logit import BornLogitTask
 
 MODEL_NAMES = ("complex_hardcoded", "real_hardcoded", "complex", "complex_fixed_head",
@@ -38,12 +40,21 @@ def hardcoded_rows(task: BornLogitTask):
           ("real_hardcoded", adjoint.hardcoded_adjoint, task.exact_real_dim, None)]
 
 
-def trained_rows(task: BornLogitTask, dims, readout_ranks=(1,)):
-  """The trained rows: (row name, model name, ``ModelConfig``, real dimension)."""
+def trained_rows(task: BornLogitTask, dims, readout_ranks=(1,), complex_dims=None):
+  """The trained rows: (row name, model name, ``ModelConfig``, real dimension).
+
+  Args:
+    task: the Born-logit task.
+    dims: real-model dimensions D.
+    readout_ranks: ranks r of the learned complex heads' forms.
+    complex_dims: complex dimensions n of the all-learned "complex" rows (None: (N,)).
+  """
+  N = task.N
   base = dict(num_tokens=task.num_tokens, num_outcomes=task.K)
-  cfg = lambda r: models.ModelConfig(kind="born_logit", dim=task.N, readout_rank=r, **base)
+  cfg = lambda r, n=N: models.ModelConfig(kind="born_logit", dim=n, readout_rank=r, **base)
   name = lambda r, suffix: ("complex" if r == 1 else f"complex_r{r}") + suffix
-  rows = [(name(r, ""), "complex", cfg(r), 2 * task.N) for r in readout_ranks]
+  rows = [(learned_complex_name(r, n, N), "complex", cfg(r, n), 2 * n)
+          for n in complex_dims or (N,) for r in readout_ranks]
   rows.append(("complex_fixed_head", "complex_fixed_head", cfg(1), 2 * task.N))
   rows += [(name(r, "_fixed_dynamics"), "complex_fixed_dynamics", cfg(r), 2 * task.N)
            for r in readout_ranks]

@@ -11,7 +11,9 @@
 
 "complex" and "complex_fixed_dynamics" run once per readout rank r (POVM
 elements of rank <= r, ``models.ModelConfig``); rows with r > 1 are named
-"complex_r{r}" and "complex_r{r}_fixed_dynamics".
+"complex_r{r}" and "complex_r{r}_fixed_dynamics". "complex" also runs once per
+complex dimension n of ``complex_dims`` (default N); a row with n != N gets the
+suffix "_d{n}", e.g. "complex_r2_d8" (more dimensions than the explicit model needs).
 """
 
 from __future__ import annotations
@@ -43,15 +45,28 @@ def hardcoded_rows(task: SeparationTask):
           ("realified_hardcoded", construction.hardcoded_realified, 2 * task.N, None)]
 
 
-def trained_rows(task: SeparationTask, dims, readout_ranks=DEFAULT_READOUT_RANKS):
-  """The trained rows for one task: (row name, model name, ModelConfig, real dimension)."""
+def learned_complex_name(r: int, n: int, N: int) -> str:
+  """Row name of the all-learned complex model of readout rank r and complex dimension n."""
+  return "complex" + ("" if r == 1 else f"_r{r}") + ("" if n == N else f"_d{n}")
+
+
+def trained_rows(task: SeparationTask, dims, readout_ranks=DEFAULT_READOUT_RANKS,
+                 complex_dims=None):
+  """The trained rows for one task: (row name, model name, ModelConfig, real dimension).
+
+  Args:
+    task: the T_N instance.
+    dims: real-model dimensions D.
+    readout_ranks: POVM element ranks r of the learned complex rows.
+    complex_dims: complex dimensions n of the all-learned "complex" rows (None: (N,)).
+  """
   N = task.N
   base = dict(num_tokens=task.num_tokens, num_outcomes=task.K, eta=task.eta)
   jobs = []
-  for r in readout_ranks:
-    suffix = "" if r == 1 else f"_r{r}"
-    mcfg = models.ModelConfig(kind="complex", dim=N, readout_rank=r, **base)
-    jobs.append((f"complex{suffix}", "complex", mcfg, 2 * N))
+  for n in complex_dims or (N,):
+    for r in readout_ranks:
+      mcfg = models.ModelConfig(kind="complex", dim=n, readout_rank=r, **base)
+      jobs.append((learned_complex_name(r, n, N), "complex", mcfg, 2 * n))
   jobs.append(("complex_fixed_povm", "complex_fixed_povm",
                models.ModelConfig(kind="complex", dim=N, **base), 2 * N))
   for r in readout_ranks:

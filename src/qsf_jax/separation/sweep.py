@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 import time
 
 import jax
@@ -62,6 +63,10 @@ class SweepConfig:
     task: "pairwise" (T_N, spec §2.3) or "born_logit" (the tight variant, spec §2.6).
     contexts: "phase" or "generic" context states of the Born-logit task.
     beta: inverse temperature of the Born-logit targets; None: K.
+    complex_dims: complex dimensions n of the all-learned "complex" rows, each
+      an integer or an expression in N ("N", "2N", "N+1", "2N-1"; see
+      ``resolve_complex_dims``). The default ("N",) is the explicit models'
+      dimension; more probe whether extra complex dimensions help training.
   """
   Ns: tuple = DEFAULT_NS
   dims: tuple | None = None
@@ -79,6 +84,46 @@ class SweepConfig:
   task: str = "pairwise"
   contexts: str = "phase"
   beta: float | None = None
+  complex_dims: tuple = ("N",)
+
+
+_DIM_EXPR = re.compile(r"(\d*)N([+-]\d+)?")
+
+
+def resolve_complex_dims(specs, N: int) -> tuple:
+  """The complex dimensions that ``specs`` name for N senses.
+
+  Args:
+    specs: entries that are integers (>= 1) or expressions "aN+b" in N, with a
+      and b optional integers: "N", "2N", "N+1", "3N-2", or a plain "8".
+    N: number of senses.
+
+  Returns:
+    a tuple of ints, in the order given.
+
+  Raises:
+    ValueError: an entry that is neither, or one that gives a dimension < 1 or
+      repeats another's for this N.
+  """
+  if specs is None or isinstance(specs, (str, bytes)) or len(specs) == 0:
+    raise ValueError(f"complex_dims must be a non-empty list, got {specs!r}")
+  dims = []
+  for spec in specs:
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+      n = int(spec)
+    elif isinstance(spec, str) and spec.strip().isdigit():
+      n = int(spec.strip())
+    elif isinstance(spec, str) and (m := _DIM_EXPR.fullmatch(spec.replace(" ", ""))):
+      n = int(m.group(1) or 1) * N + int(m.group(2) or 0)
+    else:
+      raise ValueError(f"each entry of complex_dims must be an integer or an expression "
+                       f"like N, 2N or N+1, got {spec!r}")
+    if n < 1:
+      raise ValueError(f"complex_dims entry {spec!r} gives dimension {n} < 1 for N = {N}")
+    if n in dims:
+      raise ValueError(f"complex_dims entry {spec!r} repeats dimension {n} for N = {N}")
+    dims.append(n)
+  return tuple(dims)
 
 
 def validate_config(cfg: SweepConfig) -> None:
@@ -133,6 +178,11 @@ def validate_config(cfg: SweepConfig) -> None:
   if cfg.dtype not in ("float32", "float64"):
     raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
   for N in cfg.Ns:
+    for n in resolve_complex_dims(cfg.complex_dims, N):
+      if cfg.task == "pairwise" and num_outcomes(N) * min(cfg.readout_ranks) < n:
+        raise ValueError(
+            f"complex dimension {n} at N = {N} exceeds K * r = {num_outcomes(N)} * "
+            f"{min(cfg.readout_ranks)}: the Born readout is an isometry onto the K r outputs")
     if cfg.num_cues**cfg.length < num_outcomes(N):
       raise ValueError(
           f"num_cues**length = {cfg.num_cues**cfg.length} contexts is fewer than "
@@ -234,11 +284,13 @@ def _plan(cfg: SweepConfig, N: int):
                                 length=cfg.length, seed=cfg.task_seed)
     dims = tuple(cfg.dims) if cfg.dims is not None else born_logit_rows.default_dims(task)
     return (task, dims, born_logit_rows.hardcoded_rows(task),
-            born_logit_rows.trained_rows(task, dims, cfg.readout_ranks))
+            born_logit_rows.trained_rows(task, dims, cfg.readout_ranks,
+                                         resolve_complex_dims(cfg.complex_dims, N)))
   task = make_task(N, num_cues=cfg.num_cues, length=cfg.length, eta=cfg.eta, seed=cfg.task_seed)
   dims = tuple(cfg.dims) if cfg.dims is not None else default_dims(N)
   return (task, dims, pairwise_rows.hardcoded_rows(task),
-          pairwise_rows.trained_rows(task, dims, cfg.readout_ranks))
+          pairwise_rows.trained_rows(task, dims, cfg.readout_ranks,
+                                     resolve_complex_dims(cfg.complex_dims, N)))
 
 
 def summary_table(results: dict) -> str:
