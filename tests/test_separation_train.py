@@ -128,6 +128,7 @@ def test_default_dims_rule():
     (dict(complex_dims=("N", "M+1")), "must be an integer or an expression like N"),
     (dict(complex_dims=(True,)), "must be an integer or an expression like N"),
     (dict(complex_dims=("N-3",)), r"'N-3' gives dimension 0 < 1 for N = 3"),
+    (dict(complex_dims=("-1",)), r"'-1' gives dimension -1 < 1 for N = 3"),
     (dict(Ns=(3,), complex_dims=("N", "3")), r"'3' repeats dimension 3 for N = 3"),
     (dict(Ns=(2,), complex_dims=("N", "5")), r"complex dimension 5 at N = 2 exceeds K \* r = 4"),
 ])

@@ -111,7 +111,7 @@ def resolve_complex_dims(specs, N: int) -> tuple:
   for spec in specs:
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
       n = int(spec)
-    elif isinstance(spec, str) and spec.strip().isdigit():
+    elif isinstance(spec, str) and re.fullmatch(r"[+-]?\d+", spec.strip()):
       n = int(spec.strip())
     elif isinstance(spec, str) and (m := _DIM_EXPR.fullmatch(spec.replace(" ", ""))):
       n = int(m.group(1) or 1) * N + int(m.group(2) or 0)
