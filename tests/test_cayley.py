@@ -231,6 +231,11 @@ def test_bad_inputs_raise_with_argument_names():
     cy.cayley_step(jnp.stack([H, H]), jnp.ones((3, 4)))
   with pytest.raises(ValueError, match="dt must be > 0"):
     cy.cayley_unitary(H, 0.0)
+  # An array dt would broadcast against H's columns and break unitarity silently.
+  with pytest.raises(ValueError, match=r"dt must be a scalar, got shape \(4,\)"):
+    cy.cayley_step(H, psi, dt=jnp.full(4, 0.1))
+  with pytest.raises(ValueError, match="dt must be > 0 and finite"):
+    cy.cayley_unitary(H, jnp.inf)
   with pytest.raises(ValueError, match=r"H_seq must have 3 dimensions.*\(4, 4\)"):
     cy.cayley_scan(H, psi)
   with pytest.raises(ValueError, match=r"psi0 must have shape \(\.\.\., 4\)"):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg as sl
-from scipy.integrate import solve_ivp
+from scipy.integrate import quad_vec, solve_ivp
 
 from qsf_jax import decompose_generator, koopman_affine, koopman_cov, koopman_mean
 
@@ -175,3 +175,44 @@ def test_bad_inputs():
 def test_koopman_cov_rejects_bad_sigma_K(bad):
   with pytest.raises(ValueError, match="sigma_K"):
     koopman_cov(jnp.zeros((2, 2)), bad, 1.0)
+
+
+@pytest.mark.parametrize("a,dt", [(-10.0, 3.0), (-20.0, 2.0), (-30.0, 3.0), (-200.0, 1.0)])
+def test_koopman_cov_stiff_generator(x64, a, dt):
+  # A fast-decaying mode next to a growing one: Van Loan's single exponential
+  # holds e^{-A dt} ~ e^{|a| dt} and cancels (7% error at a = -20, dt = 2, NaN at
+  # a = -30, dt = 3); the doubled form stays exact. Symmetric A has the closed form
+  # Sigma = (2A)^{-1} (e^{2 A dt} - I).
+  A = np.array([[a, 1.0], [1.0, 0.5]])
+  want = np.linalg.solve(2.0 * A, sl.expm(2.0 * A * dt) - np.eye(2))
+  got = np.asarray(koopman_cov(A, 1.0, dt))
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
+  assert np.linalg.eigvalsh(got).min() > 0
+
+
+def test_koopman_cov_stiff_float32_and_grad():
+  # float32 at a = -8, dt = 3 was indefinite before the doubling; now within 1e-5.
+  A = np.array([[-8.0, 1.0], [1.0, 0.5]])
+  want = np.linalg.solve(2.0 * A, sl.expm(2.0 * A * 3.0) - np.eye(2))
+  got = np.asarray(koopman_cov(jnp.asarray(A, jnp.float32), 1.0, 3.0), np.float64)
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+  # Differentiable through the value-dependent doubling count (jit and grad).
+  f = jax.jit(lambda A: jnp.trace(koopman_cov(A, 1.0, 3.0)))
+  g = np.asarray(jax.grad(f)(jnp.asarray(A, jnp.float32)), np.float64)
+  def tr(X):  # tr Sigma_K by quadrature, for any (non-symmetric) X
+    return quad_vec(lambda s: np.sum(sl.expm(X * s) ** 2), 0.0, 3.0, epsrel=1e-12)[0]
+
+  eps, fd = 1e-4, np.zeros_like(A)
+  for i in range(2):
+    for j in range(2):
+      E = np.zeros_like(A)
+      E[i, j] = eps
+      fd[i, j] = (tr(A + E) - tr(A - E)) / (2 * eps)
+  np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-3 * np.abs(fd).max())
+
+
+def test_koopman_cov_rejects_array_dt():
+  with pytest.raises(ValueError, match=r"dt must be a scalar, got shape \(2,\)"):
+    koopman_cov(np.eye(2), 1.0, np.ones(2))
+  with pytest.raises(ValueError, match="dt must be > 0 and finite"):
+    koopman_cov(np.eye(2), 1.0, np.inf)

@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg as sl
 from scipy.integrate import solve_ivp
 
-from qsf_jax import (GaussianState, chain_filter_full, kalman_bucy_step, measurement_update,
-                     propagate, propagate_full)
+from qsf_jax import (GaussianState, chain_filter_full, exact_substeps, kalman_bucy_step,
+                     measurement_update, propagate, propagate_full)
 
 FORMS = ("gain", "information")
 
@@ -182,10 +182,34 @@ def test_exact_step_from_gaussian_start_and_substeps(x64):
   # Strong measurement over a long interval: one exponential e^{Hh dt} is too
   # ill-conditioned (nu dt ~ 50); exact sub-steps restore full accuracy.
   m, P, logz = _kb_ode(s["A"], s["b"], s["x0"], s["x_tgt"], s["M"], 5.0, 0.1, 1.0)
-  out = propagate_full(s["x0"], *args, dt=5.0, sigma_m=0.1, mode="kalman_bucy", n_sub=16)
-  np.testing.assert_allclose(out.mean, m, rtol=1e-9, atol=1e-11)
-  np.testing.assert_allclose(out.covariance, P, rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(out.log_normalizer, logz, rtol=1e-9)
+  for n_sub in (16, "auto"):
+    out = propagate_full(s["x0"], *args, dt=5.0, sigma_m=0.1, mode="kalman_bucy", n_sub=n_sub)
+    np.testing.assert_allclose(out.mean, m, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(out.covariance, P, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out.log_normalizer, logz, rtol=1e-9)
+  one = propagate_full(s["x0"], *args, dt=5.0, sigma_m=0.1, mode="kalman_bucy", n_sub=1)
+  assert np.max(np.abs(np.asarray(one.mean) - m)) > 1e-6  # why "auto" is the default
+
+
+def test_auto_substeps_rule_and_traced_arguments(x64):
+  # nu = |A|_2 + sigma_K |M|_2 / sigma_m, n_sub = ceil(nu dt / 8) (at least 1).
+  s = _setup(8)
+  nu = np.linalg.norm(s["A"], 2) + 1.5 * np.linalg.norm(s["M"], 2) / 0.05
+  assert exact_substeps(s["A"], s["M"], 2.0, 0.05, 1.5) == int(np.ceil(nu * 2.0 / 8.0)) > 1
+  assert exact_substeps(np.zeros((3, 3)), None, 1.0, np.inf, 1.0) == 1
+  per_token = np.stack([s["A"], 10.0 * s["A"]])
+  assert (exact_substeps(per_token, None, 1.0, np.inf, 1.0)
+          == int(np.ceil(10.0 * np.linalg.norm(s["A"], 2) / 8.0)))
+  args = (s["A"], s["b"], s["x_tgt"], s["M"])
+  f = jax.jit(lambda A: propagate(s["x0"], A, *args[1:], mode="kalman_bucy").mean)
+  with pytest.raises(ValueError, match="A is traced here.*pass an int n_sub"):
+    f(s["A"])
+  with pytest.raises(ValueError, match="A and M must be finite"):
+    exact_substeps(np.full((3, 3), np.nan))
+  # The paper mode needs no sub-steps and stays traceable with the default.
+  g = jax.jit(lambda A: propagate(s["x0"], A, *args[1:]).mean)
+  np.testing.assert_allclose(g(s["A"]), propagate(s["x0"], *args[:1], *args[1:]).mean,
+                             rtol=1e-12)
 
 
 def test_exact_scalar_closed_form(x64):
@@ -313,9 +337,10 @@ def test_jit_and_vmap(x64):
   s = _setup(13)
   args = (s["x0"], s["A"], s["b"], s["x_tgt"], s["M"])
   X0 = np.random.default_rng(0).normal(size=(4, 3))
+  n_sub = exact_substeps(s["A"], s["M"], 0.6, 0.9)
   for mode in ("paper", "kalman_bucy"):
     f = jax.jit(jax.vmap(lambda x, dt, sig: propagate(x, *args[1:], dt=dt, sigma_m=sig,
-                                                      mode=mode),
+                                                      mode=mode, n_sub=n_sub),
                          in_axes=(0, None, None)))
     batched = f(X0, 0.6, 0.9)
     eager = propagate(X0[3], *args[1:], dt=0.6, sigma_m=0.9, mode=mode)
@@ -362,13 +387,16 @@ def test_bad_inputs():
       (dict(M=np.zeros((2, 3))), r"M must have shape \(3, 3\), got \(2, 3\)"),
       (dict(A=A + 0j), "A must be real"),
       (dict(x_tgt=y * 1j), "x_tgt must be real"),
-      (dict(dt=0.0), "dt must be > 0"),
+      (dict(dt=0.0), "dt must be > 0 and finite"),
+      (dict(dt=jnp.inf), "dt must be > 0 and finite"),
+      (dict(dt=np.full(3, 0.5)), r"dt must be a scalar, got shape \(3,\)"),
       (dict(sigma_m=-1.0), "sigma_m must be > 0"),
       (dict(sigma_K=jnp.inf), "sigma_K must be finite"),
       (dict(mode="kalman"), "mode must be one of"),
       (dict(form="joseph"), "form must be one of"),
-      (dict(n_sub=0), "n_sub must be an integer >= 1"),
-      (dict(n_sub=2.5), "n_sub must be an integer >= 1"),
+      (dict(n_sub=0), "n_sub must be 'auto' or an integer >= 1"),
+      (dict(n_sub=2.5), "n_sub must be 'auto' or an integer >= 1"),
+      (dict(n_sub="many"), "n_sub must be 'auto' or an integer >= 1"),
   ]
   base = dict(x0=x0, A=A, b=b, x_tgt=y, M=M)
   for override, msg in cases:

@@ -93,6 +93,20 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def check_time_step(name: str, value) -> None:
+  """Raises ``ValueError`` unless ``value`` is a scalar, and (when concrete) finite and > 0.
+
+  The shape is checked for tracers too: an array time step would broadcast
+  against the matrices it scales and give wrong results without an error.
+  """
+  shape = np.shape(value)
+  if shape != ():
+    raise ValueError(f"{name} must be a scalar, got shape {shape}")
+  v = _concrete(value)
+  if v is not None and not (np.isfinite(v) and v > 0):
+    raise ValueError(f"{name} must be > 0 and finite, got {value}")
+
+
 def check_finite_nonneg(name: str, value) -> None:
   """Raises ``ValueError`` for a concrete value that is not a finite scalar >= 0."""
   v = _concrete(value)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsf_jax.physics.layer import continuous_bias, layer_generator
-from qsf_jax.physics.propagate import measurement_update, propagate
+from qsf_jax.physics.propagate import exact_substeps, measurement_update, propagate
 from qsf_jax.physics.sse import simulate_sse
 
 
@@ -52,12 +52,6 @@ def layer_dynamics(K, b) -> tuple[np.ndarray, np.ndarray, str]:
       b_c = np.asarray(continuous_bias(jnp.asarray(A), jnp.asarray(b)))
     return A, b_c, variant
   return K - np.eye(K.shape[0]), b, variant
-
-
-def _exact_substeps(A, M, sigma_m, sigma_K) -> int:
-  """Sub-steps of the exact propagator: nu dt <= 8 with nu = |A|_2 + sigma_K |M|_2 / sigma_m."""
-  nu = np.linalg.norm(A, 2) + sigma_K * np.linalg.norm(M, 2) / sigma_m
-  return max(1, int(math.ceil(nu / 8.0)))
 
 
 def exact_subset(n: int, exact_tokens: int | None) -> np.ndarray:
@@ -116,7 +110,7 @@ def propagate_sentence(K, b, W_V, k_in_ND, x_tgt_ND, *, sigma_m: float = 1.0,
   idx = exact_subset(X0.shape[0], exact_tokens)
   with jax.enable_x64(True):
     if variant == "continuous":
-      n_sub = _exact_substeps(A, M, sigma_m, sigma_K)
+      n_sub = exact_substeps(A, M, 1.0, sigma_m, sigma_K)
       # The operators are arguments, not closure constants, so that XLA does not
       # constant-fold d x d products at compile time.
       fns = {key: jax.jit(jax.vmap(

@@ -23,7 +23,8 @@ import jax.scipy.linalg as jsl
 from qsf_jax import _checks
 from qsf_jax.physics.generators import koopman_affine, koopman_cov
 from qsf_jax.physics.propagate import (FORMS, MODES, GaussianPropagator, GaussianState,
-                                       check_finite_positive, kalman_bucy_step,
+                                       check_finite_positive, check_substeps,
+                                       exact_substeps, kalman_bucy_step,
                                        measurement_update)
 
 SCAN_METHODS = ("associative", "sequential")
@@ -88,7 +89,7 @@ def step_maps(A_seq, b_seq, dt=1.0, *, n_steps=None):
     (U_NDD, c_ND): (N, d, d) and (N, d).
   """
   A, b, _, N, _ = _validate_seq(A_seq, b_seq, n_steps=n_steps)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   return _per_step(koopman_affine, A, b, N, dt)
 
 
@@ -165,7 +166,7 @@ def chain_mean(x0, A_seq, b_seq, dt=1.0, *, n_steps=None, method="associative"):
   x0 = _checks.as_array("x0", x0)
   A, b, d, N, dtype = _validate_seq(A_seq, b_seq, extra=[x0], n_steps=n_steps)
   _checks.check_shape("x0", x0, (d,))
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   U_NDD, c_ND = _per_step(koopman_affine, A, b, N, dt)
   return scan_affine(x0.astype(dtype), U_NDD, c_ND, method=method)
 
@@ -182,7 +183,7 @@ def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt, sigma_m, sigma_K):
   _checks.check_shape("x0", x0, (d,))
   M = jnp.eye(d, dtype=dtype) if M is None else extra[1]
   _checks.check_shape("M", M, (d, d))
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   _checks.check_positive("sigma_m", sigma_m)
   check_finite_positive("sigma_K", sigma_K)
   r = jnp.asarray(dt, dtype) / jnp.asarray(sigma_m, dtype) ** 2
@@ -235,7 +236,7 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=
 
 def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
                       sigma_K=1.0, P0=None, mode="paper", form="auto",
-                      n_sub=1) -> GaussianPropagator:
+                      n_sub="auto") -> GaussianPropagator:
   """The Kalman chain over tokens with covariances and log-normalisers (spec §6.5).
 
   Starting from N(x0, P0), each token n predicts with the free flow and updates
@@ -261,7 +262,9 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
     P0: initial covariance (d, d), PSD; None means 0 (a known start point).
     mode: "paper" or "kalman_bucy" (static).
     form: "auto"/"gain" or "information" update (static; paper mode).
-    n_sub: exact sub-steps per token (static; Kalman-Bucy mode).
+    n_sub: exact sub-steps per token (Kalman-Bucy mode): a static int >= 1,
+      or "auto" (``exact_substeps`` over all tokens' generators; needs concrete
+      A_seq, M, dt, sigma_m and sigma_K).
 
   Returns:
     GaussianPropagator with mean (N, d), precision (N, d, d), covariance
@@ -279,7 +282,10 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
     P0 = _checks.as_array("P0", P0)
     _checks.check_shape("P0", P0, (d, d))
     P0 = P0.astype(x0.dtype)
+  check_substeps(n_sub)
   if mode == "kalman_bucy":
+    if n_sub == "auto":
+      n_sub = exact_substeps(A, M, dt, sigma_m, sigma_K)
     A_NDD = jnp.broadcast_to(A, (N, d, d))
     b_ND = jnp.broadcast_to(b, (N, d))
 
@@ -307,7 +313,7 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
 
 def chain_filter(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
                  sigma_K=1.0, P0=None, mode="paper", form="auto",
-                 n_sub=1) -> GaussianState:
+                 n_sub="auto") -> GaussianState:
   """The Kalman chain over tokens (QSF eqs. 57-59, spec §6.5).
 
     P^- = U_n P U_n^T + Sigma_K,n, then the §6.2 update with x_tgt,n;
@@ -325,7 +331,7 @@ def chain_filter(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
     P0: initial covariance (d, d) or None (0).
     mode: "paper" or "kalman_bucy" (exact propagator within each token).
     form: "auto"/"gain" or "information" (paper mode).
-    n_sub: exact sub-steps per token (Kalman-Bucy mode).
+    n_sub: exact sub-steps per token (Kalman-Bucy mode): an int >= 1 or "auto".
 
   Returns:
     GaussianState with mean (N, d) and precision (N, d, d).

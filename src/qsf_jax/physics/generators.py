@@ -7,11 +7,13 @@ Over an interval dt it has the Gaussian transition N(mu_K, Sigma_K) with
   Sigma_K = sigma_K^2 int_0^dt e^{A s} e^{A^T s} ds                    (QSF eq. 58)
 
 Both are computed with augmented matrix exponentials (Van Loan 1978), which need
-no A^{-1} and are therefore finite for singular A.
+no A^{-1} and are therefore finite for singular A; Sigma_K over long or stiff
+intervals by doubling a short one (``koopman_cov``).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
@@ -64,7 +66,7 @@ def koopman_affine(A, b, dt=1.0):
   d = _checks.check_square("A", A)
   b = _checks.as_array("b", b)
   _checks.check_shape("b", b, (d,))
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   dtype = _checks.result_dtype(A, b)
   A, b = A.astype(dtype), b.astype(dtype)
   aug = jnp.zeros((d + 1, d + 1), dtype)
@@ -91,15 +93,43 @@ def koopman_mean(A, b, x0, dt=1.0):
   return Phi @ x0.astype(Phi.dtype) + c
 
 
+# Van Loan's exponential below runs on an interval h with |A|_1 h <= _VAN_LOAN_NORM;
+# longer intervals are reached by doubling (at most _MAX_DOUBLINGS times).
+_VAN_LOAN_NORM = 0.5
+_MAX_DOUBLINGS = 48
+
+
+def _van_loan(A, q, h):
+  """(e^{A h}, q int_0^h e^{A s} e^{A^T s} ds) from one augmented exponential.
+
+  F = expm([[-A, q I], [0, A^T]] h): F22 = e^{A^T h}, Sigma(h) = F22^T F12. Accurate
+  only while |A| h is small: F11 = e^{-A h} grows and F22^T F12 cancels.
+  """
+  d = A.shape[0]
+  top = jnp.concatenate([-A, q * jnp.eye(d, dtype=A.dtype)], axis=1)
+  bot = jnp.concatenate([jnp.zeros_like(A), A.T], axis=1)
+  F = jsl.expm(jnp.concatenate([top, bot], axis=0) * h)
+  F12, F22 = F[:d, d:], F[d:, d:]
+  return F22.T, F22.T @ F12
+
+
 def koopman_cov(A, sigma_K=1.0, dt=1.0):
-  """Free Koopman covariance by Van Loan's method (QSF eq. 58, Sigma_K).
+  """Free Koopman covariance (QSF eq. 58, Sigma_K) by Van Loan's method and doubling.
 
-    Sigma_K = sigma_K^2 int_0^dt e^{A s} e^{A^T s} ds,
-    F = expm([[-A, sigma_K^2 I], [0, A^T]] dt),  Sigma_K = F22^T F12,
+    Sigma_K = sigma_K^2 int_0^dt e^{A s} e^{A^T s} ds.
 
-  symmetrised as (Sigma + Sigma^T)/2. It solves the Lyapunov ODE
-  dSigma/dt = A Sigma + Sigma A^T + sigma_K^2 I with Sigma(0) = 0, and is finite
-  for singular A (A = 0 gives sigma_K^2 dt I).
+  It solves the Lyapunov ODE dSigma/dt = A Sigma + Sigma A^T + sigma_K^2 I with
+  Sigma(0) = 0, and is finite for singular A (A = 0 gives sigma_K^2 dt I). Van
+  Loan's exponential F = expm([[-A, sigma_K^2 I], [0, A^T]] h) gives Sigma(h) =
+  F22^T F12, but F also holds e^{-A h}, which for a fast-decaying mode swamps the
+  result (at |A| dt ~ 40 in float64 Sigma turns indefinite). So F is taken only
+  over h = dt / 2^k with |A|_1 h <= 1/2, and the interval is doubled k times with
+  the semigroup identity
+
+    Sigma(2h) = Sigma(h) + e^{A h} Sigma(h) e^{A^T h},   e^{2 A h} = (e^{A h})^2,
+
+  whose terms are positive semi-definite (no cancellation). k is chosen from the
+  values (up to 48, also under jit); the result is symmetrised as (S + S^T)/2.
 
   Args:
     A: real generator (d, d).
@@ -110,15 +140,23 @@ def koopman_cov(A, sigma_K=1.0, dt=1.0):
     Sigma_K (d, d), symmetric positive semi-definite.
   """
   A = _checks.as_array("A", A)
-  d = _checks.check_square("A", A)
-  _checks.check_positive("dt", dt)
+  _checks.check_square("A", A)
+  _checks.check_time_step("dt", dt)
   _checks.check_finite_nonneg("sigma_K", sigma_K)
   dtype = _checks.result_dtype(A)
   A = A.astype(dtype)
   q = jnp.asarray(sigma_K, dtype) ** 2
-  top = jnp.concatenate([-A, q * jnp.eye(d, dtype=dtype)], axis=1)
-  bot = jnp.concatenate([jnp.zeros((d, d), dtype), A.T], axis=1)
-  F = jsl.expm(jnp.concatenate([top, bot], axis=0) * jnp.asarray(dt, dtype))
-  F12, F22 = F[:d, d:], F[d:, d:]
-  S = F22.T @ F12
+  dt = jnp.asarray(dt, dtype)
+  norm = jnp.max(jnp.sum(jnp.abs(A), axis=0)) * dt          # |A dt|_1
+  k = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm / _VAN_LOAN_NORM, 1.0))),
+               0, _MAX_DOUBLINGS).astype(jnp.int32)
+  E, S = _van_loan(A, q, dt / jnp.exp2(k.astype(dtype)))
+
+  def double(i, carry):
+    def twice(c):
+      E, S = c
+      return E @ E, S + E @ S @ E.T
+    return jax.lax.cond(i < k, twice, lambda c: c, carry)
+
+  _, S = jax.lax.fori_loop(0, _MAX_DOUBLINGS, double, (E, S))
   return 0.5 * (S + S.T)

@@ -160,7 +160,7 @@ def koopman_generator(K, dt: float = 1.0):
   """
   K = host_real("K", K)
   _checks.check_square("K", K)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   lam = np.linalg.eigvals(K)
   n_bad = int(np.sum((lam.imag == 0) & (lam.real <= 0)))
   info = {"logm_real": n_bad == 0, "nonpositive_real_eigenvalues": n_bad,
@@ -232,7 +232,7 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
     ``commutator=True``, ``generator``.
   """
   K_LDD = _host_matrices(K_list)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   _checks.check_positive("floor", floor)
   _checks.check_positive("slogdet_rtol", slogdet_rtol)
   tol = _nonneg("tol", tol)

@@ -131,7 +131,7 @@ def sse_increments(key, n_steps: int, d: int, dt, dtype=jnp.float32):
   _check_count("n_steps", n_steps)
   _check_count("d", d)
   _check_scalar("dt", dt)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   k_meas, k_koop = jax.random.split(key)
   scale = jnp.sqrt(jnp.asarray(dt, dtype))
   dW_N = scale * jax.random.normal(k_meas, (n_steps,), dtype)
@@ -173,7 +173,7 @@ def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma_m, dt, variant: str =
   dW_K = _checks.as_array("dW_K", dW_K)
   _checks.check_shape("dW_K", dW_K, (n_steps, d))
   _check_scalar("dt", dt)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   _check_nonneg("sigma_K", sigma_K)
   xt_ND = jnp.broadcast_to(x_tgt, (n_steps, d)) if x_tgt.ndim == 1 else x_tgt
   sigma_m, dt, sigma_K = (jnp.asarray(v, dtype) for v in (sigma_m, dt, sigma_K))
@@ -234,7 +234,7 @@ def simulate_sse(key, x0, A, b, x_tgt, sigma_m, dt, n_steps: int, variant: str =
     _check_count("n_paths", n_paths)
   (x0, A, b, x_tgt), dtype = _validate_model(x0, A, b, x_tgt, sigma_m, variant, n_steps)
   _check_scalar("dt", dt)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   _check_nonneg("sigma_K", sigma_K)
   sigma_m, dt, sigma_K = (jnp.asarray(v, dtype) for v in (sigma_m, dt, sigma_K))
   return _simulate(key, x0, A, b, x_tgt, sigma_m, dt, sigma_K, n_steps=n_steps,

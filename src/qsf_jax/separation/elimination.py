@@ -80,7 +80,7 @@ def orthogonal_cayley_elim(A, dt=1.0):
   """
   A = _checks.as_array("A", A)
   _checks.check_square("A", A, batch_dims=None)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   A = A.astype(_checks.result_dtype(A))
   B = (0.5 * jnp.asarray(dt, A.dtype)) * A
   I = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
@@ -103,7 +103,7 @@ def cayley_unitary_elim(H, dt=1.0):
   """
   H = _checks.as_array("H", H, allow_complex=True)
   _checks.check_square("H", H, batch_dims=None)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   H = H.astype(jnp.result_type(H.dtype, jnp.complex64))
   B = (0.5j * jnp.asarray(dt, H.real.dtype)) * H
   I = jnp.broadcast_to(jnp.eye(H.shape[-1], dtype=H.dtype), H.shape)

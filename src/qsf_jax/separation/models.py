@@ -99,7 +99,7 @@ class ModelConfig:
           f"num_outcomes={self.num_outcomes}, dim={self.dim}")
     if not 0.0 <= self.eta < 1.0:
       raise ValueError(f"eta must lie in [0, 1), got {self.eta}")
-    _checks.check_positive("dt", self.dt)
+    _checks.check_time_step("dt", self.dt)
 
 
 def init_params(key, cfg: ModelConfig, dtype=jnp.float32) -> dict:

@@ -79,7 +79,7 @@ _refined_solve.defvjp(_refined_solve_fwd, _refined_solve_bwd)
 
 def _half_generator(H, dt):
   """A = i dt H / 2, the half-step generator of the Cayley map (spec §1.3)."""
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   return (0.5j * jnp.asarray(dt, H.real.dtype)) * H
 
 
@@ -175,7 +175,7 @@ def cayley_scan(H_seq, psi0, dt=1.0, *, return_states=True):
     (T, ..., N), or ``None`` for ``states`` when ``return_states`` is False.
   """
   H_seq, psi0 = _check_sequence(H_seq, psi0)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   return _cayley_scan(H_seq, psi0, jnp.asarray(dt, H_seq.real.dtype), bool(return_states))
 
 
@@ -206,7 +206,7 @@ def cayley_products(H_seq, dt=1.0):
     P: cumulative unitaries (T, N, N); P[t] maps psi_0 to psi_{t+1}.
   """
   H_seq = _hamiltonian("H_seq", H_seq, batch_dims=1)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   return _cayley_products(H_seq, jnp.asarray(dt, H_seq.real.dtype))
 
 
@@ -257,7 +257,7 @@ def hamiltonian_from_unitary(U, dt=1.0):
     H: complex Hermitian (..., N, N) with ``cayley_unitary(H, dt) == U``.
   """
   U = _hamiltonian("U", U)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   I = eye_like(U)
   X = _refined_solve(I + U, I - U)
   H = (-2j / jnp.asarray(dt, U.real.dtype)) * X
@@ -284,7 +284,7 @@ def orthogonal_cayley(A, dt=1.0):
   """
   A = _checks.as_array("A", A)
   _checks.check_square("A", A, batch_dims=None)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   A = A.astype(_checks.result_dtype(A))
   B = (0.5 * jnp.asarray(dt, A.dtype)) * A
   I = eye_like(B)
@@ -311,7 +311,7 @@ def orthogonal_step(A, h, dt=1.0):
     raise ValueError(
         f"h must have shape (..., {D}) to match A of shape {tuple(A.shape)}, "
         f"got {tuple(h.shape)}")
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   dtype = _checks.result_dtype(A, h)
   A, h = A.astype(dtype), h.astype(dtype)
   B = (0.5 * jnp.asarray(dt, dtype)) * A

@@ -88,7 +88,7 @@ def probability_currents(H, psi0, psi1, dt=1.0):
     J: real antisymmetric currents (..., N, N); J[..., j, k] is the mass moved
     from k into j during the step.
   """
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   H, (psi0, psi1) = _hamiltonian_and_states(H, psi0=psi0, psi1=psi1)
   pbar = 0.5 * (psi0 + psi1)
   return jnp.asarray(dt, H.real.dtype) * _pair_currents(H, pbar)
@@ -147,7 +147,7 @@ def cayley_scan_with_currents(H_seq, psi0, dt=1.0):
     CurrentsTrace(states (T, ..., N), currents (T, ..., N, N), flux (..., N, N)).
   """
   H_seq, psi0 = _check_sequence(H_seq, psi0)
-  _checks.check_positive("dt", dt)
+  _checks.check_time_step("dt", dt)
   return _scan_with_currents(H_seq, psi0, jnp.asarray(dt, H_seq.real.dtype))
 
 
