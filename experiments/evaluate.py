@@ -21,10 +21,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "Run folder written by experiments.train.", flag_values=fv)
   flags.DEFINE_string("data", None, "Validation data (default: the run's own).", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
-  flags.DEFINE_integer("eval_batches", None, "Evaluate only N batches (default: all).",
-                       flag_values=fv)
+  flags.DEFINE_integer("eval_batches", None, "Evaluate only N batches (default or 0: all).",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the run's).",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
                       flag_values=fv)
   flags.DEFINE_string("cache_dir", None, "Token-cache folder (default: the run's).",
@@ -38,7 +38,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 def execute(fv: flags.FlagValues) -> int:
   if not fv.workdir:
     raise flags.Error("--workdir is required")
-  rec = evaluate_workdir(fv.workdir, data=fv.data, step=fv.step, max_batches=fv.eval_batches,
+  rec = evaluate_workdir(fv.workdir, data=fv.data, step=fv.step,
+                         max_batches=fv.eval_batches or None,
                          batch_size=fv.batch_size, tokenizer_file=fv.tokenizer_file,
                          cache_dir=fv.cache_dir, beta=fv.beta, attn_impl=fv.attn_impl)
   print(json.dumps(rec), flush=True)

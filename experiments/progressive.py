@@ -44,8 +44,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("seq_len", None, "Tokens per sequence (default: the model's maximum).", flag_values=fv)
   i("seed", 0, "Seed of every stage.", flag_values=fv)
   f("lr", 1e-3, "OneCycle peak learning rate (D10).", flag_values=fv)
-  i("eval_batches", None, "Validation batches for the table (default: the whole split).",
-    flag_values=fv)
+  i("eval_batches", None, "Validation batches for the table (default or 0: the whole "
+    "split).", lower_bound=0, flag_values=fv)
   i("sample_tokens", 40, "Tokens per D14 sample (0: none).", flag_values=fv)
   flags.DEFINE_list("stages", None, "Protocol stages to run (default: fnet, koopman, "
                     "koopman_attn, hamiltonian_attn, transformer).", flag_values=fv)
@@ -64,7 +64,7 @@ def execute(fv: flags.FlagValues) -> int:
                      batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed, lr=fv.lr,
                      sample_tokens=fv.sample_tokens)
   table = run_progressive(base, fv.workdir, stages=fv.stages, include=fv.include,
-                          eval_batches=fv.eval_batches)
+                          eval_batches=fv.eval_batches or None)
   print(f"wrote {fv.workdir}/table2.md and table2.json ({len(table['rows'])} stages)")
   if table["rows"]:
     curves = {r["stage"]: loss_curves(read_metrics(os.path.join(fv.workdir, r["stage"])))

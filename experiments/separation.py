@@ -107,7 +107,10 @@ def main(argv):
   from qsf_jax.separation import plot, sweep
 
   out = pathlib.Path(FLAGS.out)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # e.g. --out names an existing file
+    raise app.UsageError(f"--out={FLAGS.out}: cannot create the output folder ({e})") from None
   start = time.perf_counter()
   results = sweep.run_sweep(cfg, log=lambda s: print(s, flush=True))
   results["command"] = " ".join(["python -m experiments.separation"] + sys.argv[1:])

@@ -1,7 +1,8 @@
 r"""Trains one stage: ``python -m experiments.train --stage=koopman_attn --workdir=runs/s3``.
 
 Re-running the same command on the same ``--workdir`` resumes from its latest
-checkpoint. A SIGINT/SIGTERM saves a checkpoint and exits cleanly. The
+checkpoint. A SIGINT/SIGTERM saves a checkpoint and exits with status 130 (as an
+interrupted ``experiments.progressive`` does), so ``train && evaluate`` stops there. The
 progressive protocol (QSF spec D12)::
 
   python -m experiments.train --stage=fnet --workdir=runs/s1
@@ -51,7 +52,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("eval_every", None, "Validation period in steps (0: end only; default: the preset's).",
     flag_values=fv)
   i("eval_batches", d.eval_batches, "Validation batches per evaluation (0: whole split).",
-    flag_values=fv)
+    lower_bound=0, flag_values=fv)
   i("log_every", d.log_every, "Progress-line period in steps.", flag_values=fv)
   i("max_to_keep", d.max_to_keep, "Checkpoints kept.", flag_values=fv)
   f("lr", d.lr, "OneCycle peak learning rate (D10).", flag_values=fv)
@@ -88,8 +89,10 @@ def config_from_flags(fv: flags.FlagValues) -> TrainConfig:
 def execute(fv: flags.FlagValues) -> int:
   cfg = config_from_flags(fv)
   maybe_initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
-  train_and_evaluate(cfg, fv.workdir)
-  return 0
+  result = train_and_evaluate(cfg, fv.workdir)
+  # An interrupted run (SIGINT/SIGTERM; its checkpoint is saved) exits like
+  # experiments.progressive, with 130, so `train && evaluate` stops there.
+  return 130 if result.interrupted else 0
 
 
 def run(argv) -> int:

@@ -9,6 +9,7 @@ tests do this).
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax.numpy as jnp
 
@@ -100,4 +101,10 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace):
   for flag, val in (("--T", a.T), ("--D", a.D)):
     if val is not None and not all(x.strip().isdigit() and int(x) > 0 for x in val.split(",")):
       p.error(f"{flag} must be comma-separated positive ints, got {val!r}")
+  if a.out is not None:
+    parent = os.path.dirname(os.path.abspath(a.out))
+    if os.path.isdir(a.out):
+      p.error(f"--out={a.out} is a folder; give a file path such as {a.out}/bench.json")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+      p.error(f"--out={a.out}: the folder {parent} does not exist or is not writable")
   return configs

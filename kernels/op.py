@@ -30,9 +30,22 @@ inputs); bf16/f16 inputs are used as matmul operands with float32 accumulation;
 32-bit matmuls request IEEE precision (no TF32). Outputs come back in the input
 dtype; the final state is float32 (float64 for float64 inputs).
 
-Domain: g must be finite and <= 0. This is not checked (values are traced);
-positive g can overflow and -inf produces NaN (-inf - -inf); clamp strong
-resets to a finite value such as -20 (exp(-20) ~ 2e-9).
+Domain: g <= 0, which is not checked (values are traced); positive g can
+overflow. The chunked impls ("xla", "pallas") raise g to ``decay_floor(dtype)``
+(2 ln eps of the accumulation dtype: -31.8 for float32 accumulation, -72.1 for
+float64) before the chunk-local cumsum. Crossing such a step scales a term by at
+most e^{floor} = eps^2 instead of e^{g}, below the accumulation's resolution, and
+-inf resets work. Without it a single reset g = -1e4 left every later exponent
+of its chunk with an absolute error of eps * 1e4 (1e-3 relative error in
+float32). What remains: the exponents of a chunk carry an absolute rounding
+error of about eps * |sum of g over the chunk so far|, so several floor-sized
+resets followed by weak decay in one chunk still cost accuracy (float32, 64
+resets: up to ~2e-4). The gradient of a clamped g is 0 (its true value is below
+e^{floor} times the output scale). "reference" and "scan" use g as given.
+
+float16 inputs run "xla" and "pallas" in float32 (the output is cast back):
+their chunk states are matmul operands and can exceed float16's range (65504)
+while the output does not.
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from qsf_jax import _checks
 
@@ -81,11 +96,33 @@ def resolve_impl(impl: str, dtype, *, head_dim: int = 0, chunk_size: int = 64) -
   return "pallas" if pallas_ok else "xla"
 
 
+def decay_floor(dtype) -> float:
+  """The lowest log-decay the chunked impls use: 2 ln eps of the accumulation dtype.
+
+  Args:
+    dtype: the q/k/v dtype (float64 accumulates in float64, the rest in float32).
+
+  Returns:
+    -31.8 (float32 accumulation) or -72.1 (float64).
+  """
+  acc = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+  return 2.0 * float(np.log(jnp.finfo(acc).eps))
+
+
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "interpret",
                                              "return_final_state", "design"))
 def _run(q, k, v, log_decay, initial_state, *, impl, chunk_size, interpret,
          return_final_state, design: PallasDesign):
   """Jitted dispatch; returns (o, S_T), with S_T None unless requested."""
+  if impl in ("xla", "pallas"):
+    if log_decay is not None:
+      log_decay = jnp.maximum(log_decay, decay_floor(q.dtype))
+    if q.dtype == jnp.float16:  # float16 states overflow; run in float32
+      o, S_T = _run(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                    log_decay, initial_state, impl=impl, chunk_size=chunk_size,
+                    interpret=interpret, return_final_state=return_final_state,
+                    design=design)
+      return o.astype(q.dtype), S_T
   if impl == "pallas":
     return pallas_linear_attention(q, k, v, log_decay, initial_state, chunk_size=chunk_size,
                                    interpret=interpret,
@@ -152,6 +189,8 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
     raise ValueError(
         f"impl='pallas' supports q/k/v dtypes {list(_PALLAS_DTYPES)}, got {q.dtype} "
         f"(q shape {tuple(q.shape)}); use impl='xla' or 'reference' for float64")
+  if q.shape[0] == 0 or q.shape[2] == 0:
+    impl = "xla"  # nothing to launch kernels for; the jnp form handles empty axes
   o, S_T = _run(q, k, v, log_decay, initial_state, impl=impl, chunk_size=chunk_size,
                 interpret=bool(interpret), return_final_state=bool(return_final_state),
                 design=design)

@@ -78,7 +78,10 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys):
   bad_vocab.write_text("aGVsbG8= 0\n")
   _expect_error(capsys, _train_args(corpus, wd, tokenizer="gpt2", tokenizer_file=bad_vocab),
                 "wrong sha256")
-  _expect_error(capsys, _train_args(corpus, wd, seq_len=64), "--seq_len=64 exceeds", "32")
+  _expect_error(capsys, _train_args(corpus, wd, seq_len=64), "--seq_len=64 exceeds", "32",
+                "--override=max_seq_len=N")
+  _expect_error(capsys, _train_args(corpus, wd, data_mode="foo"), "--data_mode must be one of")
+  _expect_error(capsys, _train_args(corpus, wd, eval_batches=-2), "eval_batches")
   _expect_error(capsys, _train_args(corpus, wd, batch_size=6, grad_accum=4), "divisible")
   _expect_error(capsys, _train_args(corpus, wd, override="no_such_field=3"), "no_such_field")
   _expect_error(capsys, _train_args(corpus, wd, dtype="float8"), "--dtype")
@@ -119,6 +122,31 @@ def test_evaluate_prints_json_last_line(run_dir, capsys, caplog):
   assert rec3["data"] == f"path:{other}" and rec3["tokens"] != rec["tokens"]
   _expect_error(capsys, ["evaluate", f"--workdir={run_dir.parent / 'none'}"], "no checkpoint",
                 main=evaluate_cli.run)
+  for flag in ("--batch_size=0", "--batch_size=-4", "--eval_batches=-2"):
+    _expect_error(capsys, ["evaluate", f"--workdir={run_dir}", flag], flag.split("=")[0],
+                  main=evaluate_cli.run)
+
+
+def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
+  # A checkpoint folder without its items (e.g. copied half-way) or with a truncated
+  # JSON file is reported with its path and the step to fall back to; nothing is moved.
+  import shutil
+  for damage in ("missing_state", "empty_step", "truncated_meta"):
+    wd = tmp_path / damage
+    shutil.copytree(run_dir, wd)
+    step = wd / "checkpoints" / "6"
+    if damage == "missing_state":
+      shutil.rmtree(step / "state")
+    elif damage == "empty_step":
+      step = wd / "checkpoints" / "9"
+      step.mkdir()
+    else:
+      meta = next(p for p in (step / "meta").rglob("*") if p.is_file())
+      meta.write_text(meta.read_text()[:7])
+    before = sorted(str(p) for p in wd.rglob("*"))
+    _expect_error(capsys, ["evaluate", f"--workdir={wd}"], f"checkpoint {step} cannot be read",
+                  "use step", main=evaluate_cli.run)
+    assert sorted(str(p) for p in wd.rglob("*")) == before
 
 
 def test_sample_prints_text(run_dir, capsys):

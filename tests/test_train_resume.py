@@ -156,7 +156,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus):
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == 130, err[-3000:]  # stopped early, as experiments.progressive
   assert "Traceback" not in err
   assert "SIGTERM received: stopped at step" in out
   stopped = int(out.split("stopped at step ")[1].split(",")[0])

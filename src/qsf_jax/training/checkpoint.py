@@ -10,6 +10,7 @@ so a save that dies half-way leaves the previous checkpoint as the latest one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -20,7 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from qsf_jax.models import config as model_config
-from qsf_jax.training.errors import CheckpointMismatchError, NoCheckpointError
+from qsf_jax.training.errors import (CheckpointMismatchError, CorruptCheckpointError,
+                                     NoCheckpointError)
 from qsf_jax.training.state import TrainState, abstract_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -106,6 +108,27 @@ class Checkpointer:
         raise NoCheckpointError(f"no finalized checkpoint in {self.directory}")
     return int(step)
 
+  def _restore(self, step: int, **items):
+    """``CheckpointManager.restore`` of ``items``; a damaged folder is a clear error.
+
+    Orbax reports a missing item as ``KeyError`` and a truncated JSON file as a
+    decode error without the path; both become ``CorruptCheckpointError``
+    naming the folder. Nothing is moved or deleted.
+    """
+    try:
+      return self._mgr.restore(step, args=ocp.args.Composite(**items))
+    except (KeyError, json.JSONDecodeError, FileNotFoundError) as e:
+      if isinstance(e, FileNotFoundError) and not (self.directory / str(step)).exists():
+        raise
+      others = [s for s in self.all_steps() if s != step]
+      hint = (f"move it out of {self.directory} to use step {others[-1]}" if others
+              else "start a new --workdir")
+      detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+      raise CorruptCheckpointError(
+          f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
+          f"{detail}); it may be incomplete or damaged and was left untouched; {hint}"
+      ) from e
+
   def meta(self, step: int | None = None) -> dict:
     """The JSON metadata stored with checkpoint ``step`` (default: the latest).
 
@@ -114,7 +137,7 @@ class Checkpointer:
     (``models.config.complete_stored``).
     """
     step = self._step_or_latest(step)
-    meta = dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    meta = dict(self._restore(step, meta=ocp.args.JsonRestore()).meta)
     if isinstance(meta.get("model_config"), Mapping):
       meta["model_config"] = model_config.complete_stored(meta["model_config"])
     return meta
@@ -145,8 +168,7 @@ class Checkpointer:
       step: which checkpoint; default the latest.
     """
     step = self._step_or_latest(step)
-    restored = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state(template))))
+    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state(template)))
     return TrainState.from_dict(restored.state)
 
   def restore_params(self, step: int | None = None) -> tuple[Any, dict]:
@@ -156,8 +178,7 @@ class Checkpointer:
     optimizer state and may build a different model than the stored one.
     """
     step = self._step_or_latest(step)
-    restored = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+    restored = self._restore(step, state=ocp.args.StandardRestore())
     state = restored.state
     return state["params"], state.get("collections", {})
 

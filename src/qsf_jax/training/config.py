@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qsf_jax.data.batches import MODES as DATA_MODES
 from qsf_jax.training.errors import TrainConfigError
 
 # Run-length defaults per model preset, used for any of these left as None.
@@ -106,6 +107,9 @@ class TrainConfig:
       raise TrainConfigError(f"eval_batches must be positive or None, got {self.eval_batches}")
     if not self.lr > 0:
       raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+    if self.data_mode not in DATA_MODES:
+      raise TrainConfigError(
+          f"--data_mode must be one of {list(DATA_MODES)}, got {self.data_mode!r}")
     if self.dtype not in (None, "float32", "bfloat16"):
       raise TrainConfigError(
           f"--dtype must be one of ['float32', 'bfloat16'], got {self.dtype!r}")

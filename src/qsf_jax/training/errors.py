@@ -33,6 +33,10 @@ class NoCheckpointError(FileNotFoundError):
   """A checkpoint was required (evaluate, sample, init_from) but none was found."""
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint folder exists but cannot be read (incomplete or damaged)."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite.
 

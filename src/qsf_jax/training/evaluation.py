@@ -44,6 +44,8 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches"}``.
   """
+  if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+    raise ValueError(f"max_batches must be >= 1, or None for the whole split, got {max_batches!r}")
   batches = qdata.iter_eval_batches(split, batch_size=batch_size, seq_len=seq_len, mode=mode)
   if max_batches is not None:
     batches = itertools.islice(batches, max_batches)
@@ -93,6 +95,9 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
   from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
 
+  for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
+    if value is not None and (isinstance(value, bool) or value < 1):
+      raise ValueError(f"{name} must be >= 1, or None for the default, got {value!r}")
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
   corpus = setup.load_corpus(cfg, run.tokenizer, data=data)

@@ -76,7 +76,7 @@ def resolve_seq_len(cfg: TrainConfig, mcfg: model_config.ModelConfig) -> int:
   if seq_len > mcfg.max_seq_len:
     raise TrainConfigError(
         f"--seq_len={seq_len} exceeds the {cfg.stage}/{cfg.preset} model's maximum "
-        f"context of {mcfg.max_seq_len} tokens (raise it with --max_seq_len)")
+        f"context of {mcfg.max_seq_len} tokens (raise it with --override=max_seq_len=N)")
   return seq_len
 
 
