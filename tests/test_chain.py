@@ -10,8 +10,9 @@ import pytest
 import scipy.linalg as sl
 
 from qsf_jax import (chain_filter, chain_filter_full, chain_mean, chain_measured_mean,
-                     compose_affine, continuous_bias, koopman_mean, layer_generator, propagate,
-                     propagate_full, propagate_layer, scan_affine, step_maps)
+                     compose_affine, continuous_bias, kalman_bucy_step, koopman_mean,
+                     layer_generator, propagate, propagate_full, propagate_layer, scan_affine,
+                     step_maps)
 
 N, D = 5, 3
 
@@ -206,6 +207,13 @@ def test_chain_bad_inputs():
     chain_filter(x0, A, b, y[:3])
   with pytest.raises(ValueError, match=r"P0 must have shape \(3, 3\)"):
     chain_filter(x0, A, b, y, P0=np.eye(2))
+  with pytest.raises(ValueError, match="P0 must be positive semi-definite"):
+    chain_filter(x0, A, b, y, P0=-np.eye(3))
+  with pytest.raises(ValueError, match="P0 must be a symmetric covariance"):
+    chain_filter(x0, A, b, y, P0=np.eye(3) + np.triu(np.ones((3, 3)), 1))
+  with pytest.raises(ValueError, match="P must be positive semi-definite"):
+    kalman_bucy_step(x0, -np.eye(3), A[0], b[0], y[0], np.eye(3), dt=1.0, sigma_m=1.0,
+                     sigma_K=1.0)
   with pytest.raises(ValueError, match=r"M must have shape \(3, 3\)"):
     chain_measured_mean(x0, A, b, y, np.eye(2))
   with pytest.raises(ValueError, match="sigma_m must be > 0"):

@@ -107,6 +107,27 @@ def check_time_step(name: str, value) -> None:
     raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 
+def check_covariance(name: str, value) -> None:
+  """Raises ``ValueError`` for a concrete matrix that is not symmetric positive semi-definite.
+
+  Tolerances are relative to the largest entry: asymmetry up to 1e-6 and
+  eigenvalues down to -1e-6 times it pass (rounding of a computed covariance).
+  Tracers pass unchecked.
+  """
+  v = _concrete(value)
+  if v is None:
+    return
+  v = v.astype(np.float64)
+  scale = float(np.max(np.abs(v))) if v.size else 0.0
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{name} must be finite, got non-finite entries")
+  if np.max(np.abs(v - np.swapaxes(v, -1, -2)), initial=0.0) > 1e-6 * scale:
+    raise ValueError(f"{name} must be a symmetric covariance matrix, got an asymmetric one")
+  lo = float(np.min(np.linalg.eigvalsh(v), initial=0.0)) if v.size else 0.0
+  if lo < -1e-6 * scale:
+    raise ValueError(f"{name} must be positive semi-definite, got an eigenvalue {lo:.3g}")
+
+
 def check_finite_nonneg(name: str, value) -> None:
   """Raises ``ValueError`` for a concrete value that is not a finite scalar >= 0."""
   v = _concrete(value)

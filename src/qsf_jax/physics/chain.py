@@ -281,6 +281,7 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
   else:
     P0 = _checks.as_array("P0", P0)
     _checks.check_shape("P0", P0, (d, d))
+    _checks.check_covariance("P0", P0)
     P0 = P0.astype(x0.dtype)
   check_substeps(n_sub)
   if mode == "kalman_bucy":

@@ -151,6 +151,7 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma_m, sigma_K, n_sub="auto"
                       ("M", (d, d))):
     arrs[name] = _checks.as_array(name, arrs[name])
     _checks.check_shape(name, arrs[name], shape)
+  _checks.check_covariance("P", arrs["P"])
   dtype = _checks.result_dtype(A, *arrs.values())
   m_D, P_DD, b, x_tgt, M = (arrs[k].astype(dtype) for k in ("m", "P", "b", "x_tgt", "M"))
   A, n = A.astype(dtype), d + 1
