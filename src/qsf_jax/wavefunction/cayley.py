@@ -12,6 +12,10 @@ never has the eigenvalue -1.
 The real orthogonal baseline is the same cell with H = iA, A real
 antisymmetric; ``realify`` (defined in ``hermitian``, re-exported here)
 embeds U(N) into SO(2N).
+
+Derivatives: the solves carry a custom VJP (``_refined_solve``), so the cells
+support reverse mode (``grad``, ``vjp``, ``jacrev``) but not forward mode:
+``jvp`` and ``jacfwd`` raise a ``TypeError`` from JAX; use ``jacrev``.
 """
 
 from __future__ import annotations
