@@ -96,6 +96,9 @@ def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
   before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
   _expect_error(capsys, _train_args(corpus, run_dir, stage="fnet"),
                 "holds a checkpoint of a different run", "stage: stored 'koopman'")
+  _expect_error(capsys, _train_args(corpus, run_dir, max_train_stories=20),
+                "holds a checkpoint of a different run", "data_source.cache_key",
+                "--max_train_stories: stored None, requested 20")
   assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 

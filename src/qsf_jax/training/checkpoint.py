@@ -238,6 +238,12 @@ def check_resumable(workdir: str | os.PathLike, stored: Mapping[str, Any],
                     requested: Mapping[str, Any]) -> None:
   """Raises ``CheckpointMismatchError`` unless the stored run matches the request."""
   diffs = identity_differences(stored, requested)
+  if any(k.startswith("data_source.") for k in diffs):
+    # The data identity is a hash; name the flags behind it that changed.
+    a, b = (dict(m.get("train_config") or {}) for m in (stored, requested))
+    for key in ("data", "max_train_stories"):
+      if a.get(key) != b.get(key):
+        diffs[f"--{key}"] = (a.get(key), b.get(key))
   if diffs:
     raise CheckpointMismatchError(str(workdir), diffs)
 
