@@ -165,8 +165,10 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
       chunked forward and backward): "default", a name in
       ``designs.PALLAS_DESIGNS``, or a benchmark name ``c{chunk_size}_{design}``
       (``python -m qsf_jax.kernels.bench`` prints them). Every design computes
-      the same values; only used where impl resolves to "pallas", but checked
-      always.
+      the same function within the dtype's tolerance, not to the bit: with
+      bf16 inputs the segmented designs (``num_segments > 1``) build each
+      segment's state from decay-scaled keys rounded to bf16
+      (``segments.entering_states``; final-state error ~1e-3 against ~2e-6). Only used where impl resolves to "pallas", but checked always.
 
   Returns:
     o (B, T, H, Dv) in the input dtype, or (o, S_T) with S_T (B, H, Dk, Dv)
