@@ -169,7 +169,8 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
       bf16 inputs the segmented designs (``num_segments > 1``) build each
       segment's state from decay-scaled keys rounded to bf16
       (``segments.entering_states``, as "xla" does; final-state relative RMS
-      error 7e-4 against 9e-7 at B1 T256 H2 D32). Only used where impl resolves to "pallas", but checked always.
+      error 7e-4 against 9e-7 at B1 T256 H2 D32). Only used where impl
+      resolves to "pallas", but checked always.
 
   Returns:
     o (B, T, H, Dv) in the input dtype, or (o, S_T) with S_T (B, H, Dk, Dv)
