@@ -130,6 +130,25 @@ def test_evaluate_prints_json_last_line(run_dir, capsys, caplog):
                   main=evaluate_cli.run)
 
 
+def test_evaluate_warns_when_the_run_data_resolves_elsewhere(run_dir, tmp_path, caplog):
+  # E.g. data="auto" fell back to the synthetic corpus at training time and reaches the
+  # hub now: the run's own data is then another corpus, which evaluate says.
+  import shutil
+  wd = tmp_path / "moved"
+  shutil.copytree(run_dir, wd)
+  for meta in (wd / "checkpoints").glob("*/meta/metadata"):
+    rec = json.loads(meta.read_text())
+    rec["data"]["source"] = "synthetic(seed=0)"
+    meta.write_text(json.dumps(rec))
+  caplog.set_level("WARNING", logger="absl")
+  from qsf_jax.training.evaluation import evaluate_workdir
+  out = evaluate_workdir(wd, max_batches=1)
+  assert out["trained_on"] == "synthetic(seed=0)" and out["data"] != out["trained_on"]
+  assert [r for r in caplog.records if "but it was trained on synthetic(seed=0)" in
+          r.getMessage()]
+  assert evaluate_workdir(run_dir, max_batches=1)["trained_on"] == out["data"]
+
+
 def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
   # A checkpoint folder without its items (e.g. copied half-way) or with a truncated
   # JSON file is reported with its path and the step to fall back to; nothing is moved.

@@ -8,6 +8,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from qsf_jax import data as qdata
 from qsf_jax.training import sharding as shd
@@ -101,6 +102,12 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
   corpus = setup.load_corpus(cfg, run.tokenizer, data=data)
+  trained_on = (run.meta.get("data") or {}).get("source")
+  if data is None and trained_on and corpus.metadata.get("source") != trained_on:
+    # e.g. data="auto" fell back to the synthetic corpus when the run was trained
+    # and reaches the hub now (or the other way round).
+    logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
+                    workdir, corpus.metadata.get("source"), trained_on)
   mesh = shd.make_mesh()
   bs = batch_size or cfg.batch_size
   bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
@@ -108,4 +115,4 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
                        seq_len=run.seq_len, mode=cfg.data_mode, max_batches=max_batches,
                        beta=run.beta if beta is None else float(beta), mesh=mesh)
   return dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"),
-              beta=run.beta if beta is None else float(beta))
+              trained_on=trained_on, beta=run.beta if beta is None else float(beta))
