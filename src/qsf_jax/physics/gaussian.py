@@ -65,7 +65,6 @@ def check_finite_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
-
 def check_scalars(dt, sigma_m, sigma_K) -> None:
   """Checks dt (finite scalar > 0), sigma_m (> 0, inf allowed) and sigma_K (finite > 0)."""
   _checks.check_time_step("dt", dt)
