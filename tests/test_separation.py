@@ -89,6 +89,20 @@ def test_rank_certificate(N):
   assert s[task.K - 2] > 1e-4 * s[0] and s[task.K - 1] < 1e-12 * s[0]  # a clean gap
 
 
+def test_phase_contexts_count_cue_multisets():
+  # Phi(c) ignores the cue order: only C(A + L - 1, L) of the A^L rows differ,
+  # which caps the log-rank below K - 1 once K exceeds that number.
+  assert ts.distinct_contexts(8, 3) == 120 and ts.distinct_contexts(8, 3, commuting=False) == 512
+  for A, L in [(8, 3), (3, 4), (4, 2)]:
+    cues_CL, _ = ts.all_contexts(A, L)
+    assert len({tuple(sorted(c)) for c in cues_CL.tolist()}) == ts.distinct_contexts(A, L)
+  task = ts.make_task(6, num_cues=4, length=4)  # K = 60 > 35 distinct contexts
+  assert np.unique(np.round(task.Phi_CN, 12), axis=0).shape[0] == 35
+  assert bounds.log_rank(task.probs_CK) == 34
+  with pytest.raises(ValueError, match="num_cues must be >= 1"):
+    ts.distinct_contexts(0, 3)
+
+
 def test_eckart_young_bound_is_attained_by_truncated_svd(task3):
   logP = np.log(task3.probs_CK)
   E = bounds.double_centre(logP)

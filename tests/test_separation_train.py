@@ -111,6 +111,10 @@ def test_default_dims_rule():
     (dict(lr=0.0), "lr must be finite and > 0"),
     (dict(eta=0.0), "eta"),
     (dict(num_cues=2, length=2), "fewer than"),
+    # 8^3 = 512 >= K = 144, but only 120 distinct (commuting) contexts
+    (dict(Ns=(9,)), "give 120 distinct contexts .* fewer than K = 144"),
+    (dict(Ns=(6,), num_cues=4, length=4), "give 35 distinct contexts"),
+    (dict(task="born_logit", Ns=(4,), num_cues=2, length=3), "fewer than the log-target rank 12"),
     (dict(readout_ranks=(1, 0)), "each entry of readout_ranks must be >= 1"),
     (dict(readout_ranks=(2, 2)), "must not repeat"),
     (dict(models=("complex", "quantum")), r"unknown models \['quantum'\]"),

@@ -31,7 +31,7 @@ from qsf_jax.separation import born_logit_rows, bounds, models, pairwise_rows, t
 from qsf_jax.separation.pairwise_rows import (DEFAULT_READOUT_RANKS, MODEL_NAMES, default_dims,
                                               fixed_dynamics_init, fixed_povm_init)  # noqa: F401
 from qsf_jax.tasks.born_logit import CONTEXTS, make_born_logit_task
-from qsf_jax.tasks.separation import make_task, num_outcomes
+from qsf_jax.tasks.separation import distinct_contexts, make_task, num_outcomes
 
 DEFAULT_NS = (3, 4, 5)
 TASKS = ("pairwise", "born_logit")
@@ -183,10 +183,18 @@ def validate_config(cfg: SweepConfig) -> None:
         raise ValueError(
             f"complex dimension {n} at N = {N} exceeds K * r = {num_outcomes(N)} * "
             f"{min(cfg.readout_ranks)}: the Born readout is an isometry onto the K r outputs")
-    if cfg.num_cues**cfg.length < num_outcomes(N):
+    C = distinct_contexts(cfg.num_cues, cfg.length, commuting=not generic)
+    if cfg.task == "pairwise":
+      need, what = num_outcomes(N), f"K = {num_outcomes(N)} outputs"
+    else:
+      rank = N * (N - 1) if cfg.contexts == "phase" else N * N - 1
+      need, what = rank + 1, f"the log-target rank {rank} + 1"
+    if C < need:
+      order = "" if generic else " (the cue phases commute, so only the multiset of cues counts)"
       raise ValueError(
-          f"num_cues**length = {cfg.num_cues**cfg.length} contexts is fewer than "
-          f"K = {num_outcomes(N)} outputs for N = {N}; the rank certificate needs C >= K")
+          f"num_cues = {cfg.num_cues}, length = {cfg.length} give {C} distinct contexts"
+          f"{order}, fewer than {what} for N = {N}; the rank certificate of spec §2.5 needs "
+          f"that many generic contexts: raise num_cues or length")
 
 
 def task_model_names(task: str) -> tuple:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 
@@ -30,6 +31,24 @@ def num_outcomes(N: int) -> int:
   """The number of output tokens K = 2 N (N - 1) of T_N (wave-function spec §2.3)."""
   _check_int("N", N, minimum=2)
   return 2 * N * (N - 1)
+
+
+def distinct_contexts(num_cues: int, length: int, *, commuting: bool = True) -> int:
+  """The number of distinct context states among the A^L cue sequences (spec §2.3, §2.5).
+
+  Commuting cues (the phase cues of T_N: Phi(c) = sum_l theta^(a_l) ignores the
+  order) give one state per multiset of cues, C(A + L - 1, L); generic
+  non-commuting cues give A^L. The rank certificate of spec §2.5 counts
+  distinct generic contexts, so it needs this number, not A^L, to be >= K.
+
+  Args:
+    num_cues: A (>= 1).
+    length: L (>= 1).
+    commuting: whether the cue unitaries commute.
+  """
+  _check_int("num_cues", num_cues, minimum=1)
+  _check_int("length", length, minimum=1)
+  return math.comb(num_cues + length - 1, length) if commuting else num_cues**length
 
 
 def outcome_table(N: int) -> np.ndarray:
@@ -240,7 +259,10 @@ def make_task(N: int, *, num_cues: int = 8, length: int = 3, eta: float = 0.1,
 
   theta^(a)_j ~ Uniform(-pi, pi) i.i.d.; contexts are all A^L cue sequences in
   lexicographic order, each preceded by the word token, with equal weights.
-  The rank certificate of spec §2.5 needs C = A^L >= K generic contexts.
+  The rank certificate of spec §2.5 needs K generic contexts, and the phases
+  ignore the cue order, so only ``distinct_contexts(A, L)`` = C(A + L - 1, L)
+  of the A^L rows differ (120 of 512 at A = 8, L = 3): the centred log-target
+  has rank min(K, C(A + L - 1, L)) - 1.
 
   Args:
     N: number of latent senses (>= 2).
