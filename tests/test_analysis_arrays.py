@@ -120,7 +120,9 @@ def test_top_mode_group_pairs_conjugates():
 def test_mode_basis_bad_inputs():
   with pytest.raises(ValueError, match="square"):
     modes.mode_basis(np.zeros((3, 4)))
-  assert modes.mode_basis(np.array([[1.0, 1.0], [0.0, 1.0]])) is None  # defective (Jordan)
+  jordan = modes.mode_basis(np.array([[1.0, 1.0], [0.0, 1.0]]))  # one generalised eigenspace
+  assert jordan.projectors.groups == ((0, 1),) and jordan.top == (0, 1)
+  assert modes.mode_basis(np.array([[1.0, 1e8], [0.0, 1.01]])) is None  # modes inseparable
   with pytest.raises(ValueError, match="h_ND"):
     modes.mode_weights(modes.mode_basis(np.eye(3) * 2), np.zeros((2, 4)))
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
-from qsf_jax.physics.spectral import (commutator_norm, effective_gain, hamiltonian_koopman,
-                                      koopman_generator, spectral_analysis)
+from qsf_jax.physics.projectors import effective_gain
+from qsf_jax.physics.spectral import (commutator_norm, hamiltonian_koopman, koopman_generator,
+                                      spectral_analysis)
 
 
 def _rng(seed=0):
@@ -239,8 +240,9 @@ def test_effective_gain():
   D = np.diag([0.5, 2.0, 8.0])
   np.testing.assert_allclose(effective_gain(D, np.array([1.0, 1.0, np.sqrt(2.0)])),
                              (0.5 + 2.0 + 16.0) / 4.0, rtol=1e-12)
-  with pytest.raises(ValueError, match="defective"):
-    effective_gain(np.array([[1.0, 1.0], [0.0, 1.0]]), np.ones(2))
+  # A Jordan block is one generalised eigenspace: P = I, G_eff = |lambda|.
+  np.testing.assert_allclose(effective_gain(np.array([[0.5, 1.0], [0.0, 0.5]]), np.ones(2)),
+                             0.5, rtol=1e-12)
   with pytest.raises(ValueError, match=r"h must have shape \(\.\.\., 4\)"):
     effective_gain(K, np.ones(3))
 

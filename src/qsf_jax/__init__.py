@@ -13,7 +13,8 @@ from qsf_jax.physics.propagate import GaussianPropagator, GaussianState, exact_s
 from qsf_jax.physics.chain import chain_filter, chain_filter_full, chain_mean, chain_measured_mean, compose_affine, scan_affine, step_maps
 from qsf_jax.physics.layer import continuous_bias, layer_generator, propagate_layer
 # --- physics: spectra and SSE (QSF §6.6-6.7) ---
-from qsf_jax.physics.spectral import commutator_norm, effective_gain, hamiltonian_koopman, koopman_generator, spectral_analysis
+from qsf_jax.physics.spectral import commutator_norm, hamiltonian_koopman, koopman_generator, spectral_analysis
+from qsf_jax.physics.projectors import SpectralProjectors, effective_gain, spectral_projectors
 from qsf_jax.physics.sse import simulate_sse, sse_coefficients, sse_increments, sse_integrate
 # --- wavefunction: Cayley cell, Born readout, currents ---
 from qsf_jax.wavefunction.hermitian import hermitian_from_real, isometry_from_real, random_hermitian, skew_from_real

@@ -6,6 +6,10 @@ c = V^{-1} h, and the *occupancy* of mode k by the state h is
 
   w_k(h) = |c_k|^2 / sum_j |c_j|^2,        G_eff(h) = sum_k |lambda_k| w_k(h)   (eq. 11).
 
+Repeated and (nearly) defective eigenvalues are grouped, with one projector
+onto their (generalised) eigenspace whose weight the group's eigenvalues share
+(``physics.projectors``).
+
 The paper says the largest-|lambda| modes "concentrate on special tokens"
 (paragraph boundaries, sentence ends, discourse markers; QSF §2.4, §4.4).
 ``TokenOccupancy`` accumulates, over validation tokens, the occupancy of the
@@ -19,6 +23,8 @@ import dataclasses
 
 import numpy as np
 
+from qsf_jax.physics.projectors import SpectralProjectors, spectral_projectors
+
 # Single-word discourse markers of TinyStories prose (this project's proxy list).
 DISCOURSE_MARKERS = frozenset({
     "but", "then", "so", "because", "however", "suddenly", "finally", "later", "after",
@@ -28,64 +34,79 @@ CATEGORIES = ("end of text", "newline", "sentence end", "discourse marker")
 
 @dataclasses.dataclass(frozen=True)
 class ModeBasis:
-  """Eigen-decomposition of one K for the projections of eq. 11.
+  """Spectral projectors of one K for the projections of eq. 11.
 
   Attributes:
     lam: eigenvalues (d,) complex128.
-    V_inv_re: real part of V^{-1} (d, d).
-    V_inv_im: imaginary part of V^{-1} (d, d).
-    top: indices of the top mode group (the largest |lambda| and its conjugate).
-    cond: condition number of V.
+    projectors: the ``SpectralProjectors`` of K (eigenvalue groups and the
+      coordinates giving ||P_g h||).
+    top: indices of the top mode group (the largest |lambda|, its conjugate
+      partner, and any eigenvalue sharing a (generalised) eigenspace with them).
+    proj_norm: the largest spectral-projector norm ||P_g||_2 (1 for normal K);
+      large values mean strongly non-normal modes.
   """
   lam: np.ndarray
-  V_inv_re: np.ndarray
-  V_inv_im: np.ndarray
+  projectors: SpectralProjectors
   top: tuple
-  cond: float
+  proj_norm: float
 
 
-def top_mode_group(lam) -> tuple:
+def top_mode_group(lam, groups=None) -> tuple:
   """The largest-|lambda| eigenvalue and, if complex, its conjugate partner.
 
   Args:
     lam: eigenvalues (d,) complex.
+    groups: optional eigenvalue groups (``SpectralProjectors.groups``); the
+      members of the groups of the eigenvalues above are added.
 
   Returns:
-    A tuple of one or two indices into ``lam``.
+    A sorted tuple of indices into ``lam`` (one or two without ``groups``).
   """
   lam = np.asarray(lam)
   k = int(np.argmax(np.abs(lam)))
   scale = max(abs(lam[k]), 1e-300)
-  if abs(lam[k].imag) <= 1e-12 * scale:
-    return (k,)
-  dist = np.abs(lam - np.conj(lam[k]))
-  dist[k] = np.inf
-  j = int(np.argmin(dist))
-  return (k, j) if dist[j] <= 1e-8 * scale else (k,)
+  out = {k}
+  if abs(lam[k].imag) > 1e-12 * scale:
+    dist = np.abs(lam - np.conj(lam[k]))
+    dist[k] = np.inf
+    j = int(np.argmin(dist))
+    if dist[j] <= 1e-8 * scale:
+      out.add(j)
+  if groups is not None:
+    for idx in groups:
+      if out.intersection(idx):
+        out.update(idx)
+  return tuple(sorted(out))
 
 
-def mode_basis(K, *, cond_max: float = 1e12) -> ModeBasis | None:
-  """Eigenvalues and V^{-1} of K (float64), or None if K is numerically defective.
+def mode_basis(K, *, proj_max: float = 1e6, spread_max: float = 1e-3) -> ModeBasis | None:
+  """Spectral projectors of K (float64), or None if its modes cannot be separated.
+
+  Repeated and (nearly) defective eigenvalues share one projector onto their
+  (generalised) eigenspace (``physics.spectral_projectors``); K is refused
+  (None) when that grouping joins eigenvalues whose |lambda| differ by more
+  than ``spread_max``, as ``effective_gain`` refuses it.
 
   Args:
     K: real matrix (d, d).
-    cond_max: largest accepted condition number of V (as ``effective_gain``).
+    proj_max: largest accepted projector norm before groups are merged.
+    spread_max: largest accepted relative |lambda| spread inside a group.
   """
   K = np.asarray(K, np.float64)
   if K.ndim != 2 or K.shape[0] != K.shape[1]:
     raise ValueError(f"K must be a square matrix, got shape {K.shape}")
-  lam, V = np.linalg.eig(K)
-  cond = float(np.linalg.cond(V))
-  if not cond <= cond_max:
+  proj = spectral_projectors(K, proj_max=proj_max)
+  if not proj.max_spread <= spread_max:
     return None
-  V_inv = np.linalg.inv(V)
-  return ModeBasis(lam=lam, V_inv_re=np.ascontiguousarray(V_inv.real),
-                   V_inv_im=np.ascontiguousarray(V_inv.imag), top=top_mode_group(lam),
-                   cond=cond)
+  return ModeBasis(lam=proj.lam, projectors=proj, top=top_mode_group(proj.lam, proj.groups),
+                   proj_norm=float(np.max(proj.norms)))
 
 
 def mode_weights(basis: ModeBasis, h_ND) -> np.ndarray:
-  """Occupancies w_k(h) = |c_k|^2 / sum_j |c_j|^2, c = V^{-1} h (QSF eq. 11).
+  """Occupancies w_k(h) = ||P_g h||^2 / (|g| sum_g' ||P_g' h||^2), k in group g (QSF eq. 11).
+
+  For a simple eigenvalue ||P_k h|| = |c_k|, c = V^{-1} h on unit right
+  eigenvectors; a group's share is split equally among its eigenvalues.
 
   Args:
     basis: from ``mode_basis``.
@@ -99,7 +120,7 @@ def mode_weights(basis: ModeBasis, h_ND) -> np.ndarray:
   if h_ND.ndim != 2 or h_ND.shape[1] != d:
     raise ValueError(f"h_ND must have shape (N, {d}), got {h_ND.shape}")
   with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-    c2 = np.square(h_ND @ basis.V_inv_re.T) + np.square(h_ND @ basis.V_inv_im.T)
+    c2 = basis.projectors.weights(h_ND)
     return c2 / np.sum(c2, axis=1, keepdims=True)
 
 

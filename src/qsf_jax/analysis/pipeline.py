@@ -173,7 +173,8 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
   bases = [modes.mode_basis(K) for K in ops.K]
   for l, b in enumerate(bases):
     if b is None:
-      notes.append(f"layer {l}: K is numerically defective; no G_eff or mode occupancy.")
+      notes.append(f"layer {l}: K is too close to defective to separate its modes; no G_eff "
+                   "or mode occupancy.")
   batches = qdata.iter_eval_batches(corpus.valid, batch_size=batch_size, seq_len=run.seq_len,
                                     mode=cfg.data_mode)
   val = validation.validation_statistics(

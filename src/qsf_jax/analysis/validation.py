@@ -181,7 +181,7 @@ def validation_statistics(params, collections, cfg, bases, batches, *, beta=0.0,
     rec = acc.summary(decode, eot_id)
     rec["top_modes"] = None if bases[l] is None else [
         [float(bases[l].lam[k].real), float(bases[l].lam[k].imag)] for k in bases[l].top]
-    rec["eigvec_cond"] = None if bases[l] is None else bases[l].cond
+    rec["projector_norm"] = None if bases[l] is None else bases[l].proj_norm
     layers.append(rec)
   trace = SentenceTrace(tokens=sentence["tokens"], k_in=np.stack(sentence["k_in"]),
                         x_tgt=np.stack(sentence["x_tgt"]) if sentence["x_tgt"] else None,

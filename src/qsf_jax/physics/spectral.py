@@ -17,8 +17,8 @@ and the net-dissipation criterion of eq. 9, Gamma_net < 0. Eqs. 6-8 split by the
 *classes* (decay / neutral / growth) use the tolerance tau of decision D18,
 |gamma| <= tau being neutral, and their per-class sums are reported separately.
 
-The analysis (``spectral_analysis``, ``koopman_generator``, ``effective_gain``)
-runs on the host in float64 (decision D15), whatever the input dtype and the
+The analysis (``spectral_analysis``, ``koopman_generator``, and
+``projectors.effective_gain``) runs on the host in float64 (decision D15), whatever the input dtype and the
 global JAX x64 flag; ``hamiltonian_koopman`` is a jittable JAX function.
 """
 
@@ -64,7 +64,7 @@ def _host_matrices(K_list) -> np.ndarray:
 
 
 def host_real(name: str, x) -> np.ndarray:
-  """Converts a real numeric array-like (numpy or jax) to float64 numpy."""
+  """Converts a finite real numeric array-like (numpy or jax) to float64 numpy."""
   if x is None:
     raise ValueError(f"{name} must be an array, got None")
   arr = np.asarray(x)
@@ -74,9 +74,12 @@ def host_real(name: str, x) -> np.ndarray:
   if arr.dtype.kind in "bOSUMm":
     raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
   try:
-    return arr.astype(np.float64)
+    arr = arr.astype(np.float64)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}") from e
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+  return arr
 
 
 def _nonneg(name: str, t) -> float:
@@ -277,43 +280,6 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
     out["commutator_max"] = float(max(comms)) if comms else None
     out["commutator_mean"] = float(np.mean(comms)) if comms else None
   return out
-
-
-def effective_gain(K, h, *, cond_max: float = 1e12) -> np.ndarray:
-  """Effective amplification of a state under K (QSF eq. 11, confidence [C]).
-
-    G_eff(h) = sum_k |lambda_k| ||P_k h||^2 / sum_k ||P_k h||^2,
-
-  with oblique spectral projectors P_k = v_k w_k^dagger (w_k^dagger v_j = delta_kj)
-  built from unit right eigenvectors v_k, so ||P_k h|| = |c_k| for the
-  coefficients c = V^{-1} h. Eq. 11 is a weak reconstruction of the paper; its
-  token average is the paper's "expectation over tokens". Computed on the host
-  in float64.
-
-  Args:
-    K: real Koopman matrix (d, d).
-    h: hidden states (..., d).
-    cond_max: largest accepted condition number of the eigenvector matrix V; a
-      (numerically) defective K has no spectral projectors and raises.
-
-  Returns:
-    G_eff (...,) float64, between min |lambda| and max |lambda|; NaN where h = 0.
-  """
-  K = host_real("K", K)
-  d = _checks.check_square("K", K)
-  h = host_real("h", h)
-  if h.ndim < 1 or h.shape[-1] != d:
-    raise ValueError(f"h must have shape (..., {d}) to match K, got {h.shape}")
-  lam, V = np.linalg.eig(K)
-  if not np.linalg.cond(V) <= cond_max:
-    raise ValueError(
-        f"K is numerically defective (eigenvector condition number "
-        f"{np.linalg.cond(V):.3g} > {cond_max:.3g}); eq. 11's projectors do not exist")
-  c = np.linalg.solve(V, h.reshape(-1, d).T).T  # (n, d) coefficients on unit v_k
-  w = np.abs(c) ** 2
-  with np.errstate(invalid="ignore"):
-    g = (w @ np.abs(lam)) / np.sum(w, axis=-1)
-  return g.reshape(h.shape[:-1])
 
 
 def hamiltonian_koopman(S):
