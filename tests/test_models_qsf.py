@@ -207,6 +207,49 @@ def test_norm_anneal_and_ema_statistics():
                              rtol=1e-4, atol=1e-4)
 
 
+def test_norm_stats_average_over_the_loss_positions():
+  """D5's s_bar averages the per-token std over the positions the loss counts.
+
+  The same real tokens followed by padding give the same EMA with the loss
+  mask ("loss", default), and a different one with ``ls_stats_positions="all"``.
+  """
+  rng = np.random.default_rng(0)
+  real = rng.integers(1, 250, size=(2, 6))
+  padded = np.concatenate([real, np.zeros((2, 10), np.int64)], axis=1)
+  mask = np.concatenate([np.ones((2, 6)), np.zeros((2, 10))], axis=1).astype(np.float32)
+  emas = {}
+  for positions in ("loss", "all"):
+    cfg = get_config("koopman_attn", "tiny", ls_stats_positions=positions)
+    model = build_model(cfg)
+    variables = model.init(jax.random.key(1), jnp.asarray(padded))
+    stats = lambda x, m: model.apply(variables, jnp.asarray(x), update_stats=True,
+                                     stats_mask=m, mutable=["norm_stats"])[1]["norm_stats"]
+    a, b = stats(real, np.ones((2, 6), np.float32)), stats(padded, mask)
+    emas[positions] = (a, b)
+    for path in (("layers", "norm1"), ("final_norm",)):
+      ea, eb = a, b
+      for key in path:
+        ea, eb = ea[key], eb[key]
+      assert np.all(_np(ea["count"]) == 1.0) and np.all(_np(eb["count"]) == 1.0)
+      if positions == "loss":  # causal: the real positions see the same u
+        np.testing.assert_allclose(_np(ea["ema"]), _np(eb["ema"]), rtol=1e-5)
+      else:
+        assert np.all(np.abs(_np(ea["ema"]) / _np(eb["ema"]) - 1) > 1e-3)
+  # a batch without counted positions leaves the EMA and its count unchanged
+  cfg = get_config("koopman_attn", "tiny")
+  model = build_model(cfg)
+  variables = model.init(jax.random.key(1), jnp.asarray(padded))
+  _, mut = model.apply(variables, jnp.asarray(padded), update_stats=True,
+                       stats_mask=np.zeros_like(mask), mutable=["norm_stats"])
+  np.testing.assert_array_equal(_np(mut["norm_stats"]["final_norm"]["count"]), 0.0)
+  np.testing.assert_array_equal(_np(mut["norm_stats"]["layers"]["norm1"]["ema"]), 0.0)
+  with pytest.raises(ValueError, match="stats_mask"):
+    model.apply(variables, jnp.asarray(padded), update_stats=True, stats_mask=mask[:, :3],
+                mutable=["norm_stats"])
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    model.apply(variables, jnp.asarray(padded) + cfg.vocab_size)
+
+
 def test_model_updates_norm_stats_only_when_asked():
   cfg = get_config("koopman_attn", "tiny")
   model = build_model(cfg)

@@ -211,6 +211,29 @@ def test_grad_accumulation_equals_full_batch(env):
   assert int(s1.step) == int(s2.step) == 1
 
 
+def test_train_step_collects_norm_stats_over_the_loss_mask(env):
+  """D5: the step's EMA update averages over the batch's loss mask, not the padding."""
+  _, corpus = env
+  tok = qdata.get_tokenizer("bytes")
+  c = qdata.load_corpus(str(corpus), tok)
+  batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
+  batch["mask"] = (np.arange(32)[None, :] < np.array([32, 7, 20, 3])[:, None]).astype(np.float32)
+  model = build_model(get_config("koopman_attn", "tiny"))
+  params, coll = init_variables(model, 0, 32)
+  _, want = model.apply({"params": params, **coll}, jnp.asarray(batch["inputs"]),
+                        update_stats=True, stats_mask=batch["mask"], mutable=["norm_stats"])
+  _, unmasked = model.apply({"params": params, **coll}, jnp.asarray(batch["inputs"]),
+                            update_stats=True, mutable=["norm_stats"])
+  tx = make_optimizer(10)
+  st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
+  st, _ = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10,
+                          stats_steps=100)(st, batch)
+  got, ref, other = (jax.tree.leaves(t["norm_stats"]) for t in (st.collections, want, unmasked))
+  for g, r, o in zip(got, ref, other):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6)
+  assert any(not np.allclose(np.asarray(r), np.asarray(o), rtol=1e-3) for r, o in zip(ref, other))
+
+
 def test_stats_window_matches_the_model_zoo():
   """D5: the jitted window test agrees with ``models.norms.stats_window``."""
   from qsf_jax.models.norms import stats_window

@@ -1,7 +1,9 @@
 """One residual layer per stage (QSF §3.2-3.6), scanned over depth by ``lm.py``.
 
-Every block maps ``(h_BTD, ctx) -> (h_BTD, None)`` with ``ctx = (beta, t)``: the
-D5 anneal weight and the decode position (both scalars, broadcast over layers).
+Every block maps ``(h_BTD, ctx) -> (h_BTD, None)`` with ``ctx = (beta, t)`` or
+``(beta, t, stats_mask_BT)``: the D5 anneal weight and the decode position (both
+scalars), and optionally the positions the D5 statistics average over (B, T),
+all broadcast over layers.
 Sub-module names are shared across stages where the spec's progressive init
 maps them (``norm1``, ``norm2``, ``ffn``, ``koopman``; see ``params.py``).
 """
@@ -17,6 +19,14 @@ from qsf_jax.models.gla import GatedLinearAttention
 from qsf_jax.models.koopman import Koopman
 from qsf_jax.models.measurement import MeasurementAttention
 from qsf_jax.models.norms import Norm
+
+
+def unpack_ctx(ctx):
+  """(beta, t, stats_mask_BT or None) from a block context of 2 or 3 entries."""
+  if len(ctx) == 2:
+    return ctx[0], ctx[1], None
+  beta, t, mask = ctx
+  return beta, t, mask
 from qsf_jax.models.softmax_attention import SoftmaxAttention
 
 
@@ -37,13 +47,14 @@ class FNetBlock(nn.Module):
 
     Args:
       h_BTD: residual stream h (B, T, d) float32.
-      ctx: (beta, t): D5 anneal weight and decode position (scalars).
+      ctx: (beta, t[, stats_mask_BT]): D5 anneal weight and decode position
+        (scalars), and the positions of the D5 statistics (see module docstring).
 
     Returns:
       (h_BTD, None): the updated stream (the ``nn.scan`` carry) and no output.
     """
     cfg = self.cfg
-    _, t = ctx
+    _, t, _ = unpack_ctx(ctx)
     post = cfg.fnet_postnorm
     norm1, norm2 = Norm(cfg, name="norm1"), Norm(cfg, name="norm2")
     x_BTD = h_BTD if post else norm1(h_BTD)
@@ -76,13 +87,14 @@ class KoopmanBlock(nn.Module):
 
     Args:
       h_BTD: residual stream h (B, T, d) float32.
-      ctx: (beta, t): D5 anneal weight and decode position (scalars).
+      ctx: (beta, t[, stats_mask_BT]): D5 anneal weight and decode position
+        (scalars), and the positions of the D5 statistics (see module docstring).
 
     Returns:
       (h_BTD, None): the updated stream (the ``nn.scan`` carry) and no output.
     """
     cfg = self.cfg
-    _, t = ctx
+    _, t, _ = unpack_ctx(ctx)
     u_BTD = Norm(cfg, name="norm1")(h_BTD)
     h_BTD = h_BTD + Koopman(cfg, mode=cfg.koopman_mixer, decode=self.decode,
                             name="koopman")(u_BTD, t)
@@ -110,7 +122,8 @@ class QSFBlock(nn.Module):
 
     Args:
       h_BTD: residual stream h (B, T, d) float32.
-      ctx: (beta, t): D5 anneal weight and decode position (scalars).
+      ctx: (beta, t[, stats_mask_BT]): D5 anneal weight and decode position
+        (scalars), and the positions of the D5 statistics (see module docstring).
       x_tgt_BTD: if given (B, T, d), replaces the attention target; a fixed
         target makes the layer affine in h at beta = 1 (D20).
 
@@ -118,8 +131,9 @@ class QSFBlock(nn.Module):
       (h_BTD, None): the updated stream (the ``nn.scan`` carry) and no output.
     """
     cfg = self.cfg
-    beta, t = ctx
-    u_BTD = Norm(cfg, annealed=True, update_stats=self.update_stats, name="norm1")(h_BTD, beta)
+    beta, t, mask_BT = unpack_ctx(ctx)
+    u_BTD = Norm(cfg, annealed=True, update_stats=self.update_stats, name="norm1")(
+        h_BTD, beta, mask_BT)
     mode = "cosine" if cfg.stage3_keep_fourier else "none"
     k_term = Koopman(cfg, mode=mode, orthogonal=cfg.stage == "hamiltonian_attn",
                      decode=self.decode, name="koopman")(u_BTD, t)
@@ -131,7 +145,7 @@ class QSFBlock(nn.Module):
     h_BTD = h_BTD + k_term + alpha * meas_BTD
     if cfg.stage3_keep_ffn:
       n2 = Norm(cfg, annealed=True, update_stats=self.update_stats, name="norm2")
-      h_BTD = h_BTD + FFN(cfg, name="ffn")(n2(h_BTD, beta))
+      h_BTD = h_BTD + FFN(cfg, name="ffn")(n2(h_BTD, beta, mask_BT))
     return h_BTD, None
 
 
@@ -151,13 +165,14 @@ class MixerFFNBlock(nn.Module):
 
     Args:
       h_BTD: residual stream h (B, T, d) float32.
-      ctx: (beta, t): D5 anneal weight and decode position (scalars).
+      ctx: (beta, t[, stats_mask_BT]): D5 anneal weight and decode position
+        (scalars), and the positions of the D5 statistics (see module docstring).
 
     Returns:
       (h_BTD, None): the updated stream (the ``nn.scan`` carry) and no output.
     """
     cfg = self.cfg
-    _, t = ctx
+    _, t, _ = unpack_ctx(ctx)
     mixer = SoftmaxAttention if cfg.stage == "transformer" else GatedLinearAttention
     h_BTD = h_BTD + mixer(cfg, decode=self.decode, name="attn")(Norm(cfg, name="norm1")(h_BTD), t)
     return h_BTD + FFN(cfg, name="ffn")(Norm(cfg, name="norm2")(h_BTD)), None

@@ -46,6 +46,7 @@ _CHOICES = {
     "koopman_mixer": ("cosine", "none", "recurrent"),
     "attn_scale": ("position", "none"),
     "ls_scale": ("ema", "sqrt_d", "one"),
+    "ls_stats_positions": ("loss", "all"),
     "anneal_shape": ("linear", "cosine"),
     "attn_form": ("add", "pull"),
     "hamiltonian_param": ("expm", "cayley"),
@@ -80,9 +81,13 @@ class ModelConfig:
       how its Pallas kernels run on a GPU ("default", or a name from
       ``qsf_jax.kernels.PALLAS_DESIGNS`` or the kernel benchmark); every
       design computes the same values.
-    dtype: compute dtype of the matmul-heavy projections ("float32" or
-      "bfloat16"); parameters, norms, the Koopman/unitary maths and the logits
-      stay in float32 (conventions §2.4).
+    dtype: compute dtype of the matmul inputs ("float32" or "bfloat16"):
+      with "bfloat16" the projections, the Koopman product u K^T (K itself is
+      rounded, so Stage IV's K is orthogonal to bf16 precision there), the
+      feature maps and the output head take bf16 inputs with float32
+      accumulation. Parameters, gradients, norms, the residual stream, K's
+      construction (expm / Cayley) and the logits stay in float32
+      (conventions §2.4).
     init_std: std of the normal initialiser of matrices (QSF §3.3: 0.02).
     ln_eps: LayerNorm epsilon.
     koopman_mixer: D2, Stage II token mixing: "cosine" (S2-a, default),
@@ -97,6 +102,9 @@ class ModelConfig:
     ls_scale: D5, the frozen scale s-bar of the linear scaling: "ema" (EMA of
       the per-token std of the norm input, default), "sqrt_d" or "one".
     ls_ema_decay: D5 EMA decay (0.99).
+    ls_stats_positions: D5, the positions whose per-token std the EMA averages:
+      "loss" (those the loss counts, the model's ``stats_mask``; default, so that
+      LS matches LN on real tokens) or "all" (padding included).
     anneal_frac: D5, the fraction of steps over which beta ramps 0 -> 1.
     anneal_hold_frac: the final fraction of steps held at beta = 1 after the
       ramp, so the model trains in its exactly linear form (not in the spec,
@@ -154,6 +162,7 @@ class ModelConfig:
   # D5 (LayerNorm -> linear scaling anneal)
   ls_scale: str = "ema"
   ls_ema_decay: float = 0.99
+  ls_stats_positions: str = "loss"
   anneal_frac: float = 0.15
   anneal_hold_frac: float = 0.0
   anneal_shape: str = "linear"

@@ -12,7 +12,9 @@ Calling convention (all stages):
 
 * ``model.init(key, tokens_BT)`` -> ``{"params", ["norm_stats"]}``.
 * ``model.apply(variables, tokens_BT, beta=b)`` -> logits (B, T, V) float32.
-* ``update_stats=True`` with ``mutable=["norm_stats"]`` updates the D5 EMA.
+* ``update_stats=True`` with ``mutable=["norm_stats"]`` updates the D5 EMA,
+  averaged over the positions of ``stats_mask`` (B, T) (the loss mask; the
+  train step passes it) when ``cfg.ls_stats_positions="loss"``.
 * ``decode=True``: tokens (B, 1), with a ``"cache"`` collection (create it with
   :func:`init_cache`) passed in and ``mutable=["cache"]``; each call consumes
   one token at the cached position and returns its logits (B, 1, V). The
@@ -33,7 +35,7 @@ from qsf_jax.models.norms import Norm
 
 
 def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
-  """Validates the token array at trace time; returns it as int32.
+  """Validates the token array at trace time (and concrete ids); returns it as int32.
 
   Args:
     tokens_BT: token ids (B, T) integer; T = 1 when decoding, T <= max_seq_len.
@@ -51,6 +53,10 @@ def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
   if T > cfg.max_seq_len or T < 1:
     raise ValueError(f"tokens_BT has {T} positions (shape {tuple(tokens_BT.shape)}); "
                      f"the model allows 1..max_seq_len={cfg.max_seq_len}")
+  ids = _checks._concrete(tokens_BT)  # None under jit: values are not known at trace time
+  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+    raise ValueError(f"tokens_BT has ids in [{ids.min()}, {ids.max()}], outside the "
+                     f"vocabulary 0..{cfg.vocab_size - 1} (the embedding would give NaN)")
   return tokens_BT.astype(jnp.int32)
 
 
@@ -74,13 +80,17 @@ class QSFLanguageModel(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, decode=False):
+  def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, stats_mask=None,
+               decode=False):
     """Next-token logits (see the module docstring).
 
     Args:
       tokens_BT: token ids (B, T); (B, 1) when decoding.
       beta: Stage III/IV anneal weight in [0, 1] (D5); ignored by other stages.
       update_stats: update the D5 EMA (needs ``mutable=["norm_stats"]``).
+      stats_mask: weights (B, T) of the positions the D5 EMA averages over
+        (the loss mask); used with ``cfg.ls_stats_positions="loss"``. None:
+        every position.
       decode: consume one token using the ``"cache"`` collection.
 
     Returns:
@@ -99,16 +109,20 @@ class QSFLanguageModel(nn.Module):
     h_BTD = embed(tokens_BT) + pos(positions_T)[None]
     beta = jnp.asarray(beta, jnp.float32)
     _checks.check_ndim("beta", beta, 0)
+    if stats_mask is not None:
+      stats_mask = _checks.as_array("stats_mask", stats_mask)
+      _checks.check_shape("stats_mask", stats_mask, tokens_BT.shape)
+    mask_BT = stats_mask if cfg.ls_stats_positions == "loss" else None
 
     Block = BLOCKS[cfg.stage]
     Stack = nn.scan(Block, variable_axes={"params": 0, "norm_stats": 0, "cache": 0},
                     split_rngs={"params": True}, in_axes=nn.broadcast,
                     length=cfg.n_layers)
     h_BTD, _ = Stack(cfg, decode=decode, update_stats=update_stats, name="layers")(
-        h_BTD, (beta, t))
+        h_BTD, (beta, t, mask_BT))
 
     z_BTD = Norm(cfg, annealed=cfg.annealed, update_stats=update_stats,
-                 name="final_norm")(h_BTD, beta)
+                 name="final_norm")(h_BTD, beta, mask_BT)
     dt = compute_dtype(cfg)
     if cfg.tie_embeddings:
       W_VD = embed.embedding
@@ -126,7 +140,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
   Returns:
     A module with ``__call__(tokens_BT, *, beta=0.0, update_stats=False,
-    decode=False) -> logits_BTV``.
+    stats_mask=None, decode=False) -> logits_BTV``.
   """
   if not isinstance(cfg, ModelConfig):
     raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")

@@ -11,7 +11,9 @@ affine in h given the attention target (D20; the paper's "exact
 eigendecomposition").
 
 s_bar (D5, ``ls_scale="ema"``) is the stop-gradient EMA (decay 0.99) of the
-per-token standard deviation of u, collected in the ``"norm_stats"`` collection
+per-token standard deviation of u, averaged over the positions the loss counts
+(``ls_stats_positions="loss"``; padding would otherwise dominate short stories)
+and collected in the ``"norm_stats"`` collection
 while the caller passes ``update_stats=True`` (the ``stats_steps`` steps before
 the anneal, see :func:`stats_window`) and frozen afterwards. The EMA starts at
 zero and is bias-corrected, s_bar = ema / (1 - decay^n) after n updates, so it is
@@ -85,12 +87,14 @@ class Norm(nn.Module):
   update_stats: bool = False
 
   @nn.compact
-  def __call__(self, u_BTD, beta=0.0):
+  def __call__(self, u_BTD, beta=0.0, mask_BT=None):
     """N_beta(u) = (1 - beta) LN(u) + beta LS(u) (QSF §3.4); plain LN if not annealed.
 
     Args:
       u_BTD: norm input (B, T, d).
       beta: anneal weight in [0, 1] (scalar, may be traced).
+      mask_BT: weights (B, T) of the positions the D5 statistics average over
+        (the loss mask, so padding does not count); None: every position.
 
     Returns:
       (B, T, d) float32.
@@ -101,12 +105,17 @@ class Norm(nn.Module):
     ln = layer_norm(u_BTD, gamma, bias, self.cfg.ln_eps)
     if not self.annealed:
       return ln
-    ls = linear_scaling(u_BTD, gamma, bias, self.s_bar(u_BTD))
+    ls = linear_scaling(u_BTD, gamma, bias, self.s_bar(u_BTD, mask_BT))
     beta = jnp.asarray(beta, ln.dtype)
     return (1.0 - beta) * ln + beta * ls
 
-  def s_bar(self, u_BTD):
-    """The frozen scale s_bar of LS (D5), updating its EMA if ``update_stats``."""
+  def s_bar(self, u_BTD, mask_BT=None):
+    """The frozen scale s_bar of LS (D5), updating its EMA if ``update_stats``.
+
+    The update averages the per-token std of u over the positions with
+    ``mask_BT`` > 0 (all positions if None); a batch without any such position
+    leaves the EMA and its count unchanged.
+    """
     cfg = self.cfg
     d = u_BTD.shape[-1]
     if cfg.ls_scale == "one":
@@ -127,8 +136,15 @@ class Norm(nn.Module):
     if self.update_stats and not self.is_initializing():
       u32 = jax.lax.stop_gradient(u_BTD.astype(jnp.float32))
       std_BT = jnp.std(u32, axis=-1)
-      ema.value = decay * ema.value + (1.0 - decay) * jnp.mean(std_BT)
-      count.value = n + 1.0
+      if mask_BT is None:
+        seen, mean = jnp.float32(1.0), jnp.mean(std_BT)
+      else:
+        w_BT = jax.lax.stop_gradient(jnp.asarray(mask_BT, jnp.float32))
+        total = jnp.sum(w_BT)
+        seen = (total > 0).astype(jnp.float32)
+        mean = jnp.sum(std_BT * w_BT) / jnp.maximum(total, 1e-30)
+      ema.value = jnp.where(seen > 0, decay * ema.value + (1.0 - decay) * mean, ema.value)
+      count.value = n + seen
     return s_bar
 
 

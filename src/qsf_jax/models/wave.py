@@ -157,19 +157,20 @@ class WaveLanguageModel(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, decode=False,
-               return_states=False):
+  def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, stats_mask=None,
+               decode=False, return_states=False):
     """Next-token logits (B, T, V) float32 (same API as the other stages).
 
     Args:
       tokens_BT: token ids (B, T); (B, 1) when decoding.
       beta: unused (no LayerNorm anneal in this model).
       update_stats: unused.
+      stats_mask: unused.
       decode: one token per call with psi cached in ``"cache"``.
       return_states: return the list of every cell's states psi_1..psi_T
         (B, T, N) complex64 instead of the logits (for diagnostics and tests).
     """
-    del beta, update_stats
+    del beta, update_stats, stats_mask
     cfg = self.cfg
     tokens_BT = check_tokens(tokens_BT, cfg, decode)
     t = decode_position(self, decode)

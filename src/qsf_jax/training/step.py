@@ -50,11 +50,11 @@ def masked_xent_sum(logits_BTV, targets_BT, mask_BT):
   return jnp.sum(xent_BT * mask_BT), jnp.sum(mask_BT)
 
 
-def _apply(model, params, collections, inputs, beta, update_stats: bool):
+def _apply(model, params, collections, inputs, beta, update_stats: bool, mask=None):
   variables = {"params": params, **collections}
   if update_stats:
     logits, updates = model.apply(variables, inputs, beta=beta, update_stats=True,
-                                  mutable=list(collections))
+                                  stats_mask=mask, mutable=list(collections))
     return logits, {**collections, **updates}
   return model.apply(variables, inputs, beta=beta), collections
 
@@ -137,7 +137,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
   update_stats = stats_steps is not None
 
   def micro_loss(params, collections, batch, beta):
-    logits, new_coll = _apply(model, params, collections, batch["inputs"], beta, update_stats)
+    logits, new_coll = _apply(model, params, collections, batch["inputs"], beta, update_stats,
+                              batch["mask"])
     l_sum, n = masked_xent_sum(logits, batch["targets"], batch["mask"])
     return l_sum, (n, new_coll)
 
