@@ -262,6 +262,39 @@ def test_bad_inputs_raise_with_argument_names():
     hm.random_hermitian(jax.random.PRNGKey(0), 0)
 
 
+def test_structure_of_concrete_inputs_is_checked(x64):
+  """Non-Hermitian H, non-antisymmetric A, and a U that is not unitary or has an
+  eigenvalue at -1 used to give silently wrong (non-unitary) results."""
+  rng = np.random.default_rng(0)
+  G = rng.normal(size=(4, 4)) + 1j * rng.normal(size=(4, 4))
+  psi = jnp.ones(4, jnp.complex128) / 2
+  with pytest.raises(ValueError, match="H must be Hermitian"):
+    cy.cayley_step(G, psi)
+  with pytest.raises(ValueError, match="H_seq must be Hermitian"):
+    cy.cayley_scan(jnp.stack([G + G.conj().T, G]), psi)
+  with pytest.raises(ValueError, match="H has non-finite entries"):
+    cy.cayley_unitary(jnp.full((2, 2), jnp.nan))
+  with pytest.raises(ValueError, match="A must be antisymmetric"):
+    cy.orthogonal_cayley(rng.normal(size=(3, 3)))
+  # rounding-level asymmetry of a computed Hermitian matrix passes, in float32 too
+  Q = np.linalg.qr(G)[0]
+  H_c = (Q * rng.normal(size=4)) @ Q.conj().T
+  cy.cayley_unitary(jnp.asarray(H_c, jnp.complex64))
+  cy.cayley_unitary(H_c)
+  # traced inputs are not checked (values unknown at trace time)
+  jax.jit(cy.cayley_unitary)(G)
+  U = cy.cayley_unitary(H_c)
+  with pytest.raises(ValueError, match="U must be unitary"):
+    cy.hamiltonian_from_unitary(1.1 * U)
+  for theta in (np.pi, np.pi - 1e-12):
+    U_m1 = Q @ np.diag(np.exp(-1j * np.array([theta, 0.3, -1.0, 2.0]))) @ Q.conj().T
+    with pytest.raises(ValueError, match="eigenvalue at or near -1"):
+      cy.hamiltonian_from_unitary(U_m1)
+  U_ok = Q @ np.diag(np.exp(-1j * np.array([np.pi - 1e-4, 0.3, -1.0, 2.0]))) @ Q.conj().T
+  np.testing.assert_allclose(cy.cayley_unitary(cy.hamiltonian_from_unitary(U_ok)), U_ok,
+                             atol=1e-9)
+
+
 def _fd_check(loss, X, Y, eps=1e-6, n_dirs=3):
   """Directional central differences of a real loss against jax.grad."""
   gX, gY = jax.grad(loss, argnums=(0, 1))(X, Y)

@@ -128,6 +128,61 @@ def check_covariance(name: str, value) -> None:
     raise ValueError(f"{name} must be positive semi-definite, got an eigenvalue {lo:.3g}")
 
 
+def _structure_tol(v: np.ndarray) -> float:
+  """sqrt(eps) of ``v``'s precision: rounding passes, a wrong structure does not."""
+  dt = v.real.dtype if np.issubdtype(v.dtype, np.inexact) else np.float64
+  return float(np.sqrt(np.finfo(dt).eps))
+
+
+def check_hermitian(name: str, value, *, anti: bool = False) -> None:
+  """Raises ``ValueError`` for a concrete matrix (batch) that is not finite and Hermitian.
+
+  max |X - X^dagger| (or |X + X^dagger| with ``anti``, for an antisymmetric /
+  anti-Hermitian X) may be at most sqrt(eps) times max |X|, eps that of the
+  input's precision. Tracers pass unchecked.
+  """
+  v = _concrete(value)
+  if v is None or v.size == 0:
+    return
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+  vh = np.conj(np.swapaxes(v, -1, -2))
+  dev = float(np.max(np.abs(v + vh if anti else v - vh)))
+  scale = float(np.max(np.abs(v)))
+  if dev > _structure_tol(v) * scale:
+    kind = "antisymmetric (A^T = -A)" if anti else "Hermitian (H^dagger = H)"
+    raise ValueError(f"{name} must be {kind}, but max |deviation| = {dev:.3g} for max |entry| "
+                     f"{scale:.3g}")
+
+
+def check_unitary(name: str, value, *, no_minus_one: bool = False) -> None:
+  """Raises ``ValueError`` for a concrete matrix (batch) that is not finite and unitary.
+
+  max |U^dagger U - I| may be at most sqrt(eps) (input precision). With
+  ``no_minus_one`` the condition number of I + U must also stay below
+  1/sqrt(eps): an eigenvalue at (or rounding-close to) -1 has no inverse
+  Cayley image. Tracers pass unchecked.
+  """
+  v = _concrete(value)
+  if v is None or v.size == 0:
+    return
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+  tol = _structure_tol(v)
+  w = v.astype(np.complex128)
+  eye = np.eye(v.shape[-1])
+  dev = float(np.max(np.abs(np.conj(np.swapaxes(w, -1, -2)) @ w - eye)))
+  if dev > tol:
+    raise ValueError(f"{name} must be unitary, but max |U^dagger U - I| = {dev:.3g}")
+  if no_minus_one:
+    cond = float(np.max(np.linalg.cond(eye + w)))
+    if not cond <= 1.0 / tol:
+      raise ValueError(
+          f"{name} has an eigenvalue at or near -1 (cond(I + U) = {cond:.3g} > "
+          f"{1.0 / tol:.3g}): the inverse Cayley map H = -(2i/dt)(I - U)(I + U)^-1 "
+          "does not exist there")
+
+
 def check_finite_nonneg(name: str, value) -> None:
   """Raises ``ValueError`` for a concrete value that is not a finite scalar >= 0."""
   v = _concrete(value)

@@ -32,9 +32,15 @@ from qsf_jax.wavefunction.hermitian import realify, realify_state  # noqa: F401 
 
 
 def _hamiltonian(name, H, *, batch_dims=None):
-  """Validates a Hamiltonian (real symmetric or complex Hermitian); returns it complex."""
+  """Validates a Hamiltonian (real symmetric or complex Hermitian); returns it complex.
+
+  The shape is checked at trace time; a concrete H must also be finite and
+  Hermitian to sqrt(eps) of its precision (``_checks.check_hermitian``), since
+  a non-Hermitian H silently gives a non-unitary step.
+  """
   H = _checks.as_array(name, H, allow_complex=True)
   _checks.check_square(name, H, batch_dims=batch_dims)
+  _checks.check_hermitian(name, H)
   return H.astype(complex_dtype(H.dtype))
 
 
@@ -254,13 +260,17 @@ def hamiltonian_from_unitary(U, dt=1.0):
   lambda_j = (2/dt) tan(theta_j/2).
 
   Args:
-    U: unitary matrix, complex (..., N, N).
+    U: unitary matrix, complex (..., N, N); a concrete U must be unitary and
+      have no eigenvalue within rounding of -1 (``_checks.check_unitary``).
     dt: step length (scalar > 0).
 
   Returns:
     H: complex Hermitian (..., N, N) with ``cayley_unitary(H, dt) == U``.
   """
-  U = _hamiltonian("U", U)
+  U = _checks.as_array("U", U, allow_complex=True)
+  _checks.check_square("U", U, batch_dims=None)
+  _checks.check_unitary("U", U, no_minus_one=True)
+  U = U.astype(complex_dtype(U.dtype))
   _checks.check_time_step("dt", dt)
   I = eye_like(U)
   X = _refined_solve(I + U, I - U)
@@ -277,7 +287,8 @@ def orthogonal_cayley(A, dt=1.0):
   I + i dt (iA)/2 = I - dt A/2 and I - i dt (iA)/2 = I + dt A/2; the real
   baseline is the complex cell with the purely imaginary Hamiltonian H = iA.
   The result is orthogonal only when A is antisymmetric (e.g. from
-  ``skew_from_real``); values are not checked, so that the function traces.
+  ``skew_from_real``); a concrete A is checked (``_checks.check_hermitian``
+  with ``anti``), a traced one is not.
 
   Args:
     A: real antisymmetric matrix (..., D, D).
@@ -288,6 +299,7 @@ def orthogonal_cayley(A, dt=1.0):
   """
   A = _checks.as_array("A", A)
   _checks.check_square("A", A, batch_dims=None)
+  _checks.check_hermitian("A", A, anti=True)
   _checks.check_time_step("dt", dt)
   A = A.astype(_checks.result_dtype(A))
   B = (0.5 * jnp.asarray(dt, A.dtype)) * A
