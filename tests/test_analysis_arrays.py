@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg as sl
 
 from qsf_jax import analysis
-from qsf_jax.analysis import history, modes, propagation, spectrum, validation
+from qsf_jax.analysis import history, modes, propagation, report, spectrum, validation
 from qsf_jax.models.config import get_config
 from qsf_jax.physics import effective_gain, hamiltonian_koopman, propagate_layer
 
@@ -238,6 +238,10 @@ def test_layer_dynamics_reproduces_the_layer(x64):
   assert variant == "discrete"
   np.testing.assert_allclose(A + np.eye(6), Kn)
   np.testing.assert_array_equal(b2, bn)
+  # the surrogate's flow is e^{K - I}, not K: the SSE report must say so
+  assert not np.allclose(sl.expm(A), Kn, atol=1e-2)
+  assert "surrogate A = K - I" in report._sse_generator("discrete")
+  assert "logm(K)" in report._sse_generator("continuous")
 
 
 def test_state_target_and_sse_ensemble(x64):

@@ -186,7 +186,9 @@ def plot_sse(sse: dict, *, layer: int, token: str = "", path=None) -> Figure:
     ax.set_ylabel(lab)
     ax.legend(fontsize=8)
   fig.suptitle(f"SSE ({sse['sse_variant']}, eq. {'43' if sse['sse_variant'] == 'paper' else '42'}) "
-               f"from layer {layer}'s operators ({sse['variant_dynamics']} generator), "
+               f"from layer {layer}'s operators ("
+               f"{'surrogate K − I' if sse['variant_dynamics'] == 'discrete' else 'logm(K)'}"
+               " generator), "
                f"{paths.shape[0]} paths{f', token {token!r}' if token else ''}; "
                "states scaled by 1/‖x0‖")
   return save(fig, path)

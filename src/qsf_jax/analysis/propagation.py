@@ -35,7 +35,12 @@ def layer_dynamics(K, b) -> tuple[np.ndarray, np.ndarray, str]:
 
   continuous: A = logm(K) (real), b_c with phi_1(A) b_c = b, so the time-1 flow
   of x' = A x + b_c is x -> K x + b exactly. discrete (an eigenvalue of K on
-  (-inf, 0]): A = K - I and b, whose single unit Euler step is x -> K x + b.
+  (-inf, 0]): no real generator exists, and A = K - I, b is a surrogate whose
+  single unit Euler step is x -> K x + b; its exact time-1 flow is e^{K - I},
+  which matches K only to first order in K - I (an eigenvalue -0.5 of K becomes
+  e^{-1.5} = 0.22). The propagators of the discrete variant use K itself; only
+  the SSE (``sse_ensemble``, many Euler steps) follows the surrogate, and its
+  report says so.
 
   Args:
     K: Koopman matrix (d, d).

@@ -193,11 +193,21 @@ def _dynamics_section(lines, results):
     lines += ["### SSE ensemble (QSF eq. 43, §6.7)", "",
               f"{s['n_paths']} paths, {s['n_steps']} Euler-Maruyama steps over one token "
               f"interval, from token {s['token']!r} of that sentence; generator: "
-              f"{s['variant_dynamics']}; measured target: the state x* with W_V x* = x_tgt; "
+              f"{_sse_generator(s['variant_dynamics'])}; measured target: the state x* with "
+              "W_V x* = x_tgt; "
               f"all paths finite: {s['finite']}. States scaled by 1/||x0||; mean distance to "
               f"x* at t = 1: {_f(s['dist_end_mean'], '.3g')} with measurement, "
               f"{_f(s['free_dist_end'], '.3g')} without.", ""]
     _fig(lines, results, "sse", "SSE ensemble trajectories")
+
+
+def _sse_generator(variant: str) -> str:
+  """How the SSE's generator relates to the layer (``propagation.layer_dynamics``)."""
+  if variant == "discrete":
+    return ("the surrogate A = K - I (K has no real logarithm; the flow e^{K-I} matches the "
+            "layer's map K only to first order, so the no-measurement curve is not the "
+            "layer's own update)")
+  return f"{variant} (A = logm(K): the flow without measurement is the layer's map)"
 
 
 def render_report(results: dict) -> str:

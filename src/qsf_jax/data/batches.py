@@ -82,8 +82,9 @@ def get_batch(split: TokenSplit, *, seed: int, step: int, batch_size: int, seq_l
 
   Story mode: row ``b`` is example ``g = step * B + b``; with ``S`` stories,
   it is story ``perm_e[g mod S]`` where ``e = g // S`` and ``perm_e`` is a
-  permutation drawn from ``np.random.default_rng((seed, e))``. Packed mode:
-  row starts are drawn from ``np.random.default_rng((seed, step))``.
+  permutation drawn from ``np.random.default_rng((seed, e, stream))``. Packed
+  mode: row starts are drawn from ``np.random.default_rng((seed, step, stream))``
+  (``stream`` a fixed constant per mode, so the two never share a sequence).
 
   Args:
     split: the token stream (e.g. ``corpus.train``).
