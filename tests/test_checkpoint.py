@@ -155,6 +155,28 @@ def test_meta_of_a_run_stored_before_a_config_field_existed(tmp_path):
       "model_config.attn_pallas_design": ("default", "bv64_w8_s3_chunkbwd")}
 
 
+def test_meta_of_a_run_stored_before_a_behaviour_changing_field(tmp_path):
+  # ls_stats_positions arrived with a new default ("loss"); a run stored before it
+  # counted padding ("all") and must rebuild that way, and resuming it with today's
+  # default is a mismatch, not a silent change.
+  from qsf_jax.models import get_config
+  from qsf_jax.training.config import TrainConfig
+  mc = get_config("koopman_attn", "tiny").to_dict()
+  del mc["ls_stats_positions"]
+  tc = TrainConfig(stage="koopman_attn", preset="tiny").to_dict()
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path, async_save=False)
+  c.save(3, st, {"stage": "koopman_attn", "model_config": mc, "train_config": tc}, wait=True)
+  meta = c.meta()
+  c.close()
+  assert meta["model_config"]["ls_stats_positions"] == "all"
+  cfg = TrainConfig.from_dict(meta["train_config"])
+  assert dict(cfg.model_overrides)["ls_stats_positions"] == "all"
+  today = {"stage": "koopman_attn", "model_config": get_config("koopman_attn", "tiny").to_dict()}
+  assert ck.identity_differences(meta, today) == {
+      "model_config.ls_stats_positions": ("all", "loss")}
+
+
 def test_git_sha_is_a_hex_string_or_none():
   sha = ck.git_sha()
   assert sha is None or (len(sha) == 40 and int(sha, 16) >= 0)

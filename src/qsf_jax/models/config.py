@@ -268,7 +268,7 @@ EXECUTION_FIELDS = ("attn_impl", "attn_chunk_size", "attn_pallas_design")
 # Fields added to ModelConfig after runs were first stored, each with the value that
 # reproduces the earlier behaviour: a stored configuration without one had that value.
 ADDED_FIELDS = {"attn_pallas_design": "default", "wave_bias_init": "zeros",
-                "anneal_hold_frac": 0.0}
+                "anneal_hold_frac": 0.0, "ls_stats_positions": "all"}
 
 
 def complete_stored(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -278,6 +278,17 @@ def complete_stored(stored: Mapping[str, Any]) -> dict[str, Any]:
   configuration this version rebuilds for them (resume, evaluate, sample).
   """
   return {**ADDED_FIELDS, **stored}
+
+
+def legacy_overrides(stored: Mapping[str, Any]) -> dict[str, Any]:
+  """The ``ADDED_FIELDS`` a stored configuration lacks whose earlier value is not the default.
+
+  A run stored before such a field existed must be rebuilt with that value
+  (e.g. ``ls_stats_positions="all"``: its D5 statistics counted padding), so
+  the caller adds these to the run's model overrides.
+  """
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  return {k: v for k, v in ADDED_FIELDS.items() if k not in stored and v != defaults[k]}
 
 
 def _check_override_names(overrides) -> None:

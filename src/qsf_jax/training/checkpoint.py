@@ -134,12 +134,19 @@ class Checkpointer:
 
     A stored ``model_config`` comes back with the fields added to ``ModelConfig``
     since it was written, at the values that reproduce it
-    (``models.config.complete_stored``).
+    (``models.config.complete_stored``); where such a value is not today's
+    default it is also added to ``train_config["model_overrides"]``, so that
+    the configuration rebuilt from the train config is the stored one.
     """
     step = self._step_or_latest(step)
     meta = dict(self._restore(step, meta=ocp.args.JsonRestore()).meta)
     if isinstance(meta.get("model_config"), Mapping):
+      legacy = model_config.legacy_overrides(meta["model_config"])
       meta["model_config"] = model_config.complete_stored(meta["model_config"])
+      if legacy and isinstance(meta.get("train_config"), Mapping):
+        tc = dict(meta["train_config"])
+        tc["model_overrides"] = {**legacy, **dict(tc.get("model_overrides") or {})}
+        meta["train_config"] = tc
     return meta
 
   def save(self, step: int, state: TrainState, meta: Mapping[str, Any], *,
