@@ -58,6 +58,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   f("lr", d.lr, "OneCycle peak learning rate (D10).", flag_values=fv)
   f("weight_decay", d.weight_decay, "AdamW weight decay on matrices (D11).", flag_values=fv)
   f("clip_norm", d.clip_norm, "Global gradient-norm clip.", flag_values=fv)
+  flags.DEFINE_bool("cycle_momentum", d.cycle_momentum,
+                    "Cycle Adam's b1 0.95 -> 0.85 -> 0.95 against the learning rate, as "
+                    "PyTorch's OneCycleLR does by default (D10).", flag_values=fv)
   i("grad_accum", d.grad_accum, "Micro-batches per update.", flag_values=fv)
   s("dtype", None, "Compute dtype: float32 | bfloat16 (default: the preset's).", flag_values=fv)
   i("sample_tokens", d.sample_tokens, "Tokens of the D14 sample at each evaluation (0: none).",
@@ -80,6 +83,7 @@ def config_from_flags(fv: flags.FlagValues) -> TrainConfig:
       cache_dir=fv.cache_dir, data_mode=fv.data_mode, max_train_stories=fv.max_train_stories,
       steps=fv.steps, batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed,
       lr=fv.lr, weight_decay=fv.weight_decay, clip_norm=fv.clip_norm,
+      cycle_momentum=fv.cycle_momentum,
       grad_accum=fv.grad_accum, dtype=fv.dtype, init_from=fv.init_from,
       checkpoint_every=fv.checkpoint_every, eval_every=fv.eval_every,
       eval_batches=fv.eval_batches or None, log_every=fv.log_every,

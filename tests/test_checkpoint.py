@@ -164,6 +164,7 @@ def test_meta_of_a_run_stored_before_a_behaviour_changing_field(tmp_path):
   mc = get_config("koopman_attn", "tiny").to_dict()
   del mc["ls_stats_positions"]
   tc = TrainConfig(stage="koopman_attn", preset="tiny").to_dict()
+  del tc["cycle_momentum"]  # and before Adam's b1 was cycled (D10)
   st, _ = _state()
   c = ck.Checkpointer(tmp_path, async_save=False)
   c.save(3, st, {"stage": "koopman_attn", "model_config": mc, "train_config": tc}, wait=True)
@@ -172,9 +173,11 @@ def test_meta_of_a_run_stored_before_a_behaviour_changing_field(tmp_path):
   assert meta["model_config"]["ls_stats_positions"] == "all"
   cfg = TrainConfig.from_dict(meta["train_config"])
   assert dict(cfg.model_overrides)["ls_stats_positions"] == "all"
-  today = {"stage": "koopman_attn", "model_config": get_config("koopman_attn", "tiny").to_dict()}
+  assert cfg.cycle_momentum is False and meta["cycle_momentum"] is False
+  today = {"stage": "koopman_attn", "model_config": get_config("koopman_attn", "tiny").to_dict(),
+           "cycle_momentum": True}
   assert ck.identity_differences(meta, today) == {
-      "model_config.ls_stats_positions": ("all", "loss")}
+      "model_config.ls_stats_positions": ("all", "loss"), "cycle_momentum": (False, True)}
 
 
 def test_git_sha_is_a_hex_string_or_none():

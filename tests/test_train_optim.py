@@ -10,7 +10,7 @@ import pytest
 
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
-from qsf_jax.training.optim import decay_mask, make_optimizer, onecycle_schedule
+from qsf_jax.training.optim import decay_mask, make_optimizer, onecycle_momentum, onecycle_schedule
 
 
 def torch_onecycle(step, total, max_lr, pct_start=0.3, div_factor=25.0, final_div=1e4):
@@ -90,7 +90,7 @@ def test_decay_mask_on_stage3_parameters():
 
 def test_weight_decay_only_on_matrices_and_clipping():
   params = {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}, "alpha": jnp.ones(())}
-  tx = make_optimizer(100, max_lr=1e-2, weight_decay=0.1)
+  tx = make_optimizer(100, max_lr=1e-2, weight_decay=0.1, cycle_momentum=False)
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, state, params)
@@ -111,6 +111,61 @@ def test_weight_decay_only_on_matrices_and_clipping():
   assert float(optax.tree.norm(g)) < 1.0
   for mu, gs in zip(jax.tree.leaves(st_small[1][0].mu), jax.tree.leaves(g)):
     np.testing.assert_allclose(mu, 0.1 * np.asarray(gs), rtol=1e-5)
+
+
+def torch_onecycle_momentum(step, total, pct_start=0.3, base=0.85, top=0.95):
+  """PyTorch ``OneCycleLR`` momentum (``cycle_momentum=True``), transcribed."""
+  phases = [(float(pct_start * total) - 1, top, base), (float(total) - 1, base, top)]
+  start_step = 0.0
+  for i, (end_step, m0, m1) in enumerate(phases):
+    if step <= end_step or i == len(phases) - 1:
+      pct = (step - start_step) / (end_step - start_step)
+      return m1 + (m0 - m1) / 2.0 * (math.cos(math.pi * pct) + 1)
+    start_step = end_step
+  raise AssertionError
+
+
+@pytest.mark.parametrize("total", [3, 10, 97, 20000])
+def test_onecycle_momentum_matches_pytorch(total):
+  sched = onecycle_momentum(total)
+  steps = sorted({0, 1, int(0.3 * total) - 1, int(0.3 * total), total // 2, total - 1}
+                 | set(range(0, total, max(1, total // 37))))
+  steps = [t for t in steps if 0 <= t < total]
+  np.testing.assert_allclose([float(sched(t)) for t in steps],
+                             [torch_onecycle_momentum(t, total) for t in steps], rtol=1e-6)
+  with pytest.raises(ValueError, match="base_momentum"):
+    onecycle_momentum(10, base_momentum=0.96)
+
+
+def test_cycled_adamw_matches_a_pytorch_transcription():
+  """clip -> AdamW with OneCycle lr and b1, against torch.optim.AdamW's update rule:
+  theta *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+  theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps),  b1 = b1(t - 1)."""
+  S, lr_max, wd = 12, 3e-2, 0.1
+  rng = np.random.default_rng(0)
+  params = {"w": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+            "b": {"bias": jnp.asarray(rng.normal(size=2), jnp.float32)}}
+  tx = make_optimizer(S, max_lr=lr_max, weight_decay=wd, clip_norm=1e9)
+  state = tx.init(params)
+  ref = {k: np.asarray(v, np.float64) for k, v in
+         {"w": params["w"]["kernel"], "b": params["b"]["bias"]}.items()}
+  m = {k: np.zeros_like(v) for k, v in ref.items()}
+  v2 = {k: np.zeros_like(v) for k, v in ref.items()}
+  for t in range(1, S + 1):
+    g = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
+    grads = {"w": {"kernel": jnp.asarray(g["w"], jnp.float32)},
+             "b": {"bias": jnp.asarray(g["b"], jnp.float32)}}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    lr, b1 = torch_onecycle(t - 1, S, lr_max), torch_onecycle_momentum(t - 1, S)
+    for k, decay in (("w", wd), ("b", 0.0)):
+      ref[k] = ref[k] * (1 - lr * decay)
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v2[k] = 0.999 * v2[k] + 0.001 * g[k] ** 2
+      denom = np.sqrt(v2[k]) / math.sqrt(1 - 0.999**t) + 1e-8
+      ref[k] = ref[k] - lr / (1 - b1**t) * m[k] / denom
+  np.testing.assert_allclose(params["w"]["kernel"], ref["w"], rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(params["b"]["bias"], ref["b"], rtol=2e-5, atol=1e-6)
 
 
 def test_make_optimizer_rejects_bad_settings():

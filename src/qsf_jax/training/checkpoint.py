@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qsf_jax.models import config as model_config
+from qsf_jax.training import config as train_config
 from qsf_jax.training.errors import (CheckpointMismatchError, CorruptCheckpointError,
                                      NoCheckpointError)
 from qsf_jax.training.state import TrainState, abstract_state
@@ -147,6 +148,10 @@ class Checkpointer:
         tc = dict(meta["train_config"])
         tc["model_overrides"] = {**legacy, **dict(tc.get("model_overrides") or {})}
         meta["train_config"] = tc
+    if isinstance(meta.get("train_config"), Mapping):  # TrainConfig fields added since
+      meta["train_config"] = {**train_config.ADDED_FIELDS, **meta["train_config"]}
+      for name, value in train_config.ADDED_FIELDS.items():
+        meta.setdefault(name, meta["train_config"][name])
     return meta
 
   def save(self, step: int, state: TrainState, meta: Mapping[str, Any], *,
@@ -200,8 +205,8 @@ class Checkpointer:
 # Metadata keys that define a run: resuming with any of them changed would not
 # continue the same optimisation (model, data stream or schedule differ).
 IDENTITY_KEYS = ("stage", "model_config", "tokenizer", "data_source", "seed", "steps",
-                 "batch_size", "seq_len", "lr", "weight_decay", "clip_norm", "grad_accum",
-                 "data_mode")
+                 "batch_size", "seq_len", "lr", "weight_decay", "clip_norm", "cycle_momentum",
+                 "grad_accum", "data_mode")
 
 
 def _flatten(prefix: str, value, out: dict) -> None:

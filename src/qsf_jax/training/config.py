@@ -19,6 +19,11 @@ PRESET_RUN_DEFAULTS = {
 }
 
 
+# Fields added to TrainConfig after runs were first stored, each with the value that
+# reproduces the earlier behaviour (a stored configuration without one had it).
+ADDED_FIELDS = {"cycle_momentum": False}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   """Settings of one training run (QSF spec §4.1, D10-D14).
@@ -41,6 +46,8 @@ class TrainConfig:
     lr: OneCycle peak learning rate (D10: 1e-3).
     weight_decay: AdamW decay on matrices (D11: 0.1).
     clip_norm: global gradient-norm clip (spec: 1.0).
+    cycle_momentum: D10, cycle Adam's b1 0.95 -> 0.85 -> 0.95 against the
+      learning rate, as PyTorch's ``OneCycleLR`` does by default (True).
     grad_accum: micro-batches per update.
     dtype: compute dtype override ("float32"/"bfloat16"), None keeps the preset's.
     init_from: a previous stage's run folder for the progressive hand-off (D12).
@@ -70,6 +77,7 @@ class TrainConfig:
   lr: float = 1e-3
   weight_decay: float = 0.1
   clip_norm: float = 1.0
+  cycle_momentum: bool = True
   grad_accum: int = 1
   dtype: str | None = None
   init_from: str | None = None
@@ -107,6 +115,9 @@ class TrainConfig:
       raise TrainConfigError(f"eval_batches must be positive or None, got {self.eval_batches}")
     if not self.lr > 0:
       raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+    if not isinstance(self.cycle_momentum, bool):
+      raise TrainConfigError(f"--cycle_momentum must be True or False, got "
+                             f"{self.cycle_momentum!r}")
     if self.data_mode not in DATA_MODES:
       raise TrainConfigError(
           f"--data_mode must be one of {list(DATA_MODES)}, got {self.data_mode!r}")
@@ -130,6 +141,8 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "TrainConfig":
     d = dict(d)
+    for name, value in ADDED_FIELDS.items():  # runs stored before the field existed
+      d.setdefault(name, value)
     d["model_overrides"] = tuple(dict(d.get("model_overrides", {})).items())
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})

@@ -131,7 +131,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
 
   model = setup.build_model(mcfg)
   tx = make_optimizer(cfg.steps, max_lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      clip_norm=cfg.clip_norm)
+                      clip_norm=cfg.clip_norm, cycle_momentum=cfg.cycle_momentum)
   schedule = onecycle_schedule(cfg.steps, cfg.lr)
   params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(
       model, cfg.seed, seq_len)

@@ -5,7 +5,9 @@ OneCycle schedule. Decision D10 fixes the unknown details to PyTorch's
 ``OneCycleLR`` defaults (max LR 1e-3, ``pct_start=0.3``, cosine annealing,
 ``div_factor=25``, ``final_div_factor=1e4``); decision D11 applies the weight
 decay to matrices only (embeddings, Koopman matrices, projections, FFN), never
-to biases, normalisation parameters or the attention strengths alpha.
+to biases, normalisation parameters or the attention strengths alpha. PyTorch's
+``OneCycleLR`` also cycles Adam's b1 by default (0.95 -> 0.85 -> 0.95), and so
+does ``make_optimizer`` (``cycle_momentum``).
 """
 
 from __future__ import annotations
@@ -46,38 +48,82 @@ def onecycle_schedule(total_steps: int, max_lr: float = 1e-3, *,
   Returns:
     A schedule ``count -> lr`` (float32 scalar), usable inside ``jit``.
   """
+  if not (max_lr > 0 and math.isfinite(max_lr)):
+    raise ValueError(f"max_lr must be finite and > 0, got {max_lr}")
+  s_1, s_2, up_span = _phases(total_steps, pct_start)
+  lr_0 = max_lr / div_factor
+  lr_min = lr_0 / final_div_factor
+
+  def schedule(count):
+    t = jnp.minimum(jnp.asarray(count, jnp.float32), s_2)
+    up = _cos_anneal(lr_0, max_lr, t, up_span)
+    down = _cos_anneal(max_lr, lr_min, t - s_1, s_2 - s_1)
+    return jnp.where(t <= s_1, up, down).astype(jnp.float32)
+
+  return schedule
+
+
+def onecycle_momentum(total_steps: int, *, pct_start: float = 0.3,
+                      base_momentum: float = 0.85,
+                      max_momentum: float = 0.95) -> Callable[[Any], jax.Array]:
+  """PyTorch ``OneCycleLR``'s momentum cycle (``cycle_momentum=True``), QSF spec D10.
+
+  In the phases of ``onecycle_schedule``, Adam's b1 moves inversely to the
+  learning rate::
+
+    b1(t) = cos_anneal(max_momentum, base_momentum, t / s_1)                 t <= s_1
+    b1(t) = cos_anneal(base_momentum, max_momentum, (t - s_1) / (s_2 - s_1))  otherwise
+
+  as PyTorch sets ``betas[0]`` for Adam/AdamW (defaults 0.85 and 0.95).
+
+  Args:
+    total_steps: S, the number of optimizer updates (>= 2).
+    pct_start: fraction of the steps spent increasing the learning rate.
+    base_momentum: b1 at the learning-rate peak.
+    max_momentum: b1 at the start and the end.
+
+  Returns:
+    A schedule ``count -> b1`` (float32 scalar), usable inside ``jit``.
+  """
+  if not 0.0 <= base_momentum <= max_momentum < 1.0:
+    raise ValueError(f"need 0 <= base_momentum <= max_momentum < 1, got {base_momentum}, "
+                     f"{max_momentum}")
+  s_1, s_2, up_span = _phases(total_steps, pct_start)
+
+  def schedule(count):
+    t = jnp.minimum(jnp.asarray(count, jnp.float32), s_2)
+    up = _cos_anneal(max_momentum, base_momentum, t, up_span)
+    down = _cos_anneal(base_momentum, max_momentum, t - s_1, s_2 - s_1)
+    return jnp.where(t <= s_1, up, down).astype(jnp.float32)
+
+  return schedule
+
+
+def _phases(total_steps: int, pct_start: float) -> tuple[float, float, float]:
+  """(s_1, s_2, warm-up span) of PyTorch's two-phase OneCycle."""
   if int(total_steps) < 2:
     raise ValueError(f"total_steps must be >= 2 for a OneCycle schedule, got {total_steps}")
   if not (0.0 < pct_start < 1.0):
     raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
-  if not (max_lr > 0 and math.isfinite(max_lr)):
-    raise ValueError(f"max_lr must be finite and > 0, got {max_lr}")
-  lr_0 = max_lr / div_factor
-  lr_min = lr_0 / final_div_factor
   s_1 = float(pct_start * total_steps) - 1.0
   s_2 = float(total_steps) - 1.0
   # For very short runs s_1 < 0: like PyTorch, the warm-up phase is skipped.
-  # (At s_1 == 0 PyTorch divides by zero; here step 0 then gets lr_0.)
-  up_span = max(s_1, 1e-9)
+  # (At s_1 == 0 PyTorch divides by zero; here step 0 then gets the start value.)
+  return s_1, s_2, max(s_1, 1e-9)
 
-  def cos_anneal(a, b, done, span):
-    # PyTorch's b + (a - b)/2 (1 + cos(pi p)) with p = done / span, written as
-    # a cos^2(pi p / 2) + b sin^2(pi p / 2). Each weight is evaluated from
-    # whichever of p and 1 - p = (span - done) / span is small (both exact for
-    # integer steps), so float32 keeps full relative precision at both ends.
-    p, q = done / span, (span - done) / span
-    near_start = p <= 0.5
-    w_a = jnp.where(near_start, jnp.cos(0.5 * jnp.pi * p), jnp.sin(0.5 * jnp.pi * q)) ** 2
-    w_b = jnp.where(near_start, jnp.sin(0.5 * jnp.pi * p), jnp.cos(0.5 * jnp.pi * q)) ** 2
-    return a * w_a + b * w_b
 
-  def schedule(count):
-    t = jnp.minimum(jnp.asarray(count, jnp.float32), s_2)
-    up = cos_anneal(lr_0, max_lr, t, up_span)
-    down = cos_anneal(max_lr, lr_min, t - s_1, s_2 - s_1)
-    return jnp.where(t <= s_1, up, down).astype(jnp.float32)
+def _cos_anneal(a, b, done, span):
+  """PyTorch's b + (a - b)/2 (1 + cos(pi p)), p = done / span.
 
-  return schedule
+  Written as a cos^2(pi p / 2) + b sin^2(pi p / 2), each weight evaluated from
+  whichever of p and 1 - p = (span - done) / span is small (both exact for
+  integer steps), so float32 keeps full relative precision at both ends.
+  """
+  p, q = done / span, (span - done) / span
+  near_start = p <= 0.5
+  w_a = jnp.where(near_start, jnp.cos(0.5 * jnp.pi * p), jnp.sin(0.5 * jnp.pi * q)) ** 2
+  w_b = jnp.where(near_start, jnp.sin(0.5 * jnp.pi * p), jnp.cos(0.5 * jnp.pi * q)) ** 2
+  return a * w_a + b * w_b
 
 
 def decay_mask(params) -> Any:
@@ -100,22 +146,30 @@ def decay_mask(params) -> Any:
 
 def make_optimizer(total_steps: int, *, max_lr: float = 1e-3, weight_decay: float = 0.1,
                    clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, pct_start: float = 0.3) -> optax.GradientTransformation:
+                   eps: float = 1e-8, pct_start: float = 0.3, cycle_momentum: bool = True,
+                   base_momentum: float = 0.85,
+                   max_momentum: float = 0.95) -> optax.GradientTransformation:
   """The QSF optimizer (spec §4.1, D10, D11): clip -> AdamW(OneCycle), masked decay.
 
-  Updates are ``-lr(t) * (adam(g_clip) + wd * mask * theta)`` with
+  Updates are ``-lr(t) * (adam_b1(t)(g_clip) + wd * mask * theta)`` with
   ``g_clip = g * min(1, clip_norm / ||g||_2)`` (global norm over all leaves),
-  PyTorch AdamW's defaults ``b1=0.9, b2=0.999, eps=1e-8``.
+  PyTorch AdamW's defaults ``b2=0.999, eps=1e-8``, and b1 cycled between 0.95
+  and 0.85 by ``onecycle_momentum`` as PyTorch's ``OneCycleLR`` does by
+  default (``cycle_momentum=True``; Adam's bias correction 1 - b1(t)^(t+1)
+  uses the current b1, as PyTorch's). With ``cycle_momentum=False`` b1 is fixed.
 
   Args:
     total_steps: number of optimizer updates in the run (the schedule length).
     max_lr: OneCycle peak learning rate (D10: 1e-3).
     weight_decay: decoupled weight decay on matrices (D11: 0.1).
     clip_norm: global gradient-norm threshold (spec: 1.0).
-    b1: Adam first-moment decay.
+    b1: Adam first-moment decay when ``cycle_momentum`` is False.
     b2: Adam second-moment decay.
     eps: Adam epsilon.
     pct_start: OneCycle warm-up fraction (D10: 0.3).
+    cycle_momentum: cycle b1 inversely to the learning rate (D10, PyTorch).
+    base_momentum: b1 at the learning-rate peak.
+    max_momentum: b1 at the start and end of the cycle.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -125,8 +179,17 @@ def make_optimizer(total_steps: int, *, max_lr: float = 1e-3, weight_decay: floa
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
   schedule = onecycle_schedule(total_steps, max_lr, pct_start=pct_start)
+  if not cycle_momentum:
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                    mask=decay_mask),
+    )
+  momentum = onecycle_momentum(total_steps, pct_start=pct_start, base_momentum=base_momentum,
+                               max_momentum=max_momentum)
   return optax.chain(
       optax.clip_by_global_norm(clip_norm),
-      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                  mask=decay_mask),
+      optax.inject_hyperparams(optax.scale_by_adam)(b1=momentum, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, decay_mask),
+      optax.scale_by_learning_rate(schedule),
   )
