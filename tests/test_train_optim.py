@@ -13,19 +13,22 @@ from qsf_jax.models.lm import build_model
 from qsf_jax.training.optim import decay_mask, make_optimizer, onecycle_momentum, onecycle_schedule
 
 
-def torch_onecycle(step, total, max_lr, pct_start=0.3, div_factor=25.0, final_div=1e4):
-  """PyTorch ``OneCycleLR.get_lr`` (two phases, cos), transcribed step by step."""
-  initial = max_lr / div_factor
-  min_lr = initial / final_div
-  phases = [(float(pct_start * total) - 1, initial, max_lr),
-            (float(total) - 1, max_lr, min_lr)]
+def _torch_two_phase(step, total, pct_start, v0, v1, v2):
+  """PyTorch ``OneCycleLR``'s two cos phases v0 -> v1 -> v2, transcribed from ``get_lr``."""
+  phases = [(float(pct_start * total) - 1, v0, v1), (float(total) - 1, v1, v2)]
   start_step = 0.0
-  for i, (end_step, start_lr, end_lr) in enumerate(phases):
+  for i, (end_step, start, end) in enumerate(phases):
     if step <= end_step or i == len(phases) - 1:
       pct = (step - start_step) / (end_step - start_step)
-      return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
+      return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
     start_step = end_step
   raise AssertionError
+
+
+def torch_onecycle(step, total, max_lr, pct_start=0.3, div_factor=25.0, final_div=1e4):
+  """PyTorch ``OneCycleLR`` learning rate (two phases, cos)."""
+  initial = max_lr / div_factor
+  return _torch_two_phase(step, total, pct_start, initial, max_lr, initial / final_div)
 
 
 @pytest.mark.parametrize("total", [2, 3, 10, 97, 20000])
@@ -114,15 +117,8 @@ def test_weight_decay_only_on_matrices_and_clipping():
 
 
 def torch_onecycle_momentum(step, total, pct_start=0.3, base=0.85, top=0.95):
-  """PyTorch ``OneCycleLR`` momentum (``cycle_momentum=True``), transcribed."""
-  phases = [(float(pct_start * total) - 1, top, base), (float(total) - 1, base, top)]
-  start_step = 0.0
-  for i, (end_step, m0, m1) in enumerate(phases):
-    if step <= end_step or i == len(phases) - 1:
-      pct = (step - start_step) / (end_step - start_step)
-      return m1 + (m0 - m1) / 2.0 * (math.cos(math.pi * pct) + 1)
-    start_step = end_step
-  raise AssertionError
+  """PyTorch ``OneCycleLR`` momentum (``cycle_momentum=True``): top -> base -> top."""
+  return _torch_two_phase(step, total, pct_start, top, base, top)
 
 
 @pytest.mark.parametrize("total", [3, 10, 97, 20000])
