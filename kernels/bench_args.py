@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="heads (default 8; 2 with --quick); e.g. --B=4 --H=64 for FLA's "
                       "benchmark shape, 512 programs instead of 128 at D=128")
   p.add_argument("--reps", type=int, default=20)
-  p.add_argument("--timing", default="sync", choices=TIMINGS,
-                 help="sync: block after every call (end to end); pipelined: "
+  p.add_argument("--timing", default=None, choices=TIMINGS,
+                 help="default sync, or cupti with --goals on a GPU. "
+                      "sync: block after every call (end to end); pipelined: "
                       f"{PIPELINE_CALLS} calls back to back per sample; cupti: device time "
                       "of the launched kernels (GPU), with a per-kernel breakdown")
   p.add_argument("--compile_workers", type=int, default=1,
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the Pallas configuration the goals are judged on")
   p.add_argument("--measure_ceilings", action="store_true",
                  help="measure this device's copy bandwidth and bf16 matmul rate first and "
-                      "use them as the roofline ceilings")
+                      "use them as the roofline ceilings of the rows' %% roofline (the goals' "
+                      "targets stay the H100's)")
   return p
 
 

@@ -14,11 +14,13 @@ are judged on:
 
   env            versions of Python, jax, the CUDA plugin and Triton; the GPU
   check          ``gpu_check --quick``: the default kernels at production shapes
-  goals          ``bench --goals --measure_ceilings``: the four performance goals
+  goals          ``bench --goals --timing=cupti --measure_ceilings``: the four
+                 performance goals on device time, with the time of each kernel
   check_designs  ``gpu_check`` of the chunked and split designs
   designs        the designs side by side at T=4096 (pipelined timing)
   no_decay       the same without decay (the QSF measurement term), with cuDNN
-  cupti          device time per kernel at T=4096 D=128
+  end_to_end     end-to-end (sync) times at T=4096 D=128: with ``goals``' device
+                 times, the fixed per-call cost
   programs       FLA's shape B=4 H=64: bound by programs or by the chunk loop?
 
 A timing step needs ``check`` to have passed when ``check`` ran in the same
@@ -81,7 +83,7 @@ _W = "--compile_workers=8"
 PLAN = (
     Step("env", ("-c", ENV_SCRIPT), 60),
     Step("check", _tool("gpu_check", "--quick", _W), 150),
-    Step("goals", _tool("bench", "--goals", "--measure_ceilings", _W,
+    Step("goals", _tool("bench", "--goals", "--timing=cupti", "--measure_ceilings", _W,
                         "--out={out}/goals.json"), 300, ("check",)),
     Step("check_designs", _tool("gpu_check", "--quick", "--backward=chunked", _W,
                                 f"--configs={CHECKED_DESIGNS}"), 150),
@@ -91,8 +93,9 @@ PLAN = (
     Step("no_decay", _tool("bench", "--decay=none", "--impls=pallas,softmax", "--T=4096",
                            "--D=128", f"--configs={DESIGNS}", "--timing=pipelined", _W,
                            "--out={out}/no_decay.json"), 180, ("check",)),
-    Step("cupti", _tool("bench", "--timing=cupti", "--impls=pallas,xla,softmax", "--T=4096",
-                        "--D=128", _W, "--out={out}/cupti.json"), 150, ("check",)),
+    Step("end_to_end", _tool("bench", "--timing=sync", "--impls=pallas,xla,softmax",
+                             "--T=4096", "--D=128", _W, "--out={out}/end_to_end.json"), 150,
+         ("check",)),
     Step("programs", _tool("bench", "--B=4", "--H=64", "--T=4096", "--D=128", "--modes=fwd",
                            "--impls=pallas", _W, "--out={out}/programs.json"), 120, ("check",)),
 )

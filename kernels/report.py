@@ -31,6 +31,8 @@ def markdown_table(rows, header):
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     name = r["impl"] + (f" ({r['config']})" if r["config"] else "")
+    if r.get("cupti_error"):
+      name += " [sync: cupti failed]"
     if "ms" not in r:
       out.append(f"| {name} | {r['mode']} | {r['T']} | {r['D']} | skipped: {r['skipped']} "
                  "| | | | | |")
@@ -85,8 +87,8 @@ def design_ranking(rows, default_config):
 def results_markdown(data: dict) -> str:
   """A benchmark's JSON (``bench --out``) as markdown, as ``bench`` printed it.
 
-  The rows' table under a header naming the device, jax version, shape, timing
-  and date; the per-kernel breakdown where the rows were timed with CUPTI; the
+  The rows' table under a header naming the device, jax version, shape, timing,
+  date and the roofline ceilings used; the per-kernel breakdown where the rows were timed with CUPTI; the
   fastest Pallas configuration per (mode, T, D) where several were timed
   (``design_ranking``); and the goal verdicts of a ``--goals`` run. A run cut short (``"partial": true``)
   says so in the header.
@@ -104,6 +106,11 @@ def results_markdown(data: dict) -> str:
             f"decay {data['decay']}, median of {data['reps']}, {data['timing']} timing, "
             f"{data['date']}" + (" (PARTIAL: the run was cut short)" if data.get("partial")
                                  else ""))
+  peak = data.get("peak")
+  if peak:
+    header += (f"\n\nRoofline ceilings of the % roofline column: "
+               f"{peak['bandwidth'] / 1e12:.2f} TB/s, {peak['flops'] / 1e12:.0f} TFLOP/s "
+               f"({peak['source']})")
   parts = [markdown_table(rows, header)]
   if any(r.get("kernels_ms") for r in rows):
     parts.append(kernel_breakdown(rows))
@@ -111,9 +118,8 @@ def results_markdown(data: dict) -> str:
   if ranking:
     parts.append("Fastest Pallas configuration per row:\n\n" + ranking)
   if data.get("goals"):
-    judged = f", judged on {data['goal_config']}" if data.get("goal_config") else ""
-    parts.append(goals.markdown(data["goals"], f"Goals (stated for an H100){judged}, "
-                                               f"decay {data['decay']}, {data['device']}, "
-                                               f"{data['date']}"))
+    parts.append(goals.markdown(data["goals"], goals.header(
+        data.get("goal_config", DEFAULT_CONFIG), data["decay"], data["device"],
+        data["timing"], data["date"])))
   return "\n\n".join(parts)
 

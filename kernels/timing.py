@@ -15,7 +15,7 @@ rotating the given input sets:
   CUPTI takes a single subscriber, so it cannot run alongside Nsight tools.
 
 ``measure_ceilings`` times the device's copy bandwidth and matmul rate, the
-ceilings of the roofline (spec §7), with "sync" timing.
+ceilings of the roofline (spec §7), with any of the three.
 """
 
 from __future__ import annotations
@@ -146,24 +146,30 @@ def cupti_seconds(f, arg_sets, reps):
   return summarize_kernel_timings(iterations)
 
 
-def measure_ceilings(reps=20, copy_bytes=2 << 30, gemm_n=8192):
+def measure_ceilings(reps=20, copy_bytes=2 << 30, gemm_n=8192, timing="sync"):
   """Measures this device's two roofline ceilings (kernels spec §7, "Ceilings").
 
   Bandwidth: a jitted elementwise pass over ``copy_bytes`` of bf16 (read once,
   written once), counting bytes read plus bytes written. Matmul: an
   ``gemm_n``^3 bf16 product on random data (2 n^3 FLOP). Each is the median of
-  ``reps`` calls after compilation, rotating two input sets.
+  ``reps`` calls after compilation, rotating two input sets, timed with
+  ``timing`` (one of ``TIMINGS``; "cupti" gives device time, as the
+  benchmark's rows then have).
 
   Returns:
     a ``roofline.DevicePeak`` with the measured figures.
   """
+  if timing not in TIMINGS:
+    raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+  seconds = ((lambda f, args: cupti_seconds(f, args, reps)[0]) if timing == "cupti"
+             else (lambda f, args: median_seconds(f, args, reps, timing)))
   n = copy_bytes // 2
   xs = [jax.random.normal(jax.random.key(s), (n,), jnp.bfloat16) for s in (0, 1)]
-  t_copy = median_seconds(jax.jit(lambda x: x * 2), [(x,) for x in xs], reps)
+  t_copy = seconds(jax.jit(lambda x: x * 2), [(x,) for x in xs])
   del xs
   mats = [tuple(jax.random.normal(k, (gemm_n, gemm_n), jnp.bfloat16)
                 for k in jax.random.split(jax.random.key(s), 2)) for s in (2, 3)]
-  t_mm = median_seconds(jax.jit(lambda a, b: a @ b), mats, reps)
+  t_mm = seconds(jax.jit(lambda a, b: a @ b), mats)
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
   return roofline.DevicePeak(2 * gemm_n ** 3 / t_mm, 2 * copy_bytes / t_copy,
-                             f"measured by bench --measure_ceilings, {date}")
+                             f"measured by bench --measure_ceilings ({timing} timing), {date}")

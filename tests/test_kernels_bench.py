@@ -97,6 +97,11 @@ def test_bench_rejects_unknown_configs(capsys):
 def test_measured_ceilings_feed_the_roofline_column():
   peak = bench.measure_ceilings(reps=20, copy_bytes=1 << 20, gemm_n=128)
   assert peak.bandwidth > 0 and peak.flops > 0 and "measured" in peak.source
+  assert "sync timing" in peak.source
+  with pytest.raises(ValueError, match="timing must be one of"):
+    bench.measure_ceilings(reps=20, copy_bytes=1 << 20, gemm_n=128, timing="wall")
+  with pytest.raises(RuntimeError, match="needs a GPU backend"):
+    bench.measure_ceilings(reps=20, copy_bytes=1 << 20, gemm_n=128, timing="cupti")
   # On CPU the device table has no ceilings; measured ones give every timed row a
   # roofline fraction t_floor / t, which is positive and consistent with the row's rates.
   rows = bench.run((64,), (16,), 1, 1, impls=["xla"], modes=["fwd"], reps=20,
@@ -157,38 +162,132 @@ def _row(impl, mode, T, D, ms, config=""):
   return dict(impl=impl, config=config, mode=mode, B=8, H=8, T=T, D=D, ms=ms)
 
 
-def test_goal_verdicts_on_synthetic_rows():
-  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
-  h100 = roofline.device_peak("NVIDIA H100 80GB HBM3")
-  cfg = "c64_bv64_w4_s2"
-  # Spec §7 floors on an H100 at 3.0 TB/s: forward 89.7 us, forward+backward 247 us.
-  assert goals.floor_ms("fwd", 8, 8, 4096, 128, h100) == pytest.approx(0.0897, abs=5e-4)
-  assert goals.floor_ms("fwdbwd", 8, 8, 4096, 128, h100) == pytest.approx(0.247, abs=1e-3)
+H100_KIND = "NVIDIA H100 80GB HBM3"
+
+
+def _goal_rows(cfg):
   rows = []
   for mode in ("fwd", "fwdbwd"):
     for D in (64, 128):
-      for T in goals.GOAL_SWEEP["T"]:
+      for T in (1024, 2048, 4096, 8192, 16384):
         rows.append(_row("xla", mode, T, D, 1.0))
         rows.append(_row("pallas", mode, T, D, 0.5, cfg))
       rows.append(_row("softmax", mode, 4096, D, 1.4))
+  return rows
+
+
+def test_goal_verdicts_on_synthetic_rows():
+  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
+  h100 = roofline.device_peak(H100_KIND)
+  cfg = "c64_bv64_w4_s2"
+  # Spec §7 floors on an H100 at 3.0 TB/s: forward 89.7 us, forward+backward 247 us;
+  # the targets are 1.5x those, fixed whatever the device.
+  assert goals.floor_ms("fwd", 8, 8, 4096, 128, h100) == pytest.approx(0.0897, abs=5e-4)
+  assert goals.floor_ms("fwdbwd", 8, 8, 4096, 128, h100) == pytest.approx(0.247, abs=1e-3)
+  assert goals.target_ms("fwd") == pytest.approx(0.13474, abs=1e-5)
+  assert goals.target_ms("fwdbwd") == pytest.approx(0.37067, abs=1e-5)
+  rows = _goal_rows(cfg)
+  assert goals.GOAL_SWEEP["T"] == (1024, 2048, 4096, 8192, 16384)
   rows.append(_row("pallas", "fwd", 4096, 128, 0.1, "another_config"))  # not judged
-  verdicts = {v["goal"][:2]: v for v in goals.evaluate(rows, h100, cfg)}
-  assert verdicts["1."]["verdict"] == "NOT met" and verdicts["1."]["measured"] == "0.500 ms"
+  judge = lambda rows, kind=H100_KIND, timing="cupti", peak=None: goals.evaluate(
+      rows, device_kind=kind, timing=timing, config=cfg, peak=peak)
+  verdicts = {v["goal"][:2]: v for v in judge(rows)}
+  assert verdicts["1."]["verdict"] == "NOT met"
+  assert verdicts["1."]["measured"] == "0.5000 ms (cupti)"
+  assert verdicts["1."]["target"] == "<= 0.1347 ms"
   assert verdicts["3."]["verdict"] == "met" and "20 of 20" in verdicts["3."]["measured"]
   assert verdicts["4."]["measured"] == "2.80x"  # 1.4 / 0.5, under the 3x target
-  assert [v["verdict"] for v in goals.evaluate(rows, h100, cfg)[3:]] == ["NOT met"] * 4
+  assert [v["verdict"] for v in judge(rows)[3:]] == ["NOT met"] * 4
+  # With this device's ceilings, the time is also shown as a multiple of its floor.
+  assert judge(rows, peak=h100)[0]["measured"] == "0.5000 ms (cupti), 5.57x this device's floor"
   # Faster pallas rows meet goals 1 and 4; one row slower than xla fails goal 3.
   for r in rows:
     if r["impl"] == "pallas" and r["T"] == 4096 and r["config"] == cfg:
       r["ms"] = 0.13 if r["mode"] == "fwd" else 0.3
   rows[1]["ms"] = 2.0  # pallas fwd T=1024 D=64
-  res = goals.evaluate(rows, h100, cfg)
+  res = judge(rows)
   assert [v["verdict"] for v in res] == ["met", "met", "NOT met"] + ["met"] * 4
   assert "slower: fwd T=1024 D=64" in res[2]["measured"]
-  # Missing rows are unmeasured, never met; no ceilings leave goals 1-2 unmeasured.
-  res = goals.evaluate([r for r in rows if r["impl"] != "xla"], None, cfg)
-  assert [v["verdict"] for v in res[:3]] == ["unmeasured"] * 3
+  # Missing rows are unmeasured, never met.
+  res = judge([r for r in rows if r["impl"] != "xla"])
+  assert [v["verdict"] for v in res[:3]] == ["met", "met", "unmeasured"]
+  res = judge([r for r in rows if r["impl"] != "pallas"])
+  assert {v["verdict"] for v in res} == {"unmeasured"}
   assert "goal | measured" in goals.markdown(res, "header")
+
+
+def test_goals_are_not_rescaled_to_another_device():
+  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
+  cfg = "c64_bv64_w4_s2"
+  rows = _goal_rows(cfg)
+  for r in rows:
+    if r["impl"] == "pallas" and r["T"] == 4096:
+      r["ms"] = 0.12 if r["mode"] == "fwd" else 0.3  # under the H100 targets
+  h200 = roofline.device_peak("NVIDIA H200")
+  for kind in ("NVIDIA H200", "NVIDIA H100 PCIe", "NVIDIA H100 NVL"):
+    assert not goals.is_h100(kind)
+    res = goals.evaluate(rows, device_kind=kind, timing="cupti", config=cfg, peak=h200)
+    # An H200 is faster than an H100: its time under the H100 target proves nothing.
+    assert [v["verdict"] for v in res[:2]] == [goals.NOT_H100] * 2
+    assert "this device's floor" in res[0]["measured"]
+    # Goals 3-4 are relative: judged, and marked. 1.4 / 0.12 = 11.7x, 1.4 / 0.3 = 4.7x.
+    assert [v["verdict"] for v in res[2:]] == ["met (not an H100)"] * 5
+    rows[-1]["ms"] = 0.7  # softmax fwdbwd T=4096 D=128: 0.7 / 0.3 = 2.3x
+    res = goals.evaluate(rows, device_kind=kind, timing="cupti", config=cfg, peak=h200)
+    assert res[4]["verdict"] == "NOT met (not an H100)"
+    rows[-1]["ms"] = 1.4
+    assert "not an H100 SXM" in goals.header(cfg, "logsigmoid", kind, "cupti", "d")
+  assert goals.is_h100(H100_KIND) and "not an H100" not in goals.header(
+      cfg, "logsigmoid", H100_KIND, "cupti", "d")
+  assert "3.0 TB/s and 800 TFLOP/s" in goals.header(cfg, "none", H100_KIND, "cupti", "d")
+
+
+def test_goals_on_end_to_end_time_and_bad_times():
+  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
+  cfg = "c64_bv64_w4_s2"
+  rows = _goal_rows(cfg)
+  fwd = next(r for r in rows if (r["impl"], r["mode"], r["T"], r["D"]) == (
+      "pallas", "fwd", 4096, 128))
+  judge = lambda timing: goals.evaluate(rows, device_kind=H100_KIND, timing=timing,
+                                        config=cfg)[0]["verdict"]
+  # An end-to-end time bounds the device time from above: under the target it is
+  # met; over it, only CUPTI can say.
+  fwd["ms"] = 0.13
+  assert judge("sync") == judge("pipelined") == judge("cupti") == "met"
+  fwd["ms"] = 0.2
+  assert judge("cupti") == "NOT met" and judge("sync").startswith("unclear")
+  fwd["timing"] = "sync"  # the row fell back from cupti: its own timing decides
+  assert judge("cupti").startswith("unclear")
+  # A pair timed differently is not compared.
+  res = goals.evaluate(rows, device_kind=H100_KIND, timing="cupti", config=cfg)
+  assert "1 rows unmeasured" in res[2]["measured"] and res[3]["verdict"] == "unmeasured"
+  del fwd["timing"]
+  for bad in (float("nan"), 0.0, -1.0, float("inf")):
+    fwd["ms"] = bad
+    res = goals.evaluate(rows, device_kind=H100_KIND, timing="cupti", config=cfg)
+    assert res[0]["verdict"] == "unmeasured" and "no valid time" in res[0]["measured"]
+    assert res[3]["verdict"] == "unmeasured"  # fwd D=128 against softmax
+    assert "1 rows unmeasured" in res[2]["measured"] and res[2]["verdict"] == "unmeasured"
+  xla = next(r for r in rows if (r["impl"], r["mode"], r["T"], r["D"]) == (
+      "xla", "fwd", 1024, 64))
+  fwd["ms"], xla["ms"] = 0.1, float("nan")  # a NaN xla time is not "slower"
+  res = goals.evaluate(rows, device_kind=H100_KIND, timing="cupti", config=cfg)
+  assert "slower" not in res[2]["measured"] and res[2]["verdict"] == "unmeasured"
+
+
+def test_cupti_failure_falls_back_to_end_to_end_time(monkeypatch):
+  def broken(*a, **kw):
+    raise RuntimeError("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED")
+
+  monkeypatch.setattr(bench, "cupti_seconds", broken)
+  rows = bench.run((32,), (16,), 1, 1, impls=["xla"], modes=["fwd"], reps=20,
+                   dtype="bfloat16", sweep_configs=False, timing="cupti")
+  (r,) = rows
+  assert r["timing"] == "sync" and "MULTIPLE_SUBSCRIBERS" in r["cupti_error"] and r["ms"] > 0
+  assert "[sync: cupti failed]" in report.markdown_table(rows, "h")
+  rows = bench.run((32,), (16,), 1, 1, impls=["xla"], modes=["fwd"], reps=20,
+                   dtype="bfloat16", sweep_configs=False, timing="pipelined")
+  assert rows[0]["timing"] == "pipelined" and "cupti_error" not in rows[0]
 
 
 def test_design_ranking_names_the_fastest_config_per_row():
@@ -216,6 +315,10 @@ def test_design_ranking_names_the_fastest_config_per_row():
               reps=20, rows=[dict(r, dtype="bfloat16") for r in timed])
   text = report.results_markdown(data)
   assert "Fastest Pallas configuration per row" in text and lines[2] in text
+  assert "Roofline ceilings" not in text
+  peak = dict(flops=9.5e14, bandwidth=4.51e12, source="measured by bench --measure_ceilings")
+  assert ("Roofline ceilings of the % roofline column: 4.51 TB/s, 950 TFLOP/s (measured by "
+          "bench --measure_ceilings)") in report.results_markdown(dict(data, peak=peak))
 
 
 @pytest.mark.slow
@@ -225,7 +328,11 @@ def test_bench_goals_mode_on_cpu(tmp_path, capsys):
   data = json.loads(out.read_text())
   assert {r["impl"] for r in data["rows"]} == {"pallas", "xla", "softmax"}
   assert [g["verdict"] for g in data["goals"]] == ["unmeasured"] * 7  # no Pallas on CPU
-  assert "judged on c64_bv64_w4_s2" in capsys.readouterr().out
+  assert data["timing"] == "sync"  # CUPTI is the GPU default; a CPU has none
+  out = capsys.readouterr().out
+  assert "judged on c64_bv64_w4_s2" in out and "not an H100 SXM" in out
+  text = report.results_markdown(data)
+  assert "Goals (stated for an H100 SXM" in text and "sync timing" in text
 
 
 def test_sweep_is_saved_after_each_shape_with_the_goal_shape_first(tmp_path, monkeypatch):
