@@ -40,7 +40,7 @@ NOT_H100 = "not judged (not an H100)"
 
 def is_h100(device_kind: str) -> bool:
   """Whether a ``jax.Device.device_kind`` names an H100 SXM (PCIe and NVL cards differ)."""
-  return "H100" in device_kind and not any(s in device_kind for s in ("PCIe", "NVL"))
+  return "H100" in device_kind and not any(s in device_kind for s in roofline.OTHER_VARIANTS)
 
 
 def _timed(r) -> bool:

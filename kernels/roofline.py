@@ -44,8 +44,18 @@ PEAKS = {
 }
 
 
+# Variants whose ceilings differ from the SXM cards of ``PEAKS`` (lower clocks or
+# power, other memory): unknown rather than wrong.
+OTHER_VARIANTS = ("PCIe", "NVL")
+
+
 def device_peak(device_kind: str) -> DevicePeak | None:
-  """The ceilings for a ``jax.Device.device_kind``, or None when unknown (e.g. CPU)."""
+  """The ceilings for a ``jax.Device.device_kind``, or None when unknown (e.g. CPU).
+
+  Only the SXM cards of ``PEAKS`` are known: an "H100 PCIe" or "H100 NVL" gives None.
+  """
+  if any(v in device_kind for v in OTHER_VARIANTS):
+    return None
   for key, peak in PEAKS.items():
     if key in device_kind:
       return peak

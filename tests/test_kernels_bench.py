@@ -30,6 +30,10 @@ def test_roofline_floor_and_device_table():
   assert roofline.roofline_fraction(flops, nbytes, 90e-6, h100) == pytest.approx(1.0, abs=0.01)
   assert roofline.roofline_fraction(flops, nbytes, 180e-6, h100) == pytest.approx(0.5, abs=0.01)
   assert roofline.device_peak("cpu") is None
+  # PCIe and NVL cards have other ceilings than the SXM ones of the table.
+  assert roofline.device_peak("NVIDIA H100 PCIe") is None
+  assert roofline.device_peak("NVIDIA H100 NVL") is None
+  assert roofline.device_peak("NVIDIA H200") is roofline.PEAKS["H200"]
   assert roofline.roofline_fraction(flops, nbytes, 1.0, None) is None
   # Softmax causal attention at T=4096, D=128: 274.9 GFLOP (spec §7).
   assert roofline.softmax_causal_flops(8, 8, 4096, 128) / 1e9 == pytest.approx(274.9, abs=0.05)
