@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
-from qsf_jax import analysis
+from qsf_jax import _checks, analysis
 from qsf_jax.analysis import history, modes, propagation, report, spectrum, validation
 from qsf_jax.models.config import get_config
 from qsf_jax.physics import effective_gain, hamiltonian_koopman, propagate_layer
@@ -258,6 +258,25 @@ def test_state_target_and_sse_ensemble(x64):
   assert sse["free_norm"][-1] == pytest.approx(want, rel=0.05)
   with pytest.raises(ValueError, match="non-zero"):
     propagation.sse_ensemble(jax.random.key(0), K, b, np.zeros(6), x_star)
+  # Non-finite inputs name themselves instead of giving NaN paths (or "non-zero").
+  for name, args in (("x0", (K, b, np.full(6, np.nan), x_star)),
+                     ("x_tgt", (K, b, X0[0], np.where(np.arange(6) == 2, np.inf, x_star))),
+                     ("b", (K, np.full(6, np.nan), X0[0], x_star))):
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+      propagation.sse_ensemble(jax.random.key(0), *args)
+
+
+def test_propagate_layer_refuses_non_finite_inputs(x64):
+  K, b, W, X0, XT = _layer(4)
+  nan = np.full(6, np.nan)
+  for name, args in (("x0", (K, b, W, nan, XT[0])), ("x_tgt", (K, b, W, X0[0], nan)),
+                     ("b", (K, nan, W, X0[0], XT[0])),
+                     ("W_V", (K, b, np.where(np.eye(6) > 0, np.nan, W), X0[0], XT[0]))):
+    with pytest.raises(ValueError, match=f"{name} must be finite; it has"):
+      propagate_layer(*args)
+  # Under jit the check cannot see values: a traced NaN passes it.
+  traced = jax.jit(lambda x: (_checks.check_finite("x", x), x)[1])(np.array([np.nan]))
+  assert np.isnan(traced[0])
 
 
 def test_pick_layer():

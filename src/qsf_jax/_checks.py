@@ -183,6 +183,16 @@ def check_unitary(name: str, value, *, no_minus_one: bool = False) -> None:
           "does not exist there")
 
 
+def check_finite(name: str, value) -> None:
+  """Raises ``ValueError`` for a concrete array with a NaN or inf entry (tracers pass)."""
+  v = _concrete(value)
+  if v is None:
+    return
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{name} must be finite; it has {int(np.sum(~np.isfinite(v)))} "
+                     f"non-finite entries of {v.size}")
+
+
 def check_finite_nonneg(name: str, value) -> None:
   """Raises ``ValueError`` for a concrete value that is not a finite scalar >= 0."""
   v = _concrete(value)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsf_jax import _checks
 from qsf_jax.physics.layer import continuous_bias, layer_generator
 from qsf_jax.physics.propagate import exact_substeps, measurement_update, propagate
 from qsf_jax.physics.sse import simulate_sse
@@ -232,6 +233,8 @@ def sse_ensemble(key, K, b, x0, x_tgt, *, n_paths: int = 32, n_steps: int | None
     and distances in the scaled units).
   """
   x0 = np.asarray(x0, np.float64)
+  for name, v in (("x0", x0), ("x_tgt", x_tgt), ("K", K), ("b", b)):
+    _checks.check_finite(name, v)
   scale = float(np.linalg.norm(x0))
   if not scale > 0:
     raise ValueError("x0 must be non-zero")

@@ -125,6 +125,8 @@ def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma_m=1.0, sigma_K=1.0, mode="pap
   _checks.check_shape("W_V", M, (d, d))
   _checks.check_positive("sigma_m", sigma_m)
   check_finite_positive("sigma_K", sigma_K)
+  for name, v in (("K", K), ("b", b), ("W_V", M), ("x0", x0), ("x_tgt", x_tgt)):
+    _checks.check_finite(name, v)
   dtype = _checks.result_dtype(K, b, x0, x_tgt, M)
   K, b, x0, x_tgt, M = (a.astype(dtype) for a in (K, b, x0, x_tgt, M))
   A, variant = layer_generator(K, tol=tol)
