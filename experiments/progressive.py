@@ -9,7 +9,9 @@ from II), plus the transformer baseline (QSF spec D12), each in
 evaluated, steps, training wall time, a D14 sample per stage, and the paper's
 reported figures beside ours) and ``loss_curves.png`` (training and
 validation loss of every stage). ``--include=wave,gla`` adds those stages
-(from scratch). Exit status 130 when a SIGINT/SIGTERM stopped a stage (its
+(from scratch). The optimiser, checkpoint and ``--override`` flags of
+``experiments.train`` apply to every stage (runs stored before D10's momentum
+cycle resume with ``--nocycle_momentum``). Exit status 130 when a SIGINT/SIGTERM stopped a stage (its
 checkpoint is saved; the same command resumes).
 """
 
@@ -28,7 +30,7 @@ from qsf_jax.training.table2 import run_progressive
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  s, i, f = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
+  s, i = flags.DEFINE_string, flags.DEFINE_integer
   s("workdir", None, "Folder for the per-stage run folders and the tables.", flag_values=fv)
   s("preset", "small", "Model size preset (tiny, small, paper).", flag_values=fv)
   s("data", "auto", "auto | tinystories | synthetic | PATH.", flag_values=fv)
@@ -43,7 +45,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("batch_size", None, "Global batch size (default: the preset's).", flag_values=fv)
   i("seq_len", None, "Tokens per sequence (default: the model's maximum).", flag_values=fv)
   i("seed", 0, "Seed of every stage.", flag_values=fv)
-  f("lr", 1e-3, "OneCycle peak learning rate (D10).", flag_values=fv)
   i("eval_batches", None, "Validation batches for the table (default or 0: the whole "
     "split).", lower_bound=0, flag_values=fv)
   i("sample_tokens", 40, "Tokens per D14 sample (0: none).", flag_values=fv)
@@ -51,6 +52,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                     "koopman_attn, hamiltonian_attn, transformer).", flag_values=fv)
   flags.DEFINE_list("include", [], "Extra stages trained from scratch: wave, gla.",
                     flag_values=fv)
+  cli.define_run_flags(fv)  # every stage's optimiser, checkpoints and --override
   cli.define_common(fv)
 
 
@@ -61,8 +63,8 @@ def execute(fv: flags.FlagValues) -> int:
                      tokenizer=fv.tokenizer, tokenizer_file=fv.tokenizer_file,
                      cache_dir=fv.cache_dir, data_mode=fv.data_mode,
                      max_train_stories=fv.max_train_stories, steps=fv.steps,
-                     batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed, lr=fv.lr,
-                     sample_tokens=fv.sample_tokens)
+                     batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed,
+                     sample_tokens=fv.sample_tokens, **cli.run_kwargs(fv))
   table = run_progressive(base, fv.workdir, stages=fv.stages, include=fv.include,
                           eval_batches=fv.eval_batches or None)
   print(f"wrote {fv.workdir}/table2.md and table2.json ({len(table['rows'])} stages)")

@@ -24,7 +24,7 @@ from qsf_jax.training.sharding import maybe_initialize_distributed
 def define_flags(fv: flags.FlagValues) -> None:
   """The training flags (defaults: QSF spec §4.1 and decisions D10-D14)."""
   d = TrainConfig(stage="koopman_attn")
-  s, i, f = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
+  s, i = flags.DEFINE_string, flags.DEFINE_integer
   s("stage", "koopman_attn", "Model stage (fnet, koopman, koopman_attn, hamiltonian_attn, "
     "transformer, wave, gla).", flag_values=fv)
   s("preset", d.preset, "Model size preset (tiny, small, paper).", flag_values=fv)
@@ -47,26 +47,11 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("seed", d.seed, "Seed of init, step RNG and batch order.", flag_values=fv)
   s("init_from", None, "Previous stage's run folder for the progressive hand-off (D12).",
     flag_values=fv)
-  i("checkpoint_every", None, "Checkpoint period in steps (0: end only; default: the preset's).",
-    flag_values=fv)
-  i("eval_every", None, "Validation period in steps (0: end only; default: the preset's).",
-    flag_values=fv)
   i("eval_batches", d.eval_batches, "Validation batches per evaluation (0: whole split).",
     lower_bound=0, flag_values=fv)
-  i("log_every", d.log_every, "Progress-line period in steps.", flag_values=fv)
-  i("max_to_keep", d.max_to_keep, "Checkpoints kept.", flag_values=fv)
-  f("lr", d.lr, "OneCycle peak learning rate (D10).", flag_values=fv)
-  f("weight_decay", d.weight_decay, "AdamW weight decay on matrices (D11).", flag_values=fv)
-  f("clip_norm", d.clip_norm, "Global gradient-norm clip.", flag_values=fv)
-  flags.DEFINE_bool("cycle_momentum", d.cycle_momentum,
-                    "Cycle Adam's b1 0.95 -> 0.85 -> 0.95 against the learning rate, as "
-                    "PyTorch's OneCycleLR does by default (D10).", flag_values=fv)
-  i("grad_accum", d.grad_accum, "Micro-batches per update.", flag_values=fv)
-  s("dtype", None, "Compute dtype: float32 | bfloat16 (default: the preset's).", flag_values=fv)
   i("sample_tokens", d.sample_tokens, "Tokens of the D14 sample at each evaluation (0: none).",
     flag_values=fv)
-  flags.DEFINE_multi_string("override", [], "Model config override name=value (repeatable), "
-                            "e.g. --override=max_seq_len=64.", flag_values=fv)
+  cli.define_run_flags(fv)
   s("coordinator_address", None, "Multi-host: host:port of process 0.", flag_values=fv)
   i("num_processes", None, "Multi-host: number of processes.", flag_values=fv)
   i("process_id", None, "Multi-host: this process's index.", flag_values=fv)
@@ -78,16 +63,12 @@ def config_from_flags(fv: flags.FlagValues) -> TrainConfig:
   if not fv.workdir:
     raise flags.Error("--workdir is required")
   return TrainConfig(
-      stage=fv.stage, preset=fv.preset, model_overrides=cli.parse_overrides(fv.override),
-      data=fv.data, tokenizer=fv.tokenizer, tokenizer_file=fv.tokenizer_file,
-      cache_dir=fv.cache_dir, data_mode=fv.data_mode, max_train_stories=fv.max_train_stories,
-      steps=fv.steps, batch_size=fv.batch_size, seq_len=fv.seq_len, seed=fv.seed,
-      lr=fv.lr, weight_decay=fv.weight_decay, clip_norm=fv.clip_norm,
-      cycle_momentum=fv.cycle_momentum,
-      grad_accum=fv.grad_accum, dtype=fv.dtype, init_from=fv.init_from,
-      checkpoint_every=fv.checkpoint_every, eval_every=fv.eval_every,
-      eval_batches=fv.eval_batches or None, log_every=fv.log_every,
-      max_to_keep=fv.max_to_keep, sample_tokens=fv.sample_tokens)
+      stage=fv.stage, preset=fv.preset, data=fv.data, tokenizer=fv.tokenizer,
+      tokenizer_file=fv.tokenizer_file, cache_dir=fv.cache_dir, data_mode=fv.data_mode,
+      max_train_stories=fv.max_train_stories, steps=fv.steps, batch_size=fv.batch_size,
+      seq_len=fv.seq_len, seed=fv.seed, init_from=fv.init_from,
+      eval_batches=fv.eval_batches or None, sample_tokens=fv.sample_tokens,
+      **cli.run_kwargs(fv))
 
 
 def execute(fv: flags.FlagValues) -> int:

@@ -203,6 +203,21 @@ def test_transfer_params_between_stages():
   assert "layers/koopman/b" in report4["copied"]
 
 
+@pytest.mark.parametrize("src, dst", [("fnet", "koopman"), ("koopman", "koopman_attn"),
+                                      ("koopman", "hamiltonian_attn")])
+def test_transfer_params_carries_an_untied_head(src, dst):
+  # With tie_embeddings=False the trained output head is part of every hand-off.
+  p_src, p_dst = _init(src, tie_embeddings=False), _init(dst, tie_embeddings=False)
+  merged, report = transfer_params(p_src, p_dst, src, dst)
+  assert "lm_head" in report["copied"] and "lm_head" not in report["new"] + report["dropped"]
+  np.testing.assert_array_equal(flatten(merged)["lm_head"], flatten(p_src)["lm_head"])
+  # Only one side untied: nothing to copy, the head is new (or dropped).
+  _, report = transfer_params(_init(src), p_dst, src, dst)
+  assert "lm_head" in report["new"]
+  _, report = transfer_params(p_src, _init(dst), src, dst)
+  assert "lm_head" in report["dropped"]
+
+
 def test_transfer_params_rejects_bad_pairs_and_shapes():
   with pytest.raises(ValueError, match="supported"):
     shared_param_paths("transformer", "koopman_attn")

@@ -140,3 +140,76 @@ def test_missing_workdir_is_an_error(capsys):
 def test_stage_loss_plot_needs_a_run():
   with pytest.raises(ValueError, match="no run to plot"):
     plot_stage_losses({})
+
+
+@pytest.mark.slow
+def test_table_and_wall_times_follow_the_stored_runs(ran, tmp_path, capsys):
+  out, argv = ran
+  runs = tmp_path / "runs"
+  shutil.copytree(out, runs)
+  shutil.rmtree(runs / "koopman_attn")
+  walls = json.loads((runs / table2.WALL_TIMES).read_text())
+  (runs / table2.WALL_TIMES).write_text(json.dumps(dict(walls, koopman_attn=1e6)))
+  (runs / "koopman").rename(runs / "parked")  # no parent folder: Stage III from scratch
+  argv = [a for a in argv if not a.startswith(("--workdir", "--stages"))]
+  assert prog_cli.run(argv + [f"--workdir={runs}", "--stages=koopman_attn"]) == 0
+  # A stage trained afresh does not add to the time of the run it replaced.
+  assert json.loads((runs / table2.WALL_TIMES).read_text())["koopman_attn"] < 1e3
+  (runs / "parked").rename(runs / "koopman")
+  capsys.readouterr()
+  assert prog_cli.run(argv + [f"--workdir={runs}", "--stages=koopman,koopman_attn"]) == 0
+  log = capsys.readouterr().out
+  assert "koopman_attn resumed a run initialised from scratch, not koopman" in log
+  rows = json.loads((runs / "table2.json").read_text())["rows"]
+  # The table says how each run was trained, not what this command asked for.
+  assert [(r["stage"], r["init_from"]) for r in rows] == [("koopman", "fnet"),
+                                                          ("koopman_attn", None)]
+  assert "| koopman_attn | scratch |" in (runs / "table2.md").read_text()
+  src = load_run(runs / "koopman").meta["init_source"]
+  assert src == {"path": str(out / "fnet"), "stage": "fnet", "step": 3}
+
+
+def test_init_label_of_stored_metadata():
+  assert table2.init_label({"init_source": None}) is None
+  assert table2.init_label({"init_source": {"path": "/r/koopman", "stage": "koopman",
+                                            "step": 5}}) == "koopman"
+  # Runs stored before init_source: the folder of the stored --init_from.
+  assert table2.init_label({"train_config": {"init_from": "runs/small/koopman/"}}) == "koopman"
+  assert table2.init_label({"train_config": {"init_from": None}}) is None
+
+
+@pytest.mark.slow
+def test_init_from_refuses_another_tokenizer(ran):
+  from qsf_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.progressive import init_from_checkpoint  # pylint: disable=import-outside-toplevel
+  out, _ = ran
+  ckpt = Checkpointer(out / "fnet", read_only=True)
+  try:
+    stored = ckpt.meta()["tokenizer"]
+  finally:
+    ckpt.close()
+  params = load_run(out / "koopman").params
+  merged, rep = init_from_checkpoint(params, str(out / "fnet"), stage="koopman",
+                                     tokenizer=stored, log=lambda _: None)
+  assert rep.src_stage == "fnet" and rep.copied
+  with pytest.raises(TrainConfigError, match="tokenizer 'bytes'.*this run uses 'gpt2'"):
+    init_from_checkpoint(params, str(out / "fnet"), stage="koopman",
+                         tokenizer={"name": "gpt2", "sha256": "0" * 64})
+
+
+def test_run_flags_reach_every_stage(tmp_path, monkeypatch):
+  seen = {}
+
+  def fake(base, workdir, **kw):
+    seen["base"] = base
+    return dict(rows=[], settings={}, interrupted=None)
+
+  monkeypatch.setattr(prog_cli, "run_progressive", fake)
+  assert prog_cli.run(["progressive", f"--workdir={tmp_path}", "--nocycle_momentum",
+                       "--override=ls_stats_positions=all", "--weight_decay=0.05",
+                       "--clip_norm=0.5", "--grad_accum=2", "--dtype=bfloat16",
+                       "--checkpoint_every=7", "--eval_every=9", "--lr=3e-4"]) == 0
+  b = seen["base"]
+  assert (b.cycle_momentum, b.model_overrides, b.weight_decay, b.clip_norm, b.grad_accum,
+          b.dtype, b.checkpoint_every, b.eval_every, b.lr) == (
+              False, (("ls_stats_positions", "all"),), 0.05, 0.5, 2, "bfloat16", 7, 9, 3e-4)

@@ -18,7 +18,8 @@ Naming convention (stable across stages; paths join keys with "/"; every
 =========================  ===============================================
 
 Progressive init (QSF D12; §3.3, §3.4, §3.5): II <- I copies the embeddings,
-positions, both norms, the FFN and the final norm (K, b are new); III <- II
+positions, both norms, the FFN and the final norm, and an untied output head
+(``lm_head``, ``tie_embeddings=False``) where both models have one (K, b are new); III <- II
 copies the embeddings, positions, ``norm1``, K, b and the final norm (the
 attention and alpha are new; II's ``norm2``/``ffn`` are dropped unless
 ``stage3_keep_ffn``); IV <- II is the same without K (S is new, so K ~ I).
@@ -42,7 +43,9 @@ PAPER_TABLE2 = {
     "hamiltonian_attn": {"params": 29_400_000, "val_loss": 3.76, "ppl": 43.0},
 }
 
-_COMMON = ("embed", "pos_embed", "final_norm")
+# lm_head exists only with an untied head (tie_embeddings=False); it is copied
+# where both stages have one, like the embedding it would otherwise share.
+_COMMON = ("embed", "pos_embed", "final_norm", "lm_head")
 _SHARED = {
     ("fnet", "koopman"): _COMMON + ("layers/norm1", "layers/norm2", "layers/ffn"),
     ("koopman", "koopman_attn"): _COMMON + ("layers/norm1", "layers/koopman/K",

@@ -121,3 +121,41 @@ def define_attn_impl(fv: flags.FlagValues) -> None:
                     "Linear-attention impl to run the model with (default: the run's own; "
                     "a run trained with 'pallas' loads with 'auto' where there is no GPU). "
                     "Every impl computes the same function.", flag_values=fv)
+
+
+def define_run_flags(fv: flags.FlagValues) -> None:
+  """The optimisation, precision, checkpoint and model-override flags of a training run.
+
+  Shared by ``experiments.train`` and ``experiments.progressive`` (which applies
+  them to every stage); ``run_kwargs`` turns them into ``TrainConfig`` fields.
+  """
+  from qsf_jax.training.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  d = TrainConfig(stage="koopman_attn")
+  i, f = flags.DEFINE_integer, flags.DEFINE_float
+  i("checkpoint_every", None, "Checkpoint period in steps (0: end only; default: the preset's).",
+    flag_values=fv)
+  i("eval_every", None, "Validation period in steps (0: end only; default: the preset's).",
+    flag_values=fv)
+  i("log_every", d.log_every, "Progress-line period in steps.", flag_values=fv)
+  i("max_to_keep", d.max_to_keep, "Checkpoints kept.", flag_values=fv)
+  f("lr", d.lr, "OneCycle peak learning rate (D10).", flag_values=fv)
+  f("weight_decay", d.weight_decay, "AdamW weight decay on matrices (D11).", flag_values=fv)
+  f("clip_norm", d.clip_norm, "Global gradient-norm clip.", flag_values=fv)
+  flags.DEFINE_bool("cycle_momentum", d.cycle_momentum,
+                    "Cycle Adam's b1 0.95 -> 0.85 -> 0.95 against the learning rate, as "
+                    "PyTorch's OneCycleLR does by default (D10); runs stored before it "
+                    "resume with --nocycle_momentum.", flag_values=fv)
+  i("grad_accum", d.grad_accum, "Micro-batches per update.", flag_values=fv)
+  flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16 (default: the "
+                      "preset's).", flag_values=fv)
+  flags.DEFINE_multi_string("override", [], "Model config override name=value (repeatable), "
+                            "e.g. --override=max_seq_len=64.", flag_values=fv)
+
+
+def run_kwargs(fv: flags.FlagValues) -> dict:
+  """The ``TrainConfig`` fields of the flags ``define_run_flags`` defines."""
+  return dict(checkpoint_every=fv.checkpoint_every, eval_every=fv.eval_every,
+              log_every=fv.log_every, max_to_keep=fv.max_to_keep, lr=fv.lr,
+              weight_decay=fv.weight_decay, clip_norm=fv.clip_norm,
+              cycle_momentum=fv.cycle_momentum, grad_accum=fv.grad_accum, dtype=fv.dtype,
+              model_overrides=parse_overrides(fv.override))

@@ -138,9 +138,16 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   if not resume:
     params = setup.initial_params(params, mcfg, corpus, log=_log)
   if cfg.init_from and not resume:
-    params, _ = init_from_checkpoint(params, cfg.init_from, stage=cfg.stage, log=_log)
+    params, rep = init_from_checkpoint(params, cfg.init_from, stage=cfg.stage,
+                                       tokenizer=meta["tokenizer"], log=_log)
+    meta["init_source"] = {"path": os.path.abspath(cfg.init_from), "stage": rep.src_stage,
+                           "step": rep.src_step}
   elif cfg.init_from:
     _log(f"resuming {workdir}; --init_from={cfg.init_from} is ignored")
+  if resume:  # provenance: where the run's parameters first came from, not this request
+    meta["init_source"] = stored.get("init_source")
+    meta["train_config"] = dict(meta["train_config"], init_from=stored.get(
+        "train_config", {}).get("init_from"))
   state = shd.replicate(create_train_state(params, collections, tx, cfg.seed), mesh)
 
   ckpt = Checkpointer(workdir, max_to_keep=cfg.max_to_keep)

@@ -77,13 +77,16 @@ def load_source_params(init_from: str) -> tuple[Any, dict]:
 
 
 def init_from_checkpoint(target_params, init_from: str, *, stage: str,
-                         log: Callable[[str], None] = print):
+                         tokenizer: dict | None = None, log: Callable[[str], None] = print):
   """Initialises ``target_params`` from the run folder ``init_from`` (QSF spec D12).
 
   Args:
     target_params: the new stage's freshly initialised parameters.
     init_from: the previous stage's run folder.
     stage: the new stage.
+    tokenizer: the new run's tokenizer record (``{"name", "sha256"}``, as in the
+      run metadata); the checkpoint's must be the same, since the embedding
+      rows are indexed by token id. None skips the check.
     log: where to report what was copied, new and dropped.
 
   Returns:
@@ -91,11 +94,21 @@ def init_from_checkpoint(target_params, init_from: str, *, stage: str,
 
   Raises:
     NoCheckpointError: ``init_from`` holds no checkpoint.
-    TrainConfigError: the stage pair is not a D12 hand-off, or a shared
-      parameter has another shape (e.g. another model size or tokenizer).
+    TrainConfigError: the stage pair is not a D12 hand-off, a shared
+      parameter has another shape (e.g. another model size or vocabulary), or
+      the checkpoint was trained with another tokenizer.
   """
   source, meta = load_source_params(init_from)
   src_stage = meta.get("stage")
+  stored = meta.get("tokenizer")
+  if tokenizer is not None and stored is not None and (
+      stored.get("name"), stored.get("sha256")) != (tokenizer.get("name"),
+                                                    tokenizer.get("sha256")):
+    raise TrainConfigError(
+        f"--init_from={init_from} was trained with the tokenizer {stored.get('name')!r} "
+        f"(sha256 {str(stored.get('sha256'))[:12]}...), this run uses "
+        f"{tokenizer.get('name')!r} (sha256 {str(tokenizer.get('sha256'))[:12]}...): its "
+        "embedding rows would stand for other tokens")
   try:
     merged, rep = transfer_params(source, target_params, src_stage, stage)
   except ValueError as e:

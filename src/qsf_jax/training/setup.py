@@ -164,6 +164,9 @@ def run_metadata(cfg: TrainConfig, mcfg: model_config.ModelConfig, corpus,
       "preset": cfg.preset,
       "model_config": mcfg.to_dict(),
       "train_config": cfg.to_dict(),
+      # {"path", "stage", "step"} of the --init_from checkpoint (set by the loop),
+      # None for a run from scratch; absent in runs stored before it was kept.
+      "init_source": None,
       "tokenizer": {"name": corpus.tokenizer.name, "sha256": corpus.tokenizer.sha256},
       "data_source": {"cache_key": meta.get("cache_key")},
       "data": {k: meta.get(k) for k in (

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from qsf_jax.models.config import STAGES, get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.models.params import PAPER_TABLE2, count_params, paper_param_counts
-from qsf_jax.training.checkpoint import has_checkpoint
+from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import TrainConfigError
 from qsf_jax.training.evaluation import evaluate_workdir
@@ -91,7 +91,22 @@ def _save_wall_times(workdir, walls: dict[str, float]) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _report_row(stage, parent, wd, base: TrainConfig, eval_batches, wall_s) -> dict:
+def init_label(meta: dict) -> str | None:
+  """The stage a stored run was initialised from (None: scratch), from its metadata.
+
+  Read from the run itself, not from this invocation's plan: a finished run that
+  is resumed keeps the origin it was trained with (``--init_from`` is ignored
+  then). Runs stored before ``init_source`` was kept fall back on their stored
+  ``train_config.init_from`` folder name.
+  """
+  if "init_source" in meta:
+    src = meta["init_source"]
+    return None if src is None else src["stage"]
+  path = (meta.get("train_config") or {}).get("init_from")
+  return os.path.basename(os.path.normpath(path)) if path else None
+
+
+def _report_row(stage, wd, base: TrainConfig, eval_batches, wall_s) -> dict:
   """Evaluates and samples one finished stage; the row of ``table2.json``.
 
   The D14 sample has ``base.sample_tokens`` new tokens, fewer where the
@@ -99,6 +114,7 @@ def _report_row(stage, parent, wd, base: TrainConfig, eval_batches, wall_s) -> d
   """
   ev = evaluate_workdir(wd, max_batches=eval_batches, tokenizer_file=base.tokenizer_file)
   run = load_run(wd, tokenizer_file=base.tokenizer_file)
+  parent = init_label(run.meta)
   max_len = run.model_config.max_seq_len
   n_new = min(base.sample_tokens, max_len - (len(run.tokenizer.encode(base.sample_prompt)) or 1))
   sample = ""
@@ -153,14 +169,26 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
     log(f"== {stage}" + (f" (init from {parent})" if parent else " (scratch)"))
     t0 = time.time()
     result = train_and_evaluate(cfg, wd)
+    if result.resumed_from is not None:
+      probe = Checkpointer(wd, read_only=True)
+      try:
+        origin = init_label(probe.meta())
+      finally:
+        probe.close()
+      if origin != parent:
+        log(f"{stage} resumed a run initialised from {origin or 'scratch'}, not "
+            f"{parent or 'scratch'}; the table says {origin or 'scratch'} (empty "
+            f"{wd} to retrain it from {parent or 'scratch'})")
     if result.resumed_from is None or result.resumed_from < result.step:  # it trained
-      walls[stage] = walls.get(stage, 0.0) + time.time() - t0
+      # a run from step 0 (a new or emptied folder) starts its sum afresh
+      earlier = 0.0 if result.resumed_from is None else walls.get(stage, 0.0)
+      walls[stage] = earlier + time.time() - t0
       _save_wall_times(workdir, walls)
     if result.interrupted:
       log(f"{stage} interrupted by {result.signal}; re-run the same command to resume")
       interrupted = stage
       break
-    rows.append(_report_row(stage, parent, wd, base, eval_batches, walls.get(stage, 0.0)))
+    rows.append(_report_row(stage, wd, base, eval_batches, walls.get(stage, 0.0)))
   table = dict(rows=rows, settings=dict(base.to_dict(), stage=None, init_from=None,
                                         eval_batches=eval_batches),
                interrupted=interrupted)
