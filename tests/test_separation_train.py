@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +93,15 @@ def test_train_bad_inputs(task3):
     train.train(task3, _cfg(task3, "real", 3), (), train.TrainConfig(steps=1))
   with pytest.raises(ValueError, match="frozen names"):
     train.train(task3, _cfg(task3, "real", 3), (0,), train.TrainConfig(steps=1, frozen=("Q",)))
+  # init must be stacked over exactly the seeds trained, with the model's shapes.
+  cfg = _cfg(task3, "real", 3)
+  init = train.init_params_for_seeds(cfg, (0, 1))
+  with pytest.raises(ValueError, match="stacked over the 3 seeds"):
+    train.train(task3, cfg, (0, 1, 2), train.TrainConfig(steps=1), init=init)
+  with pytest.raises(ValueError, match="stacked over the 2 seeds"):
+    train.train(task3, _cfg(task3, "real", 4), (0, 1), train.TrainConfig(steps=1), init=init)
+  r = train.train(task3, cfg, (0, 1), train.TrainConfig(steps=1), init=init)
+  assert r.kl.shape[0] == 2
 
 
 def test_default_dims_rule():
@@ -111,6 +121,7 @@ def test_default_dims_rule():
     (dict(lr=0.0), "lr must be finite and > 0"),
     (dict(eta=0.0), "eta"),
     (dict(num_cues=2, length=2), "fewer than"),
+    (dict(num_cues=200, length=3), r"num_cues\*\*length = 8000000 contexts, more than"),
     # 8^3 = 512 >= K = 144, but only 120 distinct (commuting) contexts
     (dict(Ns=(9,)), "give 120 distinct contexts .* fewer than K = 144"),
     (dict(Ns=(6,), num_cues=4, length=4), "give 35 distinct contexts"),
@@ -221,7 +232,7 @@ def test_resolve_complex_dims():
   sweep.validate_config(sweep.SweepConfig(Ns=(2,), complex_dims=("N", "4"), readout_ranks=(1,)))
 
 
-def test_sweep_complex_dims_rows():
+def test_sweep_complex_dims_rows(tmp_path):
   """Extra complex dimensions add learned rows named _d<n>; the fixed rows stay at N."""
   cfg = sweep.SweepConfig(Ns=(2,), dims=(2,), steps=2, seeds=1, log_every=2, num_cues=3,
                           length=2, readout_ranks=(1, 2), complex_dims=("N", "2N"),
@@ -231,6 +242,17 @@ def test_sweep_complex_dims_rows():
       ("complex", 2, 4, 1), ("complex_r2", 2, 4, 2), ("complex_d4", 4, 8, 1),
       ("complex_r2_d4", 4, 8, 2), ("complex_fixed_dynamics", 2, 4, 1),
       ("complex_r2_fixed_dynamics", 2, 4, 2)]
+  # The figure draws the _d<n> rows (hollow, at n) and leaves the diagnostics out.
+  styles = {r["model"]: plot._style(r["model"]) for r in results["runs"]}
+  assert styles["complex_d4"]["fillstyle"] == "none"
+  assert styles["complex_d4"]["color"] == styles["complex"]["color"]
+  assert styles["complex_r2_d4"]["label"].endswith("rank-2 POVM, all learned, complex dimension 4")
+  assert styles["complex_fixed_dynamics"] is None and plot._style("complex_dx") is None
+  assert plot._style("complex_d4", "born_logit")["label"].startswith(
+      "complex U(N) + Born-logit")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no matplotlib complaint about the hollow markers
+    plot.plot_results(results, str(tmp_path / "fig.png"))
   cfg = sweep.SweepConfig(Ns=(3,), dims=(3,), steps=2, seeds=1, log_every=2, num_cues=3,
                           length=3, task="born_logit", readout_ranks=(1,),
                           complex_dims=("N+1",), models=("complex",))

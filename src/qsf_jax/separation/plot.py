@@ -3,11 +3,14 @@
 One column per N. Top row: expected KL to the target; bottom row: rms
 double-centred log error with the Eckart-Young lower bound curve for
 affine-softmax models of dimension D. Complex models are drawn at their
-complex dimension N (their realification has real dimension 2N). Works for
+complex dimension: N (their realification has real dimension 2N), or n for the
+``complex_dims`` rows ``complex_d<n>`` (hollow markers). Works for
 both tasks of ``sweep`` (T_N and the Born-logit variant of spec §2.6).
 """
 
 from __future__ import annotations
+
+import re
 
 import matplotlib
 
@@ -43,10 +46,19 @@ RANKED_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive")  # complex_
 
 
 def _style(model: str, task: str = "pairwise"):
-  """The plot style of a row of ``task``, or None for rows the figure leaves out."""
+  """The plot style of a row of ``task``, or None for rows the figure leaves out.
+
+  A row of another complex dimension n (``complex_d<n>``, ``complex_r<r>_d<n>``)
+  takes its family's colour with a hollow marker and names n in its label.
+  """
   styles = BORN_LOGIT_STYLES if task == "born_logit" else STYLES
   if model in styles:
     return styles[model]
+  wider = re.fullmatch(r"(complex(?:_r\d+)?)_d(\d+)", model)
+  if wider:
+    base = _style(wider.group(1), task)
+    return None if base is None else dict(
+        base, fillstyle="none", label=f"{base['label']}, complex dimension {wider.group(2)}")
   rank = model[len("complex_r"):]
   if model.startswith("complex_r") and rank.isdigit():
     head = "rank-{} Born-logit form" if task == "born_logit" else "Born, rank-{} POVM"
@@ -95,7 +107,9 @@ def plot_results(results: dict, path: str) -> None:
         ax.plot(x, med, linestyle="-" if model == "real" else "none", markersize=8, **style)
         for r in rs:  # every seed, faint
           vals = np.maximum(np.asarray(r[key]), floor)
-          ax.scatter([_xpos(r)] * vals.size, vals, color=style["color"], alpha=0.3, s=12)
+          hollow = style.get("fillstyle") == "none"
+          ax.scatter([_xpos(r)] * vals.size, vals, edgecolors=style["color"], alpha=0.3, s=12,
+                     facecolors="none" if hollow else style["color"])
     d = np.asarray(task["bound_dims"])
     b = np.asarray(task["bound"])
     keep = (d >= 1) & (d < task["rank"])  # the bound is exactly 0 from D = rank on

@@ -31,7 +31,7 @@ from qsf_jax.separation import born_logit_rows, bounds, models, pairwise_rows, t
 from qsf_jax.separation.pairwise_rows import (DEFAULT_READOUT_RANKS, MODEL_NAMES, default_dims,
                                               fixed_dynamics_init, fixed_povm_init)  # noqa: F401
 from qsf_jax.tasks.born_logit import CONTEXTS, make_born_logit_task
-from qsf_jax.tasks.separation import distinct_contexts, make_task, num_outcomes
+from qsf_jax.tasks.separation import MAX_CONTEXTS, distinct_contexts, make_task, num_outcomes
 
 DEFAULT_NS = (3, 4, 5)
 TASKS = ("pairwise", "born_logit")
@@ -158,6 +158,9 @@ def validate_config(cfg: SweepConfig) -> None:
   check_int("num_cues", cfg.num_cues, 1)
   check_int("length", cfg.length, 1)
   check_int("task_seed", cfg.task_seed, 0)
+  if cfg.num_cues ** cfg.length > MAX_CONTEXTS:
+    raise ValueError(f"num_cues**length = {cfg.num_cues ** cfg.length} contexts, more than "
+                     f"the {MAX_CONTEXTS:,} the task enumerates: lower num_cues or length")
   if not (np.isfinite(cfg.lr) and cfg.lr > 0):
     raise ValueError(f"lr must be finite and > 0, got {cfg.lr}")
   if not 0.0 < cfg.eta < 1.0:

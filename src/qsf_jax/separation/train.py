@@ -186,6 +186,12 @@ def train(task: SeparationTask, cfg: ModelConfig, seeds, tcfg: TrainConfig,
     params = init_params_for_seeds(cfg, seeds, dtype)
   else:
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), init)
+    want = jax.eval_shape(lambda: init_params_for_seeds(cfg, seeds, dtype))
+    shape = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
+    if jax.tree.structure(params) != jax.tree.structure(want) or shape(params) != shape(want):
+      raise ValueError(
+          f"init must be the {cfg.kind} model's parameters stacked over the {len(seeds)} "
+          f"seeds, shapes {shape(want)}; got {shape(params)}")
   opt = make_optimizer(tcfg, params)
   opt_state = jax.vmap(opt.init)(params)
 

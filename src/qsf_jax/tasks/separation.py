@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 WORD_TOKEN = 0
+MAX_CONTEXTS = 1_000_000  # every context is enumerated: A^L of them
 
 
 def num_outcomes(N: int) -> int:
@@ -211,8 +212,9 @@ def all_contexts(num_cues: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     (cues_CL int64 (A^L, L), tokens_CT int32 (A^L, L + 1)): tokens are
     (w, a_1 + 1, ..., a_L + 1), token 0 being the ambiguous word.
   """
-  if num_cues**length > 1_000_000:
-    raise ValueError(f"num_cues**length = {num_cues**length} contexts is too many to enumerate")
+  if num_cues**length > MAX_CONTEXTS:
+    raise ValueError(f"num_cues**length = {num_cues**length} contexts is too many to "
+                     f"enumerate (at most {MAX_CONTEXTS:,})")
   cues_CL = np.asarray(list(itertools.product(range(num_cues), repeat=length)), dtype=np.int64)
   C = cues_CL.shape[0]
   tokens_CT = np.concatenate([np.full((C, 1), WORD_TOKEN), cues_CL + 1], axis=1).astype(np.int32)
