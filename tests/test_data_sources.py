@@ -69,6 +69,15 @@ def test_bad_jsonl_and_parquet(tmp_path):
     list(iter_file_stories(tmp_path / "bad.parquet"))
 
 
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
+def test_non_utf8_text_names_the_file(tmp_path, name):
+  p = tmp_path / name
+  body = "caf\u00e9 story".encode("latin-1")
+  p.write_bytes(body if name.endswith(".txt") else b'{"text": "' + body + b'"}\n')
+  with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(invalid .*b'\\xe9'"):
+    list(iter_file_stories(p))
+
+
 def test_directory_convention(tmp_path):
   write_txt(tmp_path / "TinyStories-train.txt", ["a1", "a2"])
   (tmp_path / "sub").mkdir()
@@ -84,6 +93,31 @@ def test_directory_convention(tmp_path):
   assert src.name == f"path:{tmp_path.resolve()}"
   assert [f[0] for f in src.identity["train"]] == ["TinyStories-train.txt", "sub/train-00001.jsonl"]
   assert "valid_fraction" not in src.identity
+
+
+def test_directory_convention_reads_folder_names(tmp_path):
+  # Split folders with the same file names: the folder decides, validation never leaks.
+  for split, stories in (("train", ["t1", "t2"]), ("valid", ["v1"])):
+    (tmp_path / split).mkdir()
+    write_txt(tmp_path / split / "part0.txt", stories)
+  src = local_source(tmp_path)
+  assert (list(src.train()), list(src.valid())) == (["t1", "t2"], ["v1"])
+  assert "valid_fraction" not in src.identity
+
+
+def test_test_and_eval_files_are_never_training_data(tmp_path):
+  write_txt(tmp_path / "stories.txt", ["s1", "s2", "s3"])
+  write_txt(tmp_path / "eval.txt", ["e1"])
+  (tmp_path / "test").mkdir()
+  write_jsonl(tmp_path / "test" / "part0.jsonl", ["x1"])
+  src = local_source(tmp_path, valid_fraction=0.34)
+  assert sorted(list(src.train()) + list(src.valid())) == ["s1", "s2", "s3"]
+  assert "ignored 2 file(s): eval.txt, test/part0.jsonl" in src.description
+  only = tmp_path / "only"
+  only.mkdir()
+  write_txt(only / "test.txt", ["x"])
+  with pytest.raises(DataNotFoundError, match=r"only validation or test files \(\['test.txt'\]\)"):
+    local_source(only)
 
 
 def test_directory_without_train_names_uses_all_non_validation_files(tmp_path):

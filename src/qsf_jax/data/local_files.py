@@ -9,13 +9,18 @@ whitespace and empty stories are dropped):
 
 A data PATH is either one such file or a directory. In a directory, every
 supported file below it (recursively, sorted by relative path) is classified by
-the words of its name (split at non-alphanumerics, case-insensitive):
+the words of its path below the directory, folder names included (split at
+non-alphanumerics, case-insensitive):
 
-* a file whose name has a word ``valid``, ``validation``, ``val`` or ``dev`` is
-  validation data (``TinyStories-valid.txt``, ``validation-00000.parquet``);
-* a file whose name has the word ``train`` is training data;
-* if no file is named ``train``, every non-validation file is training data;
-  otherwise files named neither way (``test.jsonl``) are ignored.
+* a file whose path has a word ``valid``, ``validation``, ``val`` or ``dev`` is
+  validation data (``TinyStories-valid.txt``, ``validation-00000.parquet``,
+  ``valid/part0.txt``);
+* a file whose path has a word ``test``, ``eval`` or ``evaluation`` (and none
+  of the above) is held-out data of another kind: never trained on, ignored;
+* a file whose path has the word ``train`` is training data;
+* if no file is named ``train``, every other file is training data; otherwise
+  files named none of these ways are ignored. The description names the
+  ignored files.
 
 When no validation file exists (a single file, or a directory without one), a
 deterministic ``valid_fraction`` of the training stories, evenly spaced through
@@ -35,6 +40,7 @@ from qsf_jax.data.tokenizer import ENDOFTEXT, file_sha256
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _VALID_WORDS = frozenset({"valid", "validation", "val", "dev"})
+_HELD_OUT_WORDS = frozenset({"test", "eval", "evaluation"})  # never training data
 
 
 class StorySource(NamedTuple):
@@ -103,7 +109,15 @@ def iter_file_stories(path: str | pathlib.Path) -> Iterator[str]:
   if reader is None:
     raise UnknownDataSpecError(
         f"unsupported data file {path}: expected one of {list(SUPPORTED_SUFFIXES)}")
-  for story in reader(path):
+  stories = reader(path)
+  while True:
+    try:
+      story = next(stories)
+    except StopIteration:
+      return
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path} is not UTF-8 text ({e.reason}: {e.object[e.start:e.end]!r}); "
+                       "convert it, e.g. with iconv -f latin1 -t utf-8") from e
     story = story.strip()
     if story:
       yield story
@@ -152,16 +166,22 @@ def _classify(root: pathlib.Path):
   if not files:
     raise DataNotFoundError(
         f"data directory {root} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
-  words = {p: set(re.split(r"[^a-z0-9]+", p.stem.lower())) for p in files}
-  valid = [p for p in files if words[p] & _VALID_WORDS]
-  train = [p for p in files if "train" in words[p] and p not in valid]
-  if not train:
-    train = [p for p in files if p not in valid]
+  def words(p):
+    rel = p.relative_to(root)
+    return set(re.split(r"[^a-z0-9]+", "/".join(rel.parts[:-1] + (rel.stem,)).lower()))
+
+  w = {p: words(p) for p in files}
+  valid = [p for p in files if w[p] & _VALID_WORDS]
+  held_out = [p for p in files if w[p] & _HELD_OUT_WORDS and p not in valid]
+  rest = [p for p in files if p not in valid and p not in held_out]
+  train = [p for p in rest if "train" in w[p]] or rest
   if not train:
     raise DataNotFoundError(
-        f"data directory {root} holds only validation files ({[p.name for p in valid]}); "
-        "name the training files with the word 'train'")
-  return train, valid
+        f"data directory {root} holds only validation or test files "
+        f"({[p.relative_to(root).as_posix() for p in valid + held_out]}); name the training "
+        "files (or their folder) with the word 'train'")
+  ignored = [p for p in files if p not in train and p not in valid]
+  return train, valid, ignored
 
 
 def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> StorySource:
@@ -178,8 +198,9 @@ def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> S
   root = pathlib.Path(path).expanduser().resolve()
   if not root.exists():
     raise DataNotFoundError(f"data path {root} does not exist")
+  ignored = []
   if root.is_dir():
-    train_files, valid_files = _classify(root)
+    train_files, valid_files, ignored = _classify(root)
   else:
     if root.suffix.lower() not in SUPPORTED_SUFFIXES:
       raise UnknownDataSpecError(
@@ -204,5 +225,8 @@ def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> S
     identity["valid_fraction"] = valid_fraction
     train, valid = _holdout(train_files, valid_fraction, str(root))
     how = f"{len(train_files)} file(s), {valid_fraction:g} of the stories held out for validation"
+  if ignored:
+    names = ", ".join(p.relative_to(base).as_posix() for p in ignored[:3])
+    how += f"; ignored {len(ignored)} file(s): {names}" + (", ..." if len(ignored) > 3 else "")
   return StorySource(name=f"path:{root}", description=f"local data {root} ({how})",
                      identity=identity, train=train, valid=valid)
