@@ -8,7 +8,8 @@ import pytest
 import scipy.linalg as sl
 
 from qsf_jax import _checks, analysis
-from qsf_jax.analysis import history, modes, propagation, report, spectrum, validation
+from qsf_jax.analysis import (forward, history, modes, propagation, report, spectrum,
+                              validation)
 from qsf_jax.models.config import get_config
 from qsf_jax.physics import effective_gain, hamiltonian_koopman, propagate_layer
 
@@ -134,6 +135,19 @@ def test_token_category():
   assert cat(".") == "sentence end" and cat('!"') == "sentence end"
   assert cat(" But") == "discourse marker"
   assert cat(",") is None and cat(" cat") is None and cat('"') is None
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+  acc = modes.TokenOccupancy(vocab_size=4)
+  for bad in ([9], [-1]):
+    with pytest.raises(ValueError, match="outside the vocabulary 0..3"):
+      acc.update(np.array(bad), np.array([0.5]), np.array([1.0]))
+  assert acc.n == 0 and acc.geff_sum == 0.0  # nothing counted
+  params = {"embed": {"embedding": np.zeros((4, 2), np.float32)},
+            "pos_embed": {"embedding": np.zeros((8, 2), np.float32)}}
+  with pytest.raises(ValueError, match=r"token ids in \[-1, 2\] lie outside"):
+    forward.embed(params, np.array([[0, 2, -1]]))
+  assert forward.embed(params, np.array([[0, 3]])).shape == (1, 2, 2)
 
 
 def test_token_occupancy_summary():
@@ -331,6 +345,11 @@ def test_history_parsing(tmp_path):
   got = history.alpha_history(tmp_path, 2)
   assert got["source"] == "metrics.jsonl"
   assert history.alpha_history(tmp_path / "missing", 2) is None
+  # An earlier checkpoint's analysis sees alpha only up to its step.
+  got = history.alpha_history(tmp_path, 2, up_to_step=1)
+  np.testing.assert_array_equal(got["steps"], [1])
+  np.testing.assert_allclose(got["alpha"], [[1.0, 1.1]])
+  assert history.alpha_history(tmp_path, 2, up_to_step=0) is None
 
 
 def test_report_from_synthetic_results(tmp_path):
@@ -344,8 +363,24 @@ def test_report_from_synthetic_results(tmp_path):
   path = analysis.write_report(tmp_path, results)
   text = path.read_text()
   for needle in ("## Spectrum", "| 0.01 |", "Gamma_net", "**Verdict:** net", "![",
-                 "## Measurement strength", "- a note"):
+                 "## Measurement strength", "- a note", "Alpha at step 2: min 1"):
     assert needle in text
+  # With the analysed checkpoint's own alpha (an earlier --step), that is the one named.
+  results["alpha"].update(step=1, at_step=[0.5, 0.7, 0.9])
+  text = analysis.write_report(tmp_path, results).read_text()
+  assert "Alpha at step 1 (this checkpoint): min 0.5" in text
+  # The validation table names each layer's largest projector norm and warns above 100.
+  acc = modes.TokenOccupancy(vocab_size=6)
+  acc.update(np.array([0, 1, 1, 2]), np.array([0.9, 0.1, 0.2, 0.3]), np.full(4, 0.5))
+  layer = dict(acc.summary(lambda ids: f"<{ids[0]}>", eot_id=5), top_modes=[[0.5, 0.0]],
+               projector_norm=12.0)
+  n_layers = len(res["radius_per_layer"])
+  z = dict(mean=1.0, std=0.1, max=1.2)
+  results["validation"] = dict(sequences=2, tokens=4, z_rms=z, h_rms=z, layers=[
+      dict(layer, projector_norm=6.0e4)] + [layer] * (n_layers - 1))
+  text = analysis.write_report(tmp_path, results).read_text()
+  assert "| max projector norm |" in text and "| 6e+04 |" in text and "| 12 |" in text
+  assert "Layers [0] have a spectral projector of norm > 100" in text
   jpath = analysis.write_json(tmp_path / "spectrum.json", results)
   back = json.loads(jpath.read_text())
   assert back["bad"] is None and back["spectrum"]["n_eigenvalues"] == 36

@@ -108,7 +108,7 @@ def alpha_from_checkpoints(workdir):
   return np.array(steps, np.int64), np.stack(vals)
 
 
-def alpha_history(workdir, n_layers: int) -> dict | None:
+def alpha_history(workdir, n_layers: int, up_to_step: int | None = None) -> dict | None:
   """alpha_l against training step (QSF Fig. 1 analogue), from metrics or checkpoints.
 
   The metrics log (``alpha/<l>`` keys, written every ``log_every`` steps) is the
@@ -118,14 +118,22 @@ def alpha_history(workdir, n_layers: int) -> dict | None:
   Args:
     workdir: the run folder.
     n_layers: L.
+    up_to_step: keep only the points at or before this step (the checkpoint
+      being analysed); None keeps all.
 
   Returns:
     ``{"steps" (S,), "alpha" (S, L), "source": "metrics.jsonl" | "checkpoints"}``
-    or None (no alpha anywhere, e.g. Stage II).
+    or None (no alpha anywhere, e.g. Stage II, or none up to ``up_to_step``).
   """
-  got, source = alpha_from_metrics(read_metrics(workdir), n_layers), "metrics.jsonl"
+  def cut(got):
+    if got is None or up_to_step is None:
+      return got
+    keep = np.asarray(got[0]) <= up_to_step
+    return (np.asarray(got[0])[keep], np.asarray(got[1])[keep]) if keep.any() else None
+
+  got, source = cut(alpha_from_metrics(read_metrics(workdir), n_layers)), "metrics.jsonl"
   if got is None or len(got[0]) < 2:  # no curve in the metrics: try the checkpoints
-    ckpt = alpha_from_checkpoints(os.fspath(workdir))
+    ckpt = cut(alpha_from_checkpoints(os.fspath(workdir)))
     if ckpt is not None and (got is None or len(ckpt[0]) > len(got[0])):
       got, source = ckpt, "checkpoints"
   if got is None:

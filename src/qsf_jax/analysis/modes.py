@@ -164,9 +164,13 @@ class TokenOccupancy:
 
   def update(self, ids_N, occ_N, geff_N) -> None:
     """Adds tokens ``ids_N`` with top-mode occupancies ``occ_N`` and G_eff ``geff_N``."""
-    ok = np.isfinite(occ_N) & np.isfinite(geff_N)
-    ids_N, occ_N, geff_N = np.asarray(ids_N)[ok], occ_N[ok], geff_N[ok]
     V = self.sum_V.shape[0]
+    ids_N = np.asarray(ids_N)
+    if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= V):
+      raise ValueError(f"token ids in [{ids_N.min()}, {ids_N.max()}] lie outside the "
+                       f"vocabulary 0..{V - 1}")
+    ok = np.isfinite(occ_N) & np.isfinite(geff_N)
+    ids_N, occ_N, geff_N = ids_N[ok], occ_N[ok], geff_N[ok]
     self.sum_V += np.bincount(ids_N, weights=occ_N, minlength=V)[:V]
     self.count_V += np.bincount(ids_N, minlength=V)[:V]
     if geff_N.size:

@@ -155,7 +155,10 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
   t = time.perf_counter()
   alpha = None
   if stage != "koopman":
-    alpha = history.alpha_history(workdir, mcfg.n_layers)
+    alpha = history.alpha_history(workdir, mcfg.n_layers, up_to_step=run.step)
+    if alpha is not None and ops.alpha is not None:
+      # the analysed checkpoint's own alpha (--step may pick an earlier one)
+      alpha = dict(alpha, step=run.step, at_step=ops.alpha.tolist())
     if alpha is not None:
       if alpha["source"] == "checkpoints":
         notes.append("metrics.jsonl does not log alpha; alpha over training is read from the "
