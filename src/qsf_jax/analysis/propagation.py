@@ -155,7 +155,9 @@ def state_target(W_V, x_tgt, *, rcond: float = 1e-6) -> np.ndarray:
   The attention target lives in value space (the propagators measure W_V x
   against it); the SSE of QSF eq. 43 measures the state itself, so it is given
   the state whose value is the target (the sigma_m -> 0 limit of the
-  propagator mean, spec §6.8 item 5).
+  propagator mean, spec §6.8 item 5). As in eq. 55, the observation is W_V x
+  with no offset: the model's values carry the bias b_V, so x_tgt also holds
+  (c_i sum_j w_ij) b_V, which this comparison leaves in the target.
 
   Args:
     W_V: value projection (d, d).
