@@ -213,3 +213,19 @@ def test_run_flags_reach_every_stage(tmp_path, monkeypatch):
   assert (b.cycle_momentum, b.model_overrides, b.weight_decay, b.clip_norm, b.grad_accum,
           b.dtype, b.checkpoint_every, b.eval_every, b.lr) == (
               False, (("ls_stats_positions", "all"),), 0.05, 0.5, 2, "bfloat16", 7, 9, 3e-4)
+
+
+def test_a_resume_keeps_the_stored_origin():
+  from qsf_jax.training import setup  # pylint: disable=import-outside-toplevel
+  meta = {"train_config": {"init_from": "runs/other", "seed": 0}, "init_source": None}
+  src = {"path": "/r/koopman", "stage": "koopman", "step": 5}
+  stored = {"train_config": {"init_from": "/r/koopman"}, "init_source": src}
+  out = setup.keep_provenance(meta, stored)
+  assert out["init_source"] == src and out["train_config"]["init_from"] == "/r/koopman"
+  assert out["train_config"]["seed"] == 0 and meta["init_source"] is None  # not mutated
+  # A run stored before init_source: unknown stays unknown (the label falls back).
+  legacy = setup.keep_provenance(meta, {"train_config": {"init_from": "runs/s/koopman"}})
+  assert "init_source" not in legacy and table2.init_label(legacy) == "koopman"
+  scratch = setup.keep_provenance(meta, {"train_config": {"init_from": None},
+                                         "init_source": None})
+  assert table2.init_label(scratch) is None

@@ -145,9 +145,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   elif cfg.init_from:
     _log(f"resuming {workdir}; --init_from={cfg.init_from} is ignored")
   if resume:  # provenance: where the run's parameters first came from, not this request
-    meta["init_source"] = stored.get("init_source")
-    meta["train_config"] = dict(meta["train_config"], init_from=stored.get(
-        "train_config", {}).get("init_from"))
+    meta = setup.keep_provenance(meta, stored)
   state = shd.replicate(create_train_state(params, collections, tx, cfg.seed), mesh)
 
   ckpt = Checkpointer(workdir, max_to_keep=cfg.max_to_keep)

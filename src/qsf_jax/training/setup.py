@@ -151,6 +151,22 @@ def initial_params(params, mcfg: model_config.ModelConfig, corpus, log=None):
   return {**params, "readout": readout}
 
 
+def keep_provenance(meta: dict, stored: dict) -> dict:
+  """``meta`` of a resumed run with the stored run's origin (``init_source``, ``init_from``).
+
+  A resume ignores ``--init_from``, so the checkpoints it writes keep saying
+  where the parameters first came from. A run stored before ``init_source``
+  was recorded keeps it absent (unknown), not None (scratch).
+  """
+  out = dict(meta, train_config=dict(meta["train_config"], init_from=(
+      stored.get("train_config") or {}).get("init_from")))
+  if "init_source" in stored:
+    out["init_source"] = stored["init_source"]
+  else:
+    out.pop("init_source", None)
+  return out
+
+
 def run_metadata(cfg: TrainConfig, mcfg: model_config.ModelConfig, corpus,
                  seq_len: int, num_devices: int) -> dict[str, Any]:
   """The JSON record stored with every checkpoint.
