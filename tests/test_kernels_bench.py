@@ -294,6 +294,28 @@ def test_cupti_failure_falls_back_to_end_to_end_time(monkeypatch):
   assert rows[0]["timing"] == "pipelined" and "cupti_error" not in rows[0]
 
 
+def test_cupti_failure_for_the_ceilings_falls_back(monkeypatch, tmp_path, capsys):
+  # On a GPU whose CUPTI fails, --goals --measure_ceilings still measures (end to end).
+  timings = []
+
+  def ceilings(timing="sync"):
+    timings.append(timing)
+    if timing == "cupti":
+      raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+    return roofline.DevicePeak(1e12, 1e11, f"measured ({timing} timing)")
+
+  monkeypatch.setattr(bench, "measure_ceilings", ceilings)
+  monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(bench, "run", lambda *a, **kw: [])
+  bench.main(["--goals", "--measure_ceilings", "--T=32", "--D=16", "--modes=fwd",
+              f"--out={tmp_path / 'g.json'}"])
+  assert timings == ["cupti", "sync"]
+  out = capsys.readouterr().out
+  assert "cupti failed for the ceilings (RuntimeError: CUPTI_ERROR_NOT_INITIALIZED)" in out
+  data = json.loads((tmp_path / "g.json").read_text())
+  assert data["timing"] == "cupti" and data["peak"]["source"] == "measured (sync timing)"
+
+
 def test_design_ranking_names_the_fastest_config_per_row():
   dflt = "c64_bv64_w4_s2"
   rows = [_row("pallas", "fwd", 4096, 128, 0.40, dflt),
