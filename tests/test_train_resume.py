@@ -39,6 +39,24 @@ KILLER = textwrap.dedent("""
 """)
 
 
+# Trains with a callback that sends this process SIGINT at step STOP_AT: the stop
+# comes after the loop decided whether to checkpoint (as Ctrl-C during a metrics
+# read or an evaluation does), so the loop must save on its way out.
+INTERRUPTER = textwrap.dedent("""
+    import os, signal, sys
+    from absl import flags
+    from experiments import train as T
+    from qsf_jax.training.loop import train_and_evaluate
+    stop_at, argv = int(sys.argv[1]), sys.argv[2:]
+    fv = flags.FlagValues(); T.define_flags(fv); fv(["train"] + argv)
+    def cb(step, metrics):
+      if step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+    r = train_and_evaluate(T.config_from_flags(fv), fv.workdir, step_callback=cb)
+    print("result", r.step, r.interrupted, flush=True)
+""")
+
+
 def subprocess_env(tmp, compile_cache=None):
   """Environment of the child processes: CPU, offline, fast compiles.
 
@@ -163,4 +181,17 @@ def test_sigterm_saves_and_exits_cleanly(corpus):
   assert 3 <= stopped < 100000
   c = ck.Checkpointer(wd, read_only=True)
   assert c.latest_step() == stopped
+  c.close()
+
+
+@pytest.mark.slow
+def test_a_stop_after_the_save_decision_still_saves(corpus):
+  root, path, cache = corpus
+  env = subprocess_env(root, cache)
+  wd = root / "late_stop"
+  r = _run(["-c", INTERRUPTER, "3"] + _flags(path, wd, checkpoint_every=0), env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "result 3 True" in r.stdout and "SIGINT received: stopped at step 3" in r.stdout
+  c = ck.Checkpointer(wd, read_only=True)
+  assert c.latest_step() == 3  # no periodic checkpoint was due: the stop wrote this one
   c.close()

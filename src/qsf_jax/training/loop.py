@@ -212,6 +212,15 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     if step_callback is not None:
       step_callback(step, m)
 
+  def save_checkpoint(step):
+    nonlocal last_saved
+    if not bool(_all_finite(state.params)):  # never save a broken state
+      ckpt.wait()
+      raise NonFiniteLossError(step - 1, float("nan"), last_saved,
+                               what="parameters after the update")
+    ckpt.save(step, state, meta)
+    last_saved = step
+
   _log(f"training {cfg.stage}/{cfg.preset} for {cfg.steps} steps in {workdir} "
        f"({mesh.devices.size} device(s), batch {cfg.batch_size} x {seq_len}, "
        f"grad_accum {cfg.grad_accum}, {mcfg.dtype})")
@@ -231,15 +240,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
         if save or evaluate or step_callback is not None:
           read_pending()
         if save:
-          if not bool(_all_finite(state.params)):  # never save a broken state
-            ckpt.wait()
-            raise NonFiniteLossError(step - 1, float("nan"), last_saved,
-                                     what="parameters after the update")
-          ckpt.save(step, state, meta)
-          last_saved = step
+          save_checkpoint(step)
         if evaluate:
           last_eval = eval_and_sample(step)
-        if stop.requested:
+        if stop.requested:  # it may have come during the metrics read or the evaluation
+          if last_saved != step:
+            save_checkpoint(step)
           interrupted = stop.signal_name
           break
       read_pending()
