@@ -153,7 +153,7 @@ def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
   # A checkpoint folder without its items (e.g. copied half-way) or with a truncated
   # JSON file is reported with its path and the step to fall back to; nothing is moved.
   import shutil
-  for damage in ("missing_state", "empty_step", "truncated_meta"):
+  for damage in ("missing_state", "empty_step", "truncated_meta", "truncated_array"):
     wd = tmp_path / damage
     shutil.copytree(run_dir, wd)
     step = wd / "checkpoints" / "6"
@@ -162,9 +162,14 @@ def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
     elif damage == "empty_step":
       step = wd / "checkpoints" / "9"
       step.mkdir()
-    else:
+    elif damage == "truncated_meta":
       meta = next(p for p in (step / "meta").rglob("*") if p.is_file())
       meta.write_text(meta.read_text()[:7])
+    else:  # the largest array file, cut in half (an interrupted copy)
+      big = max((p for p in (step / "state").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+      with open(big, "r+b") as f:
+        f.truncate(big.stat().st_size // 2)
     before = sorted(str(p) for p in wd.rglob("*"))
     _expect_error(capsys, ["evaluate", f"--workdir={wd}"], f"checkpoint {step} cannot be read",
                   "use step", main=evaluate_cli.run)

@@ -10,7 +10,6 @@ so a save that dies half-way leaves the previous checkpoint as the latest one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -112,19 +111,22 @@ class Checkpointer:
   def _restore(self, step: int, **items):
     """``CheckpointManager.restore`` of ``items``; a damaged folder is a clear error.
 
-    Orbax reports a missing item as ``KeyError`` and a truncated JSON file as a
-    decode error without the path; both become ``CorruptCheckpointError``
-    naming the folder. Nothing is moved or deleted.
+    Orbax reports a missing item as ``KeyError``, a truncated JSON file as a
+    decode error without the path, and a truncated array file as a bare
+    ``Exception`` from TensorStore; each becomes ``CorruptCheckpointError``
+    naming the folder and the first line of the cause. Nothing is moved or
+    deleted. (Mismatched trees are refused earlier, by ``check_resumable``.)
     """
     try:
       return self._mgr.restore(step, args=ocp.args.Composite(**items))
-    except (KeyError, json.JSONDecodeError, FileNotFoundError) as e:
+    except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, FileNotFoundError) and not (self.directory / str(step)).exists():
         raise
       others = [s for s in self.all_steps() if s != step]
       hint = (f"move it out of {self.directory} to use step {others[-1]}" if others
               else "start a new --workdir")
       detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+      detail = (str(detail).strip().splitlines() or [""])[0][:300]
       raise CorruptCheckpointError(
           f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
           f"{detail}); it may be incomplete or damaged and was left untouched; {hint}"
