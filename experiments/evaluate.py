@@ -10,6 +10,7 @@ checkpoint's).
 from __future__ import annotations
 
 import json
+import math
 
 from absl import flags
 
@@ -42,7 +43,10 @@ def execute(fv: flags.FlagValues) -> int:
                          max_batches=fv.eval_batches or None,
                          batch_size=fv.batch_size, tokenizer_file=fv.tokenizer_file,
                          cache_dir=fv.cache_dir, beta=fv.beta, attn_impl=fv.attn_impl)
-  print(json.dumps(rec), flush=True)
+  # strict JSON: an overflowing perplexity (or loss) is null, not Infinity
+  rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+         for k, v in rec.items()}
+  print(json.dumps(rec, allow_nan=False), flush=True)
   return 0
 
 

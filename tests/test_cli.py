@@ -123,11 +123,25 @@ def test_evaluate_prints_json_last_line(run_dir, capsys, caplog):
   assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}", f"--data={other}"]) == 0
   rec3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert rec3["data"] == f"path:{other}" and rec3["tokens"] != rec["tokens"]
+  # --beta applies to the annealed stages only; this is Stage II (its own 0 is allowed).
+  _expect_error(capsys, ["evaluate", f"--workdir={run_dir}", "--beta=0.5"],
+                "beta=0.5: the koopman stage has no normalisation anneal", main=evaluate_cli.run)
+  assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}", "--beta=0"]) == 0
+  capsys.readouterr()
   _expect_error(capsys, ["evaluate", f"--workdir={run_dir.parent / 'none'}"], "no checkpoint",
                 main=evaluate_cli.run)
   for flag in ("--batch_size=0", "--batch_size=-4", "--eval_batches=-2"):
     _expect_error(capsys, ["evaluate", f"--workdir={run_dir}", flag], flag.split("=")[0],
                   main=evaluate_cli.run)
+
+
+def test_evaluate_json_is_strict(monkeypatch, capsys):
+  # An overflowing perplexity prints as null: strict JSON parsers reject Infinity.
+  monkeypatch.setattr(evaluate_cli, "evaluate_workdir", lambda *a, **kw: dict(
+      val_loss=800.0, perplexity=float("inf"), tokens=3, step=1))
+  assert evaluate_cli.run(["evaluate", "--workdir=unused"]) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert "Infinity" not in last and json.loads(last)["perplexity"] is None
 
 
 def test_evaluate_warns_when_the_run_data_resolves_elsewhere(run_dir, tmp_path, caplog):

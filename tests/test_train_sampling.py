@@ -77,5 +77,9 @@ def test_generate_batch_seed_and_bad_inputs(model_and_params):
              **dict(kw, max_new_tokens=3))
   with pytest.raises(ValueError, match="top_k"):
     generate(model, params, coll, jnp.array([1]), rng=jax.random.PRNGKey(0), **dict(kw, top_k=0))
+  for bad in (float("inf"), float("nan"), -0.5):  # inf gave inf/inf = NaN logits
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+      generate(model, params, coll, jnp.array([1]), rng=jax.random.PRNGKey(0),
+               **dict(kw, temperature=bad))
   with pytest.raises(ValueError, match="dimension"):
     generate(model, params, coll, jnp.ones((1, 1, 1), jnp.int32), rng=jax.random.PRNGKey(0), **kw)

@@ -83,7 +83,8 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     cache_dir: token-cache folder (default: the run's).
     beta: the normalisation-anneal weight to evaluate at, in [0, 1] (QSF §3.4,
       D5; default: the checkpoint's own, 1 after a finished Stage III/IV).
-      ``beta=0`` evaluates an annealed stage's weights with plain LayerNorm.
+      ``beta=0`` evaluates an annealed stage's weights with plain LayerNorm;
+      another value for a stage without the anneal is an error.
     attn_impl: linear-attention impl to run the model with (default: the run's
       own; see ``load_run``).
 
@@ -100,6 +101,9 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     if value is not None and (isinstance(value, bool) or value < 1):
       raise ValueError(f"{name} must be >= 1, or None for the default, got {value!r}")
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
+  if beta is not None and not run.model_config.annealed and beta != run.beta:
+    raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "
+                     "(D5 applies to koopman_attn and hamiltonian_attn); drop --beta")
   cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
   corpus = setup.load_corpus(cfg, run.tokenizer, data=data)
   trained_on = (run.meta.get("data") or {}).get("source")

@@ -10,6 +10,7 @@ O(1) per token for the recurrent stages.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -108,8 +109,8 @@ def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if int(top_k) < 1:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
-  if not temperature >= 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
   total = prompt_BP.shape[1] + int(max_new_tokens)
   if max_len is not None and total > max_len:
     raise ValueError(
