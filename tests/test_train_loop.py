@@ -179,6 +179,13 @@ def test_bad_settings_raise_before_touching_workdir(env, tmp_path):
               dict(batch_size=6, grad_accum=4)):
     with pytest.raises(TrainConfigError):
       TrainConfig(stage="koopman", **bad)
+  # The D14 sample settings fail at construction, not at the first evaluation.
+  for bad, msg in ((dict(sample_temperature=float("inf")), "sample_temperature must be finite"),
+                   (dict(sample_temperature=-1.0), "sample_temperature must be finite"),
+                   (dict(sample_top_k=0), "sample_top_k must be an integer >= 1"),
+                   (dict(sample_top_k=2.5), "sample_top_k must be an integer >= 1")):
+    with pytest.raises(TrainConfigError, match=msg):
+      TrainConfig(stage="koopman", **bad)
 
 
 @pytest.mark.slow

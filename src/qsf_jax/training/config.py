@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from qsf_jax.data.batches import MODES as DATA_MODES
@@ -115,6 +116,15 @@ class TrainConfig:
       raise TrainConfigError(f"eval_batches must be positive or None, got {self.eval_batches}")
     if not self.lr > 0:
       raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+    # The D14 sample settings, checked here so a bad one fails before training, not at
+    # the first evaluation.
+    t = self.sample_temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+        math.isfinite(t) and t >= 0):
+      raise TrainConfigError(f"sample_temperature must be finite and >= 0, got {t!r}")
+    k = self.sample_top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise TrainConfigError(f"sample_top_k must be an integer >= 1, got {k!r}")
     if not isinstance(self.cycle_momentum, bool):
       raise TrainConfigError(f"--cycle_momentum must be True or False, got "
                              f"{self.cycle_momentum!r}")
