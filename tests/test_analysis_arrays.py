@@ -145,7 +145,7 @@ def test_token_ids_outside_the_vocabulary_are_refused():
   assert acc.n == 0 and acc.geff_sum == 0.0  # nothing counted
   params = {"embed": {"embedding": np.zeros((4, 2), np.float32)},
             "pos_embed": {"embedding": np.zeros((8, 2), np.float32)}}
-  with pytest.raises(ValueError, match=r"token ids in \[-1, 2\] lie outside"):
+  with pytest.raises(ValueError, match=r"tokens_BT has ids in \[-1, 2\], outside the vocabulary 0..3"):
     forward.embed(params, np.array([[0, 2, -1]]))
   assert forward.embed(params, np.array([[0, 3]])).shape == (1, 2, 2)
 

@@ -183,6 +183,17 @@ def check_unitary(name: str, value, *, no_minus_one: bool = False) -> None:
           "does not exist there")
 
 
+def check_token_ids(name: str, ids, vocab_size: int) -> None:
+  """Raises ``ValueError`` for concrete ids outside 0..vocab_size-1 (tracers pass).
+
+  jnp indexing would clamp or wrap them silently.
+  """
+  v = _concrete(ids)
+  if v is not None and v.size and (v.min() < 0 or v.max() >= vocab_size):
+    raise ValueError(f"{name} has ids in [{v.min()}, {v.max()}], outside the vocabulary "
+                     f"0..{vocab_size - 1}")
+
+
 def check_finite(name: str, value) -> None:
   """Raises ``ValueError`` for a concrete array with a NaN or inf entry (tracers pass)."""
   v = _concrete(value)

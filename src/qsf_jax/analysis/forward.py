@@ -120,16 +120,8 @@ def embed(params, tokens_BT):
   if T > P_TD.shape[0]:
     raise ValueError(f"tokens_BT has {T} positions; the model allows {P_TD.shape[0]}")
   E_VD = jnp.asarray(params["embed"]["embedding"])
-  _check_ids(tokens_BT, E_VD.shape[0])
+  _checks.check_token_ids("tokens_BT", tokens_BT, E_VD.shape[0])
   return E_VD[tokens_BT] + jnp.asarray(P_TD)[:T][None]
-
-
-def _check_ids(ids, vocab_size: int) -> None:
-  """Raises for concrete ids outside 0..vocab_size-1 (jnp indexing would clamp or wrap)."""
-  v = _checks._concrete(ids)  # None under jit: nothing to check at trace time
-  if v is not None and v.size and (v.min() < 0 or v.max() >= vocab_size):
-    raise ValueError(f"token ids in [{v.min()}, {v.max()}] lie outside the vocabulary "
-                     f"0..{vocab_size - 1}")
 
 
 def _layer_stats(collections, l: int):

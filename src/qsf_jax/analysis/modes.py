@@ -23,6 +23,7 @@ import dataclasses
 
 import numpy as np
 
+from qsf_jax import _checks
 from qsf_jax.physics.projectors import SpectralProjectors, spectral_projectors
 
 # Single-word discourse markers of TinyStories prose (this project's proxy list).
@@ -166,9 +167,7 @@ class TokenOccupancy:
     """Adds tokens ``ids_N`` with top-mode occupancies ``occ_N`` and G_eff ``geff_N``."""
     V = self.sum_V.shape[0]
     ids_N = np.asarray(ids_N)
-    if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= V):
-      raise ValueError(f"token ids in [{ids_N.min()}, {ids_N.max()}] lie outside the "
-                       f"vocabulary 0..{V - 1}")
+    _checks.check_token_ids("ids_N", ids_N, V)
     ok = np.isfinite(occ_N) & np.isfinite(geff_N)
     ids_N, occ_N, geff_N = ids_N[ok], occ_N[ok], geff_N[ok]
     self.sum_V += np.bincount(ids_N, weights=occ_N, minlength=V)[:V]

@@ -53,10 +53,7 @@ def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
   if T > cfg.max_seq_len or T < 1:
     raise ValueError(f"tokens_BT has {T} positions (shape {tuple(tokens_BT.shape)}); "
                      f"the model allows 1..max_seq_len={cfg.max_seq_len}")
-  ids = _checks._concrete(tokens_BT)  # None under jit: values are not known at trace time
-  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-    raise ValueError(f"tokens_BT has ids in [{ids.min()}, {ids.max()}], outside the "
-                     f"vocabulary 0..{cfg.vocab_size - 1} (the embedding would give NaN)")
+  _checks.check_token_ids("tokens_BT", tokens_BT, cfg.vocab_size)  # concrete ids only
   return tokens_BT.astype(jnp.int32)
 
 
