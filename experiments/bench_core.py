@@ -10,7 +10,7 @@ device name) and writes the same rows as JSON:
   (eqs. 57-59) with the sequential ``lax.scan`` against ``lax.associative_scan``,
   and the full Kalman chain (``chain_filter``, sequential);
 * the Cayley scan (wave-function spec §1.3) at N in {16, 64, 256} over 4096
-  steps, and its associative twin where memory allows.
+  steps, and its associative twin at N <= 16 only (O(N^3 T log T)).
 
 Timings are measurements of this machine; record them with device and date.
 """

@@ -2,9 +2,12 @@ r"""Evaluates a run folder: ``python -m experiments.evaluate --workdir=runs/s3``
 
 Prints progress, then as its last line one JSON object with ``val_loss`` (mean
 token cross entropy in nats), ``perplexity`` (= e^val_loss, QSF spec D13),
-``tokens``, ``batches``, ``step``, ``stage``, ``data`` and ``beta`` (the
-normalisation-anneal weight it was evaluated at; ``--beta`` overrides the
-checkpoint's).
+``tokens``, ``batches``, ``step``, ``stage``, ``data``, ``trained_on`` and ``beta``
+(the normalisation-anneal weight it was evaluated at; ``--beta`` overrides the
+checkpoint's). ``--per_token`` adds ``per_token``: the median, the maximum and the
+tokens above ``--outlier_nats``, and how many of them follow an input that never
+occurs in the run's training rows (``qsf_jax.training.token_losses``);
+``--per_token_out=FILE.npz`` also keeps each token's cross entropy, row and position.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
                      "the checkpoint's own; 0 evaluates with LayerNorm).", flag_values=fv)
+  flags.DEFINE_bool("per_token", False, "Also summarise the per-token cross entropies "
+                    "(outliers, unseen inputs); a second pass over the batches.",
+                    flag_values=fv)
+  flags.DEFINE_float("outlier_nats", 20.0, "Per-token outlier threshold in nats.",
+                     flag_values=fv)
+  flags.DEFINE_string("per_token_out", None, "Write the per-token arrays to this .npz "
+                      "file (implies --per_token).", flag_values=fv)
   cli.define_attn_impl(fv)
   cli.define_common(fv)
 
@@ -42,12 +52,19 @@ def execute(fv: flags.FlagValues) -> int:
   rec = evaluate_workdir(fv.workdir, data=fv.data, step=fv.step,
                          max_batches=fv.eval_batches or None,
                          batch_size=fv.batch_size, tokenizer_file=fv.tokenizer_file,
-                         cache_dir=fv.cache_dir, beta=fv.beta, attn_impl=fv.attn_impl)
+                         cache_dir=fv.cache_dir, beta=fv.beta, attn_impl=fv.attn_impl,
+                         per_token=fv.per_token, outlier_nats=fv.outlier_nats,
+                         per_token_out=fv.per_token_out)
   # strict JSON: an overflowing perplexity (or loss) is null, not Infinity
-  rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-         for k, v in rec.items()}
+  rec = _finite_or_null(rec)
   print(json.dumps(rec, allow_nan=False), flush=True)
   return 0
+
+
+def _finite_or_null(v):
+  if isinstance(v, dict):
+    return {k: _finite_or_null(x) for k, x in v.items()}
+  return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def run(argv) -> int:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import evaluate as evaluate_cli
@@ -135,13 +136,40 @@ def test_evaluate_prints_json_last_line(run_dir, capsys, caplog):
                   main=evaluate_cli.run)
 
 
+def test_evaluate_per_token(run_dir, tmp_path, capsys):
+  out = tmp_path / "tok.npz"
+  assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}", "--eval_batches=2",
+                           f"--per_token_out={out}", "--outlier_nats=2.5"]) == 0
+  rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  pt = rec["per_token"]
+  assert pt["tokens"] == rec["tokens"] and pt["threshold_nats"] == 2.5
+  assert pt["mean"] == pytest.approx(rec["val_loss"], rel=1e-6)
+  with np.load(out) as f:
+    x = f["xent"]
+    assert x.size == rec["tokens"] and int((x > 2.5).sum()) == pt["above"]
+    # byte tokens of synthetic stories: training shows every byte the validation uses
+    assert not f["unseen_so_far"].any() and pt["unseen_input_types"] == 0
+  assert pt["above_unseen_so_far_frac"] in (0.0, None) and pt["all_seen_mean"] == pt["mean"]
+  # bad requests fail before the evaluation
+  _expect_error(capsys, ["evaluate", f"--workdir={run_dir}", "--per_token",
+                         "--outlier_nats=0"], "finite number of nats", main=evaluate_cli.run)
+  _expect_error(capsys, ["evaluate", f"--workdir={run_dir}",
+                         f"--per_token_out={tmp_path / 'no' / 'x.npz'}"], "does not exist",
+                main=evaluate_cli.run)
+  _expect_error(capsys, ["evaluate", f"--workdir={run_dir}",
+                         f"--per_token_out={tmp_path / 'x.json'}"], "must be an .npz file",
+                main=evaluate_cli.run)
+
+
 def test_evaluate_json_is_strict(monkeypatch, capsys):
   # An overflowing perplexity prints as null: strict JSON parsers reject Infinity.
   monkeypatch.setattr(evaluate_cli, "evaluate_workdir", lambda *a, **kw: dict(
-      val_loss=800.0, perplexity=float("inf"), tokens=3, step=1))
+      val_loss=800.0, perplexity=float("inf"), tokens=3, step=1,
+      per_token={"max": float("inf"), "above": 3}))
   assert evaluate_cli.run(["evaluate", "--workdir=unused"]) == 0
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert "Infinity" not in last and json.loads(last)["perplexity"] is None
+  assert json.loads(last)["per_token"] == {"max": None, "above": 3}
 
 
 def test_evaluate_warns_when_the_run_data_resolves_elsewhere(run_dir, tmp_path, caplog):

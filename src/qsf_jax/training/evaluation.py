@@ -12,6 +12,7 @@ from absl import logging
 
 from qsf_jax import data as qdata
 from qsf_jax.training import sharding as shd
+from qsf_jax.training import token_losses
 from qsf_jax.training.step import eval_step
 
 
@@ -70,7 +71,9 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
 def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = None,
                      max_batches: int | None = None, batch_size: int | None = None,
                      tokenizer_file: str | None = None, cache_dir: str | None = None,
-                     beta: float | None = None, attn_impl: str | None = None) -> dict:
+                     beta: float | None = None, attn_impl: str | None = None,
+                     per_token: bool = False, outlier_nats: float = 20.0,
+                     per_token_out=None) -> dict:
   """Validation loss and perplexity of a run folder's checkpoint (QSF spec D13).
 
   Args:
@@ -87,9 +90,17 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
       another value for a stage without the anneal is an error.
     attn_impl: linear-attention impl to run the model with (default: the run's
       own; see ``load_run``).
+    per_token: also summarise the per-token cross entropies (a second pass over
+      the batches; ``token_losses.summarize``): median, maximum, the tokens above
+      ``outlier_nats``, and how many follow an input that never occurs in the rows
+      the run trained on (its own training split, whatever ``data`` is).
+    outlier_nats: the per-token outlier threshold in nats.
+    per_token_out: an ``.npz`` path for the per-token arrays (implies
+      ``per_token``).
 
   Returns:
-    ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data", "beta"}``.
+    ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data",
+    "trained_on", "beta"}``, and ``"per_token"`` (a dict) with ``per_token``.
   """
   if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
                            or not 0.0 <= beta <= 1.0):
@@ -112,11 +123,28 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     # and reaches the hub now (or the other way round).
     logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
                     workdir, corpus.metadata.get("source"), trained_on)
+  per_token = per_token or per_token_out is not None
+  if per_token:  # checked before the evaluation, which can take minutes
+    token_losses.check_threshold(outlier_nats)
+    if per_token_out is not None:
+      token_losses.check_output_path(per_token_out)
   mesh = shd.make_mesh()
   bs = batch_size or cfg.batch_size
   bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
+  beta = run.beta if beta is None else float(beta)
   rec = evaluate_split(run.model, run.params, run.collections, corpus.valid, batch_size=bs,
                        seq_len=run.seq_len, mode=cfg.data_mode, max_batches=max_batches,
-                       beta=run.beta if beta is None else float(beta), mesh=mesh)
-  return dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"),
-              trained_on=trained_on, beta=run.beta if beta is None else float(beta))
+                       beta=beta, mesh=mesh)
+  rec = dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"),
+             trained_on=trained_on, beta=beta)
+  if per_token:
+    train_split = (corpus if data is None else setup.load_corpus(cfg, run.tokenizer)).train
+    seen = token_losses.training_tokens(train_split, seq_len=run.seq_len, mode=cfg.data_mode,
+                                        vocab_size=run.tokenizer.vocab_size)
+    tl = token_losses.token_losses(run.model, run.params, run.collections, corpus.valid,
+                                   batch_size=bs, seq_len=run.seq_len, mode=cfg.data_mode,
+                                   max_batches=max_batches, beta=beta, seen=seen, mesh=mesh)
+    if per_token_out is not None:
+      token_losses.save(tl, per_token_out)
+    rec["per_token"] = token_losses.summarize(tl, outlier_nats)
+  return rec

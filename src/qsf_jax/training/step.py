@@ -44,10 +44,25 @@ def masked_xent_sum(logits_BTV, targets_BT, mask_BT):
   _checks.check_shape("mask_BT", mask_BT, (B, T))
   if not jnp.issubdtype(targets_BT.dtype, jnp.integer):
     raise ValueError(f"targets_BT must be integer token ids, got dtype {targets_BT.dtype}")
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  xent_BT = token_xent(logits_BTV, targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
   return jnp.sum(xent_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def token_xent(logits_BTV, targets_BT):
+  """Each token's cross entropy in nats, from float32 logits (QSF spec D13).
+
+    xent_{bt} = logsumexp_v z_{btv} - z_{bt y_{bt}}
+
+  Args:
+    logits_BTV: logits (B, T, V), upcast to float32 first.
+    targets_BT: integer target ids (B, T).
+
+  Returns:
+    float32 (B, T).
+  """
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
+                                                         targets_BT)
 
 
 def _apply(model, params, collections, inputs, beta, update_stats: bool, mask=None):
