@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +112,47 @@ def test_replay_matches_the_model(stage3):
   ref = run.model.apply({"params": run.params, **run.collections}, jnp.asarray(tokens),
                         beta=run.beta)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("stage, mixer", [("koopman", "cosine"), ("koopman", "recurrent"),
+                                          ("hamiltonian_attn", None)])
+def test_replay_gives_the_vector_k_multiplies(stage, mixer):
+  """k_in for Stage II's S2-a (the causal cosine mixing of u) and S2-c (s_{t-1}, with
+  s_t = K_c s_{t-1} + u_t), computed here from u = LN(h_in); for Stage IV the layer
+  identity h_out - h_in = u K^T + b + alpha x_tgt, with K orthogonal."""
+  from qsf_jax.models import build_model, get_config  # pylint: disable=g-import-not-at-top
+  from qsf_jax.models.fourier import causal_cosine_mix  # pylint: disable=g-import-not-at-top
+  from qsf_jax.training.state import init_variables  # pylint: disable=g-import-not-at-top
+  cfg = get_config(stage, "tiny", **({"koopman_mixer": mixer} if mixer else {}))
+  params, coll = init_variables(build_model(cfg), 0, 16)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(p.dtype), params)
+  tokens = rng.integers(0, cfg.vocab_size, (2, 12))
+  ops = layer_operators(params, cfg)
+  steps = list(forward.iter_layers(params, coll, cfg, tokens, 0.0))
+  for s in steps:
+    l, h = s.layer, np.asarray(s.h_in, np.float64)
+    n1 = jax.tree.map(lambda x: np.asarray(x, np.float64)[l], params["layers"]["norm1"])
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    u = (h - mu) / np.sqrt(var + cfg.ln_eps) * n1["scale"] + n1["bias"]
+    if stage == "hamiltonian_attn":
+      np.testing.assert_allclose(ops.K[l] @ ops.K[l].T, np.eye(cfg.d_model), atol=1e-5)
+      rebuilt = u @ ops.K[l].T + ops.b[l] + ops.alpha[l] * np.asarray(s.x_tgt)
+      np.testing.assert_allclose(np.asarray(s.h_out - s.h_in), rebuilt, atol=2e-5)
+      want = u
+    elif mixer == "cosine":
+      want = np.asarray(causal_cosine_mix(jnp.asarray(u, jnp.float32), t_max=cfg.max_seq_len))
+    else:
+      want, s_prev = np.zeros_like(u), np.zeros_like(u[:, 0])
+      for t in range(u.shape[1]):
+        want[:, t] = s_prev
+        s_prev = s_prev @ ops.K[l].T + u[:, t]  # ops.K is the clamped K_c
+    np.testing.assert_allclose(np.asarray(s.k_in), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+  z = forward.final_states(params, coll, cfg, steps[-1].h_out, 0.0)
+  ref = build_model(cfg).apply({"params": params, **coll}, jnp.asarray(tokens), beta=0.0)
+  np.testing.assert_allclose(np.asarray(z @ jnp.asarray(params["embed"]["embedding"]).T),
+                             np.asarray(ref), atol=2e-5)
 
 
 @pytest.mark.slow

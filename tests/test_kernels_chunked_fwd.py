@@ -45,18 +45,30 @@ def test_chunked_forward_matches_float64_and_fused(shape, dtype, gate, h0, chunk
 
 
 def test_chunked_forward_gradients_under_jit_and_vmap():
-  # The backward is shared; the custom_vjp residuals come from the chunked forward.
-  q, k, v, g, S0 = random_inputs(6, 1, 70, 2, 16, 16)
-  do = np.random.default_rng(7).standard_normal((2,) + v.shape).astype(np.float32)
+  # The backward is shared; the custom_vjp residuals (S_T among them) come from the
+  # chunked forward. The outputs under jit and vmap are checked against float64 too:
+  # the gradients alone do not depend on what the forward computes.
+  q, k, v, g, S0 = random_inputs(6, 1, 70, 2, 16, 16, gate="weak")
+  rng = np.random.default_rng(7)
+  do = rng.standard_normal((2,) + v.shape).astype(np.float32)
+  dS = rng.standard_normal((2,) + S0.shape).astype(np.float32)
+  stack = lambda x: jnp.stack([x, 0.5 * x])
+  ins = [stack(x) for x in (q, k, v, g)]
 
-  def grads(forward):
+  def run(forward):
     f = lambda q, k, v, g: pallas_linear_attention(q, k, v, g, S0, chunk_size=32,
-                                                   interpret=True, forward=forward)[0]
-    loss = jax.jit(lambda *a: jnp.sum(jax.vmap(f)(*a) * do))
-    stack = lambda x: jnp.stack([x, 0.5 * x])
-    return jax.grad(loss, argnums=range(4))(*(stack(x) for x in (q, k, v, g)))
+                                                   interpret=True, forward=forward,
+                                                   return_final_state=True)
+    loss = jax.jit(lambda *a: jnp.sum(jax.vmap(f)(*a)[0] * do)
+                   + jnp.sum(jax.vmap(f)(*a)[1] * dS))
+    return jax.jit(jax.vmap(f))(*ins), jax.grad(loss, argnums=range(4))(*ins)
 
-  for a, b in zip(grads("chunked"), grads("fused")):
+  (o, S_T), grads = run("chunked")
+  for i in range(2):
+    o_ref, S_ref = numpy_linear_attention(*(x[i] for x in ins), S0)
+    assert rel_rms_error(o[i], o_ref) <= TOL["float32"]["o"]
+    assert rel_rms_error(S_T[i], S_ref) <= TOL["float32"]["o"]
+  for a, b in zip(grads, run("fused")[1]):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -21,11 +21,20 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def _can_lower_for_cuda():
+  """Whether this jaxlib cross-lowers Pallas-Triton at all, probed with a trivial copy
+  kernel: an error from lowering the project's kernels must fail their tests, not
+  turn them into skips."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
   try:
-    s = jax.ShapeDtypeStruct((1, 16, 1, 16), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((1, 16, 1), jnp.float32)
-    f = lambda q, k, v, g: pallas_linear_attention(q, k, v, g)[0]
-    return count_triton_calls(export_for_cuda(f, s, s, s, g)) == 1, ""
+    spec = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+    f = lambda a: pl.pallas_call(copy, out_shape=spec, compiler_params=plgpu.CompilerParams(
+        num_warps=4, num_stages=2))(a)
+    return count_triton_calls(export_for_cuda(f, spec)) == 1, ""
   except Exception as e:  # pylint: disable=broad-except
     return False, f"{type(e).__name__}: {e}"
 

@@ -213,6 +213,9 @@ def test_grad_accumulation_equals_full_batch(env):
   (s1, m1), (s2, m2) = out[1], out[2]
   assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
   assert float(m1["tokens"]) == float(m2["tokens"]) == batch["mask"].sum()
+  # the gradient itself (Adam's first step is about lr * sign(g) and clipping
+  # normalises it, so the parameters alone would hide a scale error)
+  assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert int(s1.step) == int(s2.step) == 1
@@ -307,6 +310,18 @@ def test_loss_and_step_reject_bad_shapes():
   m = jnp.ones((2, 3))
   l_sum, n = masked_xent_sum(logits, t, m)
   assert float(n) == 6 and float(l_sum) == pytest.approx(6 * np.log(5), rel=1e-6)
+  # random logits, targets and a partial mask against float64 numpy: padding never counts
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(3, 7, 11)) * 3
+  y = rng.integers(0, 11, (3, 7))
+  mask = (rng.random((3, 7)) < 0.6).astype(np.float32)
+  lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+  want = ((lse - np.take_along_axis(z, y[..., None], -1)[..., 0]) * mask).sum()
+  l_sum, n = masked_xent_sum(jnp.asarray(z, jnp.float32), jnp.asarray(y), jnp.asarray(mask))
+  assert float(n) == mask.sum() and float(l_sum) == pytest.approx(want, rel=1e-5)
+  z2 = np.where(mask[..., None] > 0, z, 1e3 * rng.normal(size=z.shape))  # junk at padding
+  assert float(masked_xent_sum(jnp.asarray(z2, jnp.float32), jnp.asarray(y),
+                               jnp.asarray(mask))[0]) == pytest.approx(float(l_sum), rel=1e-6)
   with pytest.raises(ValueError, match=r"mask_BT must have shape \(2, 3\), got \(2, 4\)"):
     masked_xent_sum(logits, t, jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="targets_BT must be integer"):

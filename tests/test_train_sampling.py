@@ -29,6 +29,16 @@ def test_sample_logits_greedy_and_distribution():
       jax.random.split(jax.random.PRNGKey(1), 4000))
   freq = np.bincount(np.asarray(draws), minlength=3) / 4000
   np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.03)
+  # temperature 0.5 squares the probabilities: p^2 / sum p^2
+  draws = jax.vmap(lambda k: sample_logits(k, z, 0.5, 3)[0])(
+      jax.random.split(jax.random.PRNGKey(3), 4000))
+  freq = np.bincount(np.asarray(draws), minlength=3) / 4000
+  np.testing.assert_allclose(freq, np.array([0.01, 0.36, 0.09]) / 0.46, atol=0.03)
+  # top-2 renormalises over the two largest: [0, 2/3, 1/3]
+  draws = jax.vmap(lambda k: sample_logits(k, z, 1.0, 2)[0])(
+      jax.random.split(jax.random.PRNGKey(4), 4000))
+  freq = np.bincount(np.asarray(draws), minlength=3) / 4000
+  np.testing.assert_allclose(freq, [0.0, 2 / 3, 1 / 3], atol=0.03)
   draws_k1 = jax.vmap(lambda k: sample_logits(k, z, 1.0, 1)[0])(
       jax.random.split(jax.random.PRNGKey(2), 200))
   assert set(np.asarray(draws_k1).tolist()) == {1}  # top-1 is greedy
