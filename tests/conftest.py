@@ -15,11 +15,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# A persistent compilation cache for each process that runs tests, inherited by the
+# processes its tests start (the entry points, the documents' blocks): many tests
+# compile the same small models, and a second compile of an identical program (same
+# HLO, same options) loads the first one's executable. The cache starts empty, so
+# every program is still compiled once per process, and it is removed when the run
+# ends. One folder per xdist worker: JAX writes entries without a lock unless a size
+# limit is set, and a size limit makes every write rescan the folder.
+# QSF_TEST_COMPILE_CACHE=0, or a JAX_COMPILATION_CACHE_DIR of your own, opts out.
+_COMPILE_CACHE = None
+
+
+def pytest_configure(config):
+  global _COMPILE_CACHE
+  runs_tests = hasattr(config, "workerinput") or not getattr(config.option, "numprocesses",
+                                                             None)
+  if (not runs_tests or os.environ.get("QSF_TEST_COMPILE_CACHE", "1") == "0"
+      or os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    return
+  _COMPILE_CACHE = pathlib.Path(tempfile.mkdtemp(prefix="qsf_jax_test_compile_cache_"))
+  settings = {"jax_compilation_cache_dir": str(_COMPILE_CACHE),
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
+
+
+def pytest_unconfigure(config):
+  if _COMPILE_CACHE is not None:
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
+
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

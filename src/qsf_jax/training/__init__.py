@@ -6,6 +6,7 @@ Typical use (what ``python -m experiments.train`` does)::
   cfg = TrainConfig(stage="koopman_attn", preset="small", data="auto", steps=2000)
   result = train_and_evaluate(cfg, "runs/s3")      # resumes if runs/s3 has a checkpoint
   evaluate_workdir("runs/s3")                       # {"val_loss", "perplexity", ...}
+  evaluate_workdir("runs/s3", per_token=True)       # + per-token outliers (token_losses)
   sample_workdir("runs/s3", "Once upon a time,")   # recurrent decoding (D14)
 """
 
