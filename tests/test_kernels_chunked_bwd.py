@@ -15,8 +15,11 @@ from qsf_jax.kernels import KernelConfig, pallas_bwd_chunked, pallas_linear_atte
 from qsf_jax.kernels.testing import (GRAD_NAMES, TOL, gradient_case, pallas_eqns,
                                      random_inputs, rel_rms_error)
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+# Interpret mode is a test device, not what users run: its programs compile several
+# times faster without XLA's heavy passes (the `fast_compiles` fixture).
+pytestmark = [pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("fast_compiles")]
 
 
 def _grads(args, do, dS, *, chunk, block_v=64, backward="chunked"):

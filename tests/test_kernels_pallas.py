@@ -15,8 +15,11 @@ from qsf_jax.kernels import KernelConfig, linear_attention, pallas_linear_attent
 from qsf_jax.kernels.testing import (TOL, assert_grads_match, float64_grads,
                                      numpy_linear_attention, random_inputs, rel_rms_error)
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+# Interpret mode is a test device, not what users run: its programs compile several
+# times faster without XLA's heavy passes (the `fast_compiles` fixture).
+pytestmark = [pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("fast_compiles")]
 
 
 def _pallas(q, k, v, g=None, S0=None, **kw):

@@ -22,6 +22,10 @@ from qsf_jax.kernels.pallas_op import pallas_linear_attention
 from qsf_jax.kernels.testing import random_inputs
 from test_train_resume import REPO, subprocess_env
 
+# Interpret mode is a test device, not what users run: its programs compile several
+# times faster without XLA's heavy passes (the `fast_compiles` fixture).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np

@@ -8,6 +8,10 @@ import pytest
 from qsf_jax.kernels import pallas_linear_attention, reference_linear_attention, segments
 from qsf_jax.kernels.testing import GRAD_NAMES, TOL, gradient_case, random_inputs, rel_rms_error
 
+# Interpret mode is a test device, not what users run: its programs compile several
+# times faster without XLA's heavy passes (the `fast_compiles` fixture).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def _prefix_states(k, v, g, S0, ends):
   """States after the first t tokens, t in ``ends``, by the float64 token recurrence

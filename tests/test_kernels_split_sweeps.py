@@ -14,8 +14,11 @@ import pytest
 from qsf_jax.kernels import KernelConfig, pallas_linear_attention
 from qsf_jax.kernels.testing import GRAD_NAMES, pallas_eqns, random_inputs
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+# Interpret mode is a test device, not what users run: its programs compile several
+# times faster without XLA's heavy passes (the `fast_compiles` fixture).
+pytestmark = [pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("fast_compiles")]
 
 _CFG = KernelConfig(block_v=16)  # Dv = 32: two value blocks, so four programs per row
 
