@@ -102,17 +102,9 @@ def token_losses(model, params, collections, split, *, batch_size: int, seq_len:
   to float32 summation order.
 
   Args:
-    model: the Flax module.
-    params: parameters.
-    collections: the model's other collections.
-    split: the validation ``TokenSplit``.
-    batch_size: rows per batch (divisible by the mesh's device count).
-    seq_len: tokens per row.
-    mode: ``"story"`` or ``"packed"``.
-    max_batches: only the first batches (None: the whole split).
-    beta: the normalisation-anneal weight (D5).
+    model, params, collections, split, batch_size, seq_len, mode, max_batches, beta,
+      mesh: as for ``evaluate_split``.
     seen: ``training_tokens``'s (V,) mask, to mark unseen inputs; None skips it.
-    mesh: data mesh to shard batches over (None: default placement).
   """
   if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
     raise ValueError(f"max_batches must be >= 1, or None for the whole split, got {max_batches!r}")
