@@ -133,6 +133,49 @@ def test_identity_differences_and_refusal(tmp_path):
   ck.check_resumable(tmp_path, stored, same)
 
 
+def test_every_identity_key_is_stored_and_refuses_a_change(tmp_path):
+  # run_metadata stores every IDENTITY_KEY (a misspelt key would compare None == None
+  # and go silent), and a change of any one of them refuses the resume.
+  import types  # pylint: disable=import-outside-toplevel
+  from qsf_jax.models import get_config  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import setup  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  cfg = TrainConfig(stage="koopman", preset="tiny", tokenizer="bytes", data="synthetic",
+                    steps=10)
+  corpus = types.SimpleNamespace(metadata={"cache_key": "k0", "source": "synthetic"},
+                                 tokenizer=types.SimpleNamespace(name="bytes", sha256="s0"))
+  meta = setup.run_metadata(cfg, get_config("koopman", "tiny"), corpus, 32, 1)
+  assert set(ck.IDENTITY_KEYS) <= set(meta)
+  # Every TrainConfig field is classified: stored under its own name, behind another
+  # identity entry, or free to change on resume. A new field must be placed here.
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  own = {"stage", "tokenizer", "data_mode", "steps", "batch_size", "seq_len", "seed", "lr",
+         "weight_decay", "clip_norm", "cycle_momentum", "grad_accum"}
+  behind = {"preset": "model_config", "model_overrides": "model_config",
+            "dtype": "model_config", "data": "data_source", "max_train_stories": "data_source"}
+  free = {"tokenizer_file", "cache_dir", "init_from", "checkpoint_every", "eval_every",
+          "eval_batches", "log_every", "max_to_keep", "sample_prompt", "sample_tokens",
+          "sample_temperature", "sample_top_k"}
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  assert fields == own | set(behind) | free and not own & free
+  assert fields & set(ck.IDENTITY_KEYS) == own
+  assert set(behind.values()) <= set(ck.IDENTITY_KEYS)
+  for key in ck.IDENTITY_KEYS:
+    value = meta[key]
+    if isinstance(value, dict):
+      field = "d_model" if key == "model_config" else sorted(value)[0]
+      changed = dict(value, **{field: "changed"})
+    else:
+      changed = "changed" if isinstance(value, str) else (not value if isinstance(value, bool)
+                                                          else value + 1)
+    other = dict(meta, **{key: changed})
+    diffs = ck.identity_differences(meta, other)
+    assert list(diffs) and all(k == key or k.startswith(key + ".") for k in diffs), key
+    with pytest.raises(CheckpointMismatchError):
+      ck.check_resumable(tmp_path, meta, other)
+  ck.check_resumable(tmp_path, meta, dict(meta))
+
+
 def test_meta_of_a_run_stored_before_a_config_field_existed(tmp_path):
   # A run written before ModelConfig.attn_pallas_design existed reads back with
   # the default design, so resuming it with today's configuration is no mismatch.

@@ -97,6 +97,13 @@ def test_cache_key_tracks_tokenizer_content_and_limits(tmp_path, gpt2):
   paths.add(load_corpus(str(data), other_bytes, cache_dir=cache).metadata["cache_path"])
   c = load_corpus(str(data), "bytes", cache_dir=cache, max_train_stories=5)
   assert c.train.n_stories == 5 and c.metadata["key_inputs"]["max_train_stories"] == 5
+  # D13's "first N training stories": the uncapped corpus's first five, in order, and
+  # the same validation split
+  full = load_corpus(str(data), "bytes", cache_dir=cache)
+  first5 = full.train.tokens[:full.train.offsets[5]]
+  np.testing.assert_array_equal(c.train.tokens, first5)
+  np.testing.assert_array_equal(c.valid.tokens, full.valid.tokens)
+  assert get_tokenizer("bytes").decode(c.train.story(0)[:-1]) == STORIES[0]
   paths.add(c.metadata["cache_path"])
   write_txt(data, STORIES[:-1] + ["A different last story."])
   changed = load_corpus(str(data), "bytes", cache_dir=cache)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qsf_jax.kernels import bench, report, roofline, timing
+from qsf_jax.kernels import bench, candidates, report, roofline, timing
 
 
 @pytest.mark.parametrize("D, gflop_fwd, mb_fwd, gflop_bwd, mb_bwd", [
@@ -218,6 +218,68 @@ def test_goal_verdicts_on_synthetic_rows():
   res = judge([r for r in rows if r["impl"] != "pallas"])
   assert {v["verdict"] for v in res} == {"unmeasured"}
   assert "goal | measured" in goals.markdown(res, "header")
+
+
+def test_goal_4_pairs_each_d_with_its_own_softmax_row():
+  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
+  cfg = "c64_bv64_w4_s2"
+  rows = _goal_rows(cfg)
+  for r in rows:
+    if r["T"] == 4096 and r["mode"] == "fwd":
+      r["ms"] = {("pallas", 128): 0.13, ("softmax", 128): 1.4, ("pallas", 64): 0.5,
+                 ("softmax", 64): 1.0}.get((r["impl"], r["D"]), r["ms"])
+    if r["T"] == 4096 and r["mode"] == "fwdbwd" and r["D"] == 64:
+      r["ms"] = {"pallas": 0.5, "softmax": 1.5}.get(r["impl"], r["ms"])  # exactly 3x
+  res = {v["goal"]: v for v in goals.evaluate(rows, device_kind=H100_KIND, timing="cupti",
+                                               config=cfg)}
+  pick = lambda mode, D: res[f"4. >= 3.0x faster than softmax, {mode} T=4096 D={D}"]
+  assert (pick("fwd", 128)["measured"], pick("fwd", 128)["verdict"]) == ("10.77x", "met")
+  assert (pick("fwd", 64)["measured"], pick("fwd", 64)["verdict"]) == ("2.00x", "NOT met")
+  assert (pick("fwdbwd", 64)["measured"], pick("fwdbwd", 64)["verdict"]) == ("3.00x", "met")
+  assert pick("fwdbwd", 128)["measured"] == "2.80x"  # 1.4 / 0.5
+
+
+def test_speedups_divide_the_reference_time_by_the_row_time():
+  cfg = "c64_bv64_w4_s2"
+  rows = [_row("xla", "fwd", 4096, 128, 1.0), _row("xla", "fwdbwd", 4096, 128, 3.0),
+          _row("softmax", "fwd", 4096, 128, 1.4), _row("pallas", "fwd", 4096, 128, 0.5, cfg),
+          _row("pallas", "fwd", 4096, 128, 0.25, "c64_other"),
+          _row("pallas", "fwdbwd", 4096, 128, 1.5, cfg), _row("xla", "fwd", 4096, 64, 2.0),
+          _row("pallas", "fwd", 1024, 128, 0.1, cfg)]
+  report.add_speedups(rows, cfg)
+  got = [(r["impl"], r["config"], r["mode"], r["T"], r["D"], r["vs_xla"], r["vs_softmax"])
+         for r in rows]
+  assert got == [("xla", "", "fwd", 4096, 128, 1.0, 1.4),
+                 ("xla", "", "fwdbwd", 4096, 128, 1.0, None),
+                 ("softmax", "", "fwd", 4096, 128, 1 / 1.4, 1.0),
+                 ("pallas", cfg, "fwd", 4096, 128, 2.0, 2.8),
+                 ("pallas", "c64_other", "fwd", 4096, 128, 4.0, 5.6),
+                 ("pallas", cfg, "fwdbwd", 4096, 128, 2.0, None),
+                 ("xla", "", "fwd", 4096, 64, 1.0, None),
+                 ("pallas", cfg, "fwd", 1024, 128, None, None)]
+
+
+def test_row_work_is_the_spec_roofline_model():
+  # Kernels spec §7 per (b, h), written out here: F_fwd = 2T[C(K+V) + 2KV],
+  # F_bwd = 6TC(K+V) + 10TKV, B_fwd = eT(2K+2V) + 4T, B_bwd = eT(2K+2V) + eT(2K+V) + 8T;
+  # softmax 2T^2 D (x 2.5 backward), bytes e T D (4, + 4 backward). B=8, H=8, T=4096,
+  # C=64, K=V=128: the spec's table says 25.8 + 68.7 GFLOP and 269 + 472 MB.
+  BH, T, D, C = 64, 4096, 128, 64
+  f_fwd = BH * 2 * T * (C * 2 * D + 2 * D * D)
+  f_bwd = BH * (6 * T * C * 2 * D + 10 * T * D * D)
+  b_fwd = BH * (2 * T * 4 * D + 4 * T)
+  b_bwd = BH * (2 * T * 4 * D + 2 * T * 3 * D + 8 * T)
+  assert (round(f_fwd / 1e9, 1), round(f_bwd / 1e9, 1)) == (25.8, 68.7)
+  assert (round(b_fwd / 1e6), round(b_bwd / 1e6)) == (269, 472)
+  for impl in ("pallas", "xla", "reference", "scan"):
+    assert candidates.row_work(impl, "fwd", 8, T, 8, D, 2) == (f_fwd, b_fwd)
+    assert candidates.row_work(impl, "fwdbwd", 8, T, 8, D, 2) == (f_fwd + f_bwd,
+                                                                    b_fwd + b_bwd)
+  assert candidates.row_work("xla", "fwd", 8, T, 8, D, 4)[1] == BH * (4 * T * 4 * D + 4 * T)
+  sm = 2 * BH * T * T * D
+  assert candidates.row_work("softmax", "fwd", 8, T, 8, D, 2) == (sm, BH * T * D * 2 * 4)
+  assert candidates.row_work("softmax", "fwdbwd", 8, T, 8, D, 2) == (3.5 * sm,
+                                                                       BH * T * D * 2 * 12)
 
 
 def test_goals_are_not_rescaled_to_another_device():

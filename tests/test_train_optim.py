@@ -135,22 +135,26 @@ def test_onecycle_momentum_matches_pytorch(total):
 
 def test_cycled_adamw_matches_a_pytorch_transcription():
   """clip -> AdamW with OneCycle lr and b1, against torch.optim.AdamW's update rule:
-  theta *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+  g *= min(1, c / ||g||);  theta *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
   theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps),  b1 = b1(t - 1)."""
   S, lr_max, wd = 12, 3e-2, 0.1
   rng = np.random.default_rng(0)
   params = {"w": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
             "b": {"bias": jnp.asarray(rng.normal(size=2), jnp.float32)}}
-  tx = make_optimizer(S, max_lr=lr_max, weight_decay=wd, clip_norm=1e9)
+  clip = 1.0
+  tx = make_optimizer(S, max_lr=lr_max, weight_decay=wd, clip_norm=clip)
   state = tx.init(params)
   ref = {k: np.asarray(v, np.float64) for k, v in
          {"w": params["w"]["kernel"], "b": params["b"]["bias"]}.items()}
   m = {k: np.zeros_like(v) for k, v in ref.items()}
   v2 = {k: np.zeros_like(v) for k, v in ref.items()}
   for t in range(1, S + 1):
-    g = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
+    scale = 0.1 if t % 3 == 0 else 3.0  # a third of the steps under the clip norm
+    g = {"w": scale * rng.normal(size=(3, 2)), "b": scale * rng.normal(size=2)}
     grads = {"w": {"kernel": jnp.asarray(g["w"], jnp.float32)},
              "b": {"bias": jnp.asarray(g["b"], jnp.float32)}}
+    norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
+    g = {k: x * min(1.0, clip / norm) for k, x in g.items()}
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     lr, b1 = torch_onecycle(t - 1, S, lr_max), torch_onecycle_momentum(t - 1, S)
