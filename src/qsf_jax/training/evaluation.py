@@ -111,6 +111,11 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
     if value is not None and (isinstance(value, bool) or value < 1):
       raise ValueError(f"{name} must be >= 1, or None for the default, got {value!r}")
+  per_token = per_token or per_token_out is not None
+  if per_token:  # checked before loading and evaluating, which can take minutes
+    token_losses.check_threshold(outlier_nats)
+    if per_token_out is not None:
+      token_losses.check_output_path(per_token_out)
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   if beta is not None and not run.model_config.annealed and beta != run.beta:
     raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "
@@ -123,11 +128,6 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     # and reaches the hub now (or the other way round).
     logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
                     workdir, corpus.metadata.get("source"), trained_on)
-  per_token = per_token or per_token_out is not None
-  if per_token:  # checked before the evaluation, which can take minutes
-    token_losses.check_threshold(outlier_nats)
-    if per_token_out is not None:
-      token_losses.check_output_path(per_token_out)
   mesh = shd.make_mesh()
   bs = batch_size or cfg.batch_size
   bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
