@@ -23,7 +23,11 @@ def _split(stories):
                           eot_id=EOT)
 
 
-def test_training_tokens_are_the_ids_of_the_training_rows():
+@pytest.mark.parametrize("blocks", [None, (2, 5)])  # (stories, tokens) per block
+def test_training_tokens_are_the_ids_of_the_training_rows(blocks, monkeypatch):
+  if blocks:  # blocks that split the stories and the stream
+    monkeypatch.setattr(tlm, "_STORY_BLOCK", blocks[0])
+    monkeypatch.setattr(tlm, "_TOKEN_BLOCK", blocks[1])
   train = _split([[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]])
   # story mode, T = 2: rows hold the first 3 tokens of each story
   assert np.flatnonzero(tlm.training_tokens(train, seq_len=2, mode="story", vocab_size=V)

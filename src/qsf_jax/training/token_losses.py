@@ -31,6 +31,10 @@ from qsf_jax.training import sharding as shd
 from qsf_jax.training.step import _apply, token_xent
 
 
+_STORY_BLOCK = 8192  # stories per block in training_tokens
+_TOKEN_BLOCK = 1 << 24  # tokens per block in training_tokens (packed mode)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLosses:
   """The real target tokens of an evaluation, in evaluation order.
@@ -72,19 +76,26 @@ def training_tokens(split, *, seq_len: int, mode: str, vocab_size: int) -> np.nd
     raise ValueError(f"mode must be one of {qdata.MODES}, got {mode!r}")
   if isinstance(seq_len, bool) or int(seq_len) < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
-  tokens = np.asarray(split.tokens)
+  # In blocks, so that a full corpus (hundreds of millions of tokens, a memmap) is
+  # never copied or indexed at once.
+  ids = np.zeros(max(vocab_size, 1 << 16), bool)  # the split's ids are uint16
   if mode == "story":
-    starts = np.asarray(split.offsets[:-1], np.int64)
-    lens = np.minimum(np.diff(np.asarray(split.offsets, np.int64)), seq_len + 1)
-    first = np.cumsum(lens) - lens
-    idx = np.repeat(starts, lens) + (np.arange(int(lens.sum())) - np.repeat(first, lens))
-    tokens = tokens[idx]
-  if tokens.size and int(tokens.max()) >= vocab_size:
-    raise ValueError(f"the training split holds token id {int(tokens.max())}, outside the "
+    offsets = np.asarray(split.offsets, np.int64)
+    for lo in range(0, split.n_stories, _STORY_BLOCK):
+      hi = min(lo + _STORY_BLOCK, split.n_stories)
+      starts = offsets[lo:hi]
+      lens = np.minimum(offsets[lo + 1:hi + 1] - starts, seq_len + 1)
+      first = np.cumsum(lens) - lens
+      idx = np.repeat(starts, lens) + (np.arange(int(lens.sum())) - np.repeat(first, lens))
+      ids[np.unique(split.tokens[idx])] = True
+  else:
+    for lo in range(0, split.n_tokens, _TOKEN_BLOCK):
+      ids[np.unique(split.tokens[lo:lo + _TOKEN_BLOCK])] = True
+  present = np.flatnonzero(ids)
+  if present.size and int(present[-1]) >= vocab_size:
+    raise ValueError(f"the training split holds token id {int(present[-1])}, outside the "
                      f"vocabulary of {vocab_size}")
-  seen = np.zeros(vocab_size, bool)
-  seen[tokens.astype(np.int64)] = True
-  return seen
+  return ids[:vocab_size].copy()
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
