@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import context_use as context_cli
 from experiments import evaluate as evaluate_cli
 from experiments import sample as sample_cli
 from experiments import train as train_cli
@@ -14,7 +15,9 @@ from qsf_jax import data as qdata
 from qsf_jax.data.synthetic import synthetic_stories
 from story_corpus import story_corpus
 from qsf_jax.training import checkpoint as ck
+from qsf_jax.training import setup
 from qsf_jax.training.cli import parse_overrides
+from qsf_jax.training.restore import load_run
 from test_train_resume import REPO, compile_cache_dir, subprocess_env
 
 
@@ -159,6 +162,43 @@ def test_evaluate_per_token(run_dir, tmp_path, capsys):
   _expect_error(capsys, ["evaluate", f"--workdir={run_dir}",
                          f"--per_token_out={tmp_path / 'x.json'}"], "must be an .npz file",
                 main=evaluate_cli.run)
+
+
+def test_context_use_prints_a_table_and_json(run_dir, tmp_path, capsys):
+  out = tmp_path / "ctx.npz"
+  assert context_cli.run(["context_use", f"--workdir={run_dir}", "--contexts=4,1",
+                          "--positions=4:12", "--eval_batches=2", f"--out={out}"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  rec = json.loads(lines[-1])
+  assert lines[-4].startswith("| context k | 1 | 4 | whole row | unigram |")
+  assert rec["stage"] == "koopman" and rec["step"] == 6 and rec["positions"] == [4, 11]
+  assert list(rec["restart"]) == ["1", "4"] and rec["targets"] == 2 * 4 * 8
+  with np.load(out) as f:
+    assert f["restart"].shape == (2, rec["targets"]) and f["contexts"].tolist() == [1, 4]
+    assert f["restart"][1].mean() == pytest.approx(rec["restart"]["4"])
+    assert f["whole_row"].mean() == pytest.approx(rec["whole_row"])
+    assert f["unigram"].mean() == pytest.approx(rec["unigram"])
+    # the unigram model is the one wave_bias_init=unigram uses: the run's training split
+    run = load_run(run_dir)
+    log_p = setup.unigram_log_probs(setup.load_corpus(run.cfg, run.tokenizer).train,
+                                    run.tokenizer.vocab_size)
+    np.testing.assert_allclose(f["unigram"], -log_p[f["target"]], rtol=1e-6)
+  # the whole row agrees with evaluate's per-token losses at the same targets
+  tok = tmp_path / "tok.npz"
+  assert evaluate_cli.run(["evaluate", f"--workdir={run_dir}", "--eval_batches=2",
+                           f"--per_token_out={tok}"]) == 0
+  with np.load(tok) as f:
+    sel = (f["position"] >= 4) & (f["position"] < 12)
+    assert f["xent"][sel].mean() == pytest.approx(rec["whole_row"], rel=1e-6)
+  # bad requests fail before the run is loaded
+  for argv, needle in [(["--contexts=1,x"], "--contexts expects integers"),
+                       (["--positions=4"], "--positions expects lo:hi"),
+                       (["--contexts=8", "--positions=4:12"], "does not fit before position 4"),
+                       ([f"--out={tmp_path / 'x.json'}"], "must be an .npz file")]:
+    _expect_error(capsys, ["context_use", f"--workdir={run_dir}", *argv], needle,
+                  main=context_cli.run)
+  _expect_error(capsys, ["context_use", f"--workdir={tmp_path / 'none'}"], "checkpoint",
+                main=context_cli.run)
 
 
 def test_evaluate_json_is_strict(monkeypatch, capsys):

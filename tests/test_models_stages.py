@@ -94,7 +94,20 @@ def _check_causal_and_decode(model, variables, tokens, vocab):
   assert full.shape == (batch.shape[0], T, vocab) and full.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(full)))
   _check_causal(full, tokens.shape[0])
+  # last_only: the last position's logits alone (the head skips the others)
+  last = jax.jit(lambda v, x: model.apply(v, x, beta=BETA, last_only=True))(variables, batch)
+  assert last.shape == (batch.shape[0], 1, vocab)
+  np.testing.assert_allclose(last, full[:, -1:], rtol=1e-6, atol=1e-6)
   return _check_decode(model, variables, batch, full)
+
+
+@pytest.mark.parametrize("stage", ["koopman_attn", "wave"])
+def test_last_only_is_refused_with_stats_updates_or_a_non_bool(stage):
+  _, model, variables, tokens = _setup(stage)
+  with pytest.raises(ValueError, match="cannot update the norm statistics"):
+    model.apply(variables, tokens, update_stats=True, last_only=True, mutable=["norm_stats"])
+  with pytest.raises(ValueError, match="last_only must be a bool"):
+    model.apply(variables, tokens, last_only=1)
 
 
 @pytest.mark.parametrize("stage", STAGES)

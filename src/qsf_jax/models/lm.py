@@ -11,7 +11,9 @@ Parameter tree: ``embed/embedding`` (V, d), ``pos_embed/embedding`` (T_max, d),
 Calling convention (all stages):
 
 * ``model.init(key, tokens_BT)`` -> ``{"params", ["norm_stats"]}``.
-* ``model.apply(variables, tokens_BT, beta=b)`` -> logits (B, T, V) float32.
+* ``model.apply(variables, tokens_BT, beta=b)`` -> logits (B, T, V) float32;
+  ``last_only=True`` -> the last position's logits (B, 1, V), without computing
+  the head at the other positions.
 * ``update_stats=True`` with ``mutable=["norm_stats"]`` updates the D5 EMA,
   averaged over the positions of ``stats_mask`` (B, T) (the loss mask; the
   train step passes it) when ``cfg.ls_stats_positions="loss"``.
@@ -57,6 +59,16 @@ def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
   return tokens_BT.astype(jnp.int32)
 
 
+def check_last_only(last_only, update_stats) -> None:
+  """``last_only`` must be a bool, and cannot update the D5 statistics (which
+  average over every position)."""
+  if not isinstance(last_only, bool):
+    raise ValueError(f"last_only must be a bool, got {last_only!r}")
+  if last_only and update_stats:
+    raise ValueError("last_only=True cannot update the norm statistics "
+                     "(update_stats=True averages over every position)")
+
+
 def decode_position(module: nn.Module, decode: bool):
   """The cached decode position t (int32 scalar), advanced by one per call."""
   if not decode:
@@ -78,7 +90,7 @@ class QSFLanguageModel(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, stats_mask=None,
-               decode=False):
+               decode=False, last_only=False):
     """Next-token logits (see the module docstring).
 
     Args:
@@ -89,11 +101,14 @@ class QSFLanguageModel(nn.Module):
         (the loss mask); used with ``cfg.ls_stats_positions="loss"``. None:
         every position.
       decode: consume one token using the ``"cache"`` collection.
+      last_only: return the last position's logits only, (B, 1, V): the final
+        norm and the head skip the other positions (not with ``update_stats``).
 
     Returns:
-      logits (B, T, V) float32.
+      logits (B, T, V) float32; (B, 1, V) with ``last_only``.
     """
     cfg = self.cfg
+    check_last_only(last_only, update_stats)
     tokens_BT = check_tokens(tokens_BT, cfg, decode)
     T = tokens_BT.shape[1]
     init = nn.initializers.normal(cfg.init_std)
@@ -118,6 +133,8 @@ class QSFLanguageModel(nn.Module):
     h_BTD, _ = Stack(cfg, decode=decode, update_stats=update_stats, name="layers")(
         h_BTD, (beta, t, mask_BT))
 
+    if last_only:  # the final norm acts per position, and its stats are not updated
+      h_BTD, mask_BT = h_BTD[:, -1:], None
     z_BTD = Norm(cfg, annealed=cfg.annealed, update_stats=update_stats,
                  name="final_norm")(h_BTD, beta, mask_BT)
     dt = compute_dtype(cfg)
@@ -137,7 +154,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
   Returns:
     A module with ``__call__(tokens_BT, *, beta=0.0, update_stats=False,
-    stats_mask=None, decode=False) -> logits_BTV``.
+    stats_mask=None, decode=False, last_only=False) -> logits_BTV``.
   """
   if not isinstance(cfg, ModelConfig):
     raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")

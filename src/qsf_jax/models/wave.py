@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from qsf_jax import wavefunction as wf
 from qsf_jax.models.config import ModelConfig
-from qsf_jax.models.lm import check_tokens, decode_position
+from qsf_jax.models.lm import check_last_only, check_tokens, decode_position
 
 
 def _normal(std):
@@ -158,7 +158,7 @@ class WaveLanguageModel(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, *, beta=0.0, update_stats=False, stats_mask=None,
-               decode=False, return_states=False):
+               decode=False, return_states=False, last_only=False):
     """Next-token logits (B, T, V) float32 (same API as the other stages).
 
     Args:
@@ -169,7 +169,9 @@ class WaveLanguageModel(nn.Module):
       decode: one token per call with psi cached in ``"cache"``.
       return_states: return the list of every cell's states psi_1..psi_T
         (B, T, N) complex64 instead of the logits (for diagnostics and tests).
+      last_only: return the last position's logits only, (B, 1, V).
     """
+    check_last_only(last_only, update_stats)
     del beta, update_stats, stats_mask
     cfg = self.cfg
     tokens_BT = check_tokens(tokens_BT, cfg, decode)
@@ -187,4 +189,4 @@ class WaveLanguageModel(nn.Module):
       states.append(CayleyCell(cfg, decode=decode, name=f"cell_{layer}")(e_BTM, t))
     if return_states:
       return states
-    return BornReadout(cfg, name="readout")(states[-1])
+    return BornReadout(cfg, name="readout")(states[-1][:, -1:] if last_only else states[-1])

@@ -7,6 +7,7 @@ Typical use (what ``python -m experiments.train`` does)::
   result = train_and_evaluate(cfg, "runs/s3")      # resumes if runs/s3 has a checkpoint
   evaluate_workdir("runs/s3")                       # {"val_loss", "perplexity", ...}
   evaluate_workdir("runs/s3", per_token=True)       # + per-token outliers (token_losses)
+  context_use.context_use_workdir("runs/s3")        # loss from the last k tokens alone
   sample_workdir("runs/s3", "Once upon a time,")   # recurrent decoding (D14)
 """
 

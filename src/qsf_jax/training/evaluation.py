@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +104,76 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data",
     "trained_on", "beta"}``, and ``"per_token"`` (a dict) with ``per_token``.
   """
+  per_token = per_token or per_token_out is not None
+  if per_token:  # checked before loading and evaluating, which can take minutes
+    token_losses.check_threshold(outlier_nats)
+    if per_token_out is not None:
+      token_losses.check_output_path(per_token_out)
+  ev = open_evaluation(workdir, data=data, step=step, max_batches=max_batches,
+                       batch_size=batch_size, tokenizer_file=tokenizer_file,
+                       cache_dir=cache_dir, beta=beta, attn_impl=attn_impl)
+  run, cfg, corpus, mesh, bs, beta = ev.run, ev.cfg, ev.corpus, ev.mesh, ev.batch_size, ev.beta
+  rec = evaluate_split(run.model, run.params, run.collections, corpus.valid, batch_size=bs,
+                       seq_len=run.seq_len, mode=cfg.data_mode, max_batches=max_batches,
+                       beta=beta, mesh=mesh)
+  rec = dict(rec, **ev.record())
+  if per_token:
+    seen = token_losses.training_tokens(ev.train_split(), seq_len=run.seq_len,
+                                        mode=cfg.data_mode, vocab_size=run.tokenizer.vocab_size)
+    tl = token_losses.token_losses(run.model, run.params, run.collections, corpus.valid,
+                                   batch_size=bs, seq_len=run.seq_len, mode=cfg.data_mode,
+                                   max_batches=max_batches, beta=beta, seen=seen, mesh=mesh)
+    if per_token_out is not None:
+      token_losses.save(tl, per_token_out)
+    rec["per_token"] = token_losses.summarize(tl, outlier_nats)
+  return rec
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedRun:
+  """A run folder's checkpoint and data, ready to evaluate (``open_evaluation``).
+
+  Attributes:
+    run: the ``LoadedRun``.
+    cfg: its ``TrainConfig`` (with the ``cache_dir`` asked for).
+    corpus: the corpus whose ``valid`` split is evaluated.
+    data: the ``data`` asked for (None: the run's own).
+    trained_on: the source the run was trained on (from its metadata).
+    mesh: the data mesh.
+    batch_size: rows per batch, a multiple of the mesh's device count.
+    beta: the normalisation-anneal weight to evaluate at (D5).
+  """
+  run: Any
+  cfg: Any
+  corpus: Any
+  data: str | None
+  trained_on: str | None
+  mesh: Any
+  batch_size: int
+  beta: float
+
+  def record(self) -> dict:
+    """``{"step", "stage", "data", "trained_on", "beta"}`` of the JSON records."""
+    return {"step": self.run.step, "stage": self.cfg.stage,
+            "data": self.corpus.metadata.get("source"), "trained_on": self.trained_on,
+            "beta": self.beta}
+
+  def train_split(self):
+    """The run's own training split (whatever ``data`` was evaluated)."""
+    from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
+    if self.data is None:
+      return self.corpus.train
+    return setup.load_corpus(self.cfg, self.run.tokenizer).train
+
+
+def open_evaluation(workdir, *, data: str | None = None, step: int | None = None,
+                    max_batches: int | None = None, batch_size: int | None = None,
+                    tokenizer_file: str | None = None, cache_dir: str | None = None,
+                    beta: float | None = None, attn_impl: str | None = None) -> OpenedRun:
+  """Checks the arguments, then loads a run folder's checkpoint and validation data.
+
+  Arguments as for ``evaluate_workdir``; ``max_batches`` is only checked.
+  """
   if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
                            or not 0.0 <= beta <= 1.0):
     raise ValueError(f"beta must be a number in [0, 1] or None, got {beta!r}")
@@ -111,11 +183,6 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
     if value is not None and (isinstance(value, bool) or value < 1):
       raise ValueError(f"{name} must be >= 1, or None for the default, got {value!r}")
-  per_token = per_token or per_token_out is not None
-  if per_token:  # checked before loading and evaluating, which can take minutes
-    token_losses.check_threshold(outlier_nats)
-    if per_token_out is not None:
-      token_losses.check_output_path(per_token_out)
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   if beta is not None and not run.model_config.annealed and beta != run.beta:
     raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "
@@ -131,20 +198,5 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   mesh = shd.make_mesh()
   bs = batch_size or cfg.batch_size
   bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
-  beta = run.beta if beta is None else float(beta)
-  rec = evaluate_split(run.model, run.params, run.collections, corpus.valid, batch_size=bs,
-                       seq_len=run.seq_len, mode=cfg.data_mode, max_batches=max_batches,
-                       beta=beta, mesh=mesh)
-  rec = dict(rec, step=run.step, stage=cfg.stage, data=corpus.metadata.get("source"),
-             trained_on=trained_on, beta=beta)
-  if per_token:
-    train_split = (corpus if data is None else setup.load_corpus(cfg, run.tokenizer)).train
-    seen = token_losses.training_tokens(train_split, seq_len=run.seq_len, mode=cfg.data_mode,
-                                        vocab_size=run.tokenizer.vocab_size)
-    tl = token_losses.token_losses(run.model, run.params, run.collections, corpus.valid,
-                                   batch_size=bs, seq_len=run.seq_len, mode=cfg.data_mode,
-                                   max_batches=max_batches, beta=beta, seen=seen, mesh=mesh)
-    if per_token_out is not None:
-      token_losses.save(tl, per_token_out)
-    rec["per_token"] = token_losses.summarize(tl, outlier_nats)
-  return rec
+  return OpenedRun(run=run, cfg=cfg, corpus=corpus, data=data, trained_on=trained_on,
+                   mesh=mesh, batch_size=bs, beta=run.beta if beta is None else float(beta))
