@@ -70,6 +70,29 @@ def test_unitary_steps_preserve_the_norm(wave2):
     np.testing.assert_allclose(np.linalg.norm(_np(psi), axis=-1), 1.0, atol=1e-5)
 
 
+def test_one_cell_never_forgets_a_changed_token():
+  """psi_{t+1} = U(x_t) psi_t with U unitary and a function of x_t alone, so two rows that
+  differ only at s keep ||psi_t - psi'_t|| for every t > s (docs/RESULTS.md; one cell).
+  A second cell reads the first cell's state, so there the distance moves."""
+  s = 2
+  for layers in (1, 2):
+    cfg = get_config("wave", "tiny", wave_layers=layers)
+    model = build_model(cfg)
+    tokens = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
+    other = tokens.at[:, s].set((tokens[:, s] + 1) % cfg.vocab_size)
+    variables = model.init(jax.random.key(4), tokens)
+    variables = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(5), p.shape),
+                             variables)
+    run = jax.jit(lambda v, x: model.apply(v, x, return_states=True)[-1])
+    d_BT = np.linalg.norm(_np(run(variables, tokens)) - _np(run(variables, other)), axis=-1)
+    assert np.all(d_BT[:, :s] == 0) and np.all(d_BT[:, s] > 0.05)  # states psi_1..psi_T
+    drift = np.abs(d_BT[:, s:] - d_BT[:, s:s + 1]).max()
+    if layers == 1:
+      assert drift < 1e-5, drift
+    else:
+      assert drift > 1e-3, drift
+
+
 def test_born_readout_is_a_normalised_distribution(wave2):
   """POVM readout: sum_k p_k = ||psi||^2 = 1 with no softmax, and p_k >= eta / V (spec §1.4)."""
   cfg, _, _, _, logits = wave2

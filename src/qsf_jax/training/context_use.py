@@ -33,7 +33,7 @@ import numpy as np
 
 from qsf_jax import data as qdata
 from qsf_jax.training import token_losses
-from qsf_jax.training.step import _apply, token_xent
+from qsf_jax.training.step import token_xent
 
 TOKEN_BUDGET = 1 << 14  # window tokens per forward call
 
@@ -94,12 +94,6 @@ def check_contexts(contexts, positions=None) -> tuple[tuple, tuple | None]:
   return ks, (lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _row_xent(params, collections, inputs, targets, beta, *, model):
-  logits, _ = _apply(model, params, collections, inputs, beta, False)
-  return token_xent(logits, targets)
-
-
 def _last_logits(model, params, collections, windows_NK, beta):
   return model.apply({"params": params, **collections}, windows_NK, beta=beta, last_only=True)
 
@@ -115,7 +109,8 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
                    mode: str = "story", max_batches: int | None = None, beta=0.0,
                    unigram_log_p: np.ndarray | None = None,
                    token_budget: int = TOKEN_BUDGET) -> ContextLosses:
-  """The restart test over the evaluation batches (module docstring).
+  """The restart test over the evaluation batches (module docstring), on the default
+  device (no data mesh).
 
   Args:
     model, params, collections, split, batch_size, seq_len, mode, max_batches, beta:
@@ -154,9 +149,9 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
                                                        seq_len=seq_len, mode=mode)):
     if max_batches is not None and b_k >= max_batches:
       break
-    x_BT = np.asarray(jax.device_get(_row_xent(params, collections, batch["inputs"],
-                                               batch["targets"], beta, model=model)),
-                      np.float64)
+    x_BT = token_losses._batch_xent(params, collections, batch["inputs"], batch["targets"],
+                                    beta, model=model)
+    x_BT = np.asarray(jax.device_get(x_BT), np.float64)
     m_BT = batch["mask"] > 0
     m_BT[:, :lo] = False
     m_BT[:, hi:] = False
