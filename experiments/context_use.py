@@ -21,27 +21,14 @@ from qsf_jax.training.context_use import context_use_workdir, markdown_table
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("workdir", None, "Run folder written by experiments.train.", flag_values=fv)
+  cli.define_evaluation_flags(fv)
   flags.DEFINE_list("contexts", ["1", "2", "4", "8", "16", "32", "64"],
                     "Window lengths k: the last k inputs before each target.", flag_values=fv)
   flags.DEFINE_string("positions", None, "Target positions lo:hi (lo <= t < hi; hi may be "
                       "left out: the end of the row). Default: from the largest k to the "
                       "end of the row.", flag_values=fv)
-  flags.DEFINE_string("data", None, "Validation data (default: the run's own).", flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
-  flags.DEFINE_integer("eval_batches", None, "Use only the first N batches (default or 0: all).",
-                       lower_bound=0, flag_values=fv)
-  flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the run's).",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
-                      flag_values=fv)
-  flags.DEFINE_string("cache_dir", None, "Token-cache folder (default: the run's).",
-                      flag_values=fv)
-  flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
-                     "the checkpoint's own).", flag_values=fv)
   flags.DEFINE_string("out", None, "Write the per-target arrays to this .npz file.",
                       flag_values=fv)
-  cli.define_attn_impl(fv)
   cli.define_common(fv)
 
 

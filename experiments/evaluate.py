@@ -22,19 +22,7 @@ from qsf_jax.training.evaluation import evaluate_workdir
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("workdir", None, "Run folder written by experiments.train.", flag_values=fv)
-  flags.DEFINE_string("data", None, "Validation data (default: the run's own).", flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
-  flags.DEFINE_integer("eval_batches", None, "Evaluate only N batches (default or 0: all).",
-                       lower_bound=0, flag_values=fv)
-  flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the run's).",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
-                      flag_values=fv)
-  flags.DEFINE_string("cache_dir", None, "Token-cache folder (default: the run's).",
-                      flag_values=fv)
-  flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
-                     "the checkpoint's own; 0 evaluates with LayerNorm).", flag_values=fv)
+  cli.define_evaluation_flags(fv)
   flags.DEFINE_bool("per_token", False, "Also summarise the per-token cross entropies "
                     "(outliers, unseen inputs); a second pass over the batches.",
                     flag_values=fv)
@@ -42,7 +30,6 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
   flags.DEFINE_string("per_token_out", None, "Write the per-token arrays to this .npz "
                       "file (implies --per_token).", flag_values=fv)
-  cli.define_attn_impl(fv)
   cli.define_common(fv)
 
 

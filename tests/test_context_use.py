@@ -9,17 +9,9 @@ from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.training import context_use as cu
 from qsf_jax.training.state import init_variables
+from test_token_losses import V, _split
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-V, EOT = 16, 15
-
-
-def _split(stories):
-  seqs = [list(s) + [EOT] for s in stories]
-  offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
-  return qdata.TokenSplit(tokens=np.concatenate(seqs).astype(np.uint16), offsets=offsets,
-                          eot_id=EOT)
 
 
 def _log_softmax64(z):
@@ -28,20 +20,21 @@ def _log_softmax64(z):
   return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
+def _tiny(stage):
+  model = build_model(get_config(stage, "tiny", vocab_size=V))
+  return (model, *init_variables(model, seed=5, seq_len=10))
+
+
 @pytest.fixture(scope="module", params=["wave", "gla", "transformer"])
 def model_and_vars(request):
   # the wave LM restarts from psi_0, GLA from a zero state, the transformer at
   # position 0 of its learned position embeddings
-  model = build_model(get_config(request.param, "tiny", vocab_size=V))
-  params, coll = init_variables(model, seed=5, seq_len=10)
-  return model, params, coll
+  return _tiny(request.param)
 
 
 @pytest.fixture(scope="module")
 def gla():
-  model = build_model(get_config("gla", "tiny", vocab_size=V))
-  params, coll = init_variables(model, seed=5, seq_len=10)
-  return model, params, coll
+  return _tiny("gla")
 
 
 def test_restart_losses_match_each_window_fed_alone(model_and_vars):

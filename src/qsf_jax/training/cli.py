@@ -114,6 +114,25 @@ def define_common(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("traceback", False, "Show the full traceback of errors.", flag_values=fv)
 
 
+def define_evaluation_flags(fv: flags.FlagValues) -> None:
+  """The run, checkpoint and validation-data flags of the entry points that evaluate a
+  run folder (``evaluate``, ``context_use``): ``open_evaluation``'s arguments."""
+  flags.DEFINE_string("workdir", None, "Run folder written by experiments.train.", flag_values=fv)
+  flags.DEFINE_string("data", None, "Validation data (default: the run's own).", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+  flags.DEFINE_integer("eval_batches", None, "Use only the first N validation batches "
+                       "(default or 0: all).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the run's).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
+                      flag_values=fv)
+  flags.DEFINE_string("cache_dir", None, "Token-cache folder (default: the run's).",
+                      flag_values=fv)
+  flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
+                     "the checkpoint's own; 0 evaluates with LayerNorm).", flag_values=fv)
+  define_attn_impl(fv)
+
+
 def define_attn_impl(fv: flags.FlagValues) -> None:
   """``--attn_impl`` of the entry points that load a trained run."""
   from qsf_jax.kernels import IMPLS  # pylint: disable=g-import-not-at-top
