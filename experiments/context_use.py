@@ -6,7 +6,7 @@ cross entropy is compared with the whole row's and with a unigram model of the r
 training split (``qsf_jax.training.context_use``). Prints a markdown table, then as its
 last line one JSON object: ``targets``, ``positions``, ``restart`` ({k: nats}),
 ``whole_row``, ``unigram``, ``step``, ``stage``, ``data``, ``trained_on`` and ``beta``.
-``--out=FILE.npz`` keeps each target's losses, row and position.
+``--out=FILE.npz`` keeps each target's losses, token id, row and position.
 """
 
 from __future__ import annotations
