@@ -144,7 +144,7 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     if log_p.ndim != 1:
       raise ValueError(f"unigram_log_p must be a (V,) array, got shape {log_p.shape}")
   beta = jnp.asarray(beta, jnp.float32)
-  rows_in, whole, tgt, row, pos = [], [], [], [], []
+  inputs, whole, tgt, row, pos = [], [], [], [], []
   for b_k, batch in enumerate(qdata.iter_eval_batches(split, batch_size=batch_size,
                                                        seq_len=seq_len, mode=mode)):
     if max_batches is not None and b_k >= max_batches:
@@ -158,13 +158,14 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     b_idx, t_idx = np.nonzero(m_BT)
     whole.append(x_BT[b_idx, t_idx])
     tgt.append(batch["targets"][b_idx, t_idx])
-    rows_in.append(batch["inputs"][b_idx])
+    inputs.append(batch["inputs"])  # each row once; windows are cut from it per call
     row.append(b_k * batch_size + b_idx)
     pos.append(t_idx)
   if not whole:
     raise ValueError("the validation split produced no batches")
-  inputs_NT = np.concatenate(rows_in)
+  inputs_RT = np.concatenate(inputs)
   targets_N, pos_N = np.concatenate(tgt), np.concatenate(pos).astype(np.int64)
+  row_N = np.concatenate(row).astype(np.int64)
   n = targets_N.shape[0]
   if n == 0:
     raise ValueError(f"no real target tokens at positions {lo}..{hi - 1}")
@@ -173,12 +174,12 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
                      f"{log_p.shape[0]} ids")
   restart = np.empty((len(ks), n), np.float64)
   for i, k in enumerate(ks):
-    # window j holds inputs t_j-k+1 .. t_j of its row
-    idx_NK = pos_N[:, None] + np.arange(1 - k, 1)[None, :]
-    windows_NK = np.take_along_axis(inputs_NT, idx_NK, axis=1)
     per_call = int(min(n, max(1, token_budget // k)))
     for s in range(0, n, per_call):
-      w, y = windows_NK[s:s + per_call], targets_N[s:s + per_call]
+      # window j holds inputs t_j-k+1 .. t_j of its row
+      t_N = pos_N[s:s + per_call]
+      w = inputs_RT[row_N[s:s + per_call, None], t_N[:, None] + np.arange(1 - k, 1)[None, :]]
+      y = targets_N[s:s + per_call]
       got = w.shape[0]
       if got < per_call:  # one compiled shape per k: pad with the first window
         w = np.concatenate([w, np.repeat(w[:1], per_call - got, 0)])
@@ -188,7 +189,7 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
   return ContextLosses(
       contexts=ks, restart=restart, whole_row=np.concatenate(whole),
       unigram=None if log_p is None else -log_p[targets_N.astype(np.int64)],
-      target=targets_N.astype(np.int64), row=np.concatenate(row).astype(np.int64), position=pos_N)
+      target=targets_N.astype(np.int64), row=row_N, position=pos_N)
 
 
 def summarize(cl: ContextLosses) -> dict:
