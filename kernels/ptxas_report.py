@@ -3,7 +3,7 @@
 Run as ``python -m qsf_jax.kernels.ptxas_report [--configs=NAME,...] [--D=64,128]
 [--decay=none]``
 on any host with ``triton`` installed (``pip install triton``; it bundles
-ptxas). For each launch configuration of ``candidates.PALLAS_CONFIGS`` it exports
+ptxas, and this uses the one Triton picks for sm_90). For each launch configuration of ``candidates.PALLAS_CONFIGS`` it exports
 forward + backward at B=8, T=4096, H=8, bf16 (with float32 log-decays, or
 without any with ``--decay=none``) for CUDA (``lowering``, kernels
 spec §3.4), takes the Triton IR that Pallas emits for every ``pallas_call``,
@@ -124,6 +124,30 @@ def _bin(tool):
   return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
+def _ptxas():
+  """The ptxas that Triton itself assembles sm_90 PTX with.
+
+  Triton 3.9 emits PTX 9.4, which its legacy ``bin/ptxas`` (CUDA 12.9) refuses;
+  it assembles with ``bin/ptxas-blackwell`` (CUDA 13) instead, through
+  ``get_ptxas(arch)``. Older Triton (3.6) has no such choice: ``bin/ptxas``.
+  """
+  try:
+    from triton.backends.nvidia.compiler import get_ptxas  # pylint: disable=import-outside-toplevel
+    tool = get_ptxas(90)
+  except (ImportError, TypeError):
+    return _bin("ptxas")
+  return getattr(tool, "path", tool)
+
+
+def _run(cmd):
+  """Runs a CUDA tool; its own message is the error when it fails."""
+  res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if res.returncode:
+    raise RuntimeError(f"{os.path.basename(cmd[0])} failed (exit {res.returncode}): "
+                       f"{(res.stderr or res.stdout).strip()[:2000]}")
+  return res
+
+
 def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: str,
                    sass: bool = False):
   """(registers, spill bytes, shared memory bytes, async_wait nums, SASS counts) of a kernel.
@@ -140,15 +164,13 @@ def compile_report(ir: str, num_warps: int, num_stages: int, workdir: str, tag: 
   ptx = os.path.join(workdir, f"{tag}.ptx")
   with open(ptx, "w", encoding="utf-8") as f:
     f.write(compiled.asm["ptx"])
-  res = subprocess.run([_bin("ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
-                       capture_output=True, text=True, check=True)
+  res = _run([_ptxas(), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull])
   counts = None
   if sass:
     cubin = os.path.join(workdir, f"{tag}.cubin")
     with open(cubin, "wb") as f:
       f.write(compiled.asm["cubin"])
-    counts = sass_counts(subprocess.run([_bin("cuobjdump"), "-sass", cubin], capture_output=True,
-                                        text=True, check=True).stdout)
+    counts = sass_counts(_run([_bin("cuobjdump"), "-sass", cubin]).stdout)
   return parse_ptxas(res.stderr) + (compiled.metadata.shared, async_waits(compiled.asm["ttgir"]),
                                     counts)
 

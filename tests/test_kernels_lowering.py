@@ -7,6 +7,9 @@ unsupported primitives that interpret mode accepts. Production shapes are used
 (B=8, T=4096, H=8, bf16), for every launch configuration the benchmark sweeps.
 """
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -170,6 +173,36 @@ def test_async_waits_from_triton_gpu_ir():
   assert async_waits(ttgir) == [7, 0]
   assert async_waits("tt.func @k() { tt.return }") == []
 
+
+
+def test_ptxas_report_uses_the_ptxas_triton_picks_for_sm90(monkeypatch, tmp_path):
+  """Triton 3.9 emits PTX 9.4, which its legacy bin/ptxas (CUDA 12.9) refuses."""
+  from qsf_jax.kernels import ptxas_report  # pylint: disable=import-outside-toplevel
+  asked = []
+
+  def get_ptxas(arch):
+    asked.append(arch)
+    return types.SimpleNamespace(path="/opt/triton/bin/ptxas-blackwell")
+
+  triton = types.ModuleType("triton")
+  triton.__file__ = str(tmp_path / "triton" / "__init__.py")
+  compiler = types.ModuleType("triton.backends.nvidia.compiler")
+  compiler.get_ptxas = get_ptxas
+  monkeypatch.setitem(sys.modules, "triton", triton)
+  monkeypatch.setitem(sys.modules, "triton.backends.nvidia.compiler", compiler)
+  assert ptxas_report._ptxas() == "/opt/triton/bin/ptxas-blackwell" and asked == [90]
+  # A Triton without get_ptxas (3.6) has only its bundled bin/ptxas.
+  monkeypatch.setitem(sys.modules, "triton.backends.nvidia.compiler", types.ModuleType("c"))
+  assert ptxas_report._ptxas() == str(tmp_path / "triton" / "backends" / "nvidia" / "bin" / "ptxas")
+
+
+def test_ptxas_report_shows_the_tools_own_error():
+  from qsf_jax.kernels import ptxas_report  # pylint: disable=import-outside-toplevel
+  fail = [sys.executable, "-c", "import sys; sys.stderr.write('fatal : Unsupported .version 9.4'); "
+          "sys.exit(255)"]
+  with pytest.raises(RuntimeError, match=r"failed \(exit 255\): fatal : Unsupported .version 9.4"):
+    ptxas_report._run(fail)
+  assert ptxas_report._run([sys.executable, "-c", "print('ok')"]).stdout == "ok\n"
 
 @requires_cuda_lowering
 def test_ptxas_report_captures_the_triton_ir_of_every_kernel():
