@@ -1,6 +1,6 @@
 r"""Benchmark of the physics core: propagators, chains and the Cayley scan.
 
-  python -m experiments.bench_core [--out=bench_core.json] [--repeats=10] [--quick]
+  python -m experiments.bench_core [--out=runs/bench_core.json] [--repeats=10] [--quick]
 
 Prints a markdown table (time per call after compilation, median over repeats,
 device name) and writes the same rows as JSON:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+import sys
 import time
 
 from absl import app, flags
@@ -27,9 +28,11 @@ import jax
 import jax.numpy as jnp
 
 import qsf_jax as q
+from qsf_jax.training import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "bench_core.json", "Where to write the JSON rows.")
+flags.DEFINE_string("out", "runs/bench_core.json",
+                    "Where to write the JSON rows (its folder is created).")
 flags.DEFINE_integer("repeats", 10, "Timed calls per case (median reported).")
 flags.DEFINE_bool("quick", False, "Small sizes (d=64, 128 tokens, 512 Cayley steps).")
 
@@ -97,11 +100,21 @@ def run(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
   return rows
 
 
+def fail(message: str):
+  """Ends the program with one error line on stderr and exit status 1 (no usage text)."""
+  print(f"bench_core: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments: {argv[1:]}")
   if FLAGS.repeats < 1:
-    raise app.UsageError("--repeats must be >= 1")
+    fail("--repeats must be >= 1")
+  try:
+    cli.prepare_output_file("--out", FLAGS.out)
+  except ValueError as e:
+    fail(str(e))
   dev = jax.devices()[0]
   device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
   if FLAGS.quick:

@@ -1,6 +1,6 @@
 r"""Training throughput, step memory and decode latency per stage.
 
-  python -m experiments.bench_train [--out=bench_train.json] [--stages=...]
+  python -m experiments.bench_train [--out=runs/bench_train.json] [--stages=...]
       [--seq_lens=256,1024,4096] [--preset=small] [--batch_size=1] [--steps=5]
       [--decode_stages=koopman_attn,transformer] [--decode_contexts=256,4096]
       [--override=attn_pallas_design=bv64_w8_s3_chunkbwd ...]
@@ -31,7 +31,8 @@ from qsf_jax.training import bench, cli, setup
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("out", "bench_train.json", "JSON output path.", flag_values=fv)
+  flags.DEFINE_string("out", "runs/bench_train.json",
+                      "JSON output path (its folder is created).", flag_values=fv)
   flags.DEFINE_list("stages", ["fnet", "koopman", "koopman_attn", "hamiltonian_attn",
                                "transformer", "gla", "wave"], "Stages to time.", flag_values=fv)
   flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Sequence lengths.", flag_values=fv)
@@ -76,6 +77,7 @@ def execute(fv: flags.FlagValues) -> int:
   overrides = dict(cli.parse_overrides(fv.override))
   for stage in fv.stages:  # bad names or values fail here, before anything is timed
     setup.check_attn_backend(get_config(stage, fv.preset, **overrides))
+  cli.prepare_output_file("--out", fv.out)
   device = bench.device_description()
   load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -24,23 +24,23 @@ def define_flags(fv: flags.FlagValues) -> None:
   cli.define_evaluation_flags(fv)
   flags.DEFINE_list("contexts", ["1", "2", "4", "8", "16", "32", "64"],
                     "Window lengths k: the last k inputs before each target.", flag_values=fv)
-  flags.DEFINE_string("positions", None, "Target positions lo:hi (lo <= t < hi; hi may be "
-                      "left out: the end of the row). Default: from the largest k to the "
-                      "end of the row.", flag_values=fv)
+  flags.DEFINE_string("positions", None, "Target positions lo:hi (lo <= t < hi <= the row "
+                      "length; lo: runs to the end of the row). Default: from the largest k "
+                      "to the end of the row.", flag_values=fv)
   flags.DEFINE_string("out", None, "Write the per-target arrays to this .npz file.",
                       flag_values=fv)
   cli.define_common(fv)
 
 
 def parse_positions(text: str | None):
-  """``"lo:hi"`` -> (lo, hi); ``"lo:"`` -> (lo, a bound past any row); None -> None."""
+  """``"lo:hi"`` -> (lo, hi); ``"lo:"`` -> (lo, None), the end of the row; None -> None."""
   if text is None:
     return None
   lo, sep, hi = text.partition(":")
   try:
     if not sep:
       raise ValueError
-    return int(lo), (int(hi) if hi.strip() else 2**62)
+    return int(lo), (int(hi) if hi.strip() else None)
   except ValueError:
     raise flags.Error(f"--positions expects lo:hi or lo:, got {text!r}") from None
 

@@ -94,13 +94,19 @@ def config_from_flags():
   return cfg
 
 
+def fail(message: str):
+  """Ends the program with one error line on stderr and exit status 1 (no usage text)."""
+  print(f"separation: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments: {argv[1:]}")
   try:
     cfg = config_from_flags()
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    fail(str(e))
   import jax
   if cfg.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
@@ -110,7 +116,7 @@ def main(argv):
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:  # e.g. --out names an existing file
-    raise app.UsageError(f"--out={FLAGS.out}: cannot create the output folder ({e})") from None
+    fail(f"--out={FLAGS.out}: cannot create the output folder ({e})")
   start = time.perf_counter()
   results = sweep.run_sweep(cfg, log=lambda s: print(s, flush=True))
   results["command"] = " ".join(["python -m experiments.separation"] + sys.argv[1:])

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--H", type=int, default=None,
                  help="heads (default 8; 2 with --quick); e.g. --B=4 --H=64 for FLA's "
                       "benchmark shape, 512 programs instead of 128 at D=128")
-  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--reps", type=int, default=20,
+                 help="timed runs per case, after compiling; the median is reported (>= 20)")
   p.add_argument("--timing", default=None, choices=TIMINGS,
                  help="default sync, or cupti with --goals on a GPU. "
                       "sync: block after every call (end to end); pipelined: "

@@ -81,13 +81,16 @@ DEFAULT_DESIGN = "bv64_w4_s2"  # what pallas_linear_attention runs by default
 _BENCH_NAME = re.compile(r"c(\d+)_(.+)")
 
 
-def resolve_design(name: str, chunk_size: int) -> PallasDesign:
+def resolve_design(name: str, chunk_size: int, *, design_arg: str = "pallas_design",
+                   chunk_arg: str = "chunk_size") -> PallasDesign:
   """The design called ``name``, checked against the chunk length.
 
   Args:
     name: "default", a key of ``PALLAS_DESIGNS``, or a benchmark candidate name
       ``c{C}_{design}`` whose C equals ``chunk_size``.
     chunk_size: the op's chunk length C.
+    design_arg, chunk_arg: what the caller calls the two settings, for the
+      errors (the model config's ``attn_pallas_design`` / ``attn_chunk_size``).
 
   Returns:
     the ``PallasDesign``.
@@ -97,7 +100,7 @@ def resolve_design(name: str, chunk_size: int) -> PallasDesign:
       another chunk length (naming the chunk_size to pass).
   """
   if not isinstance(name, str):
-    raise ValueError(f"pallas_design must be a design name (str), got {name!r}")
+    raise ValueError(f"{design_arg} must be a design name (str), got {name!r}")
   if name == "default":
     return PALLAS_DESIGNS[DEFAULT_DESIGN]
   if name in PALLAS_DESIGNS:
@@ -106,10 +109,10 @@ def resolve_design(name: str, chunk_size: int) -> PallasDesign:
   if m and m.group(2) in PALLAS_DESIGNS:
     if int(m.group(1)) != chunk_size:
       raise ValueError(
-          f"pallas_design {name!r} is the benchmark's chunk-{m.group(1)} candidate, but "
-          f"chunk_size={chunk_size}; pass chunk_size={m.group(1)}, or the design name "
+          f"{design_arg} {name!r} is the benchmark's chunk-{m.group(1)} candidate, but "
+          f"{chunk_arg}={chunk_size}; pass {chunk_arg}={m.group(1)}, or the design name "
           f"{m.group(2)!r} to run it at chunk {chunk_size}")
     return PALLAS_DESIGNS[m.group(2)]
   raise ValueError(
-      f"unknown pallas_design {name!r}; choose 'default', one of {sorted(PALLAS_DESIGNS)}, "
+      f"unknown {design_arg} {name!r}; choose 'default', one of {sorted(PALLAS_DESIGNS)}, "
       f"or a benchmark name 'c<chunk>_<design>' such as 'c{chunk_size}_{DEFAULT_DESIGN}'")

@@ -84,7 +84,7 @@ def test_decode_timer_keeps_to_its_capacity():
                                        ("--decode_rounds=0", "--decode_rounds must be >= 1"),
                                        ("--preset=huge", "unknown preset 'huge'"),
                                        ("--override=attn_pallas_design=fastest",
-                                        "unknown pallas_design 'fastest'"),
+                                        "unknown attn_pallas_design 'fastest'"),
                                        ("--override=d_modle=8", "unknown ModelConfig override"),
                                        ("--override=d_model", "expects name=value")])
 def test_bad_flags_exit_nonzero(tmp_path, capsys, flag, msg):
@@ -92,6 +92,12 @@ def test_bad_flags_exit_nonzero(tmp_path, capsys, flag, msg):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and msg in err[0], err
   assert not (tmp_path / "x.json").exists()
+
+
+def test_output_folder_is_checked_before_timing(tmp_path, capsys):
+  assert bench_train.run(["bench_train", f"--out={tmp_path}", "--stages=koopman_attn"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--out={tmp_path} is a folder" in err[0], err
 
 
 def test_train_rows_take_model_overrides():

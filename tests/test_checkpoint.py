@@ -116,8 +116,35 @@ def test_has_checkpoint_and_missing(tmp_path):
     c.meta()
   st, _ = _state()
   c.save(5, st, {}, wait=True)
+  c.save(7, st, {}, wait=True)
+  # a step that was never kept names the ones that were
+  for call in (lambda: c.meta(6), lambda: c.restore_params(-1)):
+    with pytest.raises(NoCheckpointError, match=r"no checkpoint at step -?\d+ in .*; the "
+                       r"checkpoints kept are at steps: 5, 7$"):
+      call()
+  assert c.meta(5)["step"] == 5 and c.meta()["step"] == 7
   c.close()
   assert ck.has_checkpoint(tmp_path)
+
+
+def test_missing_checkpoint_names_the_runs_in_subfolders(tmp_path):
+  """A progressive root holds one run per stage; evaluate on the root says so."""
+  st, _ = _state()
+  for name in ("koopman", "fnet"):
+    c = ck.Checkpointer(tmp_path / name)
+    c.save(1, st, {}, wait=True)
+    c.close()
+  (tmp_path / "tb").mkdir()
+  err = str(ck.missing_checkpoint_error(tmp_path))
+  assert err == (f"no checkpoint found in {tmp_path} (expected {tmp_path}/checkpoints/<step>); "
+                 f"its subfolders fnet, koopman are runs: pass one of them, e.g. "
+                 f"{tmp_path}/koopman")
+  assert str(ck.missing_checkpoint_error(tmp_path / "tb")).endswith("/checkpoints/<step>)")
+  assert str(ck.missing_checkpoint_error(tmp_path / "nothing")).startswith(
+      f"no checkpoint found in {tmp_path}/nothing")
+  from qsf_jax.training.restore import load_run  # pylint: disable=import-outside-toplevel
+  with pytest.raises(NoCheckpointError, match="its subfolders fnet, koopman are runs"):
+    load_run(tmp_path)
 
 
 def test_identity_differences_and_refusal(tmp_path):

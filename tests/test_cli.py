@@ -16,7 +16,7 @@ from qsf_jax.data.synthetic import synthetic_stories
 from story_corpus import story_corpus
 from qsf_jax.training import checkpoint as ck
 from qsf_jax.training import setup
-from qsf_jax.training.cli import parse_overrides
+from qsf_jax.training.cli import parse_overrides, prepare_output_file
 from qsf_jax.training.restore import load_run
 from test_train_resume import REPO, compile_cache_dir, subprocess_env
 
@@ -199,6 +199,12 @@ def test_context_use_prints_a_table_and_json(run_dir, tmp_path, capsys):
                   main=context_cli.run)
   _expect_error(capsys, ["context_use", f"--workdir={tmp_path / 'none'}"], "checkpoint",
                 main=context_cli.run)
+  # a range past the rows is refused, not cut; lo: runs to the end of the row
+  _expect_error(capsys, ["context_use", f"--workdir={run_dir}", "--contexts=1",
+                         "--positions=4:999"], "positions end at 999, but rows have only",
+                main=context_cli.run)
+  assert context_cli.parse_positions("4:") == (4, None)
+  assert context_cli.parse_positions(" 4 : 12 ") == (4, 12)
 
 
 def test_evaluate_json_is_strict(monkeypatch, capsys):
@@ -280,6 +286,32 @@ def test_parse_overrides():
   assert parse_overrides(["tie_embeddings=false", "ffn_bias=TRUE", "x= False"]) == (
       ("tie_embeddings", False), ("ffn_bias", True), ("x", False))
 
+
+
+def test_prepare_output_file_makes_its_folder_or_refuses(tmp_path):
+  out = tmp_path / "a" / "b" / "bench.json"
+  assert prepare_output_file("--out", out) == out and out.parent.is_dir() and not out.exists()
+  with pytest.raises(ValueError, match=r"--out=.* is a folder; give a file path such as"):
+    prepare_output_file("--out", tmp_path)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match=r"--out=.*file/x.json: cannot create the folder"):
+    prepare_output_file("--out", tmp_path / "file" / "x.json")
+  assert (tmp_path / "file").read_text() == "x"  # nothing lost
+
+
+@pytest.mark.parametrize("module,flags,message", [
+    ("experiments.bench_core", ["--repeats=0"], "bench_core: error: --repeats must be >= 1"),
+    ("experiments.bench_core", ["--out={tmp}"], "bench_core: error: --out={tmp} is a folder"),
+    ("experiments.separation", ["--N=3,1", "--out={tmp}/s"],
+     "separation: error: invalid flags: each entry of N must be >= 2, got 1"),
+])
+def test_absl_app_entry_points_print_one_error_line(tmp_path, module, flags, message):
+  """No usage text or module docstring before the error, as the other entry points."""
+  p = subprocess.run([sys.executable, "-m", module] + [f.format(tmp=tmp_path) for f in flags],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 1 and p.stdout == ""
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), p.stderr
 
 @pytest.mark.slow
 def test_real_processes_exit_codes(run_dir, env):

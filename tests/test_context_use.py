@@ -104,6 +104,11 @@ def test_default_positions_and_packed_mode(gla):
   # default: from the largest k to the end of the row; packed rows are all real
   assert cl.contexts == (2, 5) and sorted(set(cl.position.tolist())) == [5, 6, 7]
   assert cl.whole_row.size == 2 * 2 * 3 and sorted(set(cl.row.tolist())) == [0, 1, 2, 3]
+  # hi None is the end of the row, as the default
+  to_end = cu.context_losses(model, params, coll, valid, batch_size=2, seq_len=8,
+                             contexts=[2, 5], positions=(5, None), mode="packed", max_batches=2)
+  np.testing.assert_array_equal(to_end.position, cl.position)
+  np.testing.assert_array_equal(to_end.restart, cl.restart)
 
 
 @pytest.mark.parametrize("contexts, positions, match", [
@@ -117,6 +122,9 @@ def test_default_positions_and_packed_mode(gla):
     ([1], (4, 4), "0 <= lo < hi"),
     ([1], (-1, 4), "0 <= lo < hi"),
     ([1], (1.0, 4), "pair"),
+    ([1], (None, 4), "pair"),
+    ([1], (4, 2.0), "pair"),
+    ([1], (-1, None), "0 <= lo < hi"),
 ])
 def test_bad_contexts_and_positions(contexts, positions, match):
   with pytest.raises(ValueError, match=match):
@@ -135,6 +143,9 @@ def test_bad_requests_fail_before_any_model_call():
     cu.context_losses(NoModel(), {}, {}, valid, contexts=[1], positions=(4, 8), **kw)
   with pytest.raises(ValueError, match="rows have only 4 positions"):
     cu.context_losses(NoModel(), {}, {}, valid, contexts=[8], **kw)  # default positions
+  with pytest.raises(ValueError, match=r"positions end at 8, but rows have only 4 positions; "
+                     r"pass hi <= 4, or hi None \(--positions=2:\)"):
+    cu.context_losses(NoModel(), {}, {}, valid, contexts=[1], positions=(2, 8), **kw)
   with pytest.raises(ValueError, match="token_budget"):
     cu.context_losses(NoModel(), {}, {}, valid, contexts=[1], positions=(0, 4),
                       token_budget=0, **kw)

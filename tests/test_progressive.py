@@ -126,10 +126,12 @@ def test_markdown_of_an_interrupted_run_says_how_to_resume():
     ("--max_train_stories=0", "--max_train_stories must be >= 1"),
     ("--preset=huge", "unknown preset 'huge'")])
 def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys, flag, msg):
-  assert prog_cli.run(["progressive", f"--workdir={tmp_path}", "--tokenizer=bytes",
+  wd = tmp_path / "run"
+  assert prog_cli.run(["progressive", f"--workdir={wd}", "--tokenizer=bytes",
                        "--data=synthetic", flag]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and msg in err[0], err
+  assert not wd.exists()  # nothing is left behind
 
 
 def test_missing_workdir_is_an_error(capsys):

@@ -1,6 +1,7 @@
 """Tokenizers: GPT-2 offline from a verified local file, and the bytes fallback."""
 
 import hashlib
+import logging
 import shutil
 
 import pytest
@@ -95,21 +96,44 @@ def test_tiktoken_cache_route_matches_file(shared_data_dir, tmp_path, monkeypatc
   assert tok.encode("Once upon a time") == ONCE_IDS and tok.eot_id == 50256
 
 
+@pytest.fixture(autouse=True)
+def _fresh_tiktoken_state(monkeypatch):
+  """Each test starts as a new process: tiktoken not yet tried."""
+  from qsf_jax.data import tokenizer as tk
+  monkeypatch.setattr(tk, "_tiktoken_failure", None)
+
+
 def _offline(monkeypatch):
   import tiktoken
+  calls = []
 
   def fail(name):
+    calls.append(name)
     raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
 
   monkeypatch.setattr(tiktoken, "get_encoding", fail)
+  return calls
 
 
-def test_offline_falls_back_to_the_bundled_vocabulary(monkeypatch):
+def test_offline_falls_back_to_the_bundled_vocabulary(monkeypatch, caplog, tmp_path):
   from qsf_jax.data import tokenizer as tk
-  _offline(monkeypatch)
+  calls = _offline(monkeypatch)
   assert tk.file_sha256(tk.BUNDLED_R50K) == R50K_SHA256
-  tok = get_tokenizer("gpt2")
-  assert tok.encode("Once upon a time") == ONCE_IDS and tok.sha256 == R50K_SHA256
+  with caplog.at_level(logging.WARNING):
+    tok = get_tokenizer("gpt2")
+    assert tok.encode("Once upon a time") == ONCE_IDS and tok.sha256 == R50K_SHA256
+    # Later loads in the process take the bundled copy at once: no second download
+    # attempt and no second warning.
+    again = get_tokenizer("gpt2")
+  assert again.encode("Once upon a time") == ONCE_IDS and again.sha256 == R50K_SHA256
+  assert calls == ["gpt2"]
+  warned = [r.getMessage() for r in caplog.records
+            if "not available from tiktoken" in r.getMessage()]
+  assert len(warned) == 1 and "ConnectionError: Failed to resolve" in warned[0], warned
+  # If the bundled copy then goes missing, the error still says what to do.
+  monkeypatch.setattr(tk, "BUNDLED_R50K", tmp_path / "missing.tiktoken")
+  with pytest.raises(TokenizerUnavailableError, match="ConnectionError.*QSF_TOKENIZER_FILE"):
+    get_tokenizer("gpt2")
 
 
 def test_offline_error_says_how_to_use_a_local_file(monkeypatch, tmp_path):

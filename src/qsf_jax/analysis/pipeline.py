@@ -24,8 +24,7 @@ from qsf_jax.analysis import plots_spectrum as pspec
 from qsf_jax.analysis.operators import check_koopman_stage, layer_operators
 from qsf_jax.models.params import count_params
 from qsf_jax.training import setup
-from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
-from qsf_jax.training.errors import NoCheckpointError
+from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint, missing_checkpoint_error
 from qsf_jax.training.restore import load_run
 
 
@@ -37,8 +36,7 @@ def checkpoint_stage(workdir, step: int | None = None) -> str:
     ValueError: the stage has no Koopman matrices (Stage I, baselines, wave).
   """
   if not has_checkpoint(workdir):
-    raise NoCheckpointError(f"no checkpoint found in {workdir} (expected "
-                            f"{pathlib.Path(workdir) / 'checkpoints'}/<step>)")
+    raise missing_checkpoint_error(workdir)
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     stage = ckpt.meta(step)["stage"]

@@ -140,6 +140,10 @@ def _gpt2_from_file(path: pathlib.Path):
 
 
 BUNDLED_R50K = pathlib.Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
+# Why tiktoken could not load the vocabulary in this process (None: not tried, or it
+# worked). Once set, later loads take the bundled copy without another download attempt
+# (e.g. the several loads of one progressive run), and without another warning.
+_tiktoken_failure: str | None = None
 
 
 def _gpt2_from_tiktoken():
@@ -154,6 +158,37 @@ def _gpt2_from_tiktoken():
         f"tokenizer_file='/path/to/{R50K_FILENAME}') or set "
         f"{TOKENIZER_FILE_ENV}=/path/to/{R50K_FILENAME} (sha256 {R50K_SHA256}), "
         "or use the 'bytes' tokenizer") from e
+
+
+def _gpt2_online_or_bundled():
+  """tiktoken's GPT-2 vocabulary, or the bundled copy once tiktoken has failed.
+
+  Returns:
+    (``tiktoken.Encoding``, sha256): of tiktoken's ranks re-serialised in the
+    r50k format (``_ranks_sha256``), or of the bundled file (verified).
+  """
+  global _tiktoken_failure
+  if _tiktoken_failure is None:
+    try:
+      enc = _gpt2_from_tiktoken()
+      return enc, _ranks_sha256(enc)
+    except TokenizerUnavailableError as e:
+      if not BUNDLED_R50K.is_file():
+        raise
+      cause = e.__cause__ or e
+      first_line = (str(cause).splitlines() or [""])[0][:160]
+      _tiktoken_failure = f"{type(cause).__name__}: {first_line}"
+      logging.warning("GPT-2 vocabulary not available from tiktoken (%s); using the bundled "
+                      "copy %s (sha256 verified) for the rest of this process",
+                      _tiktoken_failure, BUNDLED_R50K)
+  elif not BUNDLED_R50K.is_file():
+    raise TokenizerUnavailableError(
+        f"could not load the GPT-2 vocabulary with tiktoken ({_tiktoken_failure}) and the "
+        f"bundled copy {BUNDLED_R50K} is missing. Point at a local copy: get_tokenizer('gpt2', "
+        f"tokenizer_file='/path/to/{R50K_FILENAME}') or set "
+        f"{TOKENIZER_FILE_ENV}=/path/to/{R50K_FILENAME} (sha256 {R50K_SHA256}), "
+        "or use the 'bytes' tokenizer")
+  return _gpt2_from_file(BUNDLED_R50K), R50K_SHA256
 
 
 def get_tokenizer(name: str = "gpt2", *,
@@ -185,17 +220,7 @@ def get_tokenizer(name: str = "gpt2", *,
     enc = _gpt2_from_file(pathlib.Path(tokenizer_file).expanduser())
     sha = R50K_SHA256  # verified above
   else:
-    try:
-      enc = _gpt2_from_tiktoken()
-      sha = _ranks_sha256(enc)
-    except TokenizerUnavailableError as e:
-      if not BUNDLED_R50K.is_file():
-        raise
-      logging.warning("GPT-2 vocabulary not available from tiktoken (%s); using the "
-                      "bundled copy %s (sha256 verified)", str(e).split(". Without")[0],
-                      BUNDLED_R50K)
-      enc = _gpt2_from_file(BUNDLED_R50K)
-      sha = R50K_SHA256
+    enc, sha = _gpt2_online_or_bundled()
   if enc.n_vocab != GPT2_VOCAB_SIZE or enc.eot_token != GPT2_EOT_ID:
     raise ValueError(
         f"GPT-2 encoding has n_vocab {enc.n_vocab} and eot {enc.eot_token}; "

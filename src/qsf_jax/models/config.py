@@ -202,7 +202,8 @@ class ModelConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
-    resolve_design(self.attn_pallas_design, self.attn_chunk_size)  # raises if unknown
+    resolve_design(self.attn_pallas_design, self.attn_chunk_size,  # raises if unknown
+                   design_arg="attn_pallas_design", chunk_arg="attn_chunk_size")
     for name in ("init_std", "ln_eps", "recurrent_radius", "gla_gate_temp", "wave_dt"):
       _checks.check_positive(name, getattr(self, name))
     if self.d_model % self.n_heads:

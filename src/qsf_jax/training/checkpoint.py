@@ -64,6 +64,22 @@ def has_checkpoint(workdir: str | os.PathLike) -> bool:
   return any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
 
 
+def missing_checkpoint_error(workdir: str | os.PathLike) -> NoCheckpointError:
+  """The error for a folder without a checkpoint, naming any runs in its subfolders.
+
+  A progressive run keeps one run per stage (``workdir/<stage>``), so pointing
+  ``evaluate`` at its root is an easy mistake; the message lists those runs.
+  """
+  root = pathlib.Path(workdir)
+  msg = f"no checkpoint found in {workdir} (expected {checkpoint_dir(workdir)}/<step>)"
+  runs = sorted(p.name for p in root.iterdir() if p.is_dir() and has_checkpoint(p)) \
+      if root.is_dir() else []
+  if runs:
+    msg += (f"; its subfolders {', '.join(runs)} are runs: pass one of them, e.g. "
+            f"{root / runs[-1]}")
+  return NoCheckpointError(msg)
+
+
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for ``TrainState`` + metadata.
 
@@ -106,6 +122,12 @@ class Checkpointer:
       step = self.latest_step()
       if step is None:
         raise NoCheckpointError(f"no finalized checkpoint in {self.directory}")
+      return int(step)
+    steps = sorted(self.all_steps())
+    if int(step) not in steps:
+      kept = ", ".join(map(str, steps)) if steps else "none"
+      raise NoCheckpointError(f"no checkpoint at step {step} in {self.directory}; "
+                              f"the checkpoints kept are at steps: {kept}")
     return int(step)
 
   def _restore(self, step: int, **items):

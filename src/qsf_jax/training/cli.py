@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
+import pathlib
 import sys
 from typing import Callable, Sequence
 
@@ -44,6 +46,28 @@ def parse_overrides(items: Sequence[str] | None) -> tuple:
         value = raw
     out.append((name.strip(), value))
   return tuple(out)
+
+
+def prepare_output_file(flag: str, path) -> pathlib.Path:
+  """Makes the folder of an output file before a long run, so the result is not lost.
+
+  Args:
+    flag: the flag's name for errors, e.g. "--out".
+    path: the output file.
+
+  Raises:
+    ValueError: ``path`` is a folder, or its folder cannot be made or written to.
+  """
+  p = pathlib.Path(path)
+  if not str(path) or p.is_dir():
+    raise ValueError(f"{flag}={path} is a folder; give a file path such as {p / 'results.json'}")
+  try:
+    p.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"{flag}={path}: cannot create the folder {p.parent} ({e})") from None
+  if not os.access(p.parent, os.W_OK):
+    raise ValueError(f"{flag}={path}: the folder {p.parent} is not writable")
+  return p
 
 
 def error_line(prog: str, e: BaseException) -> str:

@@ -66,7 +66,7 @@ def check_contexts(contexts, positions=None) -> tuple[tuple, tuple | None]:
   """Validates window lengths and the target position range ``[lo, hi)``.
 
   Every window must fit in its row (k <= lo + 1), so each k sees exactly k tokens
-  at every target.
+  at every target. ``hi`` None means the end of the row.
 
   Returns:
     ``(sorted unique contexts, (lo, hi))``; ``(contexts, None)`` when
@@ -82,11 +82,15 @@ def check_contexts(contexts, positions=None) -> tuple[tuple, tuple | None]:
   ks = tuple(sorted({int(k) for k in given}))
   if positions is None:
     return ks, None
+  def is_int(p):
+    return not isinstance(p, bool) and isinstance(p, numbers.Integral)
+
   if (not isinstance(positions, (tuple, list)) or len(positions) != 2
-      or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) for p in positions)):
-    raise ValueError(f"positions must be a pair (lo, hi) of ints, got {positions!r}")
-  lo, hi = int(positions[0]), int(positions[1])
-  if not 0 <= lo < hi:
+      or not is_int(positions[0]) or not (positions[1] is None or is_int(positions[1]))):
+    raise ValueError(f"positions must be a pair (lo, hi) of ints (hi None: the end of the "
+                     f"row), got {positions!r}")
+  lo, hi = int(positions[0]), (None if positions[1] is None else int(positions[1]))
+  if lo < 0 or (hi is not None and hi <= lo):
     raise ValueError(f"positions must satisfy 0 <= lo < hi, got {positions!r}")
   if ks[-1] > lo + 1:
     raise ValueError(f"context {ks[-1]} does not fit before position {lo} (windows hold "
@@ -116,8 +120,8 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     model, params, collections, split, batch_size, seq_len, mode, max_batches, beta:
       as for ``evaluate_split``.
     contexts: window lengths k (each <= lo + 1).
-    positions: the target positions ``(lo, hi)``, lo <= t < hi (hi is capped at
-      ``seq_len``; default: from the largest k to the end of the row).
+    positions: the target positions ``(lo, hi)``, lo <= t < hi <= seq_len (hi None:
+      the end of the row; default: from the largest k to the end of the row).
     unigram_log_p: log unigram probabilities (V,) for the unigram column
       (``setup.unigram_log_probs``); None skips it.
     token_budget: window tokens per forward call (windows x k); only each
@@ -127,12 +131,17 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     lo = max(check_contexts(contexts)[0])
     if lo >= seq_len:
       raise ValueError(f"the default positions start at the largest context, {lo}, but rows "
-                       f"have only {seq_len} positions; pass positions or smaller contexts")
+                       f"have only {seq_len} positions; pass positions (--positions) or "
+                       f"smaller contexts (--contexts)")
     positions = (lo, seq_len)
   ks, (lo, hi) = check_contexts(contexts, positions)
   if lo >= seq_len:
     raise ValueError(f"positions start at {lo}, but rows have only {seq_len} positions")
-  hi = min(hi, seq_len)
+  if hi is None:
+    hi = seq_len
+  elif hi > seq_len:
+    raise ValueError(f"positions end at {hi}, but rows have only {seq_len} positions; pass "
+                     f"hi <= {seq_len}, or hi None (--positions={lo}:) for the rest of the row")
   if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
     raise ValueError(f"max_batches must be >= 1, or None for the whole split, got {max_batches!r}")
   if isinstance(token_budget, bool) or not isinstance(token_budget, numbers.Integral) \
@@ -194,7 +203,8 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
 
 def summarize(cl: ContextLosses) -> dict:
   """Token-weighted means: ``{"targets", "positions", "restart": {k: L(k)},
-  "whole_row", "unigram"}`` (``"unigram"`` None without a unigram model)."""
+  "whole_row", "unigram"}``. ``"positions"`` is [first, last] target position
+  scored, both inclusive; ``"unigram"`` is None without a unigram model."""
   return {"targets": int(cl.whole_row.size),
           "positions": [int(cl.position.min()), int(cl.position.max())],
           "restart": {str(k): float(x.mean()) for k, x in zip(cl.contexts, cl.restart)},
@@ -236,8 +246,8 @@ def context_use_workdir(workdir, *, contexts=(1, 2, 4, 8, 16, 32, 64), positions
     workdir, data, step, max_batches, batch_size, tokenizer_file, cache_dir, beta,
       attn_impl: as for ``evaluate_workdir``.
     contexts: window lengths k.
-    positions: target positions ``(lo, hi)`` (default: from the largest k to the
-      end of the row).
+    positions: target positions ``(lo, hi)``, hi <= the run's row length or None
+      for the end of the row (default: from the largest k to the end of the row).
     out: an ``.npz`` path for the per-target arrays (None: not kept).
 
   Returns:

@@ -12,9 +12,10 @@ from absl import logging
 from qsf_jax.models import config as model_config
 from qsf_jax.models.norms import anneal_beta
 from qsf_jax.training import setup
-from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
+from qsf_jax.training.checkpoint import (Checkpointer, has_checkpoint,
+                                         missing_checkpoint_error)
 from qsf_jax.training.config import TrainConfig
-from qsf_jax.training.errors import NoCheckpointError, TrainConfigError
+from qsf_jax.training.errors import TrainConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None,
   """
   workdir = os.fspath(workdir)
   if not has_checkpoint(workdir):
-    raise NoCheckpointError(f"no checkpoint found in {workdir}")
+    raise missing_checkpoint_error(workdir)
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     meta = ckpt.meta(step)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from qsf_jax.models.config import STAGES, get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.models.params import PAPER_TABLE2, count_params, paper_param_counts
+from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import TrainConfigError
@@ -154,11 +155,14 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
     after a SIGINT/SIGTERM only the stages finished before it have rows.
   """
   workdir = os.fspath(workdir)
+  steps = plan(stages, include)  # bad stage names fail here, before any folder is made
+  for stage, _ in steps:
+    setup.check_stage_and_preset(stage, base.preset)
   os.makedirs(workdir, exist_ok=True)
   parents = dict(PROTOCOL)
   rows, interrupted = [], None
   walls = _load_wall_times(workdir)
-  for stage, parent in plan(stages, include):
+  for stage, parent in steps:
     assert stage in STAGES
     wd = os.path.join(workdir, stage)
     if parent is None and parents.get(stage) and has_checkpoint(
