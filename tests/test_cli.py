@@ -1,6 +1,7 @@
 """The absl entry points: train / evaluate / sample, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -56,6 +57,19 @@ def test_train_entry_point_writes_a_run(run_dir, capsys):
   sample = [r for r in recs if r["kind"] == "sample"][0]["text"]
   assert sample.startswith("Once upon a time,") and len(sample) > len("Once upon a time,")
 
+
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_train(run_dir, env, tmp_path, capsys):
+  _, corpus, _ = env
+  wd = tmp_path / "copy"
+  shutil.copytree(run_dir, wd)
+  capsys.readouterr()
+  assert train_cli.run(_train_args(corpus, wd)) == 0
+  out = capsys.readouterr().out
+  assert "resumed from step 6" in out
+  assert "nothing to train: the run in" in out and "already reached its 6 steps" in out, out
+  assert "training koopman/tiny" not in out
+  assert ck.Checkpointer(wd, read_only=True).all_steps() == [3, 6]
 
 def _expect_error(capsys, argv, *needles, main=train_cli.run):
   rc = main(argv)

@@ -129,6 +129,8 @@ def test_resume_after_sigkill_is_exact(corpus):
   c = _run(["-m", "experiments.train"] + _flags(path, wd_b), env)  # the same command
   assert c.returncode == 0, c.stderr[-3000:]
   assert "resumed from step 4" in c.stdout
+  assert "training koopman_attn/tiny from step 4 to 8 in" in c.stdout, c.stdout
+  assert "training koopman_attn/tiny for 8 steps in" in a.stdout, a.stdout
 
   step_a, params_a, coll_a = _final_state(wd_a)
   step_c, params_c, coll_c = _final_state(wd_b)

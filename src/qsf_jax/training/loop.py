@@ -221,9 +221,13 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     ckpt.save(step, state, meta)
     last_saved = step
 
-  _log(f"training {cfg.stage}/{cfg.preset} for {cfg.steps} steps in {workdir} "
-       f"({mesh.devices.size} device(s), batch {cfg.batch_size} x {seq_len}, "
-       f"grad_accum {cfg.grad_accum}, {mcfg.dtype})")
+  if start >= cfg.steps:
+    _log(f"nothing to train: the run in {workdir} already reached its {cfg.steps} steps")
+  else:
+    span = f"for {cfg.steps} steps" if start == 0 else f"from step {start} to {cfg.steps}"
+    _log(f"training {cfg.stage}/{cfg.preset} {span} in {workdir} "
+         f"({mesh.devices.size} device(s), batch {cfg.batch_size} x {seq_len}, "
+         f"grad_accum {cfg.grad_accum}, {mcfg.dtype})")
   interrupted = None
   try:
     with StopRequested() as stop:
