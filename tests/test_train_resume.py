@@ -131,6 +131,8 @@ def test_resume_after_sigkill_is_exact(corpus):
   assert "resumed from step 4" in c.stdout
   assert "training koopman_attn/tiny from step 4 to 8 in" in c.stdout, c.stdout
   assert "training koopman_attn/tiny for 8 steps in" in a.stdout, a.stdout
+  # D5: beta ramps over the last 15% of the 8 steps: 0 at step 6.8, 1 at step 8
+  assert "LayerNorm -> linear scaling from step 7 to 8;" in a.stdout, a.stdout
 
   step_a, params_a, coll_a = _final_state(wd_a)
   step_c, params_c, coll_c = _final_state(wd_b)

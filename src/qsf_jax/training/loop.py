@@ -173,7 +173,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
                          beta=beta, mesh=mesh)
     writer.write(step, rec, kind="eval")
     _log(f"eval step {step} | val_loss {rec['val_loss']:.4f} | ppl {rec['perplexity']:.2f} "
-         f"| {rec['tokens']} tokens")
+         f"| {rec['tokens']} tokens" + (f" | beta {beta:.2f}" if mcfg.annealed else ""))
     if cfg.sample_tokens > 0:
       n_prompt = len(tokenizer.encode(cfg.sample_prompt)) or 1
       n_new = min(cfg.sample_tokens, mcfg.max_seq_len - n_prompt)
@@ -228,6 +228,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     _log(f"training {cfg.stage}/{cfg.preset} {span} in {workdir} "
          f"({mesh.devices.size} device(s), batch {cfg.batch_size} x {seq_len}, "
          f"grad_accum {cfg.grad_accum}, {mcfg.dtype})")
+    if mcfg.annealed:
+      ramp_end = cfg.steps - mcfg.anneal_hold_frac * cfg.steps
+      ramp_start = ramp_end - mcfg.anneal_frac * cfg.steps
+      _log(f"normalisation anneal (D5): LayerNorm -> linear scaling from step "
+           f"{math.ceil(ramp_start)} to {math.ceil(ramp_end)}; the loss can rise there, "
+           f"and `experiments.evaluate --beta=0` scores the weights with LayerNorm")
   interrupted = None
   try:
     with StopRequested() as stop:
