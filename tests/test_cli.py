@@ -71,6 +71,18 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(run_dir, env, t
   assert "training koopman/tiny" not in out
   assert ck.Checkpointer(wd, read_only=True).all_steps() == [3, 6]
 
+
+def test_a_stored_config_that_cannot_be_rebuilt_names_the_fields(run_dir, tmp_path):
+  wd = tmp_path / "edited"
+  shutil.copytree(run_dir, wd)
+  for meta_file in (wd / "checkpoints").glob("*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    meta["model_config"]["ffn_dim"] += 1
+    meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"cannot be rebuilt .* \(ffn_dim: stored \d+, rebuilt "
+                     r"\d+\)$"):
+    load_run(wd)
+
 def _expect_error(capsys, argv, *needles, main=train_cli.run):
   rc = main(argv)
   err = capsys.readouterr().err.strip().splitlines()

@@ -105,9 +105,12 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None,
         f"but {tokenizer.name} (sha256 {tokenizer.sha256}) was loaded")
   mcfg = setup.make_model_config(cfg, tokenizer.vocab_size)
   if mcfg.to_dict() != meta["model_config"]:
+    built, stored = mcfg.to_dict(), dict(meta["model_config"])
+    diff = [f"{k}: stored {stored.get(k, '<absent>')!r}, rebuilt {built.get(k, '<absent>')!r}"
+            for k in sorted(set(built) | set(stored)) if built.get(k) != stored.get(k)]
     raise TrainConfigError(
         f"{workdir}: the stored model configuration cannot be rebuilt by this version "
-        "of the code")
+        f"of the code from the run's train config ({'; '.join(diff)})")
   mcfg = _loaded_attn_impl(mcfg, attn_impl, workdir)
   beta = 0.0
   if mcfg.annealed:
