@@ -190,6 +190,11 @@ def test_parallel_twin_float32():
   _, sp = cy.cayley_scan_parallel(H_seq, psi0)
   assert s.dtype == sp.dtype == jnp.complex64
   assert _inf_norm(s - sp) < 1e-5
+  # No step: both forms return psi0 and an empty (0, N) state array.
+  for scan in (cy.cayley_scan, cy.cayley_scan_parallel):
+    last, states = scan(H_seq[:0], psi0)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(psi0))
+    assert states.shape == (0, 8) and states.dtype == jnp.complex64
 
 
 def test_scan_batched_states(x64):

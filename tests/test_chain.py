@@ -197,6 +197,12 @@ def test_chain_bad_inputs():
     chain_mean(x0, A, np.zeros((N, 2)))
   with pytest.raises(ValueError, match=r"x0 must have shape \(3,\)"):
     chain_mean(np.zeros(2), A, b)
+  # One measurement noise per chain: a (d,) sigma_m used to broadcast silently.
+  for fn in (chain_measured_mean, chain_filter):
+    with pytest.raises(ValueError, match=r"sigma_m must be a scalar, got shape \(3,\)"):
+      fn(x0, A, b, y, sigma_m=np.array([0.5, 1.0, 2.0]))
+  with pytest.raises(ValueError, match=r"sigma_m must be a scalar"):
+    chain_filter(x0, A, b, y, sigma_m=np.ones(3), mode="kalman_bucy")
   with pytest.raises(ValueError, match="A_seq must be real"):
     chain_mean(x0, A * 1j, b)
   with pytest.raises(ValueError, match="method must be one of"):

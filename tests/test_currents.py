@@ -148,3 +148,10 @@ def test_bad_inputs_raise_with_argument_names():
     cu.readout_rates(jnp.ones((2, 4, 4)), H, psi)
   with pytest.raises(ValueError, match=r"H_seq must have 3 dimensions"):
     cu.cayley_scan_with_currents(H, psi)
+  # A non-Hermitian H is refused: its "currents" are not antisymmetric (no continuity).
+  bad = jnp.ones((3, 3)) + 1j * jnp.triu(jnp.ones((3, 3)))
+  for call in (lambda: cu.probability_currents(bad, psi, psi),
+               lambda: cu.instantaneous_currents(bad, psi),
+               lambda: cu.readout_rates(jnp.stack([H, H]), bad, psi)):
+    with pytest.raises(ValueError, match=r"H must be Hermitian"):
+      call()

@@ -124,3 +124,6 @@ def test_bad_inputs(K, kwargs, match):
     spectral_projectors(K, **kwargs)
   with pytest.raises(ValueError, match="non-finite"):
     effective_gain(np.eye(2), np.array([np.inf, 1.0]))
+  for bad in (-1.0, float("nan"), float("inf"), "1e-3", True):  # not "K is too close to defective"
+    with pytest.raises(ValueError, match="spread_max must be a finite number >= 0"):
+      effective_gain(np.diag([0.5, 0.9]), np.ones(2), spread_max=bad)

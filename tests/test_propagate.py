@@ -392,6 +392,13 @@ def test_bad_inputs():
       (dict(dt=np.full(3, 0.5)), r"dt must be a scalar, got shape \(3,\)"),
       (dict(sigma_m=-1.0), "sigma_m must be > 0"),
       (dict(sigma_K=jnp.inf), "sigma_K must be finite"),
+      # a per-dimension noise would broadcast into a wrong answer (or fail deep in jnp)
+      (dict(sigma_m=np.ones(3)), r"sigma_m must be a scalar, got shape \(3,\)"),
+      (dict(sigma_m=np.ones(3), mode="kalman_bucy"), r"sigma_m must be a scalar"),
+      (dict(sigma_m=np.ones(3), mode="kalman_bucy", n_sub=1), r"sigma_m must be a scalar"),
+      (dict(sigma_K=np.ones(3)), r"sigma_K must be a scalar, got shape \(3,\)"),
+      (dict(sigma_K=1j), r"sigma_K must be a real number, got 1j"),
+      (dict(dt="1"), r"dt must be a real number, got '1'"),
       (dict(mode="kalman"), "mode must be one of"),
       (dict(form="joseph"), "form must be one of"),
       (dict(n_sub=0), "n_sub must be 'auto' or an integer >= 1"),
@@ -407,3 +414,11 @@ def test_bad_inputs():
     measurement_update(x0, np.eye(2), y, M, 1.0)
   with pytest.raises(ValueError, match=r"obs_precision must have shape \(\)"):
     measurement_update(x0, np.eye(3), y, M, np.ones(3))
+  for r in (-0.5, np.inf, np.nan):  # gave NaN, or a log-normaliser > 0
+    with pytest.raises(ValueError, match="obs_precision must be finite and >= 0"):
+      measurement_update(x0, np.eye(3), y, M, r)
+  for cov, msg in ((-np.eye(3), "prior_cov must be positive semi-definite"),
+                   (np.triu(np.ones((3, 3))), "prior_cov must be a symmetric covariance"),
+                   (np.full((3, 3), np.nan), "prior_cov must be finite")):
+    with pytest.raises(ValueError, match=msg):
+      measurement_update(x0, cov, y, M, 1.0)

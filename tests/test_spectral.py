@@ -272,6 +272,10 @@ def test_bad_matrices_raise(K_list, match):
     ({"tols": (1e-3, float("nan"))}, r"tols\[1\]"),
     ({"dt": 0.0}, "dt must be > 0"),
     ({"floor": -1.0}, "floor must be > 0"),
+    ({"floor": float("inf")}, "floor must be finite and > 0"),  # gave gamma_net = inf
+    ({"slogdet_rtol": float("inf")}, "slogdet_rtol must be finite and > 0"),
+    ({"tols": 0.1}, r"tols must be a sequence of tolerances, e.g. \(1e-3, 1e-2\)"),
+    ({"dt": "1"}, "dt must be a real number"),
 ])
 def test_bad_options_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):

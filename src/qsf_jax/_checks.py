@@ -82,11 +82,30 @@ def _concrete(value) -> np.ndarray | None:
   return None if v.dtype == object else v
 
 
+def _real(name: str, value, v: np.ndarray) -> np.ndarray:
+  """``v`` if it holds real numbers; a complex, string or boolean value is an error."""
+  if v.dtype.kind not in "iuf":
+    raise ValueError(f"{name} must be a real number, got {value!r} (dtype {v.dtype})")
+  return v
+
+
+def check_scalar(name: str, value) -> None:
+  """Raises ``ValueError`` unless ``value`` is a scalar (tracers too: shapes are static).
+
+  A per-dimension array where the equations take one number would broadcast
+  against the matrices it scales and give a wrong result without an error.
+  """
+  shape = np.shape(value)
+  if shape != ():
+    raise ValueError(f"{name} must be a scalar, got shape {shape}")
+
+
 def check_positive(name: str, value) -> None:
   """Raises ``ValueError`` for a concrete value that is not > 0 (+inf allowed; tracers pass)."""
   v = _concrete(value)
   if v is None:
     return
+  v = _real(name, value, v)
   if np.any(~np.isfinite(v)) and not np.all(np.isinf(v) & (v > 0)):
     raise ValueError(f"{name} must be finite and > 0, got {value}")
   if np.any(v <= 0):
@@ -99,11 +118,9 @@ def check_time_step(name: str, value) -> None:
   The shape is checked for tracers too: an array time step would broadcast
   against the matrices it scales and give wrong results without an error.
   """
-  shape = np.shape(value)
-  if shape != ():
-    raise ValueError(f"{name} must be a scalar, got shape {shape}")
+  check_scalar(name, value)
   v = _concrete(value)
-  if v is not None and not (np.isfinite(v) and v > 0):
+  if v is not None and not (np.isfinite(_real(name, value, v)) and v > 0):
     raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 
@@ -211,7 +228,7 @@ def check_finite_nonneg(name: str, value) -> None:
     return
   if v.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
-  if not np.isfinite(v) or v < 0:
+  if not np.isfinite(_real(name, value, v)) or v < 0:
     raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 

@@ -23,7 +23,7 @@ import jax.scipy.linalg as jsl
 from qsf_jax import _checks
 from qsf_jax.physics.generators import koopman_affine, koopman_cov
 from qsf_jax.physics.propagate import (FORMS, MODES, GaussianPropagator, GaussianState,
-                                       check_finite_positive, check_substeps,
+                                       check_scalars, check_substeps,
                                        exact_substeps, kalman_bucy_step,
                                        measurement_update)
 
@@ -183,9 +183,7 @@ def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt, sigma_m, sigma_K):
   _checks.check_shape("x0", x0, (d,))
   M = jnp.eye(d, dtype=dtype) if M is None else extra[1]
   _checks.check_shape("M", M, (d, d))
-  _checks.check_time_step("dt", dt)
-  _checks.check_positive("sigma_m", sigma_m)
-  check_finite_positive("sigma_K", sigma_K)
+  check_scalars(dt, sigma_m, sigma_K)
   r = jnp.asarray(dt, dtype) / jnp.asarray(sigma_m, dtype) ** 2
   return x0.astype(dtype), A, b, y.astype(dtype), M.astype(dtype), N, r
 

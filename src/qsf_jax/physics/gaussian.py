@@ -68,6 +68,8 @@ def check_finite_positive(name: str, value) -> None:
 def check_scalars(dt, sigma_m, sigma_K) -> None:
   """Checks dt (finite scalar > 0), sigma_m (> 0, inf allowed) and sigma_K (finite > 0)."""
   _checks.check_time_step("dt", dt)
+  _checks.check_scalar("sigma_m", sigma_m)
   _checks.check_positive("sigma_m", sigma_m)
+  _checks.check_scalar("sigma_K", sigma_K)
   check_finite_positive("sigma_K", sigma_K)
 

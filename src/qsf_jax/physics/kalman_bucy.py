@@ -14,7 +14,7 @@ import numpy as np
 
 from qsf_jax import _checks
 from qsf_jax.physics.gaussian import (GaussianPropagator, _spd_inv_logdet, _sym,
-                                      check_finite_positive, check_scalars)
+                                      check_scalars)
 
 
 # Largest nu h per exact sub-step (``exact_substeps``): float64 means agree with a
@@ -63,9 +63,7 @@ def exact_substeps(A, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0) -> int:
           f"grad); pass an int n_sub, e.g. qsf_jax.exact_substeps(A, M, dt, sigma_m, "
           f"sigma_K) computed outside the transformation")
     vals[name] = v.astype(np.float64)
-  _checks.check_time_step("dt", dt)
-  _checks.check_positive("sigma_m", sigma_m)
-  check_finite_positive("sigma_K", sigma_K)
+  check_scalars(dt, sigma_m, sigma_K)
   A_v = vals["A"]
   if A_v.ndim not in (2, 3) or A_v.shape[-1] != A_v.shape[-2]:
     raise ValueError(f"A must have shape (d, d) or (N, d, d), got {A_v.shape}")

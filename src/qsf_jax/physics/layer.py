@@ -123,6 +123,8 @@ def propagate_layer(K, b, W_V, x0, x_tgt, *, sigma_m=1.0, sigma_K=1.0, mode="pap
   _checks.check_shape("x_tgt", x_tgt, (d,))
   M = jnp.eye(d, dtype=K.dtype) if W_V is None else _checks.as_array("W_V", W_V)
   _checks.check_shape("W_V", M, (d, d))
+  for name, v in (("sigma_m", sigma_m), ("sigma_K", sigma_K)):
+    _checks.check_scalar(name, v)
   _checks.check_positive("sigma_m", sigma_m)
   check_finite_positive("sigma_K", sigma_K)
   for name, v in (("K", K), ("b", b), ("W_V", M), ("x0", x0), ("x_tgt", x_tgt)):

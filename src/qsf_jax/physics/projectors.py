@@ -25,6 +25,8 @@ and K^dagger). Everything runs on the host in float64 (decision D15).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
 import scipy.linalg as sl
@@ -227,6 +229,9 @@ def effective_gain(K, h, *, cluster_rtol: float = 1e-6, proj_max: float = 1e6,
   Returns:
     G_eff (...,) float64, between min |lambda| and max |lambda|; NaN where h = 0.
   """
+  if (isinstance(spread_max, bool) or not isinstance(spread_max, numbers.Real)
+      or not 0 <= spread_max < math.inf):
+    raise ValueError(f"spread_max must be a finite number >= 0, got {spread_max!r}")
   proj = spectral_projectors(K, cluster_rtol=cluster_rtol, proj_max=proj_max)
   d = proj.lam.shape[0]
   h = host_real("h", h)

@@ -53,10 +53,12 @@ def measurement_update(prior_mean, prior_cov, x_tgt, M, obs_precision, *, form="
   Args:
     prior_mean: mu_0 (d,).
     prior_cov: Sigma_0 (d, d), symmetric positive definite (the gain form's mean
-      and covariance also accept a singular one; the precision is then inf).
+      and covariance also accept a singular one, whose precision is not finite).
+      A concrete one that is not finite, symmetric and positive semi-definite is
+      an error.
     x_tgt: measured target in value space (d,).
     M: measurement matrix, W_V (d, d).
-    obs_precision: r >= 0, scalar (0 means no measurement).
+    obs_precision: r >= 0, finite scalar (0 means no measurement).
     form: "gain" (also "auto") or "information".
 
   Returns:
@@ -74,6 +76,8 @@ def measurement_update(prior_mean, prior_cov, x_tgt, M, obs_precision, *, form="
   M = _checks.as_array("M", M)
   _checks.check_shape("M", M, (d, d))
   _checks.check_shape("obs_precision", jnp.asarray(obs_precision), ())
+  _checks.check_finite_nonneg("obs_precision", obs_precision)  # concrete values only
+  _checks.check_covariance("prior_cov", S0)
   dtype = _checks.result_dtype(mu0, S0, y, M)
   mu0, S0, y, M = (a.astype(dtype) for a in (mu0, S0, y, M))
   eye = jnp.eye(d, dtype=mu0.dtype)

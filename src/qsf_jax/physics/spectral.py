@@ -236,9 +236,13 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
   """
   K_LDD = _host_matrices(K_list)
   _checks.check_time_step("dt", dt)
-  _checks.check_positive("floor", floor)
-  _checks.check_positive("slogdet_rtol", slogdet_rtol)
+  for name, value in (("floor", floor), ("slogdet_rtol", slogdet_rtol)):
+    _checks.check_positive(name, value)
+    if not np.isfinite(value):  # +inf passes check_positive (a sigma may be infinite)
+      raise ValueError(f"{name} must be finite and > 0, got {value}")
   tol = _nonneg("tol", tol)
+  if isinstance(tols, (str, bytes)) or not hasattr(tols, "__iter__"):
+    raise ValueError(f"tols must be a sequence of tolerances, e.g. (1e-3, 1e-2), got {tols!r}")
   tols = tuple(_nonneg(f"tols[{i}]", t) for i, t in enumerate(tols))
   dt, floor = float(dt), float(floor)
 

@@ -239,10 +239,14 @@ def cayley_scan_parallel(H_seq, psi0, dt=1.0):
     dt: step length (scalar > 0).
 
   Returns:
-    (psi_T, states): as ``cayley_scan``: (N,) and (T, N).
+    (psi_T, states): as ``cayley_scan``: (N,) and (T, N); for T = 0, psi0 and
+    an empty (0, N).
   """
   H_seq, psi0 = _check_sequence(H_seq, psi0)
   _checks.check_shape("psi0", psi0, (H_seq.shape[-1],))
+  if H_seq.shape[0] == 0:  # no step: as cayley_scan
+    _checks.check_time_step("dt", dt)
+    return psi0, jnp.zeros((0,) + psi0.shape, psi0.dtype)
   P_TNN = cayley_products(H_seq, dt)
   states_TN = jnp.einsum("tnm,m->tn", P_TNN, psi0)
   return states_TN[-1], states_TN

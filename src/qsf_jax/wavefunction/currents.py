@@ -23,9 +23,14 @@ from qsf_jax.wavefunction.hermitian import complex_dtype
 
 
 def _hamiltonian_and_states(H, **states):
-  """Validates H (N, N) and equally shaped states (..., N); returns them complex."""
+  """Validates H (N, N) and equally shaped states (..., N); returns them complex.
+
+  A concrete H must be finite and Hermitian (``_checks.check_hermitian``): the
+  currents' antisymmetry and the continuity equation hold only then.
+  """
   H = _checks.as_array("H", H, allow_complex=True)
   N = _checks.check_square("H", H)
+  _checks.check_hermitian("H", H)
   arrays = {}
   shape = None
   for name, psi in states.items():
