@@ -422,3 +422,15 @@ def test_bad_inputs():
                    (np.full((3, 3), np.nan), "prior_cov must be finite")):
     with pytest.raises(ValueError, match=msg):
       measurement_update(x0, cov, y, M, 1.0)
+
+
+def test_scalar_checks_take_every_real_dtype_and_refuse_the_rest():
+  from qsf_jax import _checks  # pylint: disable=import-outside-toplevel
+  for v in (0.5, 2, np.float16(0.5), jnp.bfloat16(0.5), np.int64(2), jnp.float32(1.0)):
+    _checks.check_time_step("dt", v)
+    _checks.check_positive("sigma_m", v)
+    _checks.check_finite_nonneg("sigma_K", v)
+  for bad in (True, np.bool_(False), 1j, "1", np.complex64(1.0)):
+    for check in (_checks.check_time_step, _checks.check_positive, _checks.check_finite_nonneg):
+      with pytest.raises(ValueError, match="x must be a real number"):
+        check("x", bad)

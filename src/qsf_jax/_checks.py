@@ -84,7 +84,8 @@ def _concrete(value) -> np.ndarray | None:
 
 def _real(name: str, value, v: np.ndarray) -> np.ndarray:
   """``v`` if it holds real numbers; a complex, string or boolean value is an error."""
-  if v.dtype.kind not in "iuf":
+  if v.dtype == np.bool_ or not (jnp.issubdtype(v.dtype, jnp.floating)  # bfloat16 too
+                                 or jnp.issubdtype(v.dtype, jnp.integer)):
     raise ValueError(f"{name} must be a real number, got {value!r} (dtype {v.dtype})")
   return v
 
