@@ -72,8 +72,10 @@ def missing_checkpoint_error(workdir: str | os.PathLike) -> NoCheckpointError:
   """
   root = pathlib.Path(workdir)
   msg = f"no checkpoint found in {workdir} (expected {checkpoint_dir(workdir)}/<step>)"
-  runs = sorted(p.name for p in root.iterdir() if p.is_dir() and has_checkpoint(p)) \
-      if root.is_dir() else []
+  try:
+    runs = sorted(p.name for p in root.iterdir() if p.is_dir() and has_checkpoint(p))
+  except OSError:  # not a folder, or not readable: nothing to suggest
+    runs = []
   if runs:
     msg += (f"; its subfolders {', '.join(runs)} are runs: pass one of them, e.g. "
             f"{root / runs[-1]}")
