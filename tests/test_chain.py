@@ -203,6 +203,16 @@ def test_chain_bad_inputs():
       fn(x0, A, b, y, sigma_m=np.array([0.5, 1.0, 2.0]))
   with pytest.raises(ValueError, match=r"sigma_m must be a scalar"):
     chain_filter(x0, A, b, y, sigma_m=np.ones(3), mode="kalman_bucy")
+  nan_x0 = np.array([np.nan, 0.0, 0.0])
+  with pytest.raises(ValueError, match="x0 must be finite"):
+    chain_mean(nan_x0, A, b)
+  with pytest.raises(ValueError, match="A_seq must be finite"):
+    chain_mean(x0, np.where(A == A[0, 0, 0], np.nan, A), b)
+  for fn in (chain_measured_mean, chain_filter):
+    with pytest.raises(ValueError, match="x_tgt_seq must be finite"):
+      fn(x0, A, b, np.where(y == y[0, 0], np.inf, y))
+  # values under jit are traced and not checked (the documented price of trace-time checks)
+  assert np.isnan(np.asarray(jax.jit(chain_mean)(jnp.asarray(nan_x0), A, b))).all(axis=1).any()
   with pytest.raises(ValueError, match="A_seq must be real"):
     chain_mean(x0, A * 1j, b)
   with pytest.raises(ValueError, match="method must be one of"):

@@ -169,6 +169,15 @@ def test_bad_inputs():
     koopman_cov(np.eye(2), 1.0, 0.0)
   with pytest.raises(ValueError, match="A must be a square matrix"):
     decompose_generator(np.zeros((2, 3)))
+  nan_eye = np.where(np.eye(2) > 0, np.nan, 0.0)
+  with pytest.raises(ValueError, match="A must be finite"):
+    koopman_affine(nan_eye, np.zeros(2))
+  with pytest.raises(ValueError, match="b must be finite"):
+    koopman_affine(np.eye(2), np.array([np.inf, 0.0]))
+  with pytest.raises(ValueError, match="x0 must be finite"):
+    koopman_mean(np.eye(2), np.zeros(2), np.array([np.nan, 0.0]))
+  with pytest.raises(ValueError, match="A must be finite"):
+    koopman_cov(nan_eye)
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])

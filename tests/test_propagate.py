@@ -399,6 +399,12 @@ def test_bad_inputs():
       (dict(sigma_K=np.ones(3)), r"sigma_K must be a scalar, got shape \(3,\)"),
       (dict(sigma_K=1j), r"sigma_K must be a real number, got 1j"),
       (dict(dt="1"), r"dt must be a real number, got '1'"),
+      # NaN in, NaN out before: a concrete non-finite input is refused by name
+      (dict(A=np.where(np.eye(3) > 0, np.nan, 0.0)), "A must be finite; it has 3 non-finite"),
+      (dict(x0=np.array([0.0, np.inf, 0.0])), "x0 must be finite"),
+      (dict(M=np.full((3, 3), np.nan)), "M must be finite"),
+      (dict(x_tgt=np.array([np.nan, 0.0, 0.0]), mode="kalman_bucy", n_sub=1),
+       "x_tgt must be finite"),
       (dict(mode="kalman"), "mode must be one of"),
       (dict(form="joseph"), "form must be one of"),
       (dict(n_sub=0), "n_sub must be 'auto' or an integer >= 1"),

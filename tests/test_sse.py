@@ -185,6 +185,8 @@ def _good():
     ({"x_tgt": np.ones((4, D))}, r"x_tgt must have shape \(3, 3\)"),
     ({"x_tgt": np.ones((3, D, 1))}, "x_tgt must have 1 or 2 dimension"),
     ({"variant": "ito"}, "variant must be one of"),
+    ({"x0": np.array([np.nan, 0.0, 0.0])}, "x0 must be finite"),
+    ({"x_tgt": np.full(D, np.inf)}, "x_tgt must be finite"),
     ({"sigma_m": 0.0}, "sigma_m must be > 0"),
     ({"dt": -0.1}, "dt must be > 0"),
     ({"dt": np.full(D, 0.1)}, r"dt must be a scalar, got shape \(3,\)"),

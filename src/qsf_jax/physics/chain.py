@@ -62,6 +62,8 @@ def _validate_seq(A_seq, b_seq, extra=(), n_steps=None, n_from=None):
   N = _resolve_steps(n_steps, A_seq=A.shape[0] if A.ndim == 3 else None,
                      b_seq=b.shape[0] if b.ndim == 2 else None, **(n_from or {}))
   dtype = _checks.result_dtype(A, b, *extra)
+  _checks.check_finite("A_seq", A)  # concrete values only
+  _checks.check_finite("b_seq", b)
   return A.astype(dtype), b.astype(dtype), d, N, dtype
 
 
@@ -166,6 +168,7 @@ def chain_mean(x0, A_seq, b_seq, dt=1.0, *, n_steps=None, method="associative"):
   x0 = _checks.as_array("x0", x0)
   A, b, d, N, dtype = _validate_seq(A_seq, b_seq, extra=[x0], n_steps=n_steps)
   _checks.check_shape("x0", x0, (d,))
+  _checks.check_finite("x0", x0)
   _checks.check_time_step("dt", dt)
   U_NDD, c_ND = _per_step(koopman_affine, A, b, N, dt)
   return scan_affine(x0.astype(dtype), U_NDD, c_ND, method=method)
@@ -184,6 +187,8 @@ def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt, sigma_m, sigma_K):
   M = jnp.eye(d, dtype=dtype) if M is None else extra[1]
   _checks.check_shape("M", M, (d, d))
   check_scalars(dt, sigma_m, sigma_K)
+  for name, v in (("x0", x0), ("x_tgt_seq", y), ("M", M)):
+    _checks.check_finite(name, v)
   r = jnp.asarray(dt, dtype) / jnp.asarray(sigma_m, dtype) ** 2
   return x0.astype(dtype), A, b, y.astype(dtype), M.astype(dtype), N, r
 

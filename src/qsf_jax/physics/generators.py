@@ -67,6 +67,8 @@ def koopman_affine(A, b, dt=1.0):
   b = _checks.as_array("b", b)
   _checks.check_shape("b", b, (d,))
   _checks.check_time_step("dt", dt)
+  for name, v in (("A", A), ("b", b)):
+    _checks.check_finite(name, v)  # concrete values only (NaN in, NaN out, otherwise)
   dtype = _checks.result_dtype(A, b)
   A, b = A.astype(dtype), b.astype(dtype)
   aug = jnp.zeros((d + 1, d + 1), dtype)
@@ -90,6 +92,7 @@ def koopman_mean(A, b, x0, dt=1.0):
   Phi, c = koopman_affine(A, b, dt)
   x0 = _checks.as_array("x0", x0)
   _checks.check_shape("x0", x0, (Phi.shape[0],))
+  _checks.check_finite("x0", x0)
   return Phi @ x0.astype(Phi.dtype) + c
 
 
@@ -141,6 +144,7 @@ def koopman_cov(A, sigma_K=1.0, dt=1.0):
   """
   A = _checks.as_array("A", A)
   _checks.check_square("A", A)
+  _checks.check_finite("A", A)
   _checks.check_time_step("dt", dt)
   _checks.check_finite_nonneg("sigma_K", sigma_K)
   dtype = _checks.result_dtype(A)

@@ -126,6 +126,8 @@ def _validate(x0, A, b, x_tgt, M):
     M = _checks.as_array("M", M)
     _checks.check_shape("M", M, (d, d))
     dtype = _checks.result_dtype(x0, A, b, x_tgt, M)
+  for name, v in (("x0", x0), ("A", A), ("b", b), ("x_tgt", x_tgt), ("M", M)):
+    _checks.check_finite(name, v)  # concrete values only
   return tuple(a.astype(dtype) for a in (x0, A, b, x_tgt, M))
 
 

@@ -80,6 +80,8 @@ def _validate_model(x0, A, b, x_tgt, sigma_m, variant, n_steps=None):
   _checks.check_shape("x_tgt", x_tgt, (d,) if x_tgt.ndim == 1 else (n_steps, d))
   _check_scalar("sigma_m", sigma_m)
   _checks.check_positive("sigma_m", sigma_m)
+  for name, v in (("x0", x0), ("A", A), ("b", b), ("x_tgt", x_tgt)):
+    _checks.check_finite(name, v)  # concrete values only
   dtype = _checks.result_dtype(x0, A, b, x_tgt)
   return tuple(a.astype(dtype) for a in (x0, A, b, x_tgt)), dtype
 
