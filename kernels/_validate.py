@@ -9,6 +9,7 @@ zero k and v and zero log-decay add nothing to the state (S = e^0 S + 0 0^T).
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from qsf_jax import _checks
 
@@ -27,6 +28,27 @@ def _check_float(name: str, x) -> None:
         f"float64), got {x.dtype} with shape {tuple(x.shape)}")
 
 
+def _check_log_decay_domain(log_decay) -> None:
+  """Raises ``ValueError`` if a concrete log-decay has a NaN or an entry > 0.
+
+  The op's domain is g <= 0, with g = -inf a full reset; a positive g (growth)
+  can overflow the chunked forms, and NaN spreads to every later output.
+  Tracers pass: their values are unknown at trace time.
+  """
+  g = _checks._concrete(log_decay)
+  if g is None or g.size == 0:
+    return
+  g = g.astype(np.float32)
+  n_nan, n_pos = int(np.isnan(g).sum()), int((g > 0).sum())
+  if n_nan or n_pos:
+    worst = float(np.nanmax(g)) if n_pos else float("nan")
+    raise ValueError(
+        f"log_decay must be <= 0 (-inf allowed: a full reset), with no NaN; got "
+        f"{n_nan} NaN and {n_pos} positive entries of {g.size}"
+        + (f" (largest {worst:.4g})" if n_pos else "")
+        + f", shape {tuple(log_decay.shape)}")
+
+
 def validate_inputs(q, k, v, log_decay, initial_state):
   """Checks the op's arguments and returns them as arrays.
 
@@ -42,7 +64,9 @@ def validate_inputs(q, k, v, log_decay, initial_state):
 
   Raises:
     ValueError: naming the argument and the shapes, for complex or non-floating
-      input, wrong ranks, mismatched shapes or mismatched q/k/v dtypes.
+      input, wrong ranks, mismatched shapes or mismatched q/k/v dtypes, and for
+      a concrete log_decay with an entry that is NaN or > 0 (traced values are
+      not checked).
   """
   q = _checks.as_array("q", q)
   k = _checks.as_array("k", k)
@@ -68,6 +92,7 @@ def validate_inputs(q, k, v, log_decay, initial_state):
     log_decay = _checks.as_array("log_decay", log_decay)
     _check_float("log_decay", log_decay)
     _checks.check_shape("log_decay", log_decay, (B, T, H))
+    _check_log_decay_domain(log_decay)
   if initial_state is not None:
     initial_state = _checks.as_array("initial_state", initial_state)
     _check_float("initial_state", initial_state)
@@ -76,9 +101,15 @@ def validate_inputs(q, k, v, log_decay, initial_state):
 
 
 def check_chunk_size(chunk_size, *, power_of_two: bool) -> int:
-  """Validates ``chunk_size`` (a positive int; a power of two >= 16 for Pallas)."""
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+  """Validates ``chunk_size`` (a positive int; a power of two >= 16 for Pallas).
+
+  Python and NumPy integers are accepted; the result is a Python int (a static
+  argument of the jitted kernels).
+  """
+  if (isinstance(chunk_size, (bool, np.bool_))
+      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  chunk_size = int(chunk_size)
   if power_of_two and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
     raise ValueError(
         f"chunk_size must be a power of two >= 16 for impl='pallas' "

@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._validate import compute_dtype, pad_axis, round_up
+from ._validate import (check_chunk_size, compute_dtype, pad_axis, round_up,
+                        validate_inputs)
 
 
 def _mm_precision(dtype):
@@ -48,7 +49,13 @@ def chunked_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chu
   Returns:
     (o, S_T): outputs (B, T, H, Dv) in q's dtype and the final state
     (B, H, Dk, Dv) in the accumulation dtype.
+
+  Raises:
+    ValueError: for the inputs ``linear_attention`` refuses, or a chunk_size
+      that is not a positive int.
   """
+  q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
+  chunk_size = check_chunk_size(chunk_size, power_of_two=False)
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   in_dtype = q.dtype

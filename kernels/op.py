@@ -30,8 +30,9 @@ inputs); bf16/f16 inputs are used as matmul operands with float32 accumulation;
 32-bit matmuls request IEEE precision (no TF32). Outputs come back in the input
 dtype; the final state is float32 (float64 for float64 inputs).
 
-Domain: g <= 0, which is not checked (values are traced); positive g can
-overflow. The chunked impls ("xla", "pallas") raise g to ``decay_floor(dtype)``
+Domain: g <= 0 (-inf allowed). A concrete log_decay with a NaN or a positive
+entry is refused; traced values (under jit or grad) are not checked, and there a
+positive g can overflow. The chunked impls ("xla", "pallas") raise g to ``decay_floor(dtype)``
 (2 ln eps of the accumulation dtype: -31.8 for float32 accumulation, -72.1 for
 float64) before the chunk-local cumsum. Crossing such a step scales a term by at
 most e^{floor} = eps^2 instead of e^{g}, below the accumulation's resolution, and
@@ -186,6 +187,9 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
   """
   q, k, v, log_decay, initial_state = _validate.validate_inputs(
       q, k, v, log_decay, initial_state)
+  return_final_state = _checks.check_flag("return_final_state", return_final_state)
+  interpret = _checks.check_flag("interpret", interpret)
+  chunk_size = _validate.check_chunk_size(chunk_size, power_of_two=False)
   impl = resolve_impl(impl, q.dtype, head_dim=max(q.shape[-1], v.shape[-1]),
                       chunk_size=chunk_size)
   _validate.check_chunk_size(chunk_size, power_of_two=impl == "pallas")
@@ -197,6 +201,6 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None,
   if q.shape[0] == 0 or q.shape[2] == 0:
     impl = "xla"  # nothing to launch kernels for; the jnp form handles empty axes
   o, S_T = _run(q, k, v, log_decay, initial_state, impl=impl, chunk_size=chunk_size,
-                interpret=bool(interpret), return_final_state=bool(return_final_state),
+                interpret=interpret, return_final_state=return_final_state,
                 design=design)
   return (o, S_T) if return_final_state else o

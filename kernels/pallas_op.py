@@ -23,8 +23,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from qsf_jax import _checks
 
 from . import partitioning, segments
 from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
@@ -263,24 +266,27 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
       ``backward``, ``forward`` or ``split_sweeps``.
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
-  check_chunk_size(chunk_size, power_of_two=True)
+  chunk_size = check_chunk_size(chunk_size, power_of_two=True)
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   C = min(int(chunk_size), max(16, next_power_of_two(T)))
   Dkp = max(16, next_power_of_two(Dk))
   Dvp = max(16, next_power_of_two(Dv))
-  if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+  if (isinstance(num_segments, (bool, np.bool_))
+      or not isinstance(num_segments, (int, np.integer)) or num_segments < 1):
     raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+  num_segments = int(num_segments)
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   if forward not in FORWARDS:
     raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
-  if not isinstance(split_sweeps, bool):
-    raise ValueError(f"split_sweeps must be a bool, got {split_sweeps!r}")
+  split_sweeps = _checks.check_flag("split_sweeps", split_sweeps)
+  interpret = _checks.check_flag("interpret", interpret)
+  return_final_state = _checks.check_flag("return_final_state", return_final_state)
   nseg = num_segments
   Tp = round_up(T, C * nseg)
-  st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=bool(interpret),
-               return_final_state=bool(return_final_state), backward=backward,
+  st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=interpret,
+               return_final_state=return_final_state, backward=backward,
                forward=forward, split_sweeps=split_sweeps)
   qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
   kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._validate import compute_dtype
+from ._validate import compute_dtype, validate_inputs
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -53,6 +53,7 @@ def reference_linear_attention(q, k, v, log_decay=None, initial_state=None):
     (o, S_T): outputs (B, T, H, Dv) in q's dtype and the final state
     (B, H, Dk, Dv) in the accumulation dtype.
   """
+  q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   q_BTHK, k_BTHK, v_BTHV, g_BTH, S0_BHKV = _prepare(q, k, v, log_decay, initial_state)
   T = q.shape[1]
   t_T1, s_1T = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
@@ -90,6 +91,7 @@ def scan_linear_attention(q, k, v, log_decay=None, initial_state=None):
     (o, S_T): outputs (B, T, H, Dv) in q's dtype and the final state
     (B, H, Dk, Dv) in the accumulation dtype.
   """
+  q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   q_BTHK, k_BTHK, v_BTHV, g_BTH, S0_BHKV = _prepare(q, k, v, log_decay, initial_state)
 
   def step(S_BHKV, x):

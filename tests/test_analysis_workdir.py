@@ -229,3 +229,10 @@ def test_evaluate_at_another_anneal_weight(stage3):
   for bad in (-0.1, 1.5, float("nan"), "1", True):
     with pytest.raises(ValueError, match="beta must be a number in"):
       evaluate_workdir(stage3, max_batches=1, beta=bad)
+  with pytest.raises(ValueError, match="per_token must be a bool.*'yes'"):
+    evaluate_workdir(stage3, max_batches=1, per_token="yes")
+  # Fractional counts failed deep in itertools, or were rounded in the message.
+  for kw, match in ((dict(max_batches=1.5), "max_batches must be an int >= 1"),
+                    (dict(max_batches=1, batch_size=2.5), "batch_size must be an int >= 1")):
+    with pytest.raises(ValueError, match=match):
+      evaluate_workdir(stage3, **kw)

@@ -258,3 +258,29 @@ def test_bad_inputs_raise_with_argument_names():
     hm.isometry_from_real(jnp.ones((5, 3)), jnp.ones((5, 2)))
   with pytest.raises(ValueError, match=r"K >= N.*\(2, 3\)"):
     hm.isometry_from_real(jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+
+def test_non_finite_states_and_rank_deficient_readouts_are_refused():
+  """A NaN state, or a W without full column rank, used to give NaN probabilities."""
+  rng = np.random.default_rng(3)
+  M = hm.isometry_from_real(rng.normal(size=(5, 3)), rng.normal(size=(5, 3)))
+  with pytest.raises(ValueError, match="psi must be finite; it has 1 non-finite"):
+    bn.born_probabilities(M, jnp.array([1.0, jnp.nan, 0.0]))
+  with pytest.raises(ValueError, match="M must be finite"):
+    bn.born_probabilities(M.at[0, 0].set(jnp.inf), jnp.ones(3))
+  with pytest.raises(ValueError, match="W_re must be finite"):
+    hm.isometry_from_real(np.full((5, 3), np.nan), np.zeros((5, 3)))
+  W = rng.normal(size=(2, 5, 3))
+  W[1, :, 2] = W[1, :, 0]  # rank 2 in the second batch entry
+  with pytest.raises(ValueError, match=r"full column rank \(N=3\).*batch index \(1,\)"):
+    hm.isometry_from_real(W, np.zeros_like(W))
+  with pytest.raises(ValueError, match="full column rank"):
+    hm.isometry_from_real(np.zeros((4, 2)), np.zeros((4, 2)))
+  # Real and imaginary parts that are each rank-deficient can give a full-rank W.
+  a = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+  b = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+  M2 = np.asarray(hm.isometry_from_real(a, b))
+  np.testing.assert_allclose(M2.conj().T @ M2, np.eye(2), atol=1e-6)
+  # Traced values are not checked (the check needs concrete numbers).
+  out = jax.jit(hm.isometry_from_real)(np.zeros((4, 2)), np.zeros((4, 2)))
+  assert out.shape == (4, 2)

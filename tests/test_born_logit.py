@@ -161,6 +161,18 @@ def test_rotation_to_and_inverse_cayley():
     construction.rotation_to(np.array([1.0, 1.0]))
   with pytest.raises(ValueError, match="eigenvalue -1"):
     construction.inverse_cayley_real(np.diag([1.0, -1.0, -1.0]))
+  # A matrix that is not orthogonal used to give a generator silently (zero for diag(2, 1)).
+  with pytest.raises(ValueError, match=r"Q_DD must be orthogonal \(max \|Q\^T Q - I\| = 3"):
+    construction.inverse_cayley_real(np.diag([2.0, 1.0]))
+  with pytest.raises(ValueError, match="Q_DD must be a square matrix"):
+    construction.inverse_cayley_real(np.ones((2, 3)))
+  # A misspelt context kind used to give the generic draw; a bad beta was accepted.
+  with pytest.raises(ValueError, match=r"contexts must be one of \['phase', 'generic'\]"):
+    bl.cue_hamiltonians(3, 2, "phases", 0)
+  with pytest.raises(ValueError, match="beta must be a finite number > 0, got -1"):
+    bl.born_logit_targets(np.ones((2, 3), complex) / np.sqrt(3), beta=-1)
+  with pytest.raises(ValueError, match=r"psi_CN must have 2 dimensions"):
+    bl.born_logit_targets(np.ones(3, complex), beta=1.0)
 
 
 # --- explicit models --------------------------------------------------------------------

@@ -245,6 +245,13 @@ def test_bad_inputs_raise_with_argument_names():
     cy.cayley_scan(H, psi)
   with pytest.raises(ValueError, match=r"psi0 must have shape \(\.\.\., 4\)"):
     cy.cayley_scan(H[None], jnp.ones(3))
+  with pytest.raises(ValueError, match="psi must be finite"):
+    cy.cayley_step(H, psi.at[0].set(jnp.nan))
+  with pytest.raises(ValueError, match="psi0 must be finite"):
+    cy.cayley_scan(H[None], psi.at[1].set(jnp.inf))
+  # A truthy non-bool is refused rather than read as True.
+  with pytest.raises(ValueError, match="return_states must be a bool.*'no'"):
+    cy.cayley_scan(H[None], psi, return_states="no")
   with pytest.raises(ValueError, match=r"psi0 must have shape \(4,\)"):
     cy.cayley_scan_parallel(H[None], jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="X must be real"):

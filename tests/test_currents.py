@@ -138,6 +138,8 @@ def test_bad_inputs_raise_with_argument_names():
     cu.probability_currents(jnp.stack([H, H]), psi, psi)
   with pytest.raises(ValueError, match=r"psi1 must have shape \(\.\.\., 3\).*\(4,\)"):
     cu.probability_currents(H, psi, jnp.ones(4))
+  with pytest.raises(ValueError, match="psi1 must be finite"):
+    cu.probability_currents(H, psi, psi.at[2].set(jnp.nan))
   with pytest.raises(ValueError, match=r"psi0 and psi1 must have the same shape.*\(3,\).*\(2, 3\)"):
     cu.probability_currents(H, psi, jnp.ones((2, 3)))
   with pytest.raises(ValueError, match="dt must be > 0"):

@@ -191,8 +191,19 @@ def test_synthetic_is_deterministic_and_varied():
   assert synthetic_story(1234, seed=0) == a[1234]
   assert len(set(a)) >= 1990
   assert 200 < sum(map(len, a)) / len(a) < 1000
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="index must be >= 0"):
     synthetic_story(-1)
+  # Another split name used to give an unrelated third stream.
+  with pytest.raises(ValueError, match=r"split must be one of \['train', 'validation'\]"):
+    list(synthetic_stories(5, split="valid"))
+  with pytest.raises(ValueError, match="index must be an int, got 1.5"):
+    synthetic_story(1.5)
+  from qsf_jax.data.sources import synthetic_source
+  for kw, match in ((dict(n_train="5"), "n_train must be an int"),
+                    (dict(n_valid=2.5), "n_valid must be an int"),
+                    (dict(n_train=0), "n_train and n_valid must be >= 1")):
+    with pytest.raises(ValueError, match=match):
+      synthetic_source(**kw)
 
 
 def test_synthetic_stories_require_remembering_entities():

@@ -76,6 +76,23 @@ def test_koopman_mean_matches_inverse_formula(x64):
   np.testing.assert_allclose(c, ref - eAT @ x0, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_koopman_mean_long_interval(dtype):
+  # jax's expm gives NaN past 16 squarings (|A dt| above ~3.5e5); a stable A over a
+  # long interval relaxes to the fixed point -A^{-1} b. Scaling and squaring takes
+  # s ~ log2|A dt| squarings, each of which can double the rounding error, so the
+  # error is bounded by about |A dt|_1 eps (3e-11 and 3e-8 measured in float64).
+  A = np.array([[-1.0, 0.5], [0.0, -2.0]], dtype)
+  b, x0 = np.array([0.3, -0.4], dtype), np.array([1.0, 2.0], dtype)
+  fixed = -np.linalg.solve(A.astype(np.float64), b.astype(np.float64))
+  with jax.enable_x64(dtype == np.float64):
+    for dt in (1e6, 1e9):
+      got = np.asarray(koopman_mean(A, b, x0, dt))
+      assert got.dtype == dtype
+      rtol = 1e-5 if dtype == np.float32 else np.abs(A).sum(0).max() * dt * np.finfo(dtype).eps
+      np.testing.assert_allclose(got, fixed, rtol=rtol)
+
+
 def test_zero_generator_closed_forms(x64):
   _, b, x0 = _rand(5, d=3)
   T, sK = 1.7, 0.6

@@ -80,7 +80,7 @@ def test_segments_without_initial_state_or_decay():
   assert rel_rms_error(o4, o1) < 1e-6 and rel_rms_error(S4, S1) < 1e-6
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4", None])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4", None, np.bool_(True), np.int64(0)])
 def test_bad_num_segments(bad):
   q, k, v, g, _ = random_inputs(0, 1, 32, 1, 16, 16)
   with pytest.raises(ValueError, match="num_segments"):

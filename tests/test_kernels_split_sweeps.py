@@ -81,5 +81,5 @@ def test_split_sweeps_with_segments():
 
 def test_rejects_a_non_bool_split_sweeps():
   q, k, v, g, _ = random_inputs(22, 1, 16, 1, 16, 16, initial_state=False)
-  with pytest.raises(ValueError, match="split_sweeps must be a bool, got 1"):
+  with pytest.raises(ValueError, match=r"split_sweeps must be a bool \(True or False\), got 1"):
     pallas_linear_attention(q, k, v, g, interpret=True, split_sweeps=1)

@@ -182,11 +182,68 @@ def test_rejects_bad_impl_and_chunk_size():
   q, k, v, _, _ = _good()
   with pytest.raises(ValueError, match=r"impl must be one of .*'triton'"):
     linear_attention(q, k, v, impl="triton")
-  for bad in (0, -4, 1.5, True):
+  for bad in (0, -4, 1.5, True, np.bool_(True), np.int64(0), "16"):
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
       linear_attention(q, k, v, chunk_size=bad, impl="xla")
+  # A NumPy integer (e.g. from a config array) is a chunk size like a Python int.
+  np.testing.assert_array_equal(
+      np.asarray(linear_attention(q, k, v, chunk_size=np.int64(16), impl="xla")),
+      np.asarray(linear_attention(q, k, v, chunk_size=16, impl="xla")))
   with pytest.raises(ValueError, match=r"power of two >= 16 for impl='pallas'.*48"):
     linear_attention(q, k, v, chunk_size=48, impl="pallas", interpret=True)
+
+
+def test_rejects_log_decay_outside_its_domain():
+  q, k, v, g, _ = _good()
+  for impl in ("xla", "reference", "scan"):
+    with pytest.raises(ValueError, match=r"log_decay must be <= 0.*0 NaN and 1 positive.*0.5"):
+      linear_attention(q, k, v, _with(g, 0.5), impl=impl)
+  with pytest.raises(ValueError, match=r"log_decay must be <= 0.*1 NaN and 0 positive"):
+    linear_attention(q, k, v, _with(g, np.nan), impl="xla")
+  # -inf is a full reset: the state before it is forgotten.
+  reset = _with(g, -np.inf, t=4)
+  o = linear_attention(q, k, v, reset, impl="xla")
+  tail_g = np.where(np.isinf(reset[:, 4:]), 0.0, reset[:, 4:]).astype(g.dtype)  # S_0 = 0 anyway
+  o_tail = linear_attention(q[:, 4:], k[:, 4:], v[:, 4:], tail_g, impl="xla")
+  np.testing.assert_allclose(np.asarray(o)[:, 4:, 1], np.asarray(o_tail)[:, :, 1], rtol=1e-5,
+                             atol=1e-6)
+  # Traced values are not checked.
+  out = jax.jit(lambda g: linear_attention(q, k, v, g, impl="xla"))(_with(g, 0.5))
+  assert out.shape == v.shape
+
+
+def _with(g, value, t=3):
+  g = np.array(g)
+  g[0, t, 1] = value
+  return g
+
+
+def test_exported_impls_check_their_inputs():
+  # They are public (qsf_jax.kernels.__all__): a short k was zero-padded, a
+  # one-head k broadcast and int inputs gave zeros, without an error.
+  from qsf_jax.kernels import (chunked_linear_attention, reference_linear_attention,
+                               scan_linear_attention)
+  q, k, v, g, S0 = _good()
+  for fn in (chunked_linear_attention, reference_linear_attention, scan_linear_attention):
+    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+      fn(q, k[:, :5], v)
+    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+      fn(q, k[:, :, :1], v)
+    with pytest.raises(ValueError, match=r"q must have a floating dtype"):
+      fn(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32))
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(1, 2, 16, 8\)"):
+      fn(q, k, v, g, S0[:, :1])
+  for bad in (0, -4, 2.5):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+      chunked_linear_attention(q, k, v, chunk_size=bad)
+
+
+def test_rejects_non_bool_flags():
+  q, k, v, _, _ = _good()
+  with pytest.raises(ValueError, match="return_final_state must be a bool.*'no'"):
+    linear_attention(q, k, v, return_final_state="no", impl="xla")
+  with pytest.raises(ValueError, match="interpret must be a bool.*1"):
+    linear_attention(q, k, v, impl="pallas", interpret=1)
 
 
 def test_rejects_empty_sequence():

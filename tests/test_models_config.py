@@ -102,8 +102,13 @@ def test_config_is_frozen_and_hashable():
     (("fnet",), {"init_std": -1.0}, "init_std"),
     (("fnet",), {"tie_embeddings": "false"}, "tie_embeddings must be True or False"),
     (("fnet",), {"fnet_postnorm": 1}, "fnet_postnorm must be True or False"),
-    (("koopman_attn",), {"anneal_frac": "0.2"}, "anneal_frac must be a real number"),
-    (("koopman_attn",), {"alpha_init": True}, "alpha_init must be a real number"),
+    (("koopman_attn",), {"anneal_frac": "0.2"}, "anneal_frac must be a finite real number"),
+    (("koopman_attn",), {"alpha_init": True}, "alpha_init must be a finite real number"),
+    # Non-finite floats gave NaN (init_std, alpha_init) or all-zero (ln_eps) logits.
+    (("fnet",), {"init_std": float("inf")}, "init_std must be a finite real number, got inf"),
+    (("koopman_attn",), {"alpha_init": float("nan")}, "alpha_init must be a finite real"),
+    (("fnet",), {"ln_eps": float("inf")}, "ln_eps must be a finite real number"),
+    (("wave",), {"wave_dt": float("inf")}, "wave_dt must be a finite real number"),
     (("fnet",), {"attn_scale": None}, "attn_scale must be a string"),
     (("wave", "tiny"), {"wave_readout": "born", "vocab_size": 4}, "isometry"),
 ])
@@ -219,6 +224,14 @@ def test_transfer_params_carries_an_untied_head(src, dst):
 
 
 def test_transfer_params_rejects_bad_pairs_and_shapes():
+  p1, p2 = _init("fnet"), _init("koopman")
+  # A whole variables dict copied nothing, without an error.
+  with pytest.raises(ValueError, match="src_params looks like a whole variables dict"):
+    transfer_params({"params": p1}, p2, "fnet", "koopman")
+  with pytest.raises(ValueError, match="dst_params looks like a whole variables dict"):
+    transfer_params(p1, {"params": p2}, "fnet", "koopman")
+  with pytest.raises(ValueError, match="no parameter of the koopman model is shared"):
+    transfer_params({"other": p1}, p2, "fnet", "koopman")
   with pytest.raises(ValueError, match="supported"):
     shared_param_paths("transformer", "koopman_attn")
   with pytest.raises(ValueError, match="src_stage must be one of"):
@@ -260,6 +273,15 @@ def test_anneal_beta_and_stats_window():
   assert float(anneal_beta(85, 100)) == 0.0
   with pytest.raises(ValueError, match="shape"):
     anneal_beta(1, S, shape="step")
+  # total_steps = 0 gave NaN; fractions outside the run gave a ramp that never ends.
+  for kw, match in ((dict(total_steps=0), "total_steps must be >= 1"),
+                    (dict(total_steps=10.0), "total_steps must be an int"),
+                    (dict(anneal_frac=-0.5), r"anneal_frac must be in \(0, 1\]"),
+                    (dict(anneal_frac=2.0), r"anneal_frac must be in \(0, 1\]"),
+                    (dict(hold_frac=1.0), r"hold_frac must be in \[0, 1 - anneal_frac\]"),
+                    (dict(anneal_frac="0.1"), "anneal_frac must be a real number")):
+    with pytest.raises(ValueError, match=match):
+      anneal_beta(**{"step": 1, "total_steps": S, **kw})
 
 
 

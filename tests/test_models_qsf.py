@@ -168,6 +168,11 @@ def test_stage4_koopman_is_orthogonal():
 def test_koopman_matrices_rejects_stage_without_k():
   with pytest.raises(ValueError, match="no Koopman"):
     koopman_matrices({}, get_config("transformer", "tiny"))
+  K = {"layers": {"koopman": {"K": jnp.zeros((2, 4, 4))}}}
+  with pytest.raises(ValueError, match=r"not the whole variables dict"):
+    koopman_matrices({"params": K}, get_config("koopman", "tiny"))
+  with pytest.raises(ValueError, match="no layers/koopman/S, which a hamiltonian_attn model has"):
+    koopman_matrices(K, get_config("hamiltonian_attn", "tiny"))
   with pytest.raises(ValueError, match="method"):
     orthogonal_from_free(jnp.zeros((3, 3)), method="svd")
   with pytest.raises(ValueError, match="S_DD"):

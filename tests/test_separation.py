@@ -71,6 +71,11 @@ def test_task_bad_inputs():
     ts.make_task(3.0)
   with pytest.raises(ValueError, match="eta"):
     ts.make_task(3, eta=1.0)
+  for bad in ("0.1", None, True):  # a string or None failed inside numpy
+    with pytest.raises(ValueError, match="eta must be a real number in"):
+      ts.make_task(3, eta=bad)
+  with pytest.raises(ValueError, match="num_cues must be >= 1"):
+    ts.all_contexts(0, 2)
   with pytest.raises(ValueError, match="Phi_CN must be real"):
     ts.target_probabilities(np.ones((2, 3)) * 1j)
   with pytest.raises(ValueError, match="2 dimensions"):
@@ -123,6 +128,13 @@ def test_double_centre_removes_row_and_column_terms(task3):
 def test_bounds_bad_inputs(task3):
   with pytest.raises(ValueError, match="same shape"):
     bounds.expected_kl(np.zeros((3, 4)), task3.probs_CK, task3.weights_C)
+  logq = np.log(task3.probs_CK)
+  w = task3.weights_C
+  for bad in (-w, 2 * w, np.where(np.arange(w.size) == 0, np.nan, w)):
+    with pytest.raises(ValueError, match="weights_C must be non-negative and sum to 1"):
+      bounds.expected_kl(logq, task3.probs_CK, bad)
+  with pytest.raises(ValueError, match="each row of P_CK must sum to 1"):
+    bounds.expected_kl(logq, 2 * task3.probs_CK, w)
   with pytest.raises(ValueError, match="must be real"):
     bounds.rms_centred_log_error(np.zeros((512, 12)) * 1j, task3.probs_CK)
   with pytest.raises(ValueError, match="strictly positive"):
@@ -180,6 +192,9 @@ def test_models_output_distributions(task3, kind, dim, x64):
   T = models.transitions(params, cfg)
   np.testing.assert_allclose(models.product_states(T, task3.num_cues, task3.length),
                              models.final_states(T, task3.tokens_CT), atol=1e-12)
+  for shift in (task3.num_tokens, -1):  # were clamped by the gather, silently
+    with pytest.raises(ValueError, match="tokens_CT has ids in .*outside the vocabulary"):
+      models.log_probs(params, task3.tokens_CT + shift, cfg)
   core = models.transitions(params, _cfg(task3, kind, dim, solver="core"))
   np.testing.assert_allclose(T, core, atol=1e-12)
 

@@ -93,6 +93,8 @@ def test_train_bad_inputs(task3):
     train.train(task3, _cfg(task3, "real", 3), (), train.TrainConfig(steps=1))
   with pytest.raises(ValueError, match="frozen names"):
     train.train(task3, _cfg(task3, "real", 3), (0,), train.TrainConfig(steps=1, frozen=("Q",)))
+  with pytest.raises(ValueError, match="frozen must be a tuple of parameter names"):
+    train.TrainConfig(frozen="W_re")  # was read as the names 'W', '_', 'e', 'r'
   # init must be stacked over exactly the seeds trained, with the model's shapes.
   cfg = _cfg(task3, "real", 3)
   init = train.init_params_for_seeds(cfg, (0, 1))

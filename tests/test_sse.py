@@ -196,6 +196,8 @@ def _good():
     ({"n_steps": 0}, "n_steps must be an int > 0"),
     ({"n_steps": 3.0}, "n_steps must be an int > 0"),
     ({"n_paths": 0}, "n_paths must be an int > 0"),
+    ({"return_path": "no"}, "return_path must be a bool"),
+    ({"return_path": 0}, "return_path must be a bool"),
     ({"key": 0}, "key must be a JAX PRNG key"),
     ({"key": jax.random.split(jax.random.key(0), 2)}, "single PRNG key"),
 ])
@@ -215,6 +217,8 @@ def test_integrate_and_increments_bad_inputs():
     sse_integrate(X0, A, b, X_TGT, np.zeros(4), np.zeros((4, 2)), sigma_m=1.0, dt=0.1)
   with pytest.raises(ValueError, match=r"x_tgt must have shape \(4, 3\)"):
     sse_integrate(X0, A, b, np.zeros((5, D)), np.zeros(4), sigma_m=1.0, dt=0.1)
+  with pytest.raises(ValueError, match="return_path must be a bool.*'no'"):
+    sse_integrate(X0, A, b, X_TGT, np.zeros(4), sigma_m=1.0, dt=0.1, return_path="no")
   with pytest.raises(ValueError, match="d must be an int > 0"):
     sse_increments(jax.random.key(0), 4, 0, 0.1)
   with pytest.raises(ValueError, match="x_tgt must have 1 dimension"):

@@ -118,3 +118,13 @@ def test_summary_counts_outliers_and_unseen_inputs(tmp_path):
     tlm.save(tl, tmp_path / "t.txt")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     tlm.save(tl, tmp_path / "missing" / "t.npz")
+  # A write that fails part-way leaves the earlier file whole and no temporary file.
+  class Unsaveable:
+    def __array__(self, *args, **kwargs):
+      raise RuntimeError("interrupted")
+
+  with pytest.raises(RuntimeError, match="interrupted"):
+    tlm.save_npz(tmp_path / "t.npz", {"xent": x, "bad": Unsaveable()})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+  with np.load(tmp_path / "t.npz") as f:
+    np.testing.assert_array_equal(f["xent"], x)

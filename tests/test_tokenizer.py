@@ -39,6 +39,9 @@ def test_gpt2_from_local_file(r50k_file):
   assert tok.decode(tok.encode(text)) == text
   assert tok.encode_batch([text, "Once upon a time"]) == [tok.encode(text), ONCE_IDS]
   assert tok.decode([7454, 50256, 2402]) == "Once<|endoftext|> upon"
+  for bad in (50257, -1):  # tiktoken raised KeyError / OverflowError
+    with pytest.raises(ValueError, match=rf"token id {bad} is outside the gpt2 vocabulary"):
+      tok.decode([7454, bad])
 
 
 def test_gpt2_from_env_var_and_folder(r50k_file, monkeypatch):

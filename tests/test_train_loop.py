@@ -186,6 +186,25 @@ def test_bad_settings_raise_before_touching_workdir(env, tmp_path):
                    (dict(sample_top_k=2.5), "sample_top_k must be an integer >= 1")):
     with pytest.raises(TrainConfigError, match=msg):
       TrainConfig(stage="koopman", **bad)
+  # Values that used to pass here and fail later: deep in jax, at the first batch
+  # (leaving a run folder behind), or after the whole run at the final evaluation.
+  for bad, msg in ((dict(seed=1.5), "--seed must be a non-negative integer, got 1.5"),
+                   (dict(seed=-1), "--seed must be a non-negative integer"),
+                   (dict(seq_len=2.5), "--seq_len must be a positive integer"),
+                   (dict(eval_batches=1.5), "--eval_batches must be a positive integer"),
+                   (dict(max_train_stories=True), "--max_train_stories must be a positive"),
+                   (dict(checkpoint_every=True), "--checkpoint_every must be a non-negative"),
+                   (dict(steps="10"), "--steps must be a positive integer"),
+                   (dict(lr=float("inf")), "--lr must be a finite number > 0, got inf"),
+                   (dict(weight_decay=float("nan")), "--weight_decay must be a finite number"),
+                   (dict(clip_norm=0.0), "--clip_norm must be a finite number > 0"),
+                   (dict(sample_prompt=5), "--sample_prompt must be a string, got 5"),
+                   (dict(data=None), "--data must be a string"),
+                   (dict(init_from=3), "--init_from must be a string or None"),
+                   (dict(preset="huge"), r"unknown preset 'huge'; choose one of \['paper'"),
+                   (dict(model_overrides="abc"), "model_overrides must be a mapping")):
+    with pytest.raises(TrainConfigError, match=msg):
+      TrainConfig(stage="koopman", **bad)
 
 
 @pytest.mark.slow
@@ -342,6 +361,29 @@ def test_loss_and_step_reject_bad_shapes():
     check_batch(good, grad_accum=2)
   with pytest.raises(ValueError, match="integer token ids"):
     check_batch(dict(good, inputs=m))
+  # Ids outside the vocabulary: optax scored -1 as class V-1 and V as NaN.
+  for bad in (-1, 5):
+    with pytest.raises(ValueError, match=r"targets_BT has ids in .*outside the vocabulary 0..4"):
+      masked_xent_sum(logits, t.at[1, 2].set(bad), m)
+
+
+def test_eval_step_checks_its_batch_ids_and_beta():
+  from qsf_jax.models.config import get_config
+  from qsf_jax.models.lm import build_model
+  from qsf_jax.training.state import init_variables
+  from qsf_jax.training.step import eval_step
+  model = build_model(get_config("fnet", "tiny"))
+  params, coll = init_variables(model, 0, 8)
+  ids = jnp.ones((2, 8), jnp.int32)
+  good = {"inputs": ids, "targets": ids, "mask": jnp.ones((2, 8))}
+  l_sum, n = eval_step(model, params, coll, good, 0.0)
+  assert float(n) == 16 and np.isfinite(float(l_sum))
+  with pytest.raises(ValueError, match="batch must be a dict with keys"):
+    eval_step(model, params, coll, {"inputs": ids, "targets": ids}, 0.0)
+  with pytest.raises(ValueError, match=r"batch\['inputs'\] has ids in \[1, 300\]"):
+    eval_step(model, params, coll, dict(good, inputs=ids.at[0, 0].set(300)), 0.0)
+  with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
+    eval_step(model, params, coll, good, float("nan"))
 
 
 def test_run_length_defaults_follow_the_preset():

@@ -53,12 +53,18 @@ def test_onecycle_landmarks():
   assert float(jax.jit(sched)(jnp.int32(299))) == pytest.approx(1e-3, rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [dict(total_steps=1), dict(total_steps=100, pct_start=0.0),
-                                    dict(total_steps=100, max_lr=-1.0),
-                                    dict(total_steps=100, max_lr=float("nan"))])
-def test_onecycle_rejects_bad_settings(kwargs):
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(total_steps=1), "total_steps must be >= 2"),
+    (dict(total_steps=2.5), "total_steps must be an int"),
+    (dict(total_steps=100, pct_start=0.0), "pct_start must be in"),
+    (dict(total_steps=100, max_lr=-1.0), "max_lr must be > 0"),
+    (dict(total_steps=100, max_lr=float("nan")), "max_lr must be a finite number"),
+    (dict(total_steps=100, div_factor=-1.0), "div_factor must be > 0"),
+    (dict(total_steps=100, final_div_factor=float("inf")), "final_div_factor must be a finite"),
+])
+def test_onecycle_rejects_bad_settings(kwargs, match):
   total = kwargs.pop("total_steps")
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=match):
     onecycle_schedule(total, **kwargs)
 
 
@@ -173,3 +179,12 @@ def test_make_optimizer_rejects_bad_settings():
     make_optimizer(100, clip_norm=0.0)
   with pytest.raises(ValueError, match="weight_decay"):
     make_optimizer(100, weight_decay=-0.1)
+  # Non-finite or out-of-range Adam settings turned every parameter into NaN.
+  for kwargs, match in ((dict(weight_decay=float("nan")), "weight_decay must be a finite"),
+                        (dict(weight_decay=float("inf")), "weight_decay must be a finite"),
+                        (dict(b1=float("nan"), cycle_momentum=False), "b1 must be a finite"),
+                        (dict(b2=-0.5), "b2 must be >= 0"), (dict(b2=1.0), "b2 must be < 1"),
+                        (dict(eps=0.0), "eps must be > 0"),
+                        (dict(cycle_momentum="no"), "cycle_momentum must be a bool")):
+    with pytest.raises(ValueError, match=match):
+      make_optimizer(100, **kwargs)

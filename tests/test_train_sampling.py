@@ -93,3 +93,29 @@ def test_generate_batch_seed_and_bad_inputs(model_and_params):
                **dict(kw, temperature=bad))
   with pytest.raises(ValueError, match="dimension"):
     generate(model, params, coll, jnp.ones((1, 1, 1), jnp.int32), rng=jax.random.PRNGKey(0), **kw)
+
+
+def test_generate_refuses_what_used_to_decode_silently(model_and_params):
+  """Each of these returned tokens without an error: past the context, from ids
+  outside the vocabulary (NaN logits, or a wrapped -1), or with a NaN beta."""
+  model, params, coll = model_and_params
+  key = jax.random.PRNGKey(0)
+  kw = dict(max_new_tokens=4, temperature=0.8, top_k=50)
+  # max_len left out: the model's own max_seq_len (32) is the limit.
+  with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+    generate(model, params, coll, jnp.array([1, 2, 3]), rng=key, **dict(kw, max_new_tokens=30))
+  for ids in ([1, 257, 3], [-1, 2]):
+    with pytest.raises(ValueError, match=r"prompt_ids has ids in .*outside the vocabulary 0..256"):
+      generate(model, params, coll, jnp.array(ids), rng=key, **kw)
+  for beta in (float("nan"), 1.5, -0.1):
+    with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
+      generate(model, params, coll, jnp.array([1]), rng=key, beta=beta, **kw)
+  for bad, match in ((dict(rng=0), "rng must be a JAX PRNG key"),
+                     (dict(max_new_tokens=None), "max_new_tokens must be an int, got None"),
+                     (dict(max_new_tokens=2.9), "max_new_tokens must be an int, got 2.9"),
+                     (dict(top_k=2.7), "top_k must be an int"),
+                     (dict(temperature="hot"), "temperature must be a real number")):
+    with pytest.raises(ValueError, match=match):
+      generate(model, params, coll, jnp.array([1]), **{**kw, "rng": key, **bad})
+  with pytest.raises(ValueError, match="top_k must be >= 1"):
+    top_k_logits(jnp.zeros((1, 5)), 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -231,6 +232,51 @@ def check_finite_nonneg(name: str, value) -> None:
     raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
   if not np.isfinite(_real(name, value, v)) or v < 0:
     raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+  """Returns ``value`` as a Python int; ``ValueError`` unless it is an int >= ``minimum``.
+
+  Python and NumPy integers pass; floats (even 2.0), booleans and strings do not,
+  so a fractional count is never truncated silently.
+  """
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return int(value)
+
+
+def check_unit_interval(name: str, value) -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` is a real scalar in [0, 1] (tracers pass)."""
+  check_scalar(name, value)
+  v = _concrete(value)
+  if v is not None and not (0.0 <= float(_real(name, value, v)) <= 1.0):
+    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def check_prng_key(name: str, key) -> None:
+  """Raises ``ValueError`` unless ``key`` is one JAX PRNG key (typed, or raw uint32 (2,))."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if key.ndim != 0:
+      raise ValueError(f"{name} must be a single PRNG key, got shape {tuple(key.shape)}")
+    return
+  if dtype != jnp.uint32 or getattr(key, "ndim", None) != 1:
+    raise ValueError(
+        f"{name} must be a JAX PRNG key (jax.random.key or jax.random.PRNGKey), got "
+        f"{type(key).__name__} with dtype {dtype}")
+
+
+def check_flag(name: str, value) -> bool:
+  """Returns ``value`` as a Python bool; raises ``ValueError`` unless it is a bool.
+
+  A truthy stand-in such as the string "no" or the int 2 is refused, not read as
+  True.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+  return bool(value)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

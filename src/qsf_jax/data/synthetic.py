@@ -11,6 +11,7 @@ function of ``(seed, split, i)``.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Iterator
 
@@ -43,6 +44,16 @@ def _person(rng: random.Random, exclude: str = "") -> dict:
               her="her" if girl else "his")
 
 
+SPLITS = ("train", "validation")
+
+
+def _check_int(name: str, value, minimum: int | None = 0) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be an int, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def synthetic_story(index: int, *, seed: int = 0, split: str = "train") -> str:
   """Returns story ``index`` of the synthetic corpus.
 
@@ -51,8 +62,10 @@ def synthetic_story(index: int, *, seed: int = 0, split: str = "train") -> str:
     seed: corpus seed; different seeds give different corpora.
     split: ``"train"`` or ``"validation"``; the splits use independent streams.
   """
-  if index < 0:
-    raise ValueError(f"index must be >= 0, got {index}")
+  _check_int("index", index)
+  _check_int("seed", seed, minimum=None)
+  if split not in SPLITS:  # another name gave an unrelated third stream
+    raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
   rng = random.Random(f"qsf-synthetic-v{SYNTHETIC_VERSION}:{split}:{seed}:{index}")
   h = _person(rng)
   f = _person(rng, exclude=h["name"])
@@ -130,7 +143,8 @@ def synthetic_stories(n: int, *, seed: int = 0, split: str = "train") -> Iterato
     seed: corpus seed.
     split: ``"train"`` or ``"validation"``.
   """
-  if n < 0:
-    raise ValueError(f"n must be >= 0, got {n}")
+  _check_int("n", n)
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
   for i in range(n):
     yield synthetic_story(i, seed=seed, split=split)

@@ -227,7 +227,11 @@ def get_tokenizer(name: str = "gpt2", *,
         f"expected {GPT2_VOCAB_SIZE} and {GPT2_EOT_ID}")
 
   def decode(ids: Sequence[int]) -> str:
-    return enc.decode([int(i) for i in ids], errors="replace")
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < enc.n_vocab]  # tiktoken: KeyError / OverflowError
+    if bad:
+      raise ValueError(f"token id {bad[0]} is outside the gpt2 vocabulary [0, {enc.n_vocab})")
+    return enc.decode(ids, errors="replace")
 
   return Tokenizer(
       name="gpt2", vocab_size=enc.n_vocab, eot_id=enc.eot_token, encode=enc.encode_ordinary,

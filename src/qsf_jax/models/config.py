@@ -24,6 +24,7 @@ Presets: ``paper`` (d=320, L=32, 8 heads, T=512, V=50257; QSF spec §4.1),
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Mapping
 
@@ -190,8 +191,9 @@ class ModelConfig:
       v = getattr(self, f.name)
       if f.type == "bool" and not isinstance(v, bool):
         raise ValueError(f"{f.name} must be True or False, got {v!r}")
-      if f.type == "float" and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
-        raise ValueError(f"{f.name} must be a real number, got {v!r}")
+      if f.type == "float" and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                or not math.isfinite(v)):  # inf or NaN gave NaN logits
+        raise ValueError(f"{f.name} must be a finite real number, got {v!r}")
       if f.type == "str" and not isinstance(v, str):
         raise ValueError(f"{f.name} must be a string, got {v!r}")
     for name, choices in _CHOICES.items():

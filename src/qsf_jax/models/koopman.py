@@ -72,7 +72,17 @@ def koopman_matrices(params, cfg: ModelConfig):
   """
   if cfg.stage not in ("koopman", "koopman_attn", "hamiltonian_attn"):
     raise ValueError(f"stage {cfg.stage!r} has no Koopman matrices")
-  kp = params["layers"]["koopman"]
+  if isinstance(params, dict) and "params" in params:
+    raise ValueError("koopman_matrices takes the model's 'params' collection, not the whole "
+                     "variables dict: pass variables['params']")
+  want = "S" if cfg.stage == "hamiltonian_attn" else "K"
+  try:
+    kp = params["layers"]["koopman"]
+    kp[want]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f"params has no layers/koopman/{want}, which a {cfg.stage} model has: are the "
+        f"parameters and the configuration of the same stage?") from None
   if cfg.stage == "hamiltonian_attn":
     return jax.vmap(lambda S: orthogonal_from_free(S, cfg.hamiltonian_param))(kp["S"])
   K_LDD = jnp.asarray(kp["K"], jnp.float32)

@@ -176,6 +176,7 @@ def init_cache(model: nn.Module, batch_size: int):
   Returns:
     The cache pytree, to pass as ``{"params": ..., "cache": cache}``.
   """
+  batch_size = _checks.check_int("batch_size", batch_size, 1)
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

@@ -28,7 +28,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from qsf_jax import _checks
 from qsf_jax.models.config import ModelConfig
 
 STATS = "norm_stats"
@@ -166,9 +168,22 @@ def anneal_beta(step, total_steps, *, anneal_frac=0.15, shape="linear", hold_fra
 
   Returns:
     beta in [0, 1] (float32 scalar).
+
+  Raises:
+    ValueError: for total_steps < 1, f outside (0, 1], h outside [0, 1 - f] or
+      an unknown shape (the ramp would be NaN or lie outside the run).
   """
   if shape not in ("linear", "cosine"):
     raise ValueError(f"shape must be one of ['linear', 'cosine'], got {shape!r}")
+  _checks.check_int("total_steps", total_steps, 1)
+  for name, value in (("anneal_frac", anneal_frac), ("hold_frac", hold_frac)):
+    _checks.check_scalar(name, value)
+    _checks._real(name, value, np.asarray(value))
+  if not 0.0 < anneal_frac <= 1.0:
+    raise ValueError(f"anneal_frac must be in (0, 1], got {anneal_frac}")
+  if not (0.0 <= hold_frac and anneal_frac + hold_frac <= 1.0):
+    raise ValueError(f"hold_frac must be in [0, 1 - anneal_frac] = [0, {1.0 - anneal_frac:g}], "
+                     f"got {hold_frac}")
   # = (t - (1 - f - h) S) / (f S), written so that t = (1 - h) S gives exactly 1 in
   # float32 (and t = (1 - f - h) S exactly 0 where f S and h S are integers)
   ramp = jnp.float32(anneal_frac * total_steps)

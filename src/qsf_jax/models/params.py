@@ -132,12 +132,23 @@ def transfer_params(src_params, dst_params, src_stage: str, dst_stage: str):
 
   Raises:
     ValueError: if a shared leaf has different shapes in the two trees (e.g. a
-      different d_model or depth), naming the path and both shapes.
+      different d_model or depth), naming the path and both shapes; if either
+      tree is a whole variables dict (``{"params": ...}``) rather than its
+      ``"params"`` collection; or if no leaf is shared at all.
   """
   prefixes = shared_param_paths(src_stage, dst_stage)
+  for name, tree in (("src_params", src_params), ("dst_params", dst_params)):
+    if isinstance(tree, dict) and "params" in tree:
+      raise ValueError(f"{name} looks like a whole variables dict (it has a 'params' key); "
+                       f"pass its 'params' collection, e.g. variables['params']")
   src, dst = flatten(src_params), flatten(dst_params)
   is_shared = lambda p: any(p == q or p.startswith(q + "/") or q == "" for q in prefixes)
   copied = sorted(p for p in dst if p in src and is_shared(p))
+  if not copied:
+    raise ValueError(
+        f"no parameter of the {dst_stage} model is shared with the {src_stage} tree "
+        f"(source paths {sorted(src)[:4]}..., destination paths {sorted(dst)[:4]}...): "
+        f"are these parameter trees of those stages?")
   for p in copied:
     if np.shape(src[p]) != np.shape(dst[p]):
       raise ValueError(f"parameter {p!r} has shape {np.shape(src[p])} in the {src_stage} "

@@ -165,6 +165,7 @@ def sse_integrate(x0, A, b, x_tgt, dW, dW_K=None, *, sigma_m, dt, variant: str =
   Returns:
     The trajectory (n_steps + 1, d) starting at x0, or the endpoint (d,).
   """
+  return_path = _checks.check_flag("return_path", return_path)
   dW = _checks.as_array("dW", dW)
   _checks.check_ndim("dW", dW, 1)
   n_steps = dW.shape[0]
@@ -231,6 +232,7 @@ def simulate_sse(key, x0, A, b, x_tgt, sigma_m, dt, n_steps: int, variant: str =
     ([n_paths,] n_steps + 1, d) trajectories, or ([n_paths,] d) endpoints.
   """
   _check_key(key)
+  return_path = _checks.check_flag("return_path", return_path)
   _check_count("n_steps", n_steps)
   if n_paths is not None:
     _check_count("n_paths", n_paths)
@@ -265,13 +267,5 @@ def _check_count(name: str, n) -> None:
 
 
 def _check_key(key) -> None:
-  """``ValueError`` unless ``key`` looks like a JAX PRNG key (typed or raw uint32)."""
-  dtype = getattr(key, "dtype", None)
-  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    if key.ndim != 0:
-      raise ValueError(f"key must be a single PRNG key, got shape {tuple(key.shape)}")
-    return
-  if dtype != jnp.uint32 or getattr(key, "ndim", None) != 1:
-    raise ValueError(
-        f"key must be a JAX PRNG key (jax.random.key or PRNGKey), got "
-        f"{type(key).__name__} with dtype {dtype}")
+  """``ValueError`` unless ``key`` is one JAX PRNG key (typed or raw uint32)."""
+  _checks.check_prng_key("key", key)

@@ -120,6 +120,13 @@ def expected_kl(logQ_CK, P_CK, weights_C) -> float:
   w = np.asarray(weights_C, dtype=np.float64)
   if w.shape != (logP.shape[0],):
     raise ValueError(f"weights_C must have shape ({logP.shape[0]},), got {w.shape}")
+  if not (np.all(np.isfinite(w)) and np.all(w >= 0) and abs(w.sum() - 1.0) <= 1e-9):
+    raise ValueError(f"weights_C must be non-negative and sum to 1 (a distribution over "
+                     f"contexts), got sum {w.sum():.12g} and minimum {w.min():.3g}")
+  row_sums = np.exp(logP).sum(axis=1)
+  if np.abs(row_sums - 1.0).max() > 1e-9:
+    raise ValueError(f"each row of P_CK must sum to 1, got row sums in "
+                     f"[{row_sums.min():.12g}, {row_sums.max():.12g}]")
   return float(w @ (np.exp(logP) * (logP - logQ)).sum(axis=1))
 
 

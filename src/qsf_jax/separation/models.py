@@ -177,6 +177,8 @@ def final_states(T_VDD, tokens_CT) -> jax.Array:
   if tokens_CT.ndim != 2 or not jnp.issubdtype(tokens_CT.dtype, jnp.integer):
     raise ValueError(f"tokens_CT must be an int matrix (C, T), got {tokens_CT.dtype} "
                      f"{tuple(tokens_CT.shape)}")
+  # Concrete ids outside 0..V-1 would be clamped by the gather, silently.
+  _checks.check_token_ids("tokens_CT", tokens_CT, T_VDD.shape[0])
   C, D = tokens_CT.shape[0], T_VDD.shape[-1]
   h0_CD = jnp.zeros((C, D), T_VDD.dtype).at[:, 0].set(1)
 

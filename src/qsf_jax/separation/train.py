@@ -57,6 +57,10 @@ class TrainConfig:
       raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
     if not 0.0 <= self.final_lr_frac <= 1.0:
       raise ValueError(f"final_lr_frac must lie in [0, 1], got {self.final_lr_frac}")
+    if (isinstance(self.frozen, str) or not isinstance(self.frozen, (tuple, list))
+        or not all(isinstance(n, str) for n in self.frozen)):
+      raise ValueError(f"frozen must be a tuple of parameter names, e.g. ('W_re', 'W_im'), "
+                       f"got {self.frozen!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -99,6 +99,11 @@ def cue_hamiltonians(N: int, num_cues: int, contexts: str, seed: int) -> np.ndar
   Returns:
     complex128 Hermitian (A, N, N).
   """
+  if contexts not in CONTEXTS:  # anything but "phase" used to give the generic draw
+    raise ValueError(f"contexts must be one of {list(CONTEXTS)}, got {contexts!r}")
+  _check_int("N", N, minimum=1)
+  _check_int("num_cues", num_cues, minimum=1)
+  _check_int("seed", seed, minimum=0)
   rng = np.random.default_rng(seed)
   if contexts == "phase":
     theta_AN = rng.uniform(-np.pi, np.pi, size=(num_cues, N))
@@ -111,6 +116,13 @@ def cue_hamiltonians(N: int, num_cues: int, contexts: str, seed: int) -> np.ndar
   return 0.5 * (X + sw(X)) + 0.5j * (Y - sw(Y))
 
 
+def _check_beta(beta) -> None:
+  if (isinstance(beta, (bool, np.bool_))
+      or not isinstance(beta, (int, float, np.integer, np.floating))
+      or not np.isfinite(beta) or beta <= 0):
+    raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
 def born_logit_targets(psi_CN, beta: float) -> tuple[np.ndarray, np.ndarray]:
   """Logits beta Tr(M_k rho_c) = beta |m_k^dagger psi_c|^2 and their softmax (spec §2.6).
 
@@ -121,7 +133,10 @@ def born_logit_targets(psi_CN, beta: float) -> tuple[np.ndarray, np.ndarray]:
   Returns:
     (logits_CK, probs_CK), float64.
   """
+  _check_beta(beta)
   psi = np.asarray(psi_CN, complex)
+  if psi.ndim != 2:
+    raise ValueError(f"psi_CN must have 2 dimensions (C, N), got shape {psi.shape}")
   m_re, m_im = povm_vectors(psi.shape[1])
   logits = beta * np.abs(psi @ (m_re - 1j * m_im).T) ** 2  # row k of M is m_k^dagger
   z = logits - logits.max(axis=1, keepdims=True)
@@ -191,9 +206,7 @@ def make_born_logit_task(N: int, *, contexts: str = "phase", beta: float | None 
   _check_int("seed", seed, minimum=0)
   K = num_outcomes(N)
   beta = float(K) if beta is None else beta
-  if (isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating))
-      or not np.isfinite(beta) or beta <= 0):
-    raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+  _check_beta(beta)
   cues_CL, tokens_CT = all_contexts(num_cues, length)
   H_ANN = cue_hamiltonians(N, num_cues, contexts, seed)
   U_ANN = cayley(H_ANN)

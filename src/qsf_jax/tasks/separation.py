@@ -212,6 +212,8 @@ def all_contexts(num_cues: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     (cues_CL int64 (A^L, L), tokens_CT int32 (A^L, L + 1)): tokens are
     (w, a_1 + 1, ..., a_L + 1), token 0 being the ambiguous word.
   """
+  _check_int("num_cues", num_cues, minimum=1)
+  _check_int("length", length, minimum=1)
   if num_cues**length > MAX_CONTEXTS:
     raise ValueError(f"num_cues**length = {num_cues**length} contexts is too many to "
                      f"enumerate (at most {MAX_CONTEXTS:,})")
@@ -300,7 +302,8 @@ def _check_int(name, value, *, minimum):
 
 
 def _check_eta(eta):
-  if isinstance(eta, complex) or not np.isfinite(eta) or not 0.0 <= eta < 1.0:
+  if (isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (int, float, np.integer, np.floating))
+      or not np.isfinite(eta) or not 0.0 <= eta < 1.0):
     raise ValueError(f"eta must be a real number in [0, 1), got {eta!r}")
 
 

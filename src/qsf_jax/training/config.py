@@ -93,7 +93,18 @@ class TrainConfig:
   sample_top_k: int = 50
 
   def __post_init__(self):
-    defaults = PRESET_RUN_DEFAULTS.get(self.preset, PRESET_RUN_DEFAULTS["paper"])
+    # Types first, so that a bad value fails here and not after training has run.
+    for name in ("stage", "preset", "data", "tokenizer", "data_mode", "sample_prompt"):
+      if not isinstance(getattr(self, name), str):
+        raise TrainConfigError(f"--{name} must be a string, got {getattr(self, name)!r}")
+    for name in ("tokenizer_file", "cache_dir", "init_from", "dtype"):
+      if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+        raise TrainConfigError(
+            f"--{name} must be a string or None, got {getattr(self, name)!r}")
+    if self.preset not in PRESET_RUN_DEFAULTS:
+      raise TrainConfigError(
+          f"unknown preset {self.preset!r}; choose one of {list(PRESET_RUN_DEFAULTS)}")
+    defaults = PRESET_RUN_DEFAULTS[self.preset]
     for name, value in defaults.items():
       if getattr(self, name) is None:
         object.__setattr__(self, name, value)
@@ -103,19 +114,24 @@ class TrainConfig:
         raise TrainConfigError(f"--{name} must be a positive integer, got {v!r}")
     if self.steps < 2:
       raise TrainConfigError(f"--steps must be >= 2 (OneCycle schedule), got {self.steps}")
-    for name in ("checkpoint_every", "eval_every", "sample_tokens"):
+    for name in ("checkpoint_every", "eval_every", "sample_tokens", "seed"):
       v = getattr(self, name)
-      if not isinstance(v, int) or v < 0:
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise TrainConfigError(f"--{name} must be a non-negative integer, got {v!r}")
-    if self.max_train_stories is not None and self.max_train_stories < 1:
-      raise TrainConfigError(
-          f"--max_train_stories must be >= 1 (or unset for all), got {self.max_train_stories}")
-    if self.seq_len is not None and self.seq_len < 1:
-      raise TrainConfigError(f"--seq_len must be positive, got {self.seq_len}")
-    if self.eval_batches is not None and self.eval_batches < 1:
-      raise TrainConfigError(f"eval_batches must be positive or None, got {self.eval_batches}")
-    if not self.lr > 0:
-      raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+    for name in ("max_train_stories", "seq_len", "eval_batches"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        raise TrainConfigError(
+            f"--{name} must be a positive integer (or unset for the default), got {v!r}")
+      if v is not None and v < 1:
+        raise TrainConfigError(f"--{name} must be >= 1 (or unset for the default), got {v}")
+    for name, lo, closed in (("lr", 0.0, False), ("weight_decay", 0.0, True),
+                             ("clip_norm", 0.0, False)):
+      v = getattr(self, name)
+      if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+          or (v < lo if closed else v <= lo)):
+        raise TrainConfigError(
+            f"--{name} must be a finite number {'>=' if closed else '>'} {lo:g}, got {v!r}")
     # The D14 sample settings, checked here so a bad one fails before training, not at
     # the first evaluation.
     t = self.sample_temperature
@@ -137,8 +153,14 @@ class TrainConfig:
     if self.batch_size % self.grad_accum:
       raise TrainConfigError(
           f"--batch_size={self.batch_size} must be divisible by --grad_accum={self.grad_accum}")
+    try:
+      overrides = dict(self.model_overrides)
+    except (TypeError, ValueError):
+      raise TrainConfigError(
+          f"model_overrides must be a mapping or (name, value) pairs, got "
+          f"{self.model_overrides!r}") from None
     object.__setattr__(self, "model_overrides",
-                       tuple(sorted((str(k), v) for k, v in dict(self.model_overrides).items())))
+                       tuple(sorted((str(k), v) for k, v in overrides.items())))
 
   def replace(self, **changes) -> "TrainConfig":
     return dataclasses.replace(self, **changes)

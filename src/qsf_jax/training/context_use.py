@@ -142,8 +142,7 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
   elif hi > seq_len:
     raise ValueError(f"positions end at {hi}, but rows have only {seq_len} positions; pass "
                      f"hi <= {seq_len}, or hi None (--positions={lo}:) for the rest of the row")
-  if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-    raise ValueError(f"max_batches must be >= 1, or None for the whole split, got {max_batches!r}")
+  token_losses.check_max_batches(max_batches)
   if isinstance(token_budget, bool) or not isinstance(token_budget, numbers.Integral) \
       or token_budget < 1:
     raise ValueError(f"token_budget must be an int >= 1, got {token_budget!r}")
@@ -225,11 +224,10 @@ def markdown_table(summary: dict) -> str:
 
 
 def save(cl: ContextLosses, path) -> None:
-  """Writes the arrays to ``path`` (``.npz``); a None ``unigram`` is left out."""
-  token_losses.check_output_path(path)
+  """Writes the arrays to ``path`` (``.npz``, atomically); a None ``unigram`` is left out."""
   arrays = {f.name: np.asarray(getattr(cl, f.name)) for f in dataclasses.fields(cl)
             if getattr(cl, f.name) is not None}
-  np.savez_compressed(path, **arrays)
+  token_losses.save_npz(path, arrays)
 
 
 def context_use_workdir(workdir, *, contexts=(1, 2, 4, 8, 16, 32, 64), positions=None,

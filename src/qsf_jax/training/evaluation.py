@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from qsf_jax import _checks
 from qsf_jax import data as qdata
 from qsf_jax.training import sharding as shd
 from qsf_jax.training import token_losses
@@ -48,8 +49,7 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches"}``.
   """
-  if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-    raise ValueError(f"max_batches must be >= 1, or None for the whole split, got {max_batches!r}")
+  token_losses.check_max_batches(max_batches)
   batches = qdata.iter_eval_batches(split, batch_size=batch_size, seq_len=seq_len, mode=mode)
   if max_batches is not None:
     batches = itertools.islice(batches, max_batches)
@@ -104,7 +104,7 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data",
     "trained_on", "beta"}``, and ``"per_token"`` (a dict) with ``per_token``.
   """
-  per_token = per_token or per_token_out is not None
+  per_token = _checks.check_flag("per_token", per_token) or per_token_out is not None
   if per_token:  # checked before loading and evaluating, which can take minutes
     token_losses.check_threshold(outlier_nats)
     if per_token_out is not None:
@@ -181,8 +181,9 @@ def open_evaluation(workdir, *, data: str | None = None, step: int | None = None
   from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
 
   for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
-    if value is not None and (isinstance(value, bool) or value < 1):
-      raise ValueError(f"{name} must be >= 1, or None for the default, got {value!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                              or value < 1):
+      raise ValueError(f"{name} must be an int >= 1, or None for the default, got {value!r}")
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   if beta is not None and not run.model_config.annealed and beta != run.beta:
     raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "

@@ -17,8 +17,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from qsf_jax import _checks
 from qsf_jax.models.params import weight_decay_mask
 
 
@@ -48,8 +50,9 @@ def onecycle_schedule(total_steps: int, max_lr: float = 1e-3, *,
   Returns:
     A schedule ``count -> lr`` (float32 scalar), usable inside ``jit``.
   """
-  if not (max_lr > 0 and math.isfinite(max_lr)):
-    raise ValueError(f"max_lr must be finite and > 0, got {max_lr}")
+  _check_real("max_lr", max_lr, lo=0.0)
+  _check_real("div_factor", div_factor, lo=0.0)
+  _check_real("final_div_factor", final_div_factor, lo=0.0)
   s_1, s_2, up_span = _phases(total_steps, pct_start)
   lr_0 = max_lr / div_factor
   lr_min = lr_0 / final_div_factor
@@ -85,6 +88,8 @@ def onecycle_momentum(total_steps: int, *, pct_start: float = 0.3,
   Returns:
     A schedule ``count -> b1`` (float32 scalar), usable inside ``jit``.
   """
+  for name, value in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
+    _check_real(name, value)
   if not 0.0 <= base_momentum <= max_momentum < 1.0:
     raise ValueError(f"need 0 <= base_momentum <= max_momentum < 1, got {base_momentum}, "
                      f"{max_momentum}")
@@ -99,10 +104,26 @@ def onecycle_momentum(total_steps: int, *, pct_start: float = 0.3,
   return schedule
 
 
+def _check_real(name: str, value, *, lo: float | None = None, lo_closed: bool = False,
+                hi: float | None = None, hi_closed: bool = False) -> float:
+  """``value`` as a float; ``ValueError`` unless it is a finite real in the given range."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                    np.floating))
+      or not math.isfinite(value)):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  if lo is not None and (value < lo if lo_closed else value <= lo):
+    raise ValueError(f"{name} must be {'>=' if lo_closed else '>'} {lo:g}, got {value}")
+  if hi is not None and (value > hi if hi_closed else value >= hi):
+    raise ValueError(f"{name} must be {'<=' if hi_closed else '<'} {hi:g}, got {value}")
+  return float(value)
+
+
 def _phases(total_steps: int, pct_start: float) -> tuple[float, float, float]:
   """(s_1, s_2, warm-up span) of PyTorch's two-phase OneCycle."""
-  if int(total_steps) < 2:
+  total_steps = _checks.check_int("total_steps", total_steps)
+  if total_steps < 2:
     raise ValueError(f"total_steps must be >= 2 for a OneCycle schedule, got {total_steps}")
+  _check_real("pct_start", pct_start)
   if not (0.0 < pct_start < 1.0):
     raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
   s_1 = float(pct_start * total_steps) - 1.0
@@ -174,10 +195,12 @@ def make_optimizer(total_steps: int, *, max_lr: float = 1e-3, weight_decay: floa
   Returns:
     An ``optax.GradientTransformation``.
   """
-  if not (clip_norm > 0):
-    raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-  if weight_decay < 0:
-    raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+  _check_real("clip_norm", clip_norm, lo=0.0)
+  _check_real("weight_decay", weight_decay, lo=0.0, lo_closed=True)
+  _check_real("b1", b1, lo=0.0, lo_closed=True, hi=1.0)
+  _check_real("b2", b2, lo=0.0, lo_closed=True, hi=1.0)
+  _check_real("eps", eps, lo=0.0)
+  cycle_momentum = _checks.check_flag("cycle_momentum", cycle_momentum)
   schedule = onecycle_schedule(total_steps, max_lr, pct_start=pct_start)
   if not cycle_momentum:
     return optax.chain(

@@ -26,6 +26,7 @@ def top_k_logits(logits_BV, top_k: int):
     logits_BV: logits (B, V).
     top_k: k >= 1; k >= V keeps every logit.
   """
+  top_k = _checks.check_int("top_k", top_k, 1)
   V = logits_BV.shape[-1]
   if top_k >= V:
     return logits_BV
@@ -91,8 +92,14 @@ def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
     rng: PRNG key.
     temperature: sampling temperature (0 = greedy).
     top_k: keep the k most likely tokens (>= 1).
-    beta: the normalisation-anneal weight the model is evaluated at (D5).
-    max_len: the model's context limit; P + N must not exceed it.
+    beta: the normalisation-anneal weight the model is evaluated at, in [0, 1] (D5).
+    max_len: the context limit; P + N must not exceed it. None: the model's
+      ``cfg.max_seq_len`` (positions past it were never trained, and the
+      learned position tables would be indexed out of range).
+
+  Raises:
+    ValueError: for prompt ids outside the model's vocabulary, a request past
+      the context, a bad count, temperature, beta or key.
 
   Returns:
     int32 array of the new tokens, (N,) or (B, N) matching ``prompt_ids``.
@@ -105,20 +112,30 @@ def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
   prompt_BP = prompt[None] if squeeze else prompt
   if prompt_BP.shape[1] < 1:
     raise ValueError("prompt_ids must hold at least one token")
-  if int(max_new_tokens) < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if int(top_k) < 1:
-    raise ValueError(f"top_k must be >= 1, got {top_k}")
-  if not (math.isfinite(temperature) and temperature >= 0):
+  cfg = getattr(model, "cfg", None)
+  if cfg is not None:
+    _checks.check_token_ids("prompt_ids", prompt_BP, cfg.vocab_size)
+    if max_len is None:
+      max_len = cfg.max_seq_len
+  max_new_tokens = _checks.check_int("max_new_tokens", max_new_tokens, 1)
+  top_k = _checks.check_int("top_k", top_k, 1)
+  _checks.check_scalar("temperature", temperature)
+  t = _checks._concrete(temperature)
+  if t is not None and not (math.isfinite(float(_checks._real("temperature", temperature, t)))
+                            and t >= 0):
     raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-  total = prompt_BP.shape[1] + int(max_new_tokens)
+  _checks.check_unit_interval("beta", beta)
+  _checks.check_prng_key("rng", rng)
+  if max_len is not None:
+    max_len = _checks.check_int("max_len", max_len, 1)
+  total = prompt_BP.shape[1] + max_new_tokens
   if max_len is not None and total > max_len:
     raise ValueError(
         f"prompt ({prompt_BP.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
         f"exceeds the model's context of {max_len} tokens")
   out = _generate(params, collections, prompt_BP.astype(jnp.int32), rng,
                   jnp.float32(temperature), jnp.float32(beta), model=model,
-                  max_new_tokens=int(max_new_tokens), top_k=int(top_k))
+                  max_new_tokens=max_new_tokens, top_k=top_k)
   return out[0] if squeeze else out
 
 
@@ -129,6 +146,9 @@ def sample_text(model, params, collections, tokenizer, prompt: str, *, max_new_t
 
   An empty prompt starts from ``<|endoftext|>``, the story separator.
   """
+  if not isinstance(prompt, str):
+    raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+  seed = _checks.check_int("seed", seed, 0)
   ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
   new = generate(model, params, collections, jnp.asarray(ids, jnp.int32),
                  max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed),

@@ -37,13 +37,14 @@ def masked_xent_sum(logits_BTV, targets_BT, mask_BT):
   """
   logits_BTV = _checks.as_array("logits_BTV", logits_BTV)
   _checks.check_ndim("logits_BTV", logits_BTV, 3)
-  B, T, _ = logits_BTV.shape
+  B, T, V = logits_BTV.shape
   targets_BT = _checks.as_array("targets_BT", targets_BT)
   mask_BT = _checks.as_array("mask_BT", mask_BT)
   _checks.check_shape("targets_BT", targets_BT, (B, T))
   _checks.check_shape("mask_BT", mask_BT, (B, T))
   if not jnp.issubdtype(targets_BT.dtype, jnp.integer):
     raise ValueError(f"targets_BT must be integer token ids, got dtype {targets_BT.dtype}")
+  _checks.check_token_ids("targets_BT", targets_BT, V)  # concrete ids; optax would give NaN
   xent_BT = token_xent(logits_BTV, targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
   return jnp.sum(xent_BT * mask_BT), jnp.sum(mask_BT)
@@ -213,6 +214,16 @@ def eval_step(model, params, collections, batch: dict, beta) -> tuple[jax.Array,
     params: parameters.
     collections: the model's other collections.
     batch: ``inputs``, ``targets``, ``mask`` (B, T).
-    beta: the anneal weight to evaluate at.
+    beta: the anneal weight to evaluate at, in [0, 1].
+
+  Raises:
+    ValueError: for a malformed batch, concrete ids outside the model's
+      vocabulary (they would give a NaN loss), or beta outside [0, 1].
   """
+  check_batch(batch)
+  cfg = getattr(model, "cfg", None)
+  if cfg is not None:
+    for k in ("inputs", "targets"):
+      _checks.check_token_ids(f"batch[{k!r}]", batch[k], cfg.vocab_size)
+  _checks.check_unit_interval("beta", beta)
   return _eval_step(params, collections, batch, jnp.asarray(beta, jnp.float32), model=model)

@@ -20,7 +20,9 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +119,7 @@ def token_losses(model, params, collections, split, *, batch_size: int, seq_len:
       mesh: as for ``evaluate_split``.
     seen: ``training_tokens``'s (V,) mask, to mark unseen inputs; None skips it.
   """
-  if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-    raise ValueError(f"max_batches must be >= 1, or None for the whole split, got {max_batches!r}")
+  check_max_batches(max_batches)
   if seen is not None:
     seen = np.asarray(seen)
     if seen.dtype != bool or seen.ndim != 1:
@@ -168,6 +169,15 @@ def check_threshold(threshold) -> None:
                      f"got {threshold!r}")
 
 
+def check_max_batches(max_batches) -> None:
+  """Raises unless ``max_batches`` is an int >= 1 or None (the whole split)."""
+  if max_batches is not None and (isinstance(max_batches, bool)
+                                  or not isinstance(max_batches, numbers.Integral)
+                                  or max_batches < 1):
+    raise ValueError(f"max_batches must be an int >= 1, or None for the whole split, "
+                     f"got {max_batches!r}")
+
+
 def check_output_path(path) -> None:
   """Raises unless ``path`` ends in ``.npz`` and its folder exists."""
   p = pathlib.Path(path)
@@ -214,9 +224,24 @@ def summarize(tl: TokenLosses, threshold: float = 20.0) -> dict:
   return out
 
 
-def save(tl: TokenLosses, path) -> None:
-  """Writes the arrays to ``path`` (``.npz``); None fields are left out."""
+def save_npz(path, arrays: dict) -> None:
+  """Writes ``arrays`` to ``path`` (``.npz``) atomically: a temporary file in the
+  same folder, renamed over ``path`` once complete, so an interrupted write never
+  leaves a partial file under the final name."""
   check_output_path(path)
+  p = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez_compressed(f, **arrays)
+    os.replace(tmp, p)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def save(tl: TokenLosses, path) -> None:
+  """Writes the arrays to ``path`` (``.npz``, atomically); None fields are left out."""
   arrays = {f.name: getattr(tl, f.name) for f in dataclasses.fields(tl)
             if getattr(tl, f.name) is not None}
-  np.savez_compressed(path, **arrays)
+  save_npz(path, arrays)

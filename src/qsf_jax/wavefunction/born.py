@@ -44,6 +44,8 @@ def _operator_and_state(name_M, M, psi, *, ndim_M=2):
     raise ValueError(
         f"psi must have shape (..., {N}) to match {name_M} of shape "
         f"{tuple(M.shape)}, got {tuple(psi.shape)}")
+  _checks.check_finite(name_M, M)
+  _checks.check_finite("psi", psi)
   dtype = complex_dtype(M.dtype, psi.dtype)
   return M.astype(dtype), psi.astype(dtype)
 

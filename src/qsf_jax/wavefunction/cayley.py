@@ -141,6 +141,7 @@ def cayley_step(H, psi, dt=1.0):
     raise ValueError(
         f"batched H of shape {tuple(H.shape)} needs psi of shape "
         f"{tuple(H.shape[:-2]) + (N,)}, got {tuple(psi.shape)}")
+  _checks.check_finite("psi", psi)
   dtype = complex_dtype(H.dtype, psi.dtype)
   H, psi = H.astype(dtype), psi.astype(dtype)
   A = _half_generator(H, dt)
@@ -163,6 +164,7 @@ def _check_sequence(H_seq, psi0):
     raise ValueError(
         f"psi0 must have shape (..., {N}) to match H_seq of shape "
         f"{tuple(H_seq.shape)}, got {tuple(psi0.shape)}")
+  _checks.check_finite("psi0", psi0)
   dtype = complex_dtype(H_seq.dtype, psi0.dtype)
   return H_seq.astype(dtype), psi0.astype(dtype)
 
@@ -186,7 +188,8 @@ def cayley_scan(H_seq, psi0, dt=1.0, *, return_states=True):
   """
   H_seq, psi0 = _check_sequence(H_seq, psi0)
   _checks.check_time_step("dt", dt)
-  return _cayley_scan(H_seq, psi0, jnp.asarray(dt, H_seq.real.dtype), bool(return_states))
+  return _cayley_scan(H_seq, psi0, jnp.asarray(dt, H_seq.real.dtype),
+                      _checks.check_flag("return_states", return_states))
 
 
 @functools.partial(jax.jit, static_argnames=("return_states",))

@@ -45,6 +45,7 @@ def _hamiltonian_and_states(H, **states):
           f"{names[0]} and {name} must have the same shape, got {shape} and "
           f"{tuple(psi.shape)}")
     shape = tuple(psi.shape)
+    _checks.check_finite(name, psi)
     arrays[name] = psi
   dtype = complex_dtype(H.dtype, *(a.dtype for a in arrays.values()))
   return H.astype(dtype), [a.astype(dtype) for a in arrays.values()]

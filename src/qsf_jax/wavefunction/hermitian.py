@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qsf_jax import _checks
 
@@ -133,7 +134,10 @@ def isometry_from_real(W_re, W_im):
   rank-one POVM elements are M_k = m_k m_k^dagger, with sum_k M_k = M^dagger M = I_N
   (see ``born.born_probabilities``). The inverse square root uses ``eigh`` of
   the N x N Gram matrix with a custom derivative that is finite even for
-  repeated eigenvalues (W already an isometry). W must have full column rank.
+  repeated eigenvalues (W already an isometry). W must have full column rank:
+  a concrete W that is not finite, or whose Gram matrix W^dagger W is singular
+  to working precision, is refused (the polar factor does not exist there);
+  traced values are not checked.
 
   Args:
     W_re: real part of W (..., K, N), K >= N.
@@ -148,9 +152,38 @@ def isometry_from_real(W_re, W_im):
     raise ValueError(
         f"W_re must have at least as many rows as columns (K >= N) to give an "
         f"isometry, got shape {tuple(W_re.shape)}")
+  _checks.check_finite("W_re", W_re)
+  _checks.check_finite("W_im", W_im)
+  _check_full_column_rank(W_re, W_im)
   W_KN = jax.lax.complex(W_re, W_im)
   G_NN = dagger(W_KN) @ W_KN
   return W_KN @ _inv_sqrt_psd(G_NN)
+
+
+def _check_full_column_rank(W_re, W_im) -> None:
+  """Raises ``ValueError`` if a concrete W = W_re + i W_im lacks full column rank.
+
+  The test is on the Gram matrix G = W^dagger W (float64): its smallest
+  eigenvalue must exceed N eps max(eig G), with eps that of W's dtype, below
+  which (W^dagger W)^{-1/2} is inf or NaN in that dtype.
+  """
+  re, im = _checks._concrete(W_re), _checks._concrete(W_im)
+  if re is None or im is None or re.size == 0:
+    return
+  W = re.astype(np.float64) + 1j * im.astype(np.float64)
+  G = np.swapaxes(W.conj(), -1, -2) @ W
+  eig = np.linalg.eigvalsh(G)
+  N = W.shape[-1]
+  eps = float(jnp.finfo(W_re.dtype).eps)
+  lo, hi = eig[..., 0], eig[..., -1]
+  bad = ~(lo > N * eps * hi)
+  if np.any(bad):
+    idx = np.argwhere(np.atleast_1d(bad))[0]
+    where = f" (batch index {tuple(int(i) for i in idx)})" if W.ndim > 2 else ""
+    raise ValueError(
+        f"W_re + i W_im must have full column rank (N={N}) for an isometry{where}: "
+        f"the eigenvalues of W^dagger W span [{float(np.atleast_1d(lo)[tuple(idx)]):.3g}, "
+        f"{float(np.atleast_1d(hi)[tuple(idx)]):.3g}], singular to {W_re.dtype} precision")
 
 
 def realify(U):
