@@ -123,6 +123,10 @@ def test_has_checkpoint_and_missing(tmp_path):
                        r"checkpoints kept are at steps: 5, 7$"):
       call()
   assert c.meta(5)["step"] == 5 and c.meta()["step"] == 7
+  assert c.meta(np.int64(5))["step"] == 5
+  for bad in (5.7, "5", True):  # int(5.7) loaded step 5 without a word
+    with pytest.raises(ValueError, match="step must be an int"):
+      c.meta(bad)
   c.close()
   assert ck.has_checkpoint(tmp_path)
 

@@ -88,6 +88,8 @@ def test_config_is_frozen_and_hashable():
     (("fnet",), {"d_modle": 8}, "unknown ModelConfig override.*d_modle.*valid fields"),
     (("fnet",), {"dtype": "float16"}, "dtype must be one of"),
     (("fnet",), {"attn_impl": "cuda"}, "attn_impl must be one of"),
+    (("gla", "tiny"), {"attn_impl": "pallas", "attn_chunk_size": 24},
+     r"attn_impl='pallas' needs attn_chunk_size a power of two >= 16.*24"),
     (("gla",), {"attn_pallas_design": "fastest"}, "unknown attn_pallas_design 'fastest'"),
     (("gla", "tiny"), {"attn_pallas_design": "c64_bv64_w8_s3_chunkbwd"},
      "chunk-64 candidate, but attn_chunk_size=16; pass attn_chunk_size=64"),

@@ -206,6 +206,10 @@ class ModelConfig:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     resolve_design(self.attn_pallas_design, self.attn_chunk_size,  # raises if unknown
                    design_arg="attn_pallas_design", chunk_arg="attn_chunk_size")
+    c = self.attn_chunk_size
+    if self.attn_impl == "pallas" and (c < 16 or c & (c - 1)):  # else the first apply fails
+      raise ValueError(f"attn_impl='pallas' needs attn_chunk_size a power of two >= 16 "
+                       f"(Triton tile sizes), got {c}")
     for name in ("init_std", "ln_eps", "recurrent_radius", "gla_gate_temp", "wave_dt"):
       _checks.check_positive(name, getattr(self, name))
     if self.d_model % self.n_heads:

@@ -11,6 +11,7 @@ so a save that dies half-way leaves the previous checkpoint as the latest one.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import pathlib
 import subprocess
@@ -120,6 +121,9 @@ class Checkpointer:
     return list(self._mgr.all_steps())
 
   def _step_or_latest(self, step: int | None) -> int:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+      # int(4.7) would load step 4 without a word
+      raise ValueError(f"step must be an int (or None for the latest), got {step!r}")
     if step is None:
       step = self.latest_step()
       if step is None:
