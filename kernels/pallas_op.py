@@ -53,6 +53,15 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 2
 
+  def __post_init__(self):
+    # Interpret mode ignores warps and stages, so a bad value would only fail on a GPU.
+    for name in ("block_v", "num_warps", "num_stages"):
+      _checks.check_int(name, getattr(self, name), 1)
+    if self.block_v < 16 or self.block_v & (self.block_v - 1):
+      raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+    if self.num_warps & (self.num_warps - 1):
+      raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+
 
 DEFAULT_FWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
@@ -280,6 +289,9 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   if forward not in FORWARDS:
     raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+  for name, cfg in (("fwd_config", fwd_config), ("bwd_config", bwd_config)):
+    if not isinstance(cfg, KernelConfig):
+      raise ValueError(f"{name} must be a KernelConfig, got {cfg!r}")
   split_sweeps = _checks.check_flag("split_sweeps", split_sweeps)
   interpret = _checks.check_flag("interpret", interpret)
   return_final_state = _checks.check_flag("return_final_state", return_final_state)

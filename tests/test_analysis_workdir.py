@@ -231,6 +231,17 @@ def test_evaluate_at_another_anneal_weight(stage3):
       evaluate_workdir(stage3, max_batches=1, beta=bad)
   with pytest.raises(ValueError, match="per_token must be a bool.*'yes'"):
     evaluate_workdir(stage3, max_batches=1, per_token="yes")
+  # A batch larger than the split is cut to the split's rows (the rest would be
+  # all-masked padding: same figures, but 10**6 rows ran out of memory).
+  from qsf_jax import data as qdata
+  from qsf_jax.training.evaluation import open_evaluation
+  ev = open_evaluation(stage3, batch_size=10**6)
+  rows = qdata.num_eval_batches(ev.corpus.valid, batch_size=1, seq_len=ev.run.seq_len,
+                                mode=ev.cfg.data_mode)
+  assert ev.batch_size == rows < 10**6
+  big = evaluate_workdir(stage3, batch_size=10**6)
+  assert big["batches"] == 1
+  assert big["val_loss"] == pytest.approx(evaluate_workdir(stage3)["val_loss"], rel=1e-5)
   # Fractional counts failed deep in itertools, or were rounded in the message.
   for kw, match in ((dict(max_batches=1.5), "max_batches must be an int >= 1"),
                     (dict(max_batches=1, batch_size=2.5), "batch_size must be an int >= 1")):

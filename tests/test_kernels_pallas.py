@@ -164,6 +164,15 @@ def test_rejects_bad_block_v():
   args = random_inputs(12, 1, 16, 1, 16, 32)
   with pytest.raises(ValueError, match=r"block_v must be a power of two >= 16, got 24"):
     pallas_linear_attention(*args, interpret=True, fwd_config=KernelConfig(block_v=24))
+  # Interpret mode ignores warps and stages, so bad ones failed only on a GPU.
+  for kw, match in ((dict(num_warps=0), "num_warps must be >= 1"),
+                    (dict(num_warps="4"), "num_warps must be an int"),
+                    (dict(num_warps=6), "num_warps must be a power of two"),
+                    (dict(num_stages=1.5), "num_stages must be an int")):
+    with pytest.raises(ValueError, match=match):
+      KernelConfig(**kw)
+  with pytest.raises(ValueError, match="fwd_config must be a KernelConfig"):
+    pallas_linear_attention(*args, interpret=True, fwd_config={"block_v": 16})
 
 
 def test_gpu_check_flags_on_cpu(capsys):

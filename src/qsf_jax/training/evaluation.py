@@ -197,7 +197,13 @@ def open_evaluation(workdir, *, data: str | None = None, step: int | None = None
     logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
                     workdir, corpus.metadata.get("source"), trained_on)
   mesh = shd.make_mesh()
+  n_dev = mesh.devices.size
   bs = batch_size or cfg.batch_size
-  bs = max(mesh.devices.size, bs - bs % mesh.devices.size)
+  bs = max(n_dev, bs - bs % n_dev)
+  # Rows past the split's are all-masked padding: a batch larger than the split
+  # changes no figure but allocates (and computes) every padded row.
+  rows = qdata.num_eval_batches(corpus.valid, batch_size=1, seq_len=run.seq_len,
+                                mode=cfg.data_mode)
+  bs = min(bs, max(n_dev, -(-rows // n_dev) * n_dev))
   return OpenedRun(run=run, cfg=cfg, corpus=corpus, data=data, trained_on=trained_on,
                    mesh=mesh, batch_size=bs, beta=run.beta if beta is None else float(beta))
