@@ -49,6 +49,28 @@ def _check_log_decay_domain(log_decay) -> None:
         + f", shape {tuple(log_decay.shape)}")
 
 
+def decay_floor(dtype) -> float:
+  """The lowest log-decay the chunked impls use: 2 ln eps of the accumulation dtype.
+
+  Args:
+    dtype: the q/k/v dtype (float64 accumulates in float64, the rest in float32).
+
+  Returns:
+    -31.8 (float32 accumulation) or -72.1 (float64).
+  """
+  acc = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+  return 2.0 * float(np.log(jnp.finfo(acc).eps))
+
+
+def floor_log_decay(log_decay, dtype):
+  """``max(g, decay_floor(dtype))``, or None for None: the chunked impls' log-decay.
+
+  A reset g = -inf then scales a term by e^{floor} (below the accumulation's
+  resolution) instead of giving inf - inf = NaN in the chunk-local cumsums.
+  """
+  return None if log_decay is None else jnp.maximum(log_decay, decay_floor(dtype))
+
+
 def validate_inputs(q, k, v, log_decay, initial_state):
   """Checks the op's arguments and returns them as arrays.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._validate import (check_chunk_size, compute_dtype, pad_axis, round_up,
+from ._validate import (check_chunk_size, compute_dtype, floor_log_decay, pad_axis, round_up,
                         validate_inputs)
 
 
@@ -56,6 +56,7 @@ def chunked_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chu
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   chunk_size = check_chunk_size(chunk_size, power_of_two=False)
+  log_decay = floor_log_decay(log_decay, q.dtype)  # resets (-inf) stay finite
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   in_dtype = q.dtype

@@ -56,11 +56,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qsf_jax import _checks
 
 from . import _validate
+from ._validate import decay_floor
 from .chunked_xla import chunked_linear_attention
 from .designs import PallasDesign, resolve_design
 from .pallas_op import pallas_linear_attention
@@ -96,19 +96,6 @@ def resolve_impl(impl: str, dtype, *, head_dim: int = 0, chunk_size: int = 64) -
                and isinstance(chunk_size, int) and chunk_size >= 16
                and not chunk_size & (chunk_size - 1))
   return "pallas" if pallas_ok else "xla"
-
-
-def decay_floor(dtype) -> float:
-  """The lowest log-decay the chunked impls use: 2 ln eps of the accumulation dtype.
-
-  Args:
-    dtype: the q/k/v dtype (float64 accumulates in float64, the rest in float32).
-
-  Returns:
-    -31.8 (float32 accumulation) or -72.1 (float64).
-  """
-  acc = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-  return 2.0 * float(np.log(jnp.finfo(acc).eps))
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "interpret",

@@ -30,8 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 from qsf_jax import _checks
 
 from . import partitioning, segments
-from ._validate import (check_chunk_size, next_power_of_two, pad_axis, round_up,
-                        validate_inputs)
+from ._validate import (check_chunk_size, floor_log_decay, next_power_of_two, pad_axis,
+                        round_up, validate_inputs)
 from .pallas_bwd_chunked import bwd_call_chunked
 from .pallas_fwd_chunked import fwd_call_chunked
 from .pallas_kernels import bwd_call_fused, fwd_call_fused
@@ -276,6 +276,7 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   chunk_size = check_chunk_size(chunk_size, power_of_two=True)
+  log_decay = floor_log_decay(log_decay, q.dtype)  # resets (-inf) stay finite
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   C = min(int(chunk_size), max(16, next_power_of_two(T)))

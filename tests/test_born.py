@@ -272,10 +272,16 @@ def test_non_finite_states_and_rank_deficient_readouts_are_refused():
     hm.isometry_from_real(np.full((5, 3), np.nan), np.zeros((5, 3)))
   W = rng.normal(size=(2, 5, 3))
   W[1, :, 2] = W[1, :, 0]  # rank 2 in the second batch entry
-  with pytest.raises(ValueError, match=r"full column rank \(N=3\).*batch index \(1,\)"):
+  with pytest.raises(ValueError, match=r"full column rank \(N=3\).*max \|M\^dagger M - I\|"):
     hm.isometry_from_real(W, np.zeros_like(W))
   with pytest.raises(ValueError, match="full column rank"):
     hm.isometry_from_real(np.zeros((4, 2)), np.zeros((4, 2)))
+  # An ill-conditioned but full-rank W (condition number 400, float32) is accepted.
+  U, _ = np.linalg.qr(rng.normal(size=(16, 16)) + 1j * rng.normal(size=(16, 16)))
+  V, _ = np.linalg.qr(rng.normal(size=(16, 16)) + 1j * rng.normal(size=(16, 16)))
+  Wc = (U * np.geomspace(1, 1 / 400, 16)) @ V.conj().T
+  Mc = np.asarray(hm.isometry_from_real(Wc.real.astype(np.float32), Wc.imag.astype(np.float32)))
+  assert np.abs(Mc.conj().T @ Mc - np.eye(16)).max() < 1e-2
   # Real and imaginary parts that are each rank-deficient can give a full-rank W.
   a = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
   b = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])

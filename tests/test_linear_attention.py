@@ -236,6 +236,11 @@ def test_exported_impls_check_their_inputs():
   for bad in (0, -4, 2.5):
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
       chunked_linear_attention(q, k, v, chunk_size=bad)
+  # A reset (g = -inf) called directly, not only through linear_attention: it gave NaN.
+  reset = _with(g, -np.inf, t=4)
+  want = np.asarray(reference_linear_attention(q, k, v, reset)[0])
+  got = np.asarray(chunked_linear_attention(q, k, v, reset, chunk_size=4)[0])
+  assert np.all(np.isfinite(got)) and rel_rms_error(got, want) < 1e-5
 
 
 def test_rejects_non_bool_flags():

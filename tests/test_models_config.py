@@ -119,6 +119,13 @@ def test_get_config_rejects_bad_inputs(args, kwargs, match):
     get_config(*args, **kwargs)
 
 
+def test_infinite_recurrent_radius_means_no_clamp():
+  cfg = get_config("koopman", "tiny", koopman_mixer="recurrent", recurrent_radius=float("inf"))
+  assert cfg.recurrent_radius == float("inf")
+  with pytest.raises(ValueError, match="recurrent_radius must be a finite real number"):
+    get_config("koopman", "tiny", recurrent_radius=float("nan"))
+
+
 def test_replace_rejects_unknown_field():
   with pytest.raises(ValueError, match="unknown ModelConfig override"):
     get_config("fnet", "tiny").replace(width=3)
@@ -277,13 +284,16 @@ def test_anneal_beta_and_stats_window():
     anneal_beta(1, S, shape="step")
   # total_steps = 0 gave NaN; fractions outside the run gave a ramp that never ends.
   for kw, match in ((dict(total_steps=0), "total_steps must be >= 1"),
-                    (dict(total_steps=10.0), "total_steps must be an int"),
+                    (dict(total_steps=float("nan")), "total_steps must be >= 1"),
                     (dict(anneal_frac=-0.5), r"anneal_frac must be in \(0, 1\]"),
                     (dict(anneal_frac=2.0), r"anneal_frac must be in \(0, 1\]"),
                     (dict(hold_frac=1.0), r"hold_frac must be in \[0, 1 - anneal_frac\]"),
                     (dict(anneal_frac="0.1"), "anneal_frac must be a real number")):
     with pytest.raises(ValueError, match=match):
       anneal_beta(**{"step": 1, "total_steps": S, **kw})
+  # Traced arguments are not checked (jit over all of them, as before the checks).
+  assert float(jax.jit(anneal_beta)(925, 1000)) == pytest.approx(0.5, rel=1e-6)
+  assert float(anneal_beta(925, jnp.int32(1000))) == pytest.approx(0.5, rel=1e-6)
 
 
 

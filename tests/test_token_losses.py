@@ -1,5 +1,7 @@
 """Per-token validation cross entropies, outliers and unseen inputs (token_losses)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -126,5 +128,8 @@ def test_summary_counts_outliers_and_unseen_inputs(tmp_path):
   with pytest.raises(RuntimeError, match="interrupted"):
     tlm.save_npz(tmp_path / "t.npz", {"xent": x, "bad": Unsaveable()})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+  mask = os.umask(0)
+  os.umask(mask)
+  assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
   with np.load(tmp_path / "t.npz") as f:
     np.testing.assert_array_equal(f["xent"], x)

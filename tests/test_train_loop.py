@@ -365,6 +365,11 @@ def test_loss_and_step_reject_bad_shapes():
   for bad in (-1, 5):
     with pytest.raises(ValueError, match=r"targets_BT has ids in .*outside the vocabulary 0..4"):
       masked_xent_sum(logits, t.at[1, 2].set(bad), m)
+  # A negative id where the mask is 0 is the usual ignore-index padding: allowed.
+  pad = masked_xent_sum(logits, t.at[1, 2].set(-1), m.at[1, 2].set(0.0))
+  assert float(pad[1]) == 5 and float(pad[0]) == pytest.approx(5 * np.log(5), rel=1e-6)
+  with pytest.raises(ValueError, match="outside the vocabulary"):  # NaN * 0 is still NaN
+    masked_xent_sum(logits, t.at[1, 2].set(5), m.at[1, 2].set(0.0))
 
 
 def test_eval_step_checks_its_batch_ids_and_beta():

@@ -184,7 +184,11 @@ def test_make_optimizer_rejects_bad_settings():
                         (dict(weight_decay=float("inf")), "weight_decay must be a finite"),
                         (dict(b1=float("nan"), cycle_momentum=False), "b1 must be a finite"),
                         (dict(b2=-0.5), "b2 must be >= 0"), (dict(b2=1.0), "b2 must be < 1"),
-                        (dict(eps=0.0), "eps must be > 0"),
+                        (dict(eps=-1e-8), "eps must be >= 0"),
+                        (dict(clip_norm=float("nan")), "clip_norm must be a finite number"),
                         (dict(cycle_momentum="no"), "cycle_momentum must be a bool")):
     with pytest.raises(ValueError, match=match):
       make_optimizer(100, **kwargs)
+  # jax and numpy scalars, an infinite clip (no clipping) and eps = 0 are settings.
+  make_optimizer(jnp.int32(100), max_lr=jnp.float32(1e-3), weight_decay=np.float32(0.1),
+                 clip_norm=float("inf"), eps=0.0, b2=jnp.bfloat16(0.99))

@@ -119,3 +119,7 @@ def test_generate_refuses_what_used_to_decode_silently(model_and_params):
       generate(model, params, coll, jnp.array([1]), **{**kw, "rng": key, **bad})
   with pytest.raises(ValueError, match="top_k must be >= 1"):
     top_k_logits(jnp.zeros((1, 5)), 0)
+  # Concrete jax integers are counts like Python ints.
+  out = generate(model, params, coll, jnp.array([1]), rng=key, max_new_tokens=jnp.int32(3),
+                 top_k=jnp.int32(5), max_len=jnp.int32(30), beta=jnp.float32(0.5))
+  assert out.shape == (3,)

@@ -237,9 +237,13 @@ def check_finite_nonneg(name: str, value) -> None:
 def check_int(name: str, value, minimum: int | None = None) -> int:
   """Returns ``value`` as a Python int; ``ValueError`` unless it is an int >= ``minimum``.
 
-  Python and NumPy integers pass; floats (even 2.0), booleans and strings do not,
-  so a fractional count is never truncated silently.
+  Python and NumPy integers and concrete integer scalars of jax or numpy (0-d
+  arrays) pass; floats (even 2.0), booleans, strings and tracers do not, so a
+  fractional count is never truncated silently.
   """
+  if (isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
+      and jnp.issubdtype(value.dtype, jnp.integer) and _concrete(value) is not None):
+    value = int(value)
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be an int, got {value!r}")
   if minimum is not None and value < minimum:

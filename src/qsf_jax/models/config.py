@@ -56,6 +56,11 @@ _CHOICES = {
 }
 
 
+# Float fields where +inf is a setting (every other float must be finite: an
+# infinite init_std or alpha_init gave NaN logits, an infinite ln_eps zero ones).
+_INF_ALLOWED = ("recurrent_radius",)  # inf: no Frobenius clamp on K
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """Hyperparameters of one model (static, hashable: usable as a jit static arg).
@@ -192,7 +197,8 @@ class ModelConfig:
       if f.type == "bool" and not isinstance(v, bool):
         raise ValueError(f"{f.name} must be True or False, got {v!r}")
       if f.type == "float" and (isinstance(v, bool) or not isinstance(v, numbers.Real)
-                                or not math.isfinite(v)):  # inf or NaN gave NaN logits
+                                or not (math.isfinite(v) or (v == math.inf
+                                                             and f.name in _INF_ALLOWED))):
         raise ValueError(f"{f.name} must be a finite real number, got {v!r}")
       if f.type == "str" and not isinstance(v, str):
         raise ValueError(f"{f.name} must be a string, got {v!r}")

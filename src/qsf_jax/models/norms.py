@@ -28,7 +28,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qsf_jax import _checks
 from qsf_jax.models.config import ModelConfig
@@ -170,19 +169,26 @@ def anneal_beta(step, total_steps, *, anneal_frac=0.15, shape="linear", hold_fra
     beta in [0, 1] (float32 scalar).
 
   Raises:
-    ValueError: for total_steps < 1, f outside (0, 1], h outside [0, 1 - f] or
-      an unknown shape (the ramp would be NaN or lie outside the run).
+    ValueError: for a concrete total_steps < 1, f outside (0, 1], h outside
+      [0, 1 - f] or an unknown shape (the ramp would be NaN or lie outside the
+      run). Traced values are not checked.
   """
   if shape not in ("linear", "cosine"):
     raise ValueError(f"shape must be one of ['linear', 'cosine'], got {shape!r}")
-  _checks.check_int("total_steps", total_steps, 1)
-  for name, value in (("anneal_frac", anneal_frac), ("hold_frac", hold_frac)):
+  vals = {}
+  for name, value in (("total_steps", total_steps), ("anneal_frac", anneal_frac),
+                      ("hold_frac", hold_frac)):
     _checks.check_scalar(name, value)
-    _checks._real(name, value, np.asarray(value))
-  if not 0.0 < anneal_frac <= 1.0:
+    v = _checks._concrete(value)
+    if v is not None:
+      vals[name] = float(_checks._real(name, value, v))
+  if not vals.get("total_steps", 1.0) >= 1:  # NaN too
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  f, h = vals.get("anneal_frac", 0.5), vals.get("hold_frac", 0.0)
+  if not 0.0 < f <= 1.0:
     raise ValueError(f"anneal_frac must be in (0, 1], got {anneal_frac}")
-  if not (0.0 <= hold_frac and anneal_frac + hold_frac <= 1.0):
-    raise ValueError(f"hold_frac must be in [0, 1 - anneal_frac] = [0, {1.0 - anneal_frac:g}], "
+  if not (0.0 <= h and f + h <= 1.0):
+    raise ValueError(f"hold_frac must be in [0, 1 - anneal_frac] = [0, {1.0 - f:g}], "
                      f"got {hold_frac}")
   # = (t - (1 - f - h) S) / (f S), written so that t = (1 - h) S gives exactly 1 in
   # float32 (and t = (1 - f - h) S exactly 0 where f S and h S are integers)

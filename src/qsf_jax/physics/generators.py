@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 
 from qsf_jax import _checks
 
@@ -50,7 +51,11 @@ def decompose_generator(A):
 
 # jax's expm returns NaN where scaling and squaring would need more than its
 # default 16 squarings (|A dt|_1 above about 3.5e5); 64 covers |A dt|_1 up to ~1e20.
+# expm runs all max_squarings steps under vmap (and stores them for grad), so the
+# larger count is used only for concrete inputs that need it.
 _MAX_SQUARINGS = 64
+_DEFAULT_SQUARINGS = 16
+_SQUARING_NORM = 1e5  # |aug dt|_1 above which the larger count is used
 
 
 def koopman_affine(A, b, dt=1.0):
@@ -66,6 +71,10 @@ def koopman_affine(A, b, dt=1.0):
 
   Returns:
     (Phi, c): (d, d) and (d,).
+
+  jax's ``expm`` gives NaN past |A dt|_1 ~ 3.5e5 with its default 16 squarings;
+  concrete inputs that need more get up to 64 (|A dt|_1 up to ~1e20), while
+  traced ones (under jit, vmap or grad) keep 16, as the count must be static.
   """
   A = _checks.as_array("A", A)
   d = _checks.check_square("A", A)
@@ -78,7 +87,10 @@ def koopman_affine(A, b, dt=1.0):
   A, b = A.astype(dtype), b.astype(dtype)
   aug = jnp.zeros((d + 1, d + 1), dtype)
   aug = aug.at[:d, :d].set(A).at[:d, d].set(b)
-  E = jsl.expm(aug * jnp.asarray(dt, dtype), max_squarings=_MAX_SQUARINGS)
+  X = aug * jnp.asarray(dt, dtype)
+  x = _checks._concrete(X)
+  long = x is not None and float(np.max(np.sum(np.abs(x), axis=0), initial=0.0)) > _SQUARING_NORM
+  E = jsl.expm(X, max_squarings=_MAX_SQUARINGS if long else _DEFAULT_SQUARINGS)
   return E[:d, :d], E[:d, d]
 
 

@@ -115,16 +115,20 @@ def expected_kl(logQ_CK, P_CK, weights_C) -> float:
     The KL divergence in nats (float).
   """
   logQ = _real_matrix("logQ_CK", logQ_CK)
+  eps = max(np.finfo(np.float64).eps, *(np.finfo(np.asarray(x).dtype).eps for x in
+                                        (P_CK, weights_C)
+                                        if np.issubdtype(np.asarray(x).dtype, np.floating)))
   logP = _log_probs("P_CK", P_CK)
   _same_shape(logQ, logP)
   w = np.asarray(weights_C, dtype=np.float64)
   if w.shape != (logP.shape[0],):
     raise ValueError(f"weights_C must have shape ({logP.shape[0]},), got {w.shape}")
-  if not (np.all(np.isfinite(w)) and np.all(w >= 0) and abs(w.sum() - 1.0) <= 1e-9):
+  if not (np.all(np.isfinite(w)) and np.all(w >= 0)
+          and abs(w.sum() - 1.0) <= max(1e-9, 10.0 * w.size * eps)):
     raise ValueError(f"weights_C must be non-negative and sum to 1 (a distribution over "
                      f"contexts), got sum {w.sum():.12g} and minimum {w.min():.3g}")
   row_sums = np.exp(logP).sum(axis=1)
-  if np.abs(row_sums - 1.0).max() > 1e-9:
+  if np.abs(row_sums - 1.0).max() > max(1e-9, 10.0 * logP.shape[1] * eps):
     raise ValueError(f"each row of P_CK must sum to 1, got row sums in "
                      f"[{row_sums.min():.12g}, {row_sums.max():.12g}]")
   return float(w @ (np.exp(logP) * (logP - logQ)).sum(axis=1))

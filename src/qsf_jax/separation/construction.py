@@ -84,6 +84,8 @@ def inverse_cayley_real(Q_DD, dt: float = 1.0) -> np.ndarray:
   Returns:
     float64 antisymmetric (D, D).
   """
+  in_eps = (np.finfo(np.asarray(Q_DD).dtype).eps
+            if np.issubdtype(np.asarray(Q_DD).dtype, np.floating) else 0.0)
   Q = np.asarray(Q_DD, np.float64)
   if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
     raise ValueError(f"Q_DD must be a square matrix, got shape {Q.shape}")
@@ -91,8 +93,9 @@ def inverse_cayley_real(Q_DD, dt: float = 1.0) -> np.ndarray:
     raise ValueError(f"dt must be finite and > 0, got {dt!r}")
   I = np.eye(Q.shape[-1])
   err = float(np.abs(Q.T @ Q - I).max()) if Q.size else 0.0
-  if not err <= 1e-8:  # a non-orthogonal Q gave a skew A whose Cayley map is not Q
-    raise ValueError(f"Q_DD must be orthogonal (max |Q^T Q - I| = {err:.3g} > 1e-8)")
+  tol = max(1e-8, 100.0 * Q.shape[0] * in_eps)  # float32 input: its own rounding
+  if not err <= tol:  # a non-orthogonal Q gave a skew A whose Cayley map is not Q
+    raise ValueError(f"Q_DD must be orthogonal (max |Q^T Q - I| = {err:.3g} > {tol:.2g})")
   if np.linalg.cond(Q + I) > 1e12:
     raise ValueError("Q has an eigenvalue -1 (a rotation by pi): no real Cayley generator")
   A = (2.0 / dt) * np.linalg.solve((Q + I).T, (Q - I).T).T  # (Q - I)(Q + I)^{-1}

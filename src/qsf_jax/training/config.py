@@ -128,8 +128,9 @@ class TrainConfig:
     for name, lo, closed in (("lr", 0.0, False), ("weight_decay", 0.0, True),
                              ("clip_norm", 0.0, False)):
       v = getattr(self, name)
-      if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-          or (v < lo if closed else v <= lo)):
+      inf_ok = name == "clip_norm" and v == math.inf  # --clip_norm=inf: no clipping
+      if (isinstance(v, bool) or not isinstance(v, (int, float))
+          or not (math.isfinite(v) or inf_ok) or (v < lo if closed else v <= lo)):
         raise TrainConfigError(
             f"--{name} must be a finite number {'>=' if closed else '>'} {lo:g}, got {v!r}")
     # The D14 sample settings, checked here so a bad one fails before training, not at

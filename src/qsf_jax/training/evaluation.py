@@ -16,7 +16,7 @@ from qsf_jax import _checks
 from qsf_jax import data as qdata
 from qsf_jax.training import sharding as shd
 from qsf_jax.training import token_losses
-from qsf_jax.training.step import eval_step
+from qsf_jax.training.step import _eval_step, check_eval_batch
 
 
 def perplexity(loss: float) -> float:
@@ -57,9 +57,10 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
   n_sum = jnp.zeros((), jnp.float32)
   n_batches = 0
   for batch in batches:
+    check_eval_batch(model, batch, beta)  # on the host batch: no device copy
     if mesh is not None:
       batch = shd.shard_batch(batch, mesh)
-    l, n = eval_step(model, params, collections, batch, beta)
+    l, n = _eval_step(params, collections, batch, jnp.asarray(beta, jnp.float32), model=model)
     l_sum, n_sum = l_sum + l, n_sum + n
     n_batches += 1
   tokens = int(jax.device_get(n_sum))

@@ -105,11 +105,19 @@ def onecycle_momentum(total_steps: int, *, pct_start: float = 0.3,
 
 
 def _check_real(name: str, value, *, lo: float | None = None, lo_closed: bool = False,
-                hi: float | None = None, hi_closed: bool = False) -> float:
-  """``value`` as a float; ``ValueError`` unless it is a finite real in the given range."""
-  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                    np.floating))
-      or not math.isfinite(value)):
+                hi: float | None = None, hi_closed: bool = False,
+                allow_inf: bool = False) -> float:
+  """``value`` as a float; ``ValueError`` unless it is a finite real in the given range.
+
+  Python and NumPy numbers and concrete 0-d jax or numpy arrays (bfloat16 too)
+  pass; ``allow_inf`` also lets +inf through.
+  """
+  v = None if isinstance(value, str) else _checks._concrete(value)
+  ok = (v is not None and v.ndim == 0 and v.dtype != np.bool_
+        and (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)))
+  if ok:
+    value = float(v)
+  if not ok or not (math.isfinite(value) or (allow_inf and value == math.inf)):
     raise ValueError(f"{name} must be a finite number, got {value!r}")
   if lo is not None and (value < lo if lo_closed else value <= lo):
     raise ValueError(f"{name} must be {'>=' if lo_closed else '>'} {lo:g}, got {value}")
@@ -195,11 +203,11 @@ def make_optimizer(total_steps: int, *, max_lr: float = 1e-3, weight_decay: floa
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _check_real("clip_norm", clip_norm, lo=0.0)
+  _check_real("clip_norm", clip_norm, lo=0.0, allow_inf=True)  # inf: no clipping
   _check_real("weight_decay", weight_decay, lo=0.0, lo_closed=True)
   _check_real("b1", b1, lo=0.0, lo_closed=True, hi=1.0)
   _check_real("b2", b2, lo=0.0, lo_closed=True, hi=1.0)
-  _check_real("eps", eps, lo=0.0)
+  _check_real("eps", eps, lo=0.0, lo_closed=True)
   cycle_momentum = _checks.check_flag("cycle_momentum", cycle_momentum)
   schedule = onecycle_schedule(total_steps, max_lr, pct_start=pct_start)
   if not cycle_momentum:

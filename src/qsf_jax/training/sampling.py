@@ -148,7 +148,7 @@ def sample_text(model, params, collections, tokenizer, prompt: str, *, max_new_t
   """
   if not isinstance(prompt, str):
     raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-  seed = _checks.check_int("seed", seed, 0)
+  seed = _checks.check_int("seed", seed)
   ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
   new = generate(model, params, collections, jnp.asarray(ids, jnp.int32),
                  max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed),

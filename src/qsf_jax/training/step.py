@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qsf_jax import _checks
@@ -44,10 +45,29 @@ def masked_xent_sum(logits_BTV, targets_BT, mask_BT):
   _checks.check_shape("mask_BT", mask_BT, (B, T))
   if not jnp.issubdtype(targets_BT.dtype, jnp.integer):
     raise ValueError(f"targets_BT must be integer token ids, got dtype {targets_BT.dtype}")
-  _checks.check_token_ids("targets_BT", targets_BT, V)  # concrete ids; optax would give NaN
+  check_targets("targets_BT", targets_BT, mask_BT, V)
   xent_BT = token_xent(logits_BTV, targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
   return jnp.sum(xent_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def check_targets(name: str, targets, mask, vocab_size: int) -> None:
+  """Raises ``ValueError`` for concrete target ids the loss cannot score (tracers pass).
+
+  An id >= V gives a NaN cross entropy, which a zero mask does not remove
+  (NaN * 0 = NaN); a negative id would be scored as class V + id, so it is
+  refused where the mask counts it and allowed at masked positions (the usual
+  ignore-index padding).
+  """
+  t, m = _checks._concrete(targets), _checks._concrete(mask)
+  if t is None or not t.size:
+    return
+  hi = int(t.max())
+  counted_lo = int(t[m != 0].min()) if m is not None and np.any(m != 0) else 0
+  if hi >= vocab_size or counted_lo < 0:
+    raise ValueError(
+        f"{name} has ids in [{min(int(t.min()), counted_lo)}, {hi}], outside the vocabulary "
+        f"0..{vocab_size - 1} (negative ids are allowed only where the mask is 0)")
 
 
 def token_xent(logits_BTV, targets_BT):
@@ -206,6 +226,18 @@ def _eval_step(params, collections, batch, beta, *, model):
   return masked_xent_sum(logits, batch["targets"], batch["mask"])
 
 
+def check_eval_batch(model, batch: dict, beta) -> None:
+  """The checks of ``eval_step``: the batch's keys and shapes, its concrete ids
+  against the model's vocabulary (``check_targets`` for the targets) and beta in
+  [0, 1]. Run it on the host batch, before sharding, to avoid a device copy."""
+  check_batch(batch)
+  cfg = getattr(model, "cfg", None)
+  if cfg is not None:
+    _checks.check_token_ids("batch['inputs']", batch["inputs"], cfg.vocab_size)
+    check_targets("batch['targets']", batch["targets"], batch["mask"], cfg.vocab_size)
+  _checks.check_unit_interval("beta", beta)
+
+
 def eval_step(model, params, collections, batch: dict, beta) -> tuple[jax.Array, jax.Array]:
   """Summed token cross entropy and token count of one batch (QSF spec D13).
 
@@ -218,12 +250,7 @@ def eval_step(model, params, collections, batch: dict, beta) -> tuple[jax.Array,
 
   Raises:
     ValueError: for a malformed batch, concrete ids outside the model's
-      vocabulary (they would give a NaN loss), or beta outside [0, 1].
+      vocabulary (``check_eval_batch``), or beta outside [0, 1].
   """
-  check_batch(batch)
-  cfg = getattr(model, "cfg", None)
-  if cfg is not None:
-    for k in ("inputs", "targets"):
-      _checks.check_token_ids(f"batch[{k!r}]", batch[k], cfg.vocab_size)
-  _checks.check_unit_interval("beta", beta)
+  check_eval_batch(model, batch, beta)
   return _eval_step(params, collections, batch, jnp.asarray(beta, jnp.float32), model=model)

@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import pathlib
-import tempfile
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -230,13 +230,15 @@ def save_npz(path, arrays: dict) -> None:
   leaves a partial file under the final name."""
   check_output_path(path)
   p = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+  # open(.., "xb") rather than mkstemp: the file gets the umask's permissions (mkstemp's
+  # are 0600), as np.savez_compressed(path) would give.
+  tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "xb") as f:
       np.savez_compressed(f, **arrays)
     os.replace(tmp, p)
   except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
     raise
 
 
