@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from qsf_jax import _checks
 
 from . import _validate
-from ._validate import decay_floor
+from ._validate import decay_floor  # noqa: F401 (public: op.decay_floor)
 from .chunked_xla import chunked_linear_attention
 from .designs import PallasDesign, resolve_design
 from .pallas_op import pallas_linear_attention
@@ -103,9 +103,8 @@ def resolve_impl(impl: str, dtype, *, head_dim: int = 0, chunk_size: int = 64) -
 def _run(q, k, v, log_decay, initial_state, *, impl, chunk_size, interpret,
          return_final_state, design: PallasDesign):
   """Jitted dispatch; returns (o, S_T), with S_T None unless requested."""
+  # "xla" and "pallas" raise g to decay_floor themselves (_validate.floor_log_decay).
   if impl in ("xla", "pallas"):
-    if log_decay is not None:
-      log_decay = jnp.maximum(log_decay, decay_floor(q.dtype))
     if q.dtype == jnp.float16:  # float16 states overflow; run in float32
       o, S_T = _run(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                     log_decay, initial_state, impl=impl, chunk_size=chunk_size,
