@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import numbers
 import pathlib
 from collections.abc import Iterator
 
 from absl import logging
 
+from qsf_jax import _checks
 from qsf_jax.data.errors import DataNotFoundError, DataUnavailableError, UnknownDataSpecError
 from qsf_jax.data.local_files import SUPPORTED_SUFFIXES, StorySource, local_source
 from qsf_jax.data.synthetic import SYNTHETIC_VERSION, synthetic_stories
@@ -79,12 +79,11 @@ def synthetic_source(*, seed: int = 0, n_train: int = 20000, n_valid: int = 1000
     n_train: number of training stories.
     n_valid: number of validation stories.
   """
-  for name, v in (("seed", seed), ("n_train", n_train), ("n_valid", n_valid)):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-      raise ValueError(f"{name} must be an int, got {v!r}")
+  # Python ints out: the identity is JSON.
+  seed, n_train, n_valid = (_checks.check_int(name, v) for name, v in
+                            (("seed", seed), ("n_train", n_train), ("n_valid", n_valid)))
   if n_train < 1 or n_valid < 1:
     raise ValueError(f"n_train and n_valid must be >= 1, got {n_train} and {n_valid}")
-  seed, n_train, n_valid = int(seed), int(n_train), int(n_valid)  # JSON-able identity
   identity = {"kind": "synthetic", "version": SYNTHETIC_VERSION, "seed": seed,
               "n_train": n_train, "n_valid": n_valid}
   return StorySource(

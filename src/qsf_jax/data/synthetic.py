@@ -11,9 +11,10 @@ function of ``(seed, split, i)``.
 
 from __future__ import annotations
 
-import numbers
 import random
 from collections.abc import Iterator
+
+from qsf_jax import _checks
 
 SYNTHETIC_VERSION = 1
 
@@ -47,13 +48,6 @@ def _person(rng: random.Random, exclude: str = "") -> dict:
 SPLITS = ("train", "validation")
 
 
-def _check_int(name: str, value, minimum: int | None = 0) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an int, got {value!r}")
-  if minimum is not None and value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def synthetic_story(index: int, *, seed: int = 0, split: str = "train") -> str:
   """Returns story ``index`` of the synthetic corpus.
 
@@ -62,8 +56,8 @@ def synthetic_story(index: int, *, seed: int = 0, split: str = "train") -> str:
     seed: corpus seed; different seeds give different corpora.
     split: ``"train"`` or ``"validation"``; the splits use independent streams.
   """
-  _check_int("index", index)
-  _check_int("seed", seed, minimum=None)
+  _checks.check_int("index", index, 0)
+  _checks.check_int("seed", seed)
   if split not in SPLITS:  # another name gave an unrelated third stream
     raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
   rng = random.Random(f"qsf-synthetic-v{SYNTHETIC_VERSION}:{split}:{seed}:{index}")
@@ -143,7 +137,7 @@ def synthetic_stories(n: int, *, seed: int = 0, split: str = "train") -> Iterato
     seed: corpus seed.
     split: ``"train"`` or ``"validation"``.
   """
-  _check_int("n", n)
+  _checks.check_int("n", n, 0)
   if split not in SPLITS:
     raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
   for i in range(n):
