@@ -123,3 +123,10 @@ def test_generate_refuses_what_used_to_decode_silently(model_and_params):
   out = generate(model, params, coll, jnp.array([1]), rng=key, max_new_tokens=jnp.int32(3),
                  top_k=jnp.int32(5), max_len=jnp.int32(30), beta=jnp.float32(0.5))
   assert out.shape == (3,)
+
+
+def test_decode_without_a_cache_names_init_cache(model_and_params):
+  # flax raised ScopeCollectionNotFound, with no word on how to build the cache.
+  model, params, coll = model_and_params
+  with pytest.raises(ValueError, match=r"decode=True needs a 'cache' collection.*init_cache"):
+    model.apply({"params": params, **coll}, jnp.ones((1, 1), jnp.int32), decode=True)

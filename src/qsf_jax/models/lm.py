@@ -73,6 +73,11 @@ def decode_position(module: nn.Module, decode: bool):
   """The cached decode position t (int32 scalar), advanced by one per call."""
   if not decode:
     return jnp.zeros((), jnp.int32)
+  if (not module.is_initializing() and not module.has_variable("cache", "index")
+      and not module.is_mutable_collection("cache")):  # else flax's ScopeCollectionNotFound
+    raise ValueError("decode=True needs a 'cache' collection: apply with "
+                     "{'params': ..., 'cache': init_cache(model, batch_size)} and "
+                     "mutable=['cache'] (see training.sampling.generate)")
   index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
   t = index.value
   if not module.is_initializing():
