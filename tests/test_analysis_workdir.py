@@ -109,8 +109,9 @@ def test_replay_matches_the_model(stage3):
     np.testing.assert_allclose(np.asarray(s.h_out - s.h_in), rebuilt, atol=1e-5)
   z = forward.final_states(run.params, run.collections, cfg, steps[-1].h_out, run.beta)
   logits = z @ jnp.asarray(run.params["embed"]["embedding"]).T
-  ref = run.model.apply({"params": run.params, **run.collections}, jnp.asarray(tokens),
-                        beta=run.beta)
+  # compiled whole: eager flax compiles every primitive on its own
+  ref = jax.jit(lambda x: run.model.apply({"params": run.params, **run.collections}, x,
+                                          beta=run.beta))(jnp.asarray(tokens))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5)
 
 
@@ -124,7 +125,7 @@ def test_replay_gives_the_vector_k_multiplies(stage, mixer):
   from qsf_jax.models.fourier import causal_cosine_mix  # pylint: disable=g-import-not-at-top
   from qsf_jax.training.state import init_variables  # pylint: disable=g-import-not-at-top
   cfg = get_config(stage, "tiny", **({"koopman_mixer": mixer} if mixer else {}))
-  params, coll = init_variables(build_model(cfg), 0, 16)
+  params, coll = jax.jit(init_variables, static_argnums=(0, 1, 2))(build_model(cfg), 0, 16)
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(p.dtype), params)
   tokens = rng.integers(0, cfg.vocab_size, (2, 12))
@@ -150,7 +151,8 @@ def test_replay_gives_the_vector_k_multiplies(stage, mixer):
     np.testing.assert_allclose(np.asarray(s.k_in), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
   z = forward.final_states(params, coll, cfg, steps[-1].h_out, 0.0)
-  ref = build_model(cfg).apply({"params": params, **coll}, jnp.asarray(tokens), beta=0.0)
+  ref = jax.jit(lambda x: build_model(cfg).apply({"params": params, **coll}, x, beta=0.0))(
+      jnp.asarray(tokens))
   np.testing.assert_allclose(np.asarray(z @ jnp.asarray(params["embed"]["embedding"]).T),
                              np.asarray(ref), atol=2e-5)
 

@@ -12,6 +12,8 @@ from qsf_jax.wavefunction import born as bn
 from qsf_jax.wavefunction import cayley as cy
 from qsf_jax.wavefunction import hermitian as hm
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
+
 
 def _rand_real(seed, shape, dtype=np.float64):
   return np.random.default_rng(seed).standard_normal(shape).astype(dtype)

@@ -13,6 +13,8 @@ from qsf_jax.tasks import separation as ts
 from qsf_jax.wavefunction.born import povm_probabilities
 from qsf_jax.wavefunction.cayley import cayley_unitary
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile time dominates
+
 
 def _random_state(rng, N):
   psi = rng.normal(size=N) + 1j * rng.normal(size=N)

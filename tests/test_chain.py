@@ -14,6 +14,8 @@ from qsf_jax import (chain_filter, chain_filter_full, chain_mean, chain_measured
                      layer_generator, propagate, propagate_full, propagate_layer, scan_affine,
                      step_maps)
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
+
 N, D = 5, 3
 
 

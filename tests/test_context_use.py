@@ -20,9 +20,13 @@ def _log_softmax64(z):
   return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
+# As the training loop initialises: one compiled init, not one compile per primitive.
+_init = jax.jit(init_variables, static_argnums=(0, 1, 2))
+
+
 def _tiny(stage):
   model = build_model(get_config(stage, "tiny", vocab_size=V))
-  return (model, *init_variables(model, seed=5, seq_len=10))
+  return (model, *_init(model, 5, 10))
 
 
 @pytest.fixture(scope="module", params=["wave", "gla", "transformer"])

@@ -12,6 +12,8 @@ from qsf_jax.wavefunction import cayley as cy
 from qsf_jax.wavefunction import currents as cu
 from qsf_jax.wavefunction import hermitian as hm
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
+
 
 def _rand_real(seed, shape):
   return np.random.default_rng(seed).standard_normal(shape)

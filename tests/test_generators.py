@@ -12,6 +12,8 @@ from scipy.integrate import quad_vec, solve_ivp
 
 from qsf_jax import decompose_generator, koopman_affine, koopman_cov, koopman_mean
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
+
 
 def _rand(seed, d=3, scale=0.6):
   rng = np.random.default_rng(seed)

@@ -15,8 +15,12 @@ from qsf_jax.kernels.pallas_op import BACKWARDS, FORWARDS
 from qsf_jax.kernels.testing import pallas_calls, random_inputs, rel_rms_error
 from qsf_jax.models import build_model, get_config
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+# Interpret mode and the tiny models are test devices, not what users run: their
+# programs compile several times faster without XLA's heavy passes (the
+# `fast_compiles` fixture).
+pytestmark = [pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("fast_compiles")]
 
 
 def test_default_design_is_what_the_kernels_run_by_default():

@@ -141,8 +141,11 @@ def test_sigterm_stops_the_running_step_and_records_it(tmp_path):
   assert [r["status"] for r in summary["steps"]] == ["interrupted"]
 
 
-def test_report_renders_a_finished_run_from_anywhere(tmp_path, capsys):
+def test_report_renders_a_finished_run_from_anywhere(tmp_path, capsys, monkeypatch):
   """--report rebuilds the markdown of a run from its folder, also after a move."""
+  # The step's process inherits this: its programs compile several times faster without
+  # XLA's heavy passes, and this checks its rows and the report, not its times.
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
   step = Step("goals", ("-m", "qsf_jax.kernels.bench", "--goals", "--T=32", "--D=16",
                         "--modes=fwd", "--impls=xla", "--out={out}/goals.json"), 120)
   run_dir = tmp_path / "run"

@@ -14,6 +14,12 @@ from qsf_jax.kernels import linear_attention
 from qsf_jax.kernels.testing import (TOL, assert_grads_match, float64_grads, random_inputs,
                                      rel_rms_error)
 
+# Every case here is compile-bound (each shape compiles the impl's forward and backward
+# and the float64 reference's), and XLA's heavy passes only reschedule the same float32
+# arithmetic: the programs compile several times faster without them (the
+# `fast_compiles` fixture) and compute the values the tolerances below are about.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 CPU_IMPLS = ("reference", "scan", "xla")
 NAMES = ("q", "k", "v", "log_decay", "initial_state")
 

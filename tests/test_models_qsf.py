@@ -19,6 +19,14 @@ def _np(x):
   return np.asarray(x, np.float64)
 
 
+def _perturbed(tree, seed, scale):
+  """tree + scale * N(0, 1) draws, on the host (numpy): drawn with jax.random, the
+  sampler compiles once per leaf shape."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape),
+                                            p.dtype), tree)
+
+
 def _dense(p, u):
   return u @ _np(p["kernel"]) + _np(p["bias"])
 
@@ -74,7 +82,7 @@ def test_measurement_attention_matches_eq34(include_self, scale):
   layer = MeasurementAttention(cfg)
   params = layer.init(jax.random.key(4), u)["params"]
   # Non-zero biases so that every term of eq. 36 is exercised.
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
+  params = _perturbed(params, 5, 0.1)
   x_tgt, v_out = layer.apply({"params": params}, u)
   un = _np(u)
   q, k, v = (_dense(params[n], un).reshape(2, T, H, Dh) for n in ("query", "key", "value"))
@@ -97,8 +105,7 @@ def _block_setup(stage, **overrides):
   h = jax.random.normal(jax.random.key(0), (2, 6, d))
   ctx = (jnp.float32(0.0), jnp.int32(0))
   variables = block.init(jax.random.key(1), h, ctx)
-  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape),
-                        variables["params"])
+  params = _perturbed(variables["params"], 2, 0.3)
   # A non-trivial frozen scale: s_bar = ema / (1 - 0.99^1) = 1.7.
   stats = {"norm1": {"ema": jnp.float32(1.7 * (1 - cfg.ls_ema_decay)), "count": jnp.float32(1.0)}}
   return cfg, block, {"params": params, "norm_stats": stats}
@@ -223,13 +230,14 @@ def test_norm_stats_average_over_the_loss_positions():
   padded = np.concatenate([real, np.zeros((2, 10), np.int64)], axis=1)
   mask = np.concatenate([np.ones((2, 6)), np.zeros((2, 10))], axis=1).astype(np.float32)
   emas = {}
+  # The forward passes jitted (eager flax compiles every primitive for each shape).
   for positions in ("loss", "all"):
     cfg = get_config("koopman_attn", "tiny", ls_stats_positions=positions)
     model = build_model(cfg)
-    variables = model.init(jax.random.key(1), jnp.asarray(padded))
-    stats = lambda x, m: model.apply(variables, jnp.asarray(x), update_stats=True,
-                                     stats_mask=m, mutable=["norm_stats"])[1]["norm_stats"]
-    a, b = stats(real, np.ones((2, 6), np.float32)), stats(padded, mask)
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.asarray(padded))
+    stats = jax.jit(lambda x, m, model=model, variables=variables: model.apply(
+        variables, x, update_stats=True, stats_mask=m, mutable=["norm_stats"])[1]["norm_stats"])
+    a, b = stats(jnp.asarray(real), np.ones((2, 6), np.float32)), stats(jnp.asarray(padded), mask)
     emas[positions] = (a, b)
     for path in (("layers", "norm1"), ("final_norm",)):
       ea, eb = a, b
@@ -243,9 +251,10 @@ def test_norm_stats_average_over_the_loss_positions():
   # a batch without counted positions leaves the EMA and its count unchanged
   cfg = get_config("koopman_attn", "tiny")
   model = build_model(cfg)
-  variables = model.init(jax.random.key(1), jnp.asarray(padded))
-  _, mut = model.apply(variables, jnp.asarray(padded), update_stats=True,
-                       stats_mask=np.zeros_like(mask), mutable=["norm_stats"])
+  variables = jax.jit(model.init)(jax.random.key(1), jnp.asarray(padded))
+  _, mut = jax.jit(lambda x, m: model.apply(variables, x, update_stats=True, stats_mask=m,
+                                            mutable=["norm_stats"]))(jnp.asarray(padded),
+                                                                     np.zeros_like(mask))
   np.testing.assert_array_equal(_np(mut["norm_stats"]["final_norm"]["count"]), 0.0)
   np.testing.assert_array_equal(_np(mut["norm_stats"]["layers"]["norm1"]["ema"]), 0.0)
   with pytest.raises(ValueError, match="stats_mask"):

@@ -29,29 +29,32 @@ def _full(model, variables, tokens):
   return jax.jit(lambda v, x: model.apply(v, x, beta=BETA))(variables, tokens)
 
 
-def _decode(model, variables, tokens):
-  """Logits from T single-token decode calls, (B, T, V)."""
+def _forward_and_decode(model, variables, tokens):
+  """Full-forward logits, last-position logits and T single-token decode calls.
+
+  One compiled program (the decode calls as a scan over positions, each step the
+  same ``model.apply(..., decode=True, mutable=["cache"])`` a decode loop makes):
+  compiling the three separately cost about twice as much.
+
+  Returns:
+    numpy (full (B, T, V), last_only (B, 1, V), decoded (B, T, V)) and the final cache.
+  """
 
   @jax.jit
-  def step(cache, tok_B1):
-    out, mut = model.apply({**variables, "cache": cache}, tok_B1, beta=BETA,
-                           decode=True, mutable=["cache"])
-    return out, mut["cache"]
+  def run(v, x, cache):
+    full = model.apply(v, x, beta=BETA)
+    last = model.apply(v, x, beta=BETA, last_only=True)
 
-  cache = init_cache(model, tokens.shape[0])
-  outs = []
-  for t in range(tokens.shape[1]):
-    out, cache = step(cache, tokens[:, t:t + 1])
-    outs.append(out)
-  return jnp.concatenate(outs, axis=1), cache
+    def step(cache, tok_B):
+      out, mut = model.apply({**v, "cache": cache}, tok_B[:, None], beta=BETA,
+                             decode=True, mutable=["cache"])
+      return mut["cache"], out
 
+    cache, outs = jax.lax.scan(step, cache, x.T)  # outs (T, B, 1, V)
+    return full, last, jnp.concatenate(list(outs), axis=1), cache
 
-def _check_decode(model, variables, tokens, full):
-  dec, cache = _decode(model, variables, tokens)
-  assert dec.shape == full.shape and dec.dtype == jnp.float32
-  rel = float(jnp.max(jnp.abs(dec - full)) / jnp.max(jnp.abs(full)))
-  assert rel < 1e-5, rel
-  return cache
+  full, last, dec, cache = run(variables, tokens, init_cache(model, tokens.shape[0]))
+  return np.asarray(full), np.asarray(last), np.asarray(dec), cache
 
 
 def _with_variants(tokens, vocab):
@@ -87,23 +90,52 @@ def _check_causal(logits, batch_size):
     assert np.max(np.abs(row[t + 1] - logits[0, t + 1])) > 1e-6, t
 
 
-def _check_causal_and_decode(model, variables, tokens, vocab):
-  """Full forward of tokens and their variants: causal, and equal to T decode calls."""
+def _check_causal_and_decode(model, variables, tokens, vocab, outputs=None):
+  """Full forward of tokens and their variants: causal, and equal to T decode calls.
+
+  ``outputs``: those of ``_forward_and_decode`` on ``_with_variants(tokens, vocab)``,
+  when already computed.
+  """
   batch = _with_variants(tokens, vocab)
-  full = _full(model, variables, batch)
-  assert full.shape == (batch.shape[0], T, vocab) and full.dtype == jnp.float32
-  assert bool(jnp.all(jnp.isfinite(full)))
+  full, last, dec, cache = outputs or _forward_and_decode(model, variables, batch)
+  assert full.shape == (batch.shape[0], T, vocab) and full.dtype == np.float32
+  assert np.all(np.isfinite(full))
   _check_causal(full, tokens.shape[0])
   # last_only: the last position's logits alone (the head skips the others)
-  last = jax.jit(lambda v, x: model.apply(v, x, beta=BETA, last_only=True))(variables, batch)
   assert last.shape == (batch.shape[0], 1, vocab)
   np.testing.assert_allclose(last, full[:, -1:], rtol=1e-6, atol=1e-6)
-  return _check_decode(model, variables, batch, full)
+  assert dec.shape == full.shape and dec.dtype == np.float32
+  rel = float(np.max(np.abs(dec - full)) / np.max(np.abs(full)))
+  assert rel < 1e-5, rel
+  return cache
+
+
+@pytest.fixture(scope="module")
+def default_stage():
+  """``get(stage)``: ``_setup(stage)`` at the tiny defaults, built once per module;
+  ``get(stage, outputs=True)`` adds ``_forward_and_decode`` on ``_with_variants``.
+
+  Several tests need the same model, parameters and forward pass; none mutates them.
+  """
+  setups, outputs = {}, {}
+
+  def get(stage, with_outputs=False):
+    if stage not in setups:
+      setups[stage] = _setup(stage)
+    if not with_outputs:
+      return setups[stage]
+    if stage not in outputs:
+      cfg, model, variables, tokens = setups[stage]
+      outputs[stage] = _forward_and_decode(model, variables,
+                                           _with_variants(tokens, cfg.vocab_size))
+    return setups[stage] + (outputs[stage],)
+
+  return get
 
 
 @pytest.mark.parametrize("stage", ["koopman_attn", "wave"])
-def test_last_only_is_refused_with_stats_updates_or_a_non_bool(stage):
-  _, model, variables, tokens = _setup(stage)
+def test_last_only_is_refused_with_stats_updates_or_a_non_bool(default_stage, stage):
+  _, model, variables, tokens = default_stage(stage)
   with pytest.raises(ValueError, match="cannot update the norm statistics"):
     model.apply(variables, tokens, update_stats=True, last_only=True, mutable=["norm_stats"])
   with pytest.raises(ValueError, match="last_only must be a bool"):
@@ -111,9 +143,9 @@ def test_last_only_is_refused_with_stats_updates_or_a_non_bool(stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_causal_and_decode_match_full_forward(stage):
-  cfg, model, variables, tokens = _setup(stage)
-  cache = _check_causal_and_decode(model, variables, tokens, cfg.vocab_size)
+def test_causal_and_decode_match_full_forward(default_stage, stage):
+  cfg, model, variables, tokens, outputs = default_stage(stage, with_outputs=True)
+  cache = _check_causal_and_decode(model, variables, tokens, cfg.vocab_size, outputs)
   if stage != "wave":  # the position counter advanced once per token
     assert int(cache["index"]) == T
 
@@ -144,27 +176,30 @@ def test_variants_causal_and_decode(stage, overrides):
   _check_causal_and_decode(model, variables, tokens, cfg.vocab_size)
 
 
-@pytest.mark.parametrize("stage", ["koopman_attn", "transformer"])
-def test_bf16_compute_gives_finite_float32_logits(stage):
-  _, model32, variables, tokens = _setup(stage)
+def _bf16_rel(default_stage, stage):
+  """float32 logits of the stage (variants batch) and the relative RMS change in bf16.
+
+  The float32 forward is the one the causality test checks; the bf16 model runs on
+  the same float32 parameters and tokens.
+  """
+  cfg, _, variables, tokens, (f32, _, _, _) = default_stage(stage, with_outputs=True)
   model16 = build_model(get_config(stage, "tiny", dtype="bfloat16"))
-  f32 = _full(model32, variables, tokens)
-  b16 = _full(model16, variables, tokens)  # same float32 parameters
-  assert b16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(b16)))
+  b16 = np.asarray(_full(model16, variables, _with_variants(tokens, cfg.vocab_size)))
+  assert b16.dtype == np.float32 and np.all(np.isfinite(b16))
+  return float(np.linalg.norm(b16 - f32) / np.linalg.norm(f32))
+
+
+@pytest.mark.parametrize("stage", ["koopman_attn", "transformer"])
+def test_bf16_compute_gives_finite_float32_logits(default_stage, stage):
+  rel = _bf16_rel(default_stage, stage)
   # bf16 operands with f32 accumulation: within the kernels spec's bf16 bound
   # (relative RMS 1e-2, §5.2), and not bit-identical to f32 (bf16 was used).
-  rel = float(jnp.linalg.norm(b16 - f32) / jnp.linalg.norm(f32))
   assert 0.0 < rel < 1e-2, rel
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("koopman_attn", "transformer")])
-def test_bf16_compute_other_stages(stage):
-  _, model32, variables, tokens = _setup(stage)
-  model16 = build_model(get_config(stage, "tiny", dtype="bfloat16"))
-  b16 = _full(model16, variables, tokens)
-  assert b16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(b16)))
-  f32 = _full(model32, variables, tokens)
-  rel = float(jnp.linalg.norm(b16 - f32) / jnp.linalg.norm(f32))
+def test_bf16_compute_other_stages(default_stage, stage):
+  rel = _bf16_rel(default_stage, stage)
   # The wave model keeps all its maths in float32/complex64 (rel = 0).
   assert rel < 1e-2, rel

@@ -13,6 +13,8 @@ from scipy.integrate import solve_ivp
 from qsf_jax import (GaussianState, chain_filter_full, exact_substeps, kalman_bucy_step,
                      measurement_update, propagate, propagate_full)
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
+
 FORMS = ("gain", "information")
 
 

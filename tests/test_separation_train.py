@@ -162,7 +162,7 @@ def test_flag_parsing():
     exp.parse_int_list("N", ["3", "x"])
 
 
-@pytest.mark.parametrize("flag,message", [
+_BAD_FLAGS = [
     ("--N=3,1", "each entry of N must be >= 2"),
     ("--models=complex,bogus", "unknown models ['bogus']"),
     ("--readout_ranks=2,x", "--readout_ranks must be a comma-separated list of integers"),
@@ -170,8 +170,45 @@ def test_flag_parsing():
     ("--task=born_logit --eta=0.2", "--eta does not apply to --task=born_logit"),
     ("--beta=3 --contexts=generic", "--contexts, --beta does not apply to --task=pairwise"),
     ("--task=born_logit --models=realified", "unknown models ['realified'] for task 'born_logit'"),
-])
-def test_entry_point_rejects_bad_flags(tmp_path, flag, message):
+]
+
+
+@pytest.fixture
+def separation_main():
+  """experiments.separation with its (process-wide) absl flags restored afterwards."""
+  sys.path.insert(0, str(REPO_ROOT))
+  from experiments import separation as exp
+  fv = exp.FLAGS
+  saved = {name: (fv[name].value, fv[name].present, fv[name].using_default_value)
+           for name in fv}
+  was_parsed = fv.is_parsed()
+  fv.unparse_flags()
+  yield exp
+  fv.unparse_flags()
+  for name, (value, present, default) in saved.items():
+    fv[name].value, fv[name].present, fv[name].using_default_value = value, present, default
+  if was_parsed:
+    fv.mark_as_parsed()
+
+
+@pytest.mark.parametrize("flag,message", _BAD_FLAGS)
+def test_entry_point_rejects_bad_flags(tmp_path, capsys, separation_main, flag, message):
+  """main() on the parsed flags, in this process (a Python and JAX start per flag set
+  cost more than the check); the test below runs the ``python -m`` entry itself."""
+  exp = separation_main
+  argv = exp.FLAGS(["separation", *flag.split(), f"--out={tmp_path}"])
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:  # any other exception would be a traceback
+    exp.main(argv)
+  assert exit_info.value.code not in (0, None)
+  captured = capsys.readouterr()
+  assert message in captured.err + captured.out
+  assert "Traceback" not in captured.err
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_entry_point_module_rejects_bad_flags(tmp_path):
+  flag, message = _BAD_FLAGS[0]
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.separation", *flag.split(), f"--out={tmp_path}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
@@ -181,15 +218,26 @@ def test_entry_point_rejects_bad_flags(tmp_path, flag, message):
   assert not (tmp_path / "results.json").exists()
 
 
-@pytest.mark.slow
-def test_sweep_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def pairwise_sweep():
+  """One small T_2 sweep of every model, with a second complex dimension (2N).
+
+  Shared by the smoke test and the complex-dimension test: each trained row compiles
+  its own programs, so one sweep of all rows costs far less than two that repeat most.
+  """
   cfg = sweep.SweepConfig(Ns=(2,), dims=(2,), steps=4, seeds=1, log_every=2, num_cues=3,
-                          length=2)
-  results = sweep.run_sweep(cfg, log=lambda s: None)
+                          length=2, complex_dims=("N", "2N"))
+  return sweep.run_sweep(cfg, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_sweep_smoke(pairwise_sweep, tmp_path):
+  results = pairwise_sweep
   models_run = [r["model"] for r in results["runs"]]
   assert models_run == ["complex_hardcoded", "realified_hardcoded", "complex", "complex_r2",
-                        "complex_fixed_povm", "complex_fixed_dynamics",
-                        "complex_r2_fixed_dynamics", "realified", "real"]
+                        "complex_d4", "complex_r2_d4", "complex_fixed_povm",
+                        "complex_fixed_dynamics", "complex_r2_fixed_dynamics", "realified",
+                        "real"]
   ranks = {r["model"]: r["readout_rank"] for r in results["runs"]}
   assert ranks["complex_r2"] == ranks["complex_r2_fixed_dynamics"] == 2
   assert ranks["complex"] == ranks["complex_fixed_dynamics"] == 1 and ranks["real"] is None
@@ -234,16 +282,16 @@ def test_resolve_complex_dims():
   sweep.validate_config(sweep.SweepConfig(Ns=(2,), complex_dims=("N", "4"), readout_ranks=(1,)))
 
 
-def test_sweep_complex_dims_rows(tmp_path):
+def test_sweep_complex_dims_rows(pairwise_sweep, tmp_path):
   """Extra complex dimensions add learned rows named _d<n>; the fixed rows stay at N."""
-  cfg = sweep.SweepConfig(Ns=(2,), dims=(2,), steps=2, seeds=1, log_every=2, num_cues=3,
-                          length=2, readout_ranks=(1, 2), complex_dims=("N", "2N"),
-                          models=("complex", "complex_fixed_dynamics"))
-  results = sweep.run_sweep(cfg, log=lambda s: None)
-  assert [(r["model"], r["dim"], r["real_dim"], r["readout_rank"]) for r in results["runs"]] == [
+  results = pairwise_sweep
+  rows = [(r["model"], r["dim"], r["real_dim"], r["readout_rank"]) for r in results["runs"]]
+  assert [row for row in rows if row[0].startswith("complex") and "povm" not in row[0]
+          and not row[0].endswith("hardcoded")] == [
       ("complex", 2, 4, 1), ("complex_r2", 2, 4, 2), ("complex_d4", 4, 8, 1),
       ("complex_r2_d4", 4, 8, 2), ("complex_fixed_dynamics", 2, 4, 1),
       ("complex_r2_fixed_dynamics", 2, 4, 2)]
+  assert ("complex_fixed_povm", 2, 4, 1) in rows
   # The figure draws the _d<n> rows (hollow, at n) and leaves the diagnostics out.
   styles = {r["model"]: plot._style(r["model"]) for r in results["runs"]}
   assert styles["complex_d4"]["fillstyle"] == "none"

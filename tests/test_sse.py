@@ -8,6 +8,8 @@ import pytest
 from qsf_jax.physics.generators import koopman_cov, koopman_mean
 from qsf_jax.physics.sse import simulate_sse, sse_coefficients, sse_increments, sse_integrate
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
+
 D = 3
 X0 = np.array([0.6, 0.8, 0.0])  # ||x0|| = 1
 X_TGT = np.array([-0.3, 0.2, 0.5])

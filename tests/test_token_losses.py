@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,7 +48,8 @@ def test_training_tokens_are_the_ids_of_the_training_rows(blocks, monkeypatch):
 def tiny_model():
   cfg = get_config("koopman", "tiny", vocab_size=V)
   model = build_model(cfg)
-  params, coll = init_variables(model, seed=3, seq_len=8)
+  # compiled whole, as the training loop initialises (not one compile per primitive)
+  params, coll = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, 3, 8)
   return model, params, coll
 
 
@@ -60,10 +62,10 @@ def test_per_token_losses_match_an_independent_log_softmax(tiny_model):
   seen[[0, 1, 2, 3, 4, 5, 6, 7, 8, EOT]] = True  # 9, 10 and 11 unseen
   tl = tlm.token_losses(model, params, coll, valid, batch_size=B, seq_len=T, seen=seen)
   # the reference: full logits from model.apply, log-softmax in float64 numpy
+  apply = jax.jit(lambda x: model.apply({"params": params, **coll}, x, beta=0.0))
   xent, row, pos, unseen = [], [], [], []
   for k, batch in enumerate(qdata.iter_eval_batches(valid, batch_size=B, seq_len=T)):
-    z = np.asarray(model.apply({"params": params, **coll}, batch["inputs"], beta=0.0),
-                   np.float64)
+    z = np.asarray(apply(batch["inputs"]), np.float64)
     logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - z.max(-1, keepdims=True)
     for b in range(B):

@@ -25,6 +25,9 @@ from qsf_jax.training.step import make_train_step
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
+# As the training loop initialises: one compiled init, not one compile per primitive.
+_init = jax.jit(init_variables, static_argnums=(0, 1, 2))
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -86,12 +89,21 @@ def test_loss_decreases_and_records(trained):
   assert (30, "eval/val_loss", pytest.approx(evals[1]["val_loss"], rel=1e-6)) in scalars
 
 
-def test_stage_three_logs_alpha_per_layer(env, trained):
-  """QSF Fig. 1: the learned alpha of every layer is in metrics.jsonl as alpha/<l>."""
+@pytest.fixture(scope="module")
+def stage3_hold(env):
+  """A 4-step Stage-III run whose anneal ramp ends early (anneal_hold_frac), shared by
+  the Stage-III tests (read-only for them)."""
   root, corpus = env
-  wd = root / "alpha"
-  train_and_evaluate(_cfg(corpus, stage="koopman_attn", steps=3, checkpoint_every=0,
-                          eval_every=0), wd)
+  wd = root / "hold"
+  overrides = {"anneal_frac": 0.25, "anneal_hold_frac": 0.5}
+  train_and_evaluate(_cfg(corpus, stage="koopman_attn", steps=4, checkpoint_every=0,
+                          eval_every=0, model_overrides=overrides), wd)
+  return wd
+
+
+def test_stage_three_logs_alpha_per_layer(stage3_hold, trained):
+  """QSF Fig. 1: the learned alpha of every layer is in metrics.jsonl as alpha/<l>."""
+  wd = stage3_hold
   train = [r for r in _jsonl(wd) if r["kind"] == "train"]
   c = ck.Checkpointer(wd, read_only=True)
   params, _ = c.restore_params()
@@ -102,14 +114,10 @@ def test_stage_three_logs_alpha_per_layer(env, trained):
   assert "alpha/0" not in _jsonl(trained[0])[0]  # Stage II has no measurement
 
 
-def test_anneal_hold_trains_at_beta_one(env):
+def test_anneal_hold_trains_at_beta_one(stage3_hold):
   """anneal_hold_frac: the ramp ends early and the last updates run at beta = 1,
   as does the evaluation of the finished run."""
-  root, corpus = env
-  wd = root / "hold"
-  overrides = {"anneal_frac": 0.25, "anneal_hold_frac": 0.5}
-  train_and_evaluate(_cfg(corpus, stage="koopman_attn", steps=4, checkpoint_every=0,
-                          eval_every=0, model_overrides=overrides), wd)
+  wd = stage3_hold
   recs = _jsonl(wd)
   # S = 4: ramp over [1, 2] (one step), then beta = 1 for steps 2 and 3
   assert [r["beta"] for r in recs if r["kind"] == "train"] == [0.0, 0.0, 1.0, 1.0]
@@ -207,29 +215,40 @@ def test_bad_settings_raise_before_touching_workdir(env, tmp_path):
       TrainConfig(stage="koopman", **bad)
 
 
-@pytest.mark.slow
-def test_grad_accumulation_equals_full_batch(env):
-  """A = 2 micro-batches give the update of the whole batch (summed-token loss)."""
+@pytest.fixture(scope="module")
+def full_batch_step(env):
+  """One float32 Stage-II step on a whole batch of 8 padded rows (shared, read-only).
+
+  Returns the batch, the initial variables, the optimizer and the step's (state,
+  metrics); the accumulation and bfloat16 tests compare their steps with it.
+  """
   _, corpus = env
   tok = qdata.get_tokenizer("bytes")
   c = qdata.load_corpus(str(corpus), tok)
   batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=8, seq_len=32)
   # rows with different token counts (as short, padded stories have), unevenly
-  # split between the two micro-batches
+  # split between the two micro-batches of the accumulation test
   batch["mask"] = (np.arange(32)[None, :] < np.array([32, 30, 31, 29, 5, 9, 3, 12])[:, None]
                    ).astype(np.float32)
   model = build_model(get_config("koopman", "tiny"))
-  params, coll = init_variables(model, 0, 32)
+  params, coll = _init(model, 0, 32)
   tx = make_optimizer(10)
-  common = dict(schedule=onecycle_schedule(10), total_steps=10)
-  out = {}
-  for A in (1, 2):
-    # fresh copies: the step donates (deletes) its input state
-    st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
-    b = {k: v.reshape((A, 8 // A) + v.shape[1:]) if A > 1 else v for k, v in batch.items()}
-    st, m = make_train_step(model, tx, grad_accum=A, **common)(st, b)
-    out[A] = (st, m)
-  (s1, m1), (s2, m2) = out[1], out[2]
+  # fresh copies: the step donates (deletes) its input state
+  st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
+  st, m = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10)(st, batch)
+  return batch, (params, coll), tx, (st, m)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_full_batch(full_batch_step):
+  """A = 2 micro-batches give the update of the whole batch (summed-token loss)."""
+  batch, (params, coll), tx, (s1, m1) = full_batch_step
+  model = build_model(get_config("koopman", "tiny"))
+  A = 2
+  st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
+  b = {k: v.reshape((A, 8 // A) + v.shape[1:]) for k, v in batch.items()}
+  s2, m2 = make_train_step(model, tx, grad_accum=A, schedule=onecycle_schedule(10),
+                           total_steps=10)(st, b)
   assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
   assert float(m1["tokens"]) == float(m2["tokens"]) == batch["mask"].sum()
   # the gradient itself (Adam's first step is about lr * sign(g) and clipping
@@ -248,11 +267,14 @@ def test_train_step_collects_norm_stats_over_the_loss_mask(env):
   batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
   batch["mask"] = (np.arange(32)[None, :] < np.array([32, 7, 20, 3])[:, None]).astype(np.float32)
   model = build_model(get_config("koopman_attn", "tiny"))
-  params, coll = init_variables(model, 0, 32)
-  _, want = model.apply({"params": params, **coll}, jnp.asarray(batch["inputs"]),
-                        update_stats=True, stats_mask=batch["mask"], mutable=["norm_stats"])
-  _, unmasked = model.apply({"params": params, **coll}, jnp.asarray(batch["inputs"]),
-                            update_stats=True, mutable=["norm_stats"])
+  params, coll = _init(model, 0, 32)
+  # the references compiled whole (eager flax compiles every primitive on its own)
+  _, want = jax.jit(lambda x, mask: model.apply(
+      {"params": params, **coll}, x, update_stats=True, stats_mask=mask,
+      mutable=["norm_stats"]))(jnp.asarray(batch["inputs"]), batch["mask"])
+  _, unmasked = jax.jit(lambda x: model.apply(
+      {"params": params, **coll}, x, update_stats=True, mutable=["norm_stats"]))(
+          jnp.asarray(batch["inputs"]))
   tx = make_optimizer(10)
   st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
   st, _ = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10,
@@ -278,7 +300,7 @@ def test_init_from_maps_shared_parameters(trained):
   """D12: Stage III from Stage II copies E, P, norm1, K, b; attention and alpha are new."""
   wd, _ = trained
   target_model = build_model(get_config("koopman_attn", "tiny"))
-  fresh, _ = init_variables(target_model, 1, 32)
+  fresh, _ = _init(target_model, 1, 32)
   logs = []
   params, report = init_from_checkpoint(fresh, str(wd), stage="koopman_attn", log=logs.append)
   c = ck.Checkpointer(wd, read_only=True)
@@ -302,20 +324,14 @@ def test_init_from_maps_shared_parameters(trained):
 
 
 @pytest.mark.slow
-def test_bfloat16_compute_keeps_float32_params_and_loss(env):
+def test_bfloat16_compute_keeps_float32_params_and_loss(full_batch_step):
   """--dtype=bfloat16: matmuls in bf16, parameters, loss and updates in float32."""
-  _, corpus = env
-  c = qdata.load_corpus(str(corpus), qdata.get_tokenizer("bytes"))
-  batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
-  tx = make_optimizer(10)
-  out = {}
-  for dtype in ("float32", "bfloat16"):
-    model = build_model(get_config("koopman", "tiny", dtype=dtype))
-    params, coll = init_variables(model, 0, 32)
-    st = create_train_state(params, coll, tx, 0)
-    st, m = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10)(st, batch)
-    out[dtype] = (st, m)
-  (_, m32), (s16, m16) = out["float32"], out["bfloat16"]
+  # the float32 step is the fixture's, on the same batch and from the same seed
+  batch, _, tx, (_, m32) = full_batch_step
+  model = build_model(get_config("koopman", "tiny", dtype="bfloat16"))
+  params, coll = _init(model, 0, 32)
+  st = create_train_state(params, coll, tx, 0)
+  s16, m16 = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10)(st, batch)
   assert m16["loss"].dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
   assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
@@ -375,10 +391,9 @@ def test_loss_and_step_reject_bad_shapes():
 def test_eval_step_checks_its_batch_ids_and_beta():
   from qsf_jax.models.config import get_config
   from qsf_jax.models.lm import build_model
-  from qsf_jax.training.state import init_variables
   from qsf_jax.training.step import eval_step
   model = build_model(get_config("fnet", "tiny"))
-  params, coll = init_variables(model, 0, 8)
+  params, coll = _init(model, 0, 8)
   ids = jnp.ones((2, 8), jnp.int32)
   good = {"inputs": ids, "targets": ids, "mask": jnp.ones((2, 8))}
   l_sum, n = eval_step(model, params, coll, good, 0.0)

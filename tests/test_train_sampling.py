@@ -47,7 +47,8 @@ def test_sample_logits_greedy_and_distribution():
 @pytest.fixture(scope="module")
 def model_and_params():
   model = build_model(get_config("koopman_attn", "tiny"))
-  params, coll = init_variables(model, 0, 32)
+  # compiled whole, as the training loop initialises (not one compile per primitive)
+  params, coll = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, 0, 32)
   # make the tiny model peaked enough that greedy choices are well separated
   params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, params)
   return model, params, coll
