@@ -1,5 +1,6 @@
 """Test configuration: CPU only, offline hubs, no silent rank promotion."""
 
+import functools
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -19,6 +20,8 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -56,6 +59,29 @@ def pytest_unconfigure(config):
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _init_variables_jit():
+  from qsf_jax.training.state import init_variables  # pylint: disable=g-import-not-at-top
+  return jax.jit(init_variables, static_argnums=(0, 1, 2))
+
+
+def init_compiled(model, seed, seq_len):
+  """``init_variables`` compiled whole, as the training loop initialises (called
+  eagerly, flax compiles every primitive on its own)."""
+  return _init_variables_jit()(model, seed, seq_len)
+
+
+def perturbed(tree, seed, scale):
+  """``tree`` + scale * N(0, 1) draws, leaf by leaf, in each leaf's dtype.
+
+  Drawn on the host with NumPy: ``jax.random`` would compile its sampler once per
+  leaf shape, which costs more than the tests that use it.
+  """
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape),
+                                            p.dtype), tree)
 
 
 @pytest.fixture

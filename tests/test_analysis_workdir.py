@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_compiled
 from experiments import analyze as analyze_cli
 from qsf_jax.analysis import forward, layer_operators
 from qsf_jax.analysis.pipeline import analyze_workdir
@@ -123,9 +124,8 @@ def test_replay_gives_the_vector_k_multiplies(stage, mixer):
   identity h_out - h_in = u K^T + b + alpha x_tgt, with K orthogonal."""
   from qsf_jax.models import build_model, get_config  # pylint: disable=g-import-not-at-top
   from qsf_jax.models.fourier import causal_cosine_mix  # pylint: disable=g-import-not-at-top
-  from qsf_jax.training.state import init_variables  # pylint: disable=g-import-not-at-top
   cfg = get_config(stage, "tiny", **({"koopman_mixer": mixer} if mixer else {}))
-  params, coll = jax.jit(init_variables, static_argnums=(0, 1, 2))(build_model(cfg), 0, 16)
+  params, coll = init_compiled(build_model(cfg), 0, 16)
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(p.dtype), params)
   tokens = rng.integers(0, cfg.vocab_size, (2, 12))

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import init_compiled
 from qsf_jax import data as qdata
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.training import context_use as cu
-from qsf_jax.training.state import init_variables
 from test_token_losses import V, _split
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -20,13 +20,9 @@ def _log_softmax64(z):
   return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-# As the training loop initialises: one compiled init, not one compile per primitive.
-_init = jax.jit(init_variables, static_argnums=(0, 1, 2))
-
-
 def _tiny(stage):
   model = build_model(get_config(stage, "tiny", vocab_size=V))
-  return (model, *_init(model, 5, 10))
+  return (model, *init_compiled(model, 5, 10))
 
 
 @pytest.fixture(scope="module", params=["wave", "gla", "transformer"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from conftest import perturbed
 from qsf_jax.models import build_model, get_config, koopman_matrices, orthogonal_from_free
 from qsf_jax.models.blocks import QSFBlock
 from qsf_jax.models.fourier import causal_cosine_mix, causal_fourier_mix
@@ -17,14 +18,6 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compile ti
 
 def _np(x):
   return np.asarray(x, np.float64)
-
-
-def _perturbed(tree, seed, scale):
-  """tree + scale * N(0, 1) draws, on the host (numpy): drawn with jax.random, the
-  sampler compiles once per leaf shape."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape),
-                                            p.dtype), tree)
 
 
 def _dense(p, u):
@@ -82,7 +75,7 @@ def test_measurement_attention_matches_eq34(include_self, scale):
   layer = MeasurementAttention(cfg)
   params = layer.init(jax.random.key(4), u)["params"]
   # Non-zero biases so that every term of eq. 36 is exercised.
-  params = _perturbed(params, 5, 0.1)
+  params = perturbed(params, 5, 0.1)
   x_tgt, v_out = layer.apply({"params": params}, u)
   un = _np(u)
   q, k, v = (_dense(params[n], un).reshape(2, T, H, Dh) for n in ("query", "key", "value"))
@@ -105,7 +98,7 @@ def _block_setup(stage, **overrides):
   h = jax.random.normal(jax.random.key(0), (2, 6, d))
   ctx = (jnp.float32(0.0), jnp.int32(0))
   variables = block.init(jax.random.key(1), h, ctx)
-  params = _perturbed(variables["params"], 2, 0.3)
+  params = perturbed(variables["params"], 2, 0.3)
   # A non-trivial frozen scale: s_bar = ema / (1 - 0.99^1) = 1.7.
   stats = {"norm1": {"ema": jnp.float32(1.7 * (1 - cfg.ls_ema_decay)), "count": jnp.float32(1.0)}}
   return cfg, block, {"params": params, "norm_stats": stats}

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
 from qsf_jax.models import STAGES, build_model, get_config
 from qsf_jax.models.wave import MixtureHamiltonian
 
@@ -15,14 +16,6 @@ T = 7
 
 def _np(x):
   return np.asarray(x, np.complex128 if jnp.iscomplexobj(x) else np.float64)
-
-
-def _perturbed(tree, seed, scale):
-  """tree + scale * N(0, 1) draws, on the host (numpy): drawn with jax.random, the
-  sampler compiles once per leaf shape, or as one program for seconds."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape),
-                                            p.dtype), tree)
 
 
 def _herm(X, Y):
@@ -37,7 +30,7 @@ def wave2():
   tokens = jax.random.randint(jax.random.key(0), (3, T), 0, cfg.vocab_size)
   variables = jax.jit(model.init)(jax.random.key(1), tokens)
   # Move away from the init (psi0 uniform, small H0) so the check is generic.
-  variables = _perturbed(variables, 2, 0.2)
+  variables = perturbed(variables, 2, 0.2)
   states = jax.jit(lambda v, x: model.apply(v, x, return_states=True))(variables, tokens)
   logits = jax.jit(lambda v, x: model.apply(v, x))(variables, tokens)
   return cfg, variables["params"], tokens, states, logits
@@ -87,7 +80,7 @@ def test_one_cell_never_forgets_a_changed_token():
     model = build_model(cfg)
     tokens = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
     other = tokens.at[:, s].set((tokens[:, s] + 1) % cfg.vocab_size)
-    variables = _perturbed(jax.jit(model.init)(jax.random.key(4), tokens), 5, 0.2)
+    variables = perturbed(jax.jit(model.init)(jax.random.key(4), tokens), 5, 0.2)
     run = jax.jit(lambda v, x: model.apply(v, x, return_states=True)[-1])
     d_BT = np.linalg.norm(_np(run(variables, tokens)) - _np(run(variables, other)), axis=-1)
     assert np.all(d_BT[:, :s] == 0) and np.all(d_BT[:, s] > 0.05)  # states psi_1..psi_T
@@ -112,7 +105,7 @@ def test_born_logit_head_formula():
   model = build_model(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
   variables = jax.jit(model.init)(jax.random.key(4), tokens)
-  p = _perturbed(variables["params"], 5, 0.1)
+  p = perturbed(variables["params"], 5, 0.1)
   psi = jax.jit(lambda v, x: model.apply(v, x, return_states=True))({"params": p}, tokens)[-1]
   logits = jax.jit(lambda v, x: model.apply(v, x))({"params": p}, tokens)
   r = p["readout"]

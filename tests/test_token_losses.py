@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import init_compiled
 from qsf_jax import data as qdata
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.training import token_losses as tlm
 from qsf_jax.training.evaluation import evaluate_split
-from qsf_jax.training.state import init_variables
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -48,8 +48,7 @@ def test_training_tokens_are_the_ids_of_the_training_rows(blocks, monkeypatch):
 def tiny_model():
   cfg = get_config("koopman", "tiny", vocab_size=V)
   model = build_model(cfg)
-  # compiled whole, as the training loop initialises (not one compile per primitive)
-  params, coll = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, 3, 8)
+  params, coll = init_compiled(model, 3, 8)
   return model, params, coll
 
 

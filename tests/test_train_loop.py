@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_compiled
 from qsf_jax import data as qdata
 from story_corpus import story_corpus
 from qsf_jax.models.config import get_config
@@ -19,15 +20,11 @@ from qsf_jax.training.loop import train_and_evaluate
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.progressive import flatten_named, init_from_checkpoint
 from qsf_jax.training.restore import load_run
-from qsf_jax.training.state import create_train_state, init_variables
+from qsf_jax.training.state import create_train_state
 from qsf_jax.training.step import make_train_step
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-# As the training loop initialises: one compiled init, not one compile per primitive.
-_init = jax.jit(init_variables, static_argnums=(0, 1, 2))
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -231,7 +228,7 @@ def full_batch_step(env):
   batch["mask"] = (np.arange(32)[None, :] < np.array([32, 30, 31, 29, 5, 9, 3, 12])[:, None]
                    ).astype(np.float32)
   model = build_model(get_config("koopman", "tiny"))
-  params, coll = _init(model, 0, 32)
+  params, coll = init_compiled(model, 0, 32)
   tx = make_optimizer(10)
   # fresh copies: the step donates (deletes) its input state
   st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
@@ -267,7 +264,7 @@ def test_train_step_collects_norm_stats_over_the_loss_mask(env):
   batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
   batch["mask"] = (np.arange(32)[None, :] < np.array([32, 7, 20, 3])[:, None]).astype(np.float32)
   model = build_model(get_config("koopman_attn", "tiny"))
-  params, coll = _init(model, 0, 32)
+  params, coll = init_compiled(model, 0, 32)
   # the references compiled whole (eager flax compiles every primitive on its own)
   _, want = jax.jit(lambda x, mask: model.apply(
       {"params": params, **coll}, x, update_stats=True, stats_mask=mask,
@@ -300,7 +297,7 @@ def test_init_from_maps_shared_parameters(trained):
   """D12: Stage III from Stage II copies E, P, norm1, K, b; attention and alpha are new."""
   wd, _ = trained
   target_model = build_model(get_config("koopman_attn", "tiny"))
-  fresh, _ = _init(target_model, 1, 32)
+  fresh, _ = init_compiled(target_model, 1, 32)
   logs = []
   params, report = init_from_checkpoint(fresh, str(wd), stage="koopman_attn", log=logs.append)
   c = ck.Checkpointer(wd, read_only=True)
@@ -329,7 +326,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(full_batch_step):
   # the float32 step is the fixture's, on the same batch and from the same seed
   batch, _, tx, (_, m32) = full_batch_step
   model = build_model(get_config("koopman", "tiny", dtype="bfloat16"))
-  params, coll = _init(model, 0, 32)
+  params, coll = init_compiled(model, 0, 32)
   st = create_train_state(params, coll, tx, 0)
   s16, m16 = make_train_step(model, tx, schedule=onecycle_schedule(10), total_steps=10)(st, batch)
   assert m16["loss"].dtype == jnp.float32
@@ -393,7 +390,7 @@ def test_eval_step_checks_its_batch_ids_and_beta():
   from qsf_jax.models.lm import build_model
   from qsf_jax.training.step import eval_step
   model = build_model(get_config("fnet", "tiny"))
-  params, coll = _init(model, 0, 8)
+  params, coll = init_compiled(model, 0, 8)
   ids = jnp.ones((2, 8), jnp.int32)
   good = {"inputs": ids, "targets": ids, "mask": jnp.ones((2, 8))}
   l_sum, n = eval_step(model, params, coll, good, 0.0)

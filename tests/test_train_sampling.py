@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_compiled
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.training.sampling import generate, sample_logits, top_k_logits
-from qsf_jax.training.state import init_variables
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -47,8 +47,7 @@ def test_sample_logits_greedy_and_distribution():
 @pytest.fixture(scope="module")
 def model_and_params():
   model = build_model(get_config("koopman_attn", "tiny"))
-  # compiled whole, as the training loop initialises (not one compile per primitive)
-  params, coll = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, 0, 32)
+  params, coll = init_compiled(model, 0, 32)
   # make the tiny model peaked enough that greedy choices are well separated
   params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, params)
   return model, params, coll
