@@ -9,6 +9,8 @@ device name) and writes the same rows as JSON:
 * a 512-token chain at d=320: free means (QSF eq. 59) and measured means
   (eqs. 57-59) with the sequential ``lax.scan`` against ``lax.associative_scan``,
   and the full Kalman chain (``chain_filter``, sequential);
+* the same functions called eagerly at d=3 (8 tokens), as in a notebook: the
+  latency of one call after the first;
 * the Cayley scan (wave-function spec §1.3) at N in {16, 64, 256} over 4096
   steps, and its associative twin at N <= 16 only (O(N^3 T log T)).
 
@@ -81,6 +83,23 @@ def run(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
   f = jax.jit(lambda x0, xt: q.chain_filter(x0, A, b, xt, W_V))
   add("chain_filter (Kalman, sequential)", f"d={d} N={n_tok}",
       _time(f, x0, x_tgt, repeats=repeats))
+
+  # Notebook use: the public functions called eagerly (no jax.jit around them) at
+  # d=3, as in docs/NOTEBOOK.md; each call validates its inputs on the host and then
+  # runs one compiled program.
+  A3, b3, x03, xt3, W3 = _problem(jax.random.PRNGKey(3), 3, 8)
+  eager = {
+      "propagate (paper), eager": ("d=3", lambda: q.propagate(x03, A3, b3, xt3[0], W3)),
+      "propagate (kalman_bucy), eager": (
+          "d=3", lambda: q.propagate(x03, A3, b3, xt3[0], W3, mode="kalman_bucy")),
+      "chain_mean (associative), eager": (
+          "d=3 N=8", lambda: q.chain_mean(x03, A3, b3, n_steps=8)),
+      "chain_filter (paper), eager": ("d=3 N=8", lambda: q.chain_filter(x03, A3, b3, xt3, W3)),
+      "chain_filter (kalman_bucy), eager": (
+          "d=3 N=8", lambda: q.chain_filter(x03, A3, b3, xt3, W3, mode="kalman_bucy")),
+  }
+  for case, (size, fn) in eager.items():
+    add(case, size, _time(fn, repeats=repeats))
 
   for N in cayley_dims:
     kx, ky, kp = jax.random.split(jax.random.PRNGKey(N), 3)

@@ -84,6 +84,27 @@ def perturbed(tree, seed, scale):
                                             p.dtype), tree)
 
 
+def count_lowerings(fn):
+  """(fn()'s result, the number of programs jax lowered to MLIR while running it).
+
+  A call whose program is already in jax's dispatch cache lowers nothing; one that
+  re-traces (a fresh closure under ``lax.scan``, a new jit) lowers again, whether or
+  not the persistent compilation cache then spares the XLA compile.
+  """
+  events = []
+
+  def listener(event, duration, **kw):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      events.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    out = jax.block_until_ready(fn())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return out, len(events)
+
+
 @pytest.fixture
 def x64():
   """Runs the test body with 64-bit types enabled (spec: float64 checks)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
+from conftest import count_lowerings
 from qsf_jax import (chain_filter, chain_filter_full, chain_mean, chain_measured_mean,
                      compose_affine, continuous_bias, kalman_bucy_step, koopman_mean,
                      layer_generator, propagate, propagate_full, propagate_layer, scan_affine,
@@ -176,6 +177,25 @@ def test_chains_jit(x64):
   g = jax.jit(lambda y: chain_filter(s["x0"], s["A"], s["b"], y, s["M"]).mean)
   np.testing.assert_allclose(g(s["y"]), chain_filter(s["x0"], s["A"], s["b"], s["y"],
                                                      s["M"]).mean, rtol=1e-12)
+
+
+def test_repeated_eager_chains_reuse_their_programs(x64):
+  # New values, same shapes: no re-trace or re-lowering of the chains' scans.
+  first, second = _seq(31), _seq(32)
+  calls = {
+      "mean_associative": lambda s: chain_mean(s["x0"], s["A"], s["b"], 0.7),
+      "mean_sequential": lambda s: chain_mean(s["x0"], s["A"], s["b"], 0.7,
+                                              method="sequential"),
+      "measured_mean": lambda s: chain_measured_mean(s["x0"], s["A"], s["b"], s["y"], s["M"]),
+      "filter_paper": lambda s: chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"]),
+      "filter_exact": lambda s: chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"],
+                                                  mode="kalman_bucy", n_sub=2),
+  }
+  for name, call in calls.items():
+    a, _ = count_lowerings(lambda: call(first))
+    b, lowered = count_lowerings(lambda: call(second))
+    assert lowered == 0, (name, lowered)
+    assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0]), name
 
 
 def test_chain_bad_inputs():

@@ -10,8 +10,9 @@ import pytest
 import scipy.linalg as sl
 from scipy.integrate import solve_ivp
 
+from conftest import count_lowerings
 from qsf_jax import (GaussianState, chain_filter_full, exact_substeps, kalman_bucy_step,
-                     measurement_update, propagate, propagate_full)
+                     koopman_cov, koopman_mean, measurement_update, propagate, propagate_full)
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
 
@@ -348,6 +349,29 @@ def test_jit_and_vmap(x64):
     eager = propagate(X0[3], *args[1:], dt=0.6, sigma_m=0.9, mode=mode)
     np.testing.assert_allclose(batched.mean[3], eager.mean, rtol=1e-12)
     np.testing.assert_allclose(batched.precision[3], eager.precision, rtol=1e-12)
+
+
+def test_repeated_eager_calls_reuse_their_programs(x64):
+  # A notebook calling the propagators in a loop (new values, same shapes) must not
+  # re-trace and re-lower them on every call (the scans and loops once did, 0.1-0.4 s
+  # a call at d = 3).
+  first, second = _setup(21), _setup(22)
+  calls = {
+      "paper": lambda s: propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=0.7),
+      "information": lambda s: propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"],
+                                              dt=0.7, form="information"),
+      "kalman_bucy": lambda s: propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"],
+                                              dt=0.7, mode="kalman_bucy", n_sub=2),
+      "update": lambda s: measurement_update(s["x0"], np.eye(3) + 0.1 * s["M"] @ s["M"].T,
+                                             s["x_tgt"], s["M"], 0.5),
+      "koopman_cov": lambda s: koopman_cov(s["A"], 0.8, 0.7),
+      "koopman_mean": lambda s: koopman_mean(s["A"], s["b"], s["x0"], 0.7),
+  }
+  for name, call in calls.items():
+    a, _ = count_lowerings(lambda: call(first))
+    b, lowered = count_lowerings(lambda: call(second))
+    assert lowered == 0, (name, lowered)
+    assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0]), name
 
 
 def test_spec_signature_positional_order(x64):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,6 +26,26 @@ def task3():
 def _cfg(task, kind, dim):
   return models.ModelConfig(kind=kind, dim=dim, num_tokens=task.num_tokens,
                             num_outcomes=task.K, eta=task.eta)
+
+
+def test_init_draws_are_those_of_the_parameter_shapes():
+  # init_params draws each matrix flat and reshapes it (a flat draw compiles faster);
+  # the values must stay those of a draw of the matrix's shape, so that seeds keep
+  # giving the initialisations the recorded results were trained from.
+  key = jax.random.key(7)
+  k1, _, k3, k4 = jax.random.split(key, 4)
+  for kind, dim in (("complex", 3), ("real", 4)):
+    cfg = models.ModelConfig(kind=kind, dim=dim, num_tokens=4, num_outcomes=5)
+    got = models.init_params(key, cfg)
+    scale = 1.0 / dim ** 0.5
+    if kind == "complex":
+      want = {"X": scale * jax.random.normal(k1, (4, dim, dim)),
+              "W_im": jax.random.normal(k4, (5, dim))}
+    else:
+      want = {"S": scale * jax.random.normal(k1, (4, dim, dim)),
+              "W": jax.random.normal(k3, (5, dim))}
+    for name, value in want.items():
+      np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
 
 
 def test_complex_training_lowers_kl_by_orders_of_magnitude(task3):

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from qsf_jax.physics.generators import decompose_generator, koopman_affine, koopman_cov, koopman_mean
 # --- physics: propagators and chains (QSF eqs. 56-59, §6.2-6.5) ---
 from qsf_jax.physics.propagate import GaussianPropagator, GaussianState, exact_substeps, kalman_bucy_step, measurement_update, propagate, propagate_full
-from qsf_jax.physics.chain import chain_filter, chain_filter_full, chain_mean, chain_measured_mean, compose_affine, scan_affine, step_maps
+from qsf_jax.physics.chain import chain_mean, chain_measured_mean, compose_affine, scan_affine, step_maps
+from qsf_jax.physics.kalman_chain import chain_filter, chain_filter_full
 from qsf_jax.physics.layer import continuous_bias, layer_generator, propagate_layer
 # --- physics: spectra and SSE (QSF §6.6-6.7) ---
 from qsf_jax.physics.spectral import commutator_norm, hamiltonian_koopman, koopman_generator, spectral_analysis

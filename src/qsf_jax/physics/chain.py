@@ -9,11 +9,13 @@ Affine maps compose associatively, so the chain runs either sequentially
 
 Sequence arguments accept one matrix for all steps (A (d, d), b (d,)) or one
 per step (A (N, d, d), b (N, d)); N is taken from the per-step arguments, or
-from ``n_steps`` when every argument is constant.
+from ``n_steps`` when every argument is constant. The Kalman chain with
+covariances and log-normalisers is in ``kalman_chain.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -22,10 +24,7 @@ import jax.scipy.linalg as jsl
 
 from qsf_jax import _checks
 from qsf_jax.physics.generators import koopman_affine, koopman_cov
-from qsf_jax.physics.propagate import (FORMS, MODES, GaussianPropagator, GaussianState,
-                                       check_scalars, check_substeps,
-                                       exact_substeps, kalman_bucy_step,
-                                       measurement_update)
+from qsf_jax.physics.propagate import check_scalars
 
 SCAN_METHODS = ("associative", "sequential")
 
@@ -137,7 +136,14 @@ def scan_affine(x0, U_NDD, c_ND, *, method="associative"):
   _checks.check_shape("c_ND", c_ND, (U_NDD.shape[0], d))
   _checks.check_shape("x0", x0, (d,))
   dtype = _checks.result_dtype(x0, U_NDD, c_ND)
-  x0, U_NDD, c_ND = x0.astype(dtype), U_NDD.astype(dtype), c_ND.astype(dtype)
+  return _scan_affine(x0.astype(dtype), U_NDD.astype(dtype), c_ND.astype(dtype),
+                      method=method)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _scan_affine(x0, U_NDD, c_ND, *, method):
+  """``scan_affine``'s numerics on validated arrays of one dtype (compiled once per
+  shape, dtype and method rather than on every eager call)."""
   if method == "sequential":
     def step(x_D, Uc):
       x_D = Uc[0] @ x_D + Uc[1]
@@ -235,111 +241,3 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=
   V_NDD, IGMc_ND, G_NDD = _per_step(step_map, A, b, N)
   off_ND = IGMc_ND + jnp.einsum("nij,nj->ni", G_NDD, y)
   return scan_affine(x0, V_NDD, off_ND, method=method)
-
-
-def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
-                      sigma_K=1.0, P0=None, mode="paper", form="auto",
-                      n_sub="auto") -> GaussianPropagator:
-  """The Kalman chain over tokens with covariances and log-normalisers (spec §6.5).
-
-  Starting from N(x0, P0), each token n predicts with the free flow and updates
-  with its target. ``mode="paper"`` (QSF eqs. 57-59, spec §6.2):
-
-    m^- = U_n m + c_n,   P^- = U_n P U_n^T + Sigma_K,n,
-    (m, P) <- measurement_update(m^-, P^-, x_tgt,n, M, dt/sigma_m^2);
-
-  with P0 = 0 the first step is exactly QSF eqs. 57-58 (``propagate``).
-  ``mode="kalman_bucy"``: each token runs the exact running-measurement
-  propagator from N(m, P) (``kalman_bucy_step``, spec §6.3), so the chain is the
-  exact path integral of QSF eqs. 52-55 with a piecewise-constant target.
-
-  Args:
-    x0: initial mean (d,).
-    A_seq: generators (d, d) or (N, d, d).
-    b_seq: biases (d,) or (N, d).
-    x_tgt_seq: targets per token (N, d).
-    M: measurement matrix, the value projection W_V (d, d), or None (identity).
-    dt: token step > 0.
-    sigma_m: measurement noise > 0 (inf allowed).
-    sigma_K: Koopman noise, finite > 0.
-    P0: initial covariance (d, d), PSD; None means 0 (a known start point).
-    mode: "paper" or "kalman_bucy" (static).
-    form: "auto"/"gain" or "information" update (static; paper mode).
-    n_sub: exact sub-steps per token (Kalman-Bucy mode): a static int >= 1,
-      or "auto" (``exact_substeps`` over all tokens' generators; needs concrete
-      A_seq, M, dt, sigma_m and sigma_K).
-
-  Returns:
-    GaussianPropagator with mean (N, d), precision (N, d, d), covariance
-    (N, d, d) and log_normalizer (N,) (log predictive weight of each target;
-    their sum is the chain's log Z).
-  """
-  _checks.check_choice("mode", mode, MODES)
-  _checks.check_choice("form", form, FORMS)
-  x0, A, b, y, M, N, r = _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt,
-                                            sigma_m, sigma_K)
-  d = x0.shape[0]
-  if P0 is None:
-    P0 = jnp.zeros((d, d), x0.dtype)
-  else:
-    P0 = _checks.as_array("P0", P0)
-    _checks.check_shape("P0", P0, (d, d))
-    _checks.check_covariance("P0", P0)
-    P0 = P0.astype(x0.dtype)
-  check_substeps(n_sub)
-  if mode == "kalman_bucy":
-    if n_sub == "auto":
-      n_sub = exact_substeps(A, M, dt, sigma_m, sigma_K)
-    A_NDD = jnp.broadcast_to(A, (N, d, d))
-    b_ND = jnp.broadcast_to(b, (N, d))
-
-    def exact_step(carry, inputs):
-      out = kalman_bucy_step(*carry, *inputs, M, dt=dt, sigma_m=sigma_m, sigma_K=sigma_K,
-                             n_sub=n_sub)
-      return (out.mean, out.covariance), out
-
-    return jax.lax.scan(exact_step, (x0, P0), (A_NDD, b_ND, y))[1]
-  U_NDD, c_ND = _per_step(koopman_affine, A, b, N, dt)
-  if A.ndim == 3:
-    S_NDD = jax.vmap(lambda a: koopman_cov(a, sigma_K, dt))(A)
-  else:
-    S_NDD = jnp.broadcast_to(koopman_cov(A, sigma_K, dt), (N, d, d))
-  upd_form = "information" if form == "information" else "gain"
-
-  def step(carry, inputs):
-    m_D, P_DD = carry
-    U, c, S, y_D = inputs
-    out = measurement_update(U @ m_D + c, U @ P_DD @ U.T + S, y_D, M, r, form=upd_form)
-    return (out.mean, out.covariance), out
-
-  return jax.lax.scan(step, (x0, P0), (U_NDD, c_ND, S_NDD, y))[1]
-
-
-def chain_filter(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.0,
-                 sigma_K=1.0, P0=None, mode="paper", form="auto",
-                 n_sub="auto") -> GaussianState:
-  """The Kalman chain over tokens (QSF eqs. 57-59, spec §6.5).
-
-    P^- = U_n P U_n^T + Sigma_K,n, then the §6.2 update with x_tgt,n;
-  with P0 = 0 the first step is QSF eqs. 57-58. See ``chain_filter_full``.
-
-  Args:
-    x0: initial mean (d,).
-    A_seq: generators (d, d) or (N, d, d).
-    b_seq: biases (d,) or (N, d).
-    x_tgt_seq: targets (N, d).
-    M: measurement matrix W_V (d, d) or None (identity).
-    dt: token step > 0.
-    sigma_m: measurement noise > 0 (inf allowed).
-    sigma_K: Koopman noise, finite > 0.
-    P0: initial covariance (d, d) or None (0).
-    mode: "paper" or "kalman_bucy" (exact propagator within each token).
-    form: "auto"/"gain" or "information" (paper mode).
-    n_sub: exact sub-steps per token (Kalman-Bucy mode): an int >= 1 or "auto".
-
-  Returns:
-    GaussianState with mean (N, d) and precision (N, d, d).
-  """
-  full = chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M, dt=dt, sigma_m=sigma_m,
-                           sigma_K=sigma_K, P0=P0, mode=mode, form=form, n_sub=n_sub)
-  return GaussianState(full.mean, full.precision)

@@ -13,6 +13,8 @@ intervals by doubling a short one (``koopman_cov``).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -84,13 +86,37 @@ def koopman_affine(A, b, dt=1.0):
   for name, v in (("A", A), ("b", b)):
     _checks.check_finite(name, v)  # concrete values only (NaN in, NaN out, otherwise)
   dtype = _checks.result_dtype(A, b)
-  A, b = A.astype(dtype), b.astype(dtype)
-  aug = jnp.zeros((d + 1, d + 1), dtype)
-  aug = aug.at[:d, :d].set(A).at[:d, d].set(b)
-  X = aug * jnp.asarray(dt, dtype)
-  x = _checks._concrete(X)
-  long = x is not None and float(np.max(np.sum(np.abs(x), axis=0), initial=0.0)) > _SQUARING_NORM
-  E = jsl.expm(X, max_squarings=_MAX_SQUARINGS if long else _DEFAULT_SQUARINGS)
+  return _affine_map(A.astype(dtype), b.astype(dtype), jnp.asarray(dt, dtype),
+                     max_squarings=_affine_squarings(A, b, dt))
+
+
+def _affine_squarings(A, b, dt) -> int:
+  """The static ``max_squarings`` of ``koopman_affine``'s exponential.
+
+  64 for concrete values with |[[A, b], [0, 0]] dt|_1 = |dt| max(|A|_1, |b|_1)
+  above 1e5 (jax's default 16 gives NaN past ~3.5e5), else 16 (also for traced
+  values, where the count cannot depend on them).
+
+  Args:
+    A: generator (d, d).
+    b: bias (d,).
+    dt: interval length (scalar).
+  """
+  vals = [_checks._concrete(v) for v in (A, b, dt)]
+  if any(v is None for v in vals):
+    return _DEFAULT_SQUARINGS
+  a, bb, h = (np.abs(np.asarray(v, np.float64)) for v in vals)
+  norm = float(h) * max(float(np.max(np.sum(a, axis=0), initial=0.0)), float(np.sum(bb)))
+  return _MAX_SQUARINGS if norm > _SQUARING_NORM else _DEFAULT_SQUARINGS
+
+
+@functools.partial(jax.jit, static_argnames=("max_squarings",))
+def _affine_map(A, b, dt, *, max_squarings):
+  """``koopman_affine``'s numerics: (Phi, c) from expm([[A, b], [0, 0]] dt), on
+  arrays of one dtype (dt a scalar array); one compiled program per shape."""
+  d = A.shape[0]
+  aug = jnp.zeros((d + 1, d + 1), A.dtype).at[:d, :d].set(A).at[:d, d].set(b)
+  E = jsl.expm(aug * dt, max_squarings=max_squarings)
   return E[:d, :d], E[:d, d]
 
 
@@ -165,13 +191,26 @@ def koopman_cov(A, sigma_K=1.0, dt=1.0):
   _checks.check_time_step("dt", dt)
   _checks.check_finite_nonneg("sigma_K", sigma_K)
   dtype = _checks.result_dtype(A)
-  A = A.astype(dtype)
-  q = jnp.asarray(sigma_K, dtype) ** 2
-  dt = jnp.asarray(dt, dtype)
+  return _doubled_cov(A.astype(dtype), jnp.asarray(sigma_K, dtype) ** 2,
+                      jnp.asarray(dt, dtype))
+
+
+@jax.jit
+def _doubled_cov(A, q, dt):
+  """``koopman_cov``'s numerics (one compiled program per shape and dtype).
+
+  Args:
+    A: real generator (d, d).
+    q: sigma_K^2 (scalar, A's dtype).
+    dt: interval length (scalar, A's dtype).
+
+  Returns:
+    Sigma_K (d, d): Van Loan over h = dt / 2^k, |A|_1 h <= 1/2, then k doublings.
+  """
   norm = jnp.max(jnp.sum(jnp.abs(A), axis=0)) * dt          # |A dt|_1
   k = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm / _VAN_LOAN_NORM, 1.0))),
                0, _MAX_DOUBLINGS).astype(jnp.int32)
-  E, S = _van_loan(A, q, dt / jnp.exp2(k.astype(dtype)))
+  E, S = _van_loan(A, q, dt / jnp.exp2(k.astype(A.dtype)))
 
   def double(i, carry):
     def twice(c):

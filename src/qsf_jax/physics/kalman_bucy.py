@@ -7,6 +7,8 @@ many exact sub-steps keep it well conditioned (``n_sub="auto"``).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -152,19 +154,29 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma_m, sigma_K, n_sub="auto"
   _checks.check_covariance("P", arrs["P"])
   dtype = _checks.result_dtype(A, *arrs.values())
   m_D, P_DD, b, x_tgt, M = (arrs[k].astype(dtype) for k in ("m", "P", "b", "x_tgt", "M"))
-  A, n = A.astype(dtype), d + 1
+  A = A.astype(dtype)
   check_scalars(dt, sigma_m, sigma_K)
   n_sub = _resolve_substeps(n_sub, A, M, dt, sigma_m, sigma_K)
-  inv_s2 = 1.0 / jnp.asarray(sigma_m, dtype) ** 2
+  return _kalman_bucy(m_D, P_DD, A, b, x_tgt, M, jnp.asarray(dt, dtype),
+                      jnp.asarray(sigma_m, dtype), jnp.asarray(sigma_K, dtype), n_sub=n_sub)
+
+
+@functools.partial(jax.jit, static_argnames=("n_sub",))
+def _kalman_bucy(m_D, P_DD, A, b, x_tgt, M, dt, sigma_m, sigma_K, *, n_sub):
+  """``kalman_bucy_step``'s numerics on validated arrays of one dtype (one compiled
+  program per shape, dtype and n_sub; the arguments are as there, dt and the
+  sigmas as scalar arrays)."""
+  d = A.shape[0]
+  n = d + 1
+  inv_s2 = 1.0 / sigma_m ** 2
   g_D = inv_s2 * (M.T @ x_tgt)
-  Ah = jnp.zeros((n, n), dtype).at[:d, :d].set(A).at[:d, d].set(b)
-  Qh = jnp.zeros((n, n), dtype).at[:d, :d].set(
-      jnp.asarray(sigma_K, dtype) ** 2 * jnp.eye(d, dtype=dtype))
-  Rh = (jnp.zeros((n, n), dtype).at[:d, :d].set(inv_s2 * (M.T @ M)).at[:d, d].set(-g_D)
+  Ah = jnp.zeros((n, n), A.dtype).at[:d, :d].set(A).at[:d, d].set(b)
+  Qh = jnp.zeros((n, n), A.dtype).at[:d, :d].set(sigma_K ** 2 * jnp.eye(d, dtype=A.dtype))
+  Rh = (jnp.zeros((n, n), A.dtype).at[:d, :d].set(inv_s2 * (M.T @ M)).at[:d, d].set(-g_D)
         .at[d, :d].set(-g_D).at[d, d].set(inv_s2 * (x_tgt @ x_tgt)))
   Hh = jnp.concatenate([jnp.concatenate([Ah, Qh], axis=1),
                         jnp.concatenate([Rh, -Ah.T], axis=1)], axis=0)
-  h = jnp.asarray(dt, dtype) / n_sub
+  h = dt / n_sub
   E = jsl.expm(Hh * h)
   E11, E12, E21, E22 = E[:n, :n], E[:n, n:], E[n:, :n], E[n:, n:]
 
@@ -178,9 +190,9 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma_m, sigma_K, n_sub="auto"
     Ph = _sym(jsl.lu_solve(lu, F12.T, trans=1).T).at[d, :].set(0.0).at[:, d].set(0.0)
     return (jsl.lu_solve(lu, mh, trans=1).at[d].set(1.0), Ph, log_z), None
 
-  Ph0 = jnp.zeros((n, n), dtype).at[:d, :d].set(P_DD)
-  mh0 = jnp.concatenate([m_D, jnp.ones((1,), dtype)])
-  (mh, Ph, log_z), _ = jax.lax.scan(sub_step, (mh0, Ph0, jnp.zeros((), dtype)), None,
+  Ph0 = jnp.zeros((n, n), A.dtype).at[:d, :d].set(P_DD)
+  mh0 = jnp.concatenate([m_D, jnp.ones((1,), A.dtype)])
+  (mh, Ph, log_z), _ = jax.lax.scan(sub_step, (mh0, Ph0, jnp.zeros((), A.dtype)), None,
                                     length=n_sub)
   Lam, _ = _spd_inv_logdet(Ph[:d, :d])
   return GaussianPropagator(mh[:d], Lam, Ph[:d, :d], log_z)

@@ -13,6 +13,9 @@ Hamiltonian matrix exponential. In both, log Z = log E_free[exp(-S_meas)]
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
@@ -22,7 +25,7 @@ from qsf_jax import _checks
 from qsf_jax.physics.gaussian import (GaussianPropagator, GaussianState,  # noqa: F401
                                       _spd_inv_logdet, _sym, check_finite_positive,
                                       check_scalars)
-from qsf_jax.physics.generators import koopman_affine, koopman_cov
+from qsf_jax.physics.generators import _affine_map, _affine_squarings, _doubled_cov
 from qsf_jax.physics.kalman_bucy import (SUBSTEP_NU_DT, _resolve_substeps,  # noqa: F401
                                          check_substeps, exact_substeps, kalman_bucy_step)
 
@@ -80,8 +83,15 @@ def measurement_update(prior_mean, prior_cov, x_tgt, M, obs_precision, *, form="
   _checks.check_covariance("prior_cov", S0)
   dtype = _checks.result_dtype(mu0, S0, y, M)
   mu0, S0, y, M = (a.astype(dtype) for a in (mu0, S0, y, M))
-  eye = jnp.eye(d, dtype=mu0.dtype)
-  r = jnp.asarray(obs_precision, mu0.dtype)
+  return _measurement_update(mu0, S0, y, M, jnp.asarray(obs_precision, dtype),
+                             form="information" if form == "information" else "gain")
+
+
+@functools.partial(jax.jit, static_argnames=("form",))
+def _measurement_update(mu0, S0, y, M, r, *, form):
+  """``measurement_update``'s numerics on validated arrays of one dtype (r a scalar
+  array; form "gain" or "information"); one compiled program per shape."""
+  eye = jnp.eye(mu0.shape[0], dtype=mu0.dtype)
   if form == "information":
     S0inv, logdet_S0 = _spd_inv_logdet(S0)
     Lam = _sym(S0inv + r * (M.T @ M))
@@ -103,7 +113,6 @@ def measurement_update(prior_mean, prior_cov, x_tgt, M, obs_precision, *, form="
   log_z = (-jnp.sum(jnp.log(jnp.diagonal(cB[0])))
            - 0.5 * r * (e @ jsl.cho_solve(cB, e)))
   return GaussianPropagator(mu, Lam, P, log_z)
-
 
 
 def _validate(x0, A, b, x_tgt, M):
@@ -178,12 +187,21 @@ def propagate_full(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0,
     n_sub = _resolve_substeps(n_sub, A, M, dt, sigma_m, sigma_K)
     return kalman_bucy_step(x0, jnp.zeros_like(A), A, b, x_tgt, M, dt=dt, sigma_m=sigma_m,
                             sigma_K=sigma_K, n_sub=n_sub)
-  Phi, c = koopman_affine(A, b, dt)
-  mu_K = Phi @ x0 + c
-  Sigma_K = koopman_cov(A, sigma_K, dt)
-  r = jnp.asarray(dt, x0.dtype) / jnp.asarray(sigma_m, x0.dtype) ** 2
-  return measurement_update(mu_K, Sigma_K, x_tgt, M, r,
-                            form="information" if form == "information" else "gain")
+  dtype = x0.dtype
+  return _paper_propagator(x0, A, b, x_tgt, M, jnp.asarray(dt, dtype),
+                           jnp.asarray(sigma_m, dtype), jnp.asarray(sigma_K, dtype),
+                           form="information" if form == "information" else "gain",
+                           max_squarings=_affine_squarings(A, b, dt))
+
+
+@functools.partial(jax.jit, static_argnames=("form", "max_squarings"))
+def _paper_propagator(x0, A, b, x_tgt, M, dt, sigma_m, sigma_K, *, form, max_squarings):
+  """``propagate_full``'s paper mode (QSF eqs. 57-58) on validated arrays of one
+  dtype (dt and the sigmas as scalar arrays): the Koopman prior N(mu_K, Sigma_K),
+  then one endpoint measurement at precision r = dt/sigma_m^2."""
+  Phi, c = _affine_map(A, b, dt, max_squarings=max_squarings)
+  Sigma_K = _doubled_cov(A, sigma_K ** 2, dt)
+  return _measurement_update(Phi @ x0 + c, Sigma_K, x_tgt, M, dt / sigma_m ** 2, form=form)
 
 
 def propagate(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0, mode="paper", *,
