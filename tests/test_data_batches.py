@@ -94,6 +94,14 @@ def test_packed_needs_enough_tokens():
   assert get_batch(split, seed=0, step=0, batch_size=1, seq_len=3, mode="packed")["mask"].sum() == 3
 
 
+def test_empty_split():
+  empty, _ = make_split([])
+  with pytest.raises(ValueError, match="story mode needs at least one story; the split holds none"):
+    get_batch(empty, seed=0, step=0, batch_size=2, seq_len=4)
+  assert list(iter_eval_batches(empty, batch_size=2, seq_len=4)) == []
+  assert num_eval_batches(empty, batch_size=2, seq_len=4) == 0
+
+
 def test_eval_story_mode_covers_all_stories_in_order():
   lengths = [3, 9, 1, 6, 4, 2, 8]
   split, stories = make_split(lengths)

@@ -173,6 +173,16 @@ def test_bad_tokenizer_argument(tmp_path):
     load_corpus("synthetic", "bytes", cache_dir=tmp_path, max_train_stories=0)
 
 
+def test_cache_dir_that_is_a_file(tmp_path):
+  blocker = tmp_path / "cache"
+  blocker.write_text("notes")
+  for cache_dir in (blocker, blocker / "sub"):
+    with pytest.raises(ValueError, match=f"{blocker} is a file .*QSF_CACHE_DIR"):
+      load_corpus("synthetic", "bytes", cache_dir=cache_dir, synthetic_train_stories=5,
+                  synthetic_valid_stories=2)
+  assert blocker.read_text() == "notes"
+
+
 def test_auto_offline_end_to_end(tmp_path):
   c = load_corpus("auto", "bytes", cache_dir=tmp_path, synthetic_train_stories=30,
                   synthetic_valid_stories=4)

@@ -1,6 +1,7 @@
 """Configs, parameter counts (QSF §3.7, Table 2), the progressive-init mapping, bad inputs."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from qsf_jax.models import (
 )
 from qsf_jax.models.config import complete_stored
 from qsf_jax.models.params import flatten
+from qsf_jax.training.config import TrainConfig
 
 # QSF spec §3.7: shared pieces with V = 50257, d = 320, T = 512, L = 32.
 V, D, TMAX, L = 50257, 320, 512, 32
@@ -80,6 +82,22 @@ def test_config_is_frozen_and_hashable():
   assert hash(cfg) == hash(get_config("gla", "tiny"))
   assert cfg.replace(d_model=64).d_model == 64
   assert ModelConfig(**cfg.to_dict()) == cfg
+
+
+def test_numpy_scalars_become_python_numbers():
+  # A sweep over np.arange(...) passes NumPy scalars; the configs hold Python numbers,
+  # so their checks treat them as ints/floats and the run metadata is valid JSON.
+  cfg = get_config("koopman_attn", "tiny", d_model=np.int64(32), init_std=np.float32(0.5),
+                   tie_embeddings=np.bool_(False))
+  assert type(cfg.d_model) is int and type(cfg.init_std) is float
+  assert type(cfg.tie_embeddings) is bool and cfg.init_std == float(np.float32(0.5))
+  assert json.loads(json.dumps(cfg.to_dict()))["d_model"] == 32
+  with pytest.raises(ValueError, match="d_model must be a positive int, got 32.0"):
+    get_config("koopman_attn", "tiny", d_model=np.float64(32.0))
+  run = TrainConfig(stage="koopman_attn", steps=np.int64(10), lr=np.float32(0.5),
+                    model_overrides={"d_model": np.int64(64)})
+  assert type(run.steps) is int and type(run.lr) is float
+  assert json.loads(json.dumps(run.to_dict()))["model_overrides"] == {"d_model": 64}
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
@@ -177,6 +195,12 @@ def test_paper_table2():
 
 def test_count_params_counts_every_leaf():
   assert count_params({"a": np.zeros((3, 4)), "b": {"c": np.zeros(5), "d": np.zeros(())}}) == 18
+  assert count_params({"a": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": [1.5, 2]}) == 8
+  for bad, where in (({"a": np.zeros(2), "b": {"c": "w"}}, r"\['b'\]\['c'\] is str"),
+                     ([True], r"\[0\] is bool")):
+    with pytest.raises(ValueError, match=r"count_params takes a pytree of arrays; the leaf at "
+                       + where):
+      count_params(bad)
 
 
 # --- progressive init (QSF D12) -----------------------------------------------------------

@@ -274,3 +274,5 @@ def test_model_updates_norm_stats_only_when_asked():
   assert np.all(_np(new["norm_stats"]["layers"]["norm1"]["ema"]) > 0)
   with pytest.raises(ValueError, match="norm_stats"):
     model.apply({"params": variables["params"]}, tokens)
+  with pytest.raises(ValueError, match=r"update_stats=True .* mutable=\['norm_stats'\]"):
+    model.apply(variables, tokens, update_stats=True)

@@ -1,5 +1,6 @@
 """Training, sweep and entry point of the separation experiment (wave-function spec §2.5, §5)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,16 @@ def task3():
 def _cfg(task, kind, dim):
   return models.ModelConfig(kind=kind, dim=dim, num_tokens=task.num_tokens,
                             num_outcomes=task.K, eta=task.eta)
+
+
+def test_numpy_scalars_in_separation_configs_become_python_numbers():
+  cfg = models.ModelConfig(kind="real", dim=np.int64(3), num_tokens=4, num_outcomes=5)
+  tcfg = train.TrainConfig(steps=np.int64(5), lr=np.float32(0.5))
+  assert type(cfg.dim) is int and type(tcfg.steps) is int and type(tcfg.lr) is float
+  sweep_cfg = sweep.SweepConfig(Ns=np.arange(3, 5), seeds=np.int64(2),
+                                readout_ranks=[np.int64(1)])
+  assert sweep_cfg.Ns == (3, 4) and sweep_cfg.readout_ranks == [1]
+  assert json.loads(json.dumps(dataclasses.asdict(sweep_cfg)))["Ns"] == [3, 4]
 
 
 def test_init_draws_are_those_of_the_parameter_shapes():

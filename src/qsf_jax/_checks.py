@@ -7,6 +7,7 @@ names the argument and its shape, instead of broadcasting silently.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -232,6 +233,29 @@ def check_finite_nonneg(name: str, value) -> None:
     raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
   if not np.isfinite(_real(name, value, v)) or v < 0:
     raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def plain_number(value):
+  """A NumPy scalar or 0-d array as the Python int, float or bool it holds; a 1-d
+  NumPy array or a tuple/list holding NumPy scalars as a tuple/list of those; any
+  other value unchanged. Config fields pass through it so that their checks and
+  JSON (run metadata, results files) see plain numbers."""
+  if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    return value.item()
+  if isinstance(value, np.ndarray) and value.ndim == 1:
+    return tuple(value.tolist())
+  if isinstance(value, (tuple, list)) and any(isinstance(v, np.generic) for v in value):
+    return type(value)(v.item() if isinstance(v, np.generic) else v for v in value)
+  return value
+
+
+def plain_numbers(config) -> None:
+  """Applies ``plain_number`` to every field of a (frozen) dataclass, in place."""
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    plain = plain_number(value)
+    if plain is not value:
+      object.__setattr__(config, f.name, plain)
 
 
 def check_int(name: str, value, minimum: int | None = None) -> int:

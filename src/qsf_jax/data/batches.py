@@ -103,6 +103,8 @@ def get_batch(split: TokenSplit, *, seed: int, step: int, batch_size: int, seq_l
   _checks.check_choice("mode", mode, MODES)
   if mode == "story":
     S = split.n_stories
+    if S < 1:
+      raise ValueError("story mode needs at least one story; the split holds none")
     g_B = step * B + np.arange(B, dtype=np.int64)
     epoch_B, pos_B = g_B // S, g_B % S
     ids_B = np.array([_epoch_order(seed, int(e), S)[p] for e, p in zip(epoch_B, pos_B)], np.int64)

@@ -163,6 +163,12 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
     raise ValueError(f"max_train_stories must be >= 1 or None, got {max_train_stories}")
   key = cache_key(source, tokenizer, max_train_stories)
   root = default_cache_dir(cache_dir)
+  for folder in (root, *root.parents):  # mkdir would raise a bare FileExistsError
+    if folder.exists():
+      if not folder.is_dir():
+        raise ValueError(f"the token cache folder {root} cannot be created: {folder} is a "
+                         f"file (set cache_dir, --cache_dir or ${CACHE_DIR_ENV} to a folder)")
+      break
   kind = source.identity.get("kind", "data")
   entry = root / f"{kind}-{tokenizer.name}-{key['key'][:24]}"
   meta = _read_meta(entry, key["key"])

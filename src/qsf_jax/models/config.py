@@ -192,6 +192,7 @@ class ModelConfig:
   wave_bias_init: str = "zeros"
 
   def __post_init__(self):
+    _checks.plain_numbers(self)  # np.int64(32) -> 32, np.float32(0.02) -> 0.02 (JSON metadata)
     for f in dataclasses.fields(self):  # types first: "false" would pass as a truthy bool
       v = getattr(self, f.name)
       if f.type == "bool" and not isinstance(v, bool):

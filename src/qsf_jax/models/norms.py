@@ -128,6 +128,11 @@ class Norm(nn.Module):
           f"stage {cfg.stage!r} keeps the linear-scaling scale s_bar (D5) in the "
           f"{STATS!r} collection: pass the {STATS!r} variables returned by "
           "model.init along with 'params'")
+    if self.update_stats and not (self.is_initializing() or self.is_mutable_collection(STATS)):
+      raise ValueError(  # else flax's ModifyScopeVariableError, deep inside the layer scan
+          f"update_stats=True updates the linear-scaling statistics s_bar (D5) of stage "
+          f"{cfg.stage!r}: apply with mutable=[{STATS!r}] and keep the returned "
+          f"{STATS!r} variables")
     ema = self.variable(STATS, "ema", lambda: jnp.zeros((), jnp.float32))
     count = self.variable(STATS, "count", lambda: jnp.zeros((), jnp.float32))
     decay = jnp.float32(cfg.ls_ema_decay)

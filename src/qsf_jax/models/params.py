@@ -28,6 +28,7 @@ attention and alpha are new; II's ``norm2``/``ffn`` are dropped unless
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import numpy as np
@@ -60,8 +61,21 @@ _DECAYED = ("kernel", "embedding", "K", "S", "lm_head", "W_re", "W_im")
 
 
 def count_params(params) -> int:
-  """Total number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+  """Total number of scalars in a parameter pytree (arrays or ShapeDtypeStructs).
+
+  Raises:
+    ValueError: for a leaf that is not an array, a ShapeDtypeStruct or a number.
+  """
+  total = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+      if isinstance(x, bool) or not isinstance(x, numbers.Number):
+        raise ValueError(f"count_params takes a pytree of arrays; the leaf at "
+                         f"{jax.tree_util.keystr(path) or '(root)'} is {type(x).__name__}")
+      shape = ()
+    total += math.prod(shape)
+  return int(total)
 
 
 def paper_param_counts() -> dict[str, int]:

@@ -78,6 +78,7 @@ class ModelConfig:
   readout_rank: int = 1
 
   def __post_init__(self):
+    _checks.plain_numbers(self)  # NumPy scalars -> Python numbers
     _checks.check_choice("kind", self.kind, KINDS)
     _checks.check_choice("solver", self.solver, SOLVERS)
     for name in ("dim", "num_tokens", "num_outcomes", "readout_rank"):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsf_jax import _checks
 from qsf_jax.separation import born_logit_rows, bounds, models, pairwise_rows, train
 from qsf_jax.separation.pairwise_rows import (DEFAULT_READOUT_RANKS, MODEL_NAMES, default_dims,
                                               fixed_dynamics_init, fixed_povm_init)  # noqa: F401
@@ -85,6 +86,9 @@ class SweepConfig:
   contexts: str = "phase"
   beta: float | None = None
   complex_dims: tuple = ("N",)
+
+  def __post_init__(self):
+    _checks.plain_numbers(self)  # np.arange(3, 6) -> (3, 4, 5): results.json takes them
 
 
 _DIM_EXPR = re.compile(r"(\d*)N([+-]\d+)?")

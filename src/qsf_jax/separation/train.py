@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qsf_jax import _checks
 from qsf_jax.separation import bounds
 from qsf_jax.separation.models import (ModelConfig, final_states, init_params, product_states,
                                        readout_log_probs, transitions)
@@ -48,6 +49,7 @@ class TrainConfig:
   frozen: tuple = ()
 
   def __post_init__(self):
+    _checks.plain_numbers(self)  # NumPy scalars -> Python numbers
     for name in ("steps", "log_every"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:

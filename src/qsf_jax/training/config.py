@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
+from qsf_jax import _checks
 from qsf_jax.data.batches import MODES as DATA_MODES
 from qsf_jax.training.errors import TrainConfigError
 
@@ -93,6 +94,7 @@ class TrainConfig:
   sample_top_k: int = 50
 
   def __post_init__(self):
+    _checks.plain_numbers(self)  # NumPy scalars -> Python numbers (checks, JSON metadata)
     # Types first, so that a bad value fails here and not after training has run.
     for name in ("stage", "preset", "data", "tokenizer", "data_mode", "sample_prompt"):
       if not isinstance(getattr(self, name), str):
@@ -161,7 +163,7 @@ class TrainConfig:
           f"model_overrides must be a mapping or (name, value) pairs, got "
           f"{self.model_overrides!r}") from None
     object.__setattr__(self, "model_overrides",
-                       tuple(sorted((str(k), v) for k, v in overrides.items())))
+                       tuple(sorted((str(k), _checks.plain_number(v)) for k, v in overrides.items())))
 
   def replace(self, **changes) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
