@@ -107,6 +107,7 @@ def test_default_beta_is_K():
     (dict(N=3, beta=1j), "beta must be a finite number > 0"),
     (dict(N=3, num_cues=0), "num_cues must be >= 1"),
     (dict(N=3, num_cues=20, length=5), "too many"),
+    (dict(N=2000), r"N = 2000 has K = 7,996,000 outputs and C = 512 contexts.*lower N"),
 ])
 def test_task_bad_inputs(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -172,6 +172,7 @@ def test_default_dims_rule():
     (dict(task="born_logit", beta=-1.0), "beta must be a finite number > 0"),
     (dict(task="born_logit", beta="1"), "beta must be a finite number > 0"),
     (dict(task="born_logit", contexts="generic", Ns=(2, 3)), "each entry of N must be >= 3"),
+    (dict(Ns=(3, 300)), r"the task at N = 300 has K = 179,400 outputs and C = 512 contexts"),
     (dict(complex_dims=()), "complex_dims must be a non-empty list"),
     (dict(complex_dims="N"), "complex_dims must be a non-empty list"),
     (dict(complex_dims=("N", "M+1")), "must be an integer or an expression like N"),

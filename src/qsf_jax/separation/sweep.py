@@ -32,7 +32,8 @@ from qsf_jax.separation import born_logit_rows, bounds, models, pairwise_rows, t
 from qsf_jax.separation.pairwise_rows import (DEFAULT_READOUT_RANKS, MODEL_NAMES, default_dims,
                                               fixed_dynamics_init, fixed_povm_init)  # noqa: F401
 from qsf_jax.tasks.born_logit import CONTEXTS, make_born_logit_task
-from qsf_jax.tasks.separation import MAX_CONTEXTS, distinct_contexts, make_task, num_outcomes
+from qsf_jax.tasks.separation import (MAX_CONTEXTS, check_target_size, distinct_contexts,
+                                     make_task, num_outcomes)
 
 DEFAULT_NS = (3, 4, 5)
 TASKS = ("pairwise", "born_logit")
@@ -185,6 +186,7 @@ def validate_config(cfg: SweepConfig) -> None:
   if cfg.dtype not in ("float32", "float64"):
     raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
   for N in cfg.Ns:
+    check_target_size(cfg.num_cues ** cfg.length, num_outcomes(N), f"the task at N = {N}")
     for n in resolve_complex_dims(cfg.complex_dims, N):
       if cfg.task == "pairwise" and num_outcomes(N) * min(cfg.readout_ranks) < n:
         raise ValueError(

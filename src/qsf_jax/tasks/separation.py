@@ -26,6 +26,24 @@ import numpy as np
 
 WORD_TOKEN = 0
 MAX_CONTEXTS = 1_000_000  # every context is enumerated: A^L of them
+MAX_TARGET_ENTRIES = 50_000_000  # C x K exact targets: 400 MB in float64
+
+
+def check_target_size(num_contexts: int, K: int, what: str) -> None:
+  """Raises ``ValueError`` before a task builds more than ``MAX_TARGET_ENTRIES``
+  exact targets (C contexts x K outputs, float64), which would otherwise end in a
+  MemoryError or a long stall.
+
+  Args:
+    num_contexts: C = A^L.
+    K: number of output tokens.
+    what: the task and its N, for the message.
+  """
+  if num_contexts * K > MAX_TARGET_ENTRIES:
+    raise ValueError(
+        f"{what} has K = {K:,} outputs and C = {num_contexts:,} contexts: its C x K target "
+        f"table would hold {num_contexts * K:,} entries, more than {MAX_TARGET_ENTRIES:,} "
+        f"({MAX_TARGET_ENTRIES * 8 // 10**6} MB in float64); lower N, num_cues or length")
 
 
 def num_outcomes(N: int) -> int:
@@ -283,6 +301,8 @@ def make_task(N: int, *, num_cues: int = 8, length: int = 3, eta: float = 0.1,
   _check_int("length", length, minimum=1)
   _check_int("seed", seed, minimum=0)
   _check_eta(eta)
+  if num_cues**length <= MAX_CONTEXTS:  # else all_contexts says so
+    check_target_size(num_cues**length, num_outcomes(N), f"T_{N}")
   cues_CL, tokens_CT = all_contexts(num_cues, length)
   C = cues_CL.shape[0]
   rng = np.random.default_rng(seed)
