@@ -78,7 +78,7 @@ def test_task_bad_inputs():
     ts.all_contexts(0, 2)
   with pytest.raises(ValueError, match=r"T_300 has K = 179,400 outputs and C = 512 contexts: "
                      r"its C x K target table would hold 91,852,800 entries"):
-    ts.make_task(300)  # else a 735 MB table (N = 1000: 8 GB, a MemoryError)
+    ts.make_task(300)  # else a 735 MB float64 table (N = 1000: 8 GB)
   with pytest.raises(ValueError, match="Phi_CN must be real"):
     ts.target_probabilities(np.ones((2, 3)) * 1j)
   with pytest.raises(ValueError, match="2 dimensions"):
