@@ -198,6 +198,16 @@ def test_repeated_eager_chains_reuse_their_programs(x64):
     assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0]), name
 
 
+def test_kalman_chain_still_importable_from_chain_module():
+  # chain_filter(_full) moved to kalman_chain.py; code importing them from chain.py
+  # (their home before) keeps working.
+  from qsf_jax.physics.chain import chain_filter as cf, chain_filter_full as cff  # pylint: disable=g-import-not-at-top
+  assert cf is chain_filter and cff is chain_filter_full
+  import qsf_jax.physics.chain as chain_module  # pylint: disable=g-import-not-at-top
+  with pytest.raises(AttributeError):
+    chain_module.no_such_function  # pylint: disable=pointless-statement
+
+
 def test_chain_bad_inputs():
   s = _seq(9)
   x0, A, b, y = s["x0"], s["A"], s["b"], s["y"]

@@ -456,6 +456,21 @@ def test_bad_inputs():
       measurement_update(x0, cov, y, M, 1.0)
 
 
+def test_paper_mode_refuses_an_overflowing_prior_or_precision():
+  # Concrete inputs whose r = dt/sigma_m^2 or Sigma_K overflows float32 were refused by
+  # measurement_update's checks; the paper mode must not turn them into silent NaN.
+  s = _setup(16)
+  x0, A, b, y, M = (np.asarray(s[k], np.float32) for k in ("x0", "A", "b", "x_tgt", "M"))
+  for form in ("gain", "information"):
+    for dt, sigma_m in ((1.0, 1e-30), (1e30, 1e-10)):
+      with pytest.raises(ValueError, match="obs_precision must be finite and >= 0"):
+        propagate_full(x0, A, b, y, M, dt, sigma_m, form=form)
+      with pytest.raises(ValueError, match="obs_precision must be finite and >= 0"):
+        chain_filter_full(x0, A, b, np.tile(y, (3, 1)), M, dt=dt, sigma_m=sigma_m, form=form)
+    with pytest.raises(ValueError, match="prior_cov must be finite"):  # e^{60 * 2} overflows
+      propagate_full(x0, 60.0 * np.eye(3, dtype=np.float32), b, y, M, 2.0, form=form)
+
+
 def test_scalar_checks_take_every_real_dtype_and_refuse_the_rest():
   from qsf_jax import _checks  # pylint: disable=import-outside-toplevel
   for v in (0.5, 2, np.float16(0.5), jnp.bfloat16(0.5), np.int64(2), jnp.float32(1.0)):

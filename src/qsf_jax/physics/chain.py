@@ -29,6 +29,15 @@ from qsf_jax.physics.propagate import check_scalars
 SCAN_METHODS = ("associative", "sequential")
 
 
+def __getattr__(name):
+  """``chain_filter`` and ``chain_filter_full``, defined here before, from ``kalman_chain``
+  (imported lazily: ``kalman_chain`` imports this module)."""
+  if name in ("chain_filter", "chain_filter_full"):
+    from qsf_jax.physics import kalman_chain  # pylint: disable=g-import-not-at-top
+    return getattr(kalman_chain, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _resolve_steps(n_steps, **per_step_sizes):
   """The chain length from the per-step arguments' leading axes and ``n_steps``."""
   sizes = {k: v for k, v in per_step_sizes.items() if v is not None}

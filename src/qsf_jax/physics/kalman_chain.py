@@ -83,6 +83,8 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
     S_NDD = jax.vmap(lambda a: koopman_cov(a, sigma_K, dt))(A)
   else:
     S_NDD = jnp.broadcast_to(koopman_cov(A, sigma_K, dt), (N, d, d))
+  # As measurement_update checks it: r = dt/sigma_m^2 may overflow (concrete values only).
+  _checks.check_finite_nonneg("obs_precision", r)
   return _paper_chain(x0, P0, U_NDD, c_ND, S_NDD, y, M, r,
                       form="information" if form == "information" else "gain")
 

@@ -188,20 +188,42 @@ def propagate_full(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0,
     return kalman_bucy_step(x0, jnp.zeros_like(A), A, b, x_tgt, M, dt=dt, sigma_m=sigma_m,
                             sigma_K=sigma_K, n_sub=n_sub)
   dtype = x0.dtype
-  return _paper_propagator(x0, A, b, x_tgt, M, jnp.asarray(dt, dtype),
-                           jnp.asarray(sigma_m, dtype), jnp.asarray(sigma_K, dtype),
-                           form="information" if form == "information" else "gain",
-                           max_squarings=_affine_squarings(A, b, dt))
+  dt_s = jnp.asarray(dt, dtype)
+  r = dt_s / jnp.asarray(sigma_m, dtype) ** 2
+  # As measurement_update checks them: r = dt/sigma_m^2 may overflow (concrete
+  # values only), and so may Sigma_K for a growing mode.
+  _checks.check_finite_nonneg("obs_precision", r)
+  out, Sigma_K = _paper_propagator(x0, A, b, x_tgt, M, dt_s, r, jnp.asarray(sigma_K, dtype),
+                                   form="information" if form == "information" else "gain",
+                                   max_squarings=_affine_squarings(A, b, dt))
+  _checks.check_covariance("prior_cov", Sigma_K)
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("form", "max_squarings"))
-def _paper_propagator(x0, A, b, x_tgt, M, dt, sigma_m, sigma_K, *, form, max_squarings):
+def _paper_propagator(x0, A, b, x_tgt, M, dt, r, sigma_K, *, form, max_squarings):
   """``propagate_full``'s paper mode (QSF eqs. 57-58) on validated arrays of one
-  dtype (dt and the sigmas as scalar arrays): the Koopman prior N(mu_K, Sigma_K),
-  then one endpoint measurement at precision r = dt/sigma_m^2."""
+  dtype: the Koopman prior N(mu_K, Sigma_K), then one endpoint measurement.
+
+  Args:
+    x0: initial state (d,).
+    A: generator (d, d).
+    b: bias (d,).
+    x_tgt: target (d,).
+    M: measurement matrix (d, d).
+    dt: interval length (scalar array).
+    r: measurement precision dt/sigma_m^2 (scalar array).
+    sigma_K: Koopman noise (scalar array).
+    form: "gain" or "information" (static).
+    max_squarings: ``koopman_affine``'s squaring count (static).
+
+  Returns:
+    (GaussianPropagator, Sigma_K (d, d)): the posterior, and the prior covariance
+    for the caller's host-side check.
+  """
   Phi, c = _affine_map(A, b, dt, max_squarings=max_squarings)
   Sigma_K = _doubled_cov(A, sigma_K ** 2, dt)
-  return _measurement_update(Phi @ x0 + c, Sigma_K, x_tgt, M, dt / sigma_m ** 2, form=form)
+  return _measurement_update(Phi @ x0 + c, Sigma_K, x_tgt, M, r, form=form), Sigma_K
 
 
 def propagate(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0, mode="paper", *,
