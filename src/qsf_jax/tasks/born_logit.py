@@ -35,8 +35,8 @@ import itertools
 
 import numpy as np
 
-from qsf_jax.tasks.separation import (MAX_CONTEXTS, ContextTask, _check_int, all_contexts,
-                                      check_target_size, num_outcomes, povm_vectors)
+from qsf_jax.tasks.separation import (ContextTask, _check_int, all_contexts, check_target_size,
+                                      num_outcomes, povm_vectors)
 
 CONTEXTS = ("phase", "generic")
 
@@ -208,8 +208,7 @@ def make_born_logit_task(N: int, *, contexts: str = "phase", beta: float | None 
   K = num_outcomes(N)
   beta = float(K) if beta is None else beta
   _check_beta(beta)
-  if num_cues**length <= MAX_CONTEXTS:  # else all_contexts says so
-    check_target_size(num_cues**length, K, f"the Born-logit task at N = {N}")
+  check_target_size(num_cues**length, K, f"the Born-logit task at N = {N}")
   cues_CL, tokens_CT = all_contexts(num_cues, length)
   H_ANN = cue_hamiltonians(N, num_cues, contexts, seed)
   U_ANN = cayley(H_ANN)
