@@ -95,6 +95,22 @@ def test_koopman_mean_long_interval(dtype):
       np.testing.assert_allclose(got, fixed, rtol=rtol)
 
 
+def test_koopman_mean_squarings_follow_the_one_norm(x64):
+  # expm's squaring count depends on the 1-norm (largest column sum). Here one column
+  # sums to 1.08e6 while every row sums to 9e4: a count from the row sums (inf-norm,
+  # below the 1e5 switch) would keep 16 squarings and give NaN.
+  d = 12
+  A = -np.eye(d)
+  A[:, 0] -= 9e4
+  b, x0 = np.linspace(-1.0, 1.0, d), np.ones(d)
+  aug = np.zeros((d + 1, d + 1))
+  aug[:d, :d], aug[:d, d] = A, b
+  E = sl.expm(aug)
+  ref = E[:d, :d] @ x0 + E[:d, d]
+  got = np.asarray(koopman_mean(A, b, x0, 1.0))
+  np.testing.assert_allclose(got, ref, rtol=np.abs(A).sum(0).max() * np.finfo(np.float64).eps)
+
+
 def test_zero_generator_closed_forms(x64):
   _, b, x0 = _rand(5, d=3)
   T, sK = 1.7, 0.6

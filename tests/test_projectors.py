@@ -72,6 +72,30 @@ def test_projectors_resolve_the_identity_and_commute_with_k():
   np.testing.assert_allclose(total, np.eye(5), atol=1e-8)
 
 
+def test_complex_eigenvalues_simple_and_repeated():
+  # Real K with a simple complex pair 1.3 e^{+-1.9i}, a repeated pair 0.9 e^{+-0.7i}
+  # (two equal rotation blocks) and 0.5. For a diagonalisable K, sum_g P_g = I with
+  # K P_g = P_g K = lambda_g P_g defines the projectors uniquely; the left
+  # eigenvectors enter conjugated (w^dagger), and the left subspace of a group
+  # belongs to conj(lambda) of K^T.
+  rng = np.random.default_rng(5)
+  rot = lambda r, t: r * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+  J = np.zeros((7, 7))
+  J[:2, :2], J[2:4, 2:4], J[4:6, 4:6], J[6, 6] = rot(1.3, 1.9), rot(0.9, 0.7), rot(0.9, 0.7), 0.5
+  K, _ = _similar(J, rng)
+  p = spectral_projectors(K)
+  assert sorted(len(g) for g in p.groups) == [1, 1, 1, 2, 2]
+  total = np.zeros((7, 7), complex)
+  for g, idx in enumerate(p.groups):
+    P, lam = p.projector(g), p.lam[idx[0]]
+    scale = np.linalg.norm(P, 2)
+    np.testing.assert_allclose(K @ P, lam * P, atol=1e-9 * scale)
+    np.testing.assert_allclose(P @ K, lam * P, atol=1e-9 * scale)
+    assert np.linalg.matrix_rank(P, tol=1e-8 * scale) == len(idx)
+    total += P
+  np.testing.assert_allclose(total, np.eye(7), atol=1e-9)
+
+
 def test_generic_k_matches_the_eigenvector_formula():
   rng = np.random.default_rng(3)
   K = rng.normal(size=(40, 40)) / np.sqrt(40)

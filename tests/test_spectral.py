@@ -42,6 +42,9 @@ def test_hamiltonian_koopman_float64_is_orthogonal_and_neutral(x64):
   K = np.asarray(K_LDD)
   for K_DD in K:
     np.testing.assert_allclose(K_DD.T @ K_DD, np.eye(8), atol=1e-12)
+  # The generator is S - S^T itself (decision D8), not a rescaled skew part.
+  for S_DD, K_DD in zip(np.asarray(S_LDD), K):
+    np.testing.assert_allclose(K_DD, sl.expm(S_DD - S_DD.T), rtol=0, atol=1e-12)
   r = spectral_analysis(K_LDD, tol=1e-6)
   for rec in r["layers"]:
     np.testing.assert_allclose(rec["abs"], 1.0, atol=1e-12)
@@ -104,6 +107,23 @@ def test_classification_thresholds_on_diagonal_K():
   np.testing.assert_allclose(r2["layers"][0]["gamma"], np.asarray(l1["gamma"]) / 2, atol=1e-14)
   assert r2["layers"][0]["counts"] == {"decay": 1, "neutral": 5, "growth": 2}
   assert r2["gamma_net"] == pytest.approx(r["gamma_net"] / 2)
+
+
+def test_class_sums_and_labels_at_the_boundary():
+  # gamma = ln 4, ln 2, ln 1.1, 0, ln 0.25 with tol = ln 2 (exact in float64): the boundary
+  # mode ln 2 is neutral in counts, labels and sums, and the neutral modes do not sum
+  # to zero, so every class sum tells the classes apart.
+  ln2 = float(np.log(2.0))
+  r = spectral_analysis([np.diag([0.25, 1.0, 2.0, 1.1, 4.0])], tol=ln2)
+  rec = r["layers"][0]
+  assert rec["classes"] == ["growth", "neutral", "neutral", "neutral", "decay"]
+  assert rec["counts"] == {"decay": 1, "neutral": 3, "growth": 1}
+  assert rec["gamma_by_class"] == pytest.approx(
+      {"decay": -2 * ln2, "neutral": ln2 + np.log(1.1), "growth": 2 * ln2}, abs=1e-14)
+  assert sum(rec["gamma_by_class"].values()) == pytest.approx(rec["gamma_net"], abs=1e-14)
+  # Eq. 9 is strict: Gamma_net = 0 (the identity layer) is not net-dissipative.
+  ident = spectral_analysis([np.eye(3)])
+  assert ident["gamma_net"] == 0.0 and ident["net_dissipative"] is False
 
 
 def test_counts_sum_and_budget_identities():

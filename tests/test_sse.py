@@ -99,6 +99,35 @@ def test_centered_variant_preserves_the_unit_norm(x64):
   assert 6 < ratio < 10  # pathwise residual O(dt^{3/2}): quartering dt divides it by 8
 
 
+def test_coefficients_and_one_step_match_the_equations(x64):
+  """QSF eqs. 42-44 written out in numpy, and one Euler-Maruyama step with given noise.
+
+  The sign of the measurement diffusion (e = x - x_tgt, not x_tgt - x) and the Koopman
+  noise term sigma_K dW' (not sigma_K^2 dW') are pathwise properties: no distributional
+  check sees them, since dW and -dW have the same law and sigma_K = 1 hides the power.
+  """
+  A, b = _model(5)
+  x = np.array([0.3, -1.1, 0.7])  # ||x|| != 1, so no term of eq. 42 vanishes
+  sigma = 0.7
+  e, f = x - X_TGT, A @ x + b
+  q, o = e @ e, x @ e
+  expected = {
+      "paper": (f - q * x / (2 * sigma**2), e / sigma),
+      "centered": (f - (x @ f) * x - (q - o**2) * x / (2 * sigma**2), (e - o * x) / sigma),
+      "linear": (f, e / sigma),
+  }
+  dt, dw, sK = 0.05, 0.17, 0.3
+  dwk = np.array([0.2, -0.05, 0.11])
+  for variant, (drift, diff) in expected.items():
+    got = sse_coefficients(x, A, b, X_TGT, sigma_m=sigma, variant=variant)
+    np.testing.assert_allclose(got[0], drift, rtol=1e-13, atol=1e-14, err_msg=variant)
+    np.testing.assert_allclose(got[1], diff, rtol=1e-13, atol=1e-14, err_msg=variant)
+    x1 = sse_integrate(x, A, b, X_TGT, np.array([dw]), dwk[None], sigma_m=sigma, dt=dt,
+                       variant=variant, sigma_K=sK, return_path=False)
+    np.testing.assert_allclose(x1, x + drift * dt + diff * dw + sK * dwk, rtol=1e-13,
+                               atol=1e-14, err_msg=variant)
+
+
 def test_piecewise_schedule_equals_chained_runs(x64):
   A, b = _model(2)
   t1, t2 = X_TGT, np.array([0.4, -0.1, 0.9])

@@ -282,6 +282,32 @@ def test_train_step_collects_norm_stats_over_the_loss_mask(env):
   assert any(not np.allclose(np.asarray(r), np.asarray(o), rtol=1e-3) for r, o in zip(ref, other))
 
 
+def test_grad_accumulation_threads_norm_stats_through_the_micro_batches(env):
+  """D5 with A = 2: the EMA advances once per micro-batch, each over its own loss mask."""
+  _, corpus = env
+  tok = qdata.get_tokenizer("bytes")
+  c = qdata.load_corpus(str(corpus), tok)
+  batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
+  batch["mask"] = (np.arange(32)[None, :] < np.array([32, 7, 20, 3])[:, None]).astype(np.float32)
+  model = build_model(get_config("koopman_attn", "tiny"))
+  params, coll = init_compiled(model, 0, 32)
+  micro = {k: v.reshape((2, 2) + v.shape[1:]) for k, v in batch.items()}
+  # the reference: two sequential stats updates with the same parameters
+  upd = jax.jit(lambda stats, x, mask: model.apply(
+      {"params": params, "norm_stats": stats}, x, update_stats=True, stats_mask=mask,
+      mutable=["norm_stats"])[1]["norm_stats"])
+  want = coll["norm_stats"]
+  for i in range(2):
+    want = upd(want, jnp.asarray(micro["inputs"][i]), micro["mask"][i])
+  tx = make_optimizer(10)
+  st = create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, coll), tx, 0)
+  st, _ = make_train_step(model, tx, grad_accum=2, schedule=onecycle_schedule(10),
+                          total_steps=10, stats_steps=100)(st, micro)
+  assert float(st.collections["norm_stats"]["final_norm"]["count"]) == 2.0
+  for g, r in zip(jax.tree.leaves(st.collections["norm_stats"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6)
+
+
 def test_stats_window_matches_the_model_zoo():
   """D5: the jitted window test agrees with ``models.norms.stats_window``."""
   from qsf_jax.models.norms import stats_window
