@@ -51,6 +51,11 @@ def test_onecycle_landmarks():
   assert np.all(np.diff(lrs[:300]) > 0) and np.all(np.diff(lrs[299:]) < 0)
   # jit-compatible with a traced count
   assert float(jax.jit(sched)(jnp.int32(299))) == pytest.approx(1e-3, rel=1e-6)
+  # past the last step (a count beyond total_steps) the schedule holds its final value
+  # instead of climbing back up the cosine
+  assert [float(sched(s)) for s in (1000, 1500, 10**6)] == [float(sched(999))] * 3
+  mom = onecycle_momentum(1000)
+  assert [float(mom(s)) for s in (1000, 10**6)] == [float(mom(999))] * 2
 
 
 @pytest.mark.parametrize("kwargs, match", [
