@@ -265,3 +265,32 @@ def test_state_dict_round_trip():
   _assert_trees_equal(again, st)
   assert set(st.as_dict()) == {"step", "params", "opt_state", "rng", "collections"}
   assert os.fspath(ck.checkpoint_dir("w")).endswith(ck.CHECKPOINT_SUBDIR)
+
+
+def test_max_to_keep_deletes_the_oldest(tmp_path):
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path, max_to_keep=2, async_save=False)
+  for step in (1, 2, 3):
+    c.save(step, st, {"stage": "koopman"}, wait=True)
+  assert c.all_steps() == [2, 3] and c.latest_step() == 3
+  c.close()
+
+
+def test_an_unfinished_first_save_is_no_checkpoint(tmp_path):
+  # A run killed during its first save leaves only orbax's temporary folder; the
+  # same command must then start afresh instead of trying to resume.
+  (ck.checkpoint_dir(tmp_path) / "5.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+  assert not ck.has_checkpoint(tmp_path)
+
+
+def test_meta_keeps_a_stored_value_of_an_added_field(tmp_path):
+  # ADDED_FIELDS fill in only what a stored train config lacks, never overwrite it.
+  from qsf_jax.training.config import TrainConfig
+  tc = TrainConfig(stage="koopman", preset="tiny", cycle_momentum=True).to_dict()
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path, async_save=False)
+  c.save(3, st, {"stage": "koopman", "train_config": tc, "cycle_momentum": True}, wait=True)
+  meta = c.meta()
+  c.close()
+  assert meta["train_config"]["cycle_momentum"] is True and meta["cycle_momentum"] is True
+  assert TrainConfig.from_dict(meta["train_config"]).cycle_momentum is True

@@ -50,6 +50,9 @@ def test_tables_have_every_stage_and_true_parameter_counts(ran):
     room = run.model_config.max_seq_len - len(run.tokenizer.encode("Once upon a time,"))
     assert 0 < room < 40 and r["sample_tokens"] == room
     assert isinstance(r["sample"], str) and r["sample"]
+    # log_every (50) does not divide the 3 steps: the last step is logged all the same
+    recs = [json.loads(x) for x in (out / s / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if x["kind"] == "train"] == [3]
   # QSF spec §3.7 fixes Stage III at the paper preset: 29,415,392 parameters.
   assert rows["koopman_attn"]["params_paper_preset"] == 29_415_392
   assert rows["koopman_attn"]["paper_params"] == 29_400_000

@@ -160,6 +160,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env):
   params, _ = c.restore_params()
   c.close()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  # The same command resumes from step 1 and diverges again: the error names the
+  # checkpoint it resumed from, not "no checkpoint had been written yet".
+  with pytest.raises(NonFiniteLossError, match=r"checkpoint \(step 1\) is kept") as info:
+    train_and_evaluate(_cfg(corpus, lr=1e30, steps=10, checkpoint_every=1, eval_every=0), wd)
+  assert info.value.step == 1 and info.value.last_checkpoint == 1
 
 
 def test_bad_settings_raise_before_touching_workdir(env, tmp_path):
@@ -436,3 +441,51 @@ def test_run_length_defaults_follow_the_preset():
   paper = TrainConfig(stage="koopman_attn", preset="paper", batch_size=4)
   assert (paper.steps, paper.batch_size, paper.eval_every) == (20000, 4, 1000)
   assert set(PRESET_RUN_DEFAULTS) == {"tiny", "small", "paper"}
+
+
+def test_train_config_defaults_follow_the_spec():
+  """QSF spec §4.1 and D10 (max LR 1e-3, OneCycle with PyTorch's defaults, which cycle
+  the momentum; batch 32 at the paper preset), D11 (weight decay 0.1), §4.1 (clip 1.0)
+  and D14 (the sample settings); the command-line flags take these defaults."""
+  d = TrainConfig(stage="koopman_attn")
+  assert (d.lr, d.weight_decay, d.clip_norm, d.cycle_momentum) == (1e-3, 0.1, 1.0, True)
+  assert (d.sample_prompt, d.sample_temperature, d.sample_top_k, d.sample_tokens) == (
+      "Once upon a time,", 0.8, 50, 40)
+  paper = TrainConfig(stage="koopman_attn", preset="paper")
+  assert (paper.steps, paper.batch_size) == (20000, 32)
+
+
+def test_load_run_of_an_earlier_step(trained):
+  """``load_run(step=...)`` restores that checkpoint's parameters, not the latest."""
+  wd, _ = trained
+  run15, run30 = load_run(wd, step=15), load_run(wd)
+  assert (run15.step, run30.step) == (15, 30) and run15.meta["step"] == 15
+  c = ck.Checkpointer(wd, read_only=True)
+  params15, _ = c.restore_params(15)
+  c.close()
+  for x, y in zip(jax.tree.leaves(run15.params), jax.tree.leaves(params15)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(run15.params), jax.tree.leaves(run30.params)))
+
+
+def test_max_to_keep_reaches_the_checkpointer(env):
+  root, corpus = env
+  wd = root / "keep"
+  train_and_evaluate(_cfg(corpus, steps=4, checkpoint_every=1, eval_every=0, max_to_keep=2),
+                     wd)
+  c = ck.Checkpointer(wd, read_only=True)
+  assert c.all_steps() == [3, 4]
+  c.close()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_non_finite_parameters_are_never_saved(env):
+  root, corpus = env
+  wd = root / "inf"
+  # lr 1e40 is inf in float32: update 0 (finite loss and gradient) leaves non-finite
+  # weights, which the step-1 checkpoint must refuse to store
+  with pytest.raises(NonFiniteLossError, match="parameters after the update") as info:
+    train_and_evaluate(_cfg(corpus, lr=1e40, steps=10, checkpoint_every=1, eval_every=0), wd)
+  assert info.value.step == 0 and info.value.last_checkpoint is None
+  assert not ck.has_checkpoint(wd)

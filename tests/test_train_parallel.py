@@ -67,3 +67,16 @@ def test_four_fake_devices_match_one(tmp_path):
       np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6)
   assert "divisible by the number of devices (4) x --grad_accum (2) = 8" in out["bad"]
   assert not (tmp_path / "bad").exists()
+
+
+def test_shard_batch_splits_micro_batches_into_consecutive_rows():
+  """grad_accum = A: micro-batch a holds rows a*B/A ... (a+1)*B/A - 1 (the documented
+  layout; it fixes the order in which the micro-batches update the D5 norm statistics)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
+  mesh = shd.make_mesh(jax.devices()[:1])
+  x = np.arange(6 * 3, dtype=np.int32).reshape(6, 3)
+  out = shd.shard_batch({"inputs": x}, mesh, grad_accum=2)["inputs"]
+  np.testing.assert_array_equal(np.asarray(out), x.reshape(2, 3, 3))
+  np.testing.assert_array_equal(np.asarray(shd.shard_batch({"inputs": x}, mesh)["inputs"]), x)

@@ -149,6 +149,17 @@ def test_resume_after_sigkill_is_exact(corpus):
   # D5: the norm statistics were collected in the window [0, floor(0.85 * 8)) = [0, 6)
   counts = [np.asarray(v) for k, v in ck_flat(coll_a).items() if k.endswith("count")]
   assert counts and all(np.all(c == 6) for c in counts)
+  # An earlier checkpoint loads with its own step's anneal weight (D5: beta is 0 until
+  # step 6.8), and the run's last evaluation (step 8, beta 1) is the one evaluate gives.
+  from qsf_jax.training.evaluation import evaluate_workdir  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.restore import load_run  # pylint: disable=import-outside-toplevel
+  run4 = load_run(wd_a, step=4)
+  assert (run4.step, run4.beta, load_run(wd_a).beta) == (4, 0.0, 1.0)
+  (last_eval,) = [r for r in map(json.loads, (wd_a / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "eval"]
+  ev = evaluate_workdir(wd_a, max_batches=1, cache_dir=str(root / "cache"))
+  assert last_eval["step"] == 8
+  assert last_eval["val_loss"] == pytest.approx(ev["val_loss"], rel=1e-5)
 
 
 def ck_flat(tree):
@@ -199,3 +210,24 @@ def test_a_stop_after_the_save_decision_still_saves(corpus):
   c = ck.Checkpointer(wd, read_only=True)
   assert c.latest_step() == 3  # no periodic checkpoint was due: the stop wrote this one
   c.close()
+
+
+def test_stop_requested_flags_the_first_signal_and_passes_on_the_second():
+  """The first SIGINT/SIGTERM only sets the flag; a second one reaches the handler that
+  was installed before (a second Ctrl-C interrupts at once); leaving restores it."""
+  from qsf_jax.training.signals import StopRequested  # pylint: disable=import-outside-toplevel
+  seen = []
+  original = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+  try:
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequested() as stop:
+      assert not stop.requested
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+      assert stop.requested and stop.signal_name == "SIGINT" and seen == []
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+      assert seen == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is previous
+  finally:
+    signal.signal(signal.SIGINT, original)
