@@ -67,6 +67,21 @@ def test_unit_circle_check_stage_iv(x64):
   assert res["verdict"].startswith("balanced")
   off = spectrum.unit_circle_check(K * 1.01)
   assert not off["all_on_unit_circle"] and off["neutral"] == 0
+  # one eigenvalue (1.5) off the circle among three is enough to fail the check
+  c, s_ = np.cos(0.7), np.sin(0.7)
+  one_off = sl.block_diag([[c, -s_], [s_, c]], [[1.5]])[None]
+  uc1 = spectrum.unit_circle_check(one_off)
+  assert not uc1["all_on_unit_circle"] and (uc1["neutral"], uc1["n_eigenvalues"]) == (2, 3)
+  assert uc1["max_abs_log_abs"] == pytest.approx(np.log(1.5), rel=1e-12)
+
+
+def test_verdict_balance_tolerance_scales_with_the_eigenvalue_count():
+  """|Gamma_net| <= 1e-9 per eigenvalue is balanced: 100 eigenvalues with gamma = 1e-10
+  each sum to 1e-8 (below 1e-7), while gamma = 1e-8 each (sum 1e-6) is net gain."""
+  for g, balanced in ((1e-10, True), (1e-8, False)):
+    res = spectrum.spectrum_summary(np.exp(g) * np.stack([np.eye(50)] * 2))
+    assert res["gamma_net"] == pytest.approx(100 * g, rel=1e-6)
+    assert res["verdict"].startswith("balanced") == balanced
 
 
 def test_spectrum_bad_inputs():
@@ -81,9 +96,16 @@ def test_spectrum_bad_inputs():
 def test_eigenvalues_per_layer_roundtrip():
   K = _stack(L=2)
   eigs = spectrum.eigenvalues_per_layer(spectrum.spectrum_summary(K))
-  for lam, k in zip(eigs, K):
+  res = spectrum.spectrum_summary(K)
+  for lam, k, r in zip(eigs, K, res["layers"]):
     np.testing.assert_allclose(np.sort_complex(lam), np.sort_complex(np.linalg.eigvals(k)),
                                atol=1e-12)
+    # element i is the eigenvalue whose |lambda|, gamma and omega = -arg(lambda) are
+    # listed at i (a conjugated list has the same set but the wrong omega signs)
+    np.testing.assert_allclose(np.abs(lam), r["abs"], rtol=1e-12)
+    np.testing.assert_allclose(np.log(np.abs(lam)), r["gamma"], atol=1e-12)
+    dw = np.angle(np.exp(-1j * np.angle(lam)) / np.exp(1j * np.asarray(r["omega"])))
+    np.testing.assert_allclose(dw, 0.0, atol=1e-12)  # modulo 2 pi (arg -1 = +-pi)
 
 
 def test_mode_weights_match_effective_gain():
@@ -154,7 +176,8 @@ def test_token_occupancy_summary():
   acc = modes.TokenOccupancy(vocab_size=6)
   ids = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 5])
   occ = np.array([0.9, 0.7, 0.8, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, np.nan])
-  acc.update(ids, occ, np.ones(10))
+  geff = np.arange(10.0)  # the last one goes with the NaN occupancy
+  acc.update(ids, occ, geff)
   texts = {0: ".", 1: " cat", 2: " But", 5: "?"}
   s = acc.summary(lambda ids_: texts[ids_[0]], eot_id=4, top=2, min_count=3)
   assert s["tokens"] == 9  # the NaN occupancy is dropped
@@ -165,6 +188,8 @@ def test_token_occupancy_summary():
   assert s["categories"]["sentence end"]["enrichment"] == pytest.approx(0.8 / mean)
   assert s["categories"]["discourse marker"]["share"] == pytest.approx(3 / 9)
   assert s["categories"]["end of text"]["mean_occupancy"] is None
+  # G_eff over the 9 kept tokens: mean of 0..8, max 8 (the dropped token's 9 is not counted)
+  assert s["g_eff_mean"] == pytest.approx(4.0) and s["g_eff_max"] == 8.0
 
 
 def test_valid_inputs_and_rms_statistics():
@@ -270,6 +295,10 @@ def test_state_target_and_sse_ensemble(x64):
   scale = np.linalg.norm(X0[0])
   want = np.linalg.norm((K @ X0[0] + b) / scale)
   assert sse["free_norm"][-1] == pytest.approx(want, rel=0.05)
+  # distances are to the target in the same scaled units: at t = 0, ||x0 - x*|| / ||x0||
+  d0 = np.linalg.norm(X0[0] - x_star) / scale
+  np.testing.assert_allclose(sse["dist"][:, 0], d0, rtol=1e-12)
+  assert sse["free_dist"][0] == pytest.approx(d0, rel=1e-12)
   with pytest.raises(ValueError, match="non-zero"):
     propagation.sse_ensemble(jax.random.key(0), K, b, np.zeros(6), x_star)
   # Non-finite inputs name themselves instead of giving NaN paths (or "non-zero").
@@ -384,6 +413,27 @@ def test_report_from_synthetic_results(tmp_path):
   jpath = analysis.write_json(tmp_path / "spectrum.json", results)
   back = json.loads(jpath.read_text())
   assert back["bad"] is None and back["spectrum"]["n_eigenvalues"] == 36
+
+
+def test_operators_w_v_is_the_value_dense_in_column_form():
+  """W_V u = the value Dense layer's output without its bias (flax: u @ kernel), per layer;
+  K, b and alpha are the stored ones."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  cfg = get_config("koopman_attn", "tiny")
+  L, d = cfg.n_layers, cfg.d_model
+  rng = np.random.default_rng(3)
+  kern = rng.normal(size=(L, d, d)).astype(np.float32)  # not symmetric
+  params = {"layers": {"koopman": {"K": rng.normal(size=(L, d, d)).astype(np.float32),
+                                   "b": rng.normal(size=(L, d)).astype(np.float32)},
+                       "attn": {"value": {"kernel": kern, "bias": np.zeros((L, d), np.float32)}},
+                       "alpha": rng.normal(size=(L, 1)).astype(np.float32)}}
+  ops = analysis.layer_operators(params, cfg)
+  u = rng.normal(size=(3, d)).astype(np.float32)
+  for l in range(L):
+    v = np.asarray(nn.Dense(d).apply({"params": {"kernel": kern[l], "bias": np.zeros(d)}}, u))
+    np.testing.assert_allclose(u @ ops.W_V[l].T, v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ops.K[l], params["layers"]["koopman"]["K"][l])
+  np.testing.assert_array_equal(ops.alpha, params["layers"]["alpha"][:, 0])
 
 
 def test_operators_reject_other_stages():

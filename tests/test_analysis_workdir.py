@@ -9,7 +9,7 @@ import pytest
 
 from conftest import init_compiled
 from experiments import analyze as analyze_cli
-from qsf_jax.analysis import forward, layer_operators
+from qsf_jax.analysis import forward, layer_operators, modes, validation
 from qsf_jax.analysis.pipeline import analyze_workdir
 from story_corpus import story_corpus
 from qsf_jax.training import setup
@@ -114,6 +114,38 @@ def test_replay_matches_the_model(stage3):
   ref = jax.jit(lambda x: run.model.apply({"params": run.params, **run.collections}, x,
                                           beta=run.beta))(jnp.asarray(tokens))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5)
+
+
+def test_validation_gain_and_top_mode_occupancy_per_layer(stage3):
+  """Per layer, G_eff = sum_k |lambda_k| w_k and the top-pair occupancy of the Koopman
+  input u (not h) at the real input positions, against numpy eig: w = |V^{-1} u|^2 / sum."""
+  run = load_run(stage3)
+  cfg = run.model_config
+  ops = layer_operators(run.params, cfg)
+  bases = [modes.mode_basis(K) for K in ops.K]
+  tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 16))
+  mask = np.ones((2, 16), np.float32)
+  mask[1, 9:] = 0.0  # row 1: 10 real inputs, 6 padding
+  val = validation.validation_statistics(run.params, run.collections, cfg, bases,
+                                         [{"inputs": tokens, "mask": mask}], beta=run.beta)
+  valid = validation.valid_inputs(mask)
+  assert val["tokens"] == int(valid.sum()) == 26
+  checked = 0
+  for s in forward.iter_layers(run.params, run.collections, cfg, tokens, run.beta):
+    if bases[s.layer] is None:
+      continue
+    lam, V = np.linalg.eig(ops.K[s.layer])
+    w = np.abs(np.linalg.solve(V, np.asarray(s.k_in, np.float64)[valid].T).T) ** 2
+    w /= w.sum(axis=1, keepdims=True)
+    k = int(np.argmax(np.abs(lam)))
+    top = [k] if lam[k].imag == 0 else [k, int(np.argmin(np.abs(lam - np.conj(lam[k]))))]
+    rec = val["layers"][s.layer]
+    assert rec["tokens"] == 26
+    assert rec["g_eff_mean"] == pytest.approx(float(np.mean(w @ np.abs(lam))), rel=1e-6)
+    assert rec["mean_occupancy"] == pytest.approx(float(np.mean(w[:, top].sum(axis=1))),
+                                                  rel=1e-6)
+    checked += 1
+  assert checked > 0
 
 
 @pytest.mark.parametrize("stage, mixer", [("koopman", "cosine"), ("koopman", "recurrent"),

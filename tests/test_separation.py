@@ -128,6 +128,31 @@ def test_double_centre_removes_row_and_column_terms(task3):
   np.testing.assert_allclose(bounds.double_centre(shifted), bounds.double_centre(logP), atol=1e-12)
 
 
+def test_expected_kl_is_kl_of_target_from_model_with_context_weights():
+  """sum_c w_c KL(p*(.|c) || q(.|c)), against scipy's rel_entr, with unequal weights
+  (every task builder uses uniform weights, which cannot tell w_c from 1/C)."""
+  from scipy.special import log_softmax, rel_entr  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  P = np.exp(log_softmax(rng.normal(size=(5, 4)), axis=1))
+  logQ = log_softmax(rng.normal(size=(5, 4)), axis=1)
+  w = np.array([0.5, 0.05, 0.25, 0.15, 0.05])
+  want = float(w @ rel_entr(P, np.exp(logQ)).sum(axis=1))
+  assert bounds.expected_kl(logQ, P, w) == pytest.approx(want, rel=1e-12)
+  assert bounds.expected_kl(np.log(P), P, w) == 0.0
+
+
+def test_log_rank_tolerance_is_relative_to_the_largest_singular_value():
+  """sigma_2 / sigma_1 ~ 2e-10 <= rtol = 1e-9 is rank one, although sigma_2 ~ 7e-9 > 1e-9."""
+  from scipy.special import log_softmax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a, b, c, d = (rng.normal(size=n) for n in (6, 5, 6, 5))
+  P = np.exp(log_softmax(20 * np.outer(a, b) + 3e-9 * np.outer(c, d), axis=1))
+  s = bounds.centred_singular_values(P)
+  assert 1e-9 < s[1] and s[1] / s[0] < 1e-9 / 4 and s[2] < 1e-12 * s[0]
+  assert bounds.log_rank(P) == 1
+  assert bounds.log_rank(P, rtol=1e-12) == 2
+
+
 def test_bounds_bad_inputs(task3):
   with pytest.raises(ValueError, match="same shape"):
     bounds.expected_kl(np.zeros((3, 4)), task3.probs_CK, task3.weights_C)

@@ -103,6 +103,19 @@ def test_trained_real_model_stays_above_the_bound(task3):
   assert np.all(result.kl > 0.1)
 
 
+def test_expected_cross_entropy_weights_the_contexts(x64):
+  """L = -sum_c w_c sum_k p* log q: KL(p* || q) plus the weighted target entropy, with
+  unequal context weights (the task builders' uniform ones cannot tell w_c from 1/C)."""
+  from scipy.special import log_softmax, rel_entr  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  P = np.exp(log_softmax(rng.normal(size=(5, 4)), axis=1))
+  logQ = log_softmax(rng.normal(size=(5, 4)), axis=1)
+  w = np.array([0.5, 0.05, 0.25, 0.15, 0.05])
+  want = float(w @ (rel_entr(P, np.exp(logQ)).sum(axis=1) - (P * np.log(P)).sum(axis=1)))
+  got = float(train.expected_cross_entropy(jnp.asarray(logQ), jnp.asarray(P), jnp.asarray(w)))
+  assert got == pytest.approx(want, rel=1e-12)
+
+
 def test_train_result_metrics_are_consistent(task3):
   cfg = _cfg(task3, "realified", 6)
   result = train.train(task3, cfg, (3,), train.TrainConfig(steps=20, log_every=10))

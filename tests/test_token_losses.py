@@ -93,6 +93,20 @@ def test_per_token_losses_match_an_independent_log_softmax(tiny_model):
     tlm.token_losses(model, params, coll, valid, batch_size=B, seq_len=T, seen=seen[None])
 
 
+def test_validation_totals_are_exact_past_float32_integers(monkeypatch):
+  """The token count and loss sum are totalled in float64: three batches of 2^23 + 1
+  tokens sum to 3 * 2^23 + 3, odd and above 2^24, which a float32 total rounds."""
+  from qsf_jax.training import evaluation  # pylint: disable=import-outside-toplevel
+  n = 2.0**23 + 1
+  losses = iter([1.5 * 2**23, 2.5 * 2**23, 3.25 * 2**23])  # exact in float32
+  monkeypatch.setattr(evaluation, "_eval_step", lambda *a, **k: (
+      jax.numpy.float32(next(losses)), jax.numpy.float32(n)))
+  valid = _split([[1, 2, 3]] * 3)  # three story rows, one per batch
+  rec = evaluate_split(object(), None, {}, valid, batch_size=1, seq_len=4)
+  assert rec["batches"] == 3 and rec["tokens"] == 3 * 2**23 + 3
+  assert rec["val_loss"] == pytest.approx(7.25 * 2**23 / (3 * n), rel=1e-15)
+
+
 def test_summary_counts_outliers_and_unseen_inputs(tmp_path):
   x = np.array([1.0, 2.0, 25.0, 3.0, 30.0, 4.0])
   u = np.array([False, True, True, False, False, False])
@@ -105,6 +119,12 @@ def test_summary_counts_outliers_and_unseen_inputs(tmp_path):
   assert s["above_unseen_so_far_frac"] == 0.5 and s["rest_unseen_so_far_frac"] == 0.25
   assert s["all_seen_mean"] == pytest.approx(38 / 4) and s["all_seen_above_frac"] == 0.25
   assert s["unseen_so_far_frac"] == pytest.approx(2 / 6) and s["unseen_input_types"] == 1
+  # two outliers in one row are one row; a loss equal to the threshold is not above it
+  same_row = tlm.summarize(tlm.TokenLosses(xent=np.array([25.0, 30.0, 20.0]),
+                                           row=np.array([3, 3, 4]), position=np.array([0, 1, 0])),
+                           threshold=20.0)
+  assert same_row["above"] == 2 and same_row["rows_with_above"] == 1
+  assert same_row["mean_at_or_below"] == 20.0
   none_above = tlm.summarize(tl, threshold=100.0)
   assert none_above["above"] == 0 and none_above["above_unseen_so_far_frac"] is None
   assert "unseen_so_far_frac" not in tlm.summarize(

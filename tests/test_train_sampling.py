@@ -8,7 +8,8 @@ import pytest
 from conftest import init_compiled
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
-from qsf_jax.training.sampling import generate, sample_logits, top_k_logits
+from qsf_jax.data import get_tokenizer
+from qsf_jax.training.sampling import generate, sample_logits, sample_text, top_k_logits
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -68,6 +69,18 @@ def test_greedy_decode_matches_full_forward(model_and_params):
     want.append(nxt)
     seq[0, t] = nxt
   assert new.tolist() == want
+
+
+def test_sample_text_feeds_the_encoded_prompt(model_and_params):
+  """sample_text continues exactly the prompt's tokens (no extra EOT before them), and an
+  empty prompt starts from EOT alone."""
+  model, params, coll = model_and_params
+  tok = get_tokenizer("bytes")
+  kw = dict(max_new_tokens=5, temperature=0.0, max_len=32)
+  for prompt, ids in (("Hi!", list(b"Hi!")), ("", [tok.eot_id])):
+    new = generate(model, params, coll, jnp.array(ids), rng=jax.random.PRNGKey(0), **kw)
+    want = tok.decode([int(t) for t in new])
+    assert sample_text(model, params, coll, tok, prompt, **kw) == want
 
 
 def test_generate_batch_seed_and_bad_inputs(model_and_params):

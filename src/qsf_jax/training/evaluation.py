@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from qsf_jax import _checks
@@ -53,20 +54,21 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
   batches = qdata.iter_eval_batches(split, batch_size=batch_size, seq_len=seq_len, mode=mode)
   if max_batches is not None:
     batches = itertools.islice(batches, max_batches)
-  l_sum = jnp.zeros((), jnp.float32)
-  n_sum = jnp.zeros((), jnp.float32)
-  n_batches = 0
+  # Each batch's float32 sums stay on the device (no sync per batch); the totals are
+  # taken on the host in float64, so the token count stays exact past 2^24 tokens.
+  sums = []
   for batch in batches:
     check_eval_batch(model, batch, beta)  # on the host batch: no device copy
     if mesh is not None:
       batch = shd.shard_batch(batch, mesh)
-    l, n = _eval_step(params, collections, batch, jnp.asarray(beta, jnp.float32), model=model)
-    l_sum, n_sum = l_sum + l, n_sum + n
-    n_batches += 1
-  tokens = int(jax.device_get(n_sum))
+    sums.append(_eval_step(params, collections, batch, jnp.asarray(beta, jnp.float32),
+                           model=model))
+  n_batches = len(sums)
+  l_n = np.asarray(jax.device_get(sums), np.float64).reshape(n_batches, 2)
+  tokens = int(round(float(l_n[:, 1].sum())))
   if tokens == 0:
     raise ValueError("the validation split produced no target tokens")
-  loss = float(jax.device_get(l_sum)) / tokens
+  loss = float(l_n[:, 0].sum()) / tokens
   return {"val_loss": loss, "perplexity": perplexity(loss), "tokens": tokens,
           "batches": n_batches}
 
