@@ -148,15 +148,22 @@ def test_validation_gain_and_top_mode_occupancy_per_layer(stage3):
   assert checked > 0
 
 
-@pytest.mark.parametrize("stage, mixer", [("koopman", "cosine"), ("koopman", "recurrent"),
-                                          ("hamiltonian_attn", None)])
-def test_replay_gives_the_vector_k_multiplies(stage, mixer):
+@pytest.mark.parametrize("stage, mixer, extra", [
+    ("koopman", "cosine", {}), ("koopman", "recurrent", {}), ("hamiltonian_attn", None, {}),
+    ("hamiltonian_attn", None, {"hamiltonian_param": "cayley"}),
+    ("koopman_attn", "cosine", {"stage3_keep_fourier": True})],
+    ids=["koopman-cosine", "koopman-recurrent", "hamiltonian_attn", "hamiltonian_attn-cayley",
+         "koopman_attn-keep_fourier"])
+def test_replay_gives_the_vector_k_multiplies(stage, mixer, extra):
   """k_in for Stage II's S2-a (the causal cosine mixing of u) and S2-c (s_{t-1}, with
   s_t = K_c s_{t-1} + u_t), computed here from u = LN(h_in); for Stage IV the layer
-  identity h_out - h_in = u K^T + b + alpha x_tgt, with K orthogonal."""
+  identity h_out - h_in = u K^T + b + alpha x_tgt, with K orthogonal (from expm or, with
+  ``hamiltonian_param="cayley"``, the Cayley map); for Stage III with
+  ``stage3_keep_fourier`` (QSF §3.4) the cosine mixing of u, and the same identity with it."""
   from qsf_jax.models import build_model, get_config  # pylint: disable=g-import-not-at-top
   from qsf_jax.models.fourier import causal_cosine_mix  # pylint: disable=g-import-not-at-top
-  cfg = get_config(stage, "tiny", **({"koopman_mixer": mixer} if mixer else {}))
+  cfg = get_config(stage, "tiny", **({"koopman_mixer": mixer} if stage == "koopman" else {}),
+                   **extra)
   params, coll = init_compiled(build_model(cfg), 0, 16)
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(p.dtype), params)
@@ -170,11 +177,16 @@ def test_replay_gives_the_vector_k_multiplies(stage, mixer):
     u = (h - mu) / np.sqrt(var + cfg.ln_eps) * n1["scale"] + n1["bias"]
     if stage == "hamiltonian_attn":
       np.testing.assert_allclose(ops.K[l] @ ops.K[l].T, np.eye(cfg.d_model), atol=1e-5)
+      # the float32 matrix the model uses is the same map, rounded
+      np.testing.assert_allclose(ops.K_model[l], ops.K[l], atol=1e-5)
       rebuilt = u @ ops.K[l].T + ops.b[l] + ops.alpha[l] * np.asarray(s.x_tgt)
       np.testing.assert_allclose(np.asarray(s.h_out - s.h_in), rebuilt, atol=2e-5)
       want = u
     elif mixer == "cosine":
       want = np.asarray(causal_cosine_mix(jnp.asarray(u, jnp.float32), t_max=cfg.max_seq_len))
+      if stage == "koopman_attn":
+        rebuilt = want @ ops.K[l].T + ops.b[l] + ops.alpha[l] * np.asarray(s.x_tgt)
+        np.testing.assert_allclose(np.asarray(s.h_out - s.h_in), rebuilt, atol=2e-5)
     else:
       want, s_prev = np.zeros_like(u), np.zeros_like(u[:, 0])
       for t in range(u.shape[1]):

@@ -124,6 +124,15 @@ def test_train_result_metrics_are_consistent(task3):
   # KL from the float32 training loss agrees with the float64 re-evaluation.
   assert abs(result.kl_history[0, -1] - result.kl[0]) < 1e-5
   np.testing.assert_allclose(np.exp(result.log_probs[0]).sum(axis=1), 1.0, atol=1e-6)
+  # The history's first point is the KL at the initial parameters (step 0), not after
+  # the first chunk: recomputed here in float64 from the seed's draw.
+  p0 = train.init_params_for_seeds(cfg, (3,), jnp.float32)
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[0], jnp.float64), p0)
+    logq0 = np.asarray(train.task_log_probs_fn(task3, cfg)(p64))
+  kl0 = bounds.expected_kl(logq0, task3.probs_CK, task3.weights_C)
+  assert abs(result.kl_history[0, 0] - kl0) < 1e-5
+  assert result.kl_history[0, 1] < kl0 - 1e-3  # ten steps later it has moved
 
 
 def test_train_bad_inputs(task3):
