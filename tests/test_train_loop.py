@@ -261,15 +261,21 @@ def test_grad_accumulation_equals_full_batch(full_batch_step):
   assert int(s1.step) == int(s2.step) == 1
 
 
-def test_train_step_collects_norm_stats_over_the_loss_mask(env):
-  """D5: the step's EMA update averages over the batch's loss mask, not the padding."""
+def _stats_batch_and_model(env):
+  """A 4 x 32 byte batch whose rows have 32, 7, 20 and 3 loss positions, and a
+  freshly initialised tiny Stage III model (params, collections)."""
   _, corpus = env
-  tok = qdata.get_tokenizer("bytes")
-  c = qdata.load_corpus(str(corpus), tok)
+  c = qdata.load_corpus(str(corpus), qdata.get_tokenizer("bytes"))
   batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
   batch["mask"] = (np.arange(32)[None, :] < np.array([32, 7, 20, 3])[:, None]).astype(np.float32)
   model = build_model(get_config("koopman_attn", "tiny"))
   params, coll = init_compiled(model, 0, 32)
+  return batch, model, params, coll
+
+
+def test_train_step_collects_norm_stats_over_the_loss_mask(env):
+  """D5: the step's EMA update averages over the batch's loss mask, not the padding."""
+  batch, model, params, coll = _stats_batch_and_model(env)
   # the references compiled whole (eager flax compiles every primitive on its own)
   _, want = jax.jit(lambda x, mask: model.apply(
       {"params": params, **coll}, x, update_stats=True, stats_mask=mask,
@@ -289,13 +295,7 @@ def test_train_step_collects_norm_stats_over_the_loss_mask(env):
 
 def test_grad_accumulation_threads_norm_stats_through_the_micro_batches(env):
   """D5 with A = 2: the EMA advances once per micro-batch, each over its own loss mask."""
-  _, corpus = env
-  tok = qdata.get_tokenizer("bytes")
-  c = qdata.load_corpus(str(corpus), tok)
-  batch = qdata.get_batch(c.train, seed=0, step=0, batch_size=4, seq_len=32)
-  batch["mask"] = (np.arange(32)[None, :] < np.array([32, 7, 20, 3])[:, None]).astype(np.float32)
-  model = build_model(get_config("koopman_attn", "tiny"))
-  params, coll = init_compiled(model, 0, 32)
+  batch, model, params, coll = _stats_batch_and_model(env)
   micro = {k: v.reshape((2, 2) + v.shape[1:]) for k, v in batch.items()}
   # the reference: two sequential stats updates with the same parameters
   upd = jax.jit(lambda stats, x, mask: model.apply(
