@@ -23,7 +23,8 @@ DECODE_KEYS = {"stage", "preset", "context", "max_len", "reps", "rounds", "ms_pe
 
 def _check_train_row(r):
   assert set(r) == TRAIN_KEYS
-  assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["seq_len"] / r["step_s"])
+  assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(
+      r["batch_size"] * r["seq_len"] / r["step_s"])
   assert r["params"] > 0
   if r["device_peak_bytes"] is None:  # CPU: XLA's analysis of the compiled step
     assert r["memory_bytes"] == (r["xla_temp_bytes"] + r["xla_argument_bytes"]
@@ -74,6 +75,46 @@ def test_targets_are_ratios_of_measured_rows():
   assert tg["koopman_attn_decode_4096_over_256"] == pytest.approx(1.3)
   assert tg["koopman_attn_decode_4096_le_1.2x"] is False
   assert "transformer_decode_4096_over_256" not in tg
+  # the targets are "at most": a ratio equal to the bound meets them
+  train[0]["step_s"], dec[1]["ms_per_token"] = 2.0, 2.4
+  tg = bench.targets(train, dec)
+  assert tg["koopman_attn_step_T4096_le_0.5x"] is True
+  assert tg["koopman_attn_decode_4096_le_1.2x"] is True
+
+
+class _FakeClock:
+  """A ``time`` stand-in whose clock moves only when a fake call says so."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    return self.now
+
+
+def test_step_time_and_decode_latency_are_medians(monkeypatch):
+  clock = _FakeClock()
+  monkeypatch.setattr(bench, "time", clock)
+  costs = iter([3.0, 1.0, 2.0, 100.0, 2.0])
+
+  def step():
+    clock.now += next(costs)
+
+  assert bench._median_seconds(step, 5) == 2.0  # not the min (1) or the mean (21.6)
+
+  class FakeTimer:  # per round, the seconds of each timed step
+    def __init__(self, stage, preset, context, **kw):
+      self.stage, self.context, self.max_len = stage, context, context + 1
+      self.rounds = iter([[0.001, 0.001, 0.009], [0.004, 0.005, 0.006]])
+
+    def time_steps(self, n):
+      return next(self.rounds)[:n]
+
+  monkeypatch.setattr(bench, "DecodeTimer", FakeTimer)
+  (r,) = bench.decode_latencies([("koopman_attn", 8)], "tiny", reps=3, rounds=2)
+  # the median of all six steps (not the median of the round medians, 3 ms)
+  assert r["ms_per_token"] == pytest.approx(4.5) and r["ms_min"] == pytest.approx(1.0)
+  assert r["ms_round_medians"] == pytest.approx([1.0, 5.0])
 
 
 def test_decode_timer_keeps_to_its_capacity():
@@ -114,14 +155,15 @@ def test_output_folder_is_checked_before_timing(tmp_path, capsys):
 
 def test_train_rows_take_model_overrides():
   overrides = {"d_model": 16, "attn_pallas_design": "bv64_w8_s3_chunkbwd"}
-  r = bench.train_throughput("koopman_attn", "tiny", 16, steps=1, vocab_size=257,
+  r = bench.train_throughput("koopman_attn", "tiny", 16, batch_size=2, steps=1, vocab_size=257,
                              overrides=overrides)
 
   def n_params(**kw):  # from the shapes alone: no second train step to compile
     model = build_model(get_config("koopman_attn", "tiny", vocab_size=257, **kw))
     return count_params(jax.eval_shape(lambda: init_variables(model, 0, 16))[0])
   # the row's model is the overridden one, smaller than the preset's
-  assert r["seq_len"] == 16 and r["params"] == n_params(**overrides) < n_params()
+  assert r["seq_len"] == 16 and r["batch_size"] == 2
+  assert r["params"] == n_params(**overrides) < n_params()
   _check_train_row(r)
   md = bench.as_markdown([r], [], {}, "cpu", "today", None,
                          {"attn_pallas_design": "bv64_w8_s3_chunkbwd"})

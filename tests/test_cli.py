@@ -339,6 +339,35 @@ def test_absl_app_entry_points_print_one_error_line(tmp_path, module, flags, mes
   lines = p.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), p.stderr
 
+
+_BENCH_CORE_TIMES = """\
+import json
+import experiments.bench_core as b
+
+class Clock:
+  now = 0.0
+  def perf_counter(self):
+    return Clock.now
+
+b.time = Clock()
+costs = iter([50.0, 3.0, 1.0, 2.0, 100.0, 2.0])  # the compiling call, then five timed ones
+def call():
+  Clock.now += next(costs)
+median = b._time(call, repeats=5)
+print(json.dumps(dict(median=median)))
+"""
+
+
+def test_bench_core_times_the_median_call():
+  # In its own process: bench_core defines absl flags that other entry points also define.
+  p = subprocess.run([sys.executable, "-c", _BENCH_CORE_TIMES], cwd=REPO, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = json.loads(p.stdout.strip().splitlines()[-1])
+  # the median of the timed calls: not their min (1) or mean (21.6), nor the compiling call
+  assert got == dict(median=2.0)
+
+
 @pytest.mark.slow
 def test_real_processes_exit_codes(run_dir, env):
   """The modules run as scripts: clean one-line failure, JSON on evaluate's last line."""

@@ -27,6 +27,14 @@ def test_roofline_reproduces_spec_table(D, gflop_fwd, mb_fwd, gflop_bwd, mb_bwd)
   assert roofline.bwd_bytes(*args) / 1e6 == pytest.approx(mb_bwd, abs=0.5)
 
 
+def test_roofline_materialised_states_match_the_spec_table():
+  # Spec §7 table, two-kernel forward (h written and read back): D=64 202 MB; D=128
+  # 538 MB with bf16 h, 806 MB with f32 h.
+  for D, h_bytes, mb in ((64, 2, 202), (128, 2, 538), (128, 4, 806)):
+    nbytes = roofline.fwd_bytes(8, 8, 4096, D, D, 64, materialise_h=True, h_bytes=h_bytes)
+    assert nbytes / 1e6 == pytest.approx(mb, abs=0.5)
+
+
 def test_roofline_floor_and_device_table():
   # Spec §7: fused fwd at D=128 is memory-bound with a floor of about 90 us on H100.
   h100 = roofline.device_peak("NVIDIA H100 80GB HBM3")
@@ -501,3 +509,75 @@ def test_bench_entry_point_writes_json_and_compile_workers_give_the_same_rows(tm
   with pytest.raises(SystemExit):
     bench.main(["--compile_workers=0"])
   assert "--compile_workers must be >= 1" in capsys.readouterr().err
+
+
+class _FakeClock:
+  """A ``time`` stand-in whose clock moves only when a fake call says so."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    return self.now
+
+
+def test_median_seconds_is_the_median_per_call_after_the_warm_up(monkeypatch):
+  clock = _FakeClock()
+  monkeypatch.setattr(timing, "time", clock)
+  # One untimed call per input set (the first compiles), then one call per sample.
+  costs = iter([50.0, 50.0, 3.0, 1.0, 2.0, 100.0, 2.0])
+
+  def f(x):
+    clock.now += next(costs)
+    return x
+
+  # The median of the samples: not their min (1) or mean (21.6), no warm-up call in it.
+  assert timing.median_seconds(f, [(1.0,), (2.0,)], 5) == 2.0
+  # "pipelined": ten calls per sample, the sample divided by ten.
+  costs = iter([50.0, 50.0] + [0.5] * 10 + [0.3] * 10)
+  assert timing.median_seconds(f, [(1.0,), (2.0,)], 2, "pipelined") == pytest.approx(0.4)
+
+
+def test_measured_ceilings_count_read_plus_write_and_2n3_flops(monkeypatch):
+  # The copy reads and writes copy_bytes; an n^3 matmul is 2 n^3 FLOP (spec §7, "Ceilings").
+  seconds = lambda f, arg_sets, reps, timing: 1e-3 if arg_sets[0][0].ndim == 1 else 4e-3
+  monkeypatch.setattr(timing, "median_seconds", seconds)
+  peak = timing.measure_ceilings(reps=20, copy_bytes=1 << 10, gemm_n=16)
+  assert peak.bandwidth == pytest.approx(2 * 1024 / 1e-3)
+  assert peak.flops == pytest.approx(2 * 16 ** 3 / 4e-3)
+
+
+def test_row_figures_follow_the_measured_time_and_the_dtype(monkeypatch):
+  # A row's ms, TFLOP/s, GB/s and % roofline come from its median time and the
+  # roofline model at the inputs' element size; the table shows each in its column.
+  monkeypatch.setattr(bench, "median_seconds", lambda fn, arg_sets, reps, timing: 2e-3)
+  peak = roofline.DevicePeak(1e12, 1e11, "test")
+  for dtype, elem in (("float32", 4), ("bfloat16", 2)):
+    (r,) = bench.run((64,), (16,), 2, 3, impls=["xla"], modes=["fwdbwd"], reps=20,
+                     dtype=dtype, sweep_configs=False, peak=peak)
+    flops, nbytes = candidates.row_work("xla", "fwdbwd", 2, 64, 3, 16, elem)
+    assert r["ms"] == pytest.approx(2.0)
+    assert r["tflops"] == pytest.approx(flops / 2e-3 / 1e12)
+    assert r["gbps"] == pytest.approx(nbytes / 2e-3 / 1e9)
+    assert r["roofline_pct"] == pytest.approx(100 * max(nbytes / 1e11, flops / 1e12) / 2e-3)
+    head, _, line = report.markdown_table([r], "h").splitlines()[2:5]
+    cells = dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | ")))
+    assert cells["ms"] == "2.000" and cells["TFLOP/s"] == f"{r['tflops']:.3f}"
+    assert cells["GB/s"] == f"{r['gbps']:.1f}" and cells["% roofline"] == f"{r['roofline_pct']:.1f}"
+    assert cells["vs xla"] == "1.00" and cells["vs softmax"] == "–"
+
+
+def test_goal_boundaries():
+  # Goals 1-2 say "within 1.5x" (a time equal to the target meets them); goal 3 says
+  # "faster" (a Pallas time equal to xla's does not).
+  from qsf_jax.kernels import goals  # pylint: disable=import-outside-toplevel
+  cfg = "c64_bv64_w4_s2"
+  rows = _goal_rows(cfg)
+  for r in rows:
+    if r["impl"] == "pallas" and r["T"] == 4096:
+      r["ms"] = goals.target_ms(r["mode"])
+  res = goals.evaluate(rows, device_kind=H100_KIND, timing="cupti", config=cfg)
+  assert [v["verdict"] for v in res[:3]] == ["met", "met", "met"]
+  rows[1]["ms"] = rows[0]["ms"]  # pallas fwd T=1024 D=64 as fast as xla
+  res = goals.evaluate(rows, device_kind=H100_KIND, timing="cupti", config=cfg)
+  assert res[2]["verdict"] == "NOT met" and "slower: fwd T=1024 D=64" in res[2]["measured"]

@@ -110,3 +110,18 @@ def test_models_pass_their_design_to_the_op(monkeypatch, stage):
   params = model.init(jax.random.key(0), tokens)
   model.apply(params, tokens)
   assert seen and set(seen) == {("auto", "bv64_w8_s3_chunkbwd")}, seen
+
+
+def test_design_names_say_what_the_designs_do():
+  # The benchmark and the GPU suite pick designs by name ("..._split", "..._chunkbwd"):
+  # each name's parts must match its fields, or a timed row measures another design.
+  for name, d in PALLAS_DESIGNS.items():
+    parts = name.split("_")
+    assert d.split_sweeps == ("split" in parts), name
+    assert (d.backward == "chunked") == ("chunkbwd" in parts), name
+    assert (d.forward == "chunked") == ("chunkfwd" in parts), name
+    seg = [p[3:] for p in parts if p.startswith("seg")]
+    assert d.num_segments == (int(seg[0]) if seg else 1), name
+    # bv/w/s name the launch of the kernel the design changes (the backward's for chunkbwd)
+    tuned = d.bwd if d.backward == "chunked" else d.fwd
+    assert parts[:3] == [f"bv{tuned.block_v}", f"w{tuned.num_warps}", f"s{tuned.num_stages}"], name

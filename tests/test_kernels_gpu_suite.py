@@ -35,6 +35,21 @@ def test_plan_order_and_needs():
   for i, s in enumerate(gpu_suite.PLAN):
     assert set(s.needs) <= set(names[:i])
   assert all(s.needs == ("check",) for s in gpu_suite.PLAN if "--out=" in " ".join(s.argv))
+  # Goals 1-2 are judged only on device time (goals module): the goals step times with CUPTI.
+  goals = next(s for s in gpu_suite.PLAN if s.name == "goals")
+  assert "--timing=cupti" in goals.argv and "--goals" in goals.argv
+
+
+def test_main_exit_status_says_whether_every_step_ended_well(monkeypatch, tmp_path):
+  # A step that failed or was cut off by its limit makes the suite exit 1; skipped steps do not.
+  monkeypatch.setattr(gpu_suite.signal, "signal", lambda *a: None)  # keep pytest's SIGTERM
+  for statuses, rc in ((("passed", "skipped"), 0), (("passed", "timed_out"), 1),
+                       (("failed", "passed"), 1)):
+    summary = dict(started="s", finished="f", budget_s=None, commit=None,
+                   steps=[dict(name=f"s{i}", status=st, rc=None, wall_s=0.0, limit_s=None,
+                               reason=None, outputs=[]) for i, st in enumerate(statuses)])
+    monkeypatch.setattr(gpu_suite, "run_suite", lambda *a, summary=summary: summary)
+    assert gpu_suite.main([f"--out={tmp_path}"]) == rc
 
 
 def test_tools_reject_bad_flags():
