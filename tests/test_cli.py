@@ -244,6 +244,70 @@ def test_evaluate_json_is_strict(monkeypatch, capsys):
   assert json.loads(last)["per_token"] == {"max": None, "above": 3}
 
 
+def test_flags_reach_the_library_calls(monkeypatch, tmp_path, capsys):
+  """Each flag of evaluate / context_use / sample is passed on (library calls stubbed)."""
+  seen = {}
+
+  def stub(name, result):
+    def f(*args, **kw):
+      seen[name] = (args, kw)
+      return result
+    return f
+
+  monkeypatch.setattr(evaluate_cli, "evaluate_workdir", stub("evaluate", {"val_loss": 1.0}))
+  monkeypatch.setattr(context_cli, "context_use_workdir", stub("context_use", {}))
+  monkeypatch.setattr(context_cli, "markdown_table", lambda rec: "table")
+  monkeypatch.setattr(sample_cli, "sample_workdir", stub("sample", " more"))
+  common = ["--workdir=W", "--data=D", "--step=3", "--eval_batches=5", "--batch_size=7",
+            "--tokenizer_file=TF", "--cache_dir=C", "--beta=0", "--attn_impl=xla"]
+  want = dict(data="D", step=3, max_batches=5, batch_size=7, tokenizer_file="TF",
+              cache_dir="C", beta=0.0, attn_impl="xla")
+  assert evaluate_cli.run(["evaluate", *common, "--outlier_nats=3"]) == 0
+  args, kw = seen["evaluate"]
+  assert args == ("W",) and kw == dict(want, per_token=False, outlier_nats=3.0,
+                                       per_token_out=None)
+  assert context_cli.run(["context_use", *common, "--contexts=2,1", "--positions=4:9",
+                          f"--out={tmp_path / 'c.npz'}"]) == 0
+  args, kw = seen["context_use"]
+  assert args == ("W",) and kw == dict(want, contexts=[2, 1], positions=(4, 9),
+                                       out=str(tmp_path / "c.npz"))
+  # defaults: all batches, the checkpoint's own beta and step (0 batches means all)
+  assert evaluate_cli.run(["evaluate", "--workdir=W", "--eval_batches=0"]) == 0
+  kw = seen["evaluate"][1]
+  assert (kw["max_batches"], kw["beta"], kw["step"], kw["data"]) == (None, None, None, None)
+  assert sample_cli.run(["sample", "--workdir=W", "--prompt=P", "--max_new_tokens=9",
+                         "--temperature=0.5", "--top_k=4", "--seed=2", "--step=3",
+                         "--tokenizer_file=TF", "--attn_impl=xla"]) == 0
+  assert seen["sample"] == (("W", "P"), dict(max_new_tokens=9, temperature=0.5, top_k=4, seed=2,
+                                             step=3, tokenizer_file="TF", attn_impl="xla"))
+  assert capsys.readouterr().out.splitlines()[-1] == "P more"
+  assert sample_cli.run(["sample", "--workdir=W"]) == 0  # D14: temperature 0.8, top-k 50
+  assert seen["sample"] == (("W", "Once upon a time,"), dict(
+      max_new_tokens=40, temperature=0.8, top_k=50, seed=0, step=None, tokenizer_file=None,
+      attn_impl=None))
+
+
+def test_train_flags_reach_the_train_config(tmp_path, capsys):
+  from absl import flags as absl_flags
+  fv = absl_flags.FlagValues()
+  train_cli.define_flags(fv)
+  fv(["train", "--stage=fnet", "--preset=tiny", "--data=D", "--tokenizer=bytes",
+      "--tokenizer_file=TF", "--cache_dir=C", "--data_mode=packed", "--max_train_stories=11",
+      f"--workdir={tmp_path}", "--steps=13", "--batch_size=6", "--seq_len=16", "--seed=5",
+      "--init_from=R", "--eval_batches=0", "--sample_tokens=3", "--lr=0.002"])
+  cfg = train_cli.config_from_flags(fv)
+  assert (cfg.stage, cfg.preset, cfg.data, cfg.tokenizer, cfg.tokenizer_file, cfg.cache_dir,
+          cfg.data_mode, cfg.max_train_stories, cfg.steps, cfg.batch_size, cfg.seq_len,
+          cfg.seed, cfg.init_from, cfg.eval_batches, cfg.sample_tokens, cfg.lr) == (
+              "fnet", "tiny", "D", "bytes", "TF", "C", "packed", 11, 13, 6, 16, 5, "R",
+              None, 3, 0.002)
+  # a stray positional argument is refused before anything runs (the bad stage keeps a
+  # parser that lets it through from starting a training run)
+  _expect_error(capsys, ["train", f"--workdir={tmp_path / 'x'}", "--stage=nope", "extra"],
+                "unexpected positional arguments")
+  assert not (tmp_path / "x").exists()
+
+
 def test_evaluate_warns_when_the_run_data_resolves_elsewhere(run_dir, tmp_path, caplog):
   # E.g. data="auto" fell back to the synthetic corpus at training time and reaches the
   # hub now: the run's own data is then another corpus, which evaluate says.

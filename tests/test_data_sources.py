@@ -206,6 +206,15 @@ def test_synthetic_is_deterministic_and_varied():
       synthetic_source(**kw)
 
 
+def test_synthetic_source_validation_is_not_training_data():
+  from qsf_jax.data.sources import synthetic_source
+  src = synthetic_source(seed=3, n_train=200, n_valid=50)
+  train, valid = list(src.train()), list(src.valid())
+  assert len(train) == 200 and len(valid) == 50
+  assert not set(train) & set(valid)
+  assert valid == list(synthetic_stories(50, seed=3, split="validation"))
+
+
 def test_synthetic_stories_require_remembering_entities():
   """The name after 'Thank you,' is the hero of sentence one: fixed by the story,
   unpredictable from the previous word (a bigram model cannot know it)."""

@@ -152,6 +152,23 @@ def test_replace_rejects_unknown_field():
 # --- parameter counts (QSF §3.7) -----------------------------------------------------------
 
 
+def test_paper_table2_is_self_consistent():
+  """QSF spec §4.2 (Table 2, copied verbatim): ppl = e^loss for every row, up to the
+  table's rounding (loss to 0.01, ppl to 0.1), and the text's two ratios: 19% fewer
+  parameters than the baseline (29.4 / 36.3 = 0.81) and 80% degradation of Stage IV
+  against Stage III (3.76 / 2.08 = 1.81)."""
+  import math  # pylint: disable=g-import-not-at-top
+  from qsf_jax.models.params import PAPER_TABLE2  # pylint: disable=g-import-not-at-top
+  assert set(PAPER_TABLE2) == {"transformer", "fnet", "koopman", "koopman_attn",
+                               "hamiltonian_attn"}
+  for stage, row in PAPER_TABLE2.items():
+    lo, hi = math.exp(row["val_loss"] - 0.005) - 0.05, math.exp(row["val_loss"] + 0.005) + 0.05
+    assert lo <= row["ppl"] <= hi, stage
+  t2 = PAPER_TABLE2
+  assert round(t2["koopman_attn"]["params"] / t2["transformer"]["params"], 2) == 0.81
+  assert round(t2["hamiltonian_attn"]["val_loss"] / t2["koopman_attn"]["val_loss"], 2) == 1.81
+
+
 def test_stage3_and_stage4_paper_counts_are_exact():
   """The spec fixes III/IV: E + P + 640 + 32 (K+b, 3 (W+b), LN, alpha) = 29,415,392."""
   per_layer = (D * D + D) + 3 * (D * D + D) + 2 * D + 1
@@ -372,3 +389,24 @@ def test_attn_pallas_design_names_and_stored_configs():
   stored = get_config("koopman_attn").to_dict()
   del stored["anneal_hold_frac"]
   assert complete_stored(stored) == get_config("koopman_attn").to_dict()
+
+
+def test_stages_iii_and_iv_anneal_their_norms():
+  """QSF §3.4 and D8 ("LN anneal as Stage III"): Stages III and IV, and only they, anneal;
+  their final norm keeps the D5 statistics."""
+  assert {s for s in STAGES if get_config(s, "tiny").annealed} == {"koopman_attn",
+                                                                    "hamiltonian_attn"}
+  for stage in STAGES:
+    shapes = jax.eval_shape(build_model(get_config(stage, "tiny")).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 4), jnp.int32))
+    has_stats = "final_norm" in shapes.get("norm_stats", {})
+    assert has_stats == (stage in ("koopman_attn", "hamiltonian_attn")), stage
+
+
+def test_legacy_overrides_name_only_fields_whose_old_value_is_not_the_default():
+  from qsf_jax.models.config import legacy_overrides
+  stored = get_config("koopman_attn", "tiny").to_dict()
+  assert legacy_overrides(stored) == {}
+  for name in ("attn_pallas_design", "wave_bias_init", "anneal_hold_frac", "ls_stats_positions"):
+    del stored[name]
+  assert legacy_overrides(stored) == {"ls_stats_positions": "all"}

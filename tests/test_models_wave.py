@@ -25,7 +25,8 @@ def _herm(X, Y):
 @pytest.fixture(scope="module")
 def wave2():
   """A two-cell wave model with the POVM readout (exercises stacking and both heads)."""
-  cfg = get_config("wave", "tiny", wave_layers=2, wave_readout="born")
+  # A non-default step Delta t, so the recurrence check also sees wave_dt reach the cell.
+  cfg = get_config("wave", "tiny", wave_layers=2, wave_readout="born", wave_dt=0.7)
   model = build_model(cfg)
   tokens = jax.random.randint(jax.random.key(0), (3, T), 0, cfg.vocab_size)
   variables = jax.jit(model.init)(jax.random.key(1), tokens)
@@ -130,3 +131,15 @@ def test_every_parameter_is_real(stage):
                           jax.ShapeDtypeStruct((1, 4), jnp.int32))
   for leaf in jax.tree.leaves(shapes["params"]):
     assert leaf.dtype == jnp.float32, (stage, leaf)
+
+
+def test_initial_scales_follow_the_docstrings():
+  """e = E[x] ~ N(0, 1); H0 entries ~ N(0, 1/N), G entries ~ N(0, 1/(N M)); beta = 1, b = 0."""
+  cfg = get_config("wave", "tiny", wave_dim=16, wave_generators=8)
+  N, M = cfg.wave_dim, cfg.wave_generators
+  p = jax.jit(build_model(cfg).init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+  h = p["cell_0"]["hamiltonian"]
+  for x, std in ((p["embed"]["embedding"], 1.0), (h["H0_X"], N ** -0.5), (h["H0_Y"], N ** -0.5),
+                 (h["G_X"], (N * M) ** -0.5), (h["G_Y"], (N * M) ** -0.5)):
+    assert np.std(_np(x)) == pytest.approx(std, rel=0.15), (x.shape, std)
+  assert float(p["readout"]["beta"]) == 1.0 and not np.any(_np(p["readout"]["bias"]))

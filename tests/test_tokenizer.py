@@ -51,6 +51,13 @@ def test_gpt2_from_env_var_and_folder(r50k_file, monkeypatch):
   assert tok.sha256 == R50K_SHA256
 
 
+def test_env_var_file_is_used_not_the_fallback(tmp_path, monkeypatch):
+  # A bad $QSF_TOKENIZER_FILE is an error, not a silent switch to tiktoken or the bundle.
+  monkeypatch.setenv("QSF_TOKENIZER_FILE", str(tmp_path / "missing.tiktoken"))
+  with pytest.raises(FileNotFoundError, match="missing.tiktoken"):
+    get_tokenizer("gpt2")
+
+
 def test_literal_endoftext_is_plain_text(r50k_file):
   for tok in (get_tokenizer("gpt2", tokenizer_file=r50k_file), get_tokenizer("bytes")):
     ids = tok.encode("a<|endoftext|>b")
