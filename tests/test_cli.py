@@ -301,8 +301,8 @@ def test_train_flags_reach_the_train_config(tmp_path, capsys):
           cfg.seed, cfg.init_from, cfg.eval_batches, cfg.sample_tokens, cfg.lr) == (
               "fnet", "tiny", "D", "bytes", "TF", "C", "packed", 11, 13, 6, 16, 5, "R",
               None, 3, 0.002)
-  # a stray positional argument is refused before anything runs (the bad stage keeps a
-  # parser that lets it through from starting a training run)
+  # a stray positional argument is refused before anything runs (the bad stage makes a
+  # parser that let it through stop at the stage check instead of training)
   _expect_error(capsys, ["train", f"--workdir={tmp_path / 'x'}", "--stage=nope", "extra"],
                 "unexpected positional arguments")
   assert not (tmp_path / "x").exists()
