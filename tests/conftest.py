@@ -135,3 +135,14 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+class FakeClock:
+  """A ``time`` module stand-in for timing tests: ``perf_counter`` returns ``now``,
+  which moves only when a fake timed call advances it."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    return self.now

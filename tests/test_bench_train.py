@@ -5,6 +5,7 @@ import json
 import jax
 import pytest
 
+from conftest import FakeClock
 from experiments import bench_train
 from qsf_jax.models.config import get_config
 from qsf_jax.models.lm import build_model
@@ -82,18 +83,8 @@ def test_targets_are_ratios_of_measured_rows():
   assert tg["koopman_attn_decode_4096_le_1.2x"] is True
 
 
-class _FakeClock:
-  """A ``time`` stand-in whose clock moves only when a fake call says so."""
-
-  def __init__(self):
-    self.now = 0.0
-
-  def perf_counter(self):
-    return self.now
-
-
 def test_step_time_and_decode_latency_are_medians(monkeypatch):
-  clock = _FakeClock()
+  clock = FakeClock()
   monkeypatch.setattr(bench, "time", clock)
   costs = iter([3.0, 1.0, 2.0, 100.0, 2.0])
 

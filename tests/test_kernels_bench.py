@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import FakeClock
 from qsf_jax.kernels import bench, candidates, report, roofline, timing
 
 # The smoke runs check the benchmark's rows, flags and reports, not its CPU times: its
@@ -511,18 +512,8 @@ def test_bench_entry_point_writes_json_and_compile_workers_give_the_same_rows(tm
   assert "--compile_workers must be >= 1" in capsys.readouterr().err
 
 
-class _FakeClock:
-  """A ``time`` stand-in whose clock moves only when a fake call says so."""
-
-  def __init__(self):
-    self.now = 0.0
-
-  def perf_counter(self):
-    return self.now
-
-
 def test_median_seconds_is_the_median_per_call_after_the_warm_up(monkeypatch):
-  clock = _FakeClock()
+  clock = FakeClock()
   monkeypatch.setattr(timing, "time", clock)
   # One untimed call per input set (the first compiles), then one call per sample.
   costs = iter([50.0, 50.0, 3.0, 1.0, 2.0, 100.0, 2.0])
