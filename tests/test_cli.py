@@ -327,10 +327,17 @@ def test_evaluate_warns_when_the_run_data_resolves_elsewhere(run_dir, tmp_path, 
   assert evaluate_workdir(run_dir, max_batches=1)["trained_on"] == out["data"]
 
 
+# Orbax's failed restore of a truncated array leaves TensorStore reads and their
+# coroutines behind ("Event loop is closed", "coroutine ... was never awaited" when they
+# are collected). They are orbax's own and harmless; the test collects them before it
+# ends, so that they are not reported in whichever test runs next.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
   # A checkpoint folder without its items (e.g. copied half-way) or with a truncated
   # JSON file is reported with its path and the step to fall back to; nothing is moved.
+  import gc
   import shutil
+  import time
   for damage in ("missing_state", "empty_step", "truncated_meta", "truncated_array"):
     wd = tmp_path / damage
     shutil.copytree(run_dir, wd)
@@ -349,9 +356,13 @@ def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
       with open(big, "r+b") as f:
         f.truncate(big.stat().st_size // 2)
     before = sorted(str(p) for p in wd.rglob("*"))
-    _expect_error(capsys, ["evaluate", f"--workdir={wd}"], f"checkpoint {step} cannot be read",
-                  "use step", main=evaluate_cli.run)
+    line = _expect_error(capsys, ["evaluate", f"--workdir={wd}"],
+                         f"checkpoint {step} cannot be read", "use step", main=evaluate_cli.run)
+    assert "bound method" not in line, line  # orbax's TensorStore repr is cut off
     assert sorted(str(p) for p in wd.rglob("*")) == before
+  for _ in range(5):  # the abandoned reads finish on TensorStore's threads
+    time.sleep(0.1)
+    gc.collect()
 
 
 def test_sample_prints_text(run_dir, capsys):

@@ -154,7 +154,9 @@ class Checkpointer:
       hint = (f"move it out of {self.directory} to use step {others[-1]}" if others
               else "start a new --workdir")
       detail = e.args[0] if isinstance(e, KeyError) and e.args else e
-      detail = (str(detail).strip().splitlines() or [""])[0][:300]
+      detail = (str(detail).strip().splitlines() or [""])[0]
+      # orbax follows a TensorStore read error with the repr of a bound method
+      detail = detail.split(" See full TensorStore details")[0][:300]
       raise CorruptCheckpointError(
           f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
           f"{detail}); it may be incomplete or damaged and was left untouched; {hint}"
