@@ -59,8 +59,9 @@ def state_store_dtype(dtype, has_decay: bool) -> jnp.dtype:
   bits (``chunk_step._dot_nt_state``). Without decay and with 16-bit inputs,
   the input dtype: every product with a state then takes it rounded to the
   input dtype as an MMA operand, so rounding when storing instead of when
-  loading gives the same bits and halves the state traffic (kernels spec §7:
-  2 (T/C) Dk Dv bytes per state and (b, h)).
+  loading gives the same bits and halves the state traffic (kernels spec §7: each
+  stored state array takes (T/C) Dk Dv elements per (b, h), 2 bytes each in bf16
+  against 4 in float32, written once and read once).
 
   Args:
     dtype: dtype of q, k, v.
