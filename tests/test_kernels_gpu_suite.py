@@ -1,7 +1,6 @@
 """The GPU suite runner: its plan is valid for the tools it calls, and its budget,
 dependencies, timeouts and summary work (with small stand-in steps on the CPU)."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -43,18 +42,13 @@ def test_plan_order_and_needs():
 
 def test_every_timed_design_has_its_values_checked():
   """A design is timed only after gpu_check compared its values with the reference:
-  the default in the "check" step, c64_bv64_w4_s3 (the default's kernels with one
-  more pipeline stage) through it, every other design in "check_designs"."""
-  from qsf_jax.kernels.candidates import PALLAS_CONFIGS
+  the default in the "check" step, every other design in "check_designs"."""
   from qsf_jax.kernels.designs import DEFAULT_DESIGN
-  timed = set(gpu_suite.DESIGNS.split(","))
-  checked = set(gpu_suite.CHECKED_DESIGNS.split(","))
-  assert checked <= timed
-  assert timed - checked == {f"c64_{DEFAULT_DESIGN}", "c64_bv64_w4_s3"}
-  default, s3 = PALLAS_CONFIGS[f"c64_{DEFAULT_DESIGN}"], PALLAS_CONFIGS["c64_bv64_w4_s3"]
-  three = lambda kc: dataclasses.replace(kc, num_stages=3)
-  assert s3 == default._replace(fwd=three(default.fwd), bwd=three(default.bwd))
-  assert default.fwd.num_stages == default.bwd.num_stages == 2
+  timed = gpu_suite.DESIGNS.split(",")
+  checked = gpu_suite.CHECKED_DESIGNS.split(",")
+  assert len(set(checked)) == len(checked)
+  assert set(timed) - set(checked) == {f"c64_{DEFAULT_DESIGN}"}
+  assert set(checked) <= set(timed)
 
 
 def test_main_exit_status_says_whether_every_step_ended_well(monkeypatch, tmp_path):
