@@ -40,7 +40,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("exact_tokens", 12, "Tokens (evenly spaced) on which the exact propagator is evaluated "
     "(one (2d+2)-square matrix exponential each).", flag_values=fv)
   i("layer", None, "Layer for the propagators and the SSE (default: the largest spectral "
-    "radius among layers with a real log K).", flag_values=fv)
+    "radius among layers with a real log K, or among all layers if none has one).",
+    flag_values=fv)
   i("sse_paths", 32, "SSE ensemble size.", flag_values=fv)
   i("sse_steps", 0, "SSE Euler-Maruyama steps per token interval (0: as many as a stable "
     "explicit step needs, 200 to 5000).", flag_values=fv)

@@ -22,21 +22,24 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
 import qsf_jax as q
 from qsf_jax.training import cli
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "runs/bench_core.json",
-                    "Where to write the JSON rows (its folder is created).")
-flags.DEFINE_integer("repeats", 10, "Timed calls per case (median reported).")
-flags.DEFINE_bool("quick", False, "Small sizes (d=64, 128 tokens, 512 Cayley steps).")
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("out", "runs/bench_core.json",
+                      "Where to write the JSON rows (its folder is created).", flag_values=fv)
+  flags.DEFINE_integer("repeats", 10, "Timed calls per case (median reported).",
+                       flag_values=fv)
+  flags.DEFINE_bool("quick", False, "Small sizes (d=64, 128 tokens, 512 Cayley steps).",
+                    flag_values=fv)
+  cli.define_common(fv)
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -61,7 +64,7 @@ def _problem(key, d: int, n_tok: int):
   return A, b, x0, x_tgt, W_V
 
 
-def run(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
+def run_cases(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
   rows = []
 
   def add(case, size, seconds, note=""):
@@ -119,38 +122,33 @@ def run(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
   return rows
 
 
-def fail(message: str):
-  """Ends the program with one error line on stderr and exit status 1 (no usage text)."""
-  print(f"bench_core: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
-def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.repeats < 1:
-    fail("--repeats must be >= 1")
-  try:
-    cli.prepare_output_file("--out", FLAGS.out)
-  except ValueError as e:
-    fail(str(e))
+def execute(fv: flags.FlagValues) -> int:
+  if fv.repeats < 1:
+    raise ValueError("--repeats must be >= 1")
+  cli.prepare_output_file("--out", fv.out)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
-  if FLAGS.quick:
+  if fv.quick:
     d, n_tok, dims, steps = 64, 128, (16, 64), 512
   else:
     d, n_tok, dims, steps = 320, 512, (16, 64, 256), 4096
   print(f"bench_core on {device} ({jax.device_count()} device(s)), float32, "
-        f"median of {FLAGS.repeats}")
-  rows = run(d, n_tok, dims, steps, FLAGS.repeats)
+        f"median of {fv.repeats}")
+  rows = run_cases(d, n_tok, dims, steps, fv.repeats)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
   print("\n| case | size | time per call (ms) |\n|---|---|---|")
   for r in rows:
     print(f"| {r['case']} | {r['size']} | {r['ms']:.3f} |")
   print(f"\ndevice: {device}; date: {stamp}; jax {jax.__version__}")
-  with open(FLAGS.out, "w") as f:
+  with open(fv.out, "w") as f:
     json.dump(dict(device=device, date=stamp, jax=jax.__version__, rows=rows), f, indent=1)
+  return 0
+
+
+def run(argv) -> int:
+  """Runs the benchmark in-process on ``argv``; returns the exit status."""
+  return cli.run(define_flags, execute, argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(define_flags, execute)

@@ -4,7 +4,8 @@ For the targets at ``--positions=lo:hi`` of the validation rows, the model is fe
 the last k inputs before each target as a fresh row (``--contexts``), and the mean
 cross entropy is compared with the whole row's and with a unigram model of the run's
 training split (``qsf_jax.training.context_use``). Prints a markdown table, then as its
-last line one JSON object: ``targets``, ``positions``, ``restart`` ({k: nats}),
+last line one JSON object: ``targets``, ``positions`` (the first and last target
+position scored, both inclusive, where ``--positions`` excludes hi), ``restart`` ({k: nats}),
 ``whole_row``, ``unigram``, ``step``, ``stage``, ``data``, ``trained_on`` and ``beta``.
 ``--out=FILE.npz`` keeps each target's losses, token id, row and position.
 """

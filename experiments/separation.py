@@ -21,39 +21,49 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-flags.DEFINE_enum("task", "pairwise", ["pairwise", "born_logit"], "pairwise: T_N (spec §2.3); "
-                  "born_logit: its tight Born-logit variant (spec §2.6)")
-flags.DEFINE_enum("contexts", "phase", ["phase", "generic"], "context states of the "
-                  "born_logit task: phase (those of T_N; D* = N(N-1)) or generic (random cue "
-                  "Hamiltonians; D* = N^2 - 1, needs N >= 3)")
-flags.DEFINE_float("beta", None, "inverse temperature of the born_logit targets (> 0); "
-                   "default K")
-flags.DEFINE_list("N", ["3", "4", "5"], "numbers of latent senses N (integers >= 2)")
-flags.DEFINE_list("dims", [], "real-model state dimensions D (integers >= 1); empty: "
-                  "{N, 2N, N^2, K-1, 2K} with K = 2N(N-1) for each N (pairwise), "
-                  "{N, 2N, D*-1, D*, 2D*} (born_logit)")
-flags.DEFINE_integer("steps", 4000, "Adam steps per model")
-flags.DEFINE_integer("seeds", 3, "seeds per model (0 .. seeds-1)")
-flags.DEFINE_float("lr", 0.02, "peak learning rate (cosine decay to 1% of it)")
-flags.DEFINE_float("eta", 0.1, "target unsharpness, in (0, 1) (pairwise task)")
-flags.DEFINE_integer("num_cues", 8, "number of cue tokens A")
-flags.DEFINE_integer("length", 3, "cues per context L")
-flags.DEFINE_integer("task_seed", 0, "seed of the cue phases")
-flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "training dtype")
-flags.DEFINE_list("readout_ranks", ["1", "2"], "ranks r of the elements of the learned "
-                  "complex readouts (1 = the spec's rank-one POVM, or the plain Born-logit "
-                  "head); one 'complex' and one 'complex_fixed_dynamics' row per r")
-flags.DEFINE_list("complex_dims", ["N"], "complex dimensions n of the all-learned complex "
-                  "rows: integers or expressions in N such as N, N+1, 2N (rows with n != N "
-                  "are named complex_d<n>, complex_r2_d<n>)")
-flags.DEFINE_list("models", [], "models to run (empty: all): complex_hardcoded, "
-                  "realified_hardcoded, complex, complex_fixed_povm, complex_fixed_dynamics, "
-                  "realified, real (pairwise); complex_hardcoded, real_hardcoded, complex, "
-                  "complex_fixed_head, complex_fixed_dynamics, real (born_logit)")
-flags.DEFINE_string("out", "runs/separation", "output directory")
-FLAGS = flags.FLAGS
+from qsf_jax.training import cli
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum("task", "pairwise", ["pairwise", "born_logit"], "pairwise: T_N "
+                    "(spec §2.3); born_logit: its tight Born-logit variant (spec §2.6)",
+                    flag_values=fv)
+  flags.DEFINE_enum("contexts", "phase", ["phase", "generic"], "context states of the "
+                    "born_logit task: phase (those of T_N; D* = N(N-1)) or generic (random cue "
+                    "Hamiltonians; D* = N^2 - 1, needs N >= 3)", flag_values=fv)
+  flags.DEFINE_float("beta", None, "inverse temperature of the born_logit targets (> 0); "
+                     "default K", flag_values=fv)
+  flags.DEFINE_list("N", ["3", "4", "5"], "numbers of latent senses N (integers >= 2)",
+                    flag_values=fv)
+  flags.DEFINE_list("dims", [], "real-model state dimensions D (integers >= 1); empty: "
+                    "{N, 2N, N^2, K-1, 2K} with K = 2N(N-1) for each N (pairwise), "
+                    "{N, 2N, D*-1, D*, 2D*} (born_logit)", flag_values=fv)
+  flags.DEFINE_integer("steps", 4000, "Adam steps per model", flag_values=fv)
+  flags.DEFINE_integer("seeds", 3, "seeds per model (0 .. seeds-1)", flag_values=fv)
+  flags.DEFINE_float("lr", 0.02, "peak learning rate (cosine decay to 1% of it)",
+                     flag_values=fv)
+  flags.DEFINE_float("eta", 0.1, "target unsharpness, in (0, 1) (pairwise task)",
+                     flag_values=fv)
+  flags.DEFINE_integer("num_cues", 8, "number of cue tokens A", flag_values=fv)
+  flags.DEFINE_integer("length", 3, "cues per context L", flag_values=fv)
+  flags.DEFINE_integer("task_seed", 0, "seed of the cue phases", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "training dtype", flag_values=fv)
+  flags.DEFINE_list("readout_ranks", ["1", "2"], "ranks r of the elements of the learned "
+                    "complex readouts (1 = the spec's rank-one POVM, or the plain Born-logit "
+                    "head); one 'complex' and one 'complex_fixed_dynamics' row per r",
+                    flag_values=fv)
+  flags.DEFINE_list("complex_dims", ["N"], "complex dimensions n of the all-learned complex "
+                    "rows: integers or expressions in N such as N, N+1, 2N (rows with n != N "
+                    "are named complex_d<n>, complex_r2_d<n>)", flag_values=fv)
+  flags.DEFINE_list("models", [], "models to run (empty: all): complex_hardcoded, "
+                    "realified_hardcoded, complex, complex_fixed_povm, complex_fixed_dynamics, "
+                    "realified, real (pairwise); complex_hardcoded, real_hardcoded, complex, "
+                    "complex_fixed_head, complex_fixed_dynamics, real (born_logit)",
+                    flag_values=fv)
+  flags.DEFINE_string("out", "runs/separation", "output directory", flag_values=fv)
+  cli.define_common(fv)
 
 
 def parse_int_list(name: str, values) -> tuple:
@@ -67,26 +77,26 @@ def parse_int_list(name: str, values) -> tuple:
   return tuple(out)
 
 
-def config_from_flags():
+def config_from_flags(fv: flags.FlagValues):
   """Builds and validates the ``SweepConfig``; raises ``ValueError`` on bad flags."""
   from qsf_jax.separation.sweep import SweepConfig, validate_config
-  Ns = parse_int_list("N", FLAGS.N)
+  Ns = parse_int_list("N", fv.N)
   if not Ns:
     raise ValueError("--N must list at least one integer")
-  dims = parse_int_list("dims", FLAGS.dims) or None
-  ranks = parse_int_list("readout_ranks", FLAGS.readout_ranks)
+  dims = parse_int_list("dims", fv.dims) or None
+  ranks = parse_int_list("readout_ranks", fv.readout_ranks)
   if not ranks:
     raise ValueError("--readout_ranks must list at least one integer")
-  names = tuple(m.strip() for m in FLAGS.models) or None
-  unused = ("eta",) if FLAGS.task == "born_logit" else ("contexts", "beta")
-  given = [f"--{name}" for name in unused if FLAGS[name].present]
+  names = tuple(m.strip() for m in fv.models) or None
+  unused = ("eta",) if fv.task == "born_logit" else ("contexts", "beta")
+  given = [f"--{name}" for name in unused if fv[name].present]
   if given:
-    raise ValueError(f"{', '.join(given)} does not apply to --task={FLAGS.task}")
-  cfg = SweepConfig(Ns=Ns, dims=dims, steps=FLAGS.steps, seeds=FLAGS.seeds, lr=FLAGS.lr,
-                    eta=FLAGS.eta, num_cues=FLAGS.num_cues, length=FLAGS.length,
-                    task_seed=FLAGS.task_seed, dtype=FLAGS.dtype, readout_ranks=ranks,
-                    models=names, task=FLAGS.task, contexts=FLAGS.contexts, beta=FLAGS.beta,
-                    complex_dims=tuple(d.strip() for d in FLAGS.complex_dims))
+    raise ValueError(f"{', '.join(given)} does not apply to --task={fv.task}")
+  cfg = SweepConfig(Ns=Ns, dims=dims, steps=fv.steps, seeds=fv.seeds, lr=fv.lr,
+                    eta=fv.eta, num_cues=fv.num_cues, length=fv.length,
+                    task_seed=fv.task_seed, dtype=fv.dtype, readout_ranks=ranks,
+                    models=names, task=fv.task, contexts=fv.contexts, beta=fv.beta,
+                    complex_dims=tuple(d.strip() for d in fv.complex_dims))
   try:
     validate_config(cfg)
   except ValueError as e:
@@ -94,32 +104,21 @@ def config_from_flags():
   return cfg
 
 
-def fail(message: str):
-  """Ends the program with one error line on stderr and exit status 1 (no usage text)."""
-  print(f"separation: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
-def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments: {argv[1:]}")
-  try:
-    cfg = config_from_flags()
-  except ValueError as e:
-    fail(str(e))
+def execute(fv: flags.FlagValues, argv) -> int:
+  cfg = config_from_flags(fv)
   import jax
   if cfg.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
   from qsf_jax.separation import plot, sweep
 
-  out = pathlib.Path(FLAGS.out)
+  out = pathlib.Path(fv.out)
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:  # e.g. --out names an existing file
-    fail(f"--out={FLAGS.out}: cannot create the output folder ({e})")
+    raise ValueError(f"--out={fv.out}: cannot create the output folder ({e})") from None
   start = time.perf_counter()
   results = sweep.run_sweep(cfg, log=lambda s: print(s, flush=True))
-  results["command"] = " ".join(["python -m experiments.separation"] + sys.argv[1:])
+  results["command"] = " ".join(["python -m experiments.separation"] + list(argv[1:]))
   results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
   plot.plot_results(results, str(out / "separation.png"))
   results["total_wall_seconds"] = time.perf_counter() - start
@@ -129,7 +128,13 @@ def main(argv):
   print(sweep.summary_table(results))
   print(f"\nwall time {results['total_wall_seconds']:.1f} s; wrote {out / 'results.json'} "
         f"and {out / 'separation.png'}")
+  return 0
+
+
+def run(argv) -> int:
+  """Runs the experiment in-process on ``argv``; returns the exit status."""
+  return cli.run(define_flags, lambda fv: execute(fv, argv), argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(define_flags, lambda fv: execute(fv, sys.argv))

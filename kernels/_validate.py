@@ -56,7 +56,7 @@ def decay_floor(dtype) -> float:
     dtype: the q/k/v dtype (float64 accumulates in float64, the rest in float32).
 
   Returns:
-    -31.8 (float32 accumulation) or -72.1 (float64).
+    -31.9 (float32 accumulation) or -72.1 (float64).
   """
   acc = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
   return 2.0 * float(np.log(jnp.finfo(acc).eps))

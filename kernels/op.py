@@ -33,7 +33,7 @@ dtype; the final state is float32 (float64 for float64 inputs).
 Domain: g <= 0 (-inf allowed). A concrete log_decay with a NaN or a positive
 entry is refused; traced values (under jit or grad) are not checked, and there a
 positive g can overflow. The chunked impls ("xla", "pallas") raise g to ``decay_floor(dtype)``
-(2 ln eps of the accumulation dtype: -31.8 for float32 accumulation, -72.1 for
+(2 ln eps of the accumulation dtype: -31.9 for float32 accumulation, -72.1 for
 float64) before the chunk-local cumsum. Crossing such a step scales a term by at
 most e^{floor} = eps^2 instead of e^{g}, below the accumulation's resolution, and
 -inf resets work. Without it a single reset g = -1e4 left every later exponent

@@ -257,6 +257,12 @@ def test_bad_flags_are_clear_errors(stage4, capsys):
   assert "--max_sequences must be >= 1" in _error_line(capsys)
   assert analyze_cli.run(["analyze", f"--workdir={stage4}", "--sse_steps=-1"]) == 1
   assert "--sse_steps must be >= 0 (0: automatic)" in _error_line(capsys)
+  afile = stage4.parent / "stage4_report.md"
+  afile.write_text("x")
+  assert analyze_cli.run(["analyze", f"--workdir={stage4}", f"--out={afile}"]) == 1
+  assert f"--out={afile} is a file, not a folder" in _error_line(capsys)
+  assert afile.read_text() == "x"
+  afile.unlink()
 
 
 def test_evaluate_at_another_anneal_weight(stage3):

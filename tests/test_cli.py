@@ -119,6 +119,12 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys):
   _expect_error(capsys, _train_args(corpus, wd) + ["--no_such_flag=1"], "no_such_flag")
   _expect_error(capsys, _train_args(corpus, wd, num_processes=2), "--coordinator_address")
   assert not wd.exists()
+  # a file where the run folder should be: refused before the data are read, kept
+  afile = tmp_path / "notes.txt"
+  afile.write_text("x")
+  _expect_error(capsys, _train_args(corpus, afile), f"--workdir={afile} is a file, not a folder")
+  _expect_error(capsys, _train_args(corpus, afile / "run"), f"{afile} is a file, not a folder")
+  assert afile.read_text() == "x"
 
 
 def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
@@ -186,8 +192,8 @@ def test_evaluate_per_token(run_dir, tmp_path, capsys):
                          f"--per_token_out={tmp_path / 'no' / 'x.npz'}"], "does not exist",
                 main=evaluate_cli.run)
   _expect_error(capsys, ["evaluate", f"--workdir={run_dir}",
-                         f"--per_token_out={tmp_path / 'x.json'}"], "must be an .npz file",
-                main=evaluate_cli.run)
+                         f"--per_token_out={tmp_path / 'x.json'}"],
+                "per_token_out must be an .npz file", main=evaluate_cli.run)
 
 
 def test_context_use_prints_a_table_and_json(run_dir, tmp_path, capsys):
@@ -220,7 +226,8 @@ def test_context_use_prints_a_table_and_json(run_dir, tmp_path, capsys):
   for argv, needle in [(["--contexts=1,x"], "--contexts expects integers"),
                        (["--positions=4"], "--positions expects lo:hi"),
                        (["--contexts=8", "--positions=4:12"], "does not fit before position 4"),
-                       ([f"--out={tmp_path / 'x.json'}"], "must be an .npz file")]:
+                       ([f"--out={tmp_path / 'x.json'}"], "error: out must be an .npz file"),
+                       ([f"--out={tmp_path / 'no' / 'x.npz'}"], "error: out: the folder")]:
     _expect_error(capsys, ["context_use", f"--workdir={run_dir}", *argv], needle,
                   main=context_cli.run)
   _expect_error(capsys, ["context_use", f"--workdir={tmp_path / 'none'}"], "checkpoint",
@@ -400,47 +407,61 @@ def test_prepare_output_file_makes_its_folder_or_refuses(tmp_path):
   assert (tmp_path / "file").read_text() == "x"  # nothing lost
 
 
-@pytest.mark.parametrize("module,flags,message", [
-    ("experiments.bench_core", ["--repeats=0"], "bench_core: error: --repeats must be >= 1"),
-    ("experiments.bench_core", ["--out={tmp}"], "bench_core: error: --out={tmp} is a folder"),
-    ("experiments.separation", ["--N=3,1", "--out={tmp}/s"],
-     "separation: error: invalid flags: each entry of N must be >= 2, got 1"),
+@pytest.mark.parametrize("flags,message", [
+    (["--repeats=0"], "bench_core.py: error: --repeats must be >= 1"),
+    (["--out={tmp}"], "bench_core.py: error: --out={tmp} is a folder"),
+    (["--repeats=x"], "bench_core.py: error: flag --repeats=x: invalid literal for int()"),
+    (["--quick", "extra"], "bench_core.py: error: unexpected positional arguments ['extra']"),
 ])
-def test_absl_app_entry_points_print_one_error_line(tmp_path, module, flags, message):
-  """No usage text or module docstring before the error, as the other entry points."""
-  p = subprocess.run([sys.executable, "-m", module] + [f.format(tmp=tmp_path) for f in flags],
+def test_bench_core_prints_one_error_line(tmp_path, flags, message):
+  """No usage text or module docstring before the error, as the other entry points
+  (``python -m``, so that the module's own main is what runs)."""
+  p = subprocess.run([sys.executable, "-m", "experiments.bench_core"]
+                     + [f.format(tmp=tmp_path) for f in flags],
                      cwd=REPO, capture_output=True, text=True, timeout=120)
   assert p.returncode == 1 and p.stdout == ""
   lines = p.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), p.stderr
 
 
-_BENCH_CORE_TIMES = """\
-import json
-import experiments.bench_core as b
-
-class Clock:
-  now = 0.0
-  def perf_counter(self):
-    return Clock.now
-
-b.time = Clock()
-costs = iter([50.0, 3.0, 1.0, 2.0, 100.0, 2.0])  # the compiling call, then five timed ones
-def call():
-  Clock.now += next(costs)
-median = b._time(call, repeats=5)
-print(json.dumps(dict(median=median)))
-"""
+ENTRY_POINTS = ["analyze", "bench_core", "bench_train", "context_use", "evaluate",
+                "progressive", "sample", "separation", "train"]
 
 
-def test_bench_core_times_the_median_call():
-  # In its own process: bench_core defines absl flags that other entry points also define.
-  p = subprocess.run([sys.executable, "-c", _BENCH_CORE_TIMES], cwd=REPO, capture_output=True,
-                     text=True, timeout=120)
-  assert p.returncode == 0, p.stderr[-3000:]
-  got = json.loads(p.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_help_flag_lists_the_flags(name, capsys):
+  """absl's parse errors suggest --helpshort: each help flag prints this entry
+  point's own flags and exits 0."""
+  import importlib
+  module = importlib.import_module(f"experiments.{name}")
+  own = {"analyze": "--workdir:", "bench_core": "--repeats:", "bench_train": "--stages:",
+         "context_use": "--contexts:", "evaluate": "--per_token_out:",
+         "progressive": "--stages:", "sample": "--prompt:",
+         "separation": "--readout_ranks:", "train": "--stage:"}[name]
+  from qsf_jax.training.cli import HELP_FLAGS
+  for flag in HELP_FLAGS:
+    assert module.run([name, flag]) == 0, flag
+    out = capsys.readouterr().out
+    assert own in out and "--[no]traceback:" in out, (flag, out[:500])
+
+
+def test_bench_core_times_the_median_call(monkeypatch):
+  import experiments.bench_core as b
+
+  class Clock:
+    now = 0.0
+
+    def perf_counter(self):
+      return Clock.now
+
+  monkeypatch.setattr(b, "time", Clock())
+  costs = iter([50.0, 3.0, 1.0, 2.0, 100.0, 2.0])  # the compiling call, then five timed ones
+
+  def call():
+    Clock.now += next(costs)
+
   # the median of the timed calls: not their min (1) or mean (21.6), nor the compiling call
-  assert got == dict(median=2.0)
+  assert b._time(call, repeats=5) == 2.0
 
 
 @pytest.mark.slow

@@ -120,6 +120,10 @@ def test_markdown_of_an_interrupted_run_says_how_to_resume():
   md = table2.render_markdown(dict(rows=[], settings=settings, interrupted="koopman"))
   assert "Interrupted during `koopman`: re-run the same command to resume." in md
   assert "the whole validation split" in md
+  assert "## Samples (D14: temperature 0.8, top-k 50, 40 tokens)" in md
+  md = table2.render_markdown(dict(rows=[], settings=dict(settings, sample_tokens=0),
+                                   interrupted=None))
+  assert "Samples" not in md and "Interrupted" not in md  # --sample_tokens=0 drew none
 
 
 @pytest.mark.parametrize("flag, msg", [
@@ -137,9 +141,15 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys, flag, msg):
   assert not wd.exists()  # nothing is left behind
 
 
-def test_missing_workdir_is_an_error(capsys):
+def test_missing_workdir_is_an_error(capsys, tmp_path):
   assert prog_cli.run(["progressive"]) == 1
   assert "--workdir is required" in capsys.readouterr().err
+  afile = tmp_path / "table.md"
+  afile.write_text("x")
+  assert prog_cli.run(["progressive", f"--workdir={afile}", "--tokenizer=bytes",
+                       "--data=synthetic"]) == 1
+  assert f"--workdir={afile} is a file, not a folder" in capsys.readouterr().err
+  assert afile.read_text() == "x"
 
 
 def test_stage_loss_plot_needs_a_run():

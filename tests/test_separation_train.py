@@ -228,37 +228,15 @@ _BAD_FLAGS = [
 ]
 
 
-@pytest.fixture
-def separation_main():
-  """experiments.separation with its (process-wide) absl flags restored afterwards."""
+@pytest.mark.parametrize("flag,message", _BAD_FLAGS)
+def test_entry_point_rejects_bad_flags(tmp_path, capsys, flag, message):
+  """The entry point in this process (a Python and JAX start per flag set would cost
+  more than the check); the test below runs the ``python -m`` entry itself."""
   sys.path.insert(0, str(REPO_ROOT))
   from experiments import separation as exp
-  fv = exp.FLAGS
-  saved = {name: (fv[name].value, fv[name].present, fv[name].using_default_value)
-           for name in fv}
-  was_parsed = fv.is_parsed()
-  fv.unparse_flags()
-  yield exp
-  fv.unparse_flags()
-  for name, (value, present, default) in saved.items():
-    fv[name].value, fv[name].present, fv[name].using_default_value = value, present, default
-  if was_parsed:
-    fv.mark_as_parsed()
-
-
-@pytest.mark.parametrize("flag,message", _BAD_FLAGS)
-def test_entry_point_rejects_bad_flags(tmp_path, capsys, separation_main, flag, message):
-  """main() on the parsed flags, in this process (a Python and JAX start per flag set
-  cost more than the check); the test below runs the ``python -m`` entry itself."""
-  exp = separation_main
-  argv = exp.FLAGS(["separation", *flag.split(), f"--out={tmp_path}"])
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exit_info:  # any other exception would be a traceback
-    exp.main(argv)
-  assert exit_info.value.code not in (0, None)
-  captured = capsys.readouterr()
-  assert message in captured.err + captured.out
-  assert "Traceback" not in captured.err
+  assert exp.run(["separation", *flag.split(), f"--out={tmp_path}"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("separation: error: ") and message in err[0], err
   assert not (tmp_path / "results.json").exists()
 
 

@@ -489,3 +489,22 @@ def test_non_finite_parameters_are_never_saved(env):
     train_and_evaluate(_cfg(corpus, lr=1e40, steps=10, checkpoint_every=1, eval_every=0), wd)
   assert info.value.step == 0 and info.value.last_checkpoint is None
   assert not ck.has_checkpoint(wd)
+
+
+@pytest.mark.parametrize("steps,frac,hold", [(8, 0.15, 0.0), (20, 0.15, 0.0), (4, 0.15, 0.0),
+                                             (4, 0.25, 0.5), (100, 0.15, 0.15), (2, 0.5, 0.0)])
+def test_anneal_span_names_the_steps_of_the_ramp(steps, frac, hold):
+  """The log's anneal span agrees with anneal_beta: beta is 0 before its first step,
+  below 1 before its last and 1 at its last; one step is named as one."""
+  from qsf_jax.models.norms import anneal_beta
+  from qsf_jax.training.loop import anneal_span
+  span = anneal_span(steps, frac, hold)
+  words = span.split()
+  if words[0] == "at":
+    first = last = int(words[2])
+  else:
+    first, last = int(words[2]), int(words[4])
+    assert first < last
+  beta = lambda t: float(anneal_beta(t, steps, anneal_frac=frac, hold_frac=hold))
+  assert beta(first - 1) == 0.0 and beta(last - 1) < 1.0 and beta(last) == 1.0, span
+  assert (first == last) == (span == f"at step {last}")

@@ -123,11 +123,12 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
   t0 = time.perf_counter()
   timings = {}
   stage = checkpoint_stage(workdir, step)
+  out = pathlib.Path(out) if out is not None else pathlib.Path(workdir) / "analysis"
+  setup.check_output_folder("--out", out)  # before the restore and the analysis
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   mcfg = run.model_config
   if layer is not None and not 0 <= layer < mcfg.n_layers:
     raise ValueError(f"--layer must be in [0, {mcfg.n_layers}), got {layer}")
-  out = pathlib.Path(out) if out is not None else pathlib.Path(workdir) / "analysis"
   out.mkdir(parents=True, exist_ok=True)
   notes, figures = [], {}
   ops = layer_operators(run.params, mcfg)

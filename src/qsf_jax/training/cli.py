@@ -23,6 +23,8 @@ from qsf_jax.training import checkpoint
 # Exceptions that mean "the user asked for something that cannot be done".
 USER_ERRORS = (ValueError, OSError, ConnectionError, FloatingPointError, flags.Error)
 EXIT_USER_ERROR = 1
+# Each prints the entry point's flags (absl's parse errors suggest --helpshort).
+HELP_FLAGS = ("-h", "-help", "--help", "-helpshort", "--helpshort", "-helpfull", "--helpfull")
 
 
 def parse_overrides(items: Sequence[str] | None) -> tuple:
@@ -89,7 +91,7 @@ def run(define_flags: Callable[[flags.FlagValues], None],
   prog = (argv[0] if argv else "qsf").rsplit("/", 1)[-1]
   fv = flags.FlagValues()
   define_flags(fv)
-  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+  if any(a in HELP_FLAGS for a in argv[1:]):
     print(fv.get_help())
     return 0
   traceback = "--traceback" in argv[1:]

@@ -256,7 +256,7 @@ def context_use_workdir(workdir, *, contexts=(1, 2, 4, 8, 16, 32, 64), positions
   # checked before loading and evaluating, which can take minutes
   ks, _ = check_contexts(contexts, positions)
   if out is not None:
-    token_losses.check_output_path(out)
+    token_losses.check_output_path(out, "out")
   ev = open_evaluation(workdir, data=data, step=step, max_batches=max_batches,
                        batch_size=batch_size, tokenizer_file=tokenizer_file,
                        cache_dir=cache_dir, beta=beta, attn_impl=attn_impl)

@@ -56,6 +56,18 @@ class TrainResult:
   resumed_from: int | None = None
 
 
+def anneal_span(steps: int, anneal_frac: float, hold_frac: float) -> str:
+  """The steps over which D5's beta ramps from 0 to 1, for the log (``anneal_beta``).
+
+  The ramp ends ``hold_frac * steps`` before the last step and lasts
+  ``anneal_frac * steps``; the first and last whole steps it touches are named,
+  or the one step when a short run squeezes it into one.
+  """
+  end = steps - hold_frac * steps
+  first, last = math.ceil(end - anneal_frac * steps), math.ceil(end)
+  return f"at step {last}" if first == last else f"from step {first} to {last}"
+
+
 def _log(msg: str) -> None:
   if is_primary():
     print(msg, flush=True)
@@ -108,6 +120,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   """
   workdir = os.fspath(workdir)
   setup.check_stage_and_preset(cfg.stage, cfg.preset)
+  setup.check_output_folder("--workdir", workdir)  # before the data are loaded
   tokenizer = setup.load_tokenizer(cfg)
   mcfg = setup.make_model_config(cfg, tokenizer.vocab_size)
   setup.check_attn_backend(mcfg)
@@ -229,11 +242,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
          f"({mesh.devices.size} device(s), batch {cfg.batch_size} x {seq_len}, "
          f"grad_accum {cfg.grad_accum}, {mcfg.dtype})")
     if mcfg.annealed:
-      ramp_end = cfg.steps - mcfg.anneal_hold_frac * cfg.steps
-      ramp_start = ramp_end - mcfg.anneal_frac * cfg.steps
-      _log(f"normalisation anneal (D5): LayerNorm -> linear scaling from step "
-           f"{math.ceil(ramp_start)} to {math.ceil(ramp_end)}; the loss can rise there, "
-           f"and `experiments.evaluate --beta=0` scores the weights with LayerNorm")
+      _log(f"normalisation anneal (D5): LayerNorm -> linear scaling "
+           f"{anneal_span(cfg.steps, mcfg.anneal_frac, mcfg.anneal_hold_frac)}; the loss can "
+           f"rise there, and `experiments.evaluate --beta=0` scores the weights with LayerNorm")
   interrupted = None
   try:
     with StopRequested() as stop:

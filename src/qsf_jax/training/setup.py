@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import os
+import pathlib
 from typing import Any
 
 import jax
@@ -15,6 +17,30 @@ from qsf_jax.models import config as model_config
 from qsf_jax.training.checkpoint import git_sha
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import TrainConfigError
+
+
+def check_output_folder(name: str, path) -> None:
+  """Raises ``ValueError`` before any work when ``path`` cannot be a folder to write in.
+
+  ``path`` may not exist yet (it is made later); then its nearest existing
+  ancestor must be a writable folder. Nothing is created.
+
+  Args:
+    name: the argument or flag, for the message (e.g. "--workdir").
+    path: the folder.
+  """
+  p = pathlib.Path(path)
+  if not str(path):
+    raise ValueError(f"{name} must name a folder, got an empty path")
+  if p.exists() and not p.is_dir():
+    raise ValueError(f"{name}={path} is a file, not a folder")
+  ancestor = p.absolute()
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise ValueError(f"{name}={path}: {ancestor} is a file, not a folder")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise ValueError(f"{name}={path}: the folder {ancestor} is not writable")
 
 
 def check_stage_and_preset(stage: str, preset: str) -> None:

@@ -158,6 +158,7 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
   steps = plan(stages, include)  # bad stage names fail here, before any folder is made
   for stage, _ in steps:
     setup.check_stage_and_preset(stage, base.preset)
+  setup.check_output_folder("--workdir", workdir)
   os.makedirs(workdir, exist_ok=True)
   parents = dict(PROTOCOL)
   rows, interrupted = [], None
@@ -233,6 +234,8 @@ def render_markdown(table: dict) -> str:
   if table.get("interrupted"):
     out.append(f"\nInterrupted during `{table['interrupted']}`: re-run the same command "
                "to resume.")
+  if not s["sample_tokens"]:  # --sample_tokens=0: no samples were drawn
+    return "\n".join(out) + "\n"
   out.append(f"\n## Samples (D14: temperature {s['sample_temperature']}, "
              f"top-k {s['sample_top_k']}, {s['sample_tokens']} tokens)\n")
   for r in table["rows"]:

@@ -178,13 +178,18 @@ def check_max_batches(max_batches) -> None:
                      f"got {max_batches!r}")
 
 
-def check_output_path(path) -> None:
-  """Raises unless ``path`` ends in ``.npz`` and its folder exists."""
+def check_output_path(path, name: str = "per_token_out") -> None:
+  """Raises unless ``path`` ends in ``.npz`` and its folder exists.
+
+  Args:
+    path: the output file.
+    name: the argument (and flag) that gave it, for the message.
+  """
   p = pathlib.Path(path)
   if p.suffix != ".npz":
-    raise ValueError(f"the per-token output must be an .npz file, got {str(path)!r}")
+    raise ValueError(f"{name} must be an .npz file, got {str(path)!r}")
   if not p.parent.is_dir():
-    raise FileNotFoundError(f"the per-token output's folder {str(p.parent)!r} does not exist")
+    raise FileNotFoundError(f"{name}: the folder {str(p.parent)!r} does not exist")
 
 
 def summarize(tl: TokenLosses, threshold: float = 20.0) -> dict:
