@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import analyze as analyze_cli
 from experiments import context_use as context_cli
 from experiments import evaluate as evaluate_cli
 from experiments import sample as sample_cli
@@ -18,6 +19,8 @@ from story_corpus import story_corpus
 from qsf_jax.training import checkpoint as ck
 from qsf_jax.training import setup
 from qsf_jax.training.cli import parse_overrides, prepare_output_file
+from qsf_jax.training.errors import DataChangedError
+from qsf_jax.training.evaluation import evaluate_workdir
 from qsf_jax.training.restore import load_run
 from test_train_resume import REPO, compile_cache_dir, subprocess_env
 
@@ -370,6 +373,36 @@ def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
   for _ in range(5):  # the abandoned reads finish on TensorStore's threads
     time.sleep(0.1)
     gc.collect()
+
+
+def test_evaluating_on_changed_data_is_refused(env, tmp_path, capsys, caplog):
+  """A run's data file edited after training (stories added: the held-out validation
+  stories shift, and some were trained on) is not silently evaluated; --data uses it."""
+  _, corpus, _ = env
+  data = tmp_path / "stories.txt"
+  shutil.copyfile(corpus, data)
+  wd = tmp_path / "run"
+  assert train_cli.run(_train_args(data, wd, steps=2, checkpoint_every=0, eval_every=0,
+                                   sample_tokens=0)) == 0
+  assert evaluate_cli.run(["evaluate", f"--workdir={wd}", "--eval_batches=1"]) == 0
+  capsys.readouterr()
+  with open(data, "a") as f:
+    f.write("\n<|endoftext|>\nA new story about a red ball.\n")
+  line = _expect_error(capsys, ["evaluate", f"--workdir={wd}", "--eval_batches=1"],
+                       f"differ from those {wd} was trained on", "token-cache key",
+                       "may now include training stories", f"--data={data}",
+                       main=evaluate_cli.run)
+  assert "DataChangedError" not in line
+  with pytest.raises(DataChangedError):
+    evaluate_workdir(wd, max_batches=1)
+  _expect_error(capsys, ["analyze", f"--workdir={wd}", "--max_sequences=2"],
+                f"differ from those {wd} was trained on", main=analyze_cli.run)
+  caplog.set_level("WARNING", logger="absl")
+  assert evaluate_cli.run(["evaluate", f"--workdir={wd}", "--eval_batches=1",
+                           f"--data={data}"]) == 0
+  assert any("was trained on" in r.getMessage() for r in caplog.records)
+  rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert rec["data"] == rec["trained_on"] == f"path:{data}"
 
 
 def test_sample_prints_text(run_dir, capsys):

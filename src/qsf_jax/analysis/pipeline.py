@@ -170,8 +170,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
   timings["history_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
-  corpus = setup.load_corpus(cfg, run.tokenizer, data=data)
+  cfg, corpus = setup.load_run_corpus(run, data=data, cache_dir=cache_dir, where=str(workdir))
   bases = [modes.mode_basis(K) for K in ops.K]
   for l, b in enumerate(bases):
     if b is None:

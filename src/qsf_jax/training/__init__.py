@@ -15,6 +15,7 @@ from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import (
     CheckpointMismatchError,
+    DataChangedError,
     NoCheckpointError,
     NonFiniteLossError,
     TrainConfigError,
@@ -29,8 +30,8 @@ from qsf_jax.training.state import TrainState, create_train_state, init_variable
 from qsf_jax.training.step import eval_step, make_train_step, masked_xent_sum
 
 __all__ = [
-    "CheckpointMismatchError", "Checkpointer", "InitReport", "LoadedRun", "NoCheckpointError",
-    "NonFiniteLossError", "TrainConfig", "TrainConfigError", "TrainResult", "TrainState",
+    "CheckpointMismatchError", "Checkpointer", "DataChangedError", "InitReport", "LoadedRun",
+    "NoCheckpointError", "NonFiniteLossError", "TrainConfig", "TrainConfigError", "TrainResult", "TrainState",
     "create_train_state", "decay_mask", "eval_step", "evaluate_split", "evaluate_workdir",
     "generate", "has_checkpoint", "init_from_checkpoint", "init_variables", "load_run",
     "make_optimizer", "make_train_step", "masked_xent_sum", "onecycle_schedule",

@@ -29,6 +29,10 @@ class CheckpointMismatchError(ValueError):
         "untouched. Use a new --workdir, or the stored settings to resume")
 
 
+class DataChangedError(ValueError):
+  """A run's own data no longer match the ones it was trained on (evaluate, analyze)."""
+
+
 class NoCheckpointError(FileNotFoundError):
   """A checkpoint was required (evaluate, sample, init_from) but none was found."""
 

@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from qsf_jax import _checks
 from qsf_jax import data as qdata
@@ -106,6 +105,10 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data",
     "trained_on", "beta"}``, and ``"per_token"`` (a dict) with ``per_token``.
+
+  Raises:
+    DataChangedError: ``data`` is None and the run's own data changed since it
+      was trained (``setup.load_run_corpus``); pass ``data`` to use them anyway.
   """
   per_token = _checks.check_flag("per_token", per_token) or per_token_out is not None
   if per_token:  # checked before loading and evaluating, which can take minutes
@@ -166,7 +169,7 @@ class OpenedRun:
     from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
     if self.data is None:
       return self.corpus.train
-    return setup.load_corpus(self.cfg, self.run.tokenizer).train
+    return setup.load_run_corpus(self.run, cache_dir=self.cfg.cache_dir)[1].train
 
 
 def open_evaluation(workdir, *, data: str | None = None, step: int | None = None,
@@ -191,14 +194,8 @@ def open_evaluation(workdir, *, data: str | None = None, step: int | None = None
   if beta is not None and not run.model_config.annealed and beta != run.beta:
     raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "
                      "(D5 applies to koopman_attn and hamiltonian_attn); drop --beta")
-  cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
-  corpus = setup.load_corpus(cfg, run.tokenizer, data=data)
+  cfg, corpus = setup.load_run_corpus(run, data=data, cache_dir=cache_dir, where=str(workdir))
   trained_on = (run.meta.get("data") or {}).get("source")
-  if data is None and trained_on and corpus.metadata.get("source") != trained_on:
-    # e.g. data="auto" fell back to the synthetic corpus when the run was trained
-    # and reaches the hub now (or the other way round).
-    logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
-                    workdir, corpus.metadata.get("source"), trained_on)
   mesh = shd.make_mesh()
   n_dev = mesh.devices.size
   bs = batch_size or cfg.batch_size

@@ -10,13 +10,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from qsf_jax import data as qdata
 from qsf_jax.models import lm as model_lm
 from qsf_jax.models import config as model_config
 from qsf_jax.training.checkpoint import git_sha
 from qsf_jax.training.config import TrainConfig
-from qsf_jax.training.errors import TrainConfigError
+from qsf_jax.training.errors import DataChangedError, TrainConfigError
 
 
 def check_output_folder(name: str, path) -> None:
@@ -114,6 +115,48 @@ def load_corpus(cfg: TrainConfig, tokenizer, data: str | None = None):
   """The corpus of a run (``data`` overrides ``cfg.data``, e.g. for evaluation)."""
   return qdata.load_corpus(data if data is not None else cfg.data, tokenizer,
                            cache_dir=cfg.cache_dir, max_train_stories=cfg.max_train_stories)
+
+
+def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = None,
+                    where: str = "the run"):
+  """The corpus to evaluate or analyse a restored run on, checked against its training data.
+
+  The token-cache key stored with the run covers the source's contents (file
+  hashes), the tokenizer, ``max_train_stories`` and the cache format. With
+  ``data`` None (the run's own data) a different key means the files changed
+  since training, so the validation stories held out of them may now include
+  training stories, and every figure would silently be on other data:
+  ``DataChangedError``. Given ``data`` (the user's choice) is used as it is, with a
+  warning when it is the run's source with other contents, and so is a source of
+  another name (e.g. ``data="auto"`` fell back to the synthetic corpus in training).
+
+  Args:
+    run: a ``restore.LoadedRun``.
+    data: data to use instead of the run's own (``TrainConfig.data`` syntax).
+    cache_dir: token-cache folder instead of the run's.
+    where: the run folder, for messages.
+
+  Returns:
+    ``(cfg, corpus)``: the run's ``TrainConfig`` (with ``cache_dir``) and the corpus.
+  """
+  cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
+  corpus = load_corpus(cfg, run.tokenizer, data=data)
+  trained_on = (run.meta.get("data") or {}).get("source")
+  stored_key = (run.meta.get("data_source") or {}).get("cache_key")
+  source, key = corpus.metadata.get("source"), corpus.metadata.get("cache_key")
+  if trained_on and source != trained_on:
+    if data is None:
+      logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
+                      where, source, trained_on)
+  elif stored_key and key and key != stored_key:
+    msg = (f"the data at {source} differ from those {where} was trained on (token-cache key "
+           f"{key[:12]}, stored {stored_key[:12]}): the files, or the token-cache format, "
+           "changed since, so the validation stories held out of them may now include "
+           "training stories")
+    if data is None:
+      raise DataChangedError(f"{msg}; pass --data={cfg.data} to use the data as they are now")
+    logging.warning("%s", msg)
+  return cfg, corpus
 
 
 def build_model(mcfg: model_config.ModelConfig):
