@@ -9,6 +9,7 @@ import pytest
 from qsf_jax.data import (
     BYTES_SHA256,
     R50K_SHA256,
+    DataChangedWhileReadingError,
     EmptyDataError,
     Tokenizer,
     VocabTooLargeError,
@@ -86,6 +87,28 @@ def test_cache_is_reused_without_retokenizing(tmp_path):
   decoded = [tok.decode(s[:-1]) for s in map(second.train.story, range(second.train.n_stories))]
   held = [tok.decode(s[:-1]) for s in map(second.valid.story, range(second.valid.n_stories))]
   assert sorted(decoded + held) == sorted(STORIES) and len(held) == 2
+
+
+def test_files_changed_while_read_are_not_cached(tmp_path):
+  """A file rewritten between its hashing and its tokenization (a copy still being
+  written) is refused, and no cache entry holds its new stories under the old hash."""
+  data = write_txt(tmp_path / "stories.txt", STORIES)
+  tok = get_tokenizer("bytes")
+
+  def encode_batch(texts):  # the copy finishes while the first stories are encoded
+    if data.read_text(encoding="utf-8").startswith("Story 0"):
+      write_txt(data, ["Another story."] + STORIES[1:])
+    return tok.encode_batch(texts)
+
+  cache = tmp_path / "cache"
+  with pytest.raises(DataChangedWhileReadingError, match="changed while they were read"):
+    load_corpus(str(data), tok._replace(encode_batch=encode_batch), cache_dir=cache)
+  assert entries(cache) == []  # neither an entry nor a temporary folder
+  again = load_corpus(str(data), tok, cache_dir=cache)  # the completed file is read afresh
+  assert not again.metadata["cache_hit"]
+  stories = [tok.decode(split.story(i)[:-1]) for split in (again.train, again.valid)
+             for i in range(split.n_stories)]
+  assert sorted(stories) == sorted(["Another story."] + STORIES[1:])
 
 
 def test_cache_key_tracks_tokenizer_content_and_limits(tmp_path, gpt2):

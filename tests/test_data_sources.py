@@ -126,6 +126,15 @@ def test_directory_without_train_names_uses_all_non_validation_files(tmp_path):
   write_txt(tmp_path / "dev.txt", ["d1"])
   src = local_source(tmp_path)
   assert (list(src.train()), list(src.valid())) == (["x1", "x2"], ["d1"])
+  # the log line names the files, so that a misnamed held-out file shows as trained on
+  assert "2 train file(s): a.txt, b.jsonl / 1 validation file(s): dev.txt" in src.description
+  write_txt(tmp_path / "heldout.txt", ["h1"])
+  for i in range(2):
+    write_txt(tmp_path / f"c{i}.txt", [f"c{i}"])
+  assert "5 train file(s): a.txt, b.jsonl, c0.txt, ... /" in local_source(tmp_path).description
+  (tmp_path / "dev.txt").unlink()
+  src = local_source(tmp_path)
+  assert "5 file(s): a.txt, b.jsonl, c0.txt, ..., 0.05 of the stories held out" in src.description
 
 
 def test_single_file_holds_out_a_deterministic_fraction(tmp_path):
@@ -181,6 +190,25 @@ def test_bad_data_specs(tmp_path, monkeypatch):
   write_txt(tmp_path / "onlyval" / "valid.txt", ["v"])
   with pytest.raises(DataNotFoundError, match="only validation"):
     resolve_source(str(tmp_path / "onlyval"))
+
+
+# sha256 of the first 500 train and 100 validation stories at seed 0, per version.
+SYNTHETIC_FINGERPRINTS = {1: "4c45d3c46fe4fdf43695a9cae43183b3287ecdf610dc364df1a0b270aa8b01af"}
+
+
+def test_synthetic_stories_change_only_with_their_version():
+  """The synthetic source's cache key (and a run's resume and evaluation checks) knows
+  the generator only by SYNTHETIC_VERSION: new stories under the old version would be
+  served from old caches and let a run resume on other data."""
+  import hashlib
+  from qsf_jax.data.synthetic import SYNTHETIC_VERSION
+  h = hashlib.sha256()
+  for split, n in (("train", 500), ("validation", 100)):
+    for story in synthetic_stories(n, seed=0, split=split):
+      h.update(story.encode() + b"\0")
+  assert h.hexdigest() == SYNTHETIC_FINGERPRINTS.get(SYNTHETIC_VERSION), (
+      "the synthetic stories changed: bump SYNTHETIC_VERSION and record the new "
+      f"fingerprint {h.hexdigest()} for it")
 
 
 def test_synthetic_is_deterministic_and_varied():

@@ -17,6 +17,7 @@ from qsf_jax.data.cache import (
 )
 from qsf_jax.data.corpus import Corpus, load_corpus
 from qsf_jax.data.errors import (
+    DataChangedWhileReadingError,
     DataNotFoundError,
     DataUnavailableError,
     EmptyDataError,
@@ -48,9 +49,9 @@ __all__ = [
     "BYTES_SHA256", "CACHE_DIR_ENV", "CACHE_FORMAT_VERSION", "DATA_NAMES", "MODES",
     "R50K_SHA256", "TINYSTORIES_HUB_ID", "TOKENIZER_FILE_ENV",
     "Corpus", "StorySource", "TokenSplit", "Tokenizer",
-    "DataNotFoundError", "DataUnavailableError", "EmptyDataError", "TokenizerHashError",
-    "TokenizerUnavailableError", "UnknownDataSpecError", "UnknownTokenizerError",
-    "VocabTooLargeError",
+    "DataChangedWhileReadingError", "DataNotFoundError", "DataUnavailableError",
+    "EmptyDataError", "TokenizerHashError", "TokenizerUnavailableError",
+    "UnknownDataSpecError", "UnknownTokenizerError", "VocabTooLargeError",
     "build_or_load", "default_cache_dir", "file_sha256", "get_batch", "get_tokenizer",
     "hub_source", "iter_eval_batches", "iter_file_stories", "load_corpus", "local_source",
     "num_eval_batches", "resolve_source", "synthetic_source", "synthetic_stories",

@@ -31,10 +31,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from qsf_jax.data.errors import EmptyDataError, VocabTooLargeError
+from qsf_jax.data.errors import DataChangedWhileReadingError, EmptyDataError, VocabTooLargeError
 from qsf_jax.data.local_files import StorySource
 from qsf_jax.data.tokenizer import Tokenizer
 
+# Part of every cache key: bump it whenever the cached tokens of the same files would
+# differ (how stories are parsed, stripped, split or tokenized, or the file layout).
 CACHE_FORMAT_VERSION = 1
 CACHE_DIR_ENV = "QSF_CACHE_DIR"
 UINT16_LIMIT = 1 << 16
@@ -157,6 +159,7 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
   Raises:
     VocabTooLargeError: ids do not fit uint16.
     EmptyDataError: a split holds no stories.
+    DataChangedWhileReadingError: local files changed while they were read.
   """
   check_vocab_fits(tokenizer)
   if max_train_stories is not None and max_train_stories < 1:
@@ -184,6 +187,10 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
       for split, stories in (("train", train_stories), ("valid", source.valid())):
         counts[split] = _write_split(stories, tokenizer, tmp / f"{split}.bin",
                                      tmp / f"{split}_offsets.npy", split, source.description)
+      if source.recheck is not None and source.recheck() != source.identity:
+        raise DataChangedWhileReadingError(
+            f"{source.description}: the files changed while they were read (a copy still "
+            "being written?); nothing was cached; run again once they are complete")
       meta = {
           "cache_key": key["key"], "key_inputs": key["inputs"],
           "source": source.name, "source_description": source.description,

@@ -37,6 +37,11 @@ class UnknownDataSpecError(ValueError):
   """The ``data`` string is neither a known source name nor a path."""
 
 
+class DataChangedWhileReadingError(ValueError):
+  """Local data files changed between their hashing and their tokenization (a copy
+  still being written): the token cache would hold other stories than its key names."""
+
+
 class DataNotFoundError(ValueError, FileNotFoundError):
   """A data path does not exist or holds no readable data files."""
 

@@ -20,7 +20,7 @@ non-alphanumerics, case-insensitive):
 * a file whose path has the word ``train`` is training data;
 * if no file is named ``train``, every other file is training data; otherwise
   files named none of these ways are ignored. The description names the
-  ignored files.
+  training, validation and ignored files (the first three of each).
 
 When no validation file exists (a single file, or a directory without one), a
 deterministic ``valid_fraction`` of the training stories, evenly spaced through
@@ -53,12 +53,17 @@ class StorySource(NamedTuple):
       dataset fingerprints or generator settings); part of the cache key.
     train: callable returning an iterable of training stories.
     valid: callable returning an iterable of validation stories.
+    recheck: callable returning the identity computed afresh (local files: their
+      hashes again), or None; the token cache compares it with ``identity`` after
+      reading the stories, so that files changed meanwhile are not cached under
+      the old hashes.
   """
   name: str
   description: str
   identity: dict
   train: Callable[[], Iterable[str]]
   valid: Callable[[], Iterable[str]]
+  recheck: Callable[[], dict] | None = None
 
 
 def _iter_txt(path: pathlib.Path) -> Iterator[str]:
@@ -208,11 +213,19 @@ def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> S
     train_files, valid_files = [root], []
   base = root if root.is_dir() else root.parent
   # Content hashes (plus names relative to the PATH, which fix the order) key the cache.
-  identity = {
-      "kind": "local",
-      "train": [[p.relative_to(base).as_posix(), file_sha256(p)] for p in train_files],
-      "valid": [[p.relative_to(base).as_posix(), file_sha256(p)] for p in valid_files],
-  }
+  def hashes() -> dict:
+    out = {"kind": "local"}
+    for split, paths in (("train", train_files), ("valid", valid_files)):
+      out[split] = [[p.relative_to(base).as_posix(), file_sha256(p)] for p in paths]
+    if not valid_files:
+      out["valid_fraction"] = valid_fraction
+    return out
+
+  identity = hashes()
+  def names(paths):  # the first three, so that a misnamed file shows in the log
+    out = ", ".join(p.relative_to(base).as_posix() for p in paths[:3])
+    return out + (", ..." if len(paths) > 3 else "")
+
   if valid_files:
     def train():
       return _chain(train_files)
@@ -220,13 +233,13 @@ def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> S
     def valid():
       return _chain(valid_files)
 
-    how = f"{len(train_files)} train / {len(valid_files)} validation file(s)"
+    how = (f"{len(train_files)} train file(s): {names(train_files)} / "
+           f"{len(valid_files)} validation file(s): {names(valid_files)}")
   else:
-    identity["valid_fraction"] = valid_fraction
     train, valid = _holdout(train_files, valid_fraction, str(root))
-    how = f"{len(train_files)} file(s), {valid_fraction:g} of the stories held out for validation"
+    how = (f"{len(train_files)} file(s): {names(train_files)}, {valid_fraction:g} of the "
+           "stories held out for validation")
   if ignored:
-    names = ", ".join(p.relative_to(base).as_posix() for p in ignored[:3])
-    how += f"; ignored {len(ignored)} file(s): {names}" + (", ..." if len(ignored) > 3 else "")
+    how += f"; ignored {len(ignored)} file(s): {names(ignored)}"
   return StorySource(name=f"path:{root}", description=f"local data {root} ({how})",
-                     identity=identity, train=train, valid=valid)
+                     identity=identity, train=train, valid=valid, recheck=hashes)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 from qsf_jax import _checks
 
+# Part of the synthetic source's cache key: bump it whenever the stories change
+# (tests/test_data_sources.py holds a fingerprint of each version's stories).
 SYNTHETIC_VERSION = 1
 
 _GIRLS = ("Lily", "Mia", "Anna", "Lucy", "Emma", "Sue", "Kate", "Zoe", "Ella", "Amy",
