@@ -242,8 +242,13 @@ def test_bad_inputs_raise_with_argument_names():
     bn.born_probabilities(M, jnp.ones(4))
   with pytest.raises(ValueError, match=r"M must have 2 dimension"):
     bn.born_probabilities(jnp.ones(3), psi)
-  with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 1.5"):
     bn.born_probabilities(M, psi, eta=1.5)
+  for fn in (lambda e: bn.born_probabilities(M, psi, e), lambda e: bn.povm_from_isometry(M, e)):
+    with pytest.raises(ValueError, match=r"eta must be a scalar, got shape \(2,\)"):
+      fn(jnp.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match=r"eta must be a scalar, got shape \(2,\)"):
+      jax.jit(fn)(jnp.array([0.1, 0.2]))  # shapes are known under jit too
   with pytest.raises(ValueError, match=r"Ms must be a square matrix.*\(5, 3, 2\)"):
     bn.povm_probabilities(jnp.ones((5, 3, 2)), psi)
   with pytest.raises(ValueError, match=r"psi must have shape \(\.\.\., 3\) to match W"):

@@ -140,6 +140,12 @@ def test_chain_filter_without_measurement_is_free_chain(x64):
     U, _, S = _np_step(s["A"][n], s["b"][n], dt, sK)
     P = U @ P @ U.T + S
   np.testing.assert_allclose(out.covariance[-1], P, rtol=1e-10)
+  # d/dsigma_m at inf is 0, not 0 * inf = NaN
+  for fn in (lambda sig: chain_measured_mean(s["x0"], s["A"], s["b"], s["y"], s["M"], dt=dt,
+                                             sigma_m=sig, sigma_K=sK).sum(),
+             lambda sig: chain_filter_full(s["x0"], s["A"], s["b"], s["y"], s["M"], dt=dt,
+                                           sigma_m=sig, sigma_K=sK).log_normalizer.sum()):
+    assert float(jax.grad(fn)(jnp.inf)) == 0.0
 
 
 def test_exact_chain_composes_exactly(x64):

@@ -111,6 +111,41 @@ def test_koopman_mean_squarings_follow_the_one_norm(x64):
   np.testing.assert_allclose(got, ref, rtol=np.abs(A).sum(0).max() * np.finfo(np.float64).eps)
 
 
+def test_long_intervals_under_transformations(x64):
+  """Traced inputs (jit, vmap, grad) get 32 squarings, enough for |A dt|_1 up to
+  ~2e10 (16 gave NaN from ~3.5e5 where the eager call was finite), and stacked
+  per-step generators get the count of their largest norm, although each step is
+  traced inside the chain's vmap."""
+  import qsf_jax as q
+  A = np.array([[-1.0, 0.5], [0.0, -2.0]])
+  b, x0 = np.array([0.3, -0.4]), np.array([1.0, 2.0])
+  fixed = -np.linalg.solve(A, b)
+  for dt in (1e6, 1e9):
+    got = jax.jit(lambda t: q.chain_mean(x0, A, b, t, n_steps=2))(dt)
+    np.testing.assert_allclose(got[-1], fixed, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(lambda t: koopman_mean(A, b, x0, t))(
+        jnp.array([dt, 2 * dt])), [fixed, fixed], rtol=1e-6)
+  mean = lambda a: q.propagate(x0, a, b, np.zeros(2), dt=1.0).mean
+  stiff = A * 1e6
+  np.testing.assert_allclose(jax.jit(mean)(stiff), mean(stiff), rtol=1e-9)
+  assert np.isfinite(jax.grad(lambda a: mean(a).sum())(stiff)).all()
+  # past 32 squarings a traced count still gives NaN; an explicit count is honoured
+  assert np.isnan(jax.jit(lambda t: koopman_affine(A, b, t)[0])(1e12)).all()
+  np.testing.assert_allclose(jax.jit(lambda t: koopman_affine(A, b, t, max_squarings=64)[1])(
+      1e12), fixed, rtol=1e-3)
+  assert np.isnan(koopman_affine(A, b, 1e6, max_squarings=16)[0]).all()
+  for bad in (-1, 2.0, "64", True):
+    with pytest.raises(ValueError, match="max_squarings must be"):
+      koopman_affine(A, b, 1.0, max_squarings=bad)
+  # per-step generators, one of them stiff, called eagerly: each step is traced in the vmap
+  A_seq = np.stack([A, A * 1e6])
+  chain = np.asarray(q.chain_mean(x0, A_seq, b, 1.0))
+  step1 = np.asarray(koopman_mean(A, b, x0, 1.0))
+  np.testing.assert_allclose(chain[0], step1, rtol=1e-12)
+  np.testing.assert_allclose(chain[1], np.asarray(koopman_mean(A * 1e6, b, step1, 1.0)),
+                             rtol=1e-9)
+
+
 def test_zero_generator_closed_forms(x64):
   _, b, x0 = _rand(5, d=3)
   T, sK = 1.7, 0.6

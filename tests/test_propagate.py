@@ -106,6 +106,17 @@ def test_no_measurement_limit(x64, mode, form):
                   mode=mode, form=form)
   err = np.max(np.abs(np.asarray(big.mean) - mu_K))
   assert 0 < err < 1e-7
+  # d/dsigma_m at inf is 0 (the measurement term falls as 1/sigma_m^2), not 0 * inf = NaN,
+  # so a vmap(grad) over a sigma_m grid may include "no measurement"
+  n_sub = {"n_sub": 2} if mode == "kalman_bucy" else {}
+  loss = lambda sig: propagate_full(s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T,
+                                    sigma_m=sig, sigma_K=sK, mode=mode, form=form,
+                                    **n_sub).log_normalizer + propagate(
+      s["x0"], s["A"], s["b"], s["x_tgt"], s["M"], dt=T, sigma_m=sig, sigma_K=sK, mode=mode,
+      form=form, **n_sub).mean.sum()
+  assert float(jax.grad(loss)(jnp.inf)) == 0.0
+  grads = jax.vmap(jax.grad(loss))(jnp.array([1e3, jnp.inf]))
+  assert np.all(np.isfinite(grads)) and 0 < abs(float(grads[0])) < 1e-4
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -389,6 +400,19 @@ def test_spec_signature_positional_order(x64):
   assert np.max(np.abs(np.asarray(paper.mean) - np.asarray(exact.mean))) > 1e-3
   with pytest.raises(TypeError):
     propagate(*args, 0.7, 0.5, 1.3, "paper", "gain")  # form and n_sub are keyword-only
+
+
+def test_measurement_update_derivatives_at_zero_precision(x64):
+  """P(r) = (Sigma_0^{-1} + r M^T M)^{-1} is smooth at r = 0 (no measurement): the gain
+  form's Joseph term must not differentiate a sqrt(r) there (inf * 0 = NaN)."""
+  rng = np.random.default_rng(1)
+  S0 = rng.normal(size=(3, 3))
+  S0 = S0 @ S0.T + np.eye(3)
+  M, mu0, y = rng.normal(size=(3, 3)), rng.normal(size=3), rng.normal(size=3)
+  cov = lambda r: measurement_update(mu0, S0, y, M, r).covariance
+  dP = jax.jacfwd(cov)(0.0)
+  np.testing.assert_allclose(dP, -S0 @ M.T @ M @ S0, rtol=1e-12)  # d/dr (S^-1 + r M^T M)^-1
+  np.testing.assert_allclose(jax.grad(lambda r: cov(r).sum())(0.0), dP.sum(), rtol=1e-12)
 
 
 def test_measurement_update_prior_with_singular_covariance(x64):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from qsf_jax import _checks
-from qsf_jax.physics.generators import koopman_affine, koopman_cov
+from qsf_jax.physics.generators import _affine_squarings, koopman_affine, koopman_cov
 from qsf_jax.physics.propagate import check_scalars
 
 SCAN_METHODS = ("associative", "sequential")
@@ -75,6 +75,13 @@ def _validate_seq(A_seq, b_seq, extra=(), n_steps=None, n_from=None):
   return A.astype(dtype), b.astype(dtype), d, N, dtype
 
 
+def _affine_steps(A, b, dt):
+  """``koopman_affine`` over dt for ``_per_step``, with the squaring count that the
+  largest |[[A_n, b_n], [0, 0]] dt|_1 of concrete steps needs: inside the vmap the
+  values are traced, and each step alone would get the traced count."""
+  return functools.partial(koopman_affine, dt=dt, max_squarings=_affine_squarings(A, b, dt))
+
+
 def _per_step(fn, A, b, N, *args):
   """Applies fn(A_n, b_n, *args) over the steps, broadcasting constant A or b."""
   in_axes = (0 if A.ndim == 3 else None, 0 if b.ndim == 2 else None)
@@ -100,7 +107,7 @@ def step_maps(A_seq, b_seq, dt=1.0, *, n_steps=None):
   """
   A, b, _, N, _ = _validate_seq(A_seq, b_seq, n_steps=n_steps)
   _checks.check_time_step("dt", dt)
-  return _per_step(koopman_affine, A, b, N, dt)
+  return _per_step(_affine_steps(A, b, dt), A, b, N)
 
 
 def compose_affine(earlier, later):
@@ -185,7 +192,7 @@ def chain_mean(x0, A_seq, b_seq, dt=1.0, *, n_steps=None, method="associative"):
   _checks.check_shape("x0", x0, (d,))
   _checks.check_finite("x0", x0)
   _checks.check_time_step("dt", dt)
-  U_NDD, c_ND = _per_step(koopman_affine, A, b, N, dt)
+  U_NDD, c_ND = _per_step(_affine_steps(A, b, dt), A, b, N)
   return scan_affine(x0.astype(dtype), U_NDD, c_ND, method=method)
 
 
@@ -204,7 +211,7 @@ def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt, sigma_m, sigma_K):
   check_scalars(dt, sigma_m, sigma_K)
   for name, v in (("x0", x0), ("x_tgt_seq", y), ("M", M)):
     _checks.check_finite(name, v)
-  r = jnp.asarray(dt, dtype) / jnp.asarray(sigma_m, dtype) ** 2
+  r = jnp.asarray(dt, dtype) * (1.0 / jnp.asarray(sigma_m, dtype)) ** 2  # d/dsigma_m 0 at inf
   return x0.astype(dtype), A, b, y.astype(dtype), M.astype(dtype), N, r
 
 
@@ -239,8 +246,10 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=
                                             sigma_m, sigma_K)
   d = x0.shape[0]
 
+  squarings = _affine_squarings(A, b, dt)  # from every step's values, outside the vmap
+
   def step_map(A_DD, b_D):
-    U, c = koopman_affine(A_DD, b_D, dt)
+    U, c = koopman_affine(A_DD, b_D, dt, max_squarings=squarings)
     S = koopman_cov(A_DD, sigma_K, dt)
     cB = jsl.cho_factor(r * (M @ S @ M.T) + jnp.eye(d, dtype=x0.dtype), lower=True)
     G = jsl.cho_solve(cB, r * (M @ S)).T

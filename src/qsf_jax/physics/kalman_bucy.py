@@ -168,7 +168,7 @@ def _kalman_bucy(m_D, P_DD, A, b, x_tgt, M, dt, sigma_m, sigma_K, *, n_sub):
   sigmas as scalar arrays)."""
   d = A.shape[0]
   n = d + 1
-  inv_s2 = 1.0 / sigma_m ** 2
+  inv_s2 = (1.0 / sigma_m) ** 2  # its gradient is 0, not NaN, at sigma_m = inf
   g_D = inv_s2 * (M.T @ x_tgt)
   Ah = jnp.zeros((n, n), A.dtype).at[:d, :d].set(A).at[:d, d].set(b)
   Qh = jnp.zeros((n, n), A.dtype).at[:d, :d].set(sigma_K ** 2 * jnp.eye(d, dtype=A.dtype))

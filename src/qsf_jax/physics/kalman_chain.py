@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from qsf_jax import _checks
-from qsf_jax.physics.chain import _per_step, _validate_measured
-from qsf_jax.physics.generators import koopman_affine, koopman_cov
+from qsf_jax.physics.chain import _affine_steps, _per_step, _validate_measured
+from qsf_jax.physics.generators import koopman_cov
 from qsf_jax.physics.kalman_bucy import _kalman_bucy
 from qsf_jax.physics.propagate import (FORMS, MODES, GaussianPropagator, GaussianState,
                                        _measurement_update, check_substeps, exact_substeps)
@@ -78,7 +78,7 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
     return _exact_chain(x0, P0, jnp.broadcast_to(A, (N, d, d)), jnp.broadcast_to(b, (N, d)),
                         y, M, jnp.asarray(dt, dtype), jnp.asarray(sigma_m, dtype),
                         jnp.asarray(sigma_K, dtype), n_sub=int(n_sub))
-  U_NDD, c_ND = _per_step(koopman_affine, A, b, N, dt)
+  U_NDD, c_ND = _per_step(_affine_steps(A, b, dt), A, b, N)
   if A.ndim == 3:
     S_NDD = jax.vmap(lambda a: koopman_cov(a, sigma_K, dt))(A)
   else:

@@ -46,7 +46,10 @@ def measurement_update(prior_mean, prior_cov, x_tgt, M, obs_precision, *, form="
   (sigma = inf) is exact and no Sigma_0^{-1} is needed:
 
     G = r Sigma_0 M^T (r M Sigma_0 M^T + I)^{-1},  mu = mu_0 + G (x_tgt - M mu_0),
-    P = (I - G M) Sigma_0 (I - G M)^T + r^{-1} G G^T   (Joseph form, PSD).
+    P = (I - G M) Sigma_0 (I - G M)^T + r^{-1} G G^T   (Joseph form, PSD),
+
+  with r^{-1} G G^T evaluated as r H H^T, H = G / r, so that P and its derivatives
+  are finite at r = 0.
 
   The log-normaliser is log int N(x; mu_0, Sigma_0) exp(-(r/2)|M x - x_tgt|^2) dx:
   -1/2 log det(I + r M Sigma_0 M^T) - (r/2) e^T (I + r M Sigma_0 M^T)^{-1} e with
@@ -103,12 +106,14 @@ def _measurement_update(mu0, S0, y, M, r, *, form):
     return GaussianPropagator(mu, Lam, P, log_z)
   B = _sym(r * (M @ S0 @ M.T) + eye)
   cB = jsl.cho_factor(B, lower=True)
-  G = jsl.cho_solve(cB, r * (M @ S0)).T
-  J = jsl.cho_solve(cB, jnp.sqrt(r) * (M @ S0)).T  # G / sqrt(r), finite at r = 0
+  H = jsl.cho_solve(cB, M @ S0).T  # G / r: finite at r = 0
+  G = r * H
   e = y - M @ mu0
   mu = mu0 + G @ e
   IGM = eye - G @ M
-  P = _sym(IGM @ S0 @ IGM.T + J @ J.T)
+  # Joseph form, G (I / r) G^T = r H H^T: no 1/r, and no sqrt(r), whose derivative
+  # is infinite at r = 0 (it made d/dsigma_m NaN at sigma_m = inf).
+  P = _sym(IGM @ S0 @ IGM.T + r * (H @ H.T))
   Lam, _ = _spd_inv_logdet(P)
   log_z = (-jnp.sum(jnp.log(jnp.diagonal(cB[0])))
            - 0.5 * r * (e @ jsl.cho_solve(cB, e)))
@@ -189,7 +194,7 @@ def propagate_full(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0,
                             sigma_K=sigma_K, n_sub=n_sub)
   dtype = x0.dtype
   dt_s = jnp.asarray(dt, dtype)
-  r = dt_s / jnp.asarray(sigma_m, dtype) ** 2
+  r = dt_s * (1.0 / jnp.asarray(sigma_m, dtype)) ** 2  # its gradient is 0, not NaN, at inf
   # As measurement_update checks them: r = dt/sigma_m^2 may overflow (concrete
   # values only), and so may Sigma_K for a growing mode.
   _checks.check_finite_nonneg("obs_precision", r)

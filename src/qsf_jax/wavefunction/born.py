@@ -14,24 +14,9 @@ stored as the rows of an array ``m`` (K, N), pass ``M = m.conj()``.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from qsf_jax import _checks
 from qsf_jax.wavefunction.hermitian import complex_dtype
-
-
-def _check_fraction(name, value):
-  """Raises ``ValueError`` for a concrete value outside [0, 1] (tracers pass)."""
-  try:
-    v = np.asarray(value)
-  except Exception:  # a tracer: cannot be checked at trace time
-    return
-  if v.dtype == object:
-    return
-  if np.iscomplexobj(v) or v.ndim != 0:
-    raise ValueError(f"{name} must be a real scalar, got {value!r}")
-  if not (0.0 <= float(v) <= 1.0):
-    raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
 def _operator_and_state(name_M, M, psi, *, ndim_M=2):
@@ -86,7 +71,7 @@ def born_probabilities(M, psi, eta=0.0):
   Returns:
     p: real probabilities (..., K).
   """
-  _check_fraction("eta", eta)
+  _checks.check_unit_interval("eta", eta)  # the shape under jit too
   a = amplitudes(M, psi)
   K = a.shape[-1]
   p = jnp.real(a) ** 2 + jnp.imag(a) ** 2
@@ -106,7 +91,7 @@ def povm_from_isometry(M, eta=0.0):
   """
   M = _checks.as_array("M", M, allow_complex=True)
   _checks.check_ndim("M", M, 2)
-  _check_fraction("eta", eta)
+  _checks.check_unit_interval("eta", eta)  # the shape under jit too
   M = M.astype(complex_dtype(M.dtype))
   K, N = M.shape
   Ms = jnp.conj(M)[:, :, None] * M[:, None, :]
