@@ -273,8 +273,16 @@ def test_bad_inputs_raise_with_argument_names():
     cy.orthogonal_step(jnp.zeros((3, 3)), jnp.ones(3) * 1j)
   with pytest.raises(ValueError, match=r"U must be a square matrix"):
     cy.realify(jnp.ones((2, 3)))
-  with pytest.raises(ValueError, match="N must be a positive integer"):
+  with pytest.raises(ValueError, match="N must be >= 1, got 0"):
     hm.random_hermitian(jax.random.PRNGKey(0), 0)
+  with pytest.raises(ValueError, match="N must be an int, got 2.0"):
+    hm.random_hermitian(jax.random.PRNGKey(0), 2.0)
+  # under jit, a size or a flag must be static, and the error says so
+  with pytest.raises(ValueError, match=r"N must be a Python int, but it is traced.*static_arg"):
+    jax.jit(lambda n: hm.random_hermitian(jax.random.PRNGKey(0), n))(3)
+  H2 = jnp.stack([hm.random_hermitian(jax.random.PRNGKey(0), 3)] * 2)
+  with pytest.raises(ValueError, match=r"return_states must be a Python bool, but it is traced"):
+    jax.jit(lambda r: cy.cayley_scan(H2, jnp.ones(3, jnp.complex64), return_states=r))(True)
 
 
 def test_structure_of_concrete_inputs_is_checked(x64):

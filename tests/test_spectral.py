@@ -300,3 +300,18 @@ def test_bad_matrices_raise(K_list, match):
 def test_bad_options_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     spectral_analysis([np.eye(2)], **kwargs)
+
+
+@pytest.mark.parametrize("fn", [lambda K: spectral_analysis([K])["spectral_radius"],
+                                lambda K: spectral_analysis(K[None])["spectral_radius"],
+                                koopman_generator,
+                                lambda K: effective_gain(K, jnp.ones(3))],
+                         ids=["list", "stacked", "koopman_generator", "effective_gain"])
+def test_host_tools_refuse_tracers_by_name(fn):
+  """Under jit, vmap or grad these host-side tools say so, instead of jax's generic
+  TracerArrayConversionError."""
+  K = 0.5 * jnp.eye(3)
+  fn(K)  # concrete: fine
+  for transform in (jax.jit, jax.vmap):
+    with pytest.raises(ValueError, match=r"is traced \(under jax.jit, vmap or grad\).*outside"):
+      transform(fn)(K if transform is jax.jit else K[None])

@@ -268,6 +268,9 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
   if (isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
       and jnp.issubdtype(value.dtype, jnp.integer) and _concrete(value) is not None):
     value = int(value)
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a Python int, but it is traced: under jax.jit pass "
+                     f"it as a static argument (static_argnames=[{name!r}])")
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be an int, got {value!r}")
   if minimum is not None and value < minimum:
@@ -302,6 +305,9 @@ def check_flag(name: str, value) -> bool:
   A truthy stand-in such as the string "no" or the int 2 is refused, not read as
   True.
   """
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a Python bool, but it is traced: under jax.jit pass "
+                     f"it as a static argument (static_argnames=[{name!r}])")
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
   return bool(value)

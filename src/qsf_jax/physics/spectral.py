@@ -64,9 +64,18 @@ def _host_matrices(K_list) -> np.ndarray:
 
 
 def host_real(name: str, x) -> np.ndarray:
-  """Converts a finite real numeric array-like (numpy or jax) to float64 numpy."""
+  """Converts a finite real numeric array-like (numpy or jax) to float64 numpy.
+
+  A tracer (the argument of a function under jit, vmap or grad) is refused by
+  name: the spectral tools run on the host and return numbers to read.
+  """
   if x is None:
     raise ValueError(f"{name} must be an array, got None")
+  if isinstance(x, jax.core.Tracer):
+    raise ValueError(
+        f"{name} is traced (under jax.jit, vmap or grad), but this function runs on the "
+        "host in float64 and returns numbers to read, not to differentiate: call it "
+        "outside the transformation, on concrete arrays")
   arr = np.asarray(x)
   if np.iscomplexobj(arr):
     raise ValueError(

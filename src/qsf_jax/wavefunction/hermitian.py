@@ -228,8 +228,7 @@ def random_hermitian(key, N: int, scale=None, dtype=jnp.float32, *, batch_shape=
   Returns:
     H: complex Hermitian (*batch_shape, N, N).
   """
-  if not isinstance(N, int) or N < 1:
-    raise ValueError(f"N must be a positive integer, got {N!r}")
+  N = _checks.check_int("N", N, 1)  # a static size; numpy ints pass, tracers are named
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a real floating dtype, got {dtype}")
   scale = 1.0 / N ** 0.5 if scale is None else scale
