@@ -227,8 +227,15 @@ def test_chain_bad_inputs():
     with pytest.raises(ValueError, match="n_steps must be an int"):
       chain_mean(x0, A[0], b[0], n_steps=bad)
   assert chain_mean(x0, A[0], b[0], n_steps=np.int64(2)).shape == (2, D)
-  with pytest.raises(ValueError, match=r"A_seq must have 2 or 3 dimension\(s\)"):
+  with pytest.raises(ValueError, match=r"A_seq must have 2 or 3 dimension\(s\).*jax.vmap"):
     chain_mean(x0, A[None], b)
+  # a batch of start states: the error points to vmap (shape errors of other kinds do not)
+  with pytest.raises(ValueError, match=rf"x0 must have shape \({D},\), got \(2, {D}\); "
+                                       "for a batch, map over its leading axis with jax.vmap"):
+    chain_mean(np.stack([x0, x0]), A, b)
+  with pytest.raises(ValueError, match=r"x0 must have shape") as info:
+    chain_mean(x0[:-1], A, b)
+  assert "vmap" not in str(info.value)
   with pytest.raises(ValueError, match="A_seq must be a square matrix"):
     chain_mean(x0, A[:, :, :2], b)
   with pytest.raises(ValueError, match=r"b_seq must have shape \(\?, 3\)"):

@@ -40,13 +40,17 @@ def as_array(name: str, x, *, allow_complex: bool = False) -> jnp.ndarray:
   return arr
 
 
+# Appended where an argument has more leading axes than the function takes.
+VMAP_HINT = "; for a batch, map over its leading axis with jax.vmap"
+
+
 def check_ndim(name: str, x, ndim: int | Sequence[int]) -> None:
   """Raises ``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of them)."""
   allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
   if x.ndim not in allowed:
     raise ValueError(
         f"{name} must have {' or '.join(map(str, allowed))} dimension(s), "
-        f"got shape {tuple(x.shape)}")
+        f"got shape {tuple(x.shape)}" + (VMAP_HINT if x.ndim > max(allowed) else ""))
 
 
 def check_shape(name: str, x, shape: Sequence[int | None]) -> None:
@@ -55,7 +59,10 @@ def check_shape(name: str, x, shape: Sequence[int | None]) -> None:
       s is not None and s != xs for s, xs in zip(shape, x.shape)):
     parts = ["?" if s is None else str(s) for s in shape]
     want = "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-    raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    batched = x.ndim > len(shape) and all(
+        s is None or s == xs for s, xs in zip(shape[::-1], x.shape[::-1]))
+    raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}"
+                     + (VMAP_HINT if batched else ""))
 
 
 def check_square(name: str, x, *, batch_dims: int | None = 0) -> int:
@@ -71,7 +78,8 @@ def check_square(name: str, x, *, batch_dims: int | None = 0) -> int:
   if batch_dims is not None and x.ndim != 2 + batch_dims:
     raise ValueError(
         f"{name} must have {2 + batch_dims} dimensions (square matrix"
-        f"{' with batch axes' if batch_dims else ''}), got shape {tuple(x.shape)}")
+        f"{' with batch axes' if batch_dims else ''}), got shape {tuple(x.shape)}"
+        + (VMAP_HINT if x.ndim > 2 + batch_dims else ""))
   return x.shape[-1]
 
 
