@@ -375,15 +375,18 @@ def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
     gc.collect()
 
 
-def test_evaluating_on_changed_data_is_refused(env, tmp_path, capsys, caplog):
+def test_evaluating_on_changed_data_is_refused(env, run_dir, tmp_path, capsys, caplog):
   """A run's data file edited after training (stories added: the held-out validation
   stories shift, and some were trained on) is not silently evaluated; --data uses it."""
   _, corpus, _ = env
   data = tmp_path / "stories.txt"
-  shutil.copyfile(corpus, data)
+  shutil.copyfile(corpus, data)  # same name and contents: run_dir's token-cache entry
   wd = tmp_path / "run"
   assert train_cli.run(_train_args(data, wd, steps=2, checkpoint_every=0, eval_every=0,
                                    sample_tokens=0)) == 0
+  stored = load_run(wd).meta["data"]
+  assert stored["source"] == f"path:{data}"  # this run's path, not the cached entry's
+  assert stored["cache_key"] == load_run(run_dir).meta["data"]["cache_key"]
   assert evaluate_cli.run(["evaluate", f"--workdir={wd}", "--eval_batches=1"]) == 0
   capsys.readouterr()
   with open(data, "a") as f:

@@ -89,6 +89,19 @@ def test_cache_is_reused_without_retokenizing(tmp_path):
   assert sorted(decoded + held) == sorted(STORIES) and len(held) == 2
 
 
+def test_a_copy_shares_the_cache_entry_but_names_itself(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  first = write_txt(tmp_path / "a" / "stories.txt", STORIES)
+  copy = write_txt(tmp_path / "b" / "stories.txt", STORIES)
+  cache = tmp_path / "cache"
+  one = load_corpus(str(first), "bytes", cache_dir=cache)
+  two = load_corpus(str(copy), "bytes", cache_dir=cache)
+  assert two.metadata["cache_hit"] and two.metadata["cache_key"] == one.metadata["cache_key"]
+  assert one.metadata["source"] == f"path:{first}" and two.metadata["source"] == f"path:{copy}"
+  assert str(copy) in two.metadata["source_description"]
+
+
 def test_files_changed_while_read_are_not_cached(tmp_path):
   """A file rewritten between its hashing and its tokenization (a copy still being
   written) is refused, and no cache entry holds its new stories under the old hash."""

@@ -77,8 +77,11 @@ def load_corpus(data: str = "auto", tokenizer: Tokenizer | str = "gpt2", *,
       hub_revision=hub_revision)
   train, valid, meta, hit = build_or_load(
       source, tokenizer, cache_dir=cache_dir, max_train_stories=max_train_stories)
+  # The cache entry is shared by every path with the same contents (its key holds the
+  # file hashes and the names below PATH): name this source, not the first one cached.
   metadata = dict(
-      meta, cache_hit=hit, format_version=CACHE_FORMAT_VERSION, tokenizer=tokenizer.name,
+      meta, source=source.name, source_description=source.description,
+      cache_hit=hit, format_version=CACHE_FORMAT_VERSION, tokenizer=tokenizer.name,
       tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
       eot_id=tokenizer.eot_id)
   logging.info(

@@ -124,11 +124,12 @@ def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = Non
   The token-cache key stored with the run covers the source's contents (file
   hashes), the tokenizer, ``max_train_stories`` and the cache format. With
   ``data`` None (the run's own data) a different key means the files changed
-  since training, so the validation stories held out of them may now include
-  training stories, and every figure would silently be on other data:
-  ``DataChangedError``. Given ``data`` (the user's choice) is used as it is, with a
-  warning when it is the run's source with other contents, and so is a source of
-  another name (e.g. ``data="auto"`` fell back to the synthetic corpus in training).
+  since training (or ``data="auto"`` now reaches the hub where training fell back
+  to the synthetic corpus), so the validation stories may now include training
+  stories, and every figure would silently be on other data: ``DataChangedError``.
+  A given ``data`` (the user's choice) is used as it is, with a warning when it
+  is the run's source with other contents. Runs stored without a key are only
+  warned about when the source's name differs.
 
   Args:
     run: a ``restore.LoadedRun``.
@@ -144,17 +145,20 @@ def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = Non
   trained_on = (run.meta.get("data") or {}).get("source")
   stored_key = (run.meta.get("data_source") or {}).get("cache_key")
   source, key = corpus.metadata.get("source"), corpus.metadata.get("cache_key")
-  if trained_on and source != trained_on:
-    if data is None:
-      logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
-                      where, source, trained_on)
-  elif stored_key and key and key != stored_key:
-    msg = (f"the data at {source} differ from those {where} was trained on (token-cache key "
-           f"{key[:12]}, stored {stored_key[:12]}): the files, or the token-cache format, "
-           "changed since, so the validation stories held out of them may now include "
-           "training stories")
-    if data is None:
-      raise DataChangedError(f"{msg}; pass --data={cfg.data} to use the data as they are now")
+  changed = bool(stored_key and key and key != stored_key)
+  what = f"{source}" if source == trained_on else f"{source} (trained on {trained_on})"
+  msg = (f"the data {what} differ from those {where} was trained on (token-cache key "
+         f"{str(key)[:12]}, stored {str(stored_key)[:12]}): the files, the token-cache format "
+         "or what the data name resolves to changed since, so the validation stories may now "
+         "include training stories")
+  if data is None and changed:
+    raise DataChangedError(f"{msg}; pass --data={cfg.data} to use the data as they are now")
+  if data is None and trained_on and source != trained_on:
+    # a run stored without its cache key: e.g. data="auto" fell back to the synthetic
+    # corpus when the run was trained and reaches the hub now (or the other way round)
+    logging.warning("evaluating %s on %s, but it was trained on %s; pass --data to choose",
+                    where, source, trained_on)
+  elif data is not None and changed and source == trained_on:
     logging.warning("%s", msg)
   return cfg, corpus
 
