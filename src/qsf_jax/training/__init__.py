@@ -31,7 +31,8 @@ from qsf_jax.training.step import eval_step, make_train_step, masked_xent_sum
 
 __all__ = [
     "CheckpointMismatchError", "Checkpointer", "DataChangedError", "InitReport", "LoadedRun",
-    "NoCheckpointError", "NonFiniteLossError", "TrainConfig", "TrainConfigError", "TrainResult", "TrainState",
+    "NoCheckpointError", "NonFiniteLossError", "TrainConfig", "TrainConfigError", "TrainResult",
+    "TrainState",
     "create_train_state", "decay_mask", "eval_step", "evaluate_split", "evaluate_workdir",
     "generate", "has_checkpoint", "init_from_checkpoint", "init_variables", "load_run",
     "make_optimizer", "make_train_step", "masked_xent_sum", "onecycle_schedule",
