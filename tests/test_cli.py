@@ -337,17 +337,9 @@ def test_evaluate_warns_when_the_run_data_resolves_elsewhere(run_dir, tmp_path, 
   assert evaluate_workdir(run_dir, max_batches=1)["trained_on"] == out["data"]
 
 
-# Orbax's failed restore of a truncated array leaves TensorStore reads and their
-# coroutines behind ("Event loop is closed", "coroutine ... was never awaited" when they
-# are collected). They are orbax's own and harmless; the test collects them before it
-# ends, so that they are not reported in whichever test runs next.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
   # A checkpoint folder without its items (e.g. copied half-way) or with a truncated
   # JSON file is reported with its path and the step to fall back to; nothing is moved.
-  import gc
-  import shutil
-  import time
   for damage in ("missing_state", "empty_step", "truncated_meta", "truncated_array"):
     wd = tmp_path / damage
     shutil.copytree(run_dir, wd)
@@ -370,9 +362,34 @@ def test_damaged_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
                          f"checkpoint {step} cannot be read", "use step", main=evaluate_cli.run)
     assert "bound method" not in line, line  # orbax's TensorStore repr is cut off
     assert sorted(str(p) for p in wd.rglob("*")) == before
-  for _ in range(5):  # the abandoned reads finish on TensorStore's threads
-    time.sleep(0.1)
-    gc.collect()
+
+
+def test_a_truncated_array_leaves_no_noise(run_dir, tmp_path, capsys, caplog):
+  """orbax's failed restore leaves the other arrays' reads running; they reported from
+  TensorStore's threads and at collection ("Event loop is closed", coroutines never
+  awaited, futures never retrieved): up to a thousand lines after the error line."""
+  import gc
+  import sys
+  import time
+  wd = tmp_path / "run"
+  shutil.copytree(run_dir, wd)
+  big = max((p for p in (wd / "checkpoints" / "6" / "state").rglob("*") if p.is_file()),
+            key=lambda p: p.stat().st_size)
+  with open(big, "r+b") as f:
+    f.truncate(big.stat().st_size // 2)
+  seen, original = [], sys.unraisablehook
+  sys.unraisablehook = seen.append  # below the checkpoint module's filter, once installed
+  try:
+    for _ in range(3):  # the leftovers' timing varies from run to run
+      _expect_error(capsys, ["evaluate", f"--workdir={wd}"], "cannot be read",
+                    main=evaluate_cli.run)
+    for _ in range(10):  # the abandoned reads finish on TensorStore's threads
+      time.sleep(0.05)
+      gc.collect()
+  finally:
+    sys.unraisablehook = original
+  assert not seen, [f"{a.exc_type.__name__}: {str(a.exc_value)[:100]}" for a in seen]
+  assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
 def test_evaluating_on_changed_data_is_refused(env, run_dir, tmp_path, capsys, caplog):
