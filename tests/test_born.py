@@ -240,7 +240,7 @@ def test_bad_inputs_raise_with_argument_names():
   psi = jnp.ones(3, jnp.complex64)
   with pytest.raises(ValueError, match=r"psi must have shape \(\.\.\., 3\) to match M.*\(4,\)"):
     bn.born_probabilities(M, jnp.ones(4))
-  with pytest.raises(ValueError, match=r"M must have 2 dimension"):
+  with pytest.raises(ValueError, match=r"M must have at least 2 dimensions, got shape \(3,\)"):
     bn.born_probabilities(jnp.ones(3), psi)
   with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 1.5"):
     bn.born_probabilities(M, psi, eta=1.5)

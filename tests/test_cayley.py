@@ -244,7 +244,7 @@ def test_bad_inputs_raise_with_argument_names():
     cy.cayley_step(H, psi, dt=jnp.full(4, 0.1))
   with pytest.raises(ValueError, match="dt must be > 0 and finite"):
     cy.cayley_unitary(H, jnp.inf)
-  with pytest.raises(ValueError, match=r"H_seq must have 3 dimensions.*\(4, 4\)"):
+  with pytest.raises(ValueError, match=r"H_seq must have shape \(T, N, N\) or \(T, \.\.\., N, N\), got \(4, 4\)"):
     cy.cayley_scan(H, psi)
   with pytest.raises(ValueError, match=r"psi0 must have shape \(\.\.\., 4\)"):
     cy.cayley_scan(H[None], jnp.ones(3))
@@ -255,8 +255,10 @@ def test_bad_inputs_raise_with_argument_names():
   # A truthy non-bool is refused rather than read as True.
   with pytest.raises(ValueError, match="return_states must be a bool.*'no'"):
     cy.cayley_scan(H[None], psi, return_states="no")
-  with pytest.raises(ValueError, match=r"psi0 must have shape \(4,\)"):
-    cy.cayley_scan_parallel(H[None], jnp.ones((2, 4)))
+  for scan in (cy.cayley_scan, cy.cayley_scan_parallel):
+    with pytest.raises(ValueError, match=r"batched H_seq\[t\] of shape \(2, 4, 4\) needs psi0 .*"
+                       r"shape \(2, 4\), got \(3, 4\); pass one H_seq\[t\] of shape \(4, 4\)"):
+      scan(jnp.stack([H, H])[None], jnp.ones((3, 4)))
   with pytest.raises(ValueError, match="X must be real"):
     hm.hermitian_from_real(jnp.ones((3, 3)) * 1j, jnp.ones((3, 3)))
   with pytest.raises(ValueError, match=r"X and Y must have the same shape.*\(3, 3\).*\(4, 4\)"):
@@ -350,6 +352,40 @@ def test_cayley_unitary_gradient_matches_finite_differences(x64):
   _fd_check(loss_step, jnp.asarray(X), jnp.asarray(Y))
 
 
+def test_forward_mode_matches_reverse_mode_and_finite_differences(x64):
+  """jvp of every cell (custom_linear_solve) equals central differences; jacfwd equals
+  jacrev, and hessian (forward over reverse) equals reverse over reverse."""
+  X, Y = jnp.asarray(_rand_real(1, (4, 4))), jnp.asarray(_rand_real(2, (4, 4)))
+  psi = jnp.asarray(_rand_state(4, 4))
+  cells = {
+      "cayley_unitary": lambda X, Y: cy.cayley_unitary(hm.hermitian_from_real(X, Y), 0.7),
+      "cayley_step": lambda X, Y: cy.cayley_step(hm.hermitian_from_real(X, Y), psi, 0.7),
+      "hamiltonian_from_unitary": lambda X, Y: cy.hamiltonian_from_unitary(
+          cy.cayley_unitary(hm.hermitian_from_real(X, Y), 0.7), 0.7),
+      "orthogonal_step": lambda X, Y: cy.orthogonal_step(
+          hm.skew_from_real(X), jnp.real(psi) + Y[0], 0.7),
+  }
+  rng = np.random.default_rng(8)
+  dX, dY = jnp.asarray(rng.standard_normal((4, 4))), jnp.asarray(rng.standard_normal((4, 4)))
+  eps = 1e-6
+  for name, cell in cells.items():
+    # One program per cell: the jvp's primal, tangent and both differences.
+    out, tangent, plus, minus = jax.jit(lambda X, Y: jax.jvp(cell, (X, Y), (dX, dY)) + (
+        cell(X + eps * dX, Y + eps * dY), cell(X - eps * dX, Y - eps * dY)))(X, Y)
+    np.testing.assert_allclose(out, cell(X, Y), rtol=0, atol=1e-14, err_msg=name)
+    fd = (plus - minus) / (2 * eps)
+    np.testing.assert_allclose(tangent, fd, rtol=0, atol=1e-7, err_msg=name)
+  split = lambda X, Y: (jnp.real(cells["cayley_step"](X, Y)), jnp.imag(cells["cayley_step"](X, Y)))
+  fwd, rev = jax.jit(jax.jacfwd(split)), jax.jit(jax.jacrev(split))
+  for f, r in zip(jax.tree.leaves(fwd(X, Y)), jax.tree.leaves(rev(X, Y))):
+    np.testing.assert_allclose(f, r, rtol=0, atol=1e-12)
+  loss = lambda X, Y: jnp.sum(jnp.abs(cells["cayley_step"](X, Y)[:2]) ** 2)
+  h_fwd = jax.jit(jax.hessian(loss))(X, Y)
+  h_rev = jax.jit(jax.jacrev(jax.jacrev(loss)))(X, Y)
+  for f, r in zip(jax.tree.leaves(h_fwd), jax.tree.leaves(h_rev)):
+    np.testing.assert_allclose(f, r, rtol=0, atol=1e-12)
+
+
 def test_cayley_unitary_gradient_batched_complex64():
   """Backprop through many complex64 Cayley unitaries completes and is finite."""
   X = jnp.asarray(_rand_real(5, (160, 32, 32), np.float32))
@@ -358,3 +394,8 @@ def test_cayley_unitary_gradient_batched_complex64():
   loss = lambda X, Y: jnp.sum(w * jnp.real(cy.cayley_unitary(hm.hermitian_from_real(X, Y))))
   gX, gY = jax.jit(jax.grad(loss, argnums=(0, 1)))(X, Y)
   assert gX.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(gX) & jnp.isfinite(gY)))
+  # Forward mode completes too and gives the same directional derivative.
+  dX, dY = jnp.sign(gX), jnp.ones_like(gY)
+  _, tangent = jax.jit(lambda X, Y: jax.jvp(loss, (X, Y), (dX, dY)))(X, Y)
+  want = jnp.sum(gX * dX) + jnp.sum(gY * dY)
+  assert abs(float(tangent) - float(want)) <= 1e-4 * abs(float(want))

@@ -136,7 +136,7 @@ def test_bad_inputs_raise_with_argument_names():
   psi = jnp.ones(3, jnp.complex64)
   with pytest.raises(ValueError, match=r"H must be a square matrix.*\(3, 2\)"):
     cu.probability_currents(H[:, :2], psi, psi)
-  with pytest.raises(ValueError, match=r"H must have 2 dimensions.*\(2, 3, 3\)"):
+  with pytest.raises(ValueError, match=r"batched H of shape \(2, 3, 3\) needs psi0 .*\(2, 3\), got \(3,\)"):
     cu.probability_currents(jnp.stack([H, H]), psi, psi)
   with pytest.raises(ValueError, match=r"psi1 must have shape \(\.\.\., 3\).*\(4,\)"):
     cu.probability_currents(H, psi, jnp.ones(4))
@@ -150,7 +150,7 @@ def test_bad_inputs_raise_with_argument_names():
     cu.instantaneous_currents(H, jnp.ones(2))
   with pytest.raises(ValueError, match=r"Ms must have shape \(K, 3, 3\)"):
     cu.readout_rates(jnp.ones((2, 4, 4)), H, psi)
-  with pytest.raises(ValueError, match=r"H_seq must have 3 dimensions"):
+  with pytest.raises(ValueError, match=r"H_seq must have shape \(T, N, N\)"):
     cu.cayley_scan_with_currents(H, psi)
   # A non-Hermitian H is refused: its "currents" are not antisymmetric (no continuity).
   bad = jnp.ones((3, 3)) + 1j * jnp.triu(jnp.ones((3, 3)))

@@ -83,6 +83,30 @@ def check_square(name: str, x, *, batch_dims: int | None = 0) -> int:
   return x.shape[-1]
 
 
+def check_batch_axes(name: str, shape, core_ndim: int, state_name: str, state_shape) -> None:
+  """Checks an operator shared by all states or batched like them.
+
+  The wave-function functions take an operator whose last ``core_ndim`` axes
+  are its own (an (N, N) Hamiltonian, a (K, N) readout) either without batch
+  axes, shared by every state, or with exactly the leading axes of the
+  state(s) (..., N), one operator per state.
+
+  Args:
+    name: the operator's argument name for the error message.
+    shape: the operator's shape (..., *core), at least ``core_ndim`` long.
+    core_ndim: number of trailing axes that belong to one operator.
+    state_name: the states' argument name.
+    state_shape: the states' shape (..., N).
+  """
+  shape, state_shape = tuple(shape), tuple(state_shape)
+  batch = shape[:len(shape) - core_ndim]
+  if batch and batch != state_shape[:-1]:
+    raise ValueError(
+        f"batched {name} of shape {shape} needs {state_name} with the same leading "
+        f"axes, shape {batch + state_shape[-1:]}, got {state_shape}; pass one {name} "
+        f"of shape {shape[-core_ndim:]} to share it across states")
+
+
 def _concrete(value) -> np.ndarray | None:
   """``value`` as a numpy array, or None for a tracer (not checkable at trace time)."""
   try:

@@ -9,6 +9,10 @@ operator* whose row k is the bra m_k^dagger, so that
 ``isometry_from_real`` returns such an M with M^dagger M = I_N, so {M_k} is a
 rank-one POVM and sum_k p_k = ||psi||^2 = 1. Given measurement vectors m_k
 stored as the rows of an array ``m`` (K, N), pass ``M = m.conj()``.
+
+Batch axes: an operator is either shared by all states (M (K, N), Ms (K, N, N))
+or given one per state, with the states' leading axes (M (..., K, N) for psi
+(..., N)), as ``isometry_from_real`` returns for batched real pairs.
 """
 
 from __future__ import annotations
@@ -20,15 +24,22 @@ from qsf_jax.wavefunction.hermitian import complex_dtype
 
 
 def _operator_and_state(name_M, M, psi, *, ndim_M=2):
-  """Validates a measurement operator (..., N) and psi (..., N); returns both complex."""
+  """Validates a measurement operator and psi (..., N); returns both complex.
+
+  ``M`` has ``ndim_M`` axes of its own, ending in N, and either no batch axes or
+  those of ``psi`` (``_checks.check_batch_axes``).
+  """
   M = _checks.as_array(name_M, M, allow_complex=True)
-  _checks.check_ndim(name_M, M, ndim_M)
+  if M.ndim < ndim_M:
+    raise ValueError(
+        f"{name_M} must have at least {ndim_M} dimensions, got shape {tuple(M.shape)}")
   N = M.shape[-1]
   psi = _checks.as_array("psi", psi, allow_complex=True)
   if psi.ndim < 1 or psi.shape[-1] != N:
     raise ValueError(
         f"psi must have shape (..., {N}) to match {name_M} of shape "
         f"{tuple(M.shape)}, got {tuple(psi.shape)}")
+  _checks.check_batch_axes(name_M, M.shape, ndim_M, "psi", psi.shape)
   _checks.check_finite(name_M, M)
   _checks.check_finite("psi", psi)
   dtype = complex_dtype(M.dtype, psi.dtype)
@@ -39,7 +50,7 @@ def amplitudes(M, psi):
   """Measurement amplitudes a_k = m_k^dagger psi = (M psi)_k (wave-function spec §1.4).
 
   Args:
-    M: analysis operator, rows m_k^dagger (K, N).
+    M: analysis operator, rows m_k^dagger (K, N), or one per state (..., K, N).
     psi: state(s) (..., N).
 
   Returns:
@@ -51,7 +62,7 @@ def amplitudes(M, psi):
 def _amplitudes(name_M, M, psi):
   """(M psi)_k with ``M`` validated under the caller's argument name."""
   M, psi = _operator_and_state(name_M, M, psi)
-  return jnp.einsum("kn,...n->...k", M, psi)
+  return jnp.einsum("...kn,...n->...k", M, psi)
 
 
 def born_probabilities(M, psi, eta=0.0):
@@ -64,7 +75,8 @@ def born_probabilities(M, psi, eta=0.0):
   p_k >= eta/K and, for an isometry M, sum_k p_k = 1 with no softmax.
 
   Args:
-    M: analysis operator, rows m_k^dagger (K, N); an isometry for a POVM.
+    M: analysis operator, rows m_k^dagger (K, N), or one per state
+      (..., K, N); an isometry for a POVM.
     psi: state(s), unit norm (..., N).
     eta: unsharpness in [0, 1] (scalar).
 
@@ -83,18 +95,20 @@ def povm_from_isometry(M, eta=0.0):
   """POVM elements M_k^eta = (1 - eta) m_k m_k^dagger + (eta/K) I (spec §1.4).
 
   Args:
-    M: analysis operator, rows m_k^dagger (K, N).
+    M: analysis operator, rows m_k^dagger (..., K, N).
     eta: unsharpness in [0, 1] (scalar).
 
   Returns:
-    Ms: complex Hermitian PSD matrices (K, N, N); (Ms[k])_ab = conj(M_ka) M_kb.
+    Ms: complex Hermitian PSD matrices (..., K, N, N);
+    (Ms[..., k, :, :])_ab = conj(M_ka) M_kb.
   """
   M = _checks.as_array("M", M, allow_complex=True)
-  _checks.check_ndim("M", M, 2)
+  if M.ndim < 2:
+    raise ValueError(f"M must have at least 2 dimensions (K, N), got shape {tuple(M.shape)}")
   _checks.check_unit_interval("eta", eta)  # the shape under jit too
   M = M.astype(complex_dtype(M.dtype))
-  K, N = M.shape
-  Ms = jnp.conj(M)[:, :, None] * M[:, None, :]
+  K, N = M.shape[-2:]
+  Ms = jnp.conj(M)[..., :, :, None] * M[..., :, None, :]
   eye = jnp.broadcast_to(jnp.eye(N, dtype=M.dtype), Ms.shape)
   eta = jnp.asarray(eta, M.real.dtype)
   return (1.0 - eta) * Ms + (eta / K) * eye
@@ -107,17 +121,16 @@ def povm_probabilities(Ms, psi):
   imaginary part, zero for Hermitian M_k, is discarded.
 
   Args:
-    Ms: POVM elements, Hermitian PSD (K, N, N).
+    Ms: POVM elements, Hermitian PSD (K, N, N), or one set per state (..., K, N, N).
     psi: state(s) (..., N).
 
   Returns:
     p: real probabilities (..., K).
   """
   Ms = _checks.as_array("Ms", Ms, allow_complex=True)
-  _checks.check_ndim("Ms", Ms, 3)
-  _checks.check_square("Ms", Ms, batch_dims=1)
+  _checks.check_square("Ms", Ms, batch_dims=None)
   Ms, psi = _operator_and_state("Ms", Ms, psi, ndim_M=3)
-  return jnp.real(jnp.einsum("...a,kab,...b->...k", jnp.conj(psi), Ms, psi))
+  return jnp.real(jnp.einsum("...a,...kab,...b->...k", jnp.conj(psi), Ms, psi))
 
 
 def born_logits(W, psi, beta=1.0, bias=None):
@@ -129,7 +142,8 @@ def born_logits(W, psi, beta=1.0, bias=None):
   about N tokens near-deterministic.
 
   Args:
-    W: complex readout, rows w_k^dagger (V, N), built from real parts by the caller.
+    W: complex readout, rows w_k^dagger (V, N), built from real parts by the
+      caller, or one per state (..., V, N).
     psi: state(s) (..., N).
     beta: real inverse temperature (scalar; may be a traced parameter).
     bias: real bias b (V,), or None.
@@ -158,7 +172,7 @@ def normalized_born(W, psi):
   leverage scores sum to N.
 
   Args:
-    W: complex readout, rows w_k^dagger (V, N).
+    W: complex readout, rows w_k^dagger (V, N), or one per state (..., V, N).
     psi: nonzero state(s) (..., N).
 
   Returns:

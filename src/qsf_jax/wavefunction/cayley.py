@@ -13,9 +13,13 @@ The real orthogonal baseline is the same cell with H = iA, A real
 antisymmetric; ``realify`` (defined in ``hermitian``, re-exported here)
 embeds U(N) into SO(2N).
 
-Derivatives: the solves carry a custom VJP (``_refined_solve``), so the cells
-support reverse mode (``grad``, ``vjp``, ``jacrev``) but not forward mode:
-``jvp`` and ``jacfwd`` raise a ``TypeError`` from JAX; use ``jacrev``.
+Batch axes: a Hamiltonian is shared by all states ((N, N), or (T, N, N) for a
+sequence) or given one per state with the states' leading axes ((..., N, N),
+(T, ..., N, N) for states (..., N)).
+
+Derivatives: the solves carry their own derivative (``_refined_solve``: the
+exact solve's, from the same LU factors), in forward and reverse mode alike
+(``jvp``, ``jacfwd``, ``grad``, ``jacrev``, ``hessian``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ def _hamiltonian(name, H, *, batch_dims=None):
   return H.astype(complex_dtype(H.dtype))
 
 
-@jax.custom_vjp
+def _lu_refined(lu_piv, B_NN, rhs_NK):
+  """x = B^{-1} rhs from the LU factors of B, with one refinement step."""
+  x_NK = jsl.lu_solve(lu_piv, rhs_NK)
+  return x_NK + jsl.lu_solve(lu_piv, rhs_NK - B_NN @ x_NK)
+
+
 def _refined_solve(B_NN, rhs_NK):
   """Solves B x = rhs by LU with one step of iterative refinement.
 
@@ -54,11 +63,15 @@ def _refined_solve(B_NN, rhs_NK):
   few Hamiltonians drifts in norm linearly in time (float32: ~1e-4 after 1e4
   steps at N = 8), with it the drift is a random walk at the rounding floor.
 
-  The derivative is that of the exact solve x = B^{-1} rhs (refinement changes
-  rounding, not the function), computed from the same LU factors:
-  rhs_bar = B^{-T} g and B_bar = -rhs_bar x^T (JAX's transpose convention for
-  complex cotangents). Differentiating through the two LU solves instead is
-  twice the work, and on CPU (jax 0.10) it stalls for batched complex64 input.
+  Derivatives are those of the exact solve x = B^{-1} rhs (refinement changes
+  rounding, not the function), by ``jax.lax.custom_linear_solve``: the tangent
+  dx = B^{-1}(drhs - dB x) and the cotangents rhs_bar = B^{-T} g,
+  B_bar = -rhs_bar x^T are solves with the same LU factors (transposed for
+  reverse mode, as one plain solve: a gradient needs no refinement), so
+  forward and reverse mode both work (``jvp``, ``jacfwd``, ``grad``,
+  ``jacrev``, ``hessian``) and the LU routines are never differentiated:
+  autodiff through them is twice the work, and on CPU (jax 0.10) it stalls for
+  batched complex64 input.
 
   Args:
     B_NN: matrices (..., N, N).
@@ -67,24 +80,14 @@ def _refined_solve(B_NN, rhs_NK):
   Returns:
     x: (..., N, K).
   """
-  return _refined_solve_fwd(B_NN, rhs_NK)[0]
-
-
-def _refined_solve_fwd(B_NN, rhs_NK):
-  lu_piv = jsl.lu_factor(B_NN)
-  x_NK = jsl.lu_solve(lu_piv, rhs_NK)
-  x_NK = x_NK + jsl.lu_solve(lu_piv, rhs_NK - B_NN @ x_NK)
-  return x_NK, (lu_piv, x_NK)
-
-
-def _refined_solve_bwd(res, g_NK):
-  lu_piv, x_NK = res
-  rhs_bar_NK = jsl.lu_solve(lu_piv, g_NK, trans=1)
-  B_bar_NN = -rhs_bar_NK @ jnp.swapaxes(x_NK, -1, -2)
-  return B_bar_NN, rhs_bar_NK
-
-
-_refined_solve.defvjp(_refined_solve_fwd, _refined_solve_bwd)
+  # The factors only serve the solves: custom_linear_solve differentiates through
+  # the matvec B @ x, never through the solve functions.
+  B_const_NN = jax.lax.stop_gradient(B_NN)
+  lu_piv = jsl.lu_factor(B_const_NN)
+  return jax.lax.custom_linear_solve(
+      lambda x_NK: B_NN @ x_NK, rhs_NK,
+      solve=lambda _, b_NK: _lu_refined(lu_piv, B_const_NN, b_NK),
+      transpose_solve=lambda _, b_NK: jsl.lu_solve(lu_piv, b_NK, trans=1))
 
 
 def _half_generator(H, dt):
@@ -137,10 +140,7 @@ def cayley_step(H, psi, dt=1.0):
     raise ValueError(
         f"psi must have shape (..., {N}) to match H of shape {tuple(H.shape)}, "
         f"got {tuple(psi.shape)}")
-  if H.ndim > 2 and H.shape[:-2] != psi.shape[:-1]:
-    raise ValueError(
-        f"batched H of shape {tuple(H.shape)} needs psi of shape "
-        f"{tuple(H.shape[:-2]) + (N,)}, got {tuple(psi.shape)}")
+  _checks.check_batch_axes("H", H.shape, 2, "psi", psi.shape)
   _checks.check_finite("psi", psi)
   dtype = complex_dtype(H.dtype, psi.dtype)
   H, psi = H.astype(dtype), psi.astype(dtype)
@@ -155,15 +155,28 @@ def cayley_step(H, psi, dt=1.0):
   return _refined_solve(I + A, rhs)[..., 0]
 
 
+def _sequence(H_seq):
+  """Validates a Hamiltonian sequence (T, ..., N, N); returns it complex."""
+  H_seq = _hamiltonian("H_seq", H_seq, batch_dims=None)
+  if H_seq.ndim < 3:
+    raise ValueError(
+        f"H_seq must have shape (T, N, N) or (T, ..., N, N), got {tuple(H_seq.shape)}")
+  return H_seq
+
+
 def _check_sequence(H_seq, psi0):
-  """Validates H_seq (T, N, N) and psi0 (..., N); returns both in one complex dtype."""
-  H_seq = _hamiltonian("H_seq", H_seq, batch_dims=1)
+  """Validates H_seq (T, [...,] N, N) and psi0 (..., N); returns both in one complex dtype.
+
+  A batched sequence (T, ..., N, N) needs psi0 with the same leading axes.
+  """
+  H_seq = _sequence(H_seq)
   N = H_seq.shape[-1]
   psi0 = _checks.as_array("psi0", psi0, allow_complex=True)
   if psi0.ndim < 1 or psi0.shape[-1] != N:
     raise ValueError(
         f"psi0 must have shape (..., {N}) to match H_seq of shape "
         f"{tuple(H_seq.shape)}, got {tuple(psi0.shape)}")
+  _checks.check_batch_axes("H_seq[t]", H_seq.shape[1:], 2, "psi0", psi0.shape)
   _checks.check_finite("psi0", psi0)
   dtype = complex_dtype(H_seq.dtype, psi0.dtype)
   return H_seq.astype(dtype), psi0.astype(dtype)
@@ -177,7 +190,8 @@ def cayley_scan(H_seq, psi0, dt=1.0, *, return_states=True):
   as a ``jax.lax.scan`` (one O(N^3) solve per step, sequential in time).
 
   Args:
-    H_seq: Hermitian matrices (T, N, N).
+    H_seq: Hermitian matrices (T, N, N), or one sequence per state
+      (T, ..., N, N) with the leading axes of ``psi0``.
     psi0: initial state(s) (..., N).
     dt: step length (scalar > 0).
     return_states: whether to stack the states psi_1..psi_T.
@@ -212,13 +226,13 @@ def cayley_products(H_seq, dt=1.0):
   time-parallel twin of ``cayley_scan`` for state-independent Hamiltonians.
 
   Args:
-    H_seq: Hermitian matrices (T, N, N).
+    H_seq: Hermitian matrices (T, ..., N, N).
     dt: step length (scalar > 0).
 
   Returns:
-    P: cumulative unitaries (T, N, N); P[t] maps psi_0 to psi_{t+1}.
+    P: cumulative unitaries (T, ..., N, N); P[t] maps psi_0 to psi_{t+1}.
   """
-  H_seq = _hamiltonian("H_seq", H_seq, batch_dims=1)
+  H_seq = _sequence(H_seq)
   _checks.check_time_step("dt", dt)
   return _cayley_products(H_seq, jnp.asarray(dt, H_seq.real.dtype))
 
@@ -237,22 +251,25 @@ def cayley_scan_parallel(H_seq, psi0, dt=1.0):
     psi_t = P_t psi_0,   P_t = U_t ... U_1   (see ``cayley_products``).
 
   Args:
-    H_seq: Hermitian matrices (T, N, N).
-    psi0: initial state (N,).
+    H_seq: Hermitian matrices (T, N, N), or one sequence per state
+      (T, ..., N, N) with the leading axes of ``psi0``.
+    psi0: initial state(s) (..., N).
     dt: step length (scalar > 0).
 
   Returns:
-    (psi_T, states): as ``cayley_scan``: (N,) and (T, N); for T = 0, psi0 and
-    an empty (0, N).
+    (psi_T, states): as ``cayley_scan``: (..., N) and (T, ..., N); for T = 0,
+    psi0 and an empty (0, ..., N).
   """
   H_seq, psi0 = _check_sequence(H_seq, psi0)
-  _checks.check_shape("psi0", psi0, (H_seq.shape[-1],))
   if H_seq.shape[0] == 0:  # no step: as cayley_scan
     _checks.check_time_step("dt", dt)
     return psi0, jnp.zeros((0,) + psi0.shape, psi0.dtype)
   P_TNN = cayley_products(H_seq, dt)
-  states_TN = jnp.einsum("tnm,m->tn", P_TNN, psi0)
-  return states_TN[-1], states_TN
+  if P_TNN.ndim == 3:  # shared products: one matrix per step for every state
+    states = jnp.einsum("tnm,...m->t...n", P_TNN, psi0)
+  else:
+    states = jnp.einsum("t...nm,...m->t...n", P_TNN, psi0)
+  return states[-1], states
 
 
 def hamiltonian_from_unitary(U, dt=1.0):

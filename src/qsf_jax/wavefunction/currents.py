@@ -8,6 +8,9 @@ where J_jk is the net rate of probability flowing from k into j; J is
 antisymmetric (H_kj = conj(H_jk)), so total mass is conserved, and only the
 off-diagonal entries of H move mass. The Cayley step obeys the same law
 exactly, with the midpoint state pbar = (psi_t + psi_{t+1})/2.
+
+Batch axes: H is (N, N), shared by all states, or one per state with the
+states' leading axes (..., N, N), as in ``cayley_step``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from qsf_jax.wavefunction.hermitian import complex_dtype
 
 
 def _hamiltonian_and_states(H, **states):
-  """Validates H (N, N) and equally shaped states (..., N); returns them complex.
+  """Validates H and equally shaped states (..., N); returns them complex.
 
-  A concrete H must be finite and Hermitian (``_checks.check_hermitian``): the
-  currents' antisymmetry and the continuity equation hold only then.
+  H is (N, N) or batched like the states (..., N, N)
+  (``_checks.check_batch_axes``). A concrete H must be finite and Hermitian
+  (``_checks.check_hermitian``): the currents' antisymmetry and the continuity
+  equation hold only then.
   """
   H = _checks.as_array("H", H, allow_complex=True)
-  N = _checks.check_square("H", H)
+  N = _checks.check_square("H", H, batch_dims=None)
   _checks.check_hermitian("H", H)
   arrays = {}
   shape = None
@@ -45,6 +50,7 @@ def _hamiltonian_and_states(H, **states):
           f"{names[0]} and {name} must have the same shape, got {shape} and "
           f"{tuple(psi.shape)}")
     shape = tuple(psi.shape)
+    _checks.check_batch_axes("H", H.shape, 2, name, psi.shape)
     _checks.check_finite(name, psi)
     arrays[name] = psi
   dtype = complex_dtype(H.dtype, *(a.dtype for a in arrays.values()))
@@ -52,8 +58,8 @@ def _hamiltonian_and_states(H, **states):
 
 
 def _pair_currents(H_NN, phi):
-  """J_jk = 2 Im(conj(phi_j) H_jk phi_k) for phi (..., N) -> (..., N, N)."""
-  return 2.0 * jnp.imag(jnp.einsum("...j,jk,...k->...jk", jnp.conj(phi), H_NN, phi))
+  """J_jk = 2 Im(conj(phi_j) H_jk phi_k) for phi (..., N), H (N, N) or (..., N, N) -> (..., N, N)."""
+  return 2.0 * jnp.imag(jnp.einsum("...j,...jk,...k->...jk", jnp.conj(phi), H_NN, phi))
 
 
 def instantaneous_currents(H, psi):
@@ -64,7 +70,7 @@ def instantaneous_currents(H, psi):
   for i dpsi/dt = H psi; J^T = -J and J_jj = 0 for Hermitian H.
 
   Args:
-    H: Hermitian matrix (N, N).
+    H: Hermitian matrix (N, N), or one per state (..., N, N).
     psi: state(s) (..., N).
 
   Returns:
@@ -85,7 +91,7 @@ def probability_currents(H, psi0, psi1, dt=1.0):
   = 2 dt Im(conj(pbar_j) (H pbar)_j) = sum_k J_jk.
 
   Args:
-    H: Hermitian matrix of the step (N, N).
+    H: Hermitian matrix of the step (N, N), or one per state (..., N, N).
     psi0: state before the step (..., N).
     psi1: state after the step (..., N), same shape as ``psi0``.
     dt: step length (scalar > 0).
@@ -106,8 +112,8 @@ def readout_rates(Ms, H, psi):
     dp_k/dt = -i Tr(M_k [H, rho]) = 2 Im(psi^dagger M_k H psi),   rho = psi psi^dagger.
 
   Args:
-    Ms: POVM elements, Hermitian (K, N, N).
-    H: Hermitian matrix (N, N).
+    Ms: POVM elements, Hermitian (K, N, N), or one set per state (..., K, N, N).
+    H: Hermitian matrix (N, N), or one per state (..., N, N).
     psi: state(s) (..., N).
 
   Returns:
@@ -115,13 +121,15 @@ def readout_rates(Ms, H, psi):
   """
   H, (psi,) = _hamiltonian_and_states(H, psi=psi)
   Ms = _checks.as_array("Ms", Ms, allow_complex=True)
-  _checks.check_square("Ms", Ms, batch_dims=1)
-  if Ms.shape[-1] != H.shape[-1]:
+  _checks.check_square("Ms", Ms, batch_dims=None)
+  if Ms.ndim < 3 or Ms.shape[-1] != H.shape[-1]:
     raise ValueError(
         f"Ms must have shape (K, {H.shape[-1]}, {H.shape[-1]}) to match H, got "
         f"{tuple(Ms.shape)}")
+  _checks.check_batch_axes("Ms", Ms.shape, 3, "psi", psi.shape)
   Ms = Ms.astype(complex_dtype(Ms.dtype, H.dtype))
-  z = jnp.einsum("...a,kab,bc,...c->...k", jnp.conj(psi), Ms, H, psi)
+  Hpsi = jnp.einsum("...bc,...c->...b", H, psi)
+  z = jnp.einsum("...a,...kab,...b->...k", jnp.conj(psi), Ms, Hpsi)
   return 2.0 * jnp.imag(z)
 
 
@@ -145,7 +153,8 @@ def cayley_scan_with_currents(H_seq, psi0, dt=1.0):
     F = sum_t J^(t),   |psi_T|^2 - |psi_0|^2 = F 1   (elementwise row sums).
 
   Args:
-    H_seq: Hermitian matrices (T, N, N).
+    H_seq: Hermitian matrices (T, N, N), or one sequence per state
+      (T, ..., N, N) with the leading axes of ``psi0``.
     psi0: initial state(s) (..., N).
     dt: step length (scalar > 0).
 

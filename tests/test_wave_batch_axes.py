@@ -1,0 +1,134 @@
+"""One batch convention across the wave-function API (wave-function spec §1.3-§1.6).
+
+Every function that takes an operator (a Hamiltonian, a readout, POVM elements)
+with states (..., N) accepts the operator either shared by all states or with
+the states' leading axes, one per state. Both forms must equal ``jax.vmap`` of
+the unbatched call, with two batch axes so that ``...`` is exercised.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsf_jax.wavefunction import born as bn
+from qsf_jax.wavefunction import cayley as cy
+from qsf_jax.wavefunction import currents as cu
+
+pytestmark = pytest.mark.usefixtures("fast_compiles", "x64")
+
+BATCH = (2, 3)
+N, K, T = 4, 5, 6
+
+
+def _real(seed, shape):
+  return np.random.default_rng(seed).standard_normal(shape)
+
+
+def _states(seed, batch=BATCH):
+  z = _real(seed, batch + (N,)) + 1j * _real(seed + 1, batch + (N,))
+  return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+def _H(seed, batch=()):
+  """Random Hermitian matrices (numpy: no compiles)."""
+  Z = _real(seed, batch + (N, N)) + 1j * _real(seed + 1, batch + (N, N))
+  return 0.5 * (Z + np.conj(np.swapaxes(Z, -1, -2)))
+
+
+def _M(seed, batch=()):
+  """Random isometries (K, N), M^dagger M = I (numpy QR: no compiles)."""
+  Z = _real(seed, batch + (K, N)) + 1j * _real(seed + 1, batch + (K, N))
+  return np.linalg.qr(Z)[0]
+
+
+def _map(fn, in_axes, out_axes=0):
+  """vmap over both batch axes (BATCH) with the same in/out axes for each (jitted:
+  one compile instead of one per operation)."""
+  return jax.jit(jax.vmap(jax.vmap(fn, in_axes, out_axes), in_axes, out_axes))
+
+
+def _assert_close(got, want):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
+
+
+# (name, call(op, *states), batched-op builder, unbatched-op builder, number of state args)
+_STATE_FUNCTIONS = [
+    ("cayley_step", lambda H, psi: cy.cayley_step(H, psi, 0.7), _H, 1),
+    ("instantaneous_currents", cu.instantaneous_currents, _H, 1),
+    ("probability_currents", lambda H, a, b: cu.probability_currents(H, a, b, 0.7), _H, 2),
+    ("amplitudes", bn.amplitudes, _M, 1),
+    ("born_probabilities", lambda M, psi: bn.born_probabilities(M, psi, 0.1), _M, 1),
+    ("born_logits", lambda W, psi: bn.born_logits(W, psi, 2.0), _M, 1),
+    ("normalized_born", bn.normalized_born, _M, 1),
+    ("povm_probabilities", lambda M, psi: bn.povm_probabilities(
+        bn.povm_from_isometry(M, 0.1), psi), _M, 1),
+]
+
+
+@pytest.mark.parametrize("name,fn,make_op,n_states", _STATE_FUNCTIONS,
+                         ids=[f[0] for f in _STATE_FUNCTIONS])
+def test_operator_per_state_and_shared(name, fn, make_op, n_states):
+  states = [_states(10 + 2 * i) for i in range(n_states)]
+  per_state = make_op(0, BATCH)
+  _assert_close(jax.jit(fn)(per_state, *states), _map(fn, 0)(per_state, *states))
+  shared = make_op(4)
+  _assert_close(jax.jit(fn)(shared, *states),
+                _map(fn, (None,) + (0,) * n_states)(shared, *states))
+
+
+def test_readout_rates_batched_povm_and_hamiltonian():
+  psi = _states(10)
+  Ms = bn.povm_from_isometry(_M(0, BATCH), 0.1)
+  H = _H(4, BATCH)
+  rates = jax.jit(cu.readout_rates)
+  _assert_close(rates(Ms, H, psi), _map(cu.readout_rates, 0)(Ms, H, psi))
+  # Shared POVM with per-state Hamiltonians, and the reverse.
+  Ms1, H1 = Ms[0, 0], H[0, 0]
+  _assert_close(rates(Ms1, H, psi), _map(cu.readout_rates, (None, 0, 0))(Ms1, H, psi))
+  _assert_close(rates(Ms, H1, psi), _map(cu.readout_rates, (0, None, 0))(Ms, H1, psi))
+
+
+def test_povm_from_isometry_batched():
+  M = _M(0, BATCH)
+  _assert_close(jax.jit(bn.povm_from_isometry)(M, 0.2),
+                _map(lambda m: bn.povm_from_isometry(m, 0.2), 0)(M))
+
+
+@pytest.mark.parametrize("scan", [cy.cayley_scan, cy.cayley_scan_parallel, cu.cayley_scan_with_currents],
+                         ids=["cayley_scan", "cayley_scan_parallel", "cayley_scan_with_currents"])
+def test_sequences_per_state_and_shared(scan):
+  """A sequence (T, ..., N, N) per state, or (T, N, N) shared; time stays the leading axis."""
+  psi0 = _states(10)
+  fn = lambda H_seq, p: scan(H_seq, p, 0.7)
+  # Outputs with a time axis keep it first: map over axis 1 of those, 0 of the rest.
+  out_axes = {cy.cayley_scan: (0, 1), cy.cayley_scan_parallel: (0, 1),
+              cu.cayley_scan_with_currents: cu.CurrentsTrace(1, 1, 0)}[scan]
+  per_state = _H(0, (T,) + BATCH)
+  _assert_close(jax.jit(fn)(per_state, psi0), _map(fn, (1, 0), out_axes)(per_state, psi0))
+  shared = _H(4, (T,))
+  _assert_close(jax.jit(fn)(shared, psi0), _map(fn, (None, 0), out_axes)(shared, psi0))
+
+
+def test_cayley_products_batched():
+  H_seq = _H(0, (T,) + BATCH)
+  _assert_close(jax.jit(cy.cayley_products)(H_seq, 0.7),
+                _map(lambda h: cy.cayley_products(h, 0.7), 1, 1)(H_seq))
+
+
+def test_mismatched_batch_axes_are_refused_with_both_shapes():
+  """Refused at trace time, before any computation (the operators need not be valid)."""
+  psi = _states(10)
+  M = lambda batch: jnp.ones(batch + (K, N), jnp.complex128)
+  H = jnp.zeros((3, 2, N, N))
+  with pytest.raises(ValueError, match=r"batched H of shape \(3, 2, 4, 4\) needs psi with the same "
+                     r"leading axes, shape \(3, 2, 4\), got \(2, 3, 4\); pass one H of shape \(4, 4\)"):
+    cu.instantaneous_currents(H, psi)
+  with pytest.raises(ValueError, match=r"batched M of shape \(3, 5, 4\) needs psi .*\(3, 4\), got \(2, 3, 4\)"):
+    bn.born_probabilities(M((3,)), psi)
+  with pytest.raises(ValueError, match=r"batched Ms of shape \(2, 5, 4, 4\) needs psi"):
+    cu.readout_rates(jnp.zeros((2, K, N, N)), jnp.zeros((N, N)), psi)
+  with pytest.raises(ValueError, match=r"batched H_seq\[t\] of shape \(3, 4, 4\) needs psi0"):
+    cy.cayley_scan(jnp.zeros((T, 3, N, N)), psi)
