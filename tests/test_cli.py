@@ -423,6 +423,19 @@ def test_evaluating_on_changed_data_is_refused(env, run_dir, tmp_path, capsys, c
   assert any("was trained on" in r.getMessage() for r in caplog.records)
   rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert rec["data"] == rec["trained_on"] == f"path:{data}"
+  # --per_token's unseen-input counts need the training split as it was: omitted, with
+  # the reason (no --data hint: it cannot help); the rest of the summary is given.
+  caplog.clear()
+  rec = evaluate_workdir(wd, data=str(data), max_batches=1, per_token=True)["per_token"]
+  assert "unseen_input_count" not in rec and rec["tokens"] > 0
+  assert "unseen-input counts of the per-token summary needs" in rec["unseen_inputs_omitted"]
+  assert "--data=" not in rec["unseen_inputs_omitted"]
+  assert any("unseen-input counts omitted" in r.getMessage() for r in caplog.records)
+  # context_use's unigram baseline likewise, and there it is refused.
+  _expect_error(capsys, ["context_use", f"--workdir={wd}", "--eval_batches=1", f"--data={data}",
+                         "--contexts=2"],
+                "the unigram baseline needs the training split as it was",
+                "restore the files it was trained on", main=context_cli.run)
 
 
 def test_sample_prints_text(run_dir, capsys):

@@ -8,6 +8,7 @@ import math
 import numbers
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from qsf_jax import _checks
 from qsf_jax import data as qdata
 from qsf_jax.training import sharding as shd
 from qsf_jax.training import token_losses
+from qsf_jax.training.errors import DataChangedError
 from qsf_jax.training.step import _eval_step, check_eval_batch
 
 
@@ -97,7 +99,9 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
     per_token: also summarise the per-token cross entropies (a second pass over
       the batches; ``token_losses.summarize``): median, maximum, the tokens above
       ``outlier_nats``, and how many follow an input that never occurs in the rows
-      the run trained on (its own training split, whatever ``data`` is).
+      the run trained on (its own training split, whatever ``data`` is). When
+      ``data`` is given and the run's own files changed since training, those
+      counts are omitted, with a warning and ``"unseen_inputs_omitted"`` saying why.
     outlier_nats: the per-token outlier threshold in nats.
     per_token_out: an ``.npz`` path for the per-token arrays (implies
       ``per_token``).
@@ -124,14 +128,24 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
                        beta=beta, mesh=mesh)
   rec = dict(rec, **ev.record())
   if per_token:
-    seen = token_losses.training_tokens(ev.train_split(), seq_len=run.seq_len,
-                                        mode=cfg.data_mode, vocab_size=run.tokenizer.vocab_size)
+    try:
+      train = ev.train_split("the unseen-input counts of the per-token summary")
+    except DataChangedError as e:  # other data evaluated, the run's own files changed
+      omitted = f"unseen-input counts omitted: {e}"
+      logging.warning("%s", omitted)
+      seen = None
+    else:
+      omitted = None
+      seen = token_losses.training_tokens(train, seq_len=run.seq_len, mode=cfg.data_mode,
+                                          vocab_size=run.tokenizer.vocab_size)
     tl = token_losses.token_losses(run.model, run.params, run.collections, corpus.valid,
                                    batch_size=bs, seq_len=run.seq_len, mode=cfg.data_mode,
                                    max_batches=max_batches, beta=beta, seen=seen, mesh=mesh)
     if per_token_out is not None:
       token_losses.save(tl, per_token_out)
     rec["per_token"] = token_losses.summarize(tl, outlier_nats)
+    if omitted is not None:
+      rec["per_token"]["unseen_inputs_omitted"] = omitted
   return rec
 
 
@@ -164,12 +178,18 @@ class OpenedRun:
             "data": self.corpus.metadata.get("source"), "trained_on": self.trained_on,
             "beta": self.beta}
 
-  def train_split(self):
-    """The run's own training split (whatever ``data`` was evaluated)."""
+  def train_split(self, needed_for: str):
+    """The run's own training split (whatever ``data`` was evaluated).
+
+    Args:
+      needed_for: the figure that needs it, for the ``DataChangedError`` raised
+        when the run's own files changed since training.
+    """
     from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
     if self.data is None:
       return self.corpus.train
-    return setup.load_run_corpus(self.run, cache_dir=self.cfg.cache_dir)[1].train
+    return setup.load_run_corpus(self.run, cache_dir=self.cfg.cache_dir,
+                                 needed_for=needed_for)[1].train
 
 
 def open_evaluation(workdir, *, data: str | None = None, step: int | None = None,

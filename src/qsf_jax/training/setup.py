@@ -118,7 +118,7 @@ def load_corpus(cfg: TrainConfig, tokenizer, data: str | None = None):
 
 
 def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = None,
-                    where: str = "the run"):
+                    where: str = "the run", needed_for: str | None = None):
   """The corpus to evaluate or analyse a restored run on, checked against its training data.
 
   The token-cache key stored with the run covers the source's contents (file
@@ -131,11 +131,17 @@ def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = Non
   is the run's source with other contents. Runs stored without a key are only
   warned about when the source's name differs.
 
+  ``needed_for`` names a figure that needs the run's own training split even
+  when another ``data`` is evaluated (the unseen-input counts, the unigram
+  baseline): a change is then refused with a message that says so, since
+  ``--data`` cannot help.
+
   Args:
     run: a ``restore.LoadedRun``.
     data: data to use instead of the run's own (``TrainConfig.data`` syntax).
     cache_dir: token-cache folder instead of the run's.
     where: the run folder, for messages.
+    needed_for: what needs the run's own data, for the refusal's message.
 
   Returns:
     ``(cfg, corpus)``: the run's ``TrainConfig`` (with ``cache_dir``) and the corpus.
@@ -149,8 +155,11 @@ def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = Non
   what = f"{source}" if source == trained_on else f"{source} (trained on {trained_on})"
   msg = (f"the data {what} differ from those {where} was trained on (token-cache key "
          f"{str(key)[:12]}, stored {str(stored_key)[:12]}): the files, the token-cache format "
-         "or what the data name resolves to changed since, so the validation stories may now "
-         "include training stories")
+         "or what the data name resolves to changed since")
+  if data is None and changed and needed_for is not None:
+    raise DataChangedError(f"{msg}; {needed_for} needs the training split as it was, "
+                           "whatever --data evaluates: restore the files it was trained on")
+  msg += ", so the validation stories may now include training stories"
   if data is None and changed:
     raise DataChangedError(f"{msg}; pass --data={cfg.data} to use the data as they are now")
   if data is None and trained_on and source != trained_on:
