@@ -2,6 +2,10 @@
 
 import json
 import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,6 +177,35 @@ def test_interrupted_tokenization_leaves_no_entry(tmp_path):
   assert entries(cache) == []  # neither a partial entry nor a temporary directory
   c = load_corpus(str(data), bytes_tok, cache_dir=cache)
   assert not c.metadata["cache_hit"] and c.train.n_stories + c.valid.n_stories == 2400
+
+
+def test_a_build_removes_what_killed_builders_left(tmp_path):
+  """A SIGKILLed build leaves its temporary folder (no finally runs); the next build on
+  this host removes those whose builder no longer runs, and nothing else."""
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(dead.stdout)
+  cache = tmp_path / "cache"
+  host = socket.gethostname()
+  left = {}
+  for name, builder in [("killed", {"host": host, "pid": dead_pid}),
+                        ("running", {"host": host, "pid": os.getpid()}),
+                        ("elsewhere", {"host": host + "-other", "pid": dead_pid}),
+                        ("unknown", None)]:
+    folder = cache / f".bytes-{name}.tmp-abc123"
+    folder.mkdir(parents=True)
+    (folder / "train.bin").write_bytes(b"\0" * 64)
+    if builder is not None:
+      (folder / "builder.json").write_text(json.dumps(builder))
+    left[name] = folder
+  data = write_txt(tmp_path / "stories.txt", STORIES)
+  c = load_corpus(str(data), "bytes", cache_dir=cache)
+  assert not left["killed"].exists()
+  assert all(left[n].exists() for n in ("running", "elsewhere", "unknown"))
+  entry = pathlib.Path(c.metadata["cache_path"])
+  assert json.loads((entry / "builder.json").read_text()) == {"host": host, "pid": os.getpid()}
+  assert sorted(entries(cache)) == sorted([entry.name] + [left[n].name for n in
+                                                            ("running", "elsewhere", "unknown")])
 
 
 def test_vocab_too_large_for_uint16(tmp_path):

@@ -4,7 +4,8 @@ A cache entry is a directory ``<cache_dir>/<source>-<tokenizer>-<key>/`` holding
 
 * ``train.bin``, ``valid.bin``: raw little-endian uint16 token ids;
 * ``train_offsets.npy``, ``valid_offsets.npy``: int64 story offsets;
-* ``meta.json``: the key's inputs, token and story counts.
+* ``meta.json``: the key's inputs, token and story counts;
+* ``builder.json``: the host and process id that built it.
 
 Each split is the concatenation ``story_0 EOT story_1 EOT ...``; story ``i`` is
 ``tokens[offsets[i]:offsets[i+1]]`` and ends with its EOT. So both one story
@@ -14,7 +15,10 @@ The key hashes the source identity (file sha256s, hub fingerprints or
 synthetic settings), the tokenizer name and sha256, the story limit and
 ``CACHE_FORMAT_VERSION``. An entry is written into a temporary directory and
 renamed into place in one step, so an interrupted run never leaves a partial
-entry behind.
+entry behind. The temporary directory names its builder (host and process id,
+in ``builder.json``); a build removes the temporary directories of builders on
+this host that no longer run (killed before they could clean up, e.g. by
+SIGKILL or an out-of-memory kill), so their partial tokens do not pile up.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -144,6 +149,44 @@ def _read_meta(entry: pathlib.Path, key: str) -> dict | None:
   return meta if meta.get("cache_key") == key else None
 
 
+_BUILDER_FILE = "builder.json"
+
+
+def _process_exists(pid: int) -> bool:
+  """Whether a process with this id runs on this host (one owned by another user counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  except (OverflowError, ValueError):
+    return False
+  return True
+
+
+def remove_abandoned_builds(root: pathlib.Path) -> list[pathlib.Path]:
+  """Removes the temporary build directories left by killed builders; returns them.
+
+  Only directories whose ``builder.json`` names this host and a process id that
+  no longer exists are removed: builds running here or on another host sharing
+  the folder, and directories without a readable builder file, are left alone.
+  """
+  removed = []
+  host = socket.gethostname()
+  for tmp in root.glob(".*.tmp-*"):
+    try:
+      builder = json.loads((tmp / _BUILDER_FILE).read_text())
+      pid = int(builder["pid"])
+      ours = builder["host"] == host
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    if ours and not _process_exists(pid):
+      shutil.rmtree(tmp, ignore_errors=True)
+      removed.append(tmp)
+  return removed
+
+
 def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
                   cache_dir: str | os.PathLike | None = None,
                   max_train_stories: int | None = None):
@@ -178,8 +221,11 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
   hit = meta is not None
   if not hit:
     root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_builds(root)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
     try:
+      (tmp / _BUILDER_FILE).write_text(json.dumps({"host": socket.gethostname(),
+                                                   "pid": os.getpid()}))
       train_stories = source.train()
       if max_train_stories is not None:
         train_stories = itertools.islice(train_stories, max_train_stories)
