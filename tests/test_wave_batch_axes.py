@@ -54,9 +54,16 @@ def _assert_close(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
 
 
-# (name, call(op, *states), batched-op builder, unbatched-op builder, number of state args)
+def _A(seed, batch=()):
+  """Random real antisymmetric matrices (numpy)."""
+  S = _real(seed, batch + (N, N))
+  return S - np.swapaxes(S, -1, -2)
+
+
+# (name, call(op, *states), operator builder, number of state args)
 _STATE_FUNCTIONS = [
     ("cayley_step", lambda H, psi: cy.cayley_step(H, psi, 0.7), _H, 1),
+    ("orthogonal_step", lambda A, h: cy.orthogonal_step(A, jnp.real(h), 0.7), _A, 1),
     ("instantaneous_currents", cu.instantaneous_currents, _H, 1),
     ("probability_currents", lambda H, a, b: cu.probability_currents(H, a, b, 0.7), _H, 2),
     ("amplitudes", bn.amplitudes, _M, 1),

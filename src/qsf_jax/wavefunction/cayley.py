@@ -337,7 +337,8 @@ def orthogonal_step(A, h, dt=1.0):
     (I - dt A/2) h' = (I + dt A/2) h,   ||h'|| = ||h||  for A^T = -A.
 
   Args:
-    A: real antisymmetric matrix (D, D).
+    A: real antisymmetric matrix (D, D) shared by all states, or (..., D, D)
+      with the same batch axes as ``h``.
     h: real state(s) (..., D).
     dt: step length (scalar > 0).
 
@@ -345,16 +346,20 @@ def orthogonal_step(A, h, dt=1.0):
     h': real (..., D).
   """
   A = _checks.as_array("A", A)
-  D = _checks.check_square("A", A)
+  D = _checks.check_square("A", A, batch_dims=None)
   h = _checks.as_array("h", h)
   if h.ndim < 1 or h.shape[-1] != D:
     raise ValueError(
         f"h must have shape (..., {D}) to match A of shape {tuple(A.shape)}, "
         f"got {tuple(h.shape)}")
+  _checks.check_batch_axes("A", A.shape, 2, "h", h.shape)
   _checks.check_time_step("dt", dt)
   dtype = _checks.result_dtype(A, h)
   A, h = A.astype(dtype), h.astype(dtype)
   B = (0.5 * jnp.asarray(dt, dtype)) * A
   I = eye_like(B)
-  h_DB = h.reshape(-1, D).T
-  return _refined_solve(I - B, (I + B) @ h_DB).T.reshape(h.shape)
+  if A.ndim == 2:
+    # One factorisation for every state: columns are the batch of states.
+    h_DB = h.reshape(-1, D).T
+    return _refined_solve(I - B, (I + B) @ h_DB).T.reshape(h.shape)
+  return _refined_solve(I - B, (I + B) @ h[..., None])[..., 0]
