@@ -54,6 +54,8 @@ def test_skew_and_random_hermitian(x64):
   assert H.shape == (4, 6, 6) and H.dtype == jnp.complex128
   assert _inf_norm(H, hm.dagger(H)) == 0.0
   assert 0.2 < float(jnp.std(jnp.real(H))) < 1.0  # entries of size 1/sqrt(N)
+  with pytest.raises(ValueError, match="key must be a JAX PRNG key"):
+    hm.random_hermitian(0, 6)  # an int seed, as numpy takes
 
 
 # --- Cayley unitary (spec §1.3) ----------------------------------------------------------
@@ -299,8 +301,9 @@ def test_structure_of_concrete_inputs_is_checked(x64):
     cy.cayley_scan(jnp.stack([G + G.conj().T, G]), psi)
   with pytest.raises(ValueError, match="H has non-finite entries"):
     cy.cayley_unitary(jnp.full((2, 2), jnp.nan))
-  with pytest.raises(ValueError, match="A must be antisymmetric"):
-    cy.orthogonal_cayley(rng.normal(size=(3, 3)))
+  for cell in (cy.orthogonal_cayley, lambda A: cy.orthogonal_step(A, np.ones(3))):
+    with pytest.raises(ValueError, match="A must be antisymmetric"):
+      cell(rng.normal(size=(3, 3)))
   # rounding-level asymmetry of a computed Hermitian matrix passes, in float32 too
   Q = np.linalg.qr(G)[0]
   H_c = (Q * rng.normal(size=4)) @ Q.conj().T

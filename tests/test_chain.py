@@ -339,3 +339,16 @@ def test_layer_bad_inputs():
     propagate_layer(np.eye(3) * 1j, b, W, x0, y)
   with pytest.raises(ValueError, match="mode must be one of"):
     propagate_layer(np.eye(3), b, W, x0, y, mode="exact")
+
+
+def test_continuous_bias_checks_its_arguments(x64):
+  A = -np.eye(2) + 0.1 * np.array([[0.0, 1.0], [-1.0, 0.0]])
+  # Lists are arrays; the time-1 flow of b_c adds b (QSF eq. 58).
+  b_c = continuous_bias(A.tolist(), [1.0, 2.0])
+  np.testing.assert_allclose(koopman_mean(A, b_c, np.zeros(2), 1.0), [1.0, 2.0], atol=1e-12)
+  with pytest.raises(ValueError, match=r"b must have shape \(2,\), got \(2, 2\)"):
+    continuous_bias(A, np.zeros((2, 2)))  # used to return a (2, 2) array
+  with pytest.raises(ValueError, match="A must have 2 dimensions.*jax.vmap"):
+    continuous_bias(np.stack([A, A]), np.zeros(2))
+  with pytest.raises(ValueError, match="A must be finite"):
+    continuous_bias(np.full((2, 2), np.nan), np.zeros(2))

@@ -248,6 +248,20 @@ def test_bad_inputs():
     koopman_mean(np.eye(2), np.zeros(2), np.array([np.nan, 0.0]))
   with pytest.raises(ValueError, match="A must be finite"):
     koopman_cov(nan_eye)
+  # A vector sigma_K is refused under jit too (its shape is static).
+  for cov in (koopman_cov, jax.jit(koopman_cov)):
+    with pytest.raises(ValueError, match=r"sigma_K must be a scalar, got shape \(3,\)"):
+      cov(-np.eye(2), jnp.ones(3), 0.5)
+  with pytest.raises(ValueError, match="Koopman covariance Sigma_K overflowed float32"):
+    koopman_cov(60.0 * np.eye(2, dtype=np.float32))  # Sigma ~ e^{120} / 120
+
+
+def test_koopman_mean_keeps_the_precision_of_x0(x64):
+  """A float64 start point is not rounded to float32 A and b (as in propagate)."""
+  A, b = np.float32(-np.eye(2)), np.zeros(2, np.float32)
+  x0 = np.array([1.0 + 1e-12, 1.0])
+  mu = koopman_mean(A, b, x0, 0.5)
+  assert mu.dtype == jnp.float64 and float(mu[0] - mu[1]) > 0
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])

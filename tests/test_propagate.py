@@ -3,6 +3,8 @@
 Covers spec §6.2-6.3 and §6.8 items 3-6, 11 and 12.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ import scipy.linalg as sl
 from scipy.integrate import solve_ivp
 
 from conftest import count_lowerings
-from qsf_jax import (GaussianState, chain_filter_full, exact_substeps, kalman_bucy_step,
-                     koopman_cov, koopman_mean, measurement_update, propagate, propagate_full)
+from qsf_jax import (GaussianState, chain_filter_full, chain_measured_mean, exact_substeps,
+                     kalman_bucy_step, koopman_cov, koopman_mean, measurement_update, propagate,
+                     propagate_full)
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")  # small programs: compile time dominates
 
@@ -193,6 +196,10 @@ def test_exact_step_from_gaussian_start_and_substeps(x64):
     np.testing.assert_allclose(out.mean, m, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(out.covariance, P, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(out.log_normalizer, logz, rtol=1e-9)
+  # M=None is the identity, as in propagate and the chains.
+  eye, none = (kalman_bucy_step(s["x0"], P0, *args[:3], M, dt=0.8, sigma_m=0.7, sigma_K=1.2,
+                                n_sub=1) for M in (np.eye(3), None))
+  np.testing.assert_array_equal(none.mean, eye.mean)
   # Strong measurement over a long interval: one exponential e^{Hh dt} is too
   # ill-conditioned (nu dt ~ 50); exact sub-steps restore full accuracy.
   m, P, logz = _kb_ode(s["A"], s["b"], s["x0"], s["x_tgt"], s["M"], 5.0, 0.1, 1.0)
@@ -481,18 +488,36 @@ def test_bad_inputs():
 
 
 def test_paper_mode_refuses_an_overflowing_prior_or_precision():
-  # Concrete inputs whose r = dt/sigma_m^2 or Sigma_K overflows float32 were refused by
-  # measurement_update's checks; the paper mode must not turn them into silent NaN.
+  # Concrete inputs whose r = dt/sigma_m^2 or Sigma_K overflows float32 are refused, with
+  # errors that name the arguments the user passed (not internal names such as
+  # obs_precision or prior_cov); the paper mode must not turn them into silent NaN, and
+  # neither may the chains.
   s = _setup(16)
   x0, A, b, y, M = (np.asarray(s[k], np.float32) for k in ("x0", "A", "b", "x_tgt", "M"))
+  y_N = np.tile(y, (3, 1))
+  grow = 60.0 * np.eye(3, dtype=np.float32)  # e^{60 * 2} overflows
   for form in ("gain", "information"):
     for dt, sigma_m in ((1.0, 1e-30), (1e30, 1e-10)):
-      with pytest.raises(ValueError, match="obs_precision must be finite and >= 0"):
+      msg = re.escape(f"dt/sigma_m^2 overflows float32 (dt={dt}, sigma_m={sigma_m}): use a "
+                      "larger sigma_m")
+      with pytest.raises(ValueError, match=msg):
         propagate_full(x0, A, b, y, M, dt, sigma_m, form=form)
-      with pytest.raises(ValueError, match="obs_precision must be finite and >= 0"):
-        chain_filter_full(x0, A, b, np.tile(y, (3, 1)), M, dt=dt, sigma_m=sigma_m, form=form)
-    with pytest.raises(ValueError, match="prior_cov must be finite"):  # e^{60 * 2} overflows
-      propagate_full(x0, 60.0 * np.eye(3, dtype=np.float32), b, y, M, 2.0, form=form)
+      with pytest.raises(ValueError, match=msg):
+        chain_filter_full(x0, A, b, y_N, M, dt=dt, sigma_m=sigma_m, form=form)
+    with pytest.raises(ValueError, match="Koopman covariance Sigma_K overflowed float32"):
+      propagate_full(x0, grow, b, y, M, 2.0, form=form)
+  with pytest.raises(ValueError, match=r"dt/sigma_m\^2 overflows float32"):
+    chain_measured_mean(x0, A, b, y_N, M, sigma_m=1e-30)
+  for call in (lambda: chain_measured_mean(x0, grow, b, y_N, M, dt=2.0),
+               lambda: chain_filter_full(x0, grow, b, y_N, M, dt=2.0),
+               lambda: chain_filter_full(x0, np.stack([grow] * 3), np.tile(b, (3, 1)), y_N, M,
+                                         dt=2.0)):
+    with pytest.raises(ValueError, match="Koopman covariance Sigma_K overflowed float32"):
+      call()
+  # Without measurement a growing mode compounds over the tokens until the means overflow.
+  with pytest.raises(ValueError, match="the chain's means overflowed float32 over the tokens"):
+    chain_filter_full(x0, 30.0 * np.eye(3, dtype=np.float32), b, np.tile(y, (40, 1)), M,
+                      dt=0.1, sigma_m=np.inf)
 
 
 def test_scalar_checks_take_every_real_dtype_and_refuse_the_rest():

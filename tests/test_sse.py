@@ -252,5 +252,11 @@ def test_integrate_and_increments_bad_inputs():
     sse_integrate(X0, A, b, X_TGT, np.zeros(4), sigma_m=1.0, dt=0.1, return_path="no")
   with pytest.raises(ValueError, match="d must be an int > 0"):
     sse_increments(jax.random.key(0), 4, 0, 0.1)
+  # A concrete 0-d integer array is a count, as a Python int is (same draws).
+  for n in (np.int64(4), np.array(4), jnp.int32(4)):
+    np.testing.assert_array_equal(sse_increments(jax.random.key(0), n, D, 0.1)[1],
+                                  sse_increments(jax.random.key(0), 4, D, 0.1)[1])
+  with pytest.raises(ValueError, match="n_steps must be a Python int, but it is traced"):
+    jax.jit(lambda n: sse_increments(jax.random.key(0), n, D, 0.1))(4)
   with pytest.raises(ValueError, match="x_tgt must have 1 dimension"):
     sse_coefficients(X0, A, b, np.zeros((2, D)), sigma_m=1.0)

@@ -267,6 +267,31 @@ def check_finite_nonneg(name: str, value) -> None:
     raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
+def check_overflow(value, message: str) -> None:
+  """Raises ``ValueError(message)`` for a concrete result with a non-finite entry.
+
+  For quantities the functions compute from valid inputs that can still
+  overflow the working precision (dt/sigma_m^2, a covariance of a fast-growing
+  mode); ``message`` says which argument to change. Tracers pass.
+  """
+  v = _concrete(value)
+  if v is not None and not np.all(np.isfinite(v)):
+    raise ValueError(message)
+
+
+def obs_precision_message(dt, sigma_m, dtype) -> str:
+  """The error for r = dt/sigma_m^2 overflowing ``dtype``."""
+  return (f"dt/sigma_m^2 overflows {jnp.dtype(dtype).name} (dt={dt}, sigma_m={sigma_m}): "
+          "use a larger sigma_m (jnp.inf switches the measurement off) or float64")
+
+
+def koopman_cov_message(dtype) -> str:
+  """The error for a Koopman covariance that overflowed ``dtype``."""
+  return (f"the Koopman covariance Sigma_K overflowed {jnp.dtype(dtype).name}: A has a mode "
+          "that grows too fast over dt for this precision (Sigma_K grows like e^{2 Re(lambda) "
+          "dt}); use float64 or a shorter dt")
+
+
 def plain_number(value):
   """A NumPy scalar or 0-d array as the Python int, float or bool it holds; a 1-d
   NumPy array or a tuple/list holding NumPy scalars as a tuple/list of those; any

@@ -212,6 +212,7 @@ def _validate_measured(x0, A_seq, b_seq, x_tgt_seq, M, dt, sigma_m, sigma_K):
   for name, v in (("x0", x0), ("x_tgt_seq", y), ("M", M)):
     _checks.check_finite(name, v)
   r = jnp.asarray(dt, dtype) * (1.0 / jnp.asarray(sigma_m, dtype)) ** 2  # d/dsigma_m 0 at inf
+  _checks.check_overflow(r, _checks.obs_precision_message(dt, sigma_m, dtype))
   return x0.astype(dtype), A, b, y.astype(dtype), M.astype(dtype), N, r
 
 
@@ -257,5 +258,7 @@ def chain_measured_mean(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=
     return IGM @ U, IGM @ c, G
 
   V_NDD, IGMc_ND, G_NDD = _per_step(step_map, A, b, N)
+  # Sigma_K is formed inside the per-step map; a growing mode can overflow it.
+  _checks.check_overflow(G_NDD, _checks.koopman_cov_message(x0.dtype))
   off_ND = IGMc_ND + jnp.einsum("nij,nj->ni", G_NDD, y)
   return scan_affine(x0, V_NDD, off_ND, method=method)

@@ -141,11 +141,12 @@ def koopman_mean(A, b, x0, dt=1.0):
   Returns:
     mu_K (d,).
   """
-  Phi, c = koopman_affine(A, b, dt)
-  x0 = _checks.as_array("x0", x0)
+  A, b, x0 = (_checks.as_array(n, v) for n, v in (("A", A), ("b", b), ("x0", x0)))
+  dtype = _checks.result_dtype(A, b, x0)  # as propagate: x0 does not lose precision
+  Phi, c = koopman_affine(A.astype(dtype), b.astype(dtype), dt)
   _checks.check_shape("x0", x0, (Phi.shape[0],))
   _checks.check_finite("x0", x0)
-  return Phi @ x0.astype(Phi.dtype) + c
+  return Phi @ x0.astype(dtype) + c
 
 
 # Van Loan's exponential below runs on an interval h with |A|_1 h <= _VAN_LOAN_NORM;
@@ -198,10 +199,12 @@ def koopman_cov(A, sigma_K=1.0, dt=1.0):
   _checks.check_square("A", A)
   _checks.check_finite("A", A)
   _checks.check_time_step("dt", dt)
+  _checks.check_scalar("sigma_K", sigma_K)  # the shape under jit too
   _checks.check_finite_nonneg("sigma_K", sigma_K)
   dtype = _checks.result_dtype(A)
-  return _doubled_cov(A.astype(dtype), jnp.asarray(sigma_K, dtype) ** 2,
-                      jnp.asarray(dt, dtype))
+  S = _doubled_cov(A.astype(dtype), jnp.asarray(sigma_K, dtype) ** 2, jnp.asarray(dt, dtype))
+  _checks.check_overflow(S, _checks.koopman_cov_message(dtype))
+  return S
 
 
 @jax.jit

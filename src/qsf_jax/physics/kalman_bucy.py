@@ -134,7 +134,7 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma_m, sigma_K, n_sub="auto"
     A: generator (d, d).
     b: bias (d,).
     x_tgt: target in value space (d,).
-    M: measurement matrix W_V (d, d).
+    M: measurement matrix W_V (d, d), or None (the identity, as in ``propagate``).
     dt: interval length, scalar > 0.
     sigma_m: measurement noise, scalar > 0 (inf: no measurement).
     sigma_K: Koopman noise, scalar > 0.
@@ -146,6 +146,8 @@ def kalman_bucy_step(m, P, A, b, x_tgt, M, *, dt, sigma_m, sigma_K, n_sub="auto"
   """
   A = _checks.as_array("A", A)
   d = _checks.check_square("A", A)
+  if M is None:
+    M = jnp.eye(d, dtype=_checks.result_dtype(A))
   arrs = {"m": m, "P": P, "b": b, "x_tgt": x_tgt, "M": M}
   for name, shape in (("m", (d,)), ("P", (d, d)), ("b", (d,)), ("x_tgt", (d,)),
                       ("M", (d, d))):

@@ -75,18 +75,32 @@ def chain_filter_full(x0, A_seq, b_seq, x_tgt_seq, M=None, *, dt=1.0, sigma_m=1.
     if n_sub == "auto":
       n_sub = exact_substeps(A, M, dt, sigma_m, sigma_K)
     dtype = x0.dtype
-    return _exact_chain(x0, P0, jnp.broadcast_to(A, (N, d, d)), jnp.broadcast_to(b, (N, d)),
-                        y, M, jnp.asarray(dt, dtype), jnp.asarray(sigma_m, dtype),
-                        jnp.asarray(sigma_K, dtype), n_sub=int(n_sub))
+    out = _exact_chain(x0, P0, jnp.broadcast_to(A, (N, d, d)), jnp.broadcast_to(b, (N, d)),
+                       y, M, jnp.asarray(dt, dtype), jnp.asarray(sigma_m, dtype),
+                       jnp.asarray(sigma_K, dtype), n_sub=int(n_sub))
+    return _checked_chain(out)
   U_NDD, c_ND = _per_step(_affine_steps(A, b, dt), A, b, N)
   if A.ndim == 3:
     S_NDD = jax.vmap(lambda a: koopman_cov(a, sigma_K, dt))(A)
+    _checks.check_overflow(S_NDD, _checks.koopman_cov_message(x0.dtype))  # traced in the vmap
   else:
     S_NDD = jnp.broadcast_to(koopman_cov(A, sigma_K, dt), (N, d, d))
-  # As measurement_update checks it: r = dt/sigma_m^2 may overflow (concrete values only).
-  _checks.check_finite_nonneg("obs_precision", r)
-  return _paper_chain(x0, P0, U_NDD, c_ND, S_NDD, y, M, r,
-                      form="information" if form == "information" else "gain")
+  return _checked_chain(_paper_chain(x0, P0, U_NDD, c_ND, S_NDD, y, M, r,
+                                    form="information" if form == "information" else "gain"))
+
+
+def _checked_chain(out: GaussianPropagator) -> GaussianPropagator:
+  """Refuses a concrete chain result with non-finite means (the covariances feed
+  them through the gains; the means are the small array to copy to the host).
+
+  The inputs were checked finite, so such a result is an overflow, e.g. of the
+  covariance of a growing mode compounded over the tokens (U P U^T).
+  """
+  _checks.check_overflow(out.mean, f"the chain's means overflowed "
+                         f"{jnp.dtype(out.mean.dtype).name} over the tokens: A has a mode that "
+                         "grows too fast for this precision; use float64, fewer tokens or a "
+                         "shorter dt")
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("form",))

@@ -72,7 +72,14 @@ def continuous_bias(A, b):
   Returns:
     b_c (d,).
   """
-  d = A.shape[-1]
+  A = _checks.as_array("A", A)
+  d = _checks.check_square("A", A)
+  b = _checks.as_array("b", b)
+  _checks.check_shape("b", b, (d,))
+  for name, v in (("A", A), ("b", b)):
+    _checks.check_finite(name, v)
+  dtype = _checks.result_dtype(A, b)
+  A, b = A.astype(dtype), b.astype(dtype)
   aug = jnp.zeros((2 * d, 2 * d), A.dtype).at[:d, :d].set(A).at[:d, d:].set(
       jnp.eye(d, dtype=A.dtype))
   phi1 = jsl.expm(aug)[:d, d:]

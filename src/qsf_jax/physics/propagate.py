@@ -195,13 +195,14 @@ def propagate_full(x0, A, b, x_tgt, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0,
   dtype = x0.dtype
   dt_s = jnp.asarray(dt, dtype)
   r = dt_s * (1.0 / jnp.asarray(sigma_m, dtype)) ** 2  # its gradient is 0, not NaN, at inf
-  # As measurement_update checks them: r = dt/sigma_m^2 may overflow (concrete
-  # values only), and so may Sigma_K for a growing mode.
-  _checks.check_finite_nonneg("obs_precision", r)
+  # r = dt/sigma_m^2 may overflow (concrete values only), and so may Sigma_K for a
+  # growing mode: errors that name the arguments to change.
+  _checks.check_overflow(r, _checks.obs_precision_message(dt, sigma_m, dtype))
   out, Sigma_K = _paper_propagator(x0, A, b, x_tgt, M, dt_s, r, jnp.asarray(sigma_K, dtype),
                                    form="information" if form == "information" else "gain",
                                    max_squarings=_affine_squarings(A, b, dt))
-  _checks.check_covariance("prior_cov", Sigma_K)
+  _checks.check_overflow(Sigma_K, _checks.koopman_cov_message(dtype))
+  _checks.check_covariance("Sigma_K", Sigma_K)
   return out
 
 

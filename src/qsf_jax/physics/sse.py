@@ -130,8 +130,8 @@ def sse_increments(key, n_steps: int, d: int, dt, dtype=jnp.float32):
     (dW (n_steps,), dW_K (n_steps, d)).
   """
   _check_key(key)
-  _check_count("n_steps", n_steps)
-  _check_count("d", d)
+  n_steps = _check_count("n_steps", n_steps)
+  d = _check_count("d", d)
   _check_scalar("dt", dt)
   _checks.check_time_step("dt", dt)
   k_meas, k_koop = jax.random.split(key)
@@ -233,9 +233,9 @@ def simulate_sse(key, x0, A, b, x_tgt, sigma_m, dt, n_steps: int, variant: str =
   """
   _check_key(key)
   return_path = _checks.check_flag("return_path", return_path)
-  _check_count("n_steps", n_steps)
+  n_steps = _check_count("n_steps", n_steps)
   if n_paths is not None:
-    _check_count("n_paths", n_paths)
+    n_paths = _check_count("n_paths", n_paths)
   (x0, A, b, x_tgt), dtype = _validate_model(x0, A, b, x_tgt, sigma_m, variant, n_steps)
   _check_scalar("dt", dt)
   _checks.check_time_step("dt", dt)
@@ -260,10 +260,18 @@ def _simulate(key, x0_D, A_DD, b_D, x_tgt, sigma_m, dt, sigma_K, *, n_steps, var
   return jax.vmap(one_path)(jax.random.split(key, n_paths))
 
 
-def _check_count(name: str, n) -> None:
-  """``ValueError`` unless ``n`` is a python/numpy int > 0 (a static size)."""
-  if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n <= 0:
-    raise ValueError(f"{name} must be an int > 0 (static), got {n!r}")
+def _check_count(name: str, n) -> int:
+  """``n`` as a Python int; ``ValueError`` unless it is a static int > 0 (a size).
+
+  Python and NumPy ints and concrete 0-d integer arrays pass; a traced value is
+  refused with the hint to pass it as static (``_checks.check_int``).
+  """
+  if isinstance(n, jax.core.Tracer):
+    _checks.check_int(name, n)  # raises: asks for a static argument
+  try:
+    return _checks.check_int(name, n, 1)
+  except ValueError:
+    raise ValueError(f"{name} must be an int > 0 (static), got {n!r}") from None
 
 
 def _check_key(key) -> None:

@@ -338,7 +338,8 @@ def orthogonal_step(A, h, dt=1.0):
 
   Args:
     A: real antisymmetric matrix (D, D) shared by all states, or (..., D, D)
-      with the same batch axes as ``h``.
+      with the same batch axes as ``h`` (a concrete A is checked, as in
+      ``orthogonal_cayley``).
     h: real state(s) (..., D).
     dt: step length (scalar > 0).
 
@@ -353,6 +354,7 @@ def orthogonal_step(A, h, dt=1.0):
         f"h must have shape (..., {D}) to match A of shape {tuple(A.shape)}, "
         f"got {tuple(h.shape)}")
   _checks.check_batch_axes("A", A.shape, 2, "h", h.shape)
+  _checks.check_hermitian("A", A, anti=True)  # otherwise ||h'|| != ||h||, silently
   _checks.check_time_step("dt", dt)
   dtype = _checks.result_dtype(A, h)
   A, h = A.astype(dtype), h.astype(dtype)

@@ -228,6 +228,7 @@ def random_hermitian(key, N: int, scale=None, dtype=jnp.float32, *, batch_shape=
   Returns:
     H: complex Hermitian (*batch_shape, N, N).
   """
+  _checks.check_prng_key("key", key)
   N = _checks.check_int("N", N, 1)  # a static size; numpy ints pass, tracers are named
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a real floating dtype, got {dtype}")
