@@ -142,6 +142,34 @@ def test_last_only_is_refused_with_stats_updates_or_a_non_bool(default_stage, st
     model.apply(variables, tokens, last_only=1)
 
 
+@pytest.mark.parametrize("stage", ["koopman_attn", "wave"])
+def test_inputs_that_jit_cannot_check(default_stage, stage):
+  """Under jit token ids cannot be checked: a negative id (padding with -1) gives NaN
+  logits, as an id >= V does, rather than silently reading token V - 1. Shapes and
+  static arguments are still checked, with errors that say what to do."""
+  cfg, model, variables, tokens = default_stage(stage)
+  bad = tokens.at[0, 5].set(-1)
+  logits = np.asarray(jax.jit(model.apply)(variables, bad))
+  # (NaN may reach earlier positions of the same chunk: 0 * NaN in the masked matmuls)
+  assert np.all(np.isnan(logits[0, 5])) and np.all(np.isfinite(logits[1]))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    model.apply(variables, bad)  # concrete ids are refused
+  if stage != "wave":  # the wave LM has no D5 anneal and ignores beta
+    for beta in (2.0, -0.5):
+      with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
+        model.apply(variables, tokens, beta=beta)
+    with pytest.raises(ValueError, match=r"beta must be a scalar, got shape \(2,\)"):
+      jax.jit(lambda v, b: model.apply(v, tokens, beta=b))(variables, jnp.ones(2))
+  with pytest.raises(ValueError, match=r"last_only must be a Python bool, but it is traced.*"
+                     r"static_argnames=\['last_only'\]"):
+    jax.jit(model.apply)(variables, tokens, last_only=True)
+  # A decode cache built for another batch size is refused by name.
+  with pytest.raises(ValueError, match=r"the decode cache was built for batch size 2, but "
+                     r"tokens_BT has batch size 1: build it with init_cache\(model, 1\)"):
+    model.apply({**variables, "cache": init_cache(model, 2)}, tokens[:1, :1], decode=True,
+                mutable=["cache"])
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_causal_and_decode_match_full_forward(default_stage, stage):
   cfg, model, variables, tokens, outputs = default_stage(stage, with_outputs=True)

@@ -103,7 +103,8 @@ class ModelConfig:
     recurrent_radius: S2-c only: K is rescaled so that its Frobenius norm (an
       upper bound of its spectral radius) is at most this value.
     fnet_postnorm: D3 alternative: original-FNet post-norm without row scale.
-    attn_scale: D4, "position" (c_i = 1/((i+1) d_h), default) or "none"
+    attn_scale: D4 (Stages III/IV's measurement attention only), "position"
+      (c_i = 1/((i+1) d_h), default) or "none"
       (c_i = 1, paper-literal).
     ls_scale: D5, the frozen scale s-bar of the linear scaling: "ema" (EMA of
       the per-token std of the norm input, default), "sqrt_d" or "one".
@@ -119,7 +120,8 @@ class ModelConfig:
     anneal_shape: D5 ramp shape, "linear" (default) or "cosine".
     stats_steps: D5, steps before the anneal during which s-bar is collected.
     attn_form: D6, "add" (alpha x_tgt, default) or "pull" (alpha (x_tgt - v)).
-    causal_include_self: D7, True for j <= i (default), False for j < i.
+    causal_include_self: D7 (Stages III/IV's measurement attention only), True
+      for j <= i (default), False for j < i.
     hamiltonian_param: D8, Stage IV K = "expm"(S - S^T) (default) or "cayley".
     stage3_keep_ffn: QSF §3.4 flag: keep the FFN sub-block in Stages III/IV.
     stage3_keep_fourier: QSF §3.4 flag: in Stages III/IV, the K term uses the

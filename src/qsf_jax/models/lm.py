@@ -39,6 +39,12 @@ from qsf_jax.models.norms import Norm
 def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
   """Validates the token array at trace time (and concrete ids); returns it as int32.
 
+  Concrete ids outside 0..V-1 are refused. Traced ids (under ``jit``) cannot be
+  checked; negative ones are mapped to V, so that every invalid id gives NaN
+  logits (the embedding lookup fills out-of-range rows with NaN; the NaN can
+  reach other positions of its row) instead of a negative id silently wrapping
+  to a real token (-1 would read row V-1).
+
   Args:
     tokens_BT: token ids (B, T) integer; T = 1 when decoding, T <= max_seq_len.
     cfg: model configuration.
@@ -56,12 +62,16 @@ def check_tokens(tokens_BT, cfg: ModelConfig, decode: bool):
     raise ValueError(f"tokens_BT has {T} positions (shape {tuple(tokens_BT.shape)}); "
                      f"the model allows 1..max_seq_len={cfg.max_seq_len}")
   _checks.check_token_ids("tokens_BT", tokens_BT, cfg.vocab_size)  # concrete ids only
-  return tokens_BT.astype(jnp.int32)
+  tokens_BT = tokens_BT.astype(jnp.int32)
+  return jnp.where(tokens_BT < 0, cfg.vocab_size, tokens_BT)
 
 
 def check_last_only(last_only, update_stats) -> None:
   """``last_only`` must be a bool, and cannot update the D5 statistics (which
   average over every position)."""
+  if isinstance(last_only, jax.core.Tracer):
+    raise ValueError("last_only must be a Python bool, but it is traced: under jax.jit pass "
+                     "it as static (jax.jit(model.apply, static_argnames=['last_only']))")
   if not isinstance(last_only, bool):
     raise ValueError(f"last_only must be a bool, got {last_only!r}")
   if last_only and update_stats:
@@ -69,8 +79,13 @@ def check_last_only(last_only, update_stats) -> None:
                      "(update_stats=True averages over every position)")
 
 
-def decode_position(module: nn.Module, decode: bool):
-  """The cached decode position t (int32 scalar), advanced by one per call."""
+def decode_position(module: nn.Module, decode: bool, batch_size: int):
+  """The cached decode position t (int32 scalar), advanced by one per call.
+
+  The cache also holds a (B,) marker of the batch size it was built for, so that
+  a cache from ``init_cache(model, B)`` used with another batch size is refused
+  by name (the layers' own shape errors would not mention the cache).
+  """
   if not decode:
     return jnp.zeros((), jnp.int32)
   if (not module.is_initializing() and not module.has_variable("cache", "index")
@@ -78,6 +93,11 @@ def decode_position(module: nn.Module, decode: bool):
     raise ValueError("decode=True needs a 'cache' collection: apply with "
                      "{'params': ..., 'cache': init_cache(model, batch_size)} and "
                      "mutable=['cache'] (see training.sampling.generate)")
+  marker = module.variable("cache", "batch", lambda: jnp.zeros((batch_size,), jnp.int8))
+  if marker.value.shape != (batch_size,):
+    raise ValueError(f"the decode cache was built for batch size {marker.value.shape[0]}, "
+                     f"but tokens_BT has batch size {batch_size}: build it with "
+                     f"init_cache(model, {batch_size})")
   index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
   t = index.value
   if not module.is_initializing():
@@ -121,11 +141,11 @@ class QSFLanguageModel(nn.Module):
                      param_dtype=jnp.float32, name="embed")
     pos = nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=init,
                    param_dtype=jnp.float32, name="pos_embed")
-    t = decode_position(self, decode)
+    t = decode_position(self, decode, tokens_BT.shape[0])
     positions_T = (t + jnp.arange(T)) if decode else jnp.arange(T)
     h_BTD = embed(tokens_BT) + pos(positions_T)[None]
+    _checks.check_unit_interval("beta", beta)  # the shape under jit too
     beta = jnp.asarray(beta, jnp.float32)
-    _checks.check_ndim("beta", beta, 0)
     if stats_mask is not None:
       stats_mask = _checks.as_array("stats_mask", stats_mask)
       _checks.check_shape("stats_mask", stats_mask, tokens_BT.shape)

@@ -175,7 +175,7 @@ class WaveLanguageModel(nn.Module):
     del beta, update_stats, stats_mask
     cfg = self.cfg
     tokens_BT = check_tokens(tokens_BT, cfg, decode)
-    t = decode_position(self, decode)
+    t = decode_position(self, decode, tokens_BT.shape[0])
     e_BTM = nn.Embed(cfg.vocab_size, cfg.wave_generators, embedding_init=_normal(1.0),
                      param_dtype=jnp.float32, name="embed")(tokens_BT)
     states = []
