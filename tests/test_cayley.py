@@ -371,21 +371,23 @@ def test_forward_mode_matches_reverse_mode_and_finite_differences(x64):
   rng = np.random.default_rng(8)
   dX, dY = jnp.asarray(rng.standard_normal((4, 4))), jnp.asarray(rng.standard_normal((4, 4)))
   eps = 1e-6
-  for name, cell in cells.items():
-    # One program per cell: the jvp's primal, tangent and both differences.
-    out, tangent, plus, minus = jax.jit(lambda X, Y: jax.jvp(cell, (X, Y), (dX, dY)) + (
-        cell(X + eps * dX, Y + eps * dY), cell(X - eps * dX, Y - eps * dY)))(X, Y)
-    np.testing.assert_allclose(out, cell(X, Y), rtol=0, atol=1e-14, err_msg=name)
-    fd = (plus - minus) / (2 * eps)
-    np.testing.assert_allclose(tangent, fd, rtol=0, atol=1e-7, err_msg=name)
+
+  @jax.jit  # one program for every cell: the jvp's primal and tangent, both differences
+  def jvps(X, Y):
+    return {name: jax.jvp(cell, (X, Y), (dX, dY)) + (
+        cell(X + eps * dX, Y + eps * dY), cell(X - eps * dX, Y - eps * dY))
+            for name, cell in cells.items()}
+
+  for name, (out, tangent, plus, minus) in jvps(X, Y).items():
+    np.testing.assert_allclose(out, cells[name](X, Y), rtol=0, atol=1e-14, err_msg=name)
+    np.testing.assert_allclose(tangent, (plus - minus) / (2 * eps), rtol=0, atol=1e-7,
+                               err_msg=name)
   split = lambda X, Y: (jnp.real(cells["cayley_step"](X, Y)), jnp.imag(cells["cayley_step"](X, Y)))
-  fwd, rev = jax.jit(jax.jacfwd(split)), jax.jit(jax.jacrev(split))
-  for f, r in zip(jax.tree.leaves(fwd(X, Y)), jax.tree.leaves(rev(X, Y))):
-    np.testing.assert_allclose(f, r, rtol=0, atol=1e-12)
   loss = lambda X, Y: jnp.sum(jnp.abs(cells["cayley_step"](X, Y)[:2]) ** 2)
-  h_fwd = jax.jit(jax.hessian(loss))(X, Y)
-  h_rev = jax.jit(jax.jacrev(jax.jacrev(loss)))(X, Y)
-  for f, r in zip(jax.tree.leaves(h_fwd), jax.tree.leaves(h_rev)):
+  fwd, rev, h_fwd, h_rev = jax.jit(lambda X, Y: (
+      jax.jacfwd(split)(X, Y), jax.jacrev(split)(X, Y),
+      jax.hessian(loss)(X, Y), jax.jacrev(jax.jacrev(loss))(X, Y)))(X, Y)
+  for f, r in zip(jax.tree.leaves((fwd, h_fwd)), jax.tree.leaves((rev, h_rev))):
     np.testing.assert_allclose(f, r, rtol=0, atol=1e-12)
 
 

@@ -42,13 +42,11 @@ def _M(seed, batch=()):
   return np.linalg.qr(Z)[0]
 
 
-def _map(fn, in_axes, out_axes=0):
-  """vmap over both batch axes (BATCH) with the same in/out axes for each (jitted:
-  one compile instead of one per operation)."""
-  return jax.jit(jax.vmap(jax.vmap(fn, in_axes, out_axes), in_axes, out_axes))
-
-
-def _assert_close(got, want):
+def _assert_matches_vmap(fn, args, in_axes, out_axes=0):
+  """``fn(*args)`` equals ``fn`` vmapped over both batch axes (BATCH) with the same
+  in/out axes for each; both in one jitted program (one compile)."""
+  mapped = jax.vmap(jax.vmap(fn, in_axes, out_axes), in_axes, out_axes)
+  got, want = jax.jit(lambda *a: (fn(*a), mapped(*a)))(*args)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.shape == w.shape
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
@@ -79,29 +77,22 @@ _STATE_FUNCTIONS = [
                          ids=[f[0] for f in _STATE_FUNCTIONS])
 def test_operator_per_state_and_shared(name, fn, make_op, n_states):
   states = [_states(10 + 2 * i) for i in range(n_states)]
-  per_state = make_op(0, BATCH)
-  _assert_close(jax.jit(fn)(per_state, *states), _map(fn, 0)(per_state, *states))
-  shared = make_op(4)
-  _assert_close(jax.jit(fn)(shared, *states),
-                _map(fn, (None,) + (0,) * n_states)(shared, *states))
+  _assert_matches_vmap(fn, [make_op(0, BATCH)] + states, 0)
+  _assert_matches_vmap(fn, [make_op(4)] + states, (None,) + (0,) * n_states)
 
 
 def test_readout_rates_batched_povm_and_hamiltonian():
   psi = _states(10)
   Ms = bn.povm_from_isometry(_M(0, BATCH), 0.1)
   H = _H(4, BATCH)
-  rates = jax.jit(cu.readout_rates)
-  _assert_close(rates(Ms, H, psi), _map(cu.readout_rates, 0)(Ms, H, psi))
+  _assert_matches_vmap(cu.readout_rates, (Ms, H, psi), 0)
   # Shared POVM with per-state Hamiltonians, and the reverse.
-  Ms1, H1 = Ms[0, 0], H[0, 0]
-  _assert_close(rates(Ms1, H, psi), _map(cu.readout_rates, (None, 0, 0))(Ms1, H, psi))
-  _assert_close(rates(Ms, H1, psi), _map(cu.readout_rates, (0, None, 0))(Ms, H1, psi))
+  _assert_matches_vmap(cu.readout_rates, (Ms[0, 0], H, psi), (None, 0, 0))
+  _assert_matches_vmap(cu.readout_rates, (Ms, H[0, 0], psi), (0, None, 0))
 
 
 def test_povm_from_isometry_batched():
-  M = _M(0, BATCH)
-  _assert_close(jax.jit(bn.povm_from_isometry)(M, 0.2),
-                _map(lambda m: bn.povm_from_isometry(m, 0.2), 0)(M))
+  _assert_matches_vmap(lambda m: bn.povm_from_isometry(m, 0.2), (_M(0, BATCH),), 0)
 
 
 @pytest.mark.parametrize("scan", [cy.cayley_scan, cy.cayley_scan_parallel, cu.cayley_scan_with_currents],
@@ -113,16 +104,12 @@ def test_sequences_per_state_and_shared(scan):
   # Outputs with a time axis keep it first: map over axis 1 of those, 0 of the rest.
   out_axes = {cy.cayley_scan: (0, 1), cy.cayley_scan_parallel: (0, 1),
               cu.cayley_scan_with_currents: cu.CurrentsTrace(1, 1, 0)}[scan]
-  per_state = _H(0, (T,) + BATCH)
-  _assert_close(jax.jit(fn)(per_state, psi0), _map(fn, (1, 0), out_axes)(per_state, psi0))
-  shared = _H(4, (T,))
-  _assert_close(jax.jit(fn)(shared, psi0), _map(fn, (None, 0), out_axes)(shared, psi0))
+  _assert_matches_vmap(fn, (_H(0, (T,) + BATCH), psi0), (1, 0), out_axes)
+  _assert_matches_vmap(fn, (_H(4, (T,)), psi0), (None, 0), out_axes)
 
 
 def test_cayley_products_batched():
-  H_seq = _H(0, (T,) + BATCH)
-  _assert_close(jax.jit(cy.cayley_products)(H_seq, 0.7),
-                _map(lambda h: cy.cayley_products(h, 0.7), 1, 1)(H_seq))
+  _assert_matches_vmap(lambda h: cy.cayley_products(h, 0.7), (_H(0, (T,) + BATCH),), 1, 1)
 
 
 def test_mismatched_batch_axes_are_refused_with_both_shapes():
