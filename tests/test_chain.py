@@ -86,6 +86,15 @@ def test_compose_affine_is_associative(x64):
   x = rng.normal(size=D)
   U, c = compose_affine(f, g)
   np.testing.assert_allclose(U @ x + c, g[0] @ (f[0] @ x + f[1]) + g[1], rtol=1e-12)
+  # Lists are arrays; a malformed pair or mismatched dimensions are named.
+  U_l, c_l = compose_affine((np.eye(2).tolist(), [1.0, 2.0]), (np.eye(2).tolist(), [0.5, 0.5]))
+  np.testing.assert_allclose(c_l, [1.5, 2.5])
+  with pytest.raises(ValueError, match=r"later must be a pair \(U, c\)"):
+    compose_affine((np.eye(2), np.ones(2)), np.eye(2))
+  with pytest.raises(ValueError, match=r"earlier\[1\] \(c\) must have shape \(\.\.\., 2\)"):
+    compose_affine((np.eye(2), np.ones(3)), (np.eye(2), np.ones(2)))
+  with pytest.raises(ValueError, match="act on different dimensions"):
+    compose_affine((np.eye(2), np.ones(2)), (np.eye(3), np.ones(3)))
 
 
 def test_semigroup_property(x64):

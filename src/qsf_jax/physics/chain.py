@@ -124,8 +124,27 @@ def compose_affine(earlier, later):
   Returns:
     (U (..., d, d), c (..., d)).
   """
-  U1, c1 = earlier
-  U2, c2 = later
+  arrays = []
+  for name, pair in (("earlier", earlier), ("later", later)):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"{name} must be a pair (U, c), got {type(pair).__name__}")
+    U = _checks.as_array(f"{name}[0] (U)", pair[0])
+    c = _checks.as_array(f"{name}[1] (c)", pair[1])
+    d = _checks.check_square(f"{name}[0] (U)", U, batch_dims=None)
+    if c.ndim < 1 or c.shape[-1] != d:
+      raise ValueError(f"{name}[1] (c) must have shape (..., {d}) to match U of shape "
+                       f"{tuple(U.shape)}, got {tuple(c.shape)}")
+    arrays += [U, c]
+  if arrays[0].shape[-1] != arrays[2].shape[-1]:
+    raise ValueError(f"earlier and later act on different dimensions: U of shapes "
+                     f"{tuple(arrays[0].shape)} and {tuple(arrays[2].shape)}")
+  dtype = _checks.result_dtype(*arrays)
+  U1, c1, U2, c2 = (a.astype(dtype) for a in arrays)
+  return _compose(U1, c1, U2, c2)
+
+
+def _compose(U1, c1, U2, c2):
+  """``compose_affine`` on arrays (the associative scan's operator)."""
   return U2 @ U1, jnp.einsum("...ij,...j->...i", U2, c1) + c2
 
 
@@ -165,7 +184,8 @@ def _scan_affine(x0, U_NDD, c_ND, *, method):
       x_D = Uc[0] @ x_D + Uc[1]
       return x_D, x_D
     return jax.lax.scan(step, x0, (U_NDD, c_ND))[1]
-  Ucum_NDD, ccum_ND = jax.lax.associative_scan(compose_affine, (U_NDD, c_ND))
+  Ucum_NDD, ccum_ND = jax.lax.associative_scan(
+      lambda earlier, later: _compose(*earlier, *later), (U_NDD, c_ND))
   return jnp.einsum("nij,j->ni", Ucum_NDD, x0) + ccum_ND
 
 
