@@ -246,7 +246,8 @@ def test_bad_inputs_raise_with_argument_names():
     cy.cayley_step(H, psi, dt=jnp.full(4, 0.1))
   with pytest.raises(ValueError, match="dt must be > 0 and finite"):
     cy.cayley_unitary(H, jnp.inf)
-  with pytest.raises(ValueError, match=r"H_seq must have shape \(T, N, N\) or \(T, \.\.\., N, N\), got \(4, 4\)"):
+  with pytest.raises(ValueError,
+                     match=r"H_seq must have shape \(T, N, N\) or \(T, \.\.\., N, N\), got \(4, 4\)"):
     cy.cayley_scan(H, psi)
   with pytest.raises(ValueError, match=r"psi0 must have shape \(\.\.\., 4\)"):
     cy.cayley_scan(H[None], jnp.ones(3))

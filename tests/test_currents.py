@@ -136,7 +136,8 @@ def test_bad_inputs_raise_with_argument_names():
   psi = jnp.ones(3, jnp.complex64)
   with pytest.raises(ValueError, match=r"H must be a square matrix.*\(3, 2\)"):
     cu.probability_currents(H[:, :2], psi, psi)
-  with pytest.raises(ValueError, match=r"batched H of shape \(2, 3, 3\) needs psi0 .*\(2, 3\), got \(3,\)"):
+  with pytest.raises(ValueError,
+                     match=r"batched H of shape \(2, 3, 3\) needs psi0 .*\(2, 3\), got \(3,\)"):
     cu.probability_currents(jnp.stack([H, H]), psi, psi)
   with pytest.raises(ValueError, match=r"psi1 must have shape \(\.\.\., 3\).*\(4,\)"):
     cu.probability_currents(H, psi, jnp.ones(4))

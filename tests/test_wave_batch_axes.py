@@ -95,7 +95,8 @@ def test_povm_from_isometry_batched():
   _assert_matches_vmap(lambda m: bn.povm_from_isometry(m, 0.2), (_M(0, BATCH),), 0)
 
 
-@pytest.mark.parametrize("scan", [cy.cayley_scan, cy.cayley_scan_parallel, cu.cayley_scan_with_currents],
+@pytest.mark.parametrize("scan", [cy.cayley_scan, cy.cayley_scan_parallel,
+                                  cu.cayley_scan_with_currents],
                          ids=["cayley_scan", "cayley_scan_parallel", "cayley_scan_with_currents"])
 def test_sequences_per_state_and_shared(scan):
   """A sequence (T, ..., N, N) per state, or (T, N, N) shared; time stays the leading axis."""
@@ -120,7 +121,8 @@ def test_mismatched_batch_axes_are_refused_with_both_shapes():
   with pytest.raises(ValueError, match=r"batched H of shape \(3, 2, 4, 4\) needs psi with the same "
                      r"leading axes, shape \(3, 2, 4\), got \(2, 3, 4\); pass one H of shape \(4, 4\)"):
     cu.instantaneous_currents(H, psi)
-  with pytest.raises(ValueError, match=r"batched M of shape \(3, 5, 4\) needs psi .*\(3, 4\), got \(2, 3, 4\)"):
+  with pytest.raises(ValueError,
+                     match=r"batched M of shape \(3, 5, 4\) needs psi .*\(3, 4\), got \(2, 3, 4\)"):
     bn.born_probabilities(M((3,)), psi)
   with pytest.raises(ValueError, match=r"batched Ms of shape \(2, 5, 4, 4\) needs psi"):
     cu.readout_rates(jnp.zeros((2, K, N, N)), jnp.zeros((N, N)), psi)

@@ -261,7 +261,8 @@ def context_use_workdir(workdir, *, contexts=(1, 2, 4, 8, 16, 32, 64), positions
                        batch_size=batch_size, tokenizer_file=tokenizer_file,
                        cache_dir=cache_dir, beta=beta, attn_impl=attn_impl)
   run, mode = ev.run, ev.cfg.data_mode
-  log_p = setup.unigram_log_probs(ev.train_split("the unigram baseline"), run.tokenizer.vocab_size)
+  log_p = setup.unigram_log_probs(ev.train_split("the unigram baseline"),
+                                  run.tokenizer.vocab_size)
   cl = context_losses(run.model, run.params, run.collections, ev.corpus.valid,
                       batch_size=ev.batch_size, seq_len=run.seq_len, contexts=ks,
                       positions=positions,

@@ -58,7 +58,7 @@ def _hamiltonian_and_states(H, **states):
 
 
 def _pair_currents(H_NN, phi):
-  """J_jk = 2 Im(conj(phi_j) H_jk phi_k) for phi (..., N), H (N, N) or (..., N, N) -> (..., N, N)."""
+  """J_jk = 2 Im(conj(phi_j) H_jk phi_k): phi (..., N), H (N, N) or (..., N, N) -> (..., N, N)."""
   return 2.0 * jnp.imag(jnp.einsum("...j,...jk,...k->...jk", jnp.conj(phi), H_NN, phi))
 
 
