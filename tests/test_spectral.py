@@ -121,9 +121,16 @@ def test_class_sums_and_labels_at_the_boundary():
   assert rec["gamma_by_class"] == pytest.approx(
       {"decay": -2 * ln2, "neutral": ln2 + np.log(1.1), "growth": 2 * ln2}, abs=1e-14)
   assert sum(rec["gamma_by_class"].values()) == pytest.approx(rec["gamma_net"], abs=1e-14)
-  # Eq. 9 is strict: Gamma_net = 0 (the identity layer) is not net-dissipative.
+  # Eq. 9 is strict: Gamma_net = 0 (the identity layer) is not net-dissipative, and
+  # neither is a unitary K from expm, whose Gamma_net is round-off of either sign
+  # (-2e-14 here), as the report's verdict ("balanced") says.
   ident = spectral_analysis([np.eye(3)])
   assert ident["gamma_net"] == 0.0 and ident["net_dissipative"] is False
+  S = _rng(0).normal(size=(16, 16))
+  unitary = spectral_analysis([sl.expm(S - S.T)])
+  assert 0 < abs(unitary["gamma_net"]) < 1e-12
+  assert unitary["net_dissipative"] is False and unitary["layers"][0]["net_dissipative"] is False
+  assert spectral_analysis([np.diag([1.0, 1.0 - 1e-6])])["net_dissipative"] is True
 
 
 def test_counts_sum_and_budget_identities():
@@ -245,6 +252,16 @@ def test_generator_flags_negative_real_eigenvalues():
   np.testing.assert_allclose(sl.expm(2.0 * A), K, atol=1e-10)
   A0, info0 = koopman_generator(np.diag([1.0, 0.0]))
   assert A0 is None and info0["nonpositive_real_eigenvalues"] == 1
+  # A Jordan block at -1 has no real logarithm; the eigen-solver splits it into
+  # -1 +- 1e-8 i, which an exact test of Im(lambda) == 0 missed, and the real part of
+  # the (complex) logarithm, returned as "real", was no logarithm of K (error 2).
+  Q = np.linalg.qr(_rng(1).normal(size=(3, 3)))[0]
+  K_j = Q @ np.array([[-1.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 0.5]]) @ Q.T
+  A_j, info_j = koopman_generator(K_j)
+  assert not info_j["logm_real"] and np.iscomplexobj(A_j)
+  assert info_j["logm_rel_error"] < 1e-6
+  rec = spectral_analysis([K_j], commutator=True)["layers"][0]["generator"]
+  assert rec["logm_real"] is False
 
 
 def test_effective_gain():

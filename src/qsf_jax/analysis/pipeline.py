@@ -23,6 +23,7 @@ from qsf_jax.analysis import plots_dynamics as pdyn
 from qsf_jax.analysis import plots_spectrum as pspec
 from qsf_jax.analysis.operators import check_koopman_stage, layer_operators
 from qsf_jax.models.params import count_params
+from qsf_jax.physics.spectral import on_nonpositive_axis
 from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint, missing_checkpoint_error
 from qsf_jax.training.restore import load_run
@@ -49,10 +50,9 @@ def checkpoint_stage(workdir, step: int | None = None) -> str:
   return stage
 
 
-def _has_real_log(lam, rel: float = 1e-8) -> bool:
-  """No eigenvalue on (-inf, 0] (the test of ``physics.layer.layer_generator``)."""
-  rho = float(np.max(np.abs(lam)))
-  return rho > 0 and not np.any((lam.real <= rel * rho) & (np.abs(lam.imag) <= rel * rho))
+def _has_real_log(lam) -> bool:
+  """No eigenvalue on (-inf, 0] (``physics.spectral.on_nonpositive_axis``)."""
+  return float(np.max(np.abs(lam))) > 0 and not np.any(on_nonpositive_axis(lam))
 
 
 def pick_layer(eigs, radii, candidates=None) -> int | None:

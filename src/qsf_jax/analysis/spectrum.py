@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsf_jax.physics.spectral import spectral_analysis
+from qsf_jax.physics.spectral import ROUNDOFF_PER_MODE, spectral_analysis
 
 REPORT_TOLS = (1e-3, 1e-2, 5e-2)
 UNIT_CIRCLE_TOL = 1e-6
@@ -52,7 +52,8 @@ def spectrum_summary(K_LDD, *, tol: float = 1e-2, tols=REPORT_TOLS,
   Per eigenvalue lambda of each K^(l): gamma = ln|lambda|, omega = -arg(lambda);
   Gamma_decay = sum_{gamma<0} |gamma|, Gamma_growth = sum_{gamma>0} gamma,
   Gamma_net = sum gamma (eqs. 6-8), checked against sum_l ln|det K^(l)|
-  (``slogdet_gamma_net``); ``net_dissipative`` is Gamma_net < 0 (eq. 9).
+  (``slogdet_gamma_net``); ``net_dissipative`` is Gamma_net < 0 beyond round-off
+  (eq. 9; ``spectral_analysis``).
 
   Args:
     K_LDD: Koopman matrices (L, d, d) (or a list of (d, d)), real.
@@ -78,7 +79,7 @@ def spectrum_summary(K_LDD, *, tol: float = 1e-2, tols=REPORT_TOLS,
   return res
 
 
-def verdict(res: dict, atol_per_mode: float = 1e-9) -> str:
+def verdict(res: dict, atol_per_mode: float = ROUNDOFF_PER_MODE) -> str:
   """One sentence on net dissipation (QSF eq. 9: Gamma_net = Tr D < 0).
 
   |Gamma_net| <= atol_per_mode * (number of eigenvalues) counts as balanced (the

@@ -20,7 +20,7 @@ from qsf_jax import _checks
 from qsf_jax.physics.propagate import (FORMS, MODES, GaussianState,
                                        check_finite_positive, measurement_update,
                                        propagate)
-from qsf_jax.physics.spectral import host_real, koopman_generator
+from qsf_jax.physics.spectral import host_real, koopman_generator, on_nonpositive_axis
 
 VARIANTS = ("continuous", "discrete")
 
@@ -47,9 +47,7 @@ def layer_generator(K, *, tol=1e-8):
   K64 = host_real("K", K)  # float64 on the host, whatever the x64 flag
   _checks.check_square("K", K64)
   lam = np.linalg.eigvals(K64)
-  rho = float(np.max(np.abs(lam)))
-  on_axis = (lam.real <= tol * rho) & (np.abs(lam.imag) <= tol * rho)
-  if rho == 0.0 or np.any(on_axis):
+  if float(np.max(np.abs(lam))) == 0.0 or np.any(on_nonpositive_axis(lam, tol)):
     return None, "discrete"
   A, info = koopman_generator(K64)
   if A is None or np.iscomplexobj(A) or info["logm_rel_error"] > tol:

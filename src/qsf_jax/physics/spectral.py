@@ -108,6 +108,11 @@ def _counts(gamma: np.ndarray, tol: float) -> dict:
   return {"decay": n_decay, "neutral": gamma.size - n_decay - n_growth, "growth": n_growth}
 
 
+# |Gamma_net| up to this much per eigenvalue is round-off (a unitary K from expm gives
+# ~1e-14 of either sign): neither net dissipative nor net growing (QSF §6.8 check 8).
+ROUNDOFF_PER_MODE = 1e-9
+
+
 def _budget(gamma: np.ndarray, tol: float, tols) -> dict:
   """The energy budget of QSF eqs. 6-9 for the rates ``gamma`` (n,)."""
   g_decay = float(-np.sum(gamma[gamma < 0]))
@@ -123,7 +128,7 @@ def _budget(gamma: np.ndarray, tol: float, tols) -> dict:
           "decay": float(np.sum(gamma[gamma < -tol])),
           "neutral": float(np.sum(gamma[np.abs(gamma) <= tol])),
           "growth": float(np.sum(gamma[gamma > tol]))},
-      "net_dissipative": bool(g_net < 0),
+      "net_dissipative": bool(g_net < -ROUNDOFF_PER_MODE * gamma.size),
   }
 
 
@@ -155,11 +160,26 @@ def commutator_norm(H, D) -> float:
   return float(np.linalg.norm(H @ D - D @ H) / (nH * nD))
 
 
+def on_nonpositive_axis(lam, rel: float = 1e-8) -> np.ndarray:
+  """Which eigenvalues lie on (-inf, 0] to ``rel`` times the spectral radius (bool).
+
+  Such eigenvalues leave K without a real logarithm (D17); rounding moves an
+  eigenvalue that is on the half-line off it by about eps ||K||.
+  """
+  lam = np.asarray(lam)
+  rho = float(np.max(np.abs(lam))) if lam.size else 0.0
+  return (lam.real <= rel * rho) & (np.abs(lam.imag) <= rel * rho)
+
+
 def koopman_generator(K, dt: float = 1.0):
   """Generator A = logm(K) / dt of a Koopman matrix K = e^{A dt} (decision D17, §6.4).
 
   The principal logarithm is real when K has no eigenvalue on (-inf, 0]; otherwise
-  no real principal log exists and the complex one is returned.
+  no real principal log exists and the complex one is returned. Eigenvalues within
+  1e-8 ||K||-relative of that half-line count as on it (rounding moves them off
+  it), and so does any K whose logarithm has an imaginary part beyond rounding
+  (e.g. a Jordan block at -1, which the eigen-solver splits into a complex pair):
+  the real part of such a logarithm is not a logarithm of K.
 
   Args:
     K: real Koopman matrix (d, d).
@@ -174,7 +194,7 @@ def koopman_generator(K, dt: float = 1.0):
   _checks.check_square("K", K)
   _checks.check_time_step("dt", dt)
   lam = np.linalg.eigvals(K)
-  n_bad = int(np.sum((lam.imag == 0) & (lam.real <= 0)))
+  n_bad = int(np.sum(on_nonpositive_axis(lam)))
   info = {"logm_real": n_bad == 0, "nonpositive_real_eigenvalues": n_bad,
           "logm_rel_error": None}
   if np.any(lam == 0):
@@ -182,7 +202,9 @@ def koopman_generator(K, dt: float = 1.0):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # accuracy is reported below
     A = sl.logm(K)
-  if n_bad == 0:
+  if n_bad == 0 and np.linalg.norm(np.imag(A)) > 1e-8 * max(1.0, np.linalg.norm(A)):
+    info["logm_real"] = False  # e.g. a defective eigenvalue on the axis, split off it
+  if info["logm_real"]:
     A = np.real(A)
   if not np.all(np.isfinite(A)):
     return None, info
@@ -214,7 +236,9 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
   class decay if gamma < -tol, growth if gamma > tol, else neutral (D18). Budget
   (eqs. 6-8; Gamma_decay >= 0 is a magnitude):
     Gamma_decay = sum_{gamma<0} |gamma|,  Gamma_growth = sum_{gamma>0} gamma,
-    Gamma_net = sum gamma = Gamma_growth - Gamma_decay,  net_dissipative: Gamma_net < 0.
+    Gamma_net = sum gamma = Gamma_growth - Gamma_decay,  net_dissipative: Gamma_net < 0
+  beyond round-off (Gamma_net < -1e-9 per eigenvalue, ``ROUNDOFF_PER_MODE``: a
+  unitary K gives |Gamma_net| ~ 1e-14 of either sign, and is not dissipative).
   ``gamma_by_class`` is the signed sum of gamma over each class's modes (so its
   "decay" entry is negative, and the three entries add up to Gamma_net).
   Consistency: Gamma_net = sum_l ln|det K^(l)| / dt (slogdet), accepted when
