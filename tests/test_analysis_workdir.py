@@ -72,7 +72,8 @@ def test_cli_end_to_end_stage3(stage3, tmp_path, capsys):
   report = (out / "report.md").read_text()
   for needle in ("## Spectrum", "### Energy budget", "**Verdict:**", "## Measurement strength",
                  "## Hidden-state norms", "## Which tokens", "## Propagators", "### SSE",
-                 "(spectrum.png)", "(sse.png)"):
+                 "(spectrum.png)", "(sse.png)",
+                 "Gamma_decay and Gamma_growth sum over the sign of gamma"):
     assert needle in report, needle
   res = json.loads((out / "spectrum.json").read_text())
   spec = res["spectrum"]

@@ -100,7 +100,9 @@ def _spectrum_section(lines, results):
     lines.append(f"| {l} | {_f(r['spectral_radius'])} | {_f(r['min_abs_eigenvalue'])} | "
                  f"{c['decay']} | {c['neutral']} | {c['growth']} | {_f(r['gamma_decay'])} | "
                  f"{_f(r['gamma_growth'])} | {_f(r['gamma_net'])} |")
-  lines += ["", f"(classes per layer at tau = {sp['tol']:g})", ""]
+  lines += ["", f"(classes per layer at tau = {sp['tol']:g}; Gamma_decay and Gamma_growth sum "
+            "over the sign of gamma, eqs. 6-7, so a layer with no decay mode at tau can have "
+            "Gamma_decay > 0)", ""]
 
 
 def _alpha_section(lines, results):
