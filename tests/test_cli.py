@@ -479,15 +479,25 @@ def test_prepare_output_file_makes_its_folder_or_refuses(tmp_path):
     (["--repeats=x"], "bench_core.py: error: flag --repeats=x: invalid literal for int()"),
     (["--quick", "extra"], "bench_core.py: error: unexpected positional arguments ['extra']"),
 ])
-def test_bench_core_prints_one_error_line(tmp_path, flags, message):
-  """No usage text or module docstring before the error, as the other entry points
-  (``python -m``, so that the module's own main is what runs)."""
-  p = subprocess.run([sys.executable, "-m", "experiments.bench_core"]
-                     + [f.format(tmp=tmp_path) for f in flags],
+def test_bench_core_prints_one_error_line(tmp_path, flags, message, capsys):
+  """No usage text or module docstring before the error, as the other entry points.
+  In-process here; ``test_bench_core_runs_as_a_module`` runs the module's own main."""
+  import experiments.bench_core as b
+  assert b.run(["bench_core.py"] + [f.format(tmp=tmp_path) for f in flags]) == 1
+  out, err = capsys.readouterr()
+  lines = err.strip().splitlines()
+  assert out == "" and len(lines) == 1, err
+  assert lines[0].startswith(message.format(tmp=tmp_path)), err
+
+
+def test_bench_core_runs_as_a_module(tmp_path):
+  """``python -m``: the module's own main prints the same single error line."""
+  p = subprocess.run([sys.executable, "-m", "experiments.bench_core", "--repeats=x"],
                      cwd=REPO, capture_output=True, text=True, timeout=120)
   assert p.returncode == 1 and p.stdout == ""
   lines = p.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), p.stderr
+  assert len(lines) == 1, p.stderr
+  assert lines[0].startswith("bench_core.py: error: flag --repeats=x: invalid literal"), p.stderr
 
 
 ENTRY_POINTS = ["analyze", "bench_core", "bench_train", "context_use", "evaluate",

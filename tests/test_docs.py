@@ -33,6 +33,9 @@ def _run_blocks(doc, tmp_path, timeout, fast_compiles=False):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise")
   if fast_compiles:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+  else:  # XLA's default passes and CPU emitters, as users run (conftest picks others)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_cpu_use_fusion_emitters"))
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, f"{doc} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -46,6 +49,7 @@ def test_block_parser_finds_only_python_fences(tmp_path):
 
 
 def test_readme_python_blocks_run(tmp_path):
+  # With XLA's default compiler settings (passes and CPU emitters), as users run.
   blocks, _ = _run_blocks("README.md", tmp_path, timeout=300)
   assert any("q.propagate(" in b for b in blocks)
 
