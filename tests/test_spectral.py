@@ -332,3 +332,33 @@ def test_host_tools_refuse_tracers_by_name(fn):
   for transform in (jax.jit, jax.vmap):
     with pytest.raises(ValueError, match=r"is traced \(under jax.jit, vmap or grad\).*outside"):
       transform(fn)(K if transform is jax.jit else K[None])
+
+
+def test_commutator_of_parts_at_round_off_is_zero():
+  """A unitary K's logarithm has D ~ 1e-14 from rounding: [H, D] / (||H|| ||D||) of
+  those parts was noise up to ~1; such a part counts as 0 (H and D = 0 commute)."""
+  S = 0.3 * _rng(11).normal(size=(8, 8))
+  r = spectral_analysis([sl.expm(S - S.T)], commutator=True)
+  gen = r["layers"][0]["generator"]
+  assert gen["logm_real"] and 0 < gen["norm_D"] < 1e-10 * gen["norm_H"]
+  assert gen["commutator"] == 0.0 and r["commutator_max"] == 0.0
+  H, Dm = np.array([[0.0, 1.0], [1.0, 0.0]]), np.diag([1.0, -1.0])
+  assert commutator_norm(H, 1e-12 * Dm) == 0.0 and commutator_norm(1e-12 * H, Dm) == 0.0
+  assert commutator_norm(H, 1e-12 * Dm, rtol=0) == pytest.approx(np.sqrt(2.0))
+  with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+    commutator_norm(H, Dm, rtol=-1.0)
+
+
+def test_commutator_aggregates_skip_layers_without_a_real_logarithm():
+  """A layer with an eigenvalue on (-inf, 0] is split from the complex principal log;
+  its record stays (logm_real False) but it is not in commutator_max / _mean."""
+  rng = _rng(12)
+  A_nc = 0.3 * rng.normal(size=(4, 4))
+  K_neg = _with_eigenvalues([-0.5, 0.9], rng, pairs=[(0.8, 0.6)])
+  r = spectral_analysis([sl.expm(A_nc), K_neg], commutator=True)
+  good, bad = (l["generator"] for l in r["layers"])
+  assert good["logm_real"] and not bad["logm_real"] and bad["commutator"] is not None
+  assert r["commutator_layers"] == 1
+  assert r["commutator_max"] == r["commutator_mean"] == pytest.approx(good["commutator"])
+  r_bad = spectral_analysis([K_neg], commutator=True)
+  assert r_bad["commutator_layers"] == 0 and r_bad["commutator_max"] is None

@@ -141,21 +141,27 @@ def _slogdet_check(gamma: np.ndarray, logdet: float, dt: float, rtol: float):
   return float(ref), bool(abs(float(np.sum(gamma)) - ref) <= rtol * scale)
 
 
-def commutator_norm(H, D) -> float:
+def commutator_norm(H, D, rtol: float = 1e-9) -> float:
   """Normalised commutator ||[H, D]||_F / (||H||_F ||D||_F) (QSF §2.2, §6.6).
 
   It is 0 exactly when H and D commute, i.e. when the frequencies omega_k come
-  from H and the rates gamma_k from D alone; it is 0 by definition if H or D = 0.
+  from H and the rates gamma_k from D alone. It is 0 by definition when H or D
+  is 0, and a part of norm <= rtol (||H||_F + ||D||_F) counts as 0: a unitary
+  K's logarithm has ||D|| ~ 1e-14 ||H|| from rounding, and the ratio of two
+  rounding-sized numbers would report noise (up to ~1) for parts that commute.
 
   Args:
     H: Hermitian part of a generator (d, d), real or complex.
     D: dissipative part (d, d).
+    rtol: relative size below which H or D counts as 0 (>= 0; 0 for the
+      plain ratio whenever both norms are non-zero).
   """
   H, D = np.asarray(H), np.asarray(D)
   d = _checks.check_square("H", H)
   _checks.check_shape("D", D, (d, d))
+  rtol = _nonneg("rtol", rtol)
   nH, nD = np.linalg.norm(H), np.linalg.norm(D)
-  if nH == 0 or nD == 0:
+  if min(nH, nD) <= rtol * (nH + nD) or nH == 0 or nD == 0:
     return 0.0
   return float(np.linalg.norm(H @ D - D @ H) / (nH * nD))
 
@@ -252,7 +258,11 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
     dt: time step of K = e^{A dt} (> 0).
     tols: further tolerances for ``counts_by_tol`` (keys formatted with ``:g``).
     commutator: also compute A = logm(K)/dt per layer, its (H, D) split (eq. 1),
-      ||[H, D]|| / (||H|| ||D||) and Tr D (under the key ``generator``).
+      ||[H, D]|| / (||H|| ||D||) and Tr D (under the key ``generator``), and
+      ``commutator_max`` / ``commutator_mean`` over the ``commutator_layers``
+      layers with a real logarithm (a layer without one keeps its record, split
+      from the complex principal log, with ``logm_real`` False, but is left out
+      of these: its (H, D) is not that of a real generator).
     floor: lower bound on |lambda| inside the log (> 0).
     slogdet_rtol: relative tolerance of the slogdet consistency check.
 
@@ -311,11 +321,12 @@ def spectral_analysis(K_list, tol: float = 1e-2, dt: float = 1.0, *,
       min_abs_eigenvalue=float(min(rec["min_abs_eigenvalue"] for rec in layers)),
       tol=tol, tols=list(tols), dt=dt, floor=floor, n_layers=int(K_LDD.shape[0]),
       dim=int(K_LDD.shape[-1]), n_eigenvalues=int(gamma_all.size), layers=layers)
-  if commutator:
+  if commutator:  # over the layers whose K has a real generator (D17)
     comms = [r["generator"]["commutator"] for r in layers
-             if r["generator"]["commutator"] is not None]
+             if r["generator"]["commutator"] is not None and r["generator"]["logm_real"]]
     out["commutator_max"] = float(max(comms)) if comms else None
     out["commutator_mean"] = float(np.mean(comms)) if comms else None
+    out["commutator_layers"] = len(comms)
   return out
 
 
