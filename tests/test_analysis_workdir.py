@@ -95,6 +95,13 @@ def test_cli_end_to_end_stage3(stage3, tmp_path, capsys):
   prop = res["propagation"]
   assert prop["variant"] in ("continuous", "discrete") and prop["tokens"] == 20
   assert res["sse"]["n_paths"] == 8 and res["sse"]["finite"]
+  assert f"Layer {prop['layer']} (0-based)" in report
+  assert "dt = 1, sigma_m = 1, sigma_K = 1 on the layer's own (unscaled) states" in report
+  assert f"(||x0|| = {res['sse']['scale']:.4g}) and sigma_m = 1 in those units" in report
+  # the discrete variant's paper and exact forms coincide: no ratio to compare
+  assert ("Ratio of mean shifts paper/exact: n/a (discrete variant" in report) == (
+      prop["variant"] == "discrete")
+  assert ("Median ratio of mean shifts" in report) == (prop["variant"] == "continuous")
 
 
 def test_replay_matches_the_model(stage3):
@@ -205,7 +212,17 @@ def test_replay_gives_the_vector_k_multiplies(stage, mixer, extra):
 @pytest.mark.slow
 def test_stage4_is_all_neutral_in_float64(stage4, tmp_path):
   res = analyze_workdir(stage4, out=tmp_path, max_sequences=2, sse_paths=4, sse_steps=20,
-                        sentence_tokens=8, log=None)
+                        sentence_tokens=8, commutator=True, log=None)
+  # Stage IV: D = 0 up to rounding, so H and D commute (not the noise of two tiny norms)
+  for rec in res["spectrum"]["layers"]:
+    gen = rec["generator"]
+    assert gen["logm_real"] and gen["norm_D"] < 1e-10 * gen["norm_H"]
+    assert gen["commutator"] == 0.0
+  assert res["spectrum"]["commutator_max"] == 0.0
+  assert res["spectrum"]["commutator_layers"] == 2
+  text = (tmp_path / "report.md").read_text()
+  assert "### Generator split A = logm(K) / dt = -iH + D" in text
+  assert "| 1 | yes |" in text and "layer(s) with a real logarithm: max 0," in text
   uc = res["spectrum"]["unit_circle"]
   assert uc["tol"] == 1e-6 and uc["all_on_unit_circle"]
   assert uc["neutral"] == uc["n_eigenvalues"] == 64
@@ -215,13 +232,25 @@ def test_stage4_is_all_neutral_in_float64(stage4, tmp_path):
   assert res["spectrum"]["verdict"].startswith("balanced")
   assert "unit-circle check" in (tmp_path / "report.md").read_text()
   assert _png_ok(tmp_path / "spectrum.png")
+  # A failure part-way (here the data) leaves the folder as the last analysis made it.
+  for p in tmp_path.iterdir():
+    p.write_bytes(b"earlier " + p.name.encode())
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  with pytest.raises(Exception, match="nonexistent"):
+    analyze_workdir(stage4, out=tmp_path, data=str(tmp_path.parent / "nonexistent.txt"),
+                    max_sequences=2, log=None)
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+  assert not list(tmp_path.parent.glob(f".{tmp_path.name}.partial-*"))
 
 
 @pytest.mark.slow
 def test_stage2_has_no_measurement(env, tmp_path):
   wd = _train(env, "koopman", 2)
+  for name in ("alpha.png", "sse.png"):  # an earlier analysis's figures this one lacks
+    (tmp_path / name).write_bytes(b"stale")
   res = analyze_workdir(wd, out=tmp_path, max_sequences=2, log=None)
   assert res["alpha"] is None and "propagation" not in res
+  assert not (tmp_path / "alpha.png").exists() and not (tmp_path / "sse.png").exists()
   assert any("Stage II" in n for n in res["notes"])
   assert sum(res["spectrum"]["counts"].values()) == 64
   assert (tmp_path / "report.md").exists() and _png_ok(tmp_path / "spectrum.png")

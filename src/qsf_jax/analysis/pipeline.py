@@ -10,8 +10,11 @@ figures and ``spectrum.json`` into the output folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import shutil
+import tempfile
 import time
 
 import jax
@@ -81,6 +84,35 @@ def _decode_one(tokenizer):
   return decode
 
 
+# The files ``analyze_workdir`` may write (figures by name, then the report).
+OUTPUT_FILES = tuple(f"{n}.png" for n in ("spectrum", "log_abs_hist", "alpha", "loss", "layers",
+                                          "occupancy", "propagation", "sse")) + (
+                                              "report.md", "spectrum.json")
+
+
+@contextlib.contextmanager
+def _staged_output(out: pathlib.Path):
+  """Yields a temporary folder beside ``out``; on success moves its files into ``out``.
+
+  ``out`` is created only then, and this analysis's outputs replace those of an
+  earlier one (an earlier figure this run does not make is removed, so the
+  folder never mixes two analyses). On an error, ``out`` is left as it was.
+  """
+  out.parent.mkdir(parents=True, exist_ok=True)
+  work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  try:
+    yield work
+    out.mkdir(exist_ok=True)
+    made = {p.name for p in work.iterdir()}
+    for name in OUTPUT_FILES:
+      if name not in made and (out / name).is_file():
+        (out / name).unlink()
+    for name in sorted(made):
+      os.replace(work / name, out / name)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | None = None,
                     max_sequences: int = 64, batch_size: int = 8, sentence_tokens: int = 48,
                     exact_tokens: int = 12, layer: int | None = None, sse_paths: int = 32,
@@ -113,7 +145,9 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
     log: progress printer (None: silent).
 
   Returns:
-    The results dict written to ``spectrum.json`` (plus ``out``).
+    The results dict written to ``spectrum.json`` (plus ``out``). The files are
+    made in a temporary folder beside ``out`` and moved into it at the end, so
+    an error part-way leaves ``out`` as it was (``_staged_output``).
 
   Raises:
     NoCheckpointError: no checkpoint in ``workdir``.
@@ -129,96 +163,98 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
   mcfg = run.model_config
   if layer is not None and not 0 <= layer < mcfg.n_layers:
     raise ValueError(f"--layer must be in [0, {mcfg.n_layers}), got {layer}")
-  out.mkdir(parents=True, exist_ok=True)
-  notes, figures = [], {}
-  ops = layer_operators(run.params, mcfg)
-  timings["restore_s"] = time.perf_counter() - t0
+  # Everything is written into a temporary sibling folder and moved into ``out`` at
+  # the end: a failure part-way leaves ``out`` as it was.
+  with _staged_output(out) as work:
+    notes, figures = [], {}
+    ops = layer_operators(run.params, mcfg)
+    timings["restore_s"] = time.perf_counter() - t0
 
-  t = time.perf_counter()
-  spec = spectrum.spectrum_summary(ops.K, commutator=commutator,
-                                   unit_circle=stage == "hamiltonian_attn")
-  eigs = spectrum.eigenvalues_per_layer(spec)
-  if stage == "hamiltonian_attn":
-    dev32 = max(float(np.max(np.abs(np.abs(np.linalg.eigvals(K)) - 1.0))) for K in ops.K_model)
-    spec["float32_model_max_abs_deviation"] = dev32
-    notes.append("Stage IV: K = expm(S - S^T) is rebuilt from S in float64 for the analysis; "
-                 f"the float32 K the model evaluates has max ||lambda| - 1| = {dev32:.3g}.")
-  title = f"{stage}/{run.cfg.preset}, step {run.step}"
-  figures["spectrum"] = _save(pspec.plot_spectrum, out / "spectrum.png", eigs, title=title)
-  figures["log_abs_hist"] = _save(pspec.plot_log_abs_histogram, out / "log_abs_hist.png", eigs,
-                                  tol=spec["tol"], title=title)
-  timings["spectrum_s"] = time.perf_counter() - t
-  log(f"spectrum: {spec['n_eigenvalues']} eigenvalues, |lambda| in "
-      f"[{spec['min_abs_eigenvalue']:.3g}, {spec['spectral_radius']:.3g}], {spec['verdict']}")
-
-  t = time.perf_counter()
-  alpha = None
-  if stage != "koopman":
-    alpha = history.alpha_history(workdir, mcfg.n_layers, up_to_step=run.step)
-    if alpha is not None and ops.alpha is not None:
-      # the analysed checkpoint's own alpha (--step may pick an earlier one)
-      alpha = dict(alpha, step=run.step, at_step=ops.alpha.tolist())
-    if alpha is not None:
-      if alpha["source"] == "checkpoints":
-        notes.append("metrics.jsonl does not log alpha; alpha over training is read from the "
-                     f"{len(alpha['steps'])} retained checkpoint(s).")
-      figures["alpha"] = _save(pdyn.plot_alpha, out / "alpha.png", alpha["steps"],
-                               alpha["alpha"], source=alpha["source"])
-  curves = history.loss_curves(history.read_metrics(workdir))
-  if any(len(c[0]) for c in curves.values()):
-    figures["loss"] = _save(pdyn.plot_losses, out / "loss.png", curves)
-  timings["history_s"] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  cfg, corpus = setup.load_run_corpus(run, data=data, cache_dir=cache_dir, where=str(workdir))
-  bases = [modes.mode_basis(K) for K in ops.K]
-  for l, b in enumerate(bases):
-    if b is None:
-      notes.append(f"layer {l}: K is too close to defective to separate its modes; no G_eff "
-                   "or mode occupancy.")
-  batches = qdata.iter_eval_batches(corpus.valid, batch_size=batch_size, seq_len=run.seq_len,
-                                    mode=cfg.data_mode)
-  val = validation.validation_statistics(
-      run.params, run.collections, mcfg, bases, batches, beta=run.beta,
-      max_sequences=max_sequences, sentence_tokens=sentence_tokens,
-      decode=_decode_one(run.tokenizer), eot_id=run.tokenizer.eot_id)
-  sentence = val.pop("sentence")
-  figures["layers"] = _save(
-      pspec.plot_layer_budget, out / "layers.png", spec["radius_per_layer"],
-      [r["gamma_decay"] for r in spec["layers"]], [r["gamma_growth"] for r in spec["layers"]],
-      spec["gamma_net_per_layer"],
-      g_eff_L=[np.nan if r["g_eff_mean"] is None else r["g_eff_mean"] for r in val["layers"]],
-      title=title)
-  figures["occupancy"] = _save(pdyn.plot_occupancy, out / "occupancy.png", val["layers"])
-  timings["validation_s"] = time.perf_counter() - t
-  z = val["z_rms"]
-  log(f"validation: {val['sequences']} sequences, RMS(N_f(h_L)) = "
-      + ("non-finite" if z["mean"] is None else f"{z['mean']:.4g} +- {z['std']:.3g}"))
-
-  bad = val["z_rms"]["non_finite"]
-  if bad:
-    notes.append(f"{bad} of {val['sequences']} validation sequences have non-finite final "
-                 "states (the model overflows); the norm statistics use the others.")
-  results = {"run": _run_info(workdir, run, corpus, ops), "spectrum": spec, "alpha": alpha,
-             "validation": val, "figures": figures, "notes": notes}
-  if ops.W_V is None:
-    notes.append("Stage II has no measurement (no attention target): no propagator or SSE.")
-  else:
     t = time.perf_counter()
-    finite = [l for l in range(mcfg.n_layers) if np.all(np.isfinite(sentence.k_in[l]))
-              and np.all(np.isfinite(sentence.x_tgt[l]))]
-    l = pick_layer(eigs, spec["radius_per_layer"], finite) if layer is None else layer
-    if l is None or l not in finite:
-      notes.append("the model's states along the sentence are not finite at "
-                   f"{'every layer' if l is None else f'layer {l}'}: no propagator or SSE.")
+    spec = spectrum.spectrum_summary(ops.K, commutator=commutator,
+                                     unit_circle=stage == "hamiltonian_attn")
+    eigs = spectrum.eigenvalues_per_layer(spec)
+    if stage == "hamiltonian_attn":
+      dev32 = max(float(np.max(np.abs(np.abs(np.linalg.eigvals(K)) - 1.0))) for K in ops.K_model)
+      spec["float32_model_max_abs_deviation"] = dev32
+      notes.append("Stage IV: K = expm(S - S^T) is rebuilt from S in float64 for the analysis; "
+                   f"the float32 K the model evaluates has max ||lambda| - 1| = {dev32:.3g}.")
+    title = f"{stage}/{run.cfg.preset}, step {run.step}"
+    figures["spectrum"] = _save(pspec.plot_spectrum, work / "spectrum.png", eigs, title=title)
+    figures["log_abs_hist"] = _save(pspec.plot_log_abs_histogram, work / "log_abs_hist.png", eigs,
+                                    tol=spec["tol"], title=title)
+    timings["spectrum_s"] = time.perf_counter() - t
+    log(f"spectrum: {spec['n_eigenvalues']} eigenvalues, |lambda| in "
+        f"[{spec['min_abs_eigenvalue']:.3g}, {spec['spectral_radius']:.3g}], {spec['verdict']}")
+
+    t = time.perf_counter()
+    alpha = None
+    if stage != "koopman":
+      alpha = history.alpha_history(workdir, mcfg.n_layers, up_to_step=run.step)
+      if alpha is not None and ops.alpha is not None:
+        # the analysed checkpoint's own alpha (--step may pick an earlier one)
+        alpha = dict(alpha, step=run.step, at_step=ops.alpha.tolist())
+      if alpha is not None:
+        if alpha["source"] == "checkpoints":
+          notes.append("metrics.jsonl does not log alpha; alpha over training is read from the "
+                       f"{len(alpha['steps'])} retained checkpoint(s).")
+        figures["alpha"] = _save(pdyn.plot_alpha, work / "alpha.png", alpha["steps"],
+                                 alpha["alpha"], source=alpha["source"])
+    curves = history.loss_curves(history.read_metrics(workdir))
+    if any(len(c[0]) for c in curves.values()):
+      figures["loss"] = _save(pdyn.plot_losses, work / "loss.png", curves)
+    timings["history_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cfg, corpus = setup.load_run_corpus(run, data=data, cache_dir=cache_dir, where=str(workdir))
+    bases = [modes.mode_basis(K) for K in ops.K]
+    for l, b in enumerate(bases):
+      if b is None:
+        notes.append(f"layer {l}: K is too close to defective to separate its modes; no G_eff "
+                     "or mode occupancy.")
+    batches = qdata.iter_eval_batches(corpus.valid, batch_size=batch_size, seq_len=run.seq_len,
+                                      mode=cfg.data_mode)
+    val = validation.validation_statistics(
+        run.params, run.collections, mcfg, bases, batches, beta=run.beta,
+        max_sequences=max_sequences, sentence_tokens=sentence_tokens,
+        decode=_decode_one(run.tokenizer), eot_id=run.tokenizer.eot_id)
+    sentence = val.pop("sentence")
+    figures["layers"] = _save(
+        pspec.plot_layer_budget, work / "layers.png", spec["radius_per_layer"],
+        [r["gamma_decay"] for r in spec["layers"]], [r["gamma_growth"] for r in spec["layers"]],
+        spec["gamma_net_per_layer"],
+        g_eff_L=[np.nan if r["g_eff_mean"] is None else r["g_eff_mean"] for r in val["layers"]],
+        title=title)
+    figures["occupancy"] = _save(pdyn.plot_occupancy, work / "occupancy.png", val["layers"])
+    timings["validation_s"] = time.perf_counter() - t
+    z = val["z_rms"]
+    log(f"validation: {val['sequences']} sequences, RMS(N_f(h_L)) = "
+        + ("non-finite" if z["mean"] is None else f"{z['mean']:.4g} +- {z['std']:.3g}"))
+
+    bad = val["z_rms"]["non_finite"]
+    if bad:
+      notes.append(f"{bad} of {val['sequences']} validation sequences have non-finite final "
+                   "states (the model overflows); the norm statistics use the others.")
+    results = {"run": _run_info(workdir, run, corpus, ops), "spectrum": spec, "alpha": alpha,
+               "validation": val, "figures": figures, "notes": notes}
+    if ops.W_V is None:
+      notes.append("Stage II has no measurement (no attention target): no propagator or SSE.")
     else:
-      _dynamics(results, out, ops, sentence, l, run.tokenizer, sse_paths, sse_steps, seed,
-                exact_tokens)
-    timings["dynamics_s"] = time.perf_counter() - t
-  timings["total_s"] = time.perf_counter() - t0
-  results["timings"] = timings
-  report.write_report(out, results)
-  report.write_json(out / "spectrum.json", results)
+      t = time.perf_counter()
+      finite = [l for l in range(mcfg.n_layers) if np.all(np.isfinite(sentence.k_in[l]))
+                and np.all(np.isfinite(sentence.x_tgt[l]))]
+      l = pick_layer(eigs, spec["radius_per_layer"], finite) if layer is None else layer
+      if l is None or l not in finite:
+        notes.append("the model's states along the sentence are not finite at "
+                     f"{'every layer' if l is None else f'layer {l}'}: no propagator or SSE.")
+      else:
+        _dynamics(results, work, ops, sentence, l, run.tokenizer, sse_paths, sse_steps, seed,
+                  exact_tokens)
+      timings["dynamics_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    results["timings"] = timings
+    report.write_report(work, results)
+    report.write_json(work / "spectrum.json", results)
   log(f"analysis written to {out} in {timings['total_s']:.1f}s")
   return dict(results, out=str(out))
 
@@ -265,7 +301,7 @@ def _dynamics(results, out, ops, sentence, l, tokenizer, sse_paths, sse_steps, s
       "exact_tokens": int(len(prop["exact_index"])),
       "dev_prior_median": med(prop["dev_prior"]), "dev_paper_median": med(prop["dev_paper"]),
       "dev_exact_median": med(prop["dev_exact"]), "shift_ratio_median": med(prop["shift_ratio"]),
-      "sigma_m": 1.0, "sigma_K": 1.0}
+      "sigma_m": 1.0, "sigma_K": 1.0, "dt": 1.0}
   n = sentence.tokens.size - 1
   x_star = propagation.state_target(ops.W_V[l], sentence.x_tgt[l][n])
   sse = propagation.sse_ensemble(jax.random.key(seed), ops.K[l], ops.b[l], sentence.k_in[l][n],
@@ -276,5 +312,6 @@ def _dynamics(results, out, ops, sentence, l, tokenizer, sse_paths, sse_steps, s
       "layer": l, "token": labels[n], "position": n, "n_paths": sse_paths,
       "n_steps": sse["n_steps"], "variant_dynamics": sse["variant_dynamics"],
       "sse_variant": sse["sse_variant"], "finite": sse["finite"], "scale": sse["scale"],
+      "sigma_m": 1.0,
       "dist_end_mean": _finite_mean(sse["dist"][:, -1]),
       "free_dist_end": float(sse["free_dist"][-1])}

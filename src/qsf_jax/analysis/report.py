@@ -105,6 +105,28 @@ def _spectrum_section(lines, results):
             "Gamma_decay > 0)", ""]
 
 
+def _generator_section(lines, results):
+  """The (H, D) split of A = logm(K) (QSF eq. 1) per layer, when it was computed."""
+  sp = results["spectrum"]
+  gens = [r.get("generator") for r in sp["layers"]]
+  if not any(gens):
+    return
+  lines += ["### Generator split A = logm(K) / dt = -iH + D (QSF eq. 1, D17)", "",
+            "| layer | real logarithm | logm error | norm(H) | norm(D) | Tr D | "
+            "norm([H, D]) / (norm(H) norm(D)) |", "|---|---|---|---|---|---|---|"]
+  for l, g in enumerate(gens):
+    real = "yes" if g["logm_real"] else f"no ({g['nonpositive_real_eigenvalues']} on (-inf, 0])"
+    lines.append(f"| {l} | {real} | {_f(g['logm_rel_error'], '.2g')} | {_f(g['norm_H'])} | "
+                 f"{_f(g['norm_D'])} | {_f(g['trace_D'])} | {_f(g['commutator'], '.3g')} |")
+  n = sp.get("commutator_layers", 0)
+  lines += ["", f"Commutator over the {n} layer(s) with a real logarithm: max "
+            f"{_f(sp.get('commutator_max'), '.3g')}, mean {_f(sp.get('commutator_mean'), '.3g')} "
+            "(0: H and D commute, the frequencies come from H and the rates from D alone; a "
+            "part of round-off size counts as 0). A layer without a real logarithm is split "
+            "from the complex principal log: its row is not the split of a real generator.",
+            ""]
+
+
 def _alpha_section(lines, results):
   a = results.get("alpha")
   lines += ["## Measurement strength alpha per layer (QSF Fig. 1)", ""]
@@ -192,17 +214,23 @@ def _dynamics_section(lines, results):
   if p is None:
     return
   lines += ["## Propagators of a trained layer (QSF eqs. 57-58, spec §6.3-6.4)", "",
-            f"Layer {p['layer']}, first validation sequence ({p['tokens']} tokens; the exact "
-            f"form on {p.get('exact_tokens', p['tokens'])} of them), variant "
+            f"Layer {p['layer']} (0-based), first validation sequence ({p['tokens']} tokens; "
+            f"the exact form on {p.get('exact_tokens', p['tokens'])} of them), one token "
+            f"interval dt = {_f(p.get('dt', 1.0), 'g')}, sigma_m = {_f(p['sigma_m'], 'g')}, "
+            f"sigma_K = {_f(p['sigma_K'], 'g')} on the layer's own (unscaled) states, variant "
             f"**{p['variant']}**: {p['variant_note']}", ""]
   _fig(lines, results, "propagation", "propagator means along a sentence")
   lines += ["| mean vs the layer update h^(l+1) - h^(l) | median relative deviation |",
             "|---|---|"]
   for k in ("prior", "paper", "exact"):
     lines.append(f"| {k} | {_f(p.get(f'dev_{k}_median'), '.3g')} |")
-  lines += ["", f"Median ratio of mean shifts paper/exact: "
-            f"{_f(p.get('shift_ratio_median'), '.3g')} (spec §7: 2 for small dt, 1.31 at "
-            "dt = 1 with M = I).", ""]
+  if p["variant"] == "discrete":
+    lines += ["", "Ratio of mean shifts paper/exact: n/a (discrete variant: the two forms "
+              "coincide, so the ratio is 1 by construction).", ""]
+  else:
+    lines += ["", f"Median ratio of mean shifts paper/exact: "
+              f"{_f(p.get('shift_ratio_median'), '.3g')} (spec §7: 2 for small dt, 1.31 at "
+              "dt = 1 with M = I).", ""]
   s = results.get("sse")
   if s is not None:
     lines += ["### SSE ensemble (QSF eq. 43, §6.7)", "",
@@ -210,7 +238,10 @@ def _dynamics_section(lines, results):
               f"interval, from token {s['token']!r} of that sentence; generator: "
               f"{_sse_generator(s['variant_dynamics'])}; measured target: the state x* with "
               "W_V x* = x_tgt; "
-              f"all paths finite: {s['finite']}. States scaled by 1/||x0||; mean distance to "
+              f"all paths finite: {s['finite']}. States scaled by 1/||x0|| (||x0|| = "
+              f"{_f(s.get('scale'), '.4g')}) and sigma_m = {_f(s.get('sigma_m', 1.0), 'g')} "
+              "in those units (the SSE is not scale-invariant: in the layer's own units its "
+              "measurement drift is that of sigma_m ||x0||); mean distance to "
               f"x* at t = 1: {_f(s['dist_end_mean'], '.3g')} with measurement, "
               f"{_f(s['free_dist_end'], '.3g')} without.", ""]
     _fig(lines, results, "sse", "SSE ensemble trajectories")
@@ -233,6 +264,7 @@ def render_report(results: dict) -> str:
   lines += [f"- {k}: {v}" for k, v in run.items()]
   lines.append("")
   _spectrum_section(lines, results)
+  _generator_section(lines, results)
   _alpha_section(lines, results)
   if results.get("figures", {}).get("loss"):
     _fig(lines, results, "loss", "training and validation loss")
