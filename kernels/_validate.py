@@ -8,6 +8,7 @@ zero k and v and zero log-decay add nothing to the state (S = e^0 S + 0 0^T).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -125,9 +126,15 @@ def validate_inputs(q, k, v, log_decay, initial_state):
 def check_chunk_size(chunk_size, *, power_of_two: bool) -> int:
   """Validates ``chunk_size`` (a positive int; a power of two >= 16 for Pallas).
 
-  Python and NumPy integers are accepted; the result is a Python int (a static
-  argument of the jitted kernels).
+  Python and NumPy integers and concrete integer 0-d arrays are accepted; the
+  result is a Python int (a static argument of the jitted kernels).
   """
+  if isinstance(chunk_size, jax.core.Tracer):
+    raise ValueError("chunk_size must be a Python int, but it is traced: under jax.jit pass "
+                     "it as a static argument (static_argnames=['chunk_size'])")
+  if (isinstance(chunk_size, (np.ndarray, jax.Array)) and chunk_size.ndim == 0
+      and jnp.issubdtype(chunk_size.dtype, jnp.integer)):
+    chunk_size = int(chunk_size)
   if (isinstance(chunk_size, (bool, np.bool_))
       or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

@@ -191,9 +191,15 @@ def test_rejects_bad_impl_and_chunk_size():
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
       linear_attention(q, k, v, chunk_size=bad, impl="xla")
   # A NumPy integer (e.g. from a config array) is a chunk size like a Python int.
-  np.testing.assert_array_equal(
-      np.asarray(linear_attention(q, k, v, chunk_size=np.int64(16), impl="xla")),
-      np.asarray(linear_attention(q, k, v, chunk_size=16, impl="xla")))
+  # So is a concrete integer 0-d array; a traced one says to make it static.
+  for size in (np.int64(16), jnp.int32(16), np.array(16)):
+    np.testing.assert_array_equal(
+        np.asarray(linear_attention(q, k, v, chunk_size=size, impl="xla")),
+        np.asarray(linear_attention(q, k, v, chunk_size=16, impl="xla")))
+  with pytest.raises(ValueError, match=r"chunk_size .* traced: .*static_argnames=\['chunk_size'\]"):
+    jax.jit(lambda c: linear_attention(q, k, v, chunk_size=c, impl="xla"))(16)
+  with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
+    linear_attention(q, k, v, chunk_size=jnp.float32(16.0), impl="xla")
   with pytest.raises(ValueError, match=r"power of two >= 16 for impl='pallas'.*48"):
     linear_attention(q, k, v, chunk_size=48, impl="pallas", interpret=True)
 
