@@ -1,6 +1,7 @@
 """Test configuration: CPU only, offline hubs, no silent rank promotion."""
 
 import functools
+import gc
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -77,6 +78,20 @@ def pytest_configure(config):
   for name, value in settings.items():
     jax.config.update(name, value)
     os.environ[name.upper()] = str(value)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+  """On an xdist worker, freezes the objects the session made before it reports back.
+
+  pytest runs full garbage collections after that report (its unraisable-exception
+  plugin, in unconfigure and cleanup), and over a worker's heap of traced and
+  compiled programs each took up to 2 s; execnet interrupts a worker that is still
+  busy 5 s after the run ends, which showed as a KeyboardInterrupt inside JAX's gc
+  callback after the last test. Frozen objects are left to the process's exit.
+  """
+  if hasattr(session.config, "workerinput"):
+    gc.freeze()
 
 
 def pytest_unconfigure(config):
