@@ -49,6 +49,21 @@ def test_txt_stories_are_split_and_stripped(tmp_path):
   assert list(iter_file_stories(p)) == STORIES
 
 
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
+  """A leading BOM stayed on the first story (.txt) or failed the first line (.jsonl);
+  only such files change the source's identity (and so their token-cache key)."""
+  bom = "\ufeff"
+  txt = write_txt(tmp_path / "bom.txt", [bom + STORIES[0]] + STORIES[1:])
+  jsonl = tmp_path / "bom.jsonl"
+  jsonl.write_text(bom + write_jsonl(tmp_path / "plain.jsonl", STORIES).read_text(), "utf-8")
+  for p in (txt, jsonl):
+    assert list(iter_file_stories(p)) == STORIES
+  assert local_source(txt).identity["utf8_bom_dropped"] == ["bom.txt"]
+  plain = local_source(write_txt(tmp_path / "plain.txt", STORIES)).identity
+  assert "utf8_bom_dropped" not in plain and set(plain) == {"kind", "train", "valid",
+                                                            "valid_fraction"}
+
+
 def test_jsonl_and_parquet(tmp_path):
   assert list(iter_file_stories(write_jsonl(tmp_path / "s.jsonl", STORIES))) == STORIES
   assert list(iter_file_stories(write_parquet(tmp_path / "s.parquet", STORIES))) == STORIES

@@ -1,7 +1,7 @@
 """Stories from local files: ``.txt``, ``.jsonl``/``.json`` and ``.parquet``.
 
-File formats (one story per record; every story is stripped of surrounding
-whitespace and empty stories are dropped):
+File formats (UTF-8, a leading byte-order mark dropped; one story per record;
+every story is stripped of surrounding whitespace and empty stories are dropped):
 
 * ``.txt``: stories separated by ``<|endoftext|>`` (TinyStories' own layout).
 * ``.jsonl`` / ``.json``: JSON Lines, one object per line with a ``text`` field.
@@ -66,8 +66,18 @@ class StorySource(NamedTuple):
   recheck: Callable[[], dict] | None = None
 
 
+# A UTF-8 byte-order mark (some Windows editors write one) is not text: "utf-8-sig"
+# drops it at the start of a file (it stayed on the first story before).
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _starts_with_bom(path: pathlib.Path) -> bool:
+  with open(path, "rb") as f:
+    return f.read(len(_UTF8_BOM)) == _UTF8_BOM
+
+
 def _iter_txt(path: pathlib.Path) -> Iterator[str]:
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     rest = ""
     for chunk in iter(lambda: f.read(1 << 20), ""):
       parts = (rest + chunk).split(ENDOFTEXT)
@@ -77,7 +87,7 @@ def _iter_txt(path: pathlib.Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: pathlib.Path) -> Iterator[str]:
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -219,6 +229,12 @@ def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> S
       out[split] = [[p.relative_to(base).as_posix(), file_sha256(p)] for p in paths]
     if not valid_files:
       out["valid_fraction"] = valid_fraction
+    # Files whose leading BOM is dropped (tokens differ from those cached before that
+    # was done, so their key changes; every other source keeps its key).
+    bom = [p.relative_to(base).as_posix() for p in (*train_files, *valid_files)
+           if p.suffix.lower() != ".parquet" and _starts_with_bom(p)]
+    if bom:
+      out["utf8_bom_dropped"] = bom
     return out
 
   identity = hashes()
