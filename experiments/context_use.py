@@ -16,7 +16,6 @@ import json
 
 from absl import flags
 
-from experiments.evaluate import _finite_or_null
 from qsf_jax.training import cli
 from qsf_jax.training.context_use import context_use_workdir, markdown_table
 
@@ -60,7 +59,7 @@ def execute(fv: flags.FlagValues) -> int:
                             cache_dir=fv.cache_dir, beta=fv.beta, attn_impl=fv.attn_impl,
                             out=fv.out)
   print(markdown_table(rec), flush=True)
-  print(json.dumps(_finite_or_null(rec), allow_nan=False), flush=True)
+  print(json.dumps(cli.finite_json(rec), allow_nan=False), flush=True)
   return 0
 
 

@@ -13,7 +13,6 @@ occurs in the run's training rows (``qsf_jax.training.token_losses``);
 from __future__ import annotations
 
 import json
-import math
 
 from absl import flags
 
@@ -43,15 +42,9 @@ def execute(fv: flags.FlagValues) -> int:
                          per_token=fv.per_token, outlier_nats=fv.outlier_nats,
                          per_token_out=fv.per_token_out)
   # strict JSON: an overflowing perplexity (or loss) is null, not Infinity
-  rec = _finite_or_null(rec)
+  rec = cli.finite_json(rec)
   print(json.dumps(rec, allow_nan=False), flush=True)
   return 0
-
-
-def _finite_or_null(v):
-  if isinstance(v, dict):
-    return {k: _finite_or_null(x) for k, x in v.items()}
-  return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def run(argv) -> int:

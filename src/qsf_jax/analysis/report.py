@@ -15,6 +15,8 @@ import pathlib
 
 import numpy as np
 
+from qsf_jax.training.cli import finite_json
+
 # QSF §4.4 / Table 1, verbatim where the paper states a number.
 # ||P_g||_2 above which the report warns (Gaussian 128 x 128 K: 30-58, three seeds).
 ILL_CONDITIONED_PROJECTOR = 100.0
@@ -22,27 +24,10 @@ PAPER = {"abs_range": (0.3, 27.9), "radius_layer": "32 (the last)", "z_rms": (1.
          "alpha_range": (1.05, 1.35)}
 
 
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    v = float(x)
-    return v if math.isfinite(v) else None
-  if isinstance(x, (np.bool_,)):
-    return bool(x)
-  return x
-
-
 def write_json(path, results: dict) -> pathlib.Path:
   """Writes ``results`` as strict JSON (numpy -> lists, NaN/inf -> null)."""
   path = pathlib.Path(path)
-  path.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False))
+  path.write_text(json.dumps(finite_json(results), indent=1, allow_nan=False))
   return path
 
 

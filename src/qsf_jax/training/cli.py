@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 import pathlib
 import sys
 from typing import Callable, Sequence
 
 from absl import app, flags
+import numpy as np
 
 from qsf_jax.training import checkpoint
 
@@ -75,6 +77,28 @@ def prepare_output_file(flag: str, path) -> pathlib.Path:
 def error_line(prog: str, e: BaseException) -> str:
   msg = str(e).strip().replace("\n", " ") or type(e).__name__
   return f"{prog}: error: {msg}"
+
+
+def finite_json(x):
+  """``x`` with numpy values as Python ones and NaN/inf floats as None (strict JSON).
+
+  For ``json.dumps(..., allow_nan=False)``: bare NaN tokens are not JSON, and
+  other readers refuse them.
+  """
+  if isinstance(x, dict):
+    return {str(k): finite_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite_json(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return finite_json(x.tolist())
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    v = float(x)
+    return v if math.isfinite(v) else None
+  if isinstance(x, np.bool_):
+    return bool(x)
+  return x
 
 
 def run(define_flags: Callable[[flags.FlagValues], None],
