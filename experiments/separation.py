@@ -17,6 +17,7 @@ exact real dimension D* = N(N-1), or N^2 - 1 with ``--contexts=generic``).
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 import time
@@ -122,8 +123,14 @@ def execute(fv: flags.FlagValues, argv) -> int:
   results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
   plot.plot_results(results, str(out / "separation.png"))
   results["total_wall_seconds"] = time.perf_counter() - start
+  bad = [f"N={r['N']} {r['model']} D={r['dim']}" for r in results["runs"]
+         if not all(math.isfinite(v) for v in r["kl"])]
+  if bad:
+    print(f"warning: {len(bad)} row(s) have a non-finite KL (training diverged: lower --lr): "
+          f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; written as null",
+          file=sys.stderr, flush=True)
   with open(out / "results.json", "w") as f:
-    json.dump(results, f, indent=1)
+    json.dump(cli.finite_json(results), f, indent=1, allow_nan=False)
   print()
   print(sweep.summary_table(results))
   print(f"\nwall time {results['total_wall_seconds']:.1f} s; wrote {out / 'results.json'} "

@@ -184,6 +184,10 @@ def test_default_dims_rule():
     (dict(task="born_logit", Ns=(4,), num_cues=2, length=3), "fewer than the log-target rank 12"),
     (dict(readout_ranks=(1, 0)), "each entry of readout_ranks must be >= 1"),
     (dict(readout_ranks=(2, 2)), "must not repeat"),
+    (dict(Ns=(3, 3)), r"N must not repeat a value, got \(3, 3\)"),
+    (dict(dims=(3, 4, 3)), r"dims must not repeat a value"),
+    # the target softmax underflows to 0 (the KL needs every p* > 0)
+    (dict(task="born_logit", Ns=(3,), beta=1e5), r"beta = 100000.0 is too large: .*underflows"),
     (dict(models=("complex", "quantum")), r"unknown models \['quantum'\]"),
     (dict(models=()), "models must be a non-empty list"),
     (dict(models=("real_hardcoded",)), r"unknown models \['real_hardcoded'\] for task 'pairwise'"),
@@ -226,6 +230,19 @@ _BAD_FLAGS = [
     ("--beta=3 --contexts=generic", "--contexts, --beta does not apply to --task=pairwise"),
     ("--task=born_logit --models=realified", "unknown models ['realified'] for task 'born_logit'"),
 ]
+
+
+def test_a_diverged_row_is_null_in_strict_json(tmp_path, capsys):
+  """A non-finite KL (lr far too large) was written as a bare NaN token, with no word."""
+  sys.path.insert(0, str(REPO_ROOT))
+  from experiments import separation as exp
+  assert exp.run(["separation", "--models=real", "--dims=3", "--N=2", "--lr=1e6",
+                  "--steps=20", "--seeds=1", "--num_cues=3", "--length=2",
+                  f"--out={tmp_path}"]) == 0
+  assert "warning: 1 row(s) have a non-finite KL" in capsys.readouterr().err
+  text = (tmp_path / "results.json").read_text()
+  res = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
+  assert res["runs"][0]["kl"] == [None]
 
 
 @pytest.mark.parametrize("flag,message", _BAD_FLAGS)

@@ -157,6 +157,9 @@ def validate_config(cfg: SweepConfig) -> None:
   check_list("N", cfg.Ns, 3 if generic else 2)
   if cfg.dims is not None:
     check_list("dims", cfg.dims, 1)
+  for name, values in (("N", cfg.Ns), ("dims", cfg.dims or ())):
+    if len(set(values)) != len(values):
+      raise ValueError(f"{name} must not repeat a value, got {tuple(values)}")
   check_int("steps", cfg.steps, 1)
   check_int("seeds", cfg.seeds, 1)
   check_int("log_every", cfg.log_every, 1)
@@ -204,6 +207,9 @@ def validate_config(cfg: SweepConfig) -> None:
           f"num_cues = {cfg.num_cues}, length = {cfg.length} give {C} distinct contexts"
           f"{order}, fewer than {what} for N = {N}; the rank certificate of spec §2.5 needs "
           f"that many generic contexts: raise num_cues or length")
+    if cfg.task == "born_logit":  # its targets (cheap) refuse a beta they underflow at
+      make_born_logit_task(N, contexts=cfg.contexts, beta=cfg.beta, num_cues=cfg.num_cues,
+                           length=cfg.length, seed=cfg.task_seed)
 
 
 def task_model_names(task: str) -> tuple:

@@ -142,6 +142,12 @@ def born_logit_targets(psi_CN, beta: float) -> tuple[np.ndarray, np.ndarray]:
   logits = beta * np.abs(psi @ (m_re - 1j * m_im).T) ** 2  # row k of M is m_k^dagger
   z = logits - logits.max(axis=1, keepdims=True)
   P = np.exp(z)
+  if not np.all(P > 0):  # exp underflows below about -745 in float64
+    span = float(-z.min())
+    raise ValueError(
+        f"beta = {beta!r} is too large: the target softmax underflows to 0 (the logits of a "
+        f"context span {span:.4g}, exp(-{span:.4g}) = 0 in float64), and the KL needs every "
+        f"target probability > 0; use beta <= {beta * 700.0 / span:.4g}")
   return logits, P / P.sum(axis=1, keepdims=True)
 
 
