@@ -147,7 +147,10 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
   One call applies one optimizer update. With ``grad_accum = A`` the batch
   holds A micro-batches; their gradients of the *summed* token loss are added
   in float32 and divided by the total token count, so the update equals the
-  one on the whole batch at once.
+  one on the whole batch at once. So does the D5 statistics update: every
+  micro-batch runs with the step's statistics, and their EMA updates are
+  averaged with the micro-batches' token counts as weights (the update is
+  affine in the masked mean it adds), one EMA step per optimizer update.
 
   Args:
     model: Flax module, ``apply(variables, tokens_BT, beta=...) -> logits_BTV``.
@@ -162,8 +165,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
       of the window before the anneal in which the statistics are updated;
       the model always runs with ``update_stats=True`` and the new statistics
       are kept only inside the window, so one compiled step serves all steps.
-      With accumulation the EMA advances once per micro-batch. None: the
-      collections are never updated.
+      None: the collections are never updated.
 
   Returns:
     The jitted step. Metrics: ``loss`` (mean token CE), ``tokens``,
@@ -190,14 +192,21 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
       def body(carry, micro):
-        g_acc, l_acc, n_acc, coll = carry
-        (l, (n, coll)), g = grad_fn(state.params, coll, micro, beta)
+        g_acc, l_acc, n_acc, d_acc = carry
+        # every micro-batch starts from the step's statistics, as the whole batch does
+        (l, (n, coll)), g = grad_fn(state.params, state.collections, micro, beta)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        return (g_acc, l_acc + l, n_acc + n, coll), None
+        d_acc = jax.tree.map(lambda a, new, old: a + n * (new - old), d_acc, coll,
+                             state.collections)
+        return (g_acc, l_acc + l, n_acc + n, d_acc), None
 
       init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-              state.collections)
-      (g_sum, l_sum, n, collections), _ = jax.lax.scan(body, init, batch)
+              jax.tree.map(jnp.zeros_like, state.collections))
+      (g_sum, l_sum, n, d_sum), _ = jax.lax.scan(body, init, batch)
+      # The EMA update is affine in the batch's masked mean, so the token-weighted mean of
+      # the micro-batches' updates is the whole batch's update (the count advances by 1).
+      collections = jax.tree.map(lambda old, d: old + d / jnp.maximum(n, 1.0),
+                                 state.collections, d_sum)
     if update_stats:
       keep = in_stats_window(state.step, total_steps, anneal_frac, stats_steps,
                              anneal_hold_frac)
