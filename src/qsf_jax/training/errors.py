@@ -45,7 +45,8 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite.
 
   Attributes:
-    step: the optimizer step whose loss was not finite (0-based).
+    step: the optimizer step whose loss was not finite (0-based; the message
+      counts from 1, as the progress lines and metrics.jsonl do).
     loss: the offending value.
     last_checkpoint: the step of the last good checkpoint, or None.
   """
@@ -56,4 +57,4 @@ class NonFiniteLossError(FloatingPointError):
     kept = (f"the last good checkpoint (step {last_checkpoint}) is kept"
             if last_checkpoint is not None else "no checkpoint had been written yet")
     super().__init__(
-        f"non-finite {what} ({loss}) at step {self.step}; training stopped and {kept}")
+        f"non-finite {what} ({loss}) at step {self.step + 1}; training stopped and {kept}")
