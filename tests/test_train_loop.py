@@ -348,6 +348,24 @@ def test_init_from_maps_shared_parameters(trained):
   for p in report.new:  # new leaves keep their fresh values
     np.testing.assert_array_equal(new[p], old[p])
   assert set(new) == set(old) and all(new[p].dtype == old[p].dtype for p in new)
+  assert not any(l.startswith("warning") for l in logs)  # a finished Stage II
+
+
+def test_init_from_an_unfinished_run_warns(trained, monkeypatch):
+  """A source run that stopped before its --steps (interrupted) is named in a warning."""
+  from qsf_jax.training import progressive
+  wd, _ = trained
+  load = progressive.load_source_params
+
+  def unfinished(path):
+    source, meta = load(path)
+    return source, dict(meta, train_config=dict(meta["train_config"], steps=100))
+
+  monkeypatch.setattr(progressive, "load_source_params", unfinished)
+  fresh, _ = init_compiled(build_model(get_config("koopman_attn", "tiny")), 1, 32)
+  logs = []
+  init_from_checkpoint(fresh, str(wd), stage="koopman_attn", log=logs.append)
+  assert logs[-1].startswith("warning: the koopman run in ") and "step 30 of its 100" in logs[-1]
   assert any("copied" in line and "new" in line and "dropped" in line for line in logs)
   # Not a D12 hand-off: refused with the supported pairs listed
   with pytest.raises(TrainConfigError, match="koopman -> koopman_attn"):

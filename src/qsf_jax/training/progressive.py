@@ -126,4 +126,9 @@ def init_from_checkpoint(target_params, init_from: str, *, stage: str,
                       copied=tuple(rep["copied"]), new=tuple(rep["new"]),
                       dropped=tuple(rep["dropped"]))
   log(f"init_from {init_from} (stage {src_stage}, step {report.src_step}): {report.summary()}")
+  total = (meta.get("train_config") or {}).get("steps")
+  if isinstance(total, int) and 0 <= report.src_step < total:
+    log(f"warning: the {src_stage} run in {init_from} stopped at step {report.src_step} of "
+        f"its {total}: this stage starts from an unfinished one (resume it there first for "
+        "the D12 hand-off of a trained stage)")
   return params, report
