@@ -30,9 +30,12 @@ def _fast_cpu_codegen_flag() -> str:
   import sys  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(),
              JAX_PLATFORMS="cpu")
-  probe = subprocess.run(
-      [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
-      env=env, capture_output=True, timeout=120, check=False)
+  try:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+        env=env, capture_output=True, timeout=120, check=False)
+  except subprocess.TimeoutExpired:
+    return ""
   return flag if probe.returncode == 0 else ""
 
 

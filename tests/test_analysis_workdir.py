@@ -236,7 +236,8 @@ def test_stage4_is_all_neutral_in_float64(stage4, tmp_path):
   for p in tmp_path.iterdir():
     p.write_bytes(b"earlier " + p.name.encode())
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-  with pytest.raises(Exception, match="nonexistent"):
+  from qsf_jax.data import DataNotFoundError
+  with pytest.raises(DataNotFoundError, match="nonexistent.txt does not exist"):
     analyze_workdir(stage4, out=tmp_path, data=str(tmp_path.parent / "nonexistent.txt"),
                     max_sequences=2, log=None)
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -161,7 +161,7 @@ def commutator_norm(H, D, rtol: float = 1e-9) -> float:
   _checks.check_shape("D", D, (d, d))
   rtol = _nonneg("rtol", rtol)
   nH, nD = np.linalg.norm(H), np.linalg.norm(D)
-  if min(nH, nD) <= rtol * (nH + nD) or nH == 0 or nD == 0:
+  if min(nH, nD) <= rtol * (nH + nD):  # with rtol = 0: exactly when H or D is 0
     return 0.0
   return float(np.linalg.norm(H @ D - D @ H) / (nH * nD))
 
