@@ -148,6 +148,42 @@ def test_completed_run_resumes_as_a_no_op(trained, env):
   assert len(_jsonl(wd)) == before
 
 
+def test_resume_drops_the_repeated_records_and_redoes_a_lost_evaluation(trained, env,
+                                                                        tmp_path):
+  """A run killed after checkpoint 15 had logged steps past it (and a torn line): the
+  resume drops those records before it logs the steps again, and TensorBoard gets a
+  restart mark at step 16. A run killed during its final evaluation (checkpoint 30
+  saved, no eval record) evaluates on resume, with the same result."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.tensorboard import session_starts  # pylint: disable=import-outside-toplevel
+  wd, _ = trained
+  _, corpus = env
+  orig = _jsonl(wd)
+  killed = tmp_path / "killed"
+  shutil.copytree(wd, killed)
+  shutil.rmtree(killed / "tb")
+  shutil.rmtree(ck.checkpoint_dir(killed) / "30")
+  with open(killed / "metrics.jsonl", "a") as f:
+    f.write('{"step": 31, "kind": "tr')  # a write cut off by the kill
+  result = train_and_evaluate(_cfg(corpus), killed)
+  assert result.resumed_from == 15 and result.step == 30
+  recs = _jsonl(killed)
+  assert [(r["step"], r["kind"]) for r in recs] == [(r["step"], r["kind"]) for r in orig]
+  (event_file,) = (killed / "tb").iterdir()
+  assert session_starts(event_file) == [16]
+
+  lost = tmp_path / "lost_eval"
+  shutil.copytree(wd, lost)
+  (lost / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in orig if (r["step"], r["kind"]) != (30, "eval")))
+  result = train_and_evaluate(_cfg(corpus), lost)
+  assert result.resumed_from == 30 and result.step == 30
+  (redone,) = [r for r in _jsonl(lost) if (r["step"], r["kind"]) == (30, "eval")]
+  (first,) = [r for r in orig if (r["step"], r["kind"]) == (30, "eval")]
+  assert redone["val_loss"] == first["val_loss"] and result.eval == pytest.approx(
+      {k: v for k, v in first.items() if k not in ("step", "kind", "time")})
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env):
   root, corpus = env
   wd = root / "nan"

@@ -21,12 +21,16 @@ def _event_class():
   s = fdp.message_type.add(name="Summary")
   s.field.add(name="value", number=1, type=F.TYPE_MESSAGE, type_name=".qsftest.Value",
               label=F.LABEL_REPEATED)
+  sl = fdp.message_type.add(name="SessionLog")
+  sl.field.add(name="status", number=1, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)  # an enum
   e = fdp.message_type.add(name="Event")
   e.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
   e.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
   e.field.add(name="file_version", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
   e.field.add(name="summary", number=5, type=F.TYPE_MESSAGE, type_name=".qsftest.Summary",
               label=F.LABEL_OPTIONAL)
+  e.field.add(name="session_log", number=7, type=F.TYPE_MESSAGE,
+              type_name=".qsftest.SessionLog", label=F.LABEL_OPTIONAL)
   pool = descriptor_pool.DescriptorPool()
   pool.Add(fdp)
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("qsftest.Event"))
@@ -51,6 +55,9 @@ def test_event_encoding_matches_protobuf():
   assert ours == ref.SerializeToString()
   ver = Event.FromString(tb.encode_event(wall_time=0.0, step=0, file_version="brain.Event:2"))
   assert ver.file_version == "brain.Event:2"
+  start = Event(wall_time=2.0, step=16)
+  start.session_log.status = 1  # SessionLog.START
+  assert tb.encode_event(wall_time=2.0, step=16, session_start=True) == start.SerializeToString()
 
 
 def test_summary_writer_file_parses_back(tmp_path):
@@ -109,6 +116,28 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
   assert lines[2]["text"] == "Once upon a time"
   (event_file,) = (tmp_path / "tb").iterdir()
   assert tb.read_scalars(event_file) == [(10, "train/loss", 2.0), (10, "eval/val_loss", 1.5)]
+
+
+def test_resumed_writer_drops_the_records_past_the_checkpoint(tmp_path):
+  from qsf_jax.training.metrics import drop_records_after  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+  lines = ['{"step": 1, "kind": "train"}', 'not a record', '{"step": 2, "kind": "eval"}',
+           '{"step": 3, "kind": "train"}', '{"step": 2, "kind": "sample", "text": "x"}']
+  path.write_text("\n".join(lines) + "\n")
+  before = path.stat().st_mtime_ns
+  assert drop_records_after(path, 3) == 0 and path.stat().st_mtime_ns == before  # untouched
+  w = MetricWriter(tmp_path, resumed_from=2)
+  w.write(3, {"loss": 0.5})
+  w.close()
+  kept = path.read_text().splitlines()
+  assert kept[:4] == lines[:3] + [lines[4]] and json.loads(kept[4])["loss"] == 0.5
+  (event_file,) = (tmp_path / "tb").iterdir()
+  assert tb.session_starts(event_file) == [3] and tb.read_scalars(event_file) == [
+      (3, "train/loss", 0.5)]
+  path.write_text(lines[0] + "\n" + '{"step": 2, "ki')  # a torn last line
+  assert drop_records_after(path, 5) == 1 and path.read_text() == lines[0] + "\n"
+  assert drop_records_after(tmp_path / "absent.jsonl", 0) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tb"]  # no temp file
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

@@ -146,6 +146,11 @@ def test_resume_after_sigkill_is_exact(corpus):
   # The resumed run replays steps 5-8 with the same losses.
   losses_a, losses_b = _train_losses(wd_a), _train_losses(wd_b)
   assert all(losses_a[s] == losses_b[s] for s in range(1, 9))
+  # ... and logs them once: the killed run's records of steps 5-6 were dropped
+  logged = [(r["step"], r["kind"]) for r in map(json.loads, (wd_b / "metrics.jsonl")
+                                                 .read_text().splitlines())]
+  assert logged == [(r["step"], r["kind"]) for r in map(
+      json.loads, (wd_a / "metrics.jsonl").read_text().splitlines())]
   # D5: the norm statistics were collected in the window [0, floor(0.85 * 8)) = [0, 6)
   counts = [np.asarray(v) for k, v in ck_flat(coll_a).items() if k.endswith("count")]
   assert counts and all(np.all(c == 6) for c in counts)

@@ -10,7 +10,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -19,24 +18,14 @@ import jax
 import numpy as np
 
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
+from qsf_jax.training.metrics import read_records
 
 _ALPHA_KEY = re.compile(r"^alpha[/_.](\d+)$")
 
 
 def read_metrics(workdir) -> list[dict]:
   """The records of ``workdir/metrics.jsonl`` (empty if absent); bad lines are skipped."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.is_file():
-    return []
-  recs = []
-  for line in path.read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict) and "step" in rec:
-      recs.append(rec)
-  return recs
+  return read_records(pathlib.Path(workdir) / "metrics.jsonl")
 
 
 def loss_curves(records) -> dict:

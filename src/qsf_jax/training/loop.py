@@ -27,7 +27,7 @@ from qsf_jax.training.checkpoint import (Checkpointer, check_resumable, executio
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import NonFiniteLossError
 from qsf_jax.training.evaluation import evaluate_split
-from qsf_jax.training.metrics import MetricWriter, ProgressMeter
+from qsf_jax.training.metrics import MetricWriter, ProgressMeter, read_records
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.progressive import init_from_checkpoint
 from qsf_jax.training.sampling import sample_text
@@ -80,6 +80,16 @@ def _all_finite(tree) -> jax.Array:
 
 def _due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
+
+
+def _eval_missing(workdir: str, step: int) -> bool:
+  """True if ``metrics.jsonl`` has no evaluation record at ``step`` (the same on every process)."""
+  missing = not any(r["step"] == step and r.get("kind") == "eval"
+                    for r in read_records(os.path.join(workdir, "metrics.jsonl")))
+  if jax.process_count() > 1:  # only process 0 writes the log: use its answer everywhere
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
 
 
 def _scalars(metrics) -> dict[str, float]:
@@ -167,7 +177,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     resumed_from = ckpt.latest_step()
     state = ckpt.restore(state, resumed_from)
     _log(f"resumed from step {resumed_from} in {workdir}")
-  writer = MetricWriter(workdir, enabled=is_primary())
+  writer = MetricWriter(workdir, enabled=is_primary(), resumed_from=resumed_from)
 
   common = dict(schedule=schedule, total_steps=cfg.steps, anneal_frac=mcfg.anneal_frac,
                 anneal_shape=mcfg.anneal_shape, anneal_hold_frac=mcfg.anneal_hold_frac,
@@ -247,6 +257,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
            f"rise there, and `experiments.evaluate --beta=0` scores the weights with LayerNorm")
   interrupted = None
   try:
+    if (resumed_from is not None and _due(resumed_from, cfg.eval_every, cfg.steps)
+        and _eval_missing(workdir, resumed_from)):
+      _log(f"the evaluation at step {resumed_from} was not recorded (the run stopped during "
+           "it); evaluating now")
+      last_eval = eval_and_sample(resumed_from)
     with StopRequested() as stop:
       step = start
       while step < cfg.steps:

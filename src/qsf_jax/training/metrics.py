@@ -67,25 +67,99 @@ class ProgressMeter:
             f"{tps_s} | eta {format_duration(eta)}")
 
 
+def read_records(path: str | os.PathLike) -> list[dict]:
+  """The JSON records of a ``metrics.jsonl`` file that carry a ``step`` (none if absent)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return []
+  out = []
+  for line in lines:
+    rec = _parse(line)
+    if rec is not None:
+      out.append(rec)
+  return out
+
+
+def _parse(line: str) -> dict | None:
+  try:
+    rec = json.loads(line)
+  except ValueError:
+    return None
+  return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+
+
+def drop_records_after(path: str | os.PathLike, step: int) -> int:
+  """Removes the records past ``step`` from a ``metrics.jsonl`` file; returns how many.
+
+  Lines that are not records are kept, apart from a torn last line (a write cut
+  off by a kill). The file is replaced atomically, and left untouched when
+  nothing is removed and it ends with a newline.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except FileNotFoundError:
+    return 0
+  lines = text.splitlines()
+  torn = bool(lines) and not text.endswith("\n") and _parse(lines[-1]) is None
+  keep, dropped = [], 0
+  for i, line in enumerate(lines):
+    rec = _parse(line)
+    if (rec is not None and rec["step"] > step) or (torn and i == len(lines) - 1):
+      dropped += 1
+    else:
+      keep.append(line)
+  if dropped or (text and not text.endswith("\n")):  # a later append starts a new line
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in keep))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return dropped
+
+
 class MetricWriter:
   """Writes metrics to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
 
   Only process 0 of a multi-host run writes; other processes get a writer that
   does nothing.
 
+  A run resumed from checkpoint step N repeats the steps after N, so the writer
+  first drops the records of ``metrics.jsonl`` past step N (those a killed run
+  wrote after its last checkpoint; the resumed run writes them again, with the
+  same values) and marks step N + 1 as a restart in TensorBoard, which then drops
+  its earlier records from N + 1 on. ``metrics.jsonl`` is rewritten through a
+  temporary file and an atomic rename; a line that is not a JSON record is kept,
+  except a torn last line.
+
   Args:
     workdir: the run folder.
     enabled: False on non-primary processes.
+    resumed_from: the checkpoint step a resumed run restarts from, or None.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+               resumed_from: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(os.fspath(workdir), "metrics.jsonl"), "a")
+      path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+      if resumed_from is not None:
+        drop_records_after(path, resumed_from)
+      self._jsonl = open(path, "a")
       self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tb"))
+      if resumed_from is not None:
+        self._tb.session_start(resumed_from + 1)
+        self._tb.flush()
 
   def write(self, step: int, metrics: Mapping[str, float], *, kind: str = "train") -> None:
     """Appends one record ``{"step", "kind", "time", **metrics}`` to both sinks.

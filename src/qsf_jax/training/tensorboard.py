@@ -11,12 +11,15 @@ An event file is a sequence of TFRecords, each framing one serialized
 with ``masked_crc32c(x) = ((c >> 15) | (c << 17)) + 0xa282ead8 (mod 2^32)`` for
 ``c = crc32c(x)`` (Castagnoli polynomial). The protobufs are hand-encoded:
 
-  Event   { double wall_time = 1; int64 step = 2; string file_version = 3;
-            Summary summary = 5; }
-  Summary { repeated Value value = 1; }
-  Value   { string tag = 1; float simple_value = 2; }
+  Event      { double wall_time = 1; int64 step = 2; string file_version = 3;
+               Summary summary = 5; SessionLog session_log = 7; }
+  Summary    { repeated Value value = 1; }
+  Value      { string tag = 1; float simple_value = 2; }
+  SessionLog { SessionStatus status = 1; }   // START = 1
 
-The first record of a file carries ``file_version = "brain.Event:2"``.
+The first record of a file carries ``file_version = "brain.Event:2"``. A resumed
+run writes ``SessionLog(status=START)`` at its first new step: TensorBoard then
+drops the earlier records at that step and later (the steps the run repeats).
 """
 
 from __future__ import annotations
@@ -78,12 +81,18 @@ def _len_delimited(field: int, payload: bytes) -> bytes:
   return _key(field, 2) + _varint(len(payload)) + payload
 
 
+_SESSION_START = 1  # SessionLog.SessionStatus.START
+
+
 def encode_event(*, wall_time: float, step: int, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-  """Serializes one ``Event`` protobuf (file version or scalar summaries)."""
+                 scalars: Mapping[str, float] | None = None,
+                 session_start: bool = False) -> bytes:
+  """Serializes one ``Event`` protobuf (file version, scalar summaries or session start)."""
   out = _key(1, 1) + struct.pack("<d", float(wall_time)) + _key(2, 0) + _varint(int(step))
   if file_version is not None:
     out += _len_delimited(3, file_version.encode())
+  if session_start:
+    out += _len_delimited(7, _key(1, 0) + _varint(_SESSION_START))
   if scalars:
     summary = b"".join(
         _len_delimited(1, _len_delimited(1, str(tag).encode())
@@ -115,6 +124,11 @@ class SummaryWriter:
     self._f.write(frame_record(encode_event(wall_time=time.time(), step=0,
                                             file_version="brain.Event:2")))
     self._f.flush()
+
+  def session_start(self, step: int) -> None:
+    """Marks a restart at ``step``: TensorBoard drops earlier records at steps >= ``step``."""
+    self._f.write(frame_record(encode_event(wall_time=time.time(), step=step,
+                                            session_start=True)))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """Writes one event holding the scalar ``values`` at ``step``."""
@@ -205,4 +219,19 @@ def read_scalars(path: str | os.PathLike) -> list[tuple[int, str, float]]:
             (val,) = struct.unpack("<f", v)
         if tag is not None and val is not None:
           out.append((step, tag, val))
+  return out
+
+
+def session_starts(path: str | os.PathLike) -> list[int]:
+  """The steps of the ``SessionLog(status=START)`` records of an event file."""
+  out = []
+  for rec in read_records(path):
+    step, start = 0, False
+    for field, _, v in _fields(rec):
+      if field == 2:
+        step = v if v < 1 << 63 else v - (1 << 64)
+      elif field == 7:
+        start = any(f == 1 and x == _SESSION_START for f, _, x in _fields(v))
+    if start:
+      out.append(step)
   return out
