@@ -242,6 +242,11 @@ def test_stage4_is_all_neutral_in_float64(stage4, tmp_path):
                     max_sequences=2, log=None)
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
   assert not list(tmp_path.parent.glob(f".{tmp_path.name}.partial-*"))
+  # ... and a new --out under missing folders leaves none of them behind
+  with pytest.raises(DataNotFoundError):
+    analyze_workdir(stage4, out=tmp_path / "a" / "b" / "out", max_sequences=2, log=None,
+                    data=str(tmp_path.parent / "nonexistent.txt"))
+  assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow

@@ -96,10 +96,17 @@ def _staged_output(out: pathlib.Path):
 
   ``out`` is created only then, and this analysis's outputs replace those of an
   earlier one (an earlier figure this run does not make is removed, so the
-  folder never mixes two analyses). On an error, ``out`` is left as it was.
+  folder never mixes two analyses). On an error, ``out`` is left as it was, and
+  the parent folders made for it are removed again.
   """
+  new_parents = []  # the missing ancestors of out, innermost first
+  p = out.parent.absolute()
+  while not p.exists() and p != p.parent:
+    new_parents.append(p)
+    p = p.parent
   out.parent.mkdir(parents=True, exist_ok=True)
   work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  done = False
   try:
     yield work
     out.mkdir(exist_ok=True)
@@ -109,8 +116,15 @@ def _staged_output(out: pathlib.Path):
         (out / name).unlink()
     for name in sorted(made):
       os.replace(work / name, out / name)
+    done = True
   finally:
     shutil.rmtree(work, ignore_errors=True)
+    if not done:
+      for d in new_parents:
+        try:
+          d.rmdir()
+        except OSError:  # something else was put there meanwhile
+          break
 
 
 def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | None = None,
