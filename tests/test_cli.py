@@ -96,7 +96,7 @@ def _expect_error(capsys, argv, *needles, main=train_cli.run):
   return err[0]
 
 
-def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys):
+def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys, monkeypatch):
   _, corpus, _ = env
   wd = tmp_path / "wd"
   _expect_error(capsys, _train_args(corpus, wd, stage="stage5"), "unknown stage 'stage5'",
@@ -128,6 +128,16 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys):
   _expect_error(capsys, _train_args(corpus, afile), f"--workdir={afile} is a file, not a folder")
   _expect_error(capsys, _train_args(corpus, afile / "run"), f"{afile} is a file, not a folder")
   assert afile.read_text() == "x"
+  # a folder the permission bits allow but writes fail in (root on a read-only mount)
+  import errno  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import setup  # pylint: disable=import-outside-toplevel
+  def read_only(**_):
+    raise OSError(errno.EROFS, "Read-only file system")
+  monkeypatch.setattr(setup.tempfile, "mkdtemp", read_only)
+  _expect_error(capsys, _train_args(corpus, wd), f"--workdir={wd}: cannot write in the folder "
+                f"{tmp_path} (Read-only file system)")
+  monkeypatch.undo()
+  assert not wd.exists()
 
 
 def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
+import tempfile
 from typing import Any
 
 import jax
@@ -24,7 +25,10 @@ def check_output_folder(name: str, path) -> None:
   """Raises ``ValueError`` before any work when ``path`` cannot be a folder to write in.
 
   ``path`` may not exist yet (it is made later); then its nearest existing
-  ancestor must be a writable folder. Nothing is created.
+  ancestor must be a writable folder. Writability is tried, not only read from
+  the permission bits (which pass everything for root, even on a read-only file
+  system): an empty folder is made there and removed at once. Nothing else is
+  created.
 
   Args:
     name: the argument or flag, for the message (e.g. "--workdir").
@@ -42,6 +46,11 @@ def check_output_folder(name: str, path) -> None:
     raise ValueError(f"{name}={path}: {ancestor} is a file, not a folder")
   if not os.access(ancestor, os.W_OK | os.X_OK):
     raise ValueError(f"{name}={path}: the folder {ancestor} is not writable")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".qsf-write-check-", dir=ancestor))
+  except OSError as e:
+    raise ValueError(f"{name}={path}: cannot write in the folder {ancestor} "
+                     f"({e.strerror or e})") from e
 
 
 def check_stage_and_preset(stage: str, preset: str) -> None:
