@@ -267,16 +267,17 @@ def check_finite_nonneg(name: str, value) -> None:
     raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
-def check_overflow(value, message: str) -> None:
+def check_overflow(value, message) -> None:
   """Raises ``ValueError(message)`` for a concrete result with a non-finite entry.
 
   For quantities the functions compute from valid inputs that can still
   overflow the working precision (dt/sigma_m^2, a covariance of a fast-growing
-  mode); ``message`` says which argument to change. Tracers pass.
+  mode); ``message`` (a string, or a function giving one, called only on
+  failure) says which argument to change. Tracers pass.
   """
   v = _concrete(value)
   if v is not None and not np.all(np.isfinite(v)):
-    raise ValueError(message)
+    raise ValueError(message() if callable(message) else message)
 
 
 def obs_precision_message(dt, sigma_m, dtype) -> str:
@@ -377,8 +378,13 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def result_dtype(*arrays) -> jnp.dtype:
-  """The common floating dtype of real arrays (ints promote to float)."""
+  """The common floating dtype of real arrays: float32 or float64.
+
+  Ints and 16-bit floats (bfloat16, float16) promote to float32: the physics
+  core's linear algebra (LU solves, eigendecompositions, expm) has no 16-bit
+  kernels.
+  """
   dt = jnp.result_type(*arrays)
-  if not jnp.issubdtype(dt, jnp.inexact):
+  if not jnp.issubdtype(dt, jnp.inexact) or jnp.finfo(dt).bits < 32:
     dt = jnp.result_type(dt, jnp.float32)
   return dt

@@ -18,8 +18,8 @@ e^(l+1)_t = [Re psi^(l)_{t+1}, Im psi^(l)_{t+1}] A^(l+1) + c^(l+1) from cell l
 (``cayley_step``) inside ``jax.lax.scan``: O(T B N^3), sequential in T; the
 same function serves decoding, so decode and forward agree.
 
-Every trainable leaf is real (conventions §2.5). All wave maths runs in
-float32/complex64 whatever ``cfg.dtype`` says (conventions §2.4).
+Every trainable leaf is real (JAX conventions §2.5). All wave maths runs in
+float32/complex64 whatever ``cfg.dtype`` says (JAX conventions §2.4).
 Decoding caches each cell's psi_t (as real and imaginary parts): O(N^3) per
 token, independent of t.
 """
@@ -54,7 +54,14 @@ class MixtureHamiltonian(nn.Module):
 
   @nn.compact
   def __call__(self, e_BTM):
-    """Complex Hermitian H (B, T, N, N) from mixture weights e (B, T, M)."""
+    """Complex Hermitian H = H_0 + sum_m e_m G_m (spec §1.2).
+
+    Args:
+      e_BTM: mixture weights e (B, T, M).
+
+    Returns:
+      H: complex64 Hermitian matrices (B, T, N, N).
+    """
     N, M = self.cfg.wave_dim, self.cfg.wave_generators
     s0, sg = N ** -0.5, (N * M) ** -0.5
     H0 = wf.hermitian_from_real(self.param("H0_X", _normal(s0), (N, N), jnp.float32),
@@ -131,7 +138,14 @@ class BornReadout(nn.Module):
 
   @nn.compact
   def __call__(self, psi_BTN):
-    """Logits (B, T, V) float32 from unit states (B, T, N)."""
+    """Born readout of unit states (spec §1.4): log p (``born``) or Born logits.
+
+    Args:
+      psi_BTN: unit-norm states psi (B, T, N), complex64.
+
+    Returns:
+      logits: float32 (B, T, V); for ``born`` they are log-probabilities.
+    """
     cfg = self.cfg
     V, N = cfg.vocab_size, cfg.wave_dim
     # Entries N(0, 1/2) for Re and Im: E|(W psi)_k|^2 = 1 at ||psi|| = 1.
@@ -183,8 +197,9 @@ class WaveLanguageModel(nn.Module):
       if layer:
         prev_BTN = states[-1]
         feats_BTF = jnp.concatenate([jnp.real(prev_BTN), jnp.imag(prev_BTN)], axis=-1)
-        # Entries of psi are O(1/sqrt(N)); std 1/sqrt(2) gives unit-variance weights.
-        e_BTM = nn.Dense(cfg.wave_generators, kernel_init=_normal(0.5 ** 0.5),
+        # [Re psi, Im psi] has unit norm, so weights of std 1 give e unit variance per
+        # entry, as the embedding gives the first cell.
+        e_BTM = nn.Dense(cfg.wave_generators, kernel_init=_normal(1.0),
                          param_dtype=jnp.float32, name=f"lift_{layer}")(feats_BTF)
       states.append(CayleyCell(cfg, decode=decode, name=f"cell_{layer}")(e_BTM, t))
     if return_states:

@@ -18,6 +18,7 @@ or given one per state, with the states' leading axes (M (..., K, N) for psi
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from qsf_jax import _checks
 from qsf_jax.wavefunction.hermitian import complex_dtype
@@ -130,6 +131,7 @@ def povm_probabilities(Ms, psi):
   Ms = _checks.as_array("Ms", Ms, allow_complex=True)
   _checks.check_square("Ms", Ms, batch_dims=None)
   Ms, psi = _operator_and_state("Ms", Ms, psi, ndim_M=3)
+  _checks.check_hermitian("Ms", Ms)  # else the discarded imaginary part is not zero
   return jnp.real(jnp.einsum("...a,...kab,...b->...k", jnp.conj(psi), Ms, psi))
 
 
@@ -155,10 +157,12 @@ def born_logits(W, psi, beta=1.0, bias=None):
   sq = jnp.real(a) ** 2 + jnp.imag(a) ** 2
   beta = _checks.as_array("beta", beta)
   _checks.check_ndim("beta", beta, 0)
+  _checks.check_finite("beta", beta)
   logits = beta.astype(sq.dtype) * sq
   if bias is not None:
     bias = _checks.as_array("bias", bias)
     _checks.check_shape("bias", bias, (logits.shape[-1],))
+    _checks.check_finite("bias", bias)
     logits = logits + jnp.broadcast_to(bias.astype(sq.dtype), logits.shape)
   return logits
 
@@ -177,7 +181,16 @@ def normalized_born(W, psi):
 
   Returns:
     p: real probabilities (..., V), summing to one.
+
+  Raises:
+    ValueError: for a concrete psi with W psi = 0 (psi = 0, or psi in W's
+      kernel), where p is undefined.
   """
   a = _amplitudes("W", W, psi)
   sq = jnp.real(a) ** 2 + jnp.imag(a) ** 2
-  return sq / jnp.sum(sq, axis=-1, keepdims=True)
+  total = jnp.sum(sq, axis=-1, keepdims=True)
+  t = _checks._concrete(total)  # pylint: disable=protected-access
+  if t is not None and not np.all(t > 0):
+    raise ValueError("W psi = 0 for some state (psi = 0, or psi in the kernel of W): its "
+                     "normalised Born probabilities are undefined")
+  return sq / total

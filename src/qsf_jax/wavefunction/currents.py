@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from qsf_jax import _checks
 from qsf_jax.wavefunction.cayley import _check_sequence, cayley_step
-from qsf_jax.wavefunction.hermitian import complex_dtype
+from qsf_jax.wavefunction.hermitian import complex_dtype, dagger
 
 
 def _hamiltonian_and_states(H, **states):
@@ -31,7 +31,10 @@ def _hamiltonian_and_states(H, **states):
   H is (N, N) or batched like the states (..., N, N)
   (``_checks.check_batch_axes``). A concrete H must be finite and Hermitian
   (``_checks.check_hermitian``): the currents' antisymmetry and the continuity
-  equation hold only then.
+  equation hold only then. The accepted H is projected onto the Hermitian
+  matrices, (H + H^dagger) / 2, so one Hermitian only to that check's tolerance
+  still gives currents antisymmetric to rounding (an exactly Hermitian H is
+  unchanged).
   """
   H = _checks.as_array("H", H, allow_complex=True)
   N = _checks.check_square("H", H, batch_dims=None)
@@ -54,7 +57,8 @@ def _hamiltonian_and_states(H, **states):
     _checks.check_finite(name, psi)
     arrays[name] = psi
   dtype = complex_dtype(H.dtype, *(a.dtype for a in arrays.values()))
-  return H.astype(dtype), [a.astype(dtype) for a in arrays.values()]
+  H = H.astype(dtype)
+  return 0.5 * (H + dagger(H)), [a.astype(dtype) for a in arrays.values()]
 
 
 def _pair_currents(H_NN, phi):
@@ -122,6 +126,7 @@ def readout_rates(Ms, H, psi):
   H, (psi,) = _hamiltonian_and_states(H, psi=psi)
   Ms = _checks.as_array("Ms", Ms, allow_complex=True)
   _checks.check_square("Ms", Ms, batch_dims=None)
+  _checks.check_hermitian("Ms", Ms)  # finite too; the rate formula needs M_k Hermitian
   if Ms.ndim < 3 or Ms.shape[-1] != H.shape[-1]:
     raise ValueError(
         f"Ms must have shape (K, {H.shape[-1]}, {H.shape[-1]}) to match H, got "

@@ -29,7 +29,14 @@ def mT(x):
 
 
 def dagger(x):
-  """Conjugate transpose of the last two axes, x^dagger."""
+  """Conjugate transpose of the last two axes, x^dagger.
+
+  Args:
+    x: matrices (..., M, N), real or complex.
+
+  Returns:
+    x^dagger: (..., N, M).
+  """
   return jnp.conj(mT(x))
 
 
@@ -222,8 +229,9 @@ def random_hermitian(key, N: int, scale=None, dtype=jnp.float32, *, batch_shape=
     key: PRNG key.
     N: Hilbert-space dimension.
     scale: standard deviation of the entries of X and Y (default 1/sqrt(N)).
-    dtype: real dtype of X and Y (float32 -> complex64 output).
-    batch_shape: leading batch shape of the result.
+    dtype: real dtype of X and Y (float32 -> complex64 output; 16-bit floats
+      draw X and Y in that precision and give complex64).
+    batch_shape: leading batch shape of the result (non-negative ints).
 
   Returns:
     H: complex Hermitian (*batch_shape, N, N).
@@ -234,8 +242,12 @@ def random_hermitian(key, N: int, scale=None, dtype=jnp.float32, *, batch_shape=
     raise ValueError(f"dtype must be a real floating dtype, got {dtype}")
   scale = 1.0 / N ** 0.5 if scale is None else scale
   _checks.check_positive("scale", scale)
+  try:
+    batch = tuple(_checks.check_int("batch_shape entry", n, 0) for n in batch_shape)
+  except TypeError:
+    raise ValueError(f"batch_shape must be a tuple of ints, got {batch_shape!r}") from None
   kx, ky = jax.random.split(key)
-  shape = tuple(batch_shape) + (N, N)
+  shape = batch + (N, N)
   X = scale * jax.random.normal(kx, shape, dtype)
   Y = scale * jax.random.normal(ky, shape, dtype)
   return hermitian_from_real(X, Y)
