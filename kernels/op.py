@@ -38,22 +38,25 @@ float64) before the chunk-local cumsum. Crossing such a step scales a term by at
 most e^{floor} = eps^2 instead of e^{g}, below the accumulation's resolution, and
 -inf resets work. Without it a single reset g = -1e4 left every later exponent
 of its chunk with an absolute error of eps * 1e4 (1e-3 relative error in
-float32). What remains: the exponents of a chunk carry an absolute rounding
-error of about eps * |sum of g over the chunk so far|, so several floor-sized
-resets followed by weak decay in one chunk still cost accuracy (float32, a
-64-step chunk whose first 8 or 32 steps are resets and the rest g = -0.01:
-1.2e-5 and 2.5e-5 relative RMS error in o). The gradient of a clamped g is 0 (its true value is below
-e^{floor} times the output scale). "reference" and "scan" use g as given.
+float32). The gradient of a clamped g is 0 (its true value is below e^{floor}
+times the output scale). "reference" and "scan" use g as given.
 
-The decay gradient of the chunked impls is formed, as in FLA, from
-q_t . dq_t - k_t . dk_t and a reverse cumsum (kernels spec §1.3): terms of the
-size of the output cancel down to a gradient of size about e^{g} in a strongly
-decaying head, so its absolute error is float32's on those terms and its
-relative error grows with the head's decay. Measured on a CPU (float32, T=256,
-Dk=16, chunk 64, a constant g per head; relative RMS error of that head's dg):
-g = -2, -5, -8 give 3.3e-6, 4.3e-5, 5.4e-4 ("xla") and 2.9e-6, 1.7e-4, 3.5e-3
-("pallas", interpret mode), against 1.3e-7 for "scan" and "reference"; a
-weakly decaying head (g = -0.1) stays at 3e-7 to 6e-7 in every impl.
+"xla" forms each exponent as a segment sum, sum_{j<r<=i} g_r (Mamba-2's
+``segsum``), and autodiff then gives each dg_r as a sum over the pairs that
+step r decays. "pallas" forms the exponents as differences of chunk-local
+cumsums, b_i - b_j, and dg, as in FLA, from q_t . dq_t - k_t . dk_t and a
+reverse cumsum (kernels spec §1.3). That costs it accuracy in two places:
+- the exponents of a chunk carry an absolute rounding error of about
+  eps * |sum of g over the chunk so far|, so several floor-sized resets followed
+  by weak decay in one chunk cost accuracy (float32, a 64-step chunk whose first
+  8 or 32 steps are g = -30 and the rest g = -0.01: relative RMS error in o of
+  1.3e-5 and 3.0e-5 for "pallas" in interpret mode, 1.2e-7 for "xla");
+- in a strongly decaying head, terms of the size of the output cancel down to a
+  decay gradient of size about e^{g}, so its relative error grows with the
+  head's decay (float32, T=256, Dk=16, chunk 64, a constant g per head; relative
+  RMS error of that head's dg: g = -2, -5, -8 give 2.9e-6, 1.7e-4, 3.5e-3 for
+  "pallas" in interpret mode, against 1.1e-7 to 1.5e-7 for "xla", "scan" and
+  "reference"; a weakly decaying head, g = -0.1, stays below 6e-7 in every impl).
 
 float16 inputs run "xla" and "pallas" in float32 (the output is cast back):
 their chunk states are matmul operands and can exceed float16's range (65504)

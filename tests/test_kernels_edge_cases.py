@@ -47,6 +47,20 @@ def test_strong_resets_keep_float32_accuracy(impl, kw):
   assert np.all(np.isfinite(dg)) and dg[0, 0, 0] == 0.0 and dg[0, 70, 0] == 0.0
 
 
+def test_xla_exponents_after_resets_are_segment_sums():
+  """Resets at the start of a chunk, then weak decay: an exponent b_i - b_j (two
+  cumsums of size 30 * 32) kept an absolute error of eps * 960 and cost 3e-5 relative
+  error in o; "xla" sums each exponent over its own steps and keeps float32 round-off
+  (1.2e-7 measured; "pallas" still forms the difference, see op.py)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((1, 64, 2, 16)).astype(np.float32) for _ in range(3))
+  g = np.full((1, 64, 2), -0.01, np.float32)
+  g[:, :32] = -30.0
+  want_o, want_S = numpy_linear_attention(q, k, v, g)
+  o, S_T = linear_attention(q, k, v, g, impl="xla", chunk_size=64, return_final_state=True)
+  assert rel_rms_error(o, want_o) <= 1e-6 and rel_rms_error(S_T, want_S) <= 1e-6
+
+
 @pytest.mark.parametrize("impl,kw", CHUNKED)
 def test_float16_states_beyond_float16_range(impl, kw):
   # Positive keys and values of 30: S_T reaches 1.2e5 > 65504, the outputs stay ~1e3.
