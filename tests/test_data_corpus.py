@@ -208,6 +208,71 @@ def test_a_build_removes_what_killed_builders_left(tmp_path):
                                                             ("running", "elsewhere", "unknown")])
 
 
+def test_a_locked_build_is_never_removed(tmp_path):
+  """A builder in another process namespace (a container with this host's name) has a
+  process id this process cannot see; its lock on builder.json keeps its folder."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  cache = tmp_path / "cache"
+  folder = cache / ".bytes-container.tmp-abc123"
+  folder.mkdir(parents=True)
+  (folder / "builder.json").write_text(json.dumps({"host": socket.gethostname(),
+                                                   "pid": int(dead.stdout)}))
+  data = write_txt(tmp_path / "stories.txt", STORIES)
+  with open(folder / "builder.json", "rb") as held:
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    load_corpus(str(data), "bytes", cache_dir=cache)
+    assert folder.exists()
+  load_corpus(str(data), "bytes", cache_dir=cache, max_train_stories=5)  # another build
+  assert not folder.exists()  # lock released: the builder is gone
+
+
+def test_entries_follow_the_umask(tmp_path):
+  """mkdtemp makes 0700 folders: an entry other users of a shared cache could not read."""
+  data = write_txt(tmp_path / "stories.txt", STORIES)
+  old = os.umask(0o022)
+  try:
+    c = load_corpus(str(data), "bytes", cache_dir=tmp_path / "cache")
+  finally:
+    os.umask(old)
+  assert os.stat(c.metadata["cache_path"]).st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("damage", ["empty_bin", "odd_bin", "no_offsets", "pickled_offsets",
+                                    "unsorted_offsets", "no_meta", "bad_meta"])
+def test_a_damaged_entry_is_rebuilt(tmp_path, damage):
+  data = write_txt(tmp_path / "stories.txt", STORIES)
+  cache = tmp_path / "cache"
+  first = load_corpus(str(data), "bytes", cache_dir=cache)
+  want = np.array(first.train.tokens), np.array(first.train.offsets)
+  entry = pathlib.Path(first.metadata["cache_path"])
+  del first
+  if damage == "empty_bin":
+    (entry / "train.bin").write_bytes(b"")
+  elif damage == "odd_bin":
+    (entry / "train.bin").write_bytes(b"\0" * 7)
+  elif damage == "no_offsets":
+    (entry / "valid_offsets.npy").unlink()
+  elif damage == "pickled_offsets":
+    np.save(entry / "train_offsets.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+  elif damage == "unsorted_offsets":
+    offsets = want[1].copy()
+    offsets[[1, 2]] = offsets[[2, 1]]
+    np.save(entry / "train_offsets.npy", offsets)
+  elif damage == "no_meta":
+    (entry / "meta.json").unlink()
+  else:
+    (entry / "meta.json").write_text("{not json")
+  tok, count = counting(get_tokenizer("bytes"))
+  again = load_corpus(str(data), tok, cache_dir=cache)
+  assert count["texts"] == 40 and not again.metadata["cache_hit"]
+  np.testing.assert_array_equal(again.train.tokens, want[0])
+  np.testing.assert_array_equal(again.train.offsets, want[1])
+  assert entries(cache) == [entry.name]  # the damaged copy is gone
+  assert load_corpus(str(data), "bytes", cache_dir=cache).metadata["cache_hit"]
+
+
 def test_vocab_too_large_for_uint16(tmp_path):
   data = write_txt(tmp_path / "stories.txt", STORIES)
   big = get_tokenizer("bytes")._replace(name="big", vocab_size=70000)

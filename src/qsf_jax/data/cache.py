@@ -2,7 +2,7 @@
 
 A cache entry is a directory ``<cache_dir>/<source>-<tokenizer>-<key>/`` holding
 
-* ``train.bin``, ``valid.bin``: raw little-endian uint16 token ids;
+* ``train.bin``, ``valid.bin``: raw uint16 token ids, little-endian;
 * ``train_offsets.npy``, ``valid_offsets.npy``: int64 story offsets;
 * ``meta.json``: the key's inputs, token and story counts;
 * ``builder.json``: the host and process id that built it.
@@ -16,13 +16,23 @@ synthetic settings), the tokenizer name and sha256, the story limit and
 ``CACHE_FORMAT_VERSION``. An entry is written into a temporary directory and
 renamed into place in one step, so an interrupted run never leaves a partial
 entry behind. The temporary directory names its builder (host and process id,
-in ``builder.json``); a build removes the temporary directories of builders on
-this host that no longer run (killed before they could clean up, e.g. by
-SIGKILL or an out-of-memory kill), so their partial tokens do not pile up.
+in ``builder.json``, on which the builder holds an exclusive ``flock`` while it
+works); a build removes the temporary directories of builders on this host
+that no longer run (killed before they could clean up, e.g. by SIGKILL or an
+out-of-memory kill), so their partial tokens do not pile up. A builder counts
+as gone only if its process id is not running here and its lock is free, so a
+live build in another process namespace (a container sharing the folder and
+the host name) is never removed. Entries are made with the permissions the
+umask allows, so a cache folder can be shared between users.
+
+An entry whose files are damaged (truncated, emptied, unreadable as arrays,
+offsets that do not partition the tokens) is moved aside and rebuilt, with a
+warning; an entry this user cannot read is an error that says so.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -35,6 +45,12 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
+from absl import logging
+
+try:
+  import fcntl
+except ImportError:  # not on POSIX: builds are told apart by process id only
+  fcntl = None
 
 from qsf_jax.data.errors import DataChangedWhileReadingError, EmptyDataError, VocabTooLargeError
 from qsf_jax.data.local_files import StorySource
@@ -46,6 +62,7 @@ CACHE_FORMAT_VERSION = 1
 CACHE_DIR_ENV = "QSF_CACHE_DIR"
 UINT16_LIMIT = 1 << 16
 _ENCODE_CHUNK = 1024  # stories per encode_batch call
+_TOKEN_DTYPE = np.dtype("<u2")  # uint16, little-endian on every machine
 
 
 class TokenSplit(NamedTuple):
@@ -108,7 +125,7 @@ def _write_split(stories: Iterable[str], tokenizer: Tokenizer, bin_path: pathlib
   """Tokenizes ``stories`` (each + EOT) into ``bin_path``; returns (stories, tokens)."""
   offsets, n_tokens = [0], 0
   id_limit = min(tokenizer.vocab_size, UINT16_LIMIT)
-  eot = np.array([tokenizer.eot_id], np.uint16)
+  eot = np.array([tokenizer.eot_id], _TOKEN_DTYPE)
   it = iter(stories)
   with open(bin_path, "wb") as f:
     while chunk := list(itertools.islice(it, _ENCODE_CHUNK)):
@@ -118,7 +135,7 @@ def _write_split(stories: Iterable[str], tokenizer: Tokenizer, bin_path: pathlib
           raise VocabTooLargeError(
               f"tokenizer {tokenizer.name!r} produced ids in [{ids_L.min()}, {ids_L.max()}], "
               f"outside [0, {id_limit})")
-        f.write(ids_L.astype(np.uint16).tobytes())
+        f.write(ids_L.astype(_TOKEN_DTYPE).tobytes())
         f.write(eot.tobytes())
         n_tokens += ids_L.size + 1
         offsets.append(n_tokens)
@@ -133,20 +150,52 @@ def _write_split(stories: Iterable[str], tokenizer: Tokenizer, bin_path: pathlib
   return len(offsets) - 1, n_tokens
 
 
+class _CorruptEntry(Exception):
+  """A cache entry whose files are damaged (internal: the entry is rebuilt)."""
+
+
 def _open_split(entry: pathlib.Path, split: str, eot_id: int) -> TokenSplit:
-  tokens = np.memmap(entry / f"{split}.bin", dtype=np.uint16, mode="r")
-  offsets = np.load(entry / f"{split}_offsets.npy")
-  if offsets[0] != 0 or offsets[-1] != tokens.shape[0]:
-    raise ValueError(f"corrupt cache entry {entry}: {split} offsets do not match the tokens")
+  """Opens one split of an entry; ``_CorruptEntry`` if its files are damaged."""
+  try:
+    tokens = np.memmap(entry / f"{split}.bin", dtype=_TOKEN_DTYPE, mode="r")
+    offsets = np.load(entry / f"{split}_offsets.npy", allow_pickle=False)
+  except PermissionError:
+    raise
+  except (OSError, ValueError) as e:  # missing, empty, odd-sized or not an array
+    raise _CorruptEntry(f"{split}: {e}") from e
+  if (offsets.dtype != np.int64 or offsets.ndim != 1 or offsets.size < 2
+      or offsets[0] != 0 or offsets[-1] != tokens.shape[0]
+      or not np.all(np.diff(offsets) > 0)):
+    raise _CorruptEntry(f"{split}: the story offsets do not partition the tokens")
   return TokenSplit(tokens=tokens, offsets=offsets, eot_id=eot_id)
 
 
 def _read_meta(entry: pathlib.Path, key: str) -> dict | None:
+  """The entry's metadata if it is complete and for ``key``, else None.
+
+  Raises ``PermissionError`` (with the fix) for an entry this user cannot read.
+  """
   try:
     meta = json.loads((entry / "meta.json").read_text())
+  except PermissionError as e:
+    raise PermissionError(
+        f"the token cache entry {entry} is not readable by this user (made by another "
+        f"user without group/other read permission?); ask its owner to open it, delete "
+        f"it, or set --cache_dir / ${CACHE_DIR_ENV} to a folder of your own") from e
   except (OSError, ValueError):
     return None
-  return meta if meta.get("cache_key") == key else None
+  return meta if isinstance(meta, dict) and meta.get("cache_key") == key else None
+
+
+def _move_aside(entry: pathlib.Path, why: str) -> None:
+  """Removes a damaged entry (renamed first, so no reader sees it half-deleted)."""
+  logging.warning("token cache entry %s is damaged (%s); rebuilding it", entry, why)
+  aside = entry.with_name(f".{entry.name}.damaged-{os.getpid()}")
+  try:
+    os.rename(entry, aside)
+  except FileNotFoundError:  # another run moved it first
+    return
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 _BUILDER_FILE = "builder.json"
@@ -165,26 +214,53 @@ def _process_exists(pid: int) -> bool:
   return True
 
 
+def _lock_is_free(path: pathlib.Path) -> bool:
+  """Whether no process holds a ``flock`` on ``path`` (True where flock is unavailable)."""
+  if fcntl is None:
+    return True
+  try:
+    with open(path, "rb") as f:
+      try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        return False
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+      return True
+  except OSError:
+    return False
+
+
 def remove_abandoned_builds(root: pathlib.Path) -> list[pathlib.Path]:
   """Removes the temporary build directories left by killed builders; returns them.
 
-  Only directories whose ``builder.json`` names this host and a process id that
-  no longer exists are removed: builds running here or on another host sharing
+  Only directories whose ``builder.json`` names this host, a process id that is
+  not running (as this process sees them) and no ``flock`` holder are removed:
+  builds running here, in another process namespace or on another host sharing
   the folder, and directories without a readable builder file, are left alone.
   """
   removed = []
   host = socket.gethostname()
-  for tmp in root.glob(".*.tmp-*"):
+  for tmp in itertools.chain(root.glob(".*.tmp-*"), root.glob(".*.damaged-*")):
+    if ".damaged-" in tmp.name:  # a damaged entry moved aside (nobody reads it)
+      shutil.rmtree(tmp, ignore_errors=True)
+      removed.append(tmp)
+      continue
     try:
       builder = json.loads((tmp / _BUILDER_FILE).read_text())
       pid = int(builder["pid"])
       ours = builder["host"] == host
     except (OSError, ValueError, KeyError, TypeError):
       continue
-    if ours and not _process_exists(pid):
+    if ours and not _process_exists(pid) and _lock_is_free(tmp / _BUILDER_FILE):
       shutil.rmtree(tmp, ignore_errors=True)
       removed.append(tmp)
   return removed
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
@@ -217,15 +293,44 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
       break
   kind = source.identity.get("kind", "data")
   entry = root / f"{kind}-{tokenizer.name}-{key['key'][:24]}"
-  meta = _read_meta(entry, key["key"])
-  hit = meta is not None
-  if not hit:
+  for attempt in (1, 2):
+    meta = _read_meta(entry, key["key"])
+    hit = meta is not None
+    if not hit:
+      if entry.exists():  # no complete metadata: a damaged entry, not one being built
+        _move_aside(entry, "its meta.json is missing or unreadable")
+      meta = _build(entry, source, tokenizer, key, max_train_stories, root)
+    try:
+      train = _open_split(entry, "train", tokenizer.eot_id)
+      valid = _open_split(entry, "valid", tokenizer.eot_id)
+    except _CorruptEntry as e:
+      if attempt == 2:
+        raise ValueError(f"the token cache entry {entry} was damaged again right after it "
+                         f"was rebuilt ({e}); check the disk, or set --cache_dir / "
+                         f"${CACHE_DIR_ENV} to another folder") from e
+      _move_aside(entry, str(e))
+      continue
+    return train, valid, dict(meta, cache_path=str(entry)), hit
+  raise AssertionError("unreachable")
+
+
+def _build(entry: pathlib.Path, source: StorySource, tokenizer: Tokenizer, key: dict,
+           max_train_stories: int | None, root: pathlib.Path) -> dict:
+  """Tokenizes ``source`` into a temporary folder and renames it to ``entry``; the meta."""
+  try:
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned_builds(root)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
-    try:
-      (tmp / _BUILDER_FILE).write_text(json.dumps({"host": socket.gethostname(),
-                                                   "pid": os.getpid()}))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: not shareable
+  except OSError as e:
+    raise OSError(e.errno, f"cannot write the token cache in {root} ({e.strerror}); set "
+                  f"--cache_dir / ${CACHE_DIR_ENV} to a writable folder") from e
+  try:
+    with open(tmp / _BUILDER_FILE, "w") as lock:
+      lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+      lock.flush()
+      if fcntl is not None:  # held until the build ends: a live build is never removed
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
       train_stories = source.train()
       if max_train_stories is not None:
         train_stories = itertools.islice(train_stories, max_train_stories)
@@ -243,7 +348,10 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
           "train_stories": counts["train"][0], "train_tokens": counts["train"][1],
           "valid_stories": counts["valid"][0], "valid_tokens": counts["valid"][1],
       }
-      (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+      with open(tmp / "meta.json", "w") as f:
+        f.write(json.dumps(meta, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
       try:
         os.rename(tmp, entry)  # atomic: the entry appears complete or not at all
       except OSError as e:
@@ -251,8 +359,11 @@ def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
         if _read_meta(entry, key["key"]) is None:
           raise ValueError(
               f"cache entry {entry} exists but is unreadable; delete it and retry") from e
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
-  train = _open_split(entry, "train", tokenizer.eot_id)
-  valid = _open_split(entry, "valid", tokenizer.eot_id)
-  return train, valid, dict(meta, cache_path=str(entry)), hit
+  except OSError as e:
+    if isinstance(e, PermissionError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      raise
+    raise OSError(e.errno, f"cannot write the token cache in {root} ({e.strerror}); free "
+                  f"space or set --cache_dir / ${CACHE_DIR_ENV} to another folder") from e
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return meta
