@@ -49,6 +49,20 @@ def test_txt_stories_are_split_and_stripped(tmp_path):
   assert list(iter_file_stories(p)) == STORIES
 
 
+def test_txt_reading_in_chunks_matches_one_split(tmp_path):
+  """Separators straddling chunk boundaries, long stories without one, empty pieces."""
+  from qsf_jax.data.local_files import _iter_txt  # pylint: disable=import-outside-toplevel
+  rng = __import__("random").Random(0)
+  for trial in range(20):
+    pieces = ["".join(rng.choice("ab<|>\n") for _ in range(rng.randrange(0, 60)))
+              for _ in range(rng.randrange(1, 8))]
+    text = "<|endoftext|>".join(pieces)
+    p = tmp_path / f"t{trial}.txt"
+    p.write_text(text, encoding="utf-8")
+    for chunk in (1, 3, 7, 12, 13, 64):
+      assert list(_iter_txt(p, chunk)) == text.split("<|endoftext|>"), (trial, chunk)
+
+
 def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
   """A leading BOM stayed on the first story (.txt) or failed the first line (.jsonl);
   only such files change the source's identity (and so their token-cache key)."""
@@ -128,6 +142,17 @@ def test_test_and_eval_files_are_never_training_data(tmp_path):
   src = local_source(tmp_path, valid_fraction=0.34)
   assert sorted(list(src.train()) + list(src.valid())) == ["s1", "s2", "s3"]
   assert "ignored 2 file(s): eval.txt, test/part0.jsonl" in src.description
+  # numbered and compound names are the same words: val1, train2, testset, training
+  numbered = tmp_path / "numbered"
+  numbered.mkdir()
+  for name, stories in (("train1.txt", ["t1"]), ("train2.txt", ["t2"]), ("val1.txt", ["v1"]),
+                        ("testset.txt", ["x"]), ("training-extra.txt", ["t3"])):
+    write_txt(numbered / name, stories)
+  src = local_source(numbered)
+  assert sorted(src.train()) == ["t1", "t2", "t3"] and list(src.valid()) == ["v1"]
+  assert "ignored 1 file(s): testset.txt" in src.description
+  with pytest.raises(ValueError, match="valid_fraction"):  # unused here, still checked
+    local_source(numbered, valid_fraction=5.0)
   only = tmp_path / "only"
   only.mkdir()
   write_txt(only / "test.txt", ["x"])

@@ -81,9 +81,15 @@ def test_wrong_hash_is_rejected(r50k_file, tmp_path):
   assert isinstance(info.value, ValueError)
 
 
-def test_missing_tokenizer_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="r50k_base.tiktoken"):
+def test_missing_tokenizer_file(tmp_path, r50k_file, monkeypatch):
+  with pytest.raises(FileNotFoundError, match="does not exist.*r50k_base.tiktoken"):
     get_tokenizer("gpt2", tokenizer_file=tmp_path / "nope.tiktoken")
+  (tmp_path / "r50k_base.tiktoken").mkdir()  # a folder where the file should be
+  with pytest.raises(FileNotFoundError, match="is not a regular file"):
+    get_tokenizer("gpt2", tokenizer_file=tmp_path)
+  # an empty --tokenizer_file= means unset, as an empty $QSF_TOKENIZER_FILE does
+  monkeypatch.setenv("QSF_TOKENIZER_FILE", str(r50k_file))
+  assert get_tokenizer("gpt2", tokenizer_file="").sha256 == R50K_SHA256
 
 
 def test_unknown_tokenizer_name():
@@ -179,6 +185,9 @@ def test_bytes_tokenizer_round_trip():
   assert tok.encode("hi") == [104, 105]
   assert tok.decode([104, 256, 105]) == "h<|endoftext|>i"
   assert tok.encode_batch(["a", "bc"]) == [[97], [98, 99]]
+  # a lone surrogate (half an emoji from a "\ud83d" JSON escape) becomes U+FFFD, as in gpt2
+  assert tok.decode(tok.encode("hi \ud83d!")) == "hi \ufffd!"
+  assert tok.encode_batch(["\udc00"]) == [list("\ufffd".encode("utf-8"))]
 
 
 def test_bytes_decode_rejects_out_of_range_ids():

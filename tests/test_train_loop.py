@@ -565,3 +565,23 @@ def test_anneal_span_names_the_steps_of_the_ramp(steps, frac, hold):
   beta = lambda t: float(anneal_beta(t, steps, anneal_frac=frac, hold_frac=hold))
   assert beta(first - 1) == 0.0 and beta(last - 1) < 1.0 and beta(last) == 1.0, span
   assert (first == last) == (span == f"at step {last}")
+
+
+def test_story_mode_warns_when_it_would_waste_the_data():
+  """A .txt file without separators is one story: story mode would train on its first
+  T + 1 tokens only."""
+  from qsf_jax.data.cache import TokenSplit  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import setup  # pylint: disable=import-outside-toplevel
+  book = TokenSplit(tokens=np.zeros(10_000, np.uint16), offsets=np.array([0, 10_000]),
+                    eot_id=256)
+  stories = TokenSplit(tokens=np.zeros(1000, np.uint16), offsets=np.arange(0, 1001, 20),
+                       eot_id=256)
+  assert setup.story_mode_coverage(book, 32) == pytest.approx(33 / 10_000)
+  assert setup.story_mode_coverage(stories, 32) == 1.0
+  said = []
+  setup.warn_if_story_mode_wastes_data(_cfg("x"), book, 32, said.append)
+  assert len(said) == 1 and "0.33% of the training tokens" in said[0]
+  assert "--data_mode=packed" in said[0]
+  setup.warn_if_story_mode_wastes_data(_cfg("x", data_mode="packed"), book, 32, said.append)
+  setup.warn_if_story_mode_wastes_data(_cfg("x"), stories, 32, said.append)
+  assert len(said) == 1

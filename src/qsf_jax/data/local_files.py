@@ -10,14 +10,17 @@ every story is stripped of surrounding whitespace and empty stories are dropped)
 A data PATH is either one such file or a directory. In a directory, every
 supported file below it (recursively, sorted by relative path) is classified by
 the words of its path below the directory, folder names included (split at
-non-alphanumerics, case-insensitive):
+non-alphanumerics, case-insensitive, trailing digits dropped, so ``val1`` is
+the word ``val``):
 
-* a file whose path has a word ``valid``, ``validation``, ``val`` or ``dev`` is
-  validation data (``TinyStories-valid.txt``, ``validation-00000.parquet``,
-  ``valid/part0.txt``);
-* a file whose path has a word ``test``, ``eval`` or ``evaluation`` (and none
-  of the above) is held-out data of another kind: never trained on, ignored;
-* a file whose path has the word ``train`` is training data;
+* a file whose path has a word ``valid``, ``validation``, ``val``, ``dev``,
+  ``valset`` or ``devset`` is validation data (``TinyStories-valid.txt``,
+  ``validation-00000.parquet``, ``valid/part0.txt``, ``val1.txt``);
+* a file whose path has a word ``test``, ``testing``, ``testset``, ``eval`` or
+  ``evaluation`` (and none of the above) is held-out data of another kind:
+  never trained on, ignored;
+* a file whose path has a word ``train``, ``training`` or ``trainset`` is
+  training data (``train2.txt``);
 * if no file is named ``train``, every other file is training data; otherwise
   files named none of these ways are ignored. The description names the
   training, validation and ignored files (the first three of each).
@@ -39,8 +42,9 @@ from qsf_jax.data.errors import DataNotFoundError, EmptyDataError, UnknownDataSp
 from qsf_jax.data.tokenizer import ENDOFTEXT, file_sha256
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-_VALID_WORDS = frozenset({"valid", "validation", "val", "dev"})
-_HELD_OUT_WORDS = frozenset({"test", "eval", "evaluation"})  # never training data
+_VALID_WORDS = frozenset({"valid", "validation", "val", "dev", "valset", "devset"})
+_HELD_OUT_WORDS = frozenset({"test", "testing", "testset", "eval", "evaluation"})  # never trained on
+_TRAIN_WORDS = frozenset({"train", "training", "trainset"})
 
 
 class StorySource(NamedTuple):
@@ -76,14 +80,27 @@ def _starts_with_bom(path: pathlib.Path) -> bool:
     return f.read(len(_UTF8_BOM)) == _UTF8_BOM
 
 
-def _iter_txt(path: pathlib.Path) -> Iterator[str]:
+def _iter_txt(path: pathlib.Path, chunk_chars: int = 1 << 20) -> Iterator[str]:
+  """The ENDOFTEXT-separated pieces of a file, read in chunks of ``chunk_chars``.
+
+  The text since the last separator is kept as a list of chunks and joined only
+  when a separator arrives, so a long story (a book without separators) costs
+  linear time, not a re-split of everything read so far at every chunk.
+  """
+  keep = len(ENDOFTEXT) - 1  # a separator can straddle two chunks by this much
   with open(path, encoding="utf-8-sig") as f:
-    rest = ""
-    for chunk in iter(lambda: f.read(1 << 20), ""):
-      parts = (rest + chunk).split(ENDOFTEXT)
-      rest = parts.pop()
+    pending: list[str] = []
+    tail = ""
+    for chunk in iter(lambda: f.read(chunk_chars), ""):
+      if ENDOFTEXT not in tail + chunk:
+        pending.append(chunk)
+        tail = (tail + chunk)[-keep:]
+        continue
+      parts = "".join(pending + [chunk]).split(ENDOFTEXT)
+      pending = [parts.pop()]
+      tail = pending[0][-keep:]
       yield from parts
-    yield rest
+    yield "".join(pending)
 
 
 def _iter_jsonl(path: pathlib.Path) -> Iterator[str]:
@@ -181,15 +198,16 @@ def _classify(root: pathlib.Path):
   if not files:
     raise DataNotFoundError(
         f"data directory {root} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
-  def words(p):
+  def words(p):  # trailing digits dropped: "val1", "train2", "test01" are keywords too
     rel = p.relative_to(root)
-    return set(re.split(r"[^a-z0-9]+", "/".join(rel.parts[:-1] + (rel.stem,)).lower()))
+    parts = re.split(r"[^a-z0-9]+", "/".join(rel.parts[:-1] + (rel.stem,)).lower())
+    return {x.rstrip("0123456789") for x in parts}
 
   w = {p: words(p) for p in files}
   valid = [p for p in files if w[p] & _VALID_WORDS]
   held_out = [p for p in files if w[p] & _HELD_OUT_WORDS and p not in valid]
   rest = [p for p in files if p not in valid and p not in held_out]
-  train = [p for p in rest if "train" in w[p]] or rest
+  train = [p for p in rest if w[p] & _TRAIN_WORDS] or rest
   if not train:
     raise DataNotFoundError(
         f"data directory {root} holds only validation or test files "
@@ -210,6 +228,8 @@ def local_source(path: str | pathlib.Path, *, valid_fraction: float = 0.05) -> S
     DataNotFoundError: the path does not exist or holds no supported files.
     UnknownDataSpecError: a file with an unsupported suffix.
   """
+  if not 0.0 < valid_fraction < 1.0:  # also where a validation file makes it unused
+    raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
   root = pathlib.Path(path).expanduser().resolve()
   if not root.exists():
     raise DataNotFoundError(f"data path {root} does not exist")

@@ -79,7 +79,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _bytes_tokenizer() -> Tokenizer:
   def encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+    try:
+      return list(text.encode("utf-8"))
+    except UnicodeEncodeError:
+      # A lone surrogate (half of a pair, e.g. a "\ud83d" escape in scraped JSON) is not
+      # encodable; it becomes U+FFFD, as tiktoken's GPT-2 encoder does.
+      return list(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                  .encode("utf-8"))
 
   def decode(ids: Sequence[int]) -> str:
     parts, run = [], bytearray()
@@ -123,14 +129,16 @@ def _gpt2_from_file(path: pathlib.Path):
   if path.is_dir():
     path = path / R50K_FILENAME
   if not path.is_file():
+    what = "is not a regular file" if path.exists() else "does not exist"
     raise FileNotFoundError(
-        f"tokenizer file {path} does not exist; point tokenizer_file (or "
+        f"tokenizer file {path} {what}; point tokenizer_file (or "
         f"${TOKENIZER_FILE_ENV}) at a local {R50K_FILENAME} (sha256 {R50K_SHA256})")
-  actual = file_sha256(path)
+  data = path.read_bytes()  # hashed and parsed as one read: it cannot change in between
+  actual = hashlib.sha256(data).hexdigest()
   if actual != R50K_SHA256:
     raise TokenizerHashError(str(path), R50K_SHA256, actual)
   ranks = {}
-  for line in path.read_bytes().splitlines():
+  for line in data.splitlines():
     if line:
       token, rank = line.split()
       ranks[base64.b64decode(token)] = int(rank)
@@ -214,7 +222,7 @@ def get_tokenizer(name: str = "gpt2", *,
   if name != "gpt2":
     raise UnknownTokenizerError(
         f"unknown tokenizer {name!r}; choose one of {list(TOKENIZER_NAMES)}")
-  if tokenizer_file is None:
+  if tokenizer_file is None or str(tokenizer_file) == "":  # "" (an empty flag) means unset
     tokenizer_file = os.environ.get(TOKENIZER_FILE_ENV) or None
   if tokenizer_file is not None:
     enc = _gpt2_from_file(pathlib.Path(tokenizer_file).expanduser())

@@ -138,6 +138,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   mesh = shd.make_mesh(devices)
   shd.check_batch_divisible(cfg.batch_size, cfg.grad_accum, mesh)
   corpus = setup.load_corpus(cfg, tokenizer)
+  setup.warn_if_story_mode_wastes_data(cfg, corpus.train, seq_len, _log)
   meta = setup.run_metadata(cfg, mcfg, corpus, seq_len, mesh.devices.size)
 
   resume = has_checkpoint(workdir)

@@ -126,6 +126,37 @@ def load_corpus(cfg: TrainConfig, tokenizer, data: str | None = None):
                            cache_dir=cfg.cache_dir, max_train_stories=cfg.max_train_stories)
 
 
+def story_mode_coverage(split, seq_len: int) -> float:
+  """The share of a split's tokens that story mode (QSF spec D13) can show the model.
+
+  Each row is one story + EOT truncated to ``seq_len + 1`` tokens, so a story of
+  L tokens contributes min(L, seq_len + 1) of them.
+
+  Args:
+    split: a ``TokenSplit``.
+    seq_len: the run's sequence length T.
+  """
+  lengths = np.diff(np.asarray(split.offsets))
+  return float(np.minimum(lengths, seq_len + 1).sum() / max(1, split.n_tokens))
+
+
+def warn_if_story_mode_wastes_data(cfg: TrainConfig, split, seq_len: int, log) -> None:
+  """Warns when story mode would train on under half of the training tokens.
+
+  That happens with stories much longer than T + 1 tokens, e.g. a ``.txt`` file
+  without ``<|endoftext|>`` separators, which is one story: every row of every
+  batch is then its first T + 1 tokens.
+  """
+  if cfg.data_mode != "story":
+    return
+  cover = story_mode_coverage(split, seq_len)
+  if cover < 0.5:
+    log(f"warning: --data_mode=story shows the model {100 * cover:.2g}% of the training "
+        f"tokens ({split.n_stories} stories, {split.n_tokens} tokens, rows of "
+        f"{seq_len + 1}): the stories are much longer than a row (a .txt file without "
+        f"<|endoftext|> separators is one story); --data_mode=packed uses every token")
+
+
 def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = None,
                     where: str = "the run", needed_for: str | None = None):
   """The corpus to evaluate or analyse a restored run on, checked against its training data.
