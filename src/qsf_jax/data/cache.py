@@ -38,9 +38,9 @@ import itertools
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -257,12 +257,6 @@ def remove_abandoned_builds(root: pathlib.Path) -> list[pathlib.Path]:
   return removed
 
 
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
 def build_or_load(source: StorySource, tokenizer: Tokenizer, *,
                   cache_dir: str | os.PathLike | None = None,
                   max_train_stories: int | None = None):
@@ -320,8 +314,13 @@ def _build(entry: pathlib.Path, source: StorySource, tokenizer: Tokenizer, key: 
   try:
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned_builds(root)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: not shareable
+    while True:  # not mkdtemp: its folders are 0700, which other users cannot read
+      tmp = root / f".{entry.name}.tmp-{secrets.token_hex(6)}"
+      try:
+        tmp.mkdir()  # the umask decides, as for any other folder
+        break
+      except FileExistsError:
+        continue
   except OSError as e:
     raise OSError(e.errno, f"cannot write the token cache in {root} ({e.strerror}); set "
                   f"--cache_dir / ${CACHE_DIR_ENV} to a writable folder") from e
