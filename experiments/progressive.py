@@ -8,8 +8,9 @@ from II), plus the transformer baseline (QSF spec D12), each in
 ``table2.md`` and ``table2.json`` (parameters, val loss, perplexity, tokens
 evaluated, steps, training wall time, a D14 sample per stage, and the paper's
 reported figures beside ours) and ``loss_curves.png`` (training and
-validation loss of every stage). ``--include=wave,gla`` adds those stages
-(from scratch). The optimiser, checkpoint and ``--override`` flags of
+validation loss of every stage), for the stages of this invocation: a
+``--stages`` subset rewrites them with that subset's rows. ``--include=wave,gla``
+adds those stages (from scratch). The optimiser, checkpoint and ``--override`` flags of
 ``experiments.train`` apply to every stage (runs stored before D10's momentum
 cycle resume with ``--nocycle_momentum``). Exit status 130 when a SIGINT/SIGTERM stopped a stage (its
 checkpoint is saved; the same command resumes).

@@ -98,6 +98,11 @@ def test_a_lone_stage_starts_from_its_parents_run_folder(ran, tmp_path, capsys):
   assert f"init_from {runs / 'koopman'} (stage koopman, step 3)" in log
   rows = json.loads((runs / "table2.json").read_text())["rows"]
   assert [(r["stage"], r["init_from"]) for r in rows] == [("hamiltonian_attn", "koopman")]
+  # without the parent's run folder it trains from scratch, and says so as a warning
+  alone = tmp_path / "alone"
+  assert prog_cli.run(argv + [f"--workdir={alone}", "--stages=koopman", "--steps=2"]) == 0
+  assert ("warning: koopman trains from scratch: fnet was not selected and "
+          f"{alone / 'fnet'} holds no checkpoint") in capsys.readouterr().out
 
 
 def test_plan_orders_and_validates_stages():
@@ -131,11 +136,19 @@ def test_markdown_of_an_interrupted_run_says_how_to_resume():
     ("--include=transformer", "--include takes ['wave', 'gla']"),
     ("--steps=1", "--steps must be >= 2"),
     ("--max_train_stories=0", "--max_train_stories must be >= 1"),
-    ("--preset=huge", "unknown preset 'huge'")])
+    ("--preset=huge", "unknown preset 'huge'"),
+    ("--stages=wave", "'wave' is not a protocol stage: add it with --include=wave"),
+    # checks that only a later stage's training made: now before the first stage
+    ("--override=attn_impl=pallas", "attn_impl='pallas' runs the Pallas GPU kernels"),
+    ("--override=nope=1", "nope"),
+    ("--seq_len=1000", "--seq_len=1000 exceeds the fnet/tiny model's maximum"),
+    ("--data=/nonexistent/stories.txt", "does not exist")])
 def test_bad_flags_exit_nonzero_with_one_line(tmp_path, capsys, flag, msg):
   wd = tmp_path / "run"
+  # tiny and 2 steps (the case's own flag comes last and wins): a check that came only
+  # after the first stages trained would cost seconds, not the small preset's hours
   assert prog_cli.run(["progressive", f"--workdir={wd}", "--tokenizer=bytes",
-                       "--data=synthetic", flag]) == 1
+                       "--data=synthetic", "--preset=tiny", "--steps=2", flag]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and msg in err[0], err
   assert not wd.exists()  # nothing is left behind
@@ -150,6 +163,39 @@ def test_missing_workdir_is_an_error(capsys, tmp_path):
                        "--data=synthetic"]) == 1
   assert f"--workdir={afile} is a file, not a folder" in capsys.readouterr().err
   assert afile.read_text() == "x"
+
+
+def test_a_single_runs_folder_or_bad_wall_times_are_refused(ran, tmp_path, capsys):
+  out, argv = ran
+  argv = [a for a in argv if not a.startswith("--workdir")]
+  single = tmp_path / "single"
+  shutil.copytree(out / "fnet", single)
+  before = sorted(p.name for p in single.iterdir())
+  assert prog_cli.run(argv + [f"--workdir={single}"]) == 1
+  assert "holds a single run's checkpoint" in capsys.readouterr().err
+  assert sorted(p.name for p in single.iterdir()) == before
+  runs = tmp_path / "runs"
+  shutil.copytree(out, runs)
+  for garbage in ("garbage", "[1, 2]"):
+    (runs / "wall_times.json").write_text(garbage)
+    assert prog_cli.run(argv + [f"--workdir={runs}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wall_times.json is not a JSON object of stage -> seconds" in err[0]
+
+
+def test_paper_preset_count_keeps_the_runs_architecture_overrides():
+  """QSF §3.7: Stage I with FFN 1280 and no FFN bias is the paper's 42.5M model; the
+  column used the preset's FFN whatever --override said."""
+  over = table2.paper_overrides((("ffn_dim", 1280), ("ffn_bias", False), ("d_model", 48),
+                                 ("attn_impl", "scan")))
+  assert over == (("attn_impl", "scan"), ("ffn_bias", False), ("ffn_dim", 1280))
+  assert table2.paper_preset_count("fnet", over) == 42_502_080
+  assert table2.paper_preset_count("fnet") == 26_800_064
+  settings = dict(preset="tiny", data="synthetic", tokenizer="bytes", steps=3, batch_size=2,
+                  seed=0, eval_batches=None, sample_tokens=0,
+                  model_overrides=[["ffn_dim", 1280], ["d_model", 48]])
+  md = table2.render_markdown(dict(rows=[], settings=settings, interrupted=None))
+  assert "at the `paper` preset (V = 50257) with this run's `ffn_dim=1280`," in md
 
 
 def test_stage_loss_plot_needs_a_run():
@@ -210,6 +256,15 @@ def test_init_from_refuses_another_tokenizer(ran):
   with pytest.raises(TrainConfigError, match="tokenizer 'bytes'.*this run uses 'gpt2'"):
     init_from_checkpoint(params, str(out / "fnet"), stage="koopman",
                          tokenizer={"name": "gpt2", "sha256": "0" * 64})
+  # another corpus is allowed (fine-tuning), with a warning: D12 hands off along one
+  logs = []
+  init_from_checkpoint(params, str(out / "fnet"), stage="koopman", log=logs.append,
+                       data={"cache_key": "0" * 64, "source": "synthetic"})
+  assert any(x.startswith("warning: the fnet run") and "other data" in x for x in logs)
+  logs.clear()
+  same = load_run(out / "fnet").meta["data"]
+  init_from_checkpoint(params, str(out / "fnet"), stage="koopman", log=logs.append, data=same)
+  assert not any("warning" in x for x in logs)
 
 
 def test_run_flags_reach_every_stage(tmp_path, monkeypatch):

@@ -163,7 +163,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     params = setup.initial_params(params, mcfg, corpus, log=_log)
   if cfg.init_from and not resume:
     params, rep = init_from_checkpoint(params, cfg.init_from, stage=cfg.stage,
-                                       tokenizer=meta["tokenizer"], log=_log)
+                                       tokenizer=meta["tokenizer"], data=meta["data"],
+                                       log=_log)
     meta["init_source"] = {"path": os.path.abspath(cfg.init_from), "stage": rep.src_stage,
                            "step": rep.src_step}
   elif cfg.init_from:

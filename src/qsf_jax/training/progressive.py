@@ -77,7 +77,8 @@ def load_source_params(init_from: str) -> tuple[Any, dict]:
 
 
 def init_from_checkpoint(target_params, init_from: str, *, stage: str,
-                         tokenizer: dict | None = None, log: Callable[[str], None] = print):
+                         tokenizer: dict | None = None, data: dict | None = None,
+                         log: Callable[[str], None] = print):
   """Initialises ``target_params`` from the run folder ``init_from`` (QSF spec D12).
 
   Args:
@@ -87,6 +88,9 @@ def init_from_checkpoint(target_params, init_from: str, *, stage: str,
     tokenizer: the new run's tokenizer record (``{"name", "sha256"}``, as in the
       run metadata); the checkpoint's must be the same, since the embedding
       rows are indexed by token id. None skips the check.
+    data: the new run's data record (``{"source", "cache_key", ...}``, as in the
+      run metadata): a checkpoint trained on other data (another token-cache
+      key) gets a warning, since D12 hands off along one corpus. None skips it.
     log: where to report what was copied, new and dropped.
 
   Returns:
@@ -126,6 +130,13 @@ def init_from_checkpoint(target_params, init_from: str, *, stage: str,
                       copied=tuple(rep["copied"]), new=tuple(rep["new"]),
                       dropped=tuple(rep["dropped"]))
   log(f"init_from {init_from} (stage {src_stage}, step {report.src_step}): {report.summary()}")
+  was = meta.get("data") or {}
+  if data is not None and was.get("cache_key") and data.get("cache_key") and (
+      was["cache_key"] != data["cache_key"]):
+    log(f"warning: the {src_stage} run in {init_from} was trained on other data "
+        f"({was.get('source_description') or was.get('source')}) than this run "
+        f"({data.get('source_description') or data.get('source')}); the D12 protocol hands "
+        "off along one corpus")
   total = (meta.get("train_config") or {}).get("steps")
   if isinstance(total, int) and 0 <= report.src_step < total:
     log(f"warning: the {src_stage} run in {init_from} stopped at step {report.src_step} of "

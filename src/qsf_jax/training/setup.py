@@ -116,6 +116,18 @@ def resolve_seq_len(cfg: TrainConfig, mcfg: model_config.ModelConfig) -> int:
   return seq_len
 
 
+def check_data_path(data: str) -> None:
+  """Raises the data layer's error for a ``--data`` that names nothing, without reading it.
+
+  Names (auto, tinystories, synthetic) and existing paths pass: they are resolved
+  (hub, file hashes) when the corpus is loaded.
+  """
+  if data in ("auto", "tinystories", "synthetic"):
+    return
+  if not (isinstance(data, str) and data.strip() and pathlib.Path(data).expanduser().exists()):
+    qdata.resolve_source(data)  # raises DataNotFoundError / UnknownDataSpecError
+
+
 def load_tokenizer(cfg: TrainConfig):
   return qdata.get_tokenizer(cfg.tokenizer, tokenizer_file=cfg.tokenizer_file)
 

@@ -8,7 +8,12 @@ Every stage trains through ``train_and_evaluate`` and so resumes exactly where
 it stopped (a finished stage is a no-op); the report evaluates each final
 checkpoint on the validation split and samples with the D14 settings. The
 training wall time of each stage is summed over invocations in
-``workdir/wall_times.json``.
+``workdir/wall_times.json``, each added when its ``train_and_evaluate``
+returns (a SIGINT/SIGTERM included): the time of an invocation killed outright
+(SIGKILL, an out-of-memory kill) is lost.
+
+The tables are rewritten by each invocation and hold its stages only, so a
+``--stages`` subset writes a table of that subset.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from qsf_jax.models.lm import build_model
 from qsf_jax.models.params import PAPER_TABLE2, count_params, paper_param_counts
 from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint
+from qsf_jax.training.cli import finite_json
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import TrainConfigError
 from qsf_jax.training.evaluation import evaluate_workdir
@@ -58,6 +64,9 @@ def plan(stages=None, include=()) -> list[tuple[str, str | None]]:
   names = [s for s, _ in PROTOCOL]
   stages = names if stages is None else list(stages)
   for s in stages:
+    if s in EXTRA_STAGES:
+      raise TrainConfigError(f"{s!r} is not a protocol stage: add it with --include={s} "
+                             "(trained from scratch)")
     if s not in names:
       raise TrainConfigError(f"unknown progressive stage {s!r}; choose from {names}")
   for s in include:
@@ -69,10 +78,28 @@ def plan(stages=None, include=()) -> list[tuple[str, str | None]]:
   return chosen + [(s, None) for s in dict.fromkeys(include)]
 
 
+# Model fields a preset sets for its scale: a run's overrides of these do not carry to
+# the paper-preset count (its other overrides, e.g. ffn_dim=1280 with ffn_bias=False, do).
+SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "wave_dim",
+               "wave_generators")
+
+
+def paper_overrides(model_overrides) -> tuple:
+  """The overrides of a run that shape its model at the ``paper`` preset too (sorted pairs)."""
+  return tuple(sorted((k, v) for k, v in dict(model_overrides).items()
+                      if k not in SIZE_FIELDS))
+
+
 @functools.lru_cache(maxsize=None)
-def paper_preset_count(stage: str) -> int:
-  """Parameters of our ``stage`` model at the ``paper`` preset (V = 50257), from shapes only."""
-  cfg = get_config(stage, "paper")
+def paper_preset_count(stage: str, overrides: tuple = ()) -> int:
+  """Parameters of our ``stage`` model at the ``paper`` preset (V = 50257), from shapes only.
+
+  Args:
+    stage: the model stage.
+    overrides: ``(name, value)`` pairs applied on top of the preset
+      (``paper_overrides`` of the run's).
+  """
+  cfg = get_config(stage, "paper", **dict(overrides))
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   return count_params(jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens)["params"])
 
@@ -81,8 +108,12 @@ def _load_wall_times(workdir) -> dict[str, float]:
   path = os.path.join(workdir, WALL_TIMES)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return {k: float(v) for k, v in json.load(f).items()}
+  try:
+    with open(path) as f:
+      return {str(k): float(v) for k, v in json.load(f).items()}
+  except (ValueError, AttributeError, TypeError) as e:
+    raise ValueError(f"{path} is not a JSON object of stage -> seconds ({e}); fix or delete "
+                     "it (the table's wall times then count from this invocation)") from e
 
 
 def _save_wall_times(workdir, walls: dict[str, float]) -> None:
@@ -126,7 +157,8 @@ def _report_row(stage, wd, base: TrainConfig, eval_batches, wall_s) -> dict:
                          beta=run.beta, max_len=max_len)
   paper = PAPER_TABLE2.get(stage, {})
   return dict(stage=stage, init_from=parent, params=count_params(run.params),
-              params_paper_preset=paper_preset_count(stage),
+              params_paper_preset=paper_preset_count(
+                  stage, paper_overrides(base.model_overrides)),
               paper_params=paper_param_counts().get(stage), val_loss=ev["val_loss"],
               perplexity=ev["perplexity"], paper_val_loss=paper.get("val_loss"),
               paper_ppl=paper.get("ppl"), tokens=ev["tokens"], steps=run.step,
@@ -156,9 +188,7 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
   """
   workdir = os.fspath(workdir)
   steps = plan(stages, include)  # bad stage names fail here, before any folder is made
-  for stage, _ in steps:
-    setup.check_stage_and_preset(stage, base.preset)
-  setup.check_output_folder("--workdir", workdir)
+  _check_before_training(base, workdir, [s for s, _ in steps])
   os.makedirs(workdir, exist_ok=True)
   parents = dict(PROTOCOL)
   rows, interrupted = [], None
@@ -166,9 +196,13 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
   for stage, parent in steps:
     assert stage in STAGES
     wd = os.path.join(workdir, stage)
-    if parent is None and parents.get(stage) and has_checkpoint(
-        os.path.join(workdir, parents[stage])):
-      parent = parents[stage]
+    if parent is None and parents.get(stage):
+      if has_checkpoint(os.path.join(workdir, parents[stage])):
+        parent = parents[stage]
+      elif not has_checkpoint(wd):
+        log(f"warning: {stage} trains from scratch: {parents[stage]} was not selected and "
+            f"{os.path.join(workdir, parents[stage])} holds no checkpoint (the D12 protocol "
+            f"starts {stage} from {parents[stage]})")
     cfg = base.replace(stage=stage,
                        init_from=os.path.join(workdir, parent) if parent else None)
     log(f"== {stage}" + (f" (init from {parent})" if parent else " (scratch)"))
@@ -198,14 +232,42 @@ def run_progressive(base: TrainConfig, workdir, *, stages=None, include=(),
                                         eval_batches=eval_batches),
                interrupted=interrupted)
   with open(os.path.join(workdir, "table2.json"), "w") as f:
-    json.dump(table, f, indent=1)
+    json.dump(finite_json(table), f, indent=1, allow_nan=False)
   with open(os.path.join(workdir, "table2.md"), "w") as f:
     f.write(render_markdown(table))
   return table
 
 
+def _check_before_training(base: TrainConfig, workdir: str, stages) -> None:
+  """Every check that would stop a later stage, before the first one trains.
+
+  The stage and preset names, the folder, the tokenizer, each stage's model
+  configuration (``--override``), its attention backend and ``--seq_len``, and the
+  data path: each raises before any folder is made.
+  """
+  for stage in stages:
+    setup.check_stage_and_preset(stage, base.preset)
+  setup.check_output_folder("--workdir", workdir)
+  if has_checkpoint(workdir):
+    raise TrainConfigError(
+        f"--workdir={workdir} holds a single run's checkpoint; the progressive protocol "
+        "needs a folder of its own for the stage folders")
+  tokenizer = setup.load_tokenizer(base)
+  for stage in stages:
+    cfg = base.replace(stage=stage, init_from=None)
+    mcfg = setup.make_model_config(cfg, tokenizer.vocab_size)
+    setup.check_attn_backend(mcfg)
+    setup.resolve_seq_len(cfg, mcfg)
+  setup.check_data_path(base.data)
+
+
 def _fmt(x, spec):
   return "—" if x is None else format(x, spec)
+
+
+def _override_text(settings: dict) -> str:
+  pairs = paper_overrides(settings.get("model_overrides") or ())
+  return ", ".join(f"`{k}={v}`" for k, v in pairs)
 
 
 def render_markdown(table: dict) -> str:
@@ -218,8 +280,9 @@ def render_markdown(table: dict) -> str:
          + (f"first {s['max_train_stories']:,} training stories, "
             if s.get("max_train_stories") else "")
          + f"{s['steps']} steps x batch {s['batch_size']}, seed {s['seed']}; evaluated on "
-         f"{evals}. *params @ paper* is our model at the `paper` preset (V = 50257), "
-         "comparable with the paper's count; the paper's columns are its full-scale "
+         f"{evals}. *params @ paper* is our model at the `paper` preset (V = 50257)"
+         + (f" with this run's {_override_text(s)}" if _override_text(s) else "")
+         + ", comparable with the paper's count; the paper's columns are its full-scale "
          "TinyStories results (§4.2), for reference only.\n",
          "| stage | init from | params | params @ paper | paper params | val loss | ppl | "
          "paper val loss | paper ppl | val tokens | steps | train wall (s) |",
