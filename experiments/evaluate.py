@@ -8,6 +8,7 @@ checkpoint's). ``--per_token`` adds ``per_token``: the median, the maximum and t
 tokens above ``--outlier_nats``, and how many of them follow an input that never
 occurs in the run's training rows (``qsf_jax.training.token_losses``);
 ``--per_token_out=FILE.npz`` also keeps each token's cross entropy, row and position.
+The JSON is strict: a loss that overflowed (NaN or inf) is written as ``null``.
 """
 
 from __future__ import annotations

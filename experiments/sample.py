@@ -2,7 +2,10 @@ r"""Samples from a run folder through the recurrent decode path.
 
 ``python -m experiments.sample --workdir=runs/s3 --prompt="Once upon a time," --max_new_tokens=40``
 prints the prompt followed by the generated text (defaults: QSF spec D14,
-temperature 0.8, top-k 50).
+temperature 0.8, top-k 50). An empty prompt starts from ``<|endoftext|>``; a
+``--top_k`` of the vocabulary size or more keeps every token; the prompt's tokens
+plus ``--max_new_tokens`` must fit the model's context (``max_seq_len``); the
+seed is in [0, 2^32).
 """
 
 from __future__ import annotations

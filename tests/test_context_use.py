@@ -109,6 +109,30 @@ def test_default_positions_and_packed_mode(gla):
                              contexts=[2, 5], positions=(5, None), mode="packed", max_batches=2)
   np.testing.assert_array_equal(to_end.position, cl.position)
   np.testing.assert_array_equal(to_end.restart, cl.restart)
+  # a context as long as the row: the message names the positions that fit it
+  with pytest.raises(ValueError, match=r"fits the targets from position 7 on \(--positions=7:\)"):
+    cu.context_losses(model, params, coll, valid, batch_size=2, seq_len=8, contexts=[8],
+                      mode="packed", max_batches=2)
+
+
+def test_a_large_vocabulary_bounds_the_windows_per_call(gla, monkeypatch):
+  """At k = 1 the token budget allowed 16384 windows, each with V logits (3.3 GB at the
+  GPT-2 vocabulary); LOGIT_BUDGET / V caps them, with the same losses."""
+  model, params, coll = gla
+  rng = np.random.default_rng(3)
+  valid = _split([rng.integers(0, 14, n) for n in (12, 9, 14, 11)])
+  kw = dict(batch_size=2, seq_len=8, contexts=[1, 2], mode="packed", max_batches=2)
+  one_call = cu.context_losses(model, params, coll, valid, **kw)
+  calls = []
+  real = cu._last_xent
+  def counting(*a, **k):
+    calls.append(a[2].shape[0])
+    return real(*a, **k)
+  monkeypatch.setattr(cu, "_last_xent", counting)
+  monkeypatch.setattr(cu, "LOGIT_BUDGET", 3 * V)
+  capped = cu.context_losses(model, params, coll, valid, **kw)
+  assert max(calls) == 3
+  np.testing.assert_allclose(capped.restart, one_call.restart, rtol=1e-6)
 
 
 @pytest.mark.parametrize("contexts, positions, match", [

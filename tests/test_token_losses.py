@@ -154,3 +154,12 @@ def test_summary_counts_outliers_and_unseen_inputs(tmp_path):
   assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
   with np.load(tmp_path / "t.npz") as f:
     np.testing.assert_array_equal(f["xent"], x)
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_the_work(tmp_path):
+  """It failed only at the final rename, after the whole evaluation."""
+  from qsf_jax.training.token_losses import check_output_path  # pylint: disable=import-outside-toplevel
+  (tmp_path / "dir.npz").mkdir()
+  with pytest.raises(ValueError, match="out='.*dir.npz' is a folder, not a file"):
+    check_output_path(tmp_path / "dir.npz", "out")
+  check_output_path(tmp_path / "file.npz", "out")  # a new file is fine

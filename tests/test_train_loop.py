@@ -585,3 +585,23 @@ def test_story_mode_warns_when_it_would_waste_the_data():
   setup.warn_if_story_mode_wastes_data(_cfg("x", data_mode="packed"), book, 32, said.append)
   setup.warn_if_story_mode_wastes_data(_cfg("x"), stories, 32, said.append)
   assert len(said) == 1
+
+
+def test_restored_arrays_must_fit_the_stored_model(trained):
+  """A checkpoint whose arrays are another run's (a swapped state folder) failed inside
+  model.apply after the data had loaded; load_run now names the first misfit."""
+  from qsf_jax.training import restore  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.errors import CorruptCheckpointError  # pylint: disable=import-outside-toplevel
+  wd, _ = trained
+  run = load_run(wd)
+  restore._check_variables_fit(run.model, run.params, run.collections, str(wd), run.step)
+  narrow = build_model(get_config("koopman", "tiny", vocab_size=257, d_model=16))
+  params16 = jax.eval_shape(narrow.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+  with pytest.raises(CorruptCheckpointError, match=r"parameter .* is shaped \(.*16.*\), the "
+                                                   r"model's is .*another run"):
+    restore._check_variables_fit(run.model, params16, run.collections, str(wd), run.step)
+  missing = dict(run.params)
+  missing.pop(sorted(missing)[0])
+  with pytest.raises(CorruptCheckpointError, match="is missing"):
+    restore._check_variables_fit(run.model, missing, run.collections, str(wd), run.step)

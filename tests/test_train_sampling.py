@@ -21,6 +21,13 @@ def test_top_k_keeps_the_k_largest():
   np.testing.assert_array_equal(np.isfinite(out), [[False, True, False, False, True]])
   np.testing.assert_array_equal(out[0, [1, 4]], [3.0, 2.5])
   np.testing.assert_array_equal(top_k_logits(z, 5), z)
+  # ties at the k-th value are kept, and rows are independent (random rows against a sort)
+  rng = np.random.default_rng(0)
+  zz = rng.integers(-3, 4, (6, 40)).astype(np.float32)
+  for k in (1, 3, 17):
+    kth = -np.sort(-zz, axis=-1)[:, k - 1:k]
+    np.testing.assert_array_equal(np.asarray(top_k_logits(jnp.asarray(zz), k)),
+                                  np.where(zz < kth, -np.inf, zz))
 
 
 def test_sample_logits_greedy_and_distribution():
@@ -81,6 +88,20 @@ def test_sample_text_feeds_the_encoded_prompt(model_and_params):
     new = generate(model, params, coll, jnp.array(ids), rng=jax.random.PRNGKey(0), **kw)
     want = tok.decode([int(t) for t in new])
     assert sample_text(model, params, coll, tok, prompt, **kw) == want
+
+
+def test_sample_text_refuses_bad_text_and_seeds(model_and_params):
+  """A prompt of undecodable command-line bytes (lone surrogates) became U+FFFD without
+  a word; seeds wrapped modulo 2^32 (-1 sampled as 2^32 - 1) or overflowed."""
+  model, params, coll = model_and_params
+  tok = get_tokenizer("bytes")
+  kw = dict(max_new_tokens=2, temperature=0.0, max_len=32)
+  with pytest.raises(ValueError, match="not valid UTF-8 text.*character 3"):
+    sample_text(model, params, coll, tok, "caf\udce9", **kw)
+  for seed, match in ((-1, ">= 0"), (1 << 32, "< 2\\^32"), (1 << 63, "< 2\\^32")):
+    with pytest.raises(ValueError, match=match):
+      sample_text(model, params, coll, tok, "Hi", seed=seed, **kw)
+  assert sample_text(model, params, coll, tok, "Hi", seed=(1 << 32) - 1, **kw)
 
 
 def test_generate_batch_seed_and_bad_inputs(model_and_params):

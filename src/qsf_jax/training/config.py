@@ -120,6 +120,8 @@ class TrainConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise TrainConfigError(f"--{name} must be a non-negative integer, got {v!r}")
+    if self.seed >= 1 << 32:  # a PRNG key holds 32 bits: larger seeds repeat smaller ones
+      raise TrainConfigError(f"--seed must be < 2^32 = {1 << 32}, got {self.seed}")
     for name in ("max_train_stories", "seq_len", "eval_batches"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or isinstance(v, bool)):

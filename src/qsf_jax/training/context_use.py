@@ -36,6 +36,7 @@ from qsf_jax.training import token_losses
 from qsf_jax.training.step import token_xent
 
 TOKEN_BUDGET = 1 << 14  # window tokens per forward call
+LOGIT_BUDGET = 1 << 24  # logits per forward call (64 MB in float32): V = 50257 gives 333 windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,14 +126,18 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     unigram_log_p: log unigram probabilities (V,) for the unigram column
       (``setup.unigram_log_probs``); None skips it.
     token_budget: window tokens per forward call (windows x k); only each
-      window's last position reaches the head (``last_only``).
+      window's last position reaches the head (``last_only``), and at most
+      ``LOGIT_BUDGET`` / V windows go into one call (at k = 1 a large vocabulary,
+      not the window tokens, sets the memory).
   """
   if positions is None:
     lo = max(check_contexts(contexts)[0])
     if lo >= seq_len:
+      fits = (f"; the largest context fits the targets from position {lo - 1} on "
+              f"(--positions={lo - 1}:)" if lo - 1 < seq_len else "")
       raise ValueError(f"the default positions start at the largest context, {lo}, but rows "
-                       f"have only {seq_len} positions; pass positions (--positions) or "
-                       f"smaller contexts (--contexts)")
+                       f"have only {seq_len} positions{fits}; or pass smaller contexts "
+                       f"(--contexts)")
     positions = (lo, seq_len)
   ks, (lo, hi) = check_contexts(contexts, positions)
   if lo >= seq_len:
@@ -181,8 +186,9 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     raise ValueError(f"target id {int(targets_N.max())} is outside unigram_log_p's "
                      f"{log_p.shape[0]} ids")
   restart = np.empty((len(ks), n), np.float64)
+  vocab = int(model.cfg.vocab_size)  # each window's last position gives V logits
   for i, k in enumerate(ks):
-    per_call = int(min(n, max(1, token_budget // k)))
+    per_call = int(min(n, max(1, token_budget // k), max(1, LOGIT_BUDGET // vocab)))
     for s in range(0, n, per_call):
       # window j holds inputs t_j-k+1 .. t_j of its row
       t_N = pos_N[s:s + per_call]

@@ -204,8 +204,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
       n_new = min(cfg.sample_tokens, mcfg.max_seq_len - n_prompt)
       if n_new > 0:
         text = sample_text(model, p, c, tokenizer, cfg.sample_prompt, max_new_tokens=n_new,
-                           seed=cfg.seed + step, temperature=cfg.sample_temperature,
-                           top_k=cfg.sample_top_k, beta=beta, max_len=mcfg.max_seq_len)
+                           seed=(cfg.seed + step) % (1 << 32),
+                           temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                           beta=beta, max_len=mcfg.max_seq_len)
         writer.write_text(step, cfg.sample_prompt + text)
         _log(f"sample: {json.dumps(cfg.sample_prompt + text, ensure_ascii=False)}")
     return rec

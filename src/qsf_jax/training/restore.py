@@ -15,7 +15,7 @@ from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import (Checkpointer, has_checkpoint,
                                          missing_checkpoint_error)
 from qsf_jax.training.config import TrainConfig
-from qsf_jax.training.errors import TrainConfigError
+from qsf_jax.training.errors import CorruptCheckpointError, TrainConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,31 @@ def _loaded_attn_impl(mcfg, attn_impl: str | None, workdir: str):
     raise TrainConfigError(f"invalid attn_impl: {e}") from e
   setup.check_attn_backend(mcfg)
   return mcfg
+
+
+def _check_variables_fit(model, params, collections, workdir: str, step: int) -> None:
+  """Refuses restored arrays that are not the stored configuration's model's.
+
+  The checkpoint's metadata and arrays are written together; arrays of another
+  run (a copied or swapped ``state`` folder) would otherwise fail deep inside
+  ``model.apply`` with an error about the module, after the data had loaded.
+  """
+  from qsf_jax.training.progressive import flatten_named  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.state import split_variables  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), "int32"))
+  want_p, want_c = split_variables(shapes)
+  for what, want, got in (("parameter", want_p, params), ("variable", want_c, collections)):
+    want, got = flatten_named(want), flatten_named(got)
+    for name in sorted(set(want) | set(got)):
+      a = tuple(want[name].shape) if name in want else None
+      b = tuple(getattr(got[name], "shape", ())) if name in got else None
+      if a != b:
+        raise CorruptCheckpointError(
+            f"{workdir}: checkpoint step {step} does not hold the model its metadata "
+            f"describes: {what} {name} is "
+            + (f"shaped {b}" if b is not None else "missing")
+            + (f", the model's is {a}" if a is not None else " from the model")
+            + " (its state folder from another run?)")
 
 
 def load_run(workdir: str | os.PathLike, *, step: int | None = None,
@@ -112,10 +137,12 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None,
         f"{workdir}: the stored model configuration cannot be rebuilt by this version "
         f"of the code from the run's train config ({'; '.join(diff)})")
   mcfg = _loaded_attn_impl(mcfg, attn_impl, workdir)
+  model = setup.build_model(mcfg)
+  _check_variables_fit(model, params, collections, workdir, int(meta["step"]))
   beta = 0.0
   if mcfg.annealed:
     beta = float(anneal_beta(meta["step"], cfg.steps, anneal_frac=mcfg.anneal_frac,
                              shape=mcfg.anneal_shape, hold_frac=mcfg.anneal_hold_frac))
-  return LoadedRun(cfg=cfg, model_config=mcfg, model=setup.build_model(mcfg), params=params,
+  return LoadedRun(cfg=cfg, model_config=mcfg, model=model, params=params,
                    collections=collections, tokenizer=tokenizer, meta=meta,
                    step=int(meta["step"]), seq_len=int(meta["seq_len"]), beta=beta)

@@ -179,7 +179,9 @@ def check_max_batches(max_batches) -> None:
 
 
 def check_output_path(path, name: str = "per_token_out") -> None:
-  """Raises unless ``path`` ends in ``.npz`` and its folder exists.
+  """Raises unless ``path`` ends in ``.npz``, its folder exists and it is not a folder.
+
+  Checked before the work whose result it will hold.
 
   Args:
     path: the output file.
@@ -190,6 +192,8 @@ def check_output_path(path, name: str = "per_token_out") -> None:
     raise ValueError(f"{name} must be an .npz file, got {str(path)!r}")
   if not p.parent.is_dir():
     raise FileNotFoundError(f"{name}: the folder {str(p.parent)!r} does not exist")
+  if p.is_dir():
+    raise ValueError(f"{name}={str(path)!r} is a folder, not a file")
 
 
 def summarize(tl: TokenLosses, threshold: float = 20.0) -> dict:
