@@ -187,8 +187,8 @@ def test_paper_preset_count_keeps_the_runs_architecture_overrides():
   """QSF §3.7: Stage I with FFN 1280 and no FFN bias is the paper's 42.5M model; the
   column used the preset's FFN whatever --override said."""
   over = table2.paper_overrides((("ffn_dim", 1280), ("ffn_bias", False), ("d_model", 48),
-                                 ("attn_impl", "scan")))
-  assert over == (("attn_impl", "scan"), ("ffn_bias", False), ("ffn_dim", 1280))
+                                 ("attn_impl", "scan"), ("dtype", "bfloat16")))
+  assert over == (("ffn_bias", False), ("ffn_dim", 1280))
   assert table2.paper_preset_count("fnet", over) == 42_502_080
   assert table2.paper_preset_count("fnet") == 26_800_064
   settings = dict(preset="tiny", data="synthetic", tokenizer="bytes", steps=3, batch_size=2,

@@ -26,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from qsf_jax.models.config import STAGES, get_config
+from qsf_jax.models.config import EXECUTION_FIELDS, STAGES, get_config
 from qsf_jax.models.lm import build_model
 from qsf_jax.models.params import PAPER_TABLE2, count_params, paper_param_counts
 from qsf_jax.training import setup
@@ -85,9 +85,13 @@ SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "w
 
 
 def paper_overrides(model_overrides) -> tuple:
-  """The overrides of a run that shape its model at the ``paper`` preset too (sorted pairs)."""
-  return tuple(sorted((k, v) for k, v in dict(model_overrides).items()
-                      if k not in SIZE_FIELDS))
+  """The overrides of a run that shape its model at the ``paper`` preset too (sorted pairs).
+
+  Sizes (``SIZE_FIELDS``) are the preset's; how the model is computed
+  (``EXECUTION_FIELDS``, ``dtype``) does not change its parameters.
+  """
+  skip = SIZE_FIELDS + EXECUTION_FIELDS + ("dtype",)
+  return tuple(sorted((k, v) for k, v in dict(model_overrides).items() if k not in skip))
 
 
 @functools.lru_cache(maxsize=None)
