@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -64,6 +65,20 @@ def _loaded_attn_impl(mcfg, attn_impl: str | None, workdir: str):
   return mcfg
 
 
+@functools.lru_cache(maxsize=32)
+def _variable_shapes(model) -> tuple[dict, dict]:
+  """``({name: shape}, {name: shape})`` of the model's parameters and other variables.
+
+  From ``jax.eval_shape`` of ``model.init`` (a trace, no arrays), cached per model
+  (a Linen module of a frozen config is hashable).
+  """
+  from qsf_jax.training.progressive import flatten_named  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.state import split_variables  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), "int32"))
+  return tuple({k: tuple(v.shape) for k, v in flatten_named(tree).items()}
+               for tree in split_variables(shapes))
+
+
 def _check_variables_fit(model, params, collections, workdir: str, step: int) -> None:
   """Refuses restored arrays that are not the stored configuration's model's.
 
@@ -72,13 +87,11 @@ def _check_variables_fit(model, params, collections, workdir: str, step: int) ->
   ``model.apply`` with an error about the module, after the data had loaded.
   """
   from qsf_jax.training.progressive import flatten_named  # pylint: disable=import-outside-toplevel
-  from qsf_jax.training.state import split_variables  # pylint: disable=import-outside-toplevel
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), "int32"))
-  want_p, want_c = split_variables(shapes)
-  for what, want, got in (("parameter", want_p, params), ("variable", want_c, collections)):
-    want, got = flatten_named(want), flatten_named(got)
+  for what, want, got in zip(("parameter", "variable"), _variable_shapes(model),
+                             (params, collections)):
+    got = flatten_named(got)
     for name in sorted(set(want) | set(got)):
-      a = tuple(want[name].shape) if name in want else None
+      a = want[name] if name in want else None
       b = tuple(getattr(got[name], "shape", ())) if name in got else None
       if a != b:
         raise CorruptCheckpointError(
