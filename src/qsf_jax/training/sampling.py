@@ -31,7 +31,7 @@ def top_k_logits(logits_BV, top_k: int):
   if top_k >= V:
     return logits_BV
   # the k-th largest as the min of the top k: slicing the last column made XLA's CPU
-  # backend sort every row in full (12.7 ms per token at V = 50257; this: 0.3 ms)
+  # backend sort every row in full (B = 1, V = 50257, k = 50: 15 ms a call; this: 0.2 ms)
   kth_B1 = jnp.min(jax.lax.top_k(logits_BV, top_k)[0], axis=-1, keepdims=True)
   return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
 
