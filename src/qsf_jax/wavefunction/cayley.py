@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from qsf_jax import _checks
-from qsf_jax.wavefunction.hermitian import complex_dtype, dagger, eye_like, mT
+from qsf_jax.wavefunction.hermitian import complex_dtype, dagger, eye_like
 from qsf_jax.wavefunction.hermitian import realify, realify_state  # noqa: F401  (re-export, spec §1.3)
 
 
