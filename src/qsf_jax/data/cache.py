@@ -326,10 +326,10 @@ def _build(entry: pathlib.Path, source: StorySource, tokenizer: Tokenizer, key: 
                   f"--cache_dir / ${CACHE_DIR_ENV} to a writable folder") from e
   try:
     with open(tmp / _BUILDER_FILE, "w") as lock:
+      if fcntl is not None:  # held until the build ends (taken before the file says who
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # builds): a live build is never removed
       lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
       lock.flush()
-      if fcntl is not None:  # held until the build ends: a live build is never removed
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
       train_stories = source.train()
       if max_train_stories is not None:
         train_stories = itertools.islice(train_stories, max_train_stories)

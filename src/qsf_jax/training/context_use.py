@@ -186,9 +186,10 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
     raise ValueError(f"target id {int(targets_N.max())} is outside unigram_log_p's "
                      f"{log_p.shape[0]} ids")
   restart = np.empty((len(ks), n), np.float64)
-  vocab = int(model.cfg.vocab_size)  # each window's last position gives V logits
+  # each window's last position gives V logits (a model without a config: no cap)
+  vocab = getattr(getattr(model, "cfg", None), "vocab_size", None) or 1
   for i, k in enumerate(ks):
-    per_call = int(min(n, max(1, token_budget // k), max(1, LOGIT_BUDGET // vocab)))
+    per_call = int(min(n, max(1, token_budget // k), max(1, LOGIT_BUDGET // int(vocab))))
     for s in range(0, n, per_call):
       # window j holds inputs t_j-k+1 .. t_j of its row
       t_N = pos_N[s:s + per_call]
