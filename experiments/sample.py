@@ -5,7 +5,9 @@ prints the prompt followed by the generated text (defaults: QSF spec D14,
 temperature 0.8, top-k 50). An empty prompt starts from ``<|endoftext|>``; a
 ``--top_k`` of the vocabulary size or more keeps every token; the prompt's tokens
 plus ``--max_new_tokens`` must fit the model's context (``max_seq_len``); the
-seed is in [0, 2^32).
+seed is in [0, 2^32). ``--beta`` samples an annealed stage (QSF D5) at another
+normalisation-anneal weight than its checkpoint's, as ``experiments.evaluate``
+scores it: ``--beta=0`` with plain LayerNorm.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
   flags.DEFINE_string("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.",
                       flag_values=fv)
+  flags.DEFINE_float("beta", None, "Normalisation-anneal weight in [0, 1] (QSF D5; default: "
+                     "the checkpoint's own; 0 samples with LayerNorm).", flag_values=fv)
   cli.define_attn_impl(fv)
   cli.define_common(fv)
 
@@ -36,7 +40,7 @@ def execute(fv: flags.FlagValues) -> int:
   text = sample_workdir(fv.workdir, fv.prompt, max_new_tokens=fv.max_new_tokens,
                         temperature=fv.temperature, top_k=fv.top_k, seed=fv.seed,
                         step=fv.step, tokenizer_file=fv.tokenizer_file,
-                        attn_impl=fv.attn_impl)
+                        attn_impl=fv.attn_impl, beta=fv.beta)
   print(fv.prompt + text, flush=True)
   return 0
 

@@ -297,14 +297,15 @@ def test_flags_reach_the_library_calls(monkeypatch, tmp_path, capsys):
   assert (kw["max_batches"], kw["beta"], kw["step"], kw["data"]) == (None, None, None, None)
   assert sample_cli.run(["sample", "--workdir=W", "--prompt=P", "--max_new_tokens=9",
                          "--temperature=0.5", "--top_k=4", "--seed=2", "--step=3",
-                         "--tokenizer_file=TF", "--attn_impl=xla"]) == 0
+                         "--tokenizer_file=TF", "--attn_impl=xla", "--beta=0.5"]) == 0
   assert seen["sample"] == (("W", "P"), dict(max_new_tokens=9, temperature=0.5, top_k=4, seed=2,
-                                             step=3, tokenizer_file="TF", attn_impl="xla"))
+                                             step=3, tokenizer_file="TF", attn_impl="xla",
+                                             beta=0.5))
   assert capsys.readouterr().out.splitlines()[-1] == "P more"
   assert sample_cli.run(["sample", "--workdir=W"]) == 0  # D14: temperature 0.8, top-k 50
   assert seen["sample"] == (("W", "Once upon a time,"), dict(
       max_new_tokens=40, temperature=0.8, top_k=50, seed=0, step=None, tokenizer_file=None,
-      attn_impl=None))
+      attn_impl=None, beta=None))
 
 
 def test_train_flags_reach_the_train_config(tmp_path, capsys):

@@ -164,3 +164,36 @@ def test_decode_without_a_cache_names_init_cache(model_and_params):
   model, params, coll = model_and_params
   with pytest.raises(ValueError, match=r"decode=True needs a 'cache' collection.*init_cache"):
     model.apply({"params": params, **coll}, jnp.ones((1, 1), jnp.int32), decode=True)
+
+
+def test_sample_workdir_beta_defaults_to_the_checkpoints(model_and_params, monkeypatch):
+  """``sample --beta`` samples an annealed stage at another D5 weight, as ``evaluate --beta``
+  scores it; out-of-range values are refused before loading, and a stage without the
+  anneal takes only its own beta."""
+  import dataclasses
+  from qsf_jax.training import restore
+  from qsf_jax.training.sampling import sample_workdir
+  model, params, coll = model_and_params
+  tok = get_tokenizer("bytes")
+  run = restore.LoadedRun(cfg=None, model_config=model.cfg, model=model, params=params,
+                          collections=coll, tokenizer=tok, meta={}, step=10, seq_len=32,
+                          beta=1.0)
+  loads = []
+  monkeypatch.setattr(restore, "load_run", lambda *a, **kw: loads.append(a) or run)
+  kw = dict(max_new_tokens=8, temperature=0.0)
+  own = sample_workdir("W", "Hi", **kw)
+  assert own == sample_text(model, params, coll, tok, "Hi", beta=1.0, max_len=32, **kw)
+  at0 = sample_workdir("W", "Hi", beta=0.0, **kw)
+  assert at0 == sample_text(model, params, coll, tok, "Hi", beta=0.0, max_len=32, **kw)
+  assert at0 != own  # the weight reaches the model
+  n = len(loads)
+  for bad in (1.5, -0.1, float("nan"), True):
+    with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
+      sample_workdir("W", "Hi", beta=bad, **kw)
+  assert len(loads) == n  # refused before loading
+  plain = dataclasses.replace(run, cfg=type("Cfg", (), {"stage": "koopman"})(),
+                              model_config=model.cfg.replace(stage="koopman"), beta=0.0)
+  assert not plain.model_config.annealed
+  monkeypatch.setattr(restore, "load_run", lambda *a, **kw: plain)
+  with pytest.raises(ValueError, match="beta=0.5: the koopman stage has no normalisation anneal"):
+    sample_workdir("W", "Hi", beta=0.5, **kw)

@@ -200,20 +200,17 @@ def open_evaluation(workdir, *, data: str | None = None, step: int | None = None
 
   Arguments as for ``evaluate_workdir``; ``max_batches`` is only checked.
   """
-  if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
-                           or not 0.0 <= beta <= 1.0):
-    raise ValueError(f"beta must be a number in [0, 1] or None, got {beta!r}")
   from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
-  from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
+  from qsf_jax.training.restore import check_beta, load_run, run_beta  # pylint: disable=g-import-not-at-top
+
+  check_beta(beta)
 
   for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                               or value < 1):
       raise ValueError(f"{name} must be an int >= 1, or None for the default, got {value!r}")
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
-  if beta is not None and not run.model_config.annealed and beta != run.beta:
-    raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "
-                     "(D5 applies to koopman_attn and hamiltonian_attn); drop --beta")
+  beta = run_beta(run, beta)
   cfg, corpus = setup.load_run_corpus(run, data=data, cache_dir=cache_dir, where=str(workdir))
   trained_on = (run.meta.get("data") or {}).get("source")
   mesh = shd.make_mesh()
@@ -226,4 +223,4 @@ def open_evaluation(workdir, *, data: str | None = None, step: int | None = None
                                 mode=cfg.data_mode)
   bs = min(bs, max(n_dev, -(-rows // n_dev) * n_dev))
   return OpenedRun(run=run, cfg=cfg, corpus=corpus, data=data, trained_on=trained_on,
-                   mesh=mesh, batch_size=bs, beta=run.beta if beta is None else float(beta))
+                   mesh=mesh, batch_size=bs, beta=beta)

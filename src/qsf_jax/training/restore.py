@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import os
 from typing import Any
 
@@ -45,6 +46,38 @@ class LoadedRun:
   step: int
   seq_len: int
   beta: float
+
+
+def check_beta(beta: float | None) -> None:
+  """Raises ValueError unless ``beta`` is None or a number in [0, 1] (D5)."""
+  if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
+                           or not 0.0 <= beta <= 1.0):
+    raise ValueError(f"beta must be a number in [0, 1] or None, got {beta!r}")
+
+
+def run_beta(run: LoadedRun, beta: float | None = None) -> float:
+  """The normalisation-anneal weight to run a loaded model at (QSF §3.4, D5).
+
+  Args:
+    run: the loaded run.
+    beta: the weight asked for, in [0, 1], or None for the checkpoint's own
+      (``run.beta``). ``beta=0`` runs an annealed stage's weights with plain
+      LayerNorm.
+
+  Returns:
+    ``beta`` as a float, or ``run.beta``.
+
+  Raises:
+    ValueError: for a beta that is not a number in [0, 1], or one other than the
+      checkpoint's own for a stage without the anneal.
+  """
+  check_beta(beta)
+  if beta is None:
+    return run.beta
+  if not run.model_config.annealed and beta != run.beta:
+    raise ValueError(f"beta={beta}: the {run.cfg.stage} stage has no normalisation anneal "
+                     "(D5 applies to koopman_attn and hamiltonian_attn); drop --beta")
+  return float(beta)
 
 
 def _loaded_attn_impl(mcfg, attn_impl: str | None, workdir: str):

@@ -174,7 +174,8 @@ def sample_text(model, params, collections, tokenizer, prompt: str, *, max_new_t
 
 def sample_workdir(workdir, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.8,
                    top_k: int = 50, seed: int = 0, step: int | None = None,
-                   tokenizer_file: str | None = None, attn_impl: str | None = None) -> str:
+                   tokenizer_file: str | None = None, attn_impl: str | None = None,
+                   beta: float | None = None) -> str:
   """Generates a continuation of ``prompt`` from a run folder's checkpoint (D14).
 
   Args:
@@ -188,13 +189,23 @@ def sample_workdir(workdir, prompt: str, *, max_new_tokens: int = 40, temperatur
     tokenizer_file: local vocabulary for gpt2 runs.
     attn_impl: linear-attention impl to run the model with (default: the run's
       own; see ``load_run``).
+    beta: the normalisation-anneal weight to sample at, in [0, 1] (QSF §3.4,
+      D5; default: the checkpoint's own). ``beta=0`` samples an annealed
+      stage's weights with plain LayerNorm, as ``evaluate --beta=0`` scores them.
 
   Returns:
     The generated continuation (without the prompt).
-  """
-  from qsf_jax.training.restore import load_run  # pylint: disable=g-import-not-at-top
 
+  Raises:
+    ValueError: for a beta outside [0, 1] (checked before loading), one other
+      than the checkpoint's own for a stage without the anneal, and the errors
+      of ``sample_text``.
+  """
+  from qsf_jax.training.restore import check_beta, load_run, run_beta  # pylint: disable=g-import-not-at-top
+
+  check_beta(beta)
   run = load_run(workdir, step=step, tokenizer_file=tokenizer_file, attn_impl=attn_impl)
   return sample_text(run.model, run.params, run.collections, run.tokenizer, prompt,
                      max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
-                     top_k=top_k, beta=run.beta, max_len=run.model_config.max_seq_len)
+                     top_k=top_k, beta=run_beta(run, beta),
+                     max_len=run.model_config.max_seq_len)
