@@ -2,8 +2,10 @@ r"""Benchmark of the physics core: propagators, chains and the Cayley scan.
 
   python -m experiments.bench_core [--out=runs/bench_core.json] [--repeats=10] [--quick]
 
-Prints a markdown table (time per call after compilation, median over repeats,
-device name) and writes the same rows as JSON:
+Prints a markdown table (time per call after compilation, the median over
+``--repeats`` calls, or over max(2, repeats // 5) for the Cayley scan at
+N >= 256, each row saying how many; device and load average) and writes the
+same rows as JSON:
 
 * ``propagate`` over one interval at d=320 (the paper's width), paper and exact;
 * a 512-token chain at d=320: free means (QSF eq. 59) and measured means
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import time
 
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 
 import qsf_jax as q
 from qsf_jax.training import cli
+from qsf_jax.training.bench import device_description
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -67,9 +71,10 @@ def _problem(key, d: int, n_tok: int):
 def run_cases(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
   rows = []
 
-  def add(case, size, seconds, note=""):
-    rows.append(dict(case=case, size=size, ms=seconds * 1e3, note=note))
-    print(f"  {case:<40} {size:<18} {seconds * 1e3:10.3f} ms {note}", flush=True)
+  def add(case, size, seconds, note="", calls=repeats):
+    rows.append(dict(case=case, size=size, ms=seconds * 1e3, calls=calls, note=note))
+    print(f"  {case:<40} {size:<18} {seconds * 1e3:10.3f} ms (median of {calls}) {note}",
+          flush=True)
 
   A, b, x0, x_tgt, W_V = _problem(jax.random.PRNGKey(0), d, n_tok)
   for mode in ("paper", "kalman_bucy"):
@@ -113,11 +118,12 @@ def run_cases(d: int, n_tok: int, cayley_dims, cayley_steps: int, repeats: int):
     psi0 = jnp.zeros((N,), jnp.complex64).at[0].set(1.0)
     reps = max(2, repeats // 5) if N >= 256 else repeats
     f = jax.jit(lambda H, p: q.cayley_scan(H, p, return_states=False)[0])
-    add("cayley_scan (lax.scan)", f"N={N} T={cayley_steps}", _time(f, H_seq, psi0, repeats=reps))
+    add("cayley_scan (lax.scan)", f"N={N} T={cayley_steps}", _time(f, H_seq, psi0, repeats=reps),
+        calls=reps)
     if N <= 16:  # the associative twin is O(N^3 T log T): small N only
       f = jax.jit(lambda H, p: q.cayley_scan_parallel(H, p)[0])
       add("cayley_scan_parallel (associative)", f"N={N} T={cayley_steps}",
-          _time(f, H_seq, psi0, repeats=reps))
+          _time(f, H_seq, psi0, repeats=reps), calls=reps)
     del H_seq
   return rows
 
@@ -126,22 +132,25 @@ def execute(fv: flags.FlagValues) -> int:
   if fv.repeats < 1:
     raise ValueError("--repeats must be >= 1")
   cli.prepare_output_file("--out", fv.out)
-  dev = jax.devices()[0]
-  device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+  device = device_description()
+  load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
   if fv.quick:
     d, n_tok, dims, steps = 64, 128, (16, 64), 512
   else:
     d, n_tok, dims, steps = 320, 512, (16, 64, 256), 4096
-  print(f"bench_core on {device} ({jax.device_count()} device(s)), float32, "
-        f"median of {fv.repeats}")
+  print(f"bench_core on {device} ({jax.device_count()} device(s)), float32, median of "
+        f"{fv.repeats} calls per case (of {max(2, fv.repeats // 5)} for the Cayley scan at "
+        f"N >= 256)")
   rows = run_cases(d, n_tok, dims, steps, fv.repeats)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-  print("\n| case | size | time per call (ms) |\n|---|---|---|")
+  print("\n| case | size | time per call (ms) | calls (median of) |\n|---|---|---|---|")
   for r in rows:
-    print(f"| {r['case']} | {r['size']} | {r['ms']:.3f} |")
-  print(f"\ndevice: {device}; date: {stamp}; jax {jax.__version__}")
+    print(f"| {r['case']} | {r['size']} | {r['ms']:.3f} | {r['calls']} |")
+  print(f"\ndevice: {device}; date: {stamp}; jax {jax.__version__}"
+        + (f"; load average at start: {', '.join(str(x) for x in load)}" if load else ""))
   with open(fv.out, "w") as f:
-    json.dump(dict(device=device, date=stamp, jax=jax.__version__, rows=rows), f, indent=1)
+    json.dump(dict(device=device, date=stamp, jax=jax.__version__, load_avg_at_start=load,
+                   rows=rows), f, indent=1)
   return 0
 
 

@@ -9,9 +9,11 @@ Prints a markdown table and writes JSON: tokens/s and the memory of one train
 step per stage at each T (same d and L; the preset's context raised to T), and
 the per-token decode latency at context 256 vs 4096 for ``koopman_attn`` and
 ``transformer`` (cache filled to the context through ``decode=True``, then the
-median of single-token steps, the stages and contexts timed in interleaved
-rounds). Memory is the device's peak where the backend reports one (GPU)
-and XLA's compiled memory analysis otherwise (CPU); the table says which.
+median of single-token steps at position C, each with C tokens in the cache;
+the stages and contexts timed in interleaved rounds). Memory is XLA's compiled
+memory analysis of the train step; on a GPU the table adds the device's
+process-wide peak, marked where an earlier row set it. The JSON is rewritten
+after every train row, so a failure late in a long run keeps the rows before it.
 ``--override`` changes the model configuration of the train rows, e.g. to time
 training with another Pallas design of the linear-attention kernels (decoding
 runs the token recurrence and ignores it).
@@ -75,13 +77,27 @@ def execute(fv: flags.FlagValues) -> int:
   if fv.preset not in PRESETS:
     raise flags.Error(f"unknown preset {fv.preset!r}; choose from {list(PRESETS)}")
   overrides = dict(cli.parse_overrides(fv.override))
+  if overrides and not fv.stages:
+    raise flags.Error("--override changes the train rows' model, and --stages is empty")
+  fixed = sorted(set(overrides) & {"vocab_size", "max_seq_len"})
+  if fixed:
+    raise flags.Error(f"--override={fixed[0]}=...: the benchmark sets it itself (--vocab_size, "
+                      "and each row's T from --seq_lens)")
   for stage in fv.stages:  # bad names or values fail here, before anything is timed
     setup.check_attn_backend(get_config(stage, fv.preset, **overrides))
-  cli.prepare_output_file("--out", fv.out)
+  out = cli.prepare_output_file("--out", fv.out)
   device = bench.device_description()
   load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  train_rows, decode_rows = [], []
+  train_rows, decode_rows, tg = [], [], {}
+
+  def save():  # after every row, so a failure late in a long run keeps the rows before it
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(dict(device=device, date=date, jax=jax.__version__,
+                                   load_avg_at_start=load, overrides=overrides,
+                                   train=train_rows, decode=decode_rows, targets=tg), indent=1))
+    os.replace(tmp, out)
+
   for stage in fv.stages:
     for T in seq_lens:
       r = bench.train_throughput(stage, fv.preset, T, batch_size=fv.batch_size, steps=fv.steps,
@@ -89,6 +105,7 @@ def execute(fv: flags.FlagValues) -> int:
       print(f"train {stage:<17} T={T:<5} {r['step_s']:.3f} s/step {r['tokens_per_s']:.0f} tok/s",
             flush=True)
       train_rows.append(r)
+      save()
   pairs = [(stage, C) for stage in fv.decode_stages for C in contexts]
   if pairs:
     decode_rows = bench.decode_latencies(pairs, fv.preset, reps=fv.decode_reps,
@@ -97,11 +114,8 @@ def execute(fv: flags.FlagValues) -> int:
     print(f"decode {r['stage']:<16} context={r['context']:<5} {r['ms_per_token']:.3f} ms/token",
           flush=True)
   tg = bench.targets(train_rows, decode_rows)
+  save()
   print("\n" + bench.as_markdown(train_rows, decode_rows, tg, device, date, load, overrides))
-  with open(fv.out, "w") as f:
-    json.dump(dict(device=device, date=date, jax=jax.__version__, load_avg_at_start=load,
-                   overrides=overrides, train=train_rows, decode=decode_rows, targets=tg),
-              f, indent=1)
   return 0
 
 

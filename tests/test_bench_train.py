@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 TRAIN_KEYS = {"stage", "preset", "seq_len", "batch_size", "step_s", "tokens_per_s", "compile_s",
               "params", "memory_bytes", "memory_measure", "xla_temp_bytes",
-              "xla_argument_bytes", "xla_output_bytes", "xla_alias_bytes", "device_peak_bytes"}
+              "xla_argument_bytes", "xla_output_bytes", "xla_alias_bytes", "device_peak_bytes",
+              "device_peak_is_this_call"}
 DECODE_KEYS = {"stage", "preset", "context", "max_len", "reps", "rounds", "ms_per_token",
                "ms_min", "ms_round_medians"}
 
@@ -56,7 +57,7 @@ def test_writes_rows_for_every_stage_length_and_context(tmp_path, capsys):
   assert {(r["stage"], r["context"]) for r in res["decode"]} == {
       (s, C) for s in ("koopman_attn", "transformer") for C in (4, 16)}
   for r in res["decode"]:
-    assert set(r) == DECODE_KEYS and r["max_len"] == r["context"] + 5 + 2 * 3
+    assert set(r) == DECODE_KEYS and r["max_len"] == r["context"] + 1
     assert len(r["ms_round_medians"]) == 2
     assert 0 < r["ms_min"] <= r["ms_per_token"] and r["ms_min"] <= min(r["ms_round_medians"])
   assert res["targets"] == {}  # the targets are defined at T=4096 and contexts 256/4096 only
@@ -108,16 +109,62 @@ def test_step_time_and_decode_latency_are_medians(monkeypatch):
   assert r["ms_round_medians"] == pytest.approx([1.0, 5.0])
 
 
-def test_decode_timer_keeps_to_its_capacity():
-  timer = bench.DecodeTimer("koopman_attn", "tiny", 8, capacity=3, warmup=1, vocab_size=257)
-  assert timer.max_len == 8 + 1 + 3
-  assert len(timer.time_steps(2)) == 2
-  with pytest.raises(ValueError, match="2 more steps exceed the timer's capacity \\(1 left\\)"):
-    timer.time_steps(2)
-  with pytest.raises(ValueError, match="context, capacity and warmup must be >= 1"):
-    bench.DecodeTimer("koopman_attn", "tiny", 8, capacity=0, vocab_size=257)
+def test_decode_timer_steps_stay_at_the_context():
+  """Every step decodes position C with C tokens cached: the transformer's KV cache is
+  C + 1 slots, not C plus the warm-up and timed steps (which grew its work with them)."""
+  timer = bench.DecodeTimer("transformer", "tiny", 8, warmup=2, vocab_size=257)
+  assert timer.max_len == 9
+  assert int(timer._cache["index"]) == 8
+  assert len(timer.time_steps(20)) == 20  # more steps than the cache has free slots
+  assert int(timer._cache["index"]) == 8
+  with pytest.raises(ValueError, match="context and warmup must be >= 1"):
+    bench.DecodeTimer("koopman_attn", "tiny", 8, warmup=0, vocab_size=257)
   with pytest.raises(ValueError, match="reps and rounds must be >= 1"):
     bench.decode_latencies([("koopman_attn", 8)], "tiny", rounds=0, vocab_size=257)
+
+
+def test_device_peak_is_marked_where_an_earlier_row_set_it(monkeypatch):
+  """On a GPU the process-wide peak never falls: a short row after a long one showed the
+  long row's peak as its own memory. The headline is now XLA's analysis of the row's own
+  step, and the peak column says where it is an earlier row's."""
+  class Compiled:
+    def memory_analysis(self):
+      return type("M", (), dict(temp_size_in_bytes=3 << 20, argument_size_in_bytes=2 << 20,
+                                output_size_in_bytes=2 << 20, alias_size_in_bytes=1 << 20))()
+  monkeypatch.setattr(bench, "device_peak_bytes", lambda: 100 << 20)
+  rose, kept = bench.memory_measures(Compiled(), 50 << 20), bench.memory_measures(Compiled(),
+                                                                                   100 << 20)
+  for m in (rose, kept):
+    assert m["memory_bytes"] == 6 << 20 and m["memory_measure"].startswith("XLA memory_analysis")
+    assert m["device_peak_bytes"] == 100 << 20
+  assert rose["device_peak_is_this_call"] is True and kept["device_peak_is_this_call"] is False
+  rows = [dict(stage="gla", seq_len=T, batch_size=1, step_s=1.0, tokens_per_s=T, **m)
+          for T, m in ((4096, rose), (256, kept))]
+  md = bench.as_markdown(rows, [], {}, "gpu", "today").splitlines()
+  assert "| device peak (MiB) |" in md[2]
+  assert md[4].endswith("| 6.0 | 100.0 |")
+  assert md[5].endswith("| 6.0 | <= 100.0 (earlier row's) |")
+
+
+def test_json_is_kept_after_each_train_row(tmp_path, monkeypatch, capsys):
+  """A failure late in a long run (e.g. out of memory at the largest T) kept no row."""
+  calls = []
+
+  def fake(stage, preset, T, **kw):
+    calls.append(T)
+    if T == 64:
+      raise MemoryError("out of memory at T=64")
+    return dict(stage=stage, preset=preset, seq_len=T, batch_size=1, step_s=0.5,
+                tokens_per_s=2 * T, compile_s=0.1, params=1, memory_bytes=1,
+                memory_measure="m")
+  monkeypatch.setattr(bench, "train_throughput", fake)
+  out = tmp_path / "b.json"
+  with pytest.raises(MemoryError):
+    bench_train.run(["bench_train", f"--out={out}", "--preset=tiny", "--stages=gla",
+                     "--seq_lens=16,32,64", "--decode_stages="])
+  assert calls == [16, 32, 64]
+  assert [r["seq_len"] for r in json.loads(out.read_text())["train"]] == [16, 32]
+  assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("flag, msg", [("--stages=bogus", "unknown stage 'bogus'; choose from"),
@@ -130,12 +177,23 @@ def test_decode_timer_keeps_to_its_capacity():
                                        ("--override=attn_pallas_design=fastest",
                                         "unknown attn_pallas_design 'fastest'"),
                                        ("--override=d_modle=8", "unknown ModelConfig override"),
+                                       ("--override=vocab_size=100",
+                                        "--override=vocab_size=...: the benchmark sets it"),
+                                       ("--override=max_seq_len=8", "sets it itself"),
                                        ("--override=d_model", "expects name=value")])
 def test_bad_flags_exit_nonzero(tmp_path, capsys, flag, msg):
   assert bench_train.run(["bench_train", f"--out={tmp_path / 'x.json'}", flag]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and msg in err[0], err
   assert not (tmp_path / "x.json").exists()
+
+
+def test_overrides_without_train_rows_are_refused(tmp_path, capsys):
+  # they were never validated then, and the header listed them as applied
+  assert bench_train.run(["bench_train", f"--out={tmp_path / 'x.json'}", "--stages=",
+                          "--override=attn_pallas_design=bogus"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--stages is empty" in err[0], err
 
 
 def test_output_folder_is_checked_before_timing(tmp_path, capsys):

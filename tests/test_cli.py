@@ -501,6 +501,25 @@ def test_bench_core_prints_one_error_line(tmp_path, flags, message, capsys):
   assert lines[0].startswith(message.format(tmp=tmp_path)), err
 
 
+def test_bench_core_rows_say_how_many_calls_they_time(monkeypatch, capsys):
+  """The Cayley scan at N >= 256 is timed over fewer calls; its row said "median of 10"
+  while it was the median (the mean) of 2."""
+  import experiments.bench_core as b
+  n_calls = []
+
+  def fake_time(fn, *args, repeats):
+    n_calls.append(repeats)
+    return 1e-3
+  monkeypatch.setattr(b, "_time", fake_time)
+  rows = b.run_cases(3, 4, (4, 256), 2, 10)
+  assert [r["calls"] for r in rows] == n_calls
+  calls = {(r["case"], r["size"]): r["calls"] for r in rows}
+  assert calls[("cayley_scan (lax.scan)", "N=256 T=2")] == 2
+  assert calls[("cayley_scan (lax.scan)", "N=4 T=2")] == 10
+  assert calls[("chain_mean (associative)", "d=3 N=4")] == 10
+  assert "(median of 2)" in capsys.readouterr().out
+
+
 def test_bench_core_runs_as_a_module(tmp_path):
   """``python -m``: the module's own main prints the same single error line."""
   p = subprocess.run([sys.executable, "-m", "experiments.bench_core", "--repeats=x"],

@@ -46,21 +46,38 @@ def _median_seconds(fn, reps: int) -> float:
   return statistics.median(times)
 
 
-def memory_measures(compiled) -> dict:
+def device_peak_bytes() -> int | None:
+  """Device 0's ``peak_bytes_in_use`` so far in this process (None where not reported)."""
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def memory_measures(compiled, peak_before: int | None = None) -> dict:
   """Memory figures of one compiled call.
+
+  Args:
+    compiled: the compiled call, after it ran once.
+    peak_before: ``device_peak_bytes()`` before it was compiled and ran.
 
   Returns:
     ``memory_bytes`` (the headline figure), ``memory_measure`` (what it is) and
     the parts: ``xla_temp_bytes``, ``xla_argument_bytes``, ``xla_output_bytes``,
     ``xla_alias_bytes`` from ``compiled.memory_analysis()`` (None where the
-    backend has none) and ``device_peak_bytes`` (the device's
-    ``peak_bytes_in_use`` so far in this process; GPU/TPU only). The headline
-    is the device peak where reported, else XLA's temp + arguments + outputs
-    minus the outputs aliased to donated arguments (the train state is donated,
-    so it would otherwise count twice).
+    backend has none), ``device_peak_bytes`` (the device's
+    ``peak_bytes_in_use`` so far in this process; GPU/TPU only) and
+    ``device_peak_is_this_call`` (whether that peak rose during this call, so
+    that it is this call's peak with whatever else was live; a peak that did
+    not rise belongs to an earlier, larger call). The headline is XLA's temp +
+    arguments + outputs minus the outputs aliased to donated arguments (the
+    train state is donated, so it would otherwise count twice), on every
+    backend, so rows compare; the device peak where XLA has no analysis.
   """
   out = dict(xla_temp_bytes=None, xla_argument_bytes=None, xla_output_bytes=None,
-             xla_alias_bytes=None, device_peak_bytes=None)
+             xla_alias_bytes=None, device_peak_bytes=device_peak_bytes(),
+             device_peak_is_this_call=None)
+  if out["device_peak_bytes"] is not None and peak_before is not None:
+    out["device_peak_is_this_call"] = out["device_peak_bytes"] > peak_before
   try:
     m = compiled.memory_analysis()
     out.update(xla_temp_bytes=int(m.temp_size_in_bytes),
@@ -69,16 +86,13 @@ def memory_measures(compiled) -> dict:
                xla_alias_bytes=int(m.alias_size_in_bytes))
   except Exception:  # backends without memory analysis  # pylint: disable=broad-except
     pass
-  dev = jax.devices()[0]
-  stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-  if stats and "peak_bytes_in_use" in stats:
-    out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
-    out.update(memory_bytes=out["device_peak_bytes"],
-               memory_measure="device peak_bytes_in_use (process-wide peak so far)")
-  elif out["xla_temp_bytes"] is not None:
+  if out["xla_temp_bytes"] is not None:
     out.update(memory_bytes=out["xla_temp_bytes"] + out["xla_argument_bytes"]
                + out["xla_output_bytes"] - out["xla_alias_bytes"],
                memory_measure="XLA memory_analysis: temp + arguments + outputs - aliased")
+  elif out["device_peak_bytes"] is not None:
+    out.update(memory_bytes=out["device_peak_bytes"],
+               memory_measure="device peak_bytes_in_use (process-wide peak so far)")
   else:
     out.update(memory_bytes=None, memory_measure="unavailable")
   return out
@@ -106,6 +120,10 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
     ``{stage, preset, seq_len, batch_size, step_s, tokens_per_s, params,
     compile_s}`` plus the fields of :func:`memory_measures`.
   """
+  fixed = sorted(set(overrides or {}) & {"vocab_size", "max_seq_len"})
+  if fixed:
+    raise ValueError(f"the benchmark sets {' and '.join(fixed)} itself (--vocab_size, and "
+                     "the row's T); drop the override")
   base = get_config(stage, preset, **(overrides or {}))
   cfg = base.replace(max_seq_len=max(seq_len, base.max_seq_len), vocab_size=vocab_size)
   model = build_model(cfg)
@@ -122,12 +140,13 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
   tok = jax.random.randint(jax.random.PRNGKey(seed), (batch_size, seq_len + 1), 0, vocab_size)
   batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
            "mask": jnp.ones((batch_size, seq_len), jnp.float32)}
+  peak_before = device_peak_bytes()
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   state, m = compiled(state, batch)  # warm-up
   jax.block_until_ready(m)
-  mem = memory_measures(compiled)  # after a run, so a device peak includes this step
+  mem = memory_measures(compiled, peak_before)  # after a run: a device peak includes it
   holder = [state]
 
   def one():
@@ -140,35 +159,36 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
 
 
 class DecodeTimer:
-  """One stage's ``decode=True`` model with its cache filled to ``context`` tokens.
+  """One stage's ``decode=True`` model with its cache holding ``context`` tokens.
 
   The cache is filled by ``context`` single-token decode steps (one
-  ``lax.scan``) and ``warmup`` untimed steps (the first compiles). Each timed
-  step then consumes the previous step's cache (donated, as in generation).
-  The model's ``max_seq_len`` is ``context + warmup + capacity``, so the
-  transformer's KV cache holds the context and its per-token work grows with
-  it, while the recurrent stages carry a fixed-size state.
+  ``lax.scan``). Every step after that, the ``warmup`` untimed ones (the first
+  compiles) and the timed ones, decodes the token at position ``context``:
+  it writes that slot and consumes the previous step's cache (donated, as in
+  generation), and the cache's position is then set back to ``context``. So
+  every step sees exactly ``context`` earlier tokens, and the model's
+  ``max_seq_len`` is ``context + 1``: the transformer's KV cache holds the
+  context and its per-token work grows with it (it attends over every slot
+  under a mask), while the recurrent stages carry a fixed-size state.
 
   Args:
     stage: model stage.
     preset: model size preset (its ``max_seq_len`` is replaced).
-    context: tokens in the cache before the timed steps.
-    capacity: timed steps this timer may take in all.
+    context: tokens in the cache before each timed step.
     warmup: untimed steps after the fill, >= 1.
     vocab_size: vocabulary V.
     seed: init and token seed.
   """
 
-  def __init__(self, stage: str, preset: str, context: int, *, capacity: int, warmup: int = 5,
+  def __init__(self, stage: str, preset: str, context: int, *, warmup: int = 5,
                vocab_size: int = 50257, seed: int = 0):
-    if capacity < 1 or warmup < 1 or context < 1:
-      raise ValueError(f"context, capacity and warmup must be >= 1, got {context}, "
-                       f"{capacity} and {warmup}")
+    if warmup < 1 or context < 1:
+      raise ValueError(f"context and warmup must be >= 1, got {context} and {warmup}")
     self.stage, self.preset, self.context = stage, preset, context
-    self.max_len, self._left = context + warmup + capacity, capacity
+    self.max_len = context + 1
     cfg = get_config(stage, preset, max_seq_len=self.max_len, vocab_size=vocab_size)
     model = build_model(cfg)
-    params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, seed, 8)
+    params, collections = jax.jit(init_variables, static_argnums=(0, 1, 2))(model, seed, 1)
     self._variables = {"params": params, **collections}
     beta = 1.0 if cfg.annealed else 0.0
 
@@ -177,13 +197,20 @@ class DecodeTimer:
                                 mutable=["cache"])
       return upd["cache"], logits
 
+    def step_at_context(variables, cache, tok_B1):
+      new, logits = apply(variables, cache, tok_B1)
+      return {**new, "index": cache["index"]}, logits  # back to position `context`
+
     def prefill(variables, toks_N):
       body = lambda cache, t: (apply(variables, cache, t.reshape(1, 1))[0], None)
       return jax.lax.scan(body, init_cache(model, 1), toks_N)[0]
 
-    self._step = jax.jit(apply, donate_argnums=(1,))
+    self._step = jax.jit(step_at_context, donate_argnums=(1,))
     toks = jax.random.randint(jax.random.PRNGKey(seed), (context,), 0, vocab_size)
     self._cache = jax.block_until_ready(jax.jit(prefill)(self._variables, toks))
+    if int(self._cache["index"]) != context:
+      raise AssertionError(f"the prefill left the cache at position "
+                           f"{int(self._cache['index'])}, not {context}")
     self._tok = toks[:1].reshape(1, 1)
     for _ in range(warmup):
       self._advance()
@@ -193,10 +220,7 @@ class DecodeTimer:
     jax.block_until_ready(logits)
 
   def time_steps(self, n: int) -> list[float]:
-    """Seconds of each of ``n`` single-token decode steps."""
-    if n > self._left:
-      raise ValueError(f"{n} more steps exceed the timer's capacity ({self._left} left)")
-    self._left -= n
+    """Seconds of each of ``n`` single-token decode steps at position ``context``."""
     times = []
     for _ in range(n):
       t0 = time.perf_counter()
@@ -228,8 +252,8 @@ def decode_latencies(pairs, preset: str, *, reps: int = 50, rounds: int = 3, war
   """
   if reps < 1 or rounds < 1:
     raise ValueError(f"reps and rounds must be >= 1, got {reps} and {rounds}")
-  timers = [DecodeTimer(s, preset, c, capacity=reps * rounds, warmup=warmup,
-                        vocab_size=vocab_size, seed=seed) for s, c in pairs]
+  timers = [DecodeTimer(s, preset, c, warmup=warmup, vocab_size=vocab_size, seed=seed)
+            for s, c in pairs]
   times = [[] for _ in timers]
   for _ in range(rounds):
     for t, acc in zip(timers, times):
@@ -269,19 +293,31 @@ def as_markdown(train_rows, decode_rows, tg, device: str, date: str, load=None,
   if overrides:
     head += "; train overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
   lines = [head]
+  peaks = any(r.get("device_peak_bytes") is not None for r in train_rows)
   if train_rows:
-    lines += ["", "| stage | T | batch | step (s) | tokens/s | memory (MiB) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| stage | T | batch | step (s) | tokens/s | memory (MiB) |"
+              + (" device peak (MiB) |" if peaks else ""),
+              "|---|---|---|---|---|---|" + ("---|" if peaks else "")]
+  mib = lambda b: "—" if b is None else f"{b / 2**20:.1f}"
   for r in train_rows:
-    mem = "—" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}"
-    lines.append(f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['step_s']:.3f} | "
-                 f"{r['tokens_per_s']:.0f} | {mem} |")
+    line = (f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['step_s']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {mib(r['memory_bytes'])} |")
+    if peaks:  # a peak that did not rise in this row is an earlier row's
+      rose = r.get("device_peak_is_this_call")
+      line += (f" {mib(r.get('device_peak_bytes'))} |" if rose or rose is None
+               else f" <= {mib(r.get('device_peak_bytes'))} (earlier row's) |")
+    lines.append(line)
   if train_rows:
     lines.append(f"\nmemory: {train_rows[0]['memory_measure']}")
+    if peaks:
+      lines.append("device peak: peak_bytes_in_use of the process, including what earlier "
+                   "rows left live; where it did not rise, this row's own peak is at most that")
   if decode_rows:
     lines += ["", "| stage | context | ms / token (median) | min |", "|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['context']} | {r['ms_per_token']:.3f} | {r['ms_min']:.3f} |"
               for r in decode_rows]
+    lines.append("\ndecode: each step decodes position C with C tokens in the cache "
+                 "(max_seq_len C + 1)")
   if tg:
     lines += ["", "targets: " + ", ".join(
         f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in tg.items())]
