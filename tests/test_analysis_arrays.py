@@ -356,6 +356,74 @@ def test_plots_write_pngs(tmp_path):
     analysis.plot_spectrum([])
 
 
+def _legend(ax):
+  return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _texts(ax):
+  return " ".join(t.get_text() for t in ax.texts)
+
+
+def test_spectrum_plots_show_what_the_analysis_classifies(tmp_path):
+  """Review findings: the histogram classified at dt = 1 whatever the analysis's dt; a
+  zero eigenvalue stretched the log axes to -300; round-off about the unit circle filled
+  the log panel and the budget bars; a few large |lambda| shrank the complex plane."""
+  from qsf_jax.physics.spectral import ROUNDOFF_PER_MODE, spectral_analysis
+  lam = np.array([0.99, 0.999, 1.002, 1.02])  # gamma at dt = 0.1: -0.1, -0.01, 0.02, 0.2
+  res = spectral_analysis([np.diag(lam)], tol=1e-2, dt=0.1)
+  fig = analysis.plot_log_abs_histogram([lam], tol=1e-2, dt=0.1)
+  c = res["counts"]
+  assert _legend(fig.axes[0]) == [f"decay ({c['decay']})", f"neutral ({c['neutral']})",
+                                  f"growth ({c['growth']})"]
+  for bad in (dict(tol=-0.01), dict(tol=float("nan")), dict(dt=0.0)):
+    with pytest.raises(ValueError, match="must be a finite number"):
+      analysis.plot_log_abs_histogram([lam], **bad)
+  for f in (analysis.plot_spectrum, analysis.plot_log_abs_histogram):
+    with pytest.raises(ValueError, match="layer 1 has 1 non-finite eigenvalue"):
+      f([lam, np.array([0.5, np.nan])])
+  # an exact zero is drawn a decade below the smallest nonzero |lambda|, and said so
+  zero = [np.array([0.0, 0.5, 1.0, 2.0])]
+  fig = analysis.plot_spectrum(zero)
+  assert fig.axes[1].get_ylim()[0] > -3 and "λ = 0 (1)" in _texts(fig.axes[1])
+  fig = analysis.plot_log_abs_histogram(zero)
+  assert fig.axes[0].get_xlim()[0] > -3 and "λ = 0: 1" in _texts(fig.axes[0])
+  assert _legend(fig.axes[0])[0] == "decay (2)"
+  # a unitary K: the log panel spans the neutral band, the budget axis the round-off
+  unitary = [np.exp(1j * np.linspace(-3, 3, 8)) * (1 + 1e-15 * np.arange(8))]
+  fig = analysis.plot_spectrum(unitary, tol=1e-2)
+  band = 1e-2 / np.log(10)
+  lo, hi = fig.axes[1].get_ylim()
+  assert lo <= -band and hi >= band and hi < 10 * band
+  roundoff = ROUNDOFF_PER_MODE * 8
+  fig = analysis.plot_layer_budget([1.0], [2e-14], [1e-14], [-1e-14], roundoff=roundoff)
+  assert fig.axes[1].get_ylim() == pytest.approx((-roundoff, roundoff))
+  assert "zero to round-off" in _texts(fig.axes[1])
+  fig = analysis.plot_layer_budget([1.0], [0.5], [0.0], [-0.5], roundoff=roundoff)
+  assert fig.axes[1].get_ylim()[0] < -0.4 and not fig.axes[1].texts
+  with pytest.raises(ValueError, match=r"g_eff_L must have shape \(1,\)"):
+    analysis.plot_layer_budget([1.0], [0.5], [0.0], [-0.5], g_eff_L=[1.0, 2.0])
+  # 2 of 400 eigenvalues far out: the plane is cut near the bulk and counts them
+  rng = np.random.default_rng(0)
+  bulk = 0.9 * np.exp(2j * np.pi * rng.random(398))
+  fig = analysis.plot_spectrum([np.concatenate([bulk, [25.0, -27.9]])])
+  assert fig.axes[0].get_xlim()[1] < 2 and "2 beyond the axes (|λ| up to 27.9)" in _texts(
+      fig.axes[0])
+  # one layer: no colour bar running 0-1
+  assert len(analysis.plot_spectrum([lam]).axes) == 2
+  assert len(analysis.plot_spectrum([lam, lam]).axes) == 3
+  # the extension sets the format, and missing folders are made
+  analysis.plot_spectrum([lam], path=tmp_path / "new" / "s.pdf")
+  assert (tmp_path / "new" / "s.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_loss_plot_marks_an_earlier_analysed_step():
+  curves = {"train": (np.arange(1, 61), np.linspace(5, 3, 60)),
+            "eval": (np.array([20, 40, 60]), np.array([4.0, 3.5, 3.1]))}
+  assert "analysed step 20" in _legend(analysis.plot_losses(curves, mark_step=20).axes[0])
+  assert not any("analysed" in t for t in
+                 _legend(analysis.plot_losses(curves, mark_step=60).axes[0]))
+
+
 def test_history_parsing(tmp_path):
   lines = [{"step": 1, "kind": "train", "loss": 5.0, "alpha/0": 1.0, "alpha/1": 1.1},
            {"step": 2, "kind": "train", "loss": 4.0, "alpha/0": 1.2, "alpha/1": 1.3},

@@ -26,7 +26,7 @@ from qsf_jax.analysis import plots_dynamics as pdyn
 from qsf_jax.analysis import plots_spectrum as pspec
 from qsf_jax.analysis.operators import check_koopman_stage, layer_operators
 from qsf_jax.models.params import count_params
-from qsf_jax.physics.spectral import on_nonpositive_axis
+from qsf_jax.physics.spectral import ROUNDOFF_PER_MODE, on_nonpositive_axis
 from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint, missing_checkpoint_error
 from qsf_jax.training.restore import load_run
@@ -194,7 +194,8 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
       notes.append("Stage IV: K = expm(S - S^T) is rebuilt from S in float64 for the analysis; "
                    f"the float32 K the model evaluates has max ||lambda| - 1| = {dev32:.3g}.")
     title = f"{stage}/{run.cfg.preset}, step {run.step}"
-    figures["spectrum"] = _save(pspec.plot_spectrum, work / "spectrum.png", eigs, title=title)
+    figures["spectrum"] = _save(pspec.plot_spectrum, work / "spectrum.png", eigs,
+                                tol=spec["tol"], title=title)
     figures["log_abs_hist"] = _save(pspec.plot_log_abs_histogram, work / "log_abs_hist.png", eigs,
                                     tol=spec["tol"], title=title)
     timings["spectrum_s"] = time.perf_counter() - t
@@ -216,7 +217,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
                                  alpha["alpha"], source=alpha["source"])
     curves = history.loss_curves(history.read_metrics(workdir))
     if any(len(c[0]) for c in curves.values()):
-      figures["loss"] = _save(pdyn.plot_losses, work / "loss.png", curves)
+      figures["loss"] = _save(pdyn.plot_losses, work / "loss.png", curves, mark_step=run.step)
     timings["history_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -238,7 +239,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
         [r["gamma_decay"] for r in spec["layers"]], [r["gamma_growth"] for r in spec["layers"]],
         spec["gamma_net_per_layer"],
         g_eff_L=[np.nan if r["g_eff_mean"] is None else r["g_eff_mean"] for r in val["layers"]],
-        title=title)
+        roundoff=ROUNDOFF_PER_MODE * spec["dim"], title=title)
     figures["occupancy"] = _save(pdyn.plot_occupancy, work / "occupancy.png", val["layers"])
     timings["validation_s"] = time.perf_counter() - t
     z = val["z_rms"]

@@ -1,7 +1,7 @@
 """Figures of training history, propagators and SSE ensembles (QSF Fig. 1, §6.2-6.7).
 
-Same conventions as ``plots_spectrum``: arrays in, a ``Figure`` out, a PNG
-written when ``path`` is given.
+Same conventions as ``plots_spectrum``: arrays in, a ``Figure`` out, written
+(``plots_spectrum.save``) when ``path`` is given.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def plot_alpha(steps_S, alpha_SL, *, source: str = "", path=None) -> Figure:
     steps_S: training steps (S,).
     alpha_SL: alpha per step and layer (S, L).
     source: where the values come from (for the title).
-    path: PNG path, or None.
+    path: output path (``plots_spectrum.save``), or None.
   """
   steps_S = np.asarray(steps_S)
   alpha_SL = np.asarray(alpha_SL, np.float64)
@@ -54,19 +54,25 @@ def plot_alpha(steps_S, alpha_SL, *, source: str = "", path=None) -> Figure:
   return save(fig, path)
 
 
-def plot_losses(curves: dict, *, path=None) -> Figure:
+def plot_losses(curves: dict, *, mark_step: int | None = None, path=None) -> Figure:
   """Training and validation loss against step (nats).
 
   Args:
     curves: ``{"train": (steps, loss), "eval": (steps, loss)}`` (either may be empty).
-    path: PNG path, or None.
+    mark_step: the step of the analysed checkpoint, marked with a vertical line
+      where the curves go on past it (None: no mark).
+    path: output path (``plots_spectrum.save``), or None.
   """
   fig = Figure(figsize=(6.5, 4), layout="constrained")
   ax = fig.subplots()
+  last = -np.inf
   for kind, style in (("train", "-"), ("eval", "o-")):
     steps, loss = curves.get(kind, (np.zeros(0), np.zeros(0)))
     if len(steps):
       ax.plot(steps, loss, style, ms=4, label=kind)
+      last = max(last, float(np.max(steps)))
+  if mark_step is not None and mark_step < last:
+    ax.axvline(mark_step, color="0.4", lw=0.9, ls="--", label=f"analysed step {mark_step}")
   ax.set_xlabel("step")
   ax.set_ylabel("cross entropy (nats)")
   ax.legend()
@@ -85,7 +91,7 @@ def plot_stage_losses(curves_by_stage: dict, *, title: str = "", path=None) -> F
     curves_by_stage: ``{stage: {"train": (steps, loss), "eval": (steps, loss)}}`` in
       plotting order (``history.loss_curves`` of each run).
     title: figure title.
-    path: PNG path, or None.
+    path: output path (``plots_spectrum.save``), or None.
   """
   if not curves_by_stage:
     raise ValueError("curves_by_stage is empty: no run to plot")
@@ -122,7 +128,7 @@ def plot_propagation(prop: dict, labels, *, layer: int, path=None) -> Figure:
     prop: the output of ``propagation.propagate_sentence`` (with ``step_ND``).
     labels: token strings (N,) for the x axis.
     layer: the layer index (title).
-    path: PNG path, or None.
+    path: output path (``plots_spectrum.save``), or None.
   """
   n = prop["prior"].shape[0]
   if len(labels) != n:
@@ -167,7 +173,7 @@ def plot_sse(sse: dict, *, layer: int, token: str = "", path=None) -> Figure:
     sse: the output of ``propagation.sse_ensemble``.
     layer: the layer index (title).
     token: the token the interval belongs to (title).
-    path: PNG path, or None.
+    path: output path (``plots_spectrum.save``), or None.
   """
   t = sse["t"]
   fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -202,7 +208,7 @@ def plot_occupancy(layers: list, *, path=None) -> Figure:
 
   Args:
     layers: per layer the summary dict of ``modes.TokenOccupancy.summary``.
-    path: PNG path, or None.
+    path: output path (``plots_spectrum.save``), or None.
   """
   L = len(layers)
   fig = Figure(figsize=(8, 4.2), layout="constrained")
