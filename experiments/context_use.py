@@ -6,7 +6,8 @@ cross entropy is compared with the whole row's and with a unigram model of the r
 training split (``qsf_jax.training.context_use``). Prints a markdown table, then as its
 last line one JSON object: ``targets``, ``positions`` (the first and last target
 position scored, both inclusive, where ``--positions`` excludes hi), ``restart`` ({k: nats}),
-``whole_row``, ``unigram``, ``step``, ``stage``, ``data``, ``trained_on`` and ``beta``.
+``whole_row``, ``unigram``, ``step``, ``stage``, ``data``, ``trained_on``, ``beta`` and
+``batch_size``.
 ``--out=FILE.npz`` keeps each target's losses, token id, row and position.
 """
 

@@ -2,9 +2,10 @@ r"""Evaluates a run folder: ``python -m experiments.evaluate --workdir=runs/s3``
 
 Prints progress, then as its last line one JSON object with ``val_loss`` (mean
 token cross entropy in nats), ``perplexity`` (= e^val_loss, QSF spec D13),
-``tokens``, ``batches``, ``step``, ``stage``, ``data``, ``trained_on`` and ``beta``
+``tokens``, ``batches``, ``step``, ``stage``, ``data``, ``trained_on``, ``beta``
 (the normalisation-anneal weight it was evaluated at; ``--beta`` overrides the
-checkpoint's). ``--per_token`` adds ``per_token``: the median, the maximum and the
+checkpoint's) and ``batch_size`` (rows per batch: ``--batch_size``, or the run's,
+at most the split's rows; the same on any number of devices). ``--per_token`` adds ``per_token``: the median, the maximum and the
 tokens above ``--outlier_nats``, and how many of them follow an input that never
 occurs in the run's training rows (``qsf_jax.training.token_losses``);
 ``--per_token_out=FILE.npz`` also keeps each token's cross entropy, row and position.

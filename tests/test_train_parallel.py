@@ -35,6 +35,11 @@ SCRIPT = textwrap.dedent("""
       out[name] = {"val_loss": res.eval["val_loss"], "loss": res.loss,
                    "devices": meta["num_devices"], "grad_accum": meta["grad_accum"],
                    "leaves": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(params)]}
+    # a 1-device run evaluated on 4 devices (its arrays were stored on one), and a
+    # batch of 6 rows, which 4 devices do not divide
+    from qsf_jax.training.evaluation import evaluate_workdir
+    out["one_on_four"] = evaluate_workdir(f"{root}/one", max_batches=2)
+    out["one_on_four_b6"] = evaluate_workdir(f"{root}/one", max_batches=2, batch_size=6)
     try:  # 12 rows cannot be split into 2 micro-batches over 4 devices
       train_and_evaluate(TrainConfig(**dict(base, batch_size=12, grad_accum=2)), f"{root}/bad")
       out["bad"] = "accepted"
@@ -42,6 +47,27 @@ SCRIPT = textwrap.dedent("""
       out["bad"] = str(e)
     print("RESULT", json.dumps(out))
 """)
+
+
+LOAD_ON_ONE = textwrap.dedent("""
+    import json, sys
+    import jax
+    from qsf_jax.training.evaluation import evaluate_workdir
+    from qsf_jax.training.sampling import sample_workdir
+    root = sys.argv[1]
+    assert jax.device_count() == 1, jax.devices()
+    out = {"four_on_one": evaluate_workdir(f"{root}/four", max_batches=2),
+           "one_b6": evaluate_workdir(f"{root}/one", max_batches=2, batch_size=6),
+           "sample": sample_workdir(f"{root}/four", "Once", max_new_tokens=4,
+                                    temperature=0.0)}
+    print("RESULT", json.dumps(out))
+""")
+
+
+def _result(p):
+  assert p.returncode == 0, p.stderr[-4000:]
+  line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
 
 
 @pytest.mark.slow
@@ -53,9 +79,7 @@ def test_four_fake_devices_match_one(tmp_path):
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   p = subprocess.run([sys.executable, "-c", SCRIPT, str(data), str(tmp_path)], cwd=REPO,
                      env=env, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-4000:]
-  line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
-  out = json.loads(line[len("RESULT "):])
+  out = _result(p)
   one = out["one"]
   assert (one["devices"], out["four"]["devices"], out["four_accum"]["devices"]) == (1, 4, 4)
   assert out["four_accum"]["grad_accum"] == 2
@@ -67,6 +91,21 @@ def test_four_fake_devices_match_one(tmp_path):
       np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6)
   assert "divisible by the number of devices (4) x --grad_accum (2) = 8" in out["bad"]
   assert not (tmp_path / "bad").exists()
+  # Checkpoints load on another device count: a 4-device run on 1 device (orbax refused
+  # the stored topology, reported as a damaged checkpoint), a 1-device run on 4 (its
+  # arrays stayed on device 0 while the batch was sharded over 4). Evaluation keeps the
+  # rows per batch on any device count (6 rows were cut to 4 on 4 devices).
+  env.pop("XLA_FLAGS")
+  p = subprocess.run([sys.executable, "-c", LOAD_ON_ONE, str(tmp_path)], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  on_one = _result(p)
+  assert on_one["four_on_one"]["val_loss"] == pytest.approx(out["four"]["val_loss"], rel=1e-5)
+  assert out["one_on_four"]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+  b6_four, b6_one = out["one_on_four_b6"], on_one["one_b6"]
+  assert b6_four["batch_size"] == b6_one["batch_size"] == 6
+  assert b6_four["tokens"] == b6_one["tokens"]
+  assert b6_four["val_loss"] == pytest.approx(b6_one["val_loss"], rel=1e-5)
+  assert isinstance(on_one["sample"], str) and on_one["sample"]
 
 
 def test_shard_batch_splits_micro_batches_into_consecutive_rows():

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from qsf_jax.models import config as model_config
 from qsf_jax.training import config as train_config
+from qsf_jax.training import sharding as shd
 from qsf_jax.training.errors import (CheckpointMismatchError, CorruptCheckpointError,
                                      NoCheckpointError)
 from qsf_jax.training.state import TrainState, abstract_state
@@ -273,14 +274,36 @@ class Checkpointer:
     restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state(template)))
     return TrainState.from_dict(restored.state)
 
-  def restore_params(self, step: int | None = None) -> tuple[Any, dict]:
-    """Restores (params, collections) without a template, as stored.
+  def restore_params(self, step: int | None = None, sharding=None) -> tuple[Any, dict]:
+    """Restores (params, collections) without a model template, replicated.
 
     Used for evaluation, sampling and the progressive hand-off, which need no
-    optimizer state and may build a different model than the stored one.
+    optimizer state and may build a different model than the stored one. The
+    target is built from the stored shapes and dtypes, placed with
+    ``sharding``, so a run loads on any number of devices: as stored, the
+    arrays would keep the training run's devices (on fewer devices orbax
+    refuses the topology; on more, they would sit on the old devices only).
+
+    Args:
+      step: which checkpoint; default the latest.
+      sharding: where to place every array (default: replicated over all
+        devices, ``sharding.replicated(sharding.make_mesh())``).
     """
     step = self._step_or_latest(step)
-    restored = self._restore(step, state=ocp.args.StandardRestore())
+    if sharding is None:
+      sharding = shd.replicated(shd.make_mesh())
+    target = None
+    try:
+      stored = ocp.StandardCheckpointHandler().metadata(
+          self.directory.absolute() / str(step) / "state")
+    except Exception:  # pylint: disable=broad-except
+      pass  # an unreadable item: the restore below names the damage
+    else:
+      target = jax.tree.map(
+          lambda m: (jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+                     if hasattr(m, "shape") and hasattr(m, "dtype") else m),
+          getattr(stored, "tree", stored))
+    restored = self._restore(step, state=ocp.args.StandardRestore(target))
     state = restored.state
     return state["params"], state.get("collections", {})
 

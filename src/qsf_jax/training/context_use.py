@@ -114,8 +114,8 @@ def context_losses(model, params, collections, split, *, batch_size: int, seq_le
                    mode: str = "story", max_batches: int | None = None, beta=0.0,
                    unigram_log_p: np.ndarray | None = None,
                    token_budget: int = TOKEN_BUDGET) -> ContextLosses:
-  """The restart test over the evaluation batches (module docstring), on the default
-  device (no data mesh).
+  """The restart test over the evaluation batches (module docstring), on the
+  devices of ``params`` (no data mesh; ``context_use_workdir`` puts them on one).
 
   Args:
     model, params, collections, split, batch_size, seq_len, mode, max_batches, beta:
@@ -256,7 +256,8 @@ def context_use_workdir(workdir, *, contexts=(1, 2, 4, 8, 16, 32, 64), positions
     out: an ``.npz`` path for the per-target arrays (None: not kept).
 
   Returns:
-    ``summarize``'s dict with ``"step", "stage", "data", "trained_on", "beta"``.
+    ``summarize``'s dict with ``"step", "stage", "data", "trained_on", "beta",
+    "batch_size"``.
   """
   from qsf_jax.training import setup  # pylint: disable=g-import-not-at-top
   from qsf_jax.training.evaluation import open_evaluation  # pylint: disable=g-import-not-at-top
@@ -270,7 +271,11 @@ def context_use_workdir(workdir, *, contexts=(1, 2, 4, 8, 16, 32, 64), positions
   run, mode = ev.run, ev.cfg.data_mode
   log_p = setup.unigram_log_probs(ev.train_split("the unigram baseline"),
                                   run.tokenizer.vocab_size)
-  cl = context_losses(run.model, run.params, run.collections, ev.corpus.valid,
+  # context_losses feeds unsharded windows: with the params replicated over every
+  # device (as load_run restores them) each device would repeat the whole work.
+  one = jax.local_devices()[0]
+  params, collections = jax.device_put((run.params, run.collections), one)
+  cl = context_losses(run.model, params, collections, ev.corpus.valid,
                       batch_size=ev.batch_size, seq_len=run.seq_len, contexts=ks,
                       positions=positions,
                       mode=mode, max_batches=max_batches, beta=ev.beta, unigram_log_p=log_p)

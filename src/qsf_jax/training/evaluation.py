@@ -41,12 +41,14 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
     params: parameters.
     collections: the model's other collections.
     split: the validation ``TokenSplit``.
-    batch_size: rows per batch (divisible by the mesh's device count).
+    batch_size: rows per batch.
     seq_len: tokens per row.
     mode: ``"story"`` (one story per row) or ``"packed"``.
     max_batches: evaluate only the first batches (None: the whole split).
     beta: the normalisation-anneal weight (D5).
-    mesh: data mesh to shard batches over (None: default placement).
+    mesh: data mesh to shard batches over (None: default placement); a batch
+      is padded with all-masked rows to a multiple of its device count
+      (``sharding.shard_eval_batch``), so the figures do not depend on it.
 
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches"}``.
@@ -61,7 +63,7 @@ def evaluate_split(model, params, collections, split, *, batch_size: int, seq_le
   for batch in batches:
     check_eval_batch(model, batch, beta)  # on the host batch: no device copy
     if mesh is not None:
-      batch = shd.shard_batch(batch, mesh)
+      batch = shd.shard_eval_batch(batch, mesh)
     sums.append(_eval_step(params, collections, batch, jnp.asarray(beta, jnp.float32),
                            model=model))
   n_batches = len(sums)
@@ -108,7 +110,7 @@ def evaluate_workdir(workdir, *, data: str | None = None, step: int | None = Non
 
   Returns:
     ``{"val_loss", "perplexity", "tokens", "batches", "step", "stage", "data",
-    "trained_on", "beta"}``, and ``"per_token"`` (a dict) with ``per_token``.
+    "trained_on", "beta", "batch_size"}``, and ``"per_token"`` (a dict) with ``per_token``.
 
   Raises:
     DataChangedError: ``data`` is None and the run's own data changed since it
@@ -160,7 +162,8 @@ class OpenedRun:
     data: the ``data`` asked for (None: the run's own).
     trained_on: the source the run was trained on (from its metadata).
     mesh: the data mesh.
-    batch_size: rows per batch, a multiple of the mesh's device count.
+    batch_size: rows per batch (each padded with all-masked rows to a
+      multiple of the mesh's device count when it is sharded).
     beta: the normalisation-anneal weight to evaluate at (D5).
   """
   run: Any
@@ -173,10 +176,11 @@ class OpenedRun:
   beta: float
 
   def record(self) -> dict:
-    """``{"step", "stage", "data", "trained_on", "beta"}`` of the JSON records."""
+    """``{"step", "stage", "data", "trained_on", "beta", "batch_size"}`` of the JSON
+    records."""
     return {"step": self.run.step, "stage": self.cfg.stage,
             "data": self.corpus.metadata.get("source"), "trained_on": self.trained_on,
-            "beta": self.beta}
+            "beta": self.beta, "batch_size": self.batch_size}
 
   def train_split(self, needed_for: str):
     """The run's own training split (whatever ``data`` was evaluated).
@@ -214,13 +218,11 @@ def open_evaluation(workdir, *, data: str | None = None, step: int | None = None
   cfg, corpus = setup.load_run_corpus(run, data=data, cache_dir=cache_dir, where=str(workdir))
   trained_on = (run.meta.get("data") or {}).get("source")
   mesh = shd.make_mesh()
-  n_dev = mesh.devices.size
   bs = batch_size or cfg.batch_size
-  bs = max(n_dev, bs - bs % n_dev)
   # Rows past the split's are all-masked padding: a batch larger than the split
   # changes no figure but allocates (and computes) every padded row.
   rows = qdata.num_eval_batches(corpus.valid, batch_size=1, seq_len=run.seq_len,
                                 mode=cfg.data_mode)
-  bs = min(bs, max(n_dev, -(-rows // n_dev) * n_dev))
+  bs = max(1, min(bs, rows))
   return OpenedRun(run=run, cfg=cfg, corpus=corpus, data=data, trained_on=trained_on,
                    mesh=mesh, batch_size=bs, beta=beta)

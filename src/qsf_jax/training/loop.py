@@ -92,6 +92,19 @@ def _eval_missing(workdir: str, step: int) -> bool:
   return missing
 
 
+def _stop_agreed(requested: bool) -> bool:
+  """Whether any process was asked to stop (SIGINT/SIGTERM), the same on every process.
+
+  The stop's checkpoint save is collective: a process that saved and left the
+  loop while the others went on training would hang them. With one process,
+  ``requested`` itself.
+  """
+  if jax.process_count() == 1:
+    return bool(requested)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(requested))).any())
+
+
 def _scalars(metrics) -> dict[str, float]:
   """Metrics as floats; a vector metric ``v`` (e.g. alpha per layer) becomes ``v/<i>``."""
   out = {}
@@ -274,18 +287,24 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
         read_pending()  # the previous step's metrics, read while this one runs
         step += 1
         pending = (step, metrics)
-        save = _due(step, cfg.checkpoint_every, cfg.steps) or stop.requested
+        save = _due(step, cfg.checkpoint_every, cfg.steps)
         evaluate = _due(step, cfg.eval_every, cfg.steps)
+        # Several processes agree on a stop at steps where they sync anyway (an
+        # agreement per step would wait for every step's end); one process polls each step.
+        poll = jax.process_count() == 1 or save or evaluate or _due(step, cfg.log_every,
+                                                                   cfg.steps)
+        save = save or (poll and _stop_agreed(stop.requested))
         if save or evaluate or step_callback is not None:
           read_pending()
         if save:
           save_checkpoint(step)
         if evaluate:
           last_eval = eval_and_sample(step)
-        if stop.requested:  # it may have come during the metrics read or the evaluation
+        # it may have come during the metrics read or the evaluation
+        if poll and _stop_agreed(stop.requested):
           if last_saved != step:
             save_checkpoint(step)
-          interrupted = stop.signal_name
+          interrupted = stop.signal_name or "a stop signal to another process"
           break
       read_pending()
     ckpt.wait()

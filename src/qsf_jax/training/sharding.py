@@ -45,8 +45,16 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh named ``"data"`` over ``devices`` (default: all devices)."""
+  """A 1-D mesh named ``"data"`` over ``devices`` (default: all devices).
+
+  Raises:
+    TrainConfigError: for an empty device list or one that names a device twice.
+  """
   devices = jax.devices() if devices is None else list(devices)
+  if not devices:
+    raise TrainConfigError("the data mesh needs at least one device, got an empty list")
+  if len(set(devices)) != len(devices):
+    raise TrainConfigError(f"the data mesh's devices must be distinct, got {devices}")
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -103,3 +111,23 @@ def shard_batch(batch: dict, mesh: Mesh, grad_accum: int = 1) -> dict:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   return {k: put(v) for k, v in batch.items()}
+
+
+def shard_eval_batch(batch: dict, mesh: Mesh) -> dict:
+  """``shard_batch`` for an evaluation batch of any number of rows.
+
+  Rows are added, copies of the last row with an all-zero ``"mask"``, up to a
+  multiple of the mesh's device count, so the batch splits over the devices
+  and the added rows change no masked sum: every device count evaluates the
+  same rows per batch, and the same figures.
+
+  Args:
+    batch: dict of host arrays, each (B, ...), with a ``"mask"`` entry.
+    mesh: the data mesh.
+  """
+  pad = -batch["mask"].shape[0] % mesh.devices.size
+  if pad:
+    batch = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], pad, axis=0)])
+             for k, v in batch.items()}
+    batch["mask"][-pad:] = 0
+  return shard_batch(batch, mesh)

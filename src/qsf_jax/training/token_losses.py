@@ -132,7 +132,7 @@ def token_losses(model, params, collections, split, *, batch_size: int, seq_len:
                                                      seq_len=seq_len, mode=mode)):
     if max_batches is not None and k >= max_batches:
       break
-    placed = shd.shard_batch(batch, mesh) if mesh is not None else batch
+    placed = shd.shard_eval_batch(batch, mesh) if mesh is not None else batch
     x_BT = np.asarray(jax.device_get(_batch_xent(params, collections, placed["inputs"],
                                                  placed["targets"], beta, model=model)),
                       np.float64)
