@@ -119,3 +119,56 @@ def test_shard_batch_splits_micro_batches_into_consecutive_rows():
   out = shd.shard_batch({"inputs": x}, mesh, grad_accum=2)["inputs"]
   np.testing.assert_array_equal(np.asarray(out), x.reshape(2, 3, 3))
   np.testing.assert_array_equal(np.asarray(shd.shard_batch({"inputs": x}, mesh)["inputs"]), x)
+
+
+def test_multi_host_flags_are_all_or_none(monkeypatch):
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.errors import TrainConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(TrainConfigError, match="needs all of --coordinator_address"):
+    shd.maybe_initialize_distributed("host:1234", 2, None)
+  with pytest.raises(TrainConfigError, match=r"--process_id must be in \[0, 2\), got 2"):
+    shd.maybe_initialize_distributed("host:1234", 2, 2)
+  warned = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *a: warned.append(msg % a))
+  for name in shd.LAUNCHER_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  assert shd.maybe_initialize_distributed(None, None, None) is False and warned == []
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert shd.maybe_initialize_distributed(None, None, None) is False and warned == []
+  # a launcher started 4 processes, each of which would train alone into one workdir
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert shd.maybe_initialize_distributed(None, None, None) is False
+  assert len(warned) == 1 and "SLURM_NTASKS=4 says 4 processes were launched" in warned[0]
+
+
+def test_mesh_devices_are_checked():
+  import jax  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.errors import TrainConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(TrainConfigError, match="at least one device"):
+    shd.make_mesh([])
+  d = jax.devices()[0]
+  with pytest.raises(TrainConfigError, match="must be distinct"):
+    shd.make_mesh([d, d])
+
+
+def test_eval_batches_pad_to_the_device_count(monkeypatch):
+  """6 rows on a mesh of 4 would not split; the 2 added rows are masked copies."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
+  mesh = shd.make_mesh(jax.devices()[:1])
+  batch = {"inputs": np.arange(12, dtype=np.int32).reshape(6, 2),
+           "mask": np.ones((6, 2), np.float32)}
+  out = shd.shard_eval_batch(batch, mesh)  # one device: nothing to add
+  assert out["inputs"].shape == (6, 2)
+
+  class Four:  # the padding rule alone, on a stand-in mesh of 4 devices
+    devices = np.zeros(4)
+  monkeypatch.setattr(shd, "shard_batch", lambda b, m: b)
+  out = shd.shard_eval_batch(batch, Four())
+  assert out["inputs"].shape == (8, 2) and out["mask"].shape == (8, 2)
+  np.testing.assert_array_equal(out["inputs"][6:], np.repeat(batch["inputs"][-1:], 2, 0))
+  assert out["mask"][:6].all() and not out["mask"][6:].any()
+  assert batch["mask"].all()  # the caller's batch is not changed

@@ -8,6 +8,9 @@ optimizer state are replicated; XLA inserts the gradient all-reduce.
 
 from __future__ import annotations
 
+import os
+
+from absl import logging
 import numpy as np
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -31,6 +34,13 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
   """
   given = [coordinator_address, num_processes, process_id]
   if all(v is None for v in given):
+    launched = launcher_process_count()
+    if launched is not None and launched[1] > 1:
+      logging.warning(
+          "%s=%d says %d processes were launched, but without --coordinator_address, "
+          "--num_processes and --process_id each trains alone, on its own devices and into "
+          "the same --workdir; give the three flags for one multi-host run",
+          launched[0], launched[1], launched[1])
     return False
   if any(v is None for v in given):
     raise TrainConfigError(
@@ -42,6 +52,19 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
+
+
+LAUNCHER_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")
+
+
+def launcher_process_count() -> tuple[str, int] | None:
+  """(variable, count) of the first launcher variable set to an integer, or None."""
+  for name in LAUNCHER_VARIABLES:
+    try:
+      return name, int(os.environ[name])
+    except (KeyError, ValueError):
+      continue
+  return None
 
 
 def make_mesh(devices=None) -> Mesh:
