@@ -449,6 +449,30 @@ def test_evaluating_on_changed_data_is_refused(env, run_dir, tmp_path, capsys, c
                 "restore the files it was trained on", main=context_cli.run)
 
 
+def test_a_run_trained_on_a_relative_path_works_from_any_folder(env, tmp_path, monkeypatch,
+                                                               capsys):
+  """--data is stored as typed; evaluate from another folder looked for the relative path
+  there ("data path /shared/... does not exist"), and context_use could not be helped
+  with --data. The run's files are now found by the absolute path it recorded."""
+  root, corpus, _ = env
+  train_dir = tmp_path / "a"
+  (train_dir / "data").mkdir(parents=True)
+  shutil.copy(corpus, train_dir / "data" / "stories.txt")
+  monkeypatch.chdir(train_dir)
+  wd = tmp_path / "run"
+  assert train_cli.run(_train_args("data/stories.txt", wd, steps=2, checkpoint_every=0,
+                                   eval_every=0, sample_tokens=0)) == 0
+  monkeypatch.chdir(tmp_path)  # where data/stories.txt names nothing
+  rec = evaluate_workdir(wd, max_batches=1)
+  assert rec["data"] == rec["trained_on"] == f"path:{train_dir / 'data' / 'stories.txt'}"
+  (train_dir / "data" / "stories.txt").rename(tmp_path / "moved.txt")
+  capsys.readouterr()
+  _expect_error(capsys, ["evaluate", f"--workdir={wd}", "--eval_batches=1"],
+                "does not exist", f"was trained on {train_dir / 'data' / 'stories.txt'}",
+                "pass --data to evaluate on data where they are now",
+                main=evaluate_cli.run)
+
+
 def test_sample_prints_text(run_dir, capsys):
   argv = ["sample", f"--workdir={run_dir}", "--prompt=Once upon", "--max_new_tokens=12",
           "--seed=3"]

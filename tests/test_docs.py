@@ -30,7 +30,9 @@ def _run_blocks(doc, tmp_path, timeout, fast_compiles=False):
   assert blocks, f"{doc} has no python blocks"
   script = tmp_path / "blocks.py"
   script.write_text("\n\n".join(blocks), encoding="utf-8")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise")
+  # TMPDIR: the notebook's tempfile.mkdtemp() run folder goes where pytest cleans up
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise",
+             TMPDIR=str(tmp_path))
   if fast_compiles:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   else:  # XLA's default passes and CPU emitters, as users run (conftest picks others)

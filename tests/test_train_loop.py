@@ -134,8 +134,13 @@ def test_other_stage_in_same_workdir_is_refused_untouched(trained, env):
     train_and_evaluate(_cfg(corpus, stage="fnet"), wd)
   with pytest.raises(CheckpointMismatchError, match="model_config.d_model"):
     train_and_evaluate(_cfg(corpus, model_overrides=(("d_model", 16),)), wd)
-  with pytest.raises(CheckpointMismatchError, match="steps"):
+  with pytest.raises(CheckpointMismatchError, match="steps") as e:
     train_and_evaluate(_cfg(corpus, steps=40), wd)
+  # a finished run cannot be extended in place (its OneCycle schedule has its length)
+  assert str(e.value).endswith(f"use a new --workdir with --init_from={wd}")
+  with pytest.raises(CheckpointMismatchError) as e:
+    train_and_evaluate(_cfg(corpus, stage="fnet"), wd)
+  assert "--init_from" not in str(e.value)
   assert _tree_snapshot(wd) == before
 
 
@@ -581,10 +586,17 @@ def test_story_mode_warns_when_it_would_waste_the_data():
   said = []
   setup.warn_if_story_mode_wastes_data(_cfg("x"), book, 32, said.append)
   assert len(said) == 1 and "0.33% of the training tokens" in said[0]
-  assert "--data_mode=packed" in said[0]
+  assert "--data_mode=packed" in said[0] and "without <|endoftext|> separators" in said[0]
   setup.warn_if_story_mode_wastes_data(_cfg("x", data_mode="packed"), book, 32, said.append)
   setup.warn_if_story_mode_wastes_data(_cfg("x"), stories, 32, said.append)
   assert len(said) == 1
+  # stories a few rows long (TinyStories at the tiny preset's 33-token rows): the hint
+  # about separators does not apply, the row length does
+  long_rows = TokenSplit(tokens=np.zeros(2000, np.uint16), offsets=np.arange(0, 2001, 200),
+                         eot_id=256)
+  setup.warn_if_story_mode_wastes_data(_cfg("x"), long_rows, 32, said.append)
+  assert len(said) == 2 and "mean 200 tokens" in said[1] and "--seq_len" in said[1]
+  assert "separators" not in said[1]
 
 
 def test_restored_arrays_must_fit_the_stored_model(trained):

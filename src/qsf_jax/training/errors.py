@@ -24,9 +24,13 @@ class CheckpointMismatchError(ValueError):
     self.workdir, self.differences = str(workdir), dict(differences)
     diffs = "; ".join(f"{k}: stored {a!r}, requested {b!r}"
                       for k, (a, b) in sorted(self.differences.items()))
+    hint = ""
+    if "steps" in self.differences:  # the schedule's length is part of the run
+      hint = (f". To train on from its weights with a new schedule, use a new --workdir "
+              f"with --init_from={self.workdir}")
     super().__init__(
         f"{self.workdir} holds a checkpoint of a different run ({diffs}); it was left "
-        "untouched. Use a new --workdir, or the stored settings to resume")
+        f"untouched. Use a new --workdir, or the stored settings to resume{hint}")
 
 
 class DataChangedError(ValueError):

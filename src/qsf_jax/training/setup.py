@@ -163,10 +163,14 @@ def warn_if_story_mode_wastes_data(cfg: TrainConfig, split, seq_len: int, log) -
     return
   cover = story_mode_coverage(split, seq_len)
   if cover < 0.5:
+    mean = split.n_tokens / max(split.n_stories, 1)
+    why = (f"the stories (mean {mean:.0f} tokens) are much longer than a row; a .txt file "
+           "without <|endoftext|> separators is one story" if mean > 20 * (seq_len + 1) else
+           f"the stories (mean {mean:.0f} tokens) are longer than a row; a longer --seq_len "
+           "shows more of each")
     log(f"warning: --data_mode=story shows the model {100 * cover:.2g}% of the training "
         f"tokens ({split.n_stories} stories, {split.n_tokens} tokens, rows of "
-        f"{seq_len + 1}): the stories are much longer than a row (a .txt file without "
-        f"<|endoftext|> separators is one story); --data_mode=packed uses every token")
+        f"{seq_len + 1}): {why}; --data_mode=packed uses every token")
 
 
 def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = None,
@@ -199,8 +203,20 @@ def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = Non
     ``(cfg, corpus)``: the run's ``TrainConfig`` (with ``cache_dir``) and the corpus.
   """
   cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
-  corpus = load_corpus(cfg, run.tokenizer, data=data)
   trained_on = (run.meta.get("data") or {}).get("source")
+  if (data is None and isinstance(trained_on, str) and trained_on.startswith("path:")
+      and cfg.data not in ("auto", "tinystories", "synthetic")):
+    # --data as typed may be relative to where training ran; the files it named are
+    # recorded with their absolute path, so a run folder works from any folder
+    cfg = cfg.replace(data=trained_on[len("path:"):])
+  try:
+    corpus = load_corpus(cfg, run.tokenizer, data=data)
+  except qdata.DataNotFoundError as e:
+    if data is not None:
+      raise
+    hint = (f"{needed_for} needs the training split, so move the files back" if needed_for
+            else "move the files back, or pass --data to evaluate on data where they are now")
+    raise qdata.DataNotFoundError(f"{e}: {where} was trained on {cfg.data}; {hint}") from e
   stored_key = (run.meta.get("data_source") or {}).get("cache_key")
   source, key = corpus.metadata.get("source"), corpus.metadata.get("cache_key")
   changed = bool(stored_key and key and key != stored_key)
