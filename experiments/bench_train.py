@@ -79,10 +79,7 @@ def execute(fv: flags.FlagValues) -> int:
   overrides = dict(cli.parse_overrides(fv.override))
   if overrides and not fv.stages:
     raise flags.Error("--override changes the train rows' model, and --stages is empty")
-  fixed = sorted(set(overrides) & {"vocab_size", "max_seq_len"})
-  if fixed:
-    raise flags.Error(f"--override={fixed[0]}=...: the benchmark sets it itself (--vocab_size, "
-                      "and each row's T from --seq_lens)")
+  bench.check_overrides(overrides)
   for stage in fv.stages:  # bad names or values fail here, before anything is timed
     setup.check_attn_backend(get_config(stage, fv.preset, **overrides))
   out = cli.prepare_output_file("--out", fv.out)

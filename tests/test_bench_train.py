@@ -218,3 +218,9 @@ def test_train_rows_take_model_overrides():
                          {"attn_pallas_design": "bv64_w8_s3_chunkbwd"})
   assert md.splitlines()[0] == ("device: cpu; date: today; train overrides: "
                                 "attn_pallas_design=bv64_w8_s3_chunkbwd")
+
+
+def test_library_refuses_overrides_it_would_replace():
+  with pytest.raises(ValueError, match="--override=max_seq_len=...: the benchmark sets it"):
+    bench.train_throughput("gla", "tiny", 16, steps=1, vocab_size=257,
+                           overrides={"max_seq_len": 8})

@@ -98,6 +98,18 @@ def memory_measures(compiled, peak_before: int | None = None) -> dict:
   return out
 
 
+def check_overrides(overrides: Mapping[str, Any] | None) -> None:
+  """Raises ValueError for an override of a field the benchmark sets itself.
+
+  ``vocab_size`` comes from ``--vocab_size`` and ``max_seq_len`` from each row's
+  T; an override of either would be listed as applied and then replaced.
+  """
+  fixed = sorted(set(overrides or {}) & {"vocab_size", "max_seq_len"})
+  if fixed:
+    raise ValueError(f"--override={fixed[0]}=...: the benchmark sets it itself (--vocab_size, "
+                     "and each row's T from --seq_lens); drop the override")
+
+
 def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int = 1,
                      steps: int = 5, vocab_size: int = 50257, seed: int = 0,
                      overrides: Mapping[str, Any] | None = None) -> dict:
@@ -120,10 +132,7 @@ def train_throughput(stage: str, preset: str, seq_len: int, *, batch_size: int =
     ``{stage, preset, seq_len, batch_size, step_s, tokens_per_s, params,
     compile_s}`` plus the fields of :func:`memory_measures`.
   """
-  fixed = sorted(set(overrides or {}) & {"vocab_size", "max_seq_len"})
-  if fixed:
-    raise ValueError(f"the benchmark sets {' and '.join(fixed)} itself (--vocab_size, and "
-                     "the row's T); drop the override")
+  check_overrides(overrides)
   base = get_config(stage, preset, **(overrides or {}))
   cfg = base.replace(max_seq_len=max(seq_len, base.max_seq_len), vocab_size=vocab_size)
   model = build_model(cfg)

@@ -122,7 +122,7 @@ def check_data_path(data: str) -> None:
   Names (auto, tinystories, synthetic) and existing paths pass: they are resolved
   (hub, file hashes) when the corpus is loaded.
   """
-  if data in ("auto", "tinystories", "synthetic"):
+  if data in qdata.DATA_NAMES:
     return
   if not (isinstance(data, str) and data.strip() and pathlib.Path(data).expanduser().exists()):
     qdata.resolve_source(data)  # raises DataNotFoundError / UnknownDataSpecError
@@ -205,7 +205,7 @@ def load_run_corpus(run, *, data: str | None = None, cache_dir: str | None = Non
   cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
   trained_on = (run.meta.get("data") or {}).get("source")
   if (data is None and isinstance(trained_on, str) and trained_on.startswith("path:")
-      and cfg.data not in ("auto", "tinystories", "synthetic")):
+      and cfg.data not in qdata.DATA_NAMES):
     # --data as typed may be relative to where training ran; the files it named are
     # recorded with their absolute path, so a run folder works from any folder
     cfg = cfg.replace(data=trained_on[len("path:"):])
