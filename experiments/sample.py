@@ -4,7 +4,8 @@ r"""Samples from a run folder through the recurrent decode path.
 prints the prompt followed by the generated text (defaults: QSF spec D14,
 temperature 0.8, top-k 50). An empty prompt starts from ``<|endoftext|>``; a
 ``--top_k`` of the vocabulary size or more keeps every token; the prompt's tokens
-plus ``--max_new_tokens`` must fit the model's context (``max_seq_len``); the
+plus ``--max_new_tokens`` less one (the last new token is never read) must fit the
+model's context (``max_seq_len``); the
 seed is in [0, 2^32). ``--beta`` samples an annealed stage (QSF D5) at another
 normalisation-anneal weight than its checkpoint's, as ``experiments.evaluate``
 scores it: ``--beta=0`` with plain LayerNorm.

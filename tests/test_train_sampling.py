@@ -78,6 +78,24 @@ def test_greedy_decode_matches_full_forward(model_and_params):
   assert new.tolist() == want
 
 
+def test_greedy_decode_fills_the_whole_context(model_and_params):
+  """P + N = max_len + 1 is served: the model reads P + N - 1 = max_len tokens, the
+  last new token from the logits at the context's last position. (The limit used to
+  refuse it, one token short.)"""
+  model, params, coll = model_and_params
+  prompt = np.arange(1, 29, dtype=np.int32)  # 28 tokens + 5 new = 33 = 32 + 1
+  new = np.asarray(generate(model, params, coll, jnp.asarray(prompt), max_new_tokens=5,
+                            rng=jax.random.PRNGKey(0), temperature=0.0))
+  seq = np.zeros((1, 32), np.int32)
+  seq[0, :28] = prompt
+  fwd = jax.jit(lambda s: model.apply({"params": params, **coll}, s, beta=0.0))
+  for i, t in enumerate(range(28, 33)):
+    nxt = int(np.argmax(np.asarray(fwd(seq))[0, t - 1]))
+    assert int(new[i]) == nxt, (i, new.tolist())
+    if t < 32:
+      seq[0, t] = nxt
+
+
 def test_sample_text_feeds_the_encoded_prompt(model_and_params):
   """sample_text continues exactly the prompt's tokens (no extra EOT before them), and an
   empty prompt starts from EOT alone."""
@@ -116,9 +134,13 @@ def test_generate_batch_seed_and_bad_inputs(model_and_params):
     generate(model, params, coll, jnp.array([1.0, 2.0]), rng=jax.random.PRNGKey(0), **kw)
   with pytest.raises(ValueError, match="at least one token"):
     generate(model, params, coll, jnp.zeros((1, 0), jnp.int32), rng=jax.random.PRNGKey(0), **kw)
-  with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+  # 30 + 4 - 1 = 33 tokens to read (30 + 3 fits: the last new token is never read)
+  with pytest.raises(ValueError, match=r"- 1 = 33 tokens for the model to read exceeds the "
+                     r"model's context of 32 tokens \(at most 3 new tokens after this prompt\)"):
     generate(model, params, coll, jnp.arange(30), rng=jax.random.PRNGKey(0),
-             **dict(kw, max_new_tokens=3))
+             **dict(kw, max_new_tokens=4))
+  with pytest.raises(ValueError, match=r"the prompt alone is longer"):
+    generate(model, params, coll, jnp.arange(33), rng=jax.random.PRNGKey(0), **kw)
   with pytest.raises(ValueError, match="top_k"):
     generate(model, params, coll, jnp.array([1]), rng=jax.random.PRNGKey(0), **dict(kw, top_k=0))
   for bad in (float("inf"), float("nan"), -0.5):  # inf gave inf/inf = NaN logits
@@ -137,7 +159,7 @@ def test_generate_refuses_what_used_to_decode_silently(model_and_params):
   kw = dict(max_new_tokens=4, temperature=0.8, top_k=50)
   # max_len left out: the model's own max_seq_len (32) is the limit.
   with pytest.raises(ValueError, match="exceeds the model's context of 32"):
-    generate(model, params, coll, jnp.array([1, 2, 3]), rng=key, **dict(kw, max_new_tokens=30))
+    generate(model, params, coll, jnp.array([1, 2, 3]), rng=key, **dict(kw, max_new_tokens=31))
   for ids in ([1, 257, 3], [-1, 2]):
     with pytest.raises(ValueError, match=r"prompt_ids has ids in .*outside the vocabulary 0..256"):
       generate(model, params, coll, jnp.array(ids), rng=key, **kw)

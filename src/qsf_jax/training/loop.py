@@ -30,7 +30,7 @@ from qsf_jax.training.evaluation import evaluate_split
 from qsf_jax.training.metrics import MetricWriter, ProgressMeter, read_records
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.progressive import init_from_checkpoint
-from qsf_jax.training.sampling import sample_text
+from qsf_jax.training.sampling import new_token_room, sample_text
 from qsf_jax.training.signals import StopRequested
 from qsf_jax.training.state import create_train_state, init_variables
 from qsf_jax.training.step import make_train_step
@@ -214,7 +214,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
          f"| {rec['tokens']} tokens" + (f" | beta {beta:.2f}" if mcfg.annealed else ""))
     if cfg.sample_tokens > 0:
       n_prompt = len(tokenizer.encode(cfg.sample_prompt)) or 1
-      n_new = min(cfg.sample_tokens, mcfg.max_seq_len - n_prompt)
+      n_new = min(cfg.sample_tokens, new_token_room(mcfg.max_seq_len, n_prompt))
       if n_new > 0:
         text = sample_text(model, p, c, tokenizer, cfg.sample_prompt, max_new_tokens=n_new,
                            seed=(cfg.seed + step) % (1 << 32),

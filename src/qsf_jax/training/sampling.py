@@ -36,6 +36,15 @@ def top_k_logits(logits_BV, top_k: int):
   return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
 
 
+def new_token_room(max_len: int, n_prompt: int) -> int:
+  """How many new tokens fit after an ``n_prompt``-token prompt in a context of ``max_len``.
+
+  The model reads the prompt and every new token but the last (which is never fed
+  back), so P + N - 1 <= max_len: N <= max_len - P + 1 (0 or less: none fit).
+  """
+  return max_len - n_prompt + 1
+
+
 def sample_logits(rng, logits_BV, temperature, top_k: int):
   """Draws one token per row: softmax(top_k(z) / temperature); greedy at temperature 0.
 
@@ -95,9 +104,11 @@ def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
     temperature: sampling temperature (0 = greedy).
     top_k: keep the k most likely tokens (>= 1).
     beta: the normalisation-anneal weight the model is evaluated at, in [0, 1] (D5).
-    max_len: the context limit; P + N must not exceed it. None: the model's
-      ``cfg.max_seq_len`` (positions past it were never trained, and the
-      learned position tables would be indexed out of range).
+    max_len: the context limit: the model reads the prompt and every new token
+      but the last, so P + N - 1 must not exceed it (at most max_len - P + 1 new
+      tokens). None: the model's ``cfg.max_seq_len`` (positions past it were
+      never trained, and the learned position tables would be indexed out of
+      range).
 
   Raises:
     ValueError: for prompt ids outside the model's vocabulary, a request past
@@ -130,11 +141,14 @@ def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
   _checks.check_prng_key("rng", rng)
   if max_len is not None:
     max_len = _checks.check_int("max_len", max_len, 1)
-  total = prompt_BP.shape[1] + max_new_tokens
-  if max_len is not None and total > max_len:
+  P = prompt_BP.shape[1]
+  read = P + max_new_tokens - 1  # the last new token is never fed back
+  if max_len is not None and read > max_len:
+    room = (f"at most {new_token_room(max_len, P)} new tokens after this prompt"
+            if P <= max_len else "the prompt alone is longer")
     raise ValueError(
-        f"prompt ({prompt_BP.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-        f"exceeds the model's context of {max_len} tokens")
+        f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) - 1 = {read} tokens for "
+        f"the model to read exceeds the model's context of {max_len} tokens ({room})")
   out = _generate(params, collections, prompt_BP.astype(jnp.int32), rng,
                   jnp.float32(temperature), jnp.float32(beta), model=model,
                   max_new_tokens=max_new_tokens, top_k=top_k)

@@ -37,7 +37,7 @@ from qsf_jax.training.errors import TrainConfigError
 from qsf_jax.training.evaluation import evaluate_workdir
 from qsf_jax.training.loop import train_and_evaluate
 from qsf_jax.training.restore import load_run
-from qsf_jax.training.sampling import sample_text
+from qsf_jax.training.sampling import new_token_room, sample_text
 
 # stage -> the stage it is initialised from (None: scratch), in running order.
 PROTOCOL = (("fnet", None), ("koopman", "fnet"), ("koopman_attn", "koopman"),
@@ -152,7 +152,8 @@ def _report_row(stage, wd, base: TrainConfig, eval_batches, wall_s) -> dict:
   run = load_run(wd, tokenizer_file=base.tokenizer_file)
   parent = init_label(run.meta)
   max_len = run.model_config.max_seq_len
-  n_new = min(base.sample_tokens, max_len - (len(run.tokenizer.encode(base.sample_prompt)) or 1))
+  n_new = min(base.sample_tokens,
+              new_token_room(max_len, len(run.tokenizer.encode(base.sample_prompt)) or 1))
   sample = ""
   if n_new > 0:
     sample = sample_text(run.model, run.params, run.collections, run.tokenizer,
