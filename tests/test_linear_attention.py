@@ -108,6 +108,12 @@ def test_return_final_state_flag_and_jit():
   assert isinstance(o, jax.Array) and o.shape == (1, 20, 1, 16)
   f = jax.jit(lambda q, k, v, g: linear_attention(q, k, v, g, impl="xla", chunk_size=16))
   assert rel_rms_error(f(q, k, v, g), o) <= 1e-6
+  # o keeps the operands' dtype with or without the final state (which is float32)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  o16 = linear_attention(q16, k16, v16, g, impl="xla")
+  o16s, S16 = linear_attention(q16, k16, v16, g, impl="xla", return_final_state=True)
+  assert (o16.dtype, o16s.dtype, S16.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(o16, np.float32), np.asarray(o16s, np.float32))
 
 
 def test_vmap_over_extra_batch_axis():

@@ -11,7 +11,7 @@ import pytest
 
 from qsf_jax.models import get_config
 from qsf_jax.models.gla import GatedLinearAttention
-from qsf_jax.models.koopman import Koopman, frobenius_clamp
+from qsf_jax.models.koopman import Koopman, frobenius_clamp, koopman_matrices
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -74,6 +74,24 @@ def test_recurrent_koopman_mixer_matches_its_recurrence():
     s = s @ Kc.T + _np(u)[:, t]
     want[:, t] = s + _np(params["b"])
   np.testing.assert_allclose(_np(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_koopman_matrices_report_the_clamped_recurrent_matrix():
+  """S2-c applies K r / ||K||_F when ||K||_F > r; koopman_matrices (D16's eig(K)) reports
+  that matrix, and the other mixers' K as stored."""
+  cfg = get_config("koopman", "tiny", koopman_mixer="recurrent")
+  L, d = cfg.n_layers, cfg.d_model
+  K = np.random.default_rng(1).normal(size=(L, d, d)).astype(np.float32)
+  K[0] *= 0.5 * cfg.recurrent_radius / np.linalg.norm(K[0])  # inside the radius: as is
+  params = {"layers": {"koopman": {"K": jnp.asarray(K)}}}
+  got = np.asarray(koopman_matrices(params, cfg), np.float64)
+  np.testing.assert_allclose(got[0], K[0], rtol=1e-6)
+  for l in range(1, L):
+    assert np.linalg.norm(K[l]) > cfg.recurrent_radius
+    np.testing.assert_allclose(got[l], K[l] * cfg.recurrent_radius / np.linalg.norm(K[l]),
+                               rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(
+      koopman_matrices(params, cfg.replace(koopman_mixer="cosine")), K)
 
 
 def test_frobenius_clamp():

@@ -162,7 +162,14 @@ def test_stage4_koopman_is_orthogonal():
       assert abs(np.linalg.det(Kl) - 1.0) < 1e-4
       assert np.max(np.abs(Kl - np.eye(d))) > 0.1
   K_expm = _np(orthogonal_from_free(S[0]))
-  np.testing.assert_allclose(K_expm, scipy.linalg.expm(_np(S[0]) - _np(S[0]).T), atol=1e-5)
+  W = _np(S[0]) - _np(S[0]).T
+  np.testing.assert_allclose(K_expm, scipy.linalg.expm(W), atol=1e-5)
+  # D8's Cayley orientation, K = (I + W)^{-1}(I - W): its transpose is orthogonal with
+  # det 1 too, so only the formula tells them apart
+  want = np.linalg.solve(np.eye(d) + W, np.eye(d) - W)
+  np.testing.assert_allclose(_np(orthogonal_from_free(S[0], "cayley")), want, atol=1e-5)
+  np.testing.assert_allclose(
+      _np(koopman_matrices(params, cfg.replace(hamiltonian_param="cayley")))[0], want, atol=1e-5)
 
 
 def test_koopman_matrices_rejects_stage_without_k():
@@ -206,10 +213,25 @@ def test_norm_anneal_and_ema_statistics():
   np.testing.assert_allclose(_np(out1), _np(params["scale"]) * _np(u) / s_bar
                              + _np(params["bias"]), rtol=1e-5, atol=1e-5)
   out0 = norm.apply({"params": params, "norm_stats": stats}, u, 0.0)
-  un = _np(u)
-  ln = (un - un.mean(-1, keepdims=True)) / np.sqrt(un.var(-1, keepdims=True) + cfg.ln_eps)
-  np.testing.assert_allclose(_np(out0), ln * _np(params["scale"]) + _np(params["bias"]),
-                             rtol=1e-4, atol=1e-4)
+  gamma, bias = _np(params["scale"]), _np(params["bias"])
+
+  def ln(x):
+    return ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + cfg.ln_eps)
+            * gamma + bias)
+
+  np.testing.assert_allclose(_np(out0), ln(_np(u)), rtol=1e-4, atol=1e-4)
+  # in between, the blend is linear in beta (QSF §3.4)
+  for beta in (0.25, 0.5):
+    out = norm.apply({"params": params, "norm_stats": stats}, u, beta)
+    np.testing.assert_allclose(_np(out), (1 - beta) * ln(_np(u)) + beta * _np(out1),
+                               rtol=1e-5, atol=1e-5)
+  # the epsilon counts where a token's variance is small (std 1e-3: var 1e-6 < eps)
+  quiet = u * 4e-4
+  np.testing.assert_allclose(_np(norm.apply({"params": params, "norm_stats": stats}, quiet,
+                                            0.0)), ln(_np(quiet)), rtol=1e-5, atol=1e-5)
+  # before any update (count 0) s_bar is 1: LS is gamma u + b
+  fresh = norm.apply({"params": params, "norm_stats": variables["norm_stats"]}, u, 1.0)
+  np.testing.assert_allclose(_np(fresh), gamma * _np(u) + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_norm_stats_average_over_the_loss_positions():
@@ -224,15 +246,20 @@ def test_norm_stats_average_over_the_loss_positions():
   mask = np.concatenate([np.ones((2, 6)), np.zeros((2, 10))], axis=1).astype(np.float32)
   emas = {}
   # The forward passes jitted (eager flax compiles every primitive for each shape).
-  for positions in ("loss", "all"):
-    cfg = get_config("koopman_attn", "tiny", ls_stats_positions=positions)
+  # stage3_keep_ffn keeps the FFN and its annealed norm2, whose statistics need the
+  # mask as well.
+  for positions, keep_ffn in (("loss", False), ("all", False), ("loss", True)):
+    cfg = get_config("koopman_attn", "tiny", ls_stats_positions=positions,
+                     stage3_keep_ffn=keep_ffn)
     model = build_model(cfg)
     variables = jax.jit(model.init)(jax.random.key(1), jnp.asarray(padded))
     stats = jax.jit(lambda x, m, model=model, variables=variables: model.apply(
         variables, x, update_stats=True, stats_mask=m, mutable=["norm_stats"])[1]["norm_stats"])
     a, b = stats(jnp.asarray(real), np.ones((2, 6), np.float32)), stats(jnp.asarray(padded), mask)
     emas[positions] = (a, b)
-    for path in (("layers", "norm1"), ("final_norm",)):
+    paths = [("layers", "norm1"), ("final_norm",)] + [("layers", "norm2")] * keep_ffn
+    assert ("norm2" in a["layers"]) == keep_ffn
+    for path in paths:
       ea, eb = a, b
       for key in path:
         ea, eb = ea[key], eb[key]
