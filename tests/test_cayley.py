@@ -47,6 +47,13 @@ def test_hermitian_from_real_float32_gives_complex64():
   assert H.dtype == jnp.complex64
 
 
+def test_skew_from_real_is_s_minus_its_transpose():
+  """Wave-function spec §1.3: A = S - S^T (no factor 1/2), for stacks too."""
+  S = np.asarray(_rand_real(5, (2, 4, 4)), np.float64)
+  np.testing.assert_allclose(np.asarray(hm.skew_from_real(S), np.float64),
+                             S - np.swapaxes(S, -1, -2), rtol=1e-6, atol=1e-6)
+
+
 def test_skew_and_random_hermitian(x64):
   A = hm.skew_from_real(_rand_real(2, (3, 6, 6)))
   assert _inf_norm(A + np.swapaxes(A, -1, -2)) == 0.0

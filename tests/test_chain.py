@@ -136,6 +136,21 @@ def test_chain_filter_matches_numpy_kalman_chain(x64, form):
     np.testing.assert_allclose(out.precision[n], np.linalg.inv(P), rtol=1e-9)
 
 
+def test_chain_filter_shares_one_generator_like_a_per_token_stack(x64):
+  """One (d, d) generator for every token gives the chain of the stacked generators, in
+  both chain modes; A is non-normal, so a transposed A would change its covariance."""
+  s = _seq(7)
+  A = s["A"][0]
+  assert np.abs(A @ A.T - A.T @ A).max() > 0.1
+  kw = dict(dt=0.7, sigma_m=0.7, sigma_K=1.2, P0=np.diag([0.3, 0.1, 0.5]))
+  for mode in ("paper", "kalman_bucy"):
+    shared = chain_filter_full(s["x0"], A, s["b"], s["y"], s["M"], mode=mode, **kw)
+    tiled = chain_filter_full(s["x0"], np.broadcast_to(A, (N, D, D)), s["b"], s["y"], s["M"],
+                              mode=mode, **kw)
+    np.testing.assert_allclose(shared.mean, tiled.mean, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(shared.covariance, tiled.covariance, rtol=1e-12, atol=1e-13)
+
+
 def test_chain_filter_without_measurement_is_free_chain(x64):
   s = _seq(6)
   dt, sK = 0.5, 0.8

@@ -111,6 +111,16 @@ def test_koopman_mean_squarings_follow_the_one_norm(x64):
   np.testing.assert_allclose(got, ref, rtol=np.abs(A).sum(0).max() * np.finfo(np.float64).eps)
 
 
+def test_koopman_mean_between_the_squaring_switches(x64):
+  """From |A dt|_1 ~ 3.5e5, 16 squarings overflow; above the 1e5 switch expm takes 32.
+  Between 3.5e5 and 1e6 the mean is still the fixed point -A^{-1} b."""
+  A, b = np.array([[-1.0, 0.5], [0.0, -2.0]]), np.array([1.0, -0.5])
+  for dt in (2e5, 3.2e5):
+    assert 3.5e5 < np.abs(A * dt).sum(0).max() < 1e6
+    np.testing.assert_allclose(np.asarray(koopman_mean(A, b, np.ones(2), dt)),
+                               -np.linalg.solve(A, b), rtol=1e-9)
+
+
 def test_long_intervals_under_transformations(x64):
   """Traced inputs (jit, vmap, grad) get 32 squarings, enough for |A dt|_1 up to
   ~2e10 (16 gave NaN from ~3.5e5 where the eager call was finite), and stacked

@@ -108,6 +108,23 @@ def test_generic_k_matches_the_eigenvector_formula():
   assert len(p.groups) == 40 and p.max_spread == 0.0
 
 
+def test_grouping_is_relative_to_the_size_of_k():
+  """Eigenvalues are grouped within cluster_rtol ||K||_2, so scaling K keeps the groups
+  and scales G_eff; the |lambda| spread of a group is relative to max(1, rho)."""
+  K, h = np.diag([1.0, 1.0 + 1e-9, 0.3]), np.array([1.0, 0.0, 1.0])
+  for c in (1e-6, 1.0, 1e6):
+    assert spectral_projectors(c * K).groups == ((0, 1), (2,)), c
+    np.testing.assert_allclose(effective_gain(c * K, h) / c, 0.65, rtol=1e-8)
+  K = np.diag([100.0, 100.005, 1.0])
+  proj = spectral_projectors(K, cluster_rtol=1e-4)
+  assert proj.groups == ((0, 1), (2,))
+  np.testing.assert_allclose(proj.max_spread, 0.005 / 100.005, rtol=1e-6)
+  np.testing.assert_allclose(effective_gain(K, np.ones(3), cluster_rtol=1e-4),
+                             (100.0 + 100.005 + 1.0) / 3, rtol=1e-12)
+  # cluster_rtol = 0: exactly equal eigenvalues still form one group
+  assert spectral_projectors(np.diag([2.0, 2.0, 0.5]), cluster_rtol=0.0).groups == ((0, 1), (2,))
+
+
 def test_inseparable_modes_are_refused():
   # eigenvalues 1 and 1.01 with nearly parallel eigenvectors: projector norm
   # ~1e10, so the two are merged and their |lambda| differ by 1e-2.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
+from qsf_jax.physics.layer import layer_generator
 from qsf_jax.physics.projectors import effective_gain
 from qsf_jax.physics.spectral import (commutator_norm, hamiltonian_koopman, koopman_generator,
                                       spectral_analysis)
@@ -262,6 +263,32 @@ def test_generator_flags_negative_real_eigenvalues():
   assert info_j["logm_rel_error"] < 1e-6
   rec = spectral_analysis([K_j], commutator=True)["layers"][0]["generator"]
   assert rec["logm_real"] is False
+
+
+def test_generator_tests_are_relative_to_the_spectral_radius():
+  """koopman_generator and layer_generator decide "real logarithm" relative to rho(K):
+  the same K scaled by 1e-10 or 1e10 gets the same answer."""
+  K = np.array([[1.0, 0.2], [0.0, 0.5]])
+  for c in (1e-10, 1.0, 1e10):
+    A, info = koopman_generator(c * K)
+    assert info["logm_real"] and not np.iscomplexobj(A), c
+    A2, variant = layer_generator(c * K)
+    assert variant == "continuous", c
+    np.testing.assert_allclose(A2, sl.logm(c * K).real, rtol=1e-10, atol=1e-12)
+
+
+def test_slogdet_check_holds_for_non_normal_layers_at_small_dt():
+  """The slogdet cross-check of Gamma_net scales its tolerance with sum |gamma|, which
+  is large at small dt: non-normal K at dt = 1e-6 are consistent (their absolute
+  differences, up to 6e-6, are round-off of rates ~1e5)."""
+  rng = np.random.default_rng(1)
+  K = []
+  for _ in range(5):  # Schur forms with large off-diagonal parts, rotated
+    T = np.triu(rng.normal(size=(8, 8)) * 3, 1) + np.diag(rng.uniform(0.5, 1.5, 8))
+    Q = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    K.append(Q @ T @ Q.T)
+  rep = spectral_analysis(K, dt=1e-6)
+  assert rep["slogdet_consistent"] and all(l["slogdet_consistent"] for l in rep["layers"])
 
 
 def test_effective_gain():

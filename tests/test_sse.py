@@ -171,6 +171,19 @@ def test_shapes_determinism_and_jit():
 
 
 @pytest.mark.slow
+def test_increments_draw_independent_channels():
+  """dW (the measurement channel) and dW_K (the Koopman noise) come from split keys:
+  uncorrelated, each N(0, dt)."""
+  n, dt = 4000, 0.25
+  for d in (1, 2):
+    dW, dWK = (np.asarray(x, np.float64) for x in sse_increments(jax.random.PRNGKey(0), n, d, dt))
+    for col in dWK.T:
+      assert abs(np.corrcoef(dW, col)[0, 1]) < 4 / np.sqrt(n), d
+      assert abs(np.var(col) / dt - 1) < 0.1
+    assert abs(np.var(dW) / dt - 1) < 0.1
+  assert abs(np.corrcoef(dWK[:, 0], dWK[:, 1])[0, 1]) < 4 / np.sqrt(n)
+
+
 def test_koopman_noise_matches_van_loan_covariance(x64):
   """QSF §6.8 item 7: sigma = inf, sigma_K = 1 gives the Van Loan Sigma_K within MC error."""
   A, b = _model(4, scale=0.4)
