@@ -240,7 +240,7 @@ def test_entries_follow_the_umask(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["empty_bin", "odd_bin", "no_offsets", "pickled_offsets",
-                                    "unsorted_offsets", "no_meta", "bad_meta"])
+                                    "unsorted_offsets", "empty_story", "no_meta", "bad_meta"])
 def test_a_damaged_entry_is_rebuilt(tmp_path, damage):
   data = write_txt(tmp_path / "stories.txt", STORIES)
   cache = tmp_path / "cache"
@@ -260,6 +260,8 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, damage):
     offsets = want[1].copy()
     offsets[[1, 2]] = offsets[[2, 1]]
     np.save(entry / "train_offsets.npy", offsets)
+  elif damage == "empty_story":  # every story has its EOT at least
+    np.save(entry / "train_offsets.npy", np.insert(want[1], 2, want[1][1]))
   elif damage == "no_meta":
     (entry / "meta.json").unlink()
   else:

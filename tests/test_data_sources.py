@@ -141,6 +141,11 @@ def test_test_and_eval_files_are_never_training_data(tmp_path):
   write_jsonl(tmp_path / "test" / "part0.jsonl", ["x1"])
   src = local_source(tmp_path, valid_fraction=0.34)
   assert sorted(list(src.train()) + list(src.valid())) == ["s1", "s2", "s3"]
+  # the held-out count rounds (30 x 0.05 = 1.5 -> 2), evenly spaced picks
+  many = tmp_path / "many"
+  many.mkdir()
+  write_txt(many / "stories.txt", [f"story {i}" for i in range(30)])
+  assert list(local_source(many, valid_fraction=0.05).valid()) == ["story 14", "story 29"]
   assert "ignored 2 file(s): eval.txt, test/part0.jsonl" in src.description
   # numbered and compound names are the same words: val1, train2, testset, training
   numbered = tmp_path / "numbered"

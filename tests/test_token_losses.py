@@ -35,6 +35,11 @@ def test_training_tokens_are_the_ids_of_the_training_rows(blocks, monkeypatch):
   # story mode, T = 2: rows hold the first 3 tokens of each story
   assert np.flatnonzero(tlm.training_tokens(train, seq_len=2, mode="story", vocab_size=V)
                         ).tolist() == [1, 2, 3, 7, 8, 9, 10, 11, EOT]
+  # a story shorter than a row keeps all its tokens, and the next row starts at the next
+  # story's first token
+  short = _split([[1, 2, 3, 4, 5, 6], [7], [9, 10, 11, 12]])
+  assert np.flatnonzero(tlm.training_tokens(short, seq_len=2, mode="story", vocab_size=V)
+                        ).tolist() == [1, 2, 3, 7, 9, 10, 11, EOT]
   # packed mode: the whole stream
   assert np.flatnonzero(tlm.training_tokens(train, seq_len=2, mode="packed", vocab_size=V)
                         ).tolist() == list(range(1, 13)) + [EOT]
@@ -91,6 +96,19 @@ def test_per_token_losses_match_an_independent_log_softmax(tiny_model):
       model, params, coll, valid, batch_size=B, seq_len=T, max_batches=2)["tokens"]
   with pytest.raises(ValueError, match="seen must be a bool"):
     tlm.token_losses(model, params, coll, valid, batch_size=B, seq_len=T, seen=seen[None])
+
+
+def test_unseen_inputs_count_only_real_positions(monkeypatch):
+  """Padding and the EOT that ends a row are no inputs: with every training story longer
+  than a row, EOT is never a training input, and still only the real inputs count."""
+  monkeypatch.setattr(tlm, "_batch_xent", lambda p, c, x, y, b, model: np.zeros(x.shape))
+  seen = tlm.training_tokens(_split([[1, 2, 3, 4, 5]]), seq_len=2, mode="story", vocab_size=V)
+  assert np.flatnonzero(seen).tolist() == [1, 2, 3]  # no EOT
+  tl = tlm.token_losses(None, None, {}, _split([[1, 2], [3, 4, 5]]), batch_size=3, seq_len=4,
+                        seen=seen)
+  # rows: inputs 1 2 | 3 4 5 (the EOTs are targets only; the rest is padding)
+  assert (tl.unseen_input_count, tl.unseen_input_types) == (2, 2)
+  assert tl.unseen_so_far.tolist() == [False, False, False, True, True]
 
 
 def test_validation_totals_are_exact_past_float32_integers(monkeypatch):

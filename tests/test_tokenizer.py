@@ -63,6 +63,9 @@ def test_literal_endoftext_is_plain_text(r50k_file):
     ids = tok.encode("a<|endoftext|>b")
     assert tok.eot_id not in ids
     assert tok.decode(ids) == "a<|endoftext|>b"
+    # the batch path, which tokenizes corpora, reads it as text too
+    assert tok.encode_batch(["a <|endoftext|> b", "c"]) == [tok.encode("a <|endoftext|> b"),
+                                                           tok.encode("c")]
 
 
 def test_wrong_hash_is_rejected(r50k_file, tmp_path):

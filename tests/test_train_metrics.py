@@ -136,6 +136,9 @@ def test_resumed_writer_drops_the_records_past_the_checkpoint(tmp_path):
       (3, "train/loss", 0.5)]
   path.write_text(lines[0] + "\n" + '{"step": 2, "ki')  # a torn last line
   assert drop_records_after(path, 5) == 1 and path.read_text() == lines[0] + "\n"
+  path.write_text(lines[0] + "\n" + lines[2])  # a whole last record without its newline
+  assert drop_records_after(path, 5) == 0 and path.read_text() == (
+      lines[0] + "\n" + lines[2] + "\n")
   assert drop_records_after(tmp_path / "absent.jsonl", 0) == 0
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tb"]  # no temp file
 
@@ -159,4 +162,5 @@ def test_progress_line_and_durations():
   m._t_time -= 2.0  # pretend 2 s elapsed for 10 steps: 5 steps/s, 5000 tok/s
   tps, eta = m.rates(11)
   assert tps == pytest.approx(5000, rel=0.05) and eta == pytest.approx(89 / 5, rel=0.05)
+  assert eta * tps / 1000 == pytest.approx(89, rel=1e-9)  # steps left, at the same rate
   assert "5.0k tok/s" in m.line(11, 1.0, 1e-4)
