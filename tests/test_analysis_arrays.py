@@ -84,6 +84,11 @@ def test_verdict_balance_tolerance_scales_with_the_eigenvalue_count():
     assert res["verdict"].startswith("balanced") == balanced
 
 
+def test_unit_circle_check_takes_the_largest_log_modulus():
+  check = spectrum.unit_circle_check(np.diag([0.5, 1.0])[None])
+  assert check["max_abs_log_abs"] == pytest.approx(np.log(2.0), rel=1e-12)
+
+
 def test_spectrum_bad_inputs():
   with pytest.raises(ValueError, match="real"):
     spectrum.spectrum_summary(np.eye(3)[None] * (1 + 1j))
@@ -140,6 +145,15 @@ def test_top_mode_group_pairs_conjugates():
   assert modes.top_mode_group(np.array([0.1, -4.0, 2.0])) == (1,)
 
 
+def test_mode_basis_reports_the_largest_projector_norm():
+  K = np.array([[0.9, 5.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.2]])  # non-normal
+  lam, W, V = sl.eig(K, left=True, right=True)
+  norms = [np.linalg.norm(np.outer(V[:, k], W[:, k].conj()) / (W[:, k].conj() @ V[:, k]), 2)
+           for k in range(3)]
+  assert modes.mode_basis(K).proj_norm == pytest.approx(max(norms), rel=1e-8)
+  assert max(norms) > 10
+
+
 def test_mode_basis_bad_inputs():
   with pytest.raises(ValueError, match="square"):
     modes.mode_basis(np.zeros((3, 4)))
@@ -190,6 +204,10 @@ def test_token_occupancy_summary():
   assert s["categories"]["end of text"]["mean_occupancy"] is None
   # G_eff over the 9 kept tokens: mean of 0..8, max 8 (the dropped token's 9 is not counted)
   assert s["g_eff_mean"] == pytest.approx(4.0) and s["g_eff_max"] == 8.0
+  # ranked by mean occupancy, not by its sum over many occurrences
+  acc = modes.TokenOccupancy(vocab_size=5)
+  acc.update(np.array([1] * 20 + [2] * 3), np.array([0.2] * 20 + [0.9] * 3), np.ones(23))
+  assert [r["id"] for r in acc.summary(lambda i: f"t{i[0]}", 0)["top_tokens"]][:2] == [2, 1]
 
 
 def test_valid_inputs_and_rms_statistics():
@@ -247,6 +265,30 @@ def test_propagate_sentence_matches_propagate_layer(x64, negative):
     assert not np.allclose(prop["paper"], prop["exact"])
 
 
+def test_propagate_sentence_closed_forms_at_other_sigmas(x64):
+  """The discrete variant's mean at sigma_m = 2, sigma_K = 0.5 (QSF eq. 57):
+  Lambda^{-1}(prior / sigma_K^2 + W^T x_tgt / sigma_m^2), Lambda = I / sigma_K^2 +
+  W^T W / sigma_m^2; and shift_ratio is |paper - prior| / |exact - prior| per token."""
+  rng = np.random.default_rng(0)
+  d, sm, sK = 3, 2.0, 0.5
+  b, W = rng.normal(size=d), rng.normal(size=(d, d))
+  X0, XT = rng.normal(size=(2, d)), rng.normal(size=(2, d))
+  K = np.diag([-0.5, 0.8, 0.9])  # an eigenvalue on (-inf, 0]: the discrete variant
+  out = propagation.propagate_sentence(K, b, W, X0, XT, sigma_m=sm, sigma_K=sK)
+  assert out["variant"] == "discrete"
+  prior = X0 @ K.T + b
+  lam = np.eye(d) / sK**2 + W.T @ W / sm**2
+  want = np.linalg.solve(lam, (prior / sK**2 + XT @ W / sm**2).T).T
+  np.testing.assert_allclose(out["paper"], want, atol=1e-10)
+  out = propagation.propagate_sentence(np.array([[0.9, 0.1, 0.0], [0.0, 0.8, 0.0],
+                                                 [0.0, 0.0, 0.7]]), b, W, X0, XT)
+  assert out["variant"] == "continuous"
+  np.testing.assert_allclose(out["shift_ratio"],
+                             np.linalg.norm(out["paper"] - out["prior"], axis=1)
+                             / np.linalg.norm(out["exact"] - out["prior"], axis=1), rtol=1e-12)
+  assert not np.allclose(out["shift_ratio"], 1.0)
+
+
 def test_exact_subset():
   np.testing.assert_array_equal(propagation.exact_subset(5, None), np.arange(5))
   np.testing.assert_array_equal(propagation.exact_subset(5, 9), np.arange(5))
@@ -299,6 +341,13 @@ def test_state_target_and_sse_ensemble(x64):
   d0 = np.linalg.norm(X0[0] - x_star) / scale
   np.testing.assert_allclose(sse["dist"][:, 0], d0, rtol=1e-12)
   assert sse["free_dist"][0] == pytest.approx(d0, rel=1e-12)
+  # with a bias as large as the state: b is rescaled with x0 (b_c / ||x0||)
+  rng = np.random.default_rng(1)
+  K3, b3 = np.array([[0.9, 0.2, 0.0], [-0.1, 0.8, 0.0], [0.0, 0.0, 0.7]]), np.array([1.0, -2.0, 0.5])
+  x3 = 3 * rng.normal(size=3)
+  free = propagation.sse_ensemble(jax.random.key(0), K3, b3, x3, np.zeros(3), n_paths=2,
+                                  n_steps=2000)["free_norm"][-1]
+  assert free == pytest.approx(np.linalg.norm(K3 @ x3 + b3) / np.linalg.norm(x3), rel=2e-3)
   with pytest.raises(ValueError, match="non-zero"):
     propagation.sse_ensemble(jax.random.key(0), K, b, np.zeros(6), x_star)
   # Non-finite inputs name themselves instead of giving NaN paths (or "non-zero").
@@ -438,6 +487,10 @@ def test_history_parsing(tmp_path):
   assert history.alpha_from_metrics(recs, 3) is None  # not every layer logged
   curves = history.loss_curves(recs)
   np.testing.assert_allclose(curves["train"][1], [5.0, 4.0])
+  # a resumed run logs a step again: its last record counts
+  again = recs + [{"step": 2, "kind": "train", "loss": 3.0, "alpha/0": 2.2, "alpha/1": 2.3}]
+  np.testing.assert_allclose(history.loss_curves(again)["train"][1], [5.0, 3.0])
+  np.testing.assert_allclose(history.alpha_from_metrics(again, 2)[1], [[1.0, 1.1], [2.2, 2.3]])
   np.testing.assert_allclose(curves["eval"][1], [4.5])
   got = history.alpha_history(tmp_path, 2)
   assert got["source"] == "metrics.jsonl"

@@ -165,6 +165,11 @@ def test_bounds_bad_inputs(task3):
     bounds.expected_kl(logq, 2 * task3.probs_CK, w)
   with pytest.raises(ValueError, match="must be real"):
     bounds.rms_centred_log_error(np.zeros((512, 12)) * 1j, task3.probs_CK)
+  # row and column shifts of log P are no error: both are centred away
+  rng = np.random.default_rng(0)
+  P = rng.dirichlet(np.ones(4), size=5)
+  shifted = np.log(P) + rng.normal(size=(5, 1)) + rng.normal(size=(1, 4))
+  assert bounds.rms_centred_log_error(shifted, P) < 1e-12
   with pytest.raises(ValueError, match="strictly positive"):
     bounds.log_rank(np.zeros((4, 4)))
   with pytest.raises(ValueError, match="non-negative integers"):

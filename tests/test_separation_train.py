@@ -160,6 +160,16 @@ def test_train_bad_inputs(task3):
   assert r.kl.shape[0] == 2
 
 
+def test_sweep_rows_record_kl_and_rms_in_their_places(task3):
+  """A row's "kl" is eq. 5's expected KL and its "rms_log_err" the centred log error."""
+  logq = np.log(task3.probs_CK) + 0.3 * np.random.default_rng(0).normal(size=task3.probs_CK.shape)
+  kl, rms = sweep._metrics([logq], task3)  # pylint: disable=protected-access
+  want_kl = bounds.expected_kl(logq, task3.probs_CK, task3.weights_C)
+  want_rms = bounds.rms_centred_log_error(logq, task3.probs_CK)
+  assert abs(want_kl - want_rms) > 0.01
+  np.testing.assert_allclose([kl[0], rms[0]], [want_kl, want_rms], rtol=1e-12)
+
+
 def test_default_dims_rule():
   assert sweep.default_dims(3) == (3, 6, 9, 11, 24)
   assert sweep.default_dims(4) == (4, 8, 16, 23, 48)
@@ -292,6 +302,10 @@ def test_sweep_smoke(pairwise_sweep, tmp_path):
   assert ranks["complex_r2"] == ranks["complex_r2_fixed_dynamics"] == 2
   assert ranks["complex"] == ranks["complex_fixed_dynamics"] == 1 and ranks["real"] is None
   assert results["tasks"]["2"]["rank"] == 3
+  task = results["tasks"]["2"]
+  assert task["bound_dims"][-1] == max(max(task["dims"]), task["K"]) and task["bound"][-1] < 1e-12
+  real = next(r for r in results["runs"] if r["model"] == "real")
+  assert real["rms_log_err"][0] >= task["bound"][real["dim"]] - 1e-12  # eq. 8's bound
   assert all(abs(r["kl"][0]) < 1e-10 for r in results["runs"] if r["model"].endswith("hardcoded"))
   json.dumps(results)  # serialisable
   table = sweep.summary_table(results)
