@@ -519,6 +519,15 @@ def test_report_from_synthetic_results(tmp_path):
   results["alpha"].update(step=1, at_step=[0.5, 0.7, 0.9])
   text = analysis.write_report(tmp_path, results).read_text()
   assert "Alpha at step 1 (this checkpoint): min 0.5" in text
+  # Without it, the last logged step's alpha; the unit-circle fraction in percent.
+  del results["alpha"]["step"], results["alpha"]["at_step"]
+  results["alpha"]["alpha"] = np.array([[1.0, 1.0, 1.0], [0.4, 0.6, 2.5]])
+  results["spectrum"] = dict(res, unit_circle=dict(
+      tol=0.01, neutral=18, n_eigenvalues=36, neutral_fraction=0.5, max_abs_log_abs=0.7,
+      all_on_unit_circle=False))
+  text = analysis.write_report(tmp_path, results).read_text()
+  assert "Alpha at step 2: min 0.4, max 2.5" in text and "18/36 neutral (50.00%)" in text
+  results["spectrum"] = res
   # The validation table names each layer's largest projector norm and warns above 100.
   acc = modes.TokenOccupancy(vocab_size=6)
   acc.update(np.array([0, 1, 1, 2]), np.array([0.9, 0.1, 0.2, 0.3]), np.full(4, 0.5))
@@ -531,6 +540,10 @@ def test_report_from_synthetic_results(tmp_path):
   text = analysis.write_report(tmp_path, results).read_text()
   assert "| max projector norm |" in text and "| 6e+04 |" in text and "| 12 |" in text
   assert "Layers [0] have a spectral projector of norm > 100" in text
+  radii = res["radius_per_layer"]
+  assert len(set(radii)) == n_layers  # each row shows its own layer's radius
+  for l in range(n_layers):  # (the spectrum's own table starts its rows the same way)
+    assert f"| {l} | {report._f(radii[l])} | {report._f(layer['g_eff_mean'])} | " in text
   jpath = analysis.write_json(tmp_path / "spectrum.json", results)
   back = json.loads(jpath.read_text())
   assert back["bad"] is None and back["spectrum"]["n_eigenvalues"] == 36
