@@ -244,7 +244,6 @@ def test_norm_stats_average_over_the_loss_positions():
   real = rng.integers(1, 250, size=(2, 6))
   padded = np.concatenate([real, np.zeros((2, 10), np.int64)], axis=1)
   mask = np.concatenate([np.ones((2, 6)), np.zeros((2, 10))], axis=1).astype(np.float32)
-  emas = {}
   # The forward passes jitted (eager flax compiles every primitive for each shape).
   # stage3_keep_ffn keeps the FFN and its annealed norm2, whose statistics need the
   # mask as well.
@@ -256,7 +255,6 @@ def test_norm_stats_average_over_the_loss_positions():
     stats = jax.jit(lambda x, m, model=model, variables=variables: model.apply(
         variables, x, update_stats=True, stats_mask=m, mutable=["norm_stats"])[1]["norm_stats"])
     a, b = stats(jnp.asarray(real), np.ones((2, 6), np.float32)), stats(jnp.asarray(padded), mask)
-    emas[positions] = (a, b)
     paths = [("layers", "norm1"), ("final_norm",)] + [("layers", "norm2")] * keep_ffn
     assert ("norm2" in a["layers"]) == keep_ffn
     for path in paths:

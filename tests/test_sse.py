@@ -170,7 +170,6 @@ def test_shapes_determinism_and_jit():
                              atol=1e-6)
 
 
-@pytest.mark.slow
 def test_increments_draw_independent_channels():
   """dW (the measurement channel) and dW_K (the Koopman noise) come from split keys:
   uncorrelated, each N(0, dt)."""
@@ -184,6 +183,7 @@ def test_increments_draw_independent_channels():
   assert abs(np.corrcoef(dWK[:, 0], dWK[:, 1])[0, 1]) < 4 / np.sqrt(n)
 
 
+@pytest.mark.slow
 def test_koopman_noise_matches_van_loan_covariance(x64):
   """QSF §6.8 item 7: sigma = inf, sigma_K = 1 gives the Van Loan Sigma_K within MC error."""
   A, b = _model(4, scale=0.4)
