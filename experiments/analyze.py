@@ -45,7 +45,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   i("sse_paths", 32, "SSE ensemble size.", flag_values=fv)
   i("sse_steps", 0, "SSE Euler-Maruyama steps per token interval (0: as many as a stable "
     "explicit step needs, 200 to 5000).", flag_values=fv)
-  i("seed", 0, "SSE noise seed.", flag_values=fv)
+  i("seed", 0, "SSE noise seed, in [0, 2^32).", flag_values=fv)
   s("tokenizer_file", None, "Local r50k_base.tiktoken for gpt2 runs.", flag_values=fv)
   s("cache_dir", None, "Token-cache folder (default: the run's).", flag_values=fv)
   flags.DEFINE_bool("commutator", False, "Also report logm K, its (H, D) split and "

@@ -335,3 +335,16 @@ def test_evaluate_at_another_anneal_weight(stage3):
                     (dict(max_batches=1, batch_size=2.5), "batch_size must be an int >= 1")):
     with pytest.raises(ValueError, match=match):
       evaluate_workdir(stage3, **kw)
+
+
+def test_bad_seed_is_refused_before_the_restore(tmp_path, capsys):
+  """jax.random.key wraps 2^32 to seed 0's noise and takes -1: refused, as train and sample do."""
+  missing = tmp_path / "does_not_exist"  # the seed is checked before the checkpoint is looked for
+  for seed, message in ((-1, "seed must be >= 0, got -1"),
+                        (1 << 32, "seed must be < 2^32 = 4294967296 (the SSE noise key holds "
+                                  "32 bits), got 4294967296")):
+    assert analyze_cli.run(["analyze", f"--workdir={missing}", f"--seed={seed}"]) == 1
+    assert message in _error_line(capsys)
+  for bad in (-1, 1.0, True):
+    with pytest.raises(ValueError, match="seed must be"):
+      analyze_workdir(missing, seed=bad)

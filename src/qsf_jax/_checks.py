@@ -336,6 +336,19 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
   return int(value)
 
 
+def check_seed(name: str, value, key: str = "PRNG key") -> int:
+  """Returns a seed as a Python int; ``ValueError`` unless it is an int in [0, 2^32).
+
+  ``jax.random.PRNGKey``/``key`` keep 32 bits of a seed: 2^32 would give seed
+  0's numbers, and a negative seed wraps too. ``key`` names the key in the error.
+  """
+  value = check_int(name, value, 0)
+  if value >= 1 << 32:
+    raise ValueError(f"{name} must be < 2^32 = {1 << 32} (the {key} holds 32 bits), "
+                     f"got {value}")
+  return value
+
+
 def check_unit_interval(name: str, value) -> None:
   """Raises ``ValueError`` unless a concrete ``value`` is a real scalar in [0, 1] (tracers pass)."""
   check_scalar(name, value)

@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from qsf_jax import _checks
 from qsf_jax import data as qdata
 from qsf_jax.analysis import history, modes, propagation, report, spectrum, validation
 from qsf_jax.analysis import plots_dynamics as pdyn
@@ -150,7 +151,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
     sse_paths: SSE ensemble size.
     sse_steps: SSE Euler-Maruyama steps per token interval (None: enough for a
       stable explicit step, ``propagation.stable_sse_steps``).
-    seed: SSE noise seed.
+    seed: SSE noise seed, in [0, 2^32).
     tokenizer_file: local GPT-2 vocabulary (default: the run's).
     cache_dir: token-cache folder (default: the run's).
     commutator: also report logm K, its (H, D) split and ||[H, D]|| per layer.
@@ -168,6 +169,7 @@ def analyze_workdir(workdir, *, out=None, data: str | None = None, step: int | N
     ValueError: a non-Koopman stage, or bad arguments.
   """
   log = log or (lambda *_: None)
+  seed = _checks.check_seed("seed", seed, "SSE noise key")  # before the restore
   t0 = time.perf_counter()
   timings = {}
   stage = checkpoint_stage(workdir, step)

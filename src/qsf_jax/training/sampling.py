@@ -175,10 +175,7 @@ def sample_text(model, params, collections, tokenizer, prompt: str, *, max_new_t
   except UnicodeEncodeError as e:
     raise ValueError(f"the prompt is not valid UTF-8 text ({e.object[e.start:e.end]!r} at "
                      f"character {e.start}; undecodable bytes on a command line?)") from None
-  seed = _checks.check_int("seed", seed, 0)
-  if seed >= 1 << 32:
-    raise ValueError(f"seed must be < 2^32 = {1 << 32} (the sampling key holds 32 bits), "
-                     f"got {seed}")
+  seed = _checks.check_seed("seed", seed, "sampling key")
   ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
   new = generate(model, params, collections, jnp.asarray(ids, jnp.int32),
                  max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed),
