@@ -42,7 +42,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                     "{N, 2N, N^2, K-1, 2K} with K = 2N(N-1) for each N (pairwise), "
                     "{N, 2N, D*-1, D*, 2D*} (born_logit)", flag_values=fv)
   flags.DEFINE_integer("steps", 4000, "Adam steps per model", flag_values=fv)
-  flags.DEFINE_integer("seeds", 3, "seeds per model (0 .. seeds-1)", flag_values=fv)
+  flags.DEFINE_integer("seeds", 3, "seeds per model (0 .. seeds-1); a seed's result agrees "
+                       "to rounding across --seeds >= 2, not with --seeds=1 (another float32 "
+                       "program)", flag_values=fv)
   flags.DEFINE_float("lr", 0.02, "peak learning rate (cosine decay to 1% of it)",
                      flag_values=fv)
   flags.DEFINE_float("eta", 0.1, "target unsharpness, in (0, 1) (pairwise task)",

@@ -150,6 +150,12 @@ def make_optimizer(tcfg: TrainConfig, params: dict) -> optax.GradientTransformat
 def init_params_for_seeds(cfg: ModelConfig, seeds, dtype=jnp.float32) -> dict:
   """``models.init_params`` from ``jax.random.key(s)`` for each seed, stacked (S, ...).
 
+  The key depends on the seed only, so seed s of different rows (model kinds,
+  dims, ranks) shares its random numbers: a longer draw begins with a shorter
+  one (e.g. the complex model's first matrix at dim 3 is, up to its scale, the
+  start of the real model's at dim 6). Rows are paired seed by seed, which suits
+  comparing them; their successes are not independent samples across rows.
+
   Args:
     cfg: the model configuration.
     seeds: integer seeds.
@@ -193,6 +199,13 @@ def train(task: SeparationTask, cfg: ModelConfig, seeds, tcfg: TrainConfig,
 
   Returns:
     A ``TrainResult``.
+
+  A seed's run agrees to rounding whichever other seeds train beside it (2 to
+  16 seeds: logged KL within 2.4e-7), except alone: one seed compiles to another
+  float32 program, and training amplifies that rounding (complex N=3, dim 3,
+  seed 1: KL 9.3e-6 apart after 40 steps; seed 0 after 1000 steps: 0.0817
+  alone, 0.0588 beside seed 1). To reproduce one seed of a sweep, train it
+  beside at least one other seed.
   """
   seeds = tuple(int(s) for s in seeds)
   if not seeds:
