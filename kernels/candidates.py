@@ -25,6 +25,7 @@ class Candidate(NamedTuple):
   backward: str = "fused"  # "fused" or "chunked", see ``pallas_bwd_chunked``
   forward: str = "fused"  # "fused" or "chunked", see ``pallas_fwd_chunked``
   split_sweeps: bool = False  # the backward's two sweeps in separate programs
+  decay_grad: str = "difference"  # the backward's dG form, see ``pallas_linear_attention``
 
   def kwargs(self) -> dict:
     """The keyword arguments of ``pallas_linear_attention`` for this candidate."""
@@ -39,7 +40,8 @@ _SWEPT = ((64, "bv64_w4_s2"), (64, "bv64_w4_s2_seg4"), (64, "bv64_w4_s2_seg16"),
           (128, "bv64_w8_s2"), (64, "bv64_w8_s3_chunkbwd"), (64, "bv128_w8_s3_chunkbwd"),
           (128, "bv64_w8_s2_chunkbwd"), (64, "bv64_w4_s3_chunkfwd"),
           (128, "bv64_w8_s2_chunkfwd"), (64, "bv64_w4_s2_split"),
-          (64, "bv64_w8_s3_chunkbwd_split"))
+          (64, "bv64_w8_s3_chunkbwd_split"), (64, "bv64_w4_s2_pairs"),
+          (64, "bv64_w8_s3_chunkbwd_pairs"))
 PALLAS_CONFIGS = {f"c{c}_{name}": Candidate(c, *PALLAS_DESIGNS[name]) for c, name in _SWEPT}
 DEFAULT_CONFIG = f"c64_{DEFAULT_DESIGN}"  # what pallas_linear_attention runs by default
 # "logsigmoid": g = logsigmoid(N(0, 1)) (the spec's benchmark); "none": log_decay=None

@@ -203,6 +203,28 @@ def _decay_mask(b_C, C, transpose=False):
   return _exp(jnp.where(keep_CC, diff_CC, -jnp.inf))
 
 
+def _off_diagonal(x_CC, C):
+  """(x with its diagonal set to 0, the diagonal (C,)) for a float32 (C, C) tile.
+
+  The decay gradient dG_t = q_t.dq_t - k_t.dk_t sums pairs (i, j), i >= j: each
+  off-diagonal pair decays by exp(b_i - b_j) and enters q_i.dq_i and k_j.dk_j
+  with opposite signs, so that the reverse cumsum of dG keeps, for each step r,
+  the pairs with j < r <= i (the ones step r decays). A diagonal pair (t, t)
+  decays by exp(0) = 1 and enters both q_t.dq_t and k_t.dk_t as
+  (q_t.k_t)(do_t.v_t), of the size of the output: accumulated into dq and dk
+  first, it cancels in dG only to their rounding, which in a strongly decaying
+  head (dG about e^g) dominates dg (kernels spec §1.3). With
+  ``decay_grad="pairs"`` the backward kernels therefore form dq and dk from the
+  off-diagonal part of dA, take q.dq and k.dk (the pairs with i > j only), and
+  add the diagonal, dq_t += dA_tt k_t and dk_t += dA_tt q_t, afterwards;
+  dA_tt = do_t.v_t is the same in dA and dA^T.
+  """
+  row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  col_CC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  eye_CC = row_CC == col_CC
+  return jnp.where(eye_CC, 0.0, x_CC), jnp.sum(jnp.where(eye_CC, x_CC, 0.0), axis=1)
+
+
 def _masked(x_CC, M_CC):
   """x ⊙ M for a float M; a select for the boolean causal mask (no decay)."""
   return jnp.where(M_CC, x_CC, 0.0) if M_CC.dtype == jnp.bool_ else x_CC * M_CC

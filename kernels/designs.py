@@ -28,6 +28,7 @@ class PallasDesign(NamedTuple):
     backward: "fused" or "chunked" (``pallas_bwd_chunked``).
     forward: "fused" or "chunked" (``pallas_fwd_chunked``).
     split_sweeps: the backward's two sweeps in separate programs.
+    decay_grad: "difference" or "pairs", the backward's form of dG.
   """
   fwd: KernelConfig = DEFAULT_FWD
   bwd: KernelConfig = DEFAULT_BWD
@@ -35,11 +36,13 @@ class PallasDesign(NamedTuple):
   backward: str = "fused"
   forward: str = "fused"
   split_sweeps: bool = False
+  decay_grad: str = "difference"
 
   def kwargs(self) -> dict:
     """The keyword arguments of ``pallas_linear_attention`` for this design."""
     return dict(fwd_config=self.fwd, bwd_config=self.bwd, num_segments=self.num_segments,
-                backward=self.backward, forward=self.forward, split_sweeps=self.split_sweeps)
+                backward=self.backward, forward=self.forward, split_sweeps=self.split_sweeps,
+                decay_grad=self.decay_grad)
 
 
 _W8 = KernelConfig(block_v=64, num_warps=8, num_stages=2)
@@ -75,6 +78,12 @@ PALLAS_DESIGNS = {
     # default backward.
     "bv64_w4_s3_chunkfwd": PallasDesign(_W4S3, DEFAULT_BWD, forward="chunked"),
     "bv64_w8_s2_chunkfwd": PallasDesign(_W8, _W8, forward="chunked"),
+    # The default with dG formed without the diagonal pairs (``decay_grad="pairs"``):
+    # float32 accuracy for the dg of strongly decaying heads, for 16-26% more
+    # backward instructions (ptxas); not yet timed on a GPU.
+    "bv64_w4_s2_pairs": PallasDesign(decay_grad="pairs"),
+    "bv64_w8_s3_chunkbwd_pairs": PallasDesign(DEFAULT_FWD, _W8S3, backward="chunked",
+                                              decay_grad="pairs"),
 }
 DEFAULT_DESIGN = "bv64_w4_s2"  # what pallas_linear_attention runs by default
 

@@ -55,8 +55,8 @@ def _grad_fn(fn):
 
 
 def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_config=None,
-               num_segments=1, backward="fused", forward="fused", split_sweeps=False, seed=0,
-               interpret=False, compile_workers=1):
+               num_segments=1, backward="fused", forward="fused", split_sweeps=False,
+               decay_grad="difference", seed=0, interpret=False, compile_workers=1):
   """Compares Pallas with the float32 "xla" impl for one case.
 
   Args:
@@ -71,6 +71,7 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
     backward: the backward design, "fused" or "chunked".
     forward: the forward design, "fused" or "chunked".
     split_sweeps: the backward's two sweeps in separate programs.
+    decay_grad: the backward's dG form, "difference" or "pairs".
     seed: integer seed.
     interpret: run the kernels in interpret mode (for a CPU smoke test).
     compile_workers: > 1 compiles the case's four functions (Pallas and
@@ -89,7 +90,7 @@ def check_case(B, T, H, Dk, Dv, dtype, gate, *, chunk=64, fwd_config=None, bwd_c
   do = jnp.asarray(rng.standard_normal((B, T, H, Dv)).astype(np.float32))
   dS = jnp.asarray(rng.standard_normal((B, H, Dk, Dv)).astype(np.float32))
   kw = dict(interpret=interpret, num_segments=num_segments, backward=backward, forward=forward,
-            split_sweeps=split_sweeps)
+            split_sweeps=split_sweeps, decay_grad=decay_grad)
   kw.update({n: c for n, c in (("fwd_config", fwd_config), ("bwd_config", bwd_config)) if c})
   pallas = lambda *a: pallas_linear_attention(*a, chunk_size=chunk, return_final_state=True,
                                               **kw)

@@ -45,18 +45,28 @@ times the output scale). "reference" and "scan" use g as given.
 ``segsum``), and autodiff then gives each dg_r as a sum over the pairs that
 step r decays. "pallas" forms the exponents as differences of chunk-local
 cumsums, b_i - b_j, and dg, as in FLA, from q_t . dq_t - k_t . dk_t and a
-reverse cumsum (kernels spec §1.3). That costs it accuracy in two places:
+reverse cumsum (kernels spec §1.3). That costs it accuracy in three places:
 - the exponents of a chunk carry an absolute rounding error of about
   eps * |sum of g over the chunk so far|, so several floor-sized resets followed
   by weak decay in one chunk cost accuracy (float32, a 64-step chunk whose first
   8 or 32 steps are g = -30 and the rest g = -0.01: relative RMS error in o of
   1.3e-5 and 3.0e-5 for "pallas" in interpret mode, 1.2e-7 for "xla");
-- in a strongly decaying head, terms of the size of the output cancel down to a
-  decay gradient of size about e^{g}, so its relative error grows with the
-  head's decay (float32, T=256, Dk=16, chunk 64, a constant g per head; relative
-  RMS error of that head's dg: g = -2, -5, -8 give 2.9e-6, 1.7e-4, 3.5e-3 for
-  "pallas" in interpret mode, against 1.1e-7 to 1.5e-7 for "xla", "scan" and
-  "reference"; a weakly decaying head, g = -0.1, stays below 6e-7 in every impl).
+- the undecayed diagonal pairs (t, t) enter q_t . dq_t and k_t . dk_t at the
+  size of the output and cancel only to rounding, so in a strongly decaying
+  head (dg about e^{g} of the other gradients) that rounding dominates dg.
+  ``pallas_linear_attention(..., decay_grad="pairs")`` (designs
+  "bv64_w4_s2_pairs", "bv64_w8_s3_chunkbwd_pairs") leaves them out of both
+  dot products and adds them to dq and dk afterwards;
+- with a final-state cotangent, <S_T, dS_T> enters dG at the last step and the
+  reverse cumsum cancels its undecayed last pair against k_T . dk_T in the
+  same way (with either form).
+Measured (float32, B=1, T=256, H=4, Dk=Dv=16, chunk 64, an initial state, g
+constant per head at -0.1, -2, -5, -8, interpret mode; relative RMS error of each
+head's dg against float64): without a final-state cotangent, 9.9e-7, 3.1e-6,
+1.5e-4, 1.1e-3 ("difference") and 1.4e-6, 3.4e-6, 1.0e-6, 2.2e-6 ("pairs");
+with a random dS_T, 8.6e-7, 7.7e-6, 1.1e-4, 1.0e-3 and 5.9e-7, 3.1e-6, 2.4e-5,
+1.4e-4; "xla" and "scan" 1.3e-7 to 2.6e-7 in both. Training through the output
+alone has no final-state cotangent.
 
 float16 inputs run "xla" and "pallas" in float32 (the output is cast back):
 their chunk states are matmul operands and can exceed float16's range (65504)

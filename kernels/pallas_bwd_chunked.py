@@ -20,7 +20,9 @@ chunks) in two kernels:
      dQ = dA K + diag(exp(b)) dO S_c^T,
      dK = dA^T Q + diag(exp(gamma_c - b)) V dS_{c+1}^T,
      dV = A^T dO + diag(exp(gamma_c - b)) K dS_{c+1},
-     dG_t = q_t . dq_t - k_t . dk_t.
+     dG_t = q_t . dq_t - k_t . dk_t
+   (with ``decay_grad="pairs"``, q.dq and k.dk are taken before the diagonal
+   of dA joins dQ and dK, ``chunk_step._off_diagonal``).
 
 It trades HBM traffic (two (T/C, Dk, Dv) state tensors written and read
 back) for T/C times more programs and short serial chains. Products with the
@@ -46,8 +48,8 @@ from jax.experimental import pallas as pl
 from . import roofline
 from .block_specs import chunk_specs, sequence_specs
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _dot_tn, _exp,
-                         _gamma, _load_b, _masked, _rows, _run_sweeps, _split_refs,
-                         _state_grad_step, _store_chunk_states, _weights)
+                         _gamma, _load_b, _masked, _off_diagonal, _rows, _run_sweeps,
+                         _split_refs, _state_grad_step, _store_chunk_states, _weights)
 
 _F32 = jnp.float32
 
@@ -118,7 +120,7 @@ def states_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
   _run_sweeps(forward_sweep, reverse_sweep, NV)
 
 
-def grads_kernel(*refs, C, BV, has_decay, precision):
+def grads_kernel(*refs, C, BV, has_decay, precision, diagonal_last=False):
   """dq, dk, dv and dG of one chunk of one (head, batch row), every value block.
 
   Kernels spec §1.3 with the states of ``states_kernel`` (module docstring).
@@ -133,6 +135,7 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
     BV: value block walked inside the program (Dv / BV static steps).
     has_decay: whether b is present and dG is wanted (else g = 0).
     precision: dot precision (HIGHEST for float32 operands, else None).
+    diagonal_last: see ``pallas_kernels.bwd_kernel``.
   """
   (q_ref, k_ref, v_ref, do_ref), b_ref, _, _, rest = _split_refs(refs, 4, has_decay, False)
   s_ref, ds_ref, dq_ref, dk_ref, dv_ref = rest[:5]
@@ -150,11 +153,16 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
     do_CV = do_ref[:, cols]
     dA_CC += _dot_nt(do_CV, v_ref[:, cols], precision)
     dq_CK += _dot_nt_state(do_CV, s_ref[:, cols], precision, has_decay)
-  dA_CC = _masked(dA_CC, M_CC).astype(q_CK.dtype)
+  dA_CC = _masked(dA_CC, M_CC)
+  if has_decay and diagonal_last:  # the diagonal joins dq, dk after q.dq, k.dk
+    dA_CC, dAd_C = _off_diagonal(dA_CC, C)
+  dA_CC = dA_CC.astype(q_CK.dtype)
   dq_CK = _dot(dA_CC, k_CK, precision) + _rows(dq_CK, _exp(b_C))
-  dq_ref[...] = dq_CK.astype(dq_ref.dtype)
   if has_decay:  # q.dq now, so that dq_CK is dead during the second pass
     dgq_C = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
+    if diagonal_last:
+      dq_CK += _rows(k_CK.astype(_F32), dAd_C)
+  dq_ref[...] = dq_CK.astype(dq_ref.dtype)
 
   w_C = _weights(b_C, _gamma(b_ref, 0, C))
   A_CC = _masked(_dot_nt(q_CK, k_CK, precision), M_CC).astype(v_ref.dtype)
@@ -166,20 +174,23 @@ def grads_kernel(*refs, C, BV, has_decay, precision):
              + _rows(_dot(k_CK, dS_KV.astype(k_CK.dtype), precision), w_C))
     dv_ref[:, cols] = dv_CV.astype(dv_ref.dtype)
   dk_CK = _dot_tn(dA_CC, q_CK, precision) + _rows(dk_CK, w_C)
-  dk_ref[...] = dk_CK.astype(dk_ref.dtype)
   if has_decay:
     rest[5][...] = dgq_C - jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
+    if diagonal_last:
+      dk_CK += _rows(q_CK.astype(_F32), dAd_C)
+  dk_ref[...] = dk_CK.astype(dk_ref.dtype)
 
 
 def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision,
-                     split_sweeps=False):
+                     split_sweeps=False, diagonal_last=False):
   """The chunked backward on padded inputs: ``states_kernel``, then ``grads_kernel``.
 
   Arguments and results as ``pallas_kernels.bwd_call_fused`` (``block_v`` is
   the value block of both kernels); dq, dk and dG come out complete, with no
   partial sums, at the cost of 2 B H (Tp / C) Dk Dv states in
   ``state_store_dtype`` (float32, or the 16-bit input dtype without decay).
-  ``split_sweeps`` runs the states kernel's two sweeps in separate programs.
+  ``split_sweeps`` runs the states kernel's two sweeps in separate programs;
+  ``diagonal_last`` as ``pallas_kernels.bwd_kernel``.
   """
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
@@ -221,7 +232,7 @@ def bwd_call_chunked(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precisi
       transcendentals=int(B * H * Tp * (C + 2)) if has_decay else 0,
       bytes_accessed=int(B * H * Tp * (3 * Dk + 3 * Dv) * itemsize + state_bytes))
   kernel = functools.partial(grads_kernel, C=C, BV=BV, has_decay=has_decay,
-                             precision=precision)
+                             precision=precision, diagonal_last=diagonal_last)
   in_specs = [cs.qk, cs.qk, cs.v, cs.v] + [cs.b] * has_decay + [cs.state, cs.state]
   outs = launch(kernel, (NT, H, B), in_specs,
                 [cs.qk, cs.qk, cs.v] + [cs.b] * has_decay, out_shape,

@@ -42,8 +42,8 @@ from jax.experimental import pallas as pl
 from . import roofline
 from .block_specs import sequence_specs, value_block
 from .chunk_step import (_chunk_slice, _decay_mask, _dot, _dot_nt, _dot_nt_state, _exp, _gamma,
-                         _load_b, _masked, _rows, _run_sweeps, _split_refs, _state_grad_step,
-                         _state_step, _weights)
+                         _load_b, _masked, _off_diagonal, _rows, _run_sweeps, _split_refs,
+                         _state_grad_step, _state_step, _weights)
 
 _F32 = jnp.float32
 
@@ -90,7 +90,8 @@ def fwd_kernel(*refs, C, NT, has_decay, has_h0, store_state, precision):
     st_ref[...] = S_KV.astype(st_ref.dtype)
 
 
-def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
+def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None,
+               diagonal_last=False):
   """Backward sweeps: kernels spec §1.3 for one (value block, head, batch row).
 
   With dA = (dO V^T) ⊙ M and dS_{c+1} the gradient of the state leaving chunk c
@@ -118,6 +119,10 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
       NV + j its reverse sweep. The sweeps share nothing but the inputs and
       write disjoint outputs, so the results are the same to the bit, with
       twice the programs and half the serial chain each.
+    diagonal_last: with decay, take q.dq and k.dk before the diagonal of dA
+      joins dQ and dK (``chunk_step._off_diagonal``; ``decay_grad="pairs"``):
+      the undecayed pairs (t, t) then no longer cancel in dG, where their
+      rounding dominates a strongly decaying head's dg.
   """
   (q_ref, k_ref, v_ref, do_ref), b_ref, h0_ref, dst_ref, rest = _split_refs(
       refs, 4, has_decay, has_h0, has_dst)
@@ -132,11 +137,15 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
     q_CK, k_CK, v_CV, do_CV = q_ref[sl], k_ref[sl], v_ref[sl], do_ref[sl]
     b_C = _load_b(b_ref, sl)
     dA_CC = _masked(_dot_nt(do_CV, v_CV, precision), _decay_mask(b_C, C))
+    if has_decay and diagonal_last:  # the diagonal joins dq after q.dq
+      dA_CC, dAd_C = _off_diagonal(dA_CC, C)
     dq_CK = _dot(dA_CC.astype(k_CK.dtype), k_CK, precision)
     dq_CK += _rows(_dot_nt_state(do_CV, S_KV, precision, has_decay), _exp(b_C))
-    dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
     if has_decay:
       dgq_ref[sl] = jnp.sum(q_CK.astype(_F32) * dq_CK, axis=1)
+      if diagonal_last:
+        dq_CK += _rows(k_CK.astype(_F32), dAd_C)
+    dq_ref[sl] = dq_CK.astype(dq_ref.dtype)
     return _state_step(S_KV, k_CK, v_CV, b_C, _gamma(b_ref, c, C), precision)
 
   def forward_sweep():
@@ -155,12 +164,16 @@ def bwd_kernel(*refs, C, NT, has_decay, has_h0, has_dst, precision, NV=None):
     dv_CV = (_dot(At_CC, do_CV, precision)
              + _rows(_dot(k_CK, dS_KV.astype(k_CK.dtype), precision), w_C))
     dv_ref[sl] = dv_CV.astype(dv_ref.dtype)
-    dAt_CC = _masked(_dot_nt(v_CV, do_CV, precision), Mt_CC).astype(q_CK.dtype)
-    dk_CK = (_dot(dAt_CC, q_CK, precision)
+    dAt_CC = _masked(_dot_nt(v_CV, do_CV, precision), Mt_CC)
+    if has_decay and diagonal_last:  # the diagonal joins dk after k.dk
+      dAt_CC, dAd_C = _off_diagonal(dAt_CC, C)
+    dk_CK = (_dot(dAt_CC.astype(q_CK.dtype), q_CK, precision)
              + _rows(_dot_nt_state(v_CV, dS_KV, precision, has_decay), w_C))
-    dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
     if has_decay:
       dgk_ref[sl] = jnp.sum(k_CK.astype(_F32) * dk_CK, axis=1)
+      if diagonal_last:
+        dk_CK += _rows(q_CK.astype(_F32), dAd_C)
+    dk_ref[sl] = dk_CK.astype(dk_ref.dtype)
     return _state_grad_step(dS_KV, q_CK, do_CV, b_C, b_last, precision)
 
   def reverse_sweep():
@@ -215,7 +228,7 @@ def fwd_call_fused(q, k, v, b, h0, *, chunk, block_v, launch, precision, store_s
 
 
 def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision,
-                   split_sweeps=False):
+                   split_sweeps=False, diagonal_last=False):
   """The fused backward on padded inputs: grid (Dv / BV, H, B) over ``bwd_kernel``.
 
   dq, dk (and dG) come out of the kernel as partial sums over the value blocks,
@@ -233,6 +246,7 @@ def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision
     launch: the Triton launcher with the backward's settings (see fwd_call_fused).
     precision: dot precision.
     split_sweeps: run the two sweeps in separate programs.
+    diagonal_last: see ``bwd_kernel``.
 
   Returns:
     (dq, dk, dv, dG (B, Tp, H) float32 or None without decay, dh0 (B, H, Dk,
@@ -265,7 +279,7 @@ def bwd_call_fused(q, k, v, do, b, h0, dST, *, chunk, block_v, launch, precision
     out_specs.append(sp.state)
   kernel = functools.partial(bwd_kernel, C=C, NT=Tp // C, has_decay=has_decay,
                              has_h0=h0 is not None, has_dst=dST is not None,
-                             precision=precision, NV=split)
+                             precision=precision, NV=split, diagonal_last=diagonal_last)
   itemsize = jnp.dtype(q.dtype).itemsize
   cost = pl.CostEstimate(
       flops=int(roofline.bwd_flops(B, H, Tp, Dk, Dv, C)),

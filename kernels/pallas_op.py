@@ -67,6 +67,7 @@ DEFAULT_FWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
 DEFAULT_BWD = KernelConfig(block_v=64, num_warps=4, num_stages=2)
 BACKWARDS = ("fused", "chunked")  # backward kernel designs, see pallas_linear_attention
 FORWARDS = ("fused", "chunked")  # forward kernel designs, see pallas_linear_attention
+DECAY_GRADS = ("difference", "pairs")  # dG forms, see pallas_linear_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ class _Static:
   backward: str = "fused"
   forward: str = "fused"
   split_sweeps: bool = False
+  decay_grad: str = "difference"
 
 
 def _precision(dtype):
@@ -175,7 +177,8 @@ def _bwd_partitioned(st: _Static, has_b: bool, has_h0: bool, has_dST: bool):
     call = bwd_call_chunked if st.backward == "chunked" else bwd_call_fused
     dq, dk, dv, dG, dh0 = call(*args, chunk=st.chunk, block_v=_block_v(st.bwd, v.shape[-1]),
                                launch=_launcher(st.bwd, st.interpret),
-                               precision=_precision(q.dtype), split_sweeps=st.split_sweeps)
+                               precision=_precision(q.dtype), split_sweeps=st.split_sweeps,
+                               diagonal_last=st.decay_grad == "pairs")
     return _present(dq, dk, dv, dG, dh0)
 
   ins = (["b t h k", "b t h k", "b t h v", "b t h v"] + ["b t h"] * has_b
@@ -226,7 +229,7 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
                             fwd_config: KernelConfig = DEFAULT_FWD,
                             bwd_config: KernelConfig = DEFAULT_BWD, num_segments: int = 1,
                             backward: str = "fused", forward: str = "fused",
-                            split_sweeps: bool = False):
+                            split_sweeps: bool = False, decay_grad: str = "difference"):
   """Chunked causal linear attention with fused Pallas-Triton kernels.
 
   Kernels spec §1.1: o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
@@ -264,6 +267,16 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
       reverse sweep (dk, dv; state gradients) in separate programs: twice the
       programs, each with half the serial chunk chain. The same values to the
       bit; applies to both backward designs.
+    decay_grad: how the backward forms dG_t = q_t . dq_t - k_t . dk_t (kernels
+      spec §1.3), whose reverse cumsum is dg. "difference" (the default, FLA's
+      form) takes the dot products of the complete dq and dk: the undecayed
+      diagonal pairs (t, t), of the size of the output, then cancel only to
+      rounding, which dominates the dg of a strongly decaying head (float32,
+      g = -8: relative error 1.1e-3 in that head). "pairs" takes them before
+      the diagonal of dA joins dq and dk (2.2e-6 there; the module docstring of
+      ``op`` has the figures); its backward compiles to 16% (D=128) and 24%
+      (D=64) more instructions (ptxas, sm_90a), not yet timed on a GPU. Same dq,
+      dk, dv, dh0 to rounding; ignored without decay.
 
   Returns:
     (o, S_T): o (B, T, H, Dv) in q's dtype; S_T (B, H, Dk, Dv) float32, or
@@ -272,7 +285,7 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   Raises:
     ValueError: for the bad inputs ``linear_attention`` rejects, a chunk that
       is not a power of two >= 16, a bad ``block_v``, ``num_segments``,
-      ``backward``, ``forward`` or ``split_sweeps``.
+      ``backward``, ``forward``, ``split_sweeps`` or ``decay_grad``.
   """
   q, k, v, log_decay, initial_state = validate_inputs(q, k, v, log_decay, initial_state)
   chunk_size = check_chunk_size(chunk_size, power_of_two=True)
@@ -290,6 +303,8 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   if forward not in FORWARDS:
     raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+  if not isinstance(decay_grad, str) or decay_grad not in DECAY_GRADS:
+    raise ValueError(f"decay_grad must be one of {DECAY_GRADS}, got {decay_grad!r}")
   for name, cfg in (("fwd_config", fwd_config), ("bwd_config", bwd_config)):
     if not isinstance(cfg, KernelConfig):
       raise ValueError(f"{name} must be a KernelConfig, got {cfg!r}")
@@ -300,7 +315,7 @@ def pallas_linear_attention(q, k, v, log_decay=None, initial_state=None, *, chun
   Tp = round_up(T, C * nseg)
   st = _Static(chunk=C, fwd=fwd_config, bwd=bwd_config, interpret=interpret,
                return_final_state=return_final_state, backward=backward,
-               forward=forward, split_sweeps=split_sweeps)
+               forward=forward, split_sweeps=split_sweeps, decay_grad=decay_grad)
   qp = pad_axis(pad_axis(q, 1, Tp), 3, Dkp)
   kp = pad_axis(pad_axis(k, 1, Tp), 3, Dkp)
   vp = pad_axis(pad_axis(v, 1, Tp), 3, Dvp)

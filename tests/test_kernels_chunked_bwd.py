@@ -6,6 +6,8 @@ tolerances), over value blocks, padded dims and T, gate families and dtypes;
 and against the fused backward on the same forward.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,11 @@ def test_rejects_unknown_backward():
   with pytest.raises(ValueError, match=r"backward must be one of \('fused', 'chunked'\), "
                                        r"got 'split'"):
     pallas_linear_attention(q, k, v, g, interpret=True, backward="split")
+
+
+def test_rejects_unknown_decay_grad():
+  q, k, v, g, _ = random_inputs(5, 1, 16, 1, 16, 16, initial_state=False)
+  for bad in ("exact", None, ["pairs"]):
+    with pytest.raises(ValueError, match=r"decay_grad must be one of \('difference', 'pairs'\), "
+                                         rf"got {re.escape(repr(bad))}"):
+      pallas_linear_attention(q, k, v, g, interpret=True, decay_grad=bad)

@@ -49,7 +49,7 @@ requires_cuda_lowering = pytest.mark.skipif(
 
 def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, bwd=DEFAULT_BWD,
                     with_state=True, num_segments=1, backward="fused", with_decay=True,
-                    forward="fused"):
+                    forward="fused", split_sweeps=False, decay_grad="difference"):
   S = jax.ShapeDtypeStruct
   structs = [S((B, T, H, Dk), dtype), S((B, T, H, Dk), dtype), S((B, T, H, Dv), dtype),
              S((B, T, H), jnp.float32), S((B, H, Dk, Dv), jnp.float32)]
@@ -60,7 +60,8 @@ def _export_fwd_bwd(B, T, H, Dk, Dv, dtype, *, chunk_size=64, fwd=DEFAULT_FWD, b
                                      chunk_size=chunk_size, return_final_state=with_state,
                                      fwd_config=fwd, bwd_config=bwd,
                                      num_segments=num_segments, backward=backward,
-                                     forward=forward)
+                                     forward=forward, split_sweeps=split_sweeps,
+                                     decay_grad=decay_grad)
     extra = jnp.sum(S_T) if with_state else 0.0
     return jnp.sum(o.astype(jnp.float32)) + extra
 
@@ -77,7 +78,8 @@ def test_lowers_at_production_shapes(D, cfg_name):
   n_kernels = (1 + (c.forward == "chunked")) + (1 + (c.backward == "chunked"))
   assert _export_fwd_bwd(8, 4096, 8, D, D, jnp.bfloat16, chunk_size=c.chunk, fwd=c.fwd,
                          bwd=c.bwd, num_segments=c.num_segments, backward=c.backward,
-                         forward=c.forward) == n_kernels
+                         forward=c.forward, split_sweeps=c.split_sweeps,
+                         decay_grad=c.decay_grad) == n_kernels
 
 
 @requires_cuda_lowering

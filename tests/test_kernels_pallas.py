@@ -118,6 +118,44 @@ def test_grads_bfloat16_multi_chunk_decay(gate, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backward", ["fused", "chunked"])
+def test_decay_gradient_of_each_head_in_strong_decay_with_pairs(backward):
+  """dg of a strongly decaying head is small (about e^g of the other gradients); with
+  ``decay_grad="pairs"`` it must still come out to float32 accuracy, head by head.
+  The diagonal pairs (t, t) enter q_t.dq_t and k_t.dk_t at the size of the output and
+  cancel in dG only to the rounding of dq and dk ("difference", the default: relative
+  error 1.5e-4 at g = -5 and 1.1e-3 at g = -8); "pairs" adds them to dq and dk after
+  taking q.dq and k.dk (``chunk_step._off_diagonal``). The other gradients match the
+  default form to float32 rounding."""
+  rng = np.random.default_rng(11)
+  B, T, H, D = 1, 256, 4, 16
+  q, k, v, do = (rng.standard_normal((B, T, H, D)) for _ in range(4))
+  S0 = rng.standard_normal((B, H, D, D))
+  g = np.broadcast_to(np.array([-0.1, -2.0, -5.0, -8.0]), (B, T, H)).copy()
+
+  def grads(fn, dtype):
+    def loss(g, q, k, v, S0):
+      o = fn(q, k, v, g, S0)
+      return jnp.sum(o * do.astype(dtype))
+    args = [jnp.asarray(x, dtype) for x in (g, q, k, v, S0)]
+    return [np.asarray(x, np.float64) for x in jax.grad(loss, argnums=range(5))(*args)]
+
+  reference = lambda q, k, v, g, S0: linear_attention(q, k, v, g, initial_state=S0,
+                                                      impl="reference")
+  pallas = lambda form: lambda q, k, v, g, S0: pallas_linear_attention(
+      q, k, v, g, S0, chunk_size=64, interpret=True, backward=backward, decay_grad=form)[0]
+  with jax.enable_x64(True):
+    ref = grads(reference, jnp.float64)
+  got, default = grads(pallas("pairs"), jnp.float32), grads(pallas("difference"), jnp.float32)
+  for h in range(H):
+    err = rel_rms_error(got[0][..., h], ref[0][..., h])
+    assert err <= TOL["float32"]["grad"], (backward, g[0, 0, h], err)
+  assert rel_rms_error(default[0][..., 3], ref[0][..., 3]) > 1e-4  # what "pairs" mends
+  for name, a, b in zip(("dq", "dk", "dv", "dh0"), got[1:], default[1:]):
+    assert rel_rms_error(a, b) <= 3e-7, (name, rel_rms_error(a, b))
+
+
+@pytest.mark.slow
 def test_grads_strong_decay_long_sequence():
   assert_grads_match("pallas", 1, 300, 2, 16, 16, gate="strong", seed=3, chunk_size=64,
                      interpret=True)
