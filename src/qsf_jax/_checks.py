@@ -25,9 +25,10 @@ def as_array(name: str, x, *, allow_complex: bool = False) -> jnp.ndarray:
   """
   if x is None:
     raise ValueError(f"{name} must be an array, got None")
+  _check_integer_range(name, x)
   try:
     arr = jnp.asarray(x)
-  except TypeError as e:  # e.g. a list of mixed types
+  except (TypeError, OverflowError) as e:  # a list of mixed types; a Python int past int32
     raise ValueError(f"{name} could not be converted to an array: {e}") from e
   if not allow_complex and jnp.iscomplexobj(arr):
     raise ValueError(
@@ -38,6 +39,26 @@ def as_array(name: str, x, *, allow_complex: bool = False) -> jnp.ndarray:
           or jnp.issubdtype(arr.dtype, jnp.integer)):
     raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
   return arr
+
+
+def _check_integer_range(name: str, x) -> None:
+  """Refuses a NumPy integer array whose values JAX's default int width cannot hold.
+
+  Without ``jax_enable_x64``, ``jnp.asarray`` narrows int64/uint64 to 32 bits by
+  wrapping, silently: token id 2**32 + 5 became the valid id 5, after which no
+  range check can see it.
+  """
+  if not isinstance(x, (np.ndarray, np.generic)) or x.dtype.kind not in "iu" or not x.size:
+    return
+  target = jax.dtypes.canonicalize_dtype(x.dtype)
+  if target == x.dtype:
+    return
+  info = np.iinfo(target)
+  lo, hi = x.min(), x.max()
+  if lo < info.min or hi > info.max:
+    raise ValueError(
+        f"{name} has integers in [{lo}, {hi}] (dtype {x.dtype}), outside {target}'s range "
+        f"[{info.min}, {info.max}]: without jax_enable_x64 JAX would wrap them to 32 bits")
 
 
 # Appended where an argument has more leading axes than the function takes.
