@@ -39,6 +39,13 @@ def _normal(std):
   return nn.initializers.normal(std)
 
 
+def _f32(x):
+  """A parameter as float32: the wave maths stays float32/complex64 even for float64
+  parameters (e.g. perturbed with NumPy draws under jax_enable_x64), whose complex128
+  states would otherwise change the decode cache's dtype inside ``generate``'s scan."""
+  return jnp.asarray(x, jnp.float32)
+
+
 class MixtureHamiltonian(nn.Module):
   """H = H_0 + sum_m e_m G_m from real parameters (wave-function spec §1.2, option 2).
 
@@ -64,10 +71,11 @@ class MixtureHamiltonian(nn.Module):
     """
     N, M = self.cfg.wave_dim, self.cfg.wave_generators
     s0, sg = N ** -0.5, (N * M) ** -0.5
-    H0 = wf.hermitian_from_real(self.param("H0_X", _normal(s0), (N, N), jnp.float32),
-                                self.param("H0_Y", _normal(s0), (N, N), jnp.float32))
-    G_MNN = wf.hermitian_from_real(self.param("G_X", _normal(sg), (M, N, N), jnp.float32),
-                                   self.param("G_Y", _normal(sg), (M, N, N), jnp.float32))
+    H0 = wf.hermitian_from_real(_f32(self.param("H0_X", _normal(s0), (N, N), jnp.float32)),
+                                _f32(self.param("H0_Y", _normal(s0), (N, N), jnp.float32)))
+    G_MNN = wf.hermitian_from_real(
+        _f32(self.param("G_X", _normal(sg), (M, N, N), jnp.float32)),
+        _f32(self.param("G_Y", _normal(sg), (M, N, N), jnp.float32)))
     e_BTM = e_BTM.astype(jnp.float32).astype(G_MNN.dtype)
     return H0[None, None] + jnp.einsum("btm,mnk->btnk", e_BTM, G_MNN)
 
@@ -88,8 +96,8 @@ class CayleyCell(nn.Module):
   def initial_state(self):
     """psi_0 = psi0 / ||psi0||, complex (N,), initialised to the uniform 1/sqrt(N)."""
     N = self.cfg.wave_dim
-    re = self.param("psi0_re", nn.initializers.constant(N ** -0.5), (N,), jnp.float32)
-    im = self.param("psi0_im", nn.initializers.zeros, (N,), jnp.float32)
+    re = _f32(self.param("psi0_re", nn.initializers.constant(N ** -0.5), (N,), jnp.float32))
+    im = _f32(self.param("psi0_im", nn.initializers.zeros, (N,), jnp.float32))
     psi = jax.lax.complex(re, im)
     return psi / jnp.linalg.norm(psi)
 
@@ -149,13 +157,13 @@ class BornReadout(nn.Module):
     cfg = self.cfg
     V, N = cfg.vocab_size, cfg.wave_dim
     # Entries N(0, 1/2) for Re and Im: E|(W psi)_k|^2 = 1 at ||psi|| = 1.
-    W_re = self.param("W_re", _normal(0.5 ** 0.5), (V, N), jnp.float32)
-    W_im = self.param("W_im", _normal(0.5 ** 0.5), (V, N), jnp.float32)
+    W_re = _f32(self.param("W_re", _normal(0.5 ** 0.5), (V, N), jnp.float32))
+    W_im = _f32(self.param("W_im", _normal(0.5 ** 0.5), (V, N), jnp.float32))
     if cfg.wave_readout == "born":
       M_VN = wf.isometry_from_real(W_re, W_im)
       return jnp.log(wf.born_probabilities(M_VN, psi_BTN, cfg.wave_eta))
-    bias = self.param("bias", nn.initializers.zeros, (V,), jnp.float32)
-    scale = self.param("beta", nn.initializers.ones, (), jnp.float32)
+    bias = _f32(self.param("bias", nn.initializers.zeros, (V,), jnp.float32))
+    scale = _f32(self.param("beta", nn.initializers.ones, (), jnp.float32))
     return wf.born_logits(jax.lax.complex(W_re, W_im), psi_BTN, scale, bias)
 
 
@@ -191,7 +199,7 @@ class WaveLanguageModel(nn.Module):
     tokens_BT = check_tokens(tokens_BT, cfg, decode)
     t = decode_position(self, decode, tokens_BT.shape[0])
     e_BTM = nn.Embed(cfg.vocab_size, cfg.wave_generators, embedding_init=_normal(1.0),
-                     param_dtype=jnp.float32, name="embed")(tokens_BT)
+                     dtype=jnp.float32, param_dtype=jnp.float32, name="embed")(tokens_BT)
     states = []
     for layer in range(cfg.wave_layers):
       if layer:
@@ -200,7 +208,8 @@ class WaveLanguageModel(nn.Module):
         # [Re psi, Im psi] has unit norm, so weights of std 1 give e unit variance per
         # entry, as the embedding gives the first cell.
         e_BTM = nn.Dense(cfg.wave_generators, kernel_init=_normal(1.0),
-                         param_dtype=jnp.float32, name=f"lift_{layer}")(feats_BTF)
+                         dtype=jnp.float32, param_dtype=jnp.float32,
+                         name=f"lift_{layer}")(feats_BTF)
       states.append(CayleyCell(cfg, decode=decode, name=f"cell_{layer}")(e_BTM, t))
     if return_states:
       return states
