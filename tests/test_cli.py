@@ -496,6 +496,19 @@ def test_parse_overrides():
       ("tie_embeddings", False), ("ffn_bias", True), ("x", False))
 
 
+def test_dtype_flag_and_a_dtype_override_must_agree():
+  # --dtype used to win over --override=dtype=... without a word.
+  from qsf_jax.training.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  from qsf_jax.training.errors import TrainConfigError  # pylint: disable=g-import-not-at-top
+  both = lambda over: TrainConfig(stage="koopman", preset="tiny", dtype="bfloat16",
+                                  model_overrides=(("dtype", over),))
+  with pytest.raises(TrainConfigError, match=r"--dtype=bfloat16 and --override=dtype=float32 "
+                                             r"disagree; give one of them"):
+    setup.make_model_config(both("float32"), 256)
+  assert setup.make_model_config(both("bfloat16"), 256).dtype == "bfloat16"
+  assert setup.make_model_config(TrainConfig(stage="koopman", preset="tiny", model_overrides=(
+      ("dtype", "bfloat16"),)), 256).dtype == "bfloat16"
+
 
 def test_prepare_output_file_makes_its_folder_or_refuses(tmp_path):
   out = tmp_path / "a" / "b" / "bench.json"

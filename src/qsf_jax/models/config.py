@@ -90,10 +90,11 @@ class ModelConfig:
     dtype: compute dtype of the matmul inputs ("float32" or "bfloat16"):
       with "bfloat16" the projections, the Koopman product u K^T (K itself is
       rounded, so Stage IV's K is orthogonal to bf16 precision there), the
-      feature maps and the output head take bf16 inputs with float32
+      feature maps, the output head and the Stage I/II Fourier and cosine
+      mixing (the DFT matrices too) take bf16 inputs with float32
       accumulation. Parameters, gradients, norms, the residual stream, K's
-      construction (expm / Cayley) and the logits stay in float32
-      (conventions §2.4).
+      construction (expm / Cayley), the "recurrent" Koopman mixer (S2-c) and
+      the logits stay in float32 (conventions §2.4).
     init_std: std of the normal initialiser of matrices (QSF §3.3: 0.02).
     ln_eps: LayerNorm epsilon.
     koopman_mixer: D2, Stage II token mixing: "cosine" (S2-a, default),

@@ -71,8 +71,9 @@ def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config.ModelCo
     vocab_size: the tokenizer's vocabulary size V.
 
   Raises:
-    TrainConfigError: unknown stage/preset, an invalid override, or an explicit
-      ``vocab_size`` override smaller than the tokenizer's vocabulary.
+    TrainConfigError: unknown stage/preset, an invalid override, an explicit
+      ``vocab_size`` override smaller than the tokenizer's vocabulary, or a
+      ``dtype`` override that disagrees with ``cfg.dtype``.
   """
   check_stage_and_preset(cfg.stage, cfg.preset)
   overrides = dict(cfg.model_overrides)
@@ -82,6 +83,9 @@ def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config.ModelCo
         f"{cfg.tokenizer} tokenizer's vocabulary ({vocab_size})")
   overrides.setdefault("vocab_size", vocab_size)
   if cfg.dtype is not None:
+    if overrides.get("dtype", cfg.dtype) != cfg.dtype:
+      raise TrainConfigError(f"--dtype={cfg.dtype} and --override=dtype={overrides['dtype']} "
+                             f"disagree; give one of them")
     overrides["dtype"] = cfg.dtype
   try:
     return model_config.get_config(cfg.stage, cfg.preset, **overrides)
