@@ -276,6 +276,37 @@ def test_max_to_keep_deletes_the_oldest(tmp_path):
   c.close()
 
 
+def test_a_checkpoint_removed_during_its_read_is_not_called_damaged(tmp_path):
+  # evaluate/analyze beside a training run with a small --max_to_keep: the trainer
+  # deleted the checkpoint being read, and the reader called it "incomplete or
+  # damaged" and said to move it aside (or, for the meta, "Checkpoint at ... not found.")
+  import shutil  # pylint: disable=import-outside-toplevel
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path, max_to_keep=2, async_save=False)
+  for step in (1, 2):
+    c.save(step, st, {"stage": "koopman"}, wait=True)
+  reader = ck.Checkpointer(tmp_path, read_only=True)
+  restore = reader._mgr.restore  # pylint: disable=protected-access
+  nxt = [3]
+
+  def trainer_deletes_then_restore(step, *a, **kw):
+    c.save(nxt[0], st, {"stage": "koopman"}, wait=True)  # the trainer's next save ...
+    nxt[0] += 1
+    shutil.rmtree(ck.checkpoint_dir(tmp_path) / str(step))  # ... deletes the oldest
+    return restore(step, *a, **kw)
+
+  reader._mgr.restore = trainer_deletes_then_restore  # pylint: disable=protected-access
+  for read in (lambda: reader.restore_params(1), lambda: reader.meta(1)):
+    if not (ck.checkpoint_dir(tmp_path) / "1").exists():
+      c.save(1, st, {"stage": "koopman"}, wait=True)
+    with pytest.raises(NoCheckpointError, match="was removed while it was read") as e:
+      read()
+    assert "damaged" not in str(e.value), e.value
+    assert f"use step {nxt[0] - 1}" in str(e.value), e.value
+  reader.close()
+  c.close()
+
+
 def test_an_unfinished_first_save_is_no_checkpoint(tmp_path):
   # A run killed during its first save leaves only orbax's temporary folder; the
   # same command must then start afresh instead of trying to resume.

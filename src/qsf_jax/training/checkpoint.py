@@ -207,8 +207,19 @@ class Checkpointer:
     try:
       return self._mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      if isinstance(e, FileNotFoundError) and not (self.directory / str(step)).exists():
-        raise
+      if not (self.directory / str(step)).exists():
+        # Gone, not damaged: a training run in this folder keeps only its newest
+        # --max_to_keep checkpoints and deleted this one during the read.
+        try:
+          newer = [s for s in self.all_steps() if s > step]
+        except Exception:  # pylint: disable=broad-except
+          newer = []
+        again = (f"run the command again to use step {newer[-1]}" if newer
+                 else "run the command again")
+        raise NoCheckpointError(
+            f"checkpoint {self.directory / str(step)} was removed while it was read (a "
+            f"training run in {self.workdir} keeps only its newest checkpoints); "
+            f"{again}") from e
       others = [s for s in self.all_steps() if s != step]
       hint = (f"move it out of {self.directory} to use step {others[-1]}" if others
               else "start a new --workdir")
