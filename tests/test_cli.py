@@ -140,6 +140,21 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys, monkeypatch):
   assert not wd.exists()
 
 
+def test_a_second_trainer_in_a_busy_workdir_is_refused_and_untouched(run_dir, env, capsys):
+  # Two `train` commands on one --workdir (launched twice by mistake, even with another
+  # seed) both trained, interleaved metrics.jsonl and saved over each other's checkpoints;
+  # the second reported "done" for checkpoints holding the first one's weights.
+  from qsf_jax.training import setup  # pylint: disable=import-outside-toplevel
+  _, corpus, _ = env
+  before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+  with setup.workdir_lock(run_dir):  # what a running trainer holds
+    _expect_error(capsys, _train_args(corpus, run_dir),
+                  f"{run_dir} is in use by another training process", "another --workdir")
+  assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+  with setup.workdir_lock(run_dir):  # released when its holder ends
+    pass
+
+
 def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
   _, corpus, _ = env
   before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))

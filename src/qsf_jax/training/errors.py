@@ -37,6 +37,10 @@ class DataChangedError(ValueError):
   """A run's own data no longer match the ones it was trained on (evaluate, analyze)."""
 
 
+class WorkdirInUseError(ValueError):
+  """Another training process holds the run folder (``train``, ``progressive``)."""
+
+
 class NoCheckpointError(FileNotFoundError):
   """A checkpoint was required (evaluate, sample, init_from) but none was found."""
 

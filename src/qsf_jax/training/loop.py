@@ -8,6 +8,7 @@ function of ``(seed, step)``, the resumed run is the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -140,8 +141,16 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     CheckpointMismatchError: ``workdir`` holds another run's checkpoint (untouched).
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays).
     Data errors from ``qsf_jax.data`` (missing/empty data, bad tokenizer file).
+    WorkdirInUseError: another training process is running in ``workdir``.
   """
-  workdir = os.fspath(workdir)
+  with contextlib.ExitStack() as held:  # the workdir lock, taken once the data load
+    return _train_and_evaluate(cfg, os.fspath(workdir), devices, step_callback, held)
+
+
+def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
+                        step_callback: Callable[[int, dict], None] | None,
+                        held: contextlib.ExitStack) -> TrainResult:
+  """``train_and_evaluate``'s body; ``held`` keeps the workdir lock until it returns."""
   setup.check_stage_and_preset(cfg.stage, cfg.preset)
   setup.check_output_folder("--workdir", workdir)  # before the data are loaded
   tokenizer = setup.load_tokenizer(cfg)
@@ -154,6 +163,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
   setup.warn_if_story_mode_wastes_data(cfg, corpus.train, seq_len, _log)
   meta = setup.run_metadata(cfg, mcfg, corpus, seq_len, mesh.devices.size)
 
+  if is_primary():  # before anything is read from or written into workdir
+    held.enter_context(setup.workdir_lock(workdir))
   resume = has_checkpoint(workdir)
   if resume:  # refuse a different run before anything is written into workdir
     probe = Checkpointer(workdir, read_only=True)

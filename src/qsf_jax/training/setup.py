@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pathlib
@@ -18,7 +19,40 @@ from qsf_jax.models import lm as model_lm
 from qsf_jax.models import config as model_config
 from qsf_jax.training.checkpoint import git_sha
 from qsf_jax.training.config import TrainConfig
-from qsf_jax.training.errors import DataChangedError, TrainConfigError
+from qsf_jax.training.errors import DataChangedError, TrainConfigError, WorkdirInUseError
+
+try:
+  import fcntl
+except ImportError:  # not on POSIX: no lock
+  fcntl = None
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Holds an exclusive ``flock`` on the folder ``workdir`` while a run trains there.
+
+  A second ``train`` (or ``progressive`` stage) on the same folder, e.g. one
+  launched twice by mistake, is refused with ``WorkdirInUseError`` instead of
+  both writing checkpoints and ``metrics.jsonl`` into it. The lock is on the
+  folder itself, so nothing is written for it; it goes with the process (a
+  killed run holds nothing). Where the file system has no ``flock`` (some
+  network mounts), nothing is locked.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(workdir, os.O_RDONLY)
+  try:
+    if fcntl is not None:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise WorkdirInUseError(
+            f"{workdir} is in use by another training process (it holds the folder's lock); "
+            "wait for it to end, or use another --workdir") from None
+      except OSError:  # no flock here: train unlocked, as before
+        pass
+    yield
+  finally:
+    os.close(fd)  # releases the flock
 
 
 def check_output_folder(name: str, path) -> None:
