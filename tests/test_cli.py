@@ -155,6 +155,24 @@ def test_a_second_trainer_in_a_busy_workdir_is_refused_and_untouched(run_dir, en
     pass
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_with_clean_metrics(
+    env, tmp_path, capsys):
+  # A first attempt that failed before its first checkpoint (disk full on that save, a
+  # kill) left metrics.jsonl records; the next attempt starts from step 0 and used to
+  # append the same steps again, so metrics.jsonl held steps 1, 2, ... twice.
+  _, corpus, _ = env
+  wd = tmp_path / "restarted"
+  wd.mkdir()
+  (wd / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "kind": "train", "loss": 9.0}) + "\n" for s in (1, 2)))
+  assert train_cli.run(_train_args(corpus, wd, steps=2, checkpoint_every=2, eval_every=2,
+                                   sample_tokens=0, log_every=1)) == 0
+  capsys.readouterr()
+  recs = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["kind"]) for r in recs] == [(1, "train"), (2, "train"), (2, "eval")]
+  assert all(r["loss"] != 9.0 for r in recs if r["kind"] == "train")
+
+
 def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
   _, corpus, _ = env
   before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))

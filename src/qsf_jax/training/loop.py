@@ -203,7 +203,11 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
     resumed_from = ckpt.latest_step()
     state = ckpt.restore(state, resumed_from)
     _log(f"resumed from step {resumed_from} in {workdir}")
-  writer = MetricWriter(workdir, enabled=is_primary(), resumed_from=resumed_from)
+  # A run that stopped before its first checkpoint (a full disk, a kill) left records of
+  # the steps this one trains again from 0: they go, as a resume drops those past its step.
+  restart = resumed_from if resume else (
+      0 if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else None)
+  writer = MetricWriter(workdir, enabled=is_primary(), resumed_from=restart)
 
   common = dict(schedule=schedule, total_steps=cfg.steps, anneal_frac=mcfg.anneal_frac,
                 anneal_shape=mcfg.anneal_shape, anneal_hold_frac=mcfg.anneal_hold_frac,
