@@ -348,3 +348,23 @@ def test_bad_seed_is_refused_before_the_restore(tmp_path, capsys):
   for bad in (-1, 1.0, True):
     with pytest.raises(ValueError, match="seed must be"):
       analyze_workdir(missing, seed=bad)
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EFBIG"])
+def test_a_full_disk_during_the_analysis_names_its_folder(tmp_path, err):
+  # matplotlib's or json's write failing on a full disk gave a bare
+  # "[Errno 28] No space left on device", naming neither the output nor its fate.
+  import errno  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from qsf_jax.analysis.pipeline import _staged_output  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "analysis"
+  out.mkdir()
+  (out / "report.md").write_text("earlier")
+  code = getattr(errno, err)
+  with pytest.raises(OSError, match=f"cannot write the analysis in {tmp_path} .*{out} was "
+                     "left as it was"):
+    with _staged_output(out) as work:
+      (work / "report.md").write_text("new")
+      raise OSError(code, os.strerror(code))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis"]
+  assert (out / "report.md").read_text() == "earlier"

@@ -309,6 +309,24 @@ def test_bad_tokenizer_argument(tmp_path):
     load_corpus("synthetic", "bytes", cache_dir=tmp_path, max_train_stories=0)
 
 
+@pytest.mark.parametrize("err", ["ENOSPC", "EFBIG"])
+def test_a_full_disk_during_a_cache_build_names_the_cache_and_leaves_nothing(tmp_path, err):
+  # A file-size limit (ulimit -f, EFBIG) printed a bare "[Errno 27] File too large",
+  # naming neither the token cache nor its folder.
+  import errno  # pylint: disable=import-outside-toplevel
+  data = write_txt(tmp_path / "stories.txt", STORIES)
+  tok = get_tokenizer("bytes")
+  code = getattr(errno, err)
+
+  def encode_batch(texts):
+    raise OSError(code, os.strerror(code))
+
+  cache = tmp_path / "cache"
+  with pytest.raises(OSError, match=f"cannot write the token cache in {cache} .*free space"):
+    load_corpus(str(data), tok._replace(encode_batch=encode_batch), cache_dir=cache)
+  assert entries(cache) == []  # neither an entry nor a temporary folder
+
+
 def test_cache_dir_that_is_a_file(tmp_path):
   blocker = tmp_path / "cache"
   blocker.write_text("notes")

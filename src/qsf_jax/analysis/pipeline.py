@@ -11,6 +11,7 @@ figures and ``spectrum.json`` into the output folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import shutil
@@ -109,7 +110,13 @@ def _staged_output(out: pathlib.Path):
   work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   done = False
   try:
-    yield work
+    try:
+      yield work
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise
+      raise OSError(e.errno, f"cannot write the analysis in {out.parent} ({e.strerror}); "
+                    f"{out} was left as it was; free space and run again") from e
     out.mkdir(exist_ok=True)
     made = {p.name for p in work.iterdir()}
     for name in OUTPUT_FILES:

@@ -359,7 +359,8 @@ def _build(entry: pathlib.Path, source: StorySource, tokenizer: Tokenizer, key: 
           raise ValueError(
               f"cache entry {entry} exists but is unreadable; delete it and retry") from e
   except OSError as e:
-    if isinstance(e, PermissionError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    if isinstance(e, PermissionError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                                          errno.EFBIG):
       raise
     raise OSError(e.errno, f"cannot write the token cache in {root} ({e.strerror}); free "
                   f"space or set --cache_dir / ${CACHE_DIR_ENV} to another folder") from e
