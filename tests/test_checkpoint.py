@@ -307,6 +307,30 @@ def test_a_checkpoint_removed_during_its_read_is_not_called_damaged(tmp_path):
   c.close()
 
 
+def test_a_failed_save_is_one_clear_error_naming_the_kept_checkpoint(tmp_path):
+  # A full disk during an asynchronous save surfaced as TensorStore's message
+  # (paths of temporary files, no word on what a rerun resumes from).
+  from qsf_jax.training.errors import CheckpointSaveError  # pylint: disable=import-outside-toplevel
+  st, _ = _state()
+  c = ck.Checkpointer(tmp_path, async_save=False)
+  c.save(1, st, {"stage": "koopman"}, wait=True)
+
+  def disk_full(*_, **__):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at '
+                     f'local file "{tmp_path}/checkpoints/2.orbax-checkpoint-tmp/state": '
+                     "Failed to write 8 bytes to file 18: No space left on device "
+                     "[os_error_code='28']")
+
+  c._mgr.save = disk_full  # pylint: disable=protected-access
+  with pytest.raises(CheckpointSaveError) as e:
+    c.save(2, st, {"stage": "koopman"})
+  msg = str(e.value)
+  assert isinstance(e.value, OSError) and "\n" not in msg and "orbax-checkpoint-tmp" not in msg
+  assert f"in {ck.checkpoint_dir(tmp_path)} (No space left on device)" in msg, msg
+  assert "step 1, is kept" in msg and "run the same command again" in msg, msg
+  c.close()
+
+
 def test_an_unfinished_first_save_is_no_checkpoint(tmp_path):
   # A run killed during its first save leaves only orbax's temporary folder; the
   # same command must then start afresh instead of trying to resume.

@@ -696,3 +696,11 @@ def test_log_filter_drops_orbax_chatter_only():
   assert keep_log_record(rec(orbax, logging.WARNING, "Found incomplete checkpoint at 7"))
   assert keep_log_record(rec(orbax, logging.ERROR, "directory is read only"))
   assert keep_log_record(rec("/src/qsf_jax/data/corpus.py", logging.INFO, "data: local"))
+  # a failed background save (disk full) logged a traceback from each of its threads,
+  # over 300 lines; the error reaches the main thread and is printed there once
+  try:
+    raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+  except ValueError:
+    failed = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Save Finalize failed.", (),
+                               sys.exc_info())
+  assert not keep_log_record(failed)

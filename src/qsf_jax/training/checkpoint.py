@@ -14,6 +14,7 @@ import logging
 import numbers
 import os
 import pathlib
+import re
 import subprocess
 import sys
 from typing import Any, Mapping
@@ -24,8 +25,8 @@ import orbax.checkpoint as ocp
 from qsf_jax.models import config as model_config
 from qsf_jax.training import config as train_config
 from qsf_jax.training import sharding as shd
-from qsf_jax.training.errors import (CheckpointMismatchError, CorruptCheckpointError,
-                                     NoCheckpointError)
+from qsf_jax.training.errors import (CheckpointMismatchError, CheckpointSaveError,
+                                     CorruptCheckpointError, NoCheckpointError)
 from qsf_jax.training.state import TrainState, abstract_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -267,11 +268,38 @@ class Checkpointer:
       wait: block until the checkpoint is finalized.
     """
     meta = {**meta, "format": META_FORMAT, "step": int(step)}
-    self._mgr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state.as_dict()), meta=ocp.args.JsonSave(meta)),
-        force=True)
-    if wait:
-      self._mgr.wait_until_finished()
+    _drop_abandoned_read_noise()  # a failed write's sibling writes report as reads do
+    try:  # an earlier asynchronous save's failure is raised here too
+      self._mgr.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state.as_dict()), meta=ocp.args.JsonSave(meta)),
+          force=True)
+      if wait:
+        self._mgr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+
+  def _save_error(self, e: Exception) -> CheckpointSaveError:
+    """``CheckpointSaveError`` for a failed save: the cause in a few words, and the
+    checkpoint a rerun resumes from (orbax finalizes only complete ones)."""
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    code = re.search(r"os_error_code='(\d+)'", msg)  # TensorStore's errno
+    if code:
+      cause = os.strerror(int(code.group(1)))
+    elif isinstance(e, OSError) and e.strerror:
+      cause = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+      cause = f"{type(e).__name__}: {msg.split(' See full TensorStore details')[0][:300]}"
+    try:
+      kept = self.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      kept = None
+    if kept is not None:
+      then = (f"the last complete checkpoint, step {kept}, is kept: fix that and run the "
+              "same command again to resume from it")
+    else:
+      then = "no complete checkpoint was kept: fix that and run the same command again"
+    return CheckpointSaveError(
+        f"a checkpoint could not be written in {self.directory} ({cause}); {then}")
 
   def restore(self, template: TrainState, step: int | None = None) -> TrainState:
     """Restores checkpoint ``step`` (default: latest) into ``template``'s structure.
@@ -319,11 +347,16 @@ class Checkpointer:
     return state["params"], state.get("collections", {})
 
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    try:
+      self.wait()
+    finally:
+      self._mgr.close()
 
 
 # Metadata keys that define a run: resuming with any of them changed would not

@@ -145,6 +145,10 @@ def keep_log_record(record: logging.LogRecord) -> bool:
     return True
   if record.levelno < logging.WARNING:
     return False  # every checkpoint phase is logged at INFO
+  if record.exc_info:
+    # a failed background save logs its traceback from each of its threads (over 300
+    # lines for one full disk); the error reaches the main thread, which prints it once
+    return False
   return record.levelno >= logging.ERROR or not any(
       n in record.getMessage() for n in checkpoint.READ_ONLY_NOTICES)
 

@@ -37,6 +37,10 @@ class DataChangedError(ValueError):
   """A run's own data no longer match the ones it was trained on (evaluate, analyze)."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full disk, a file-size limit, its folder gone)."""
+
+
 class WorkdirInUseError(ValueError):
   """Another training process holds the run folder (``train``, ``progressive``)."""
 

@@ -324,8 +324,10 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
       read_pending()
     ckpt.wait()
   finally:
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.close()  # may raise a failed save's error again
+    finally:
+      writer.close()
   step = int(jax.device_get(state.step))
   if interrupted:
     _log(f"{interrupted} received: stopped at step {step}, checkpoint saved in {workdir}; "
