@@ -164,3 +164,27 @@ def test_progress_line_and_durations():
   assert tps == pytest.approx(5000, rel=0.05) and eta == pytest.approx(89 / 5, rel=0.05)
   assert eta * tps / 1000 == pytest.approx(89, rel=1e-9)  # steps left, at the same rate
   assert "5.0k tok/s" in m.line(11, 1.0, 1e-4)
+
+
+def test_a_full_disk_names_the_metrics_file(tmp_path):
+  # A file-size limit or a full disk gave a bare "[Errno 27] File too large" (from the
+  # write, or again from the close in the loop's clean-up), naming no file.
+  import errno  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+
+  class Full(io.StringIO):
+    name = str(path)
+
+    def write(self, s):
+      raise OSError(errno.EFBIG, "File too large")
+
+  w = MetricWriter(tmp_path)
+  w._jsonl.close()  # pylint: disable=protected-access
+  w._jsonl = Full()  # pylint: disable=protected-access
+  for write in (lambda: w.write(1, {"loss": 1.0}), lambda: w.write_text(1, "a sample")):
+    with pytest.raises(OSError, match=f"cannot write {path} \\(File too large\\); training "
+                       "stopped; .*resume from the last checkpoint"):
+      write()
+  w.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -172,20 +173,39 @@ class MetricWriter:
     # strict JSON has no NaN/Infinity: non-finite values are written as null
     rec = {"step": int(step), "kind": kind, "time": time.time(),
            **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-    self._jsonl.write(json.dumps(rec) + "\n")
-    self._jsonl.flush()
-    self._tb.scalars(step, {f"{kind}/{k}": v for k, v in values.items() if math.isfinite(v)})
-    self._tb.flush()
+    with self._named(self._jsonl.name):
+      self._jsonl.write(json.dumps(rec) + "\n")
+      self._jsonl.flush()
+    with self._named(self._tb.path):
+      self._tb.scalars(step, {f"{kind}/{k}": v for k, v in values.items() if math.isfinite(v)})
+      self._tb.flush()
+
+  @staticmethod
+  @contextlib.contextmanager
+  def _named(path):
+    """A failed write (a full disk, a file-size limit) as one error naming the file."""
+    try:
+      yield
+    except OSError as e:
+      raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); training stopped; "
+                    "free space and run the same command again to resume from the last "
+                    "checkpoint") from e
 
   def write_text(self, step: int, text: str, *, kind: str = "sample") -> None:
     """Appends a text record (e.g. a generated sample) to the JSONL log."""
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(),
-                                  "text": text}) + "\n")
-    self._jsonl.flush()
+    with self._named(self._jsonl.name):
+      self._jsonl.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(),
+                                    "text": text}) + "\n")
+      self._jsonl.flush()
 
   def close(self) -> None:
+    """Closes both files. Every record was flushed when written, so a close that fails
+    can only retry a write whose failure ``write`` has raised already: it is ignored."""
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      for f in (self._jsonl, self._tb):
+        try:
+          f.close()
+        except OSError:
+          pass
