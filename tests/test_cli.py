@@ -173,6 +173,33 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_with_clean_metric
   assert all(r["loss"] != 9.0 for r in recs if r["kind"] == "train")
 
 
+def test_a_run_folder_removed_during_training_stops_the_run(env, tmp_path, capsys):
+  # `rm -rf` of the run folder mid-run: orbax made a new folder with the later
+  # checkpoints, metrics.jsonl and tb/ went into the removed files, and train said "done".
+  import shutil  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.errors import RunFolderGoneError  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  _, corpus, _ = env
+  wd = tmp_path / "gone"
+  fv = flags.FlagValues()
+  train_cli.define_flags(fv)
+  fv(_train_args(corpus, wd, steps=4, checkpoint_every=2, eval_every=0, sample_tokens=0))
+
+  def remove(step, _):
+    if step == 3:
+      while not (wd / "checkpoints" / "2").is_dir():  # committed
+        time.sleep(0.05)
+      shutil.rmtree(wd)
+
+  with pytest.raises(RunFolderGoneError, match=f"{wd} was moved, removed or replaced .* "
+                     "step 4 .*last checkpoint saved there was step 2"):
+    train_and_evaluate(train_cli.config_from_flags(fv), wd, step_callback=remove)
+  capsys.readouterr()
+  assert not wd.exists()
+
+
 def test_wrong_stage_workdir_is_refused_and_untouched(run_dir, env, capsys):
   _, corpus, _ = env
   before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))

@@ -38,6 +38,7 @@ READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
 
 
 _ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-array restore coroutine
+_ABANDONED_WRITE = "write_fragment"  # orbax's per-array save coroutine (a failed save)
 
 
 def _is_abandoned_read_noise(args) -> bool:
@@ -51,7 +52,7 @@ def _is_abandoned_read_noise(args) -> bool:
   if args.exc_type is RuntimeError and args.object is None:
     return str(args.exc_value) == "Event loop is closed"
   code = getattr(args.object, "cr_code", None)
-  return code is not None and code.co_name == _ABANDONED_READ
+  return code is not None and code.co_name in (_ABANDONED_READ, _ABANDONED_WRITE)
 
 
 def _drop_abandoned_read_noise() -> None:

@@ -41,6 +41,10 @@ class CheckpointSaveError(OSError):
   """A checkpoint could not be written (a full disk, a file-size limit, its folder gone)."""
 
 
+class RunFolderGoneError(OSError):
+  """The run folder was moved, removed or replaced while a run trained in it."""
+
+
 class WorkdirInUseError(ValueError):
   """Another training process holds the run folder (``train``, ``progressive``)."""
 

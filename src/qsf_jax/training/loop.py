@@ -26,7 +26,8 @@ from qsf_jax.training import sharding as shd
 from qsf_jax.training.checkpoint import (Checkpointer, check_resumable, execution_differences,
                                          has_checkpoint, is_primary)
 from qsf_jax.training.config import TrainConfig
-from qsf_jax.training.errors import NonFiniteLossError
+from qsf_jax.training.errors import (CheckpointSaveError, NonFiniteLossError,
+                                     RunFolderGoneError)
 from qsf_jax.training.evaluation import evaluate_split
 from qsf_jax.training.metrics import MetricWriter, ProgressMeter, read_records
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
@@ -208,6 +209,7 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
   restart = resumed_from if resume else (
       0 if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else None)
   writer = MetricWriter(workdir, enabled=is_primary(), resumed_from=restart)
+  home = os.stat(workdir)  # the folder itself: a save checks it is still there
 
   common = dict(schedule=schedule, total_steps=cfg.steps, anneal_frac=mcfg.anneal_frac,
                 anneal_shape=mcfg.anneal_shape, anneal_hold_frac=mcfg.anneal_hold_frac,
@@ -268,6 +270,22 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
 
   def save_checkpoint(step):
     nonlocal last_saved
+    try:
+      now = os.stat(workdir)
+    except OSError:
+      now = None
+    if now is None or (now.st_dev, now.st_ino) != (home.st_dev, home.st_ino):
+      # orbax would make a new folder there, holding this checkpoint but none of the
+      # run's metrics (they went into the removed files), and report success
+      try:
+        ckpt.wait()
+      except CheckpointSaveError:
+        pass  # a save still running when the folder went: said below
+      kept = (f"the last checkpoint saved there was step {last_saved}"
+              if last_saved is not None else "no checkpoint had been written yet")
+      raise RunFolderGoneError(
+          f"the run folder {workdir} was moved, removed or replaced during training; "
+          f"stopped at step {step} without writing there ({kept})")
     if not bool(_all_finite(state.params)):  # never save a broken state
       ckpt.wait()
       raise NonFiniteLossError(step - 1, float("nan"), last_saved,
