@@ -189,7 +189,9 @@ def test_a_run_folder_removed_during_training_stops_the_run(env, tmp_path, capsy
 
   def remove(step, _):
     if step == 3:
-      while not (wd / "checkpoints" / "2").is_dir():  # committed
+      for _ in range(1200):  # the step-2 checkpoint committed (at most a minute)
+        if (wd / "checkpoints" / "2").is_dir():
+          break
         time.sleep(0.05)
       shutil.rmtree(wd)
 
