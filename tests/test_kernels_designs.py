@@ -32,6 +32,19 @@ def test_default_design_is_what_the_kernels_run_by_default():
   assert DEFAULT_CONFIG == f"c64_{DEFAULT_DESIGN}"
 
 
+def test_design_kwargs_carry_every_field():
+  # A field that kwargs() leaves out would be silently dropped by every user of a
+  # design (linear_attention, the models' attn_pallas_design, bench, gpu_check,
+  # ptxas_report), which would then run and time the default in its place.
+  for name, d in PALLAS_DESIGNS.items():
+    want = dict(fwd_config=d.fwd, bwd_config=d.bwd,
+                **{f: getattr(d, f) for f in PallasDesign._fields[2:]})
+    assert d.kwargs() == want, name
+  # the _pairs designs are their base designs with decay_grad="pairs"
+  for base in ("bv64_w4_s2", "bv64_w8_s3_chunkbwd"):
+    assert PALLAS_DESIGNS[f"{base}_pairs"] == PALLAS_DESIGNS[base]._replace(decay_grad="pairs")
+
+
 def test_benchmark_candidates_are_chunk_and_design():
   for name, cand in PALLAS_CONFIGS.items():
     chunk, design = name.split("_", 1)
@@ -120,6 +133,7 @@ def test_design_names_say_what_the_designs_do():
     assert d.split_sweeps == ("split" in parts), name
     assert (d.backward == "chunked") == ("chunkbwd" in parts), name
     assert (d.forward == "chunked") == ("chunkfwd" in parts), name
+    assert (d.decay_grad == "pairs") == ("pairs" in parts), name
     seg = [p[3:] for p in parts if p.startswith("seg")]
     assert d.num_segments == (int(seg[0]) if seg else 1), name
     # bv/w/s name the launch of the kernel the design changes (the backward's for chunkbwd)

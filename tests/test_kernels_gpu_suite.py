@@ -63,6 +63,30 @@ def test_main_exit_status_says_whether_every_step_ended_well(monkeypatch, tmp_pa
     assert gpu_suite.main([f"--out={tmp_path}"]) == rc
 
 
+def test_gpu_check_passes_every_design_keyword(monkeypatch):
+  # check_case must run the candidate it names: a keyword it drops (decay_grad,
+  # split_sweeps, ...) would check the default form instead.
+  seen = []
+
+  class Seen(Exception):
+    pass
+
+  def spy(*args, **kw):
+    seen.append(kw)
+    raise Seen
+
+  monkeypatch.setattr(gpu_check, "pallas_linear_attention", spy)
+  for name in ("c64_bv64_w4_s2_pairs", "c64_bv64_w8_s3_chunkbwd_pairs",
+               "c64_bv64_w8_s3_chunkbwd_split"):
+    kw = gpu_check.PALLAS_CONFIGS[name].kwargs()
+    with pytest.raises(Seen):
+      gpu_check.check_case(1, 16, 1, 16, 16, "float32", "medium", interpret=True,
+                           chunk=kw["chunk_size"], **{n: v for n, v in kw.items()
+                                                      if n != "chunk_size"})
+    want = dict(kw, return_final_state=True, interpret=True)
+    assert {n: seen[-1].get(n) for n in want} == want, name
+
+
 def test_tools_reject_bad_flags():
   for tool, argv in ((bench, ["--configs=c64_nope"]), (bench, ["--modes=fwd,bwd"]),
                      (bench, ["--impls=pallas,cudnn"]), (bench, ["--T=4096,x"]),
