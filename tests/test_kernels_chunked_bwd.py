@@ -24,13 +24,13 @@ pytestmark = [pytest.mark.filterwarnings(
               pytest.mark.usefixtures("fast_compiles")]
 
 
-def _grads(args, do, dS, *, chunk, block_v=64, backward="chunked"):
+def _grads(args, do, dS, *, chunk, block_v=64, backward="chunked", **kw):
   cfg = KernelConfig(block_v=block_v)
 
   def loss(q, k, v, g, S0):
     o, S_T = pallas_linear_attention(q, k, v, g, S0, chunk_size=chunk, interpret=True,
                                      return_final_state=True, fwd_config=cfg,
-                                     bwd_config=cfg, backward=backward)
+                                     bwd_config=cfg, backward=backward, **kw)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S_T * dS)
 
   return jax.grad(loss, argnums=range(5))(*args)
@@ -141,3 +141,23 @@ def test_rejects_unknown_decay_grad():
     with pytest.raises(ValueError, match=r"decay_grad must be one of \('difference', 'pairs'\), "
                                          rf"got {re.escape(repr(bad))}"):
       pallas_linear_attention(q, k, v, g, interpret=True, decay_grad=bad)
+
+
+@pytest.mark.parametrize("backward, split_sweeps", [("fused", False), ("fused", True),
+                                                    ("chunked", False)])
+def test_decay_grad_pairs_matches_float64(backward, split_sweeps):
+  # decay_grad="pairs" outside the slow strong-decay test: padded T, Dk and Dv, two
+  # value blocks, an initial state and a final-state cotangent, float32 and bfloat16.
+  # Every gradient against float64, and dq, dk, dv, dh0 against the default form.
+  for shape, dtype in (((2, 65, 2, 24, 24), "float32"), ((1, 100, 2, 16, 32), "bfloat16")):
+    args, do, dS, ref = gradient_case(*shape, dtype, "medium", 7)
+    kw = dict(chunk=32, block_v=16, backward=backward, split_sweeps=split_sweeps)
+    got = _grads(args, do, dS, decay_grad="pairs", **kw)
+    default = _grads(args, do, dS, decay_grad="difference", **kw)
+    tol = TOL[dtype]
+    for name, gr, d, r in zip(GRAD_NAMES, got, default, ref):
+      err = rel_rms_error(gr, r)
+      bound = tol["dg" if name == "log_decay" else "grad"]
+      assert err <= bound, f"{dtype} d{name} rel RMS error {err:.2e} > {bound:.0e}"
+      if name != "log_decay":  # the diagonal is rounded to the input dtype in "difference"
+        assert rel_rms_error(gr, d) <= tol["grad"], (dtype, name, rel_rms_error(gr, d))
