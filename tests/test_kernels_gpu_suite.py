@@ -49,6 +49,10 @@ def test_every_timed_design_has_its_values_checked():
   assert gpu_suite.DEFAULT in timed
   assert len(set(checked)) == len(checked) == len(timed) - 1
   assert set(timed) - set(checked) == {f"c64_{DEFAULT_DESIGN}"}
+  # without decay a _pairs design is its base design: the no-decay step leaves it out
+  no_decay = next(s for s in gpu_suite.PLAN if s.name == "no_decay")
+  configs = next(a for a in no_decay.argv if a.startswith("--configs=")).split("=")[1].split(",")
+  assert configs == [d for d in timed if not d.endswith("_pairs")] and len(configs) < len(timed)
 
 
 def test_main_exit_status_says_whether_every_step_ended_well(monkeypatch, tmp_path):
