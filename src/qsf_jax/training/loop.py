@@ -119,6 +119,15 @@ def _scalars(metrics) -> dict[str, float]:
   return out
 
 
+def _folder_id(path):
+  """(device, inode) of the folder ``path``, or None where it does not exist."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
 def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
                        devices=None,
                        step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -209,7 +218,9 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
   restart = resumed_from if resume else (
       0 if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else None)
   writer = MetricWriter(workdir, enabled=is_primary(), resumed_from=restart)
-  home = os.stat(workdir)  # the folder itself: a save checks it is still there
+  # The folder itself: a save checks it is still there. Process 0 made it (its lock);
+  # another host may not see it yet, and then skips the check.
+  home = _folder_id(workdir)
 
   common = dict(schedule=schedule, total_steps=cfg.steps, anneal_frac=mcfg.anneal_frac,
                 anneal_shape=mcfg.anneal_shape, anneal_hold_frac=mcfg.anneal_hold_frac,
@@ -270,11 +281,7 @@ def _train_and_evaluate(cfg: TrainConfig, workdir: str, devices,
 
   def save_checkpoint(step):
     nonlocal last_saved
-    try:
-      now = os.stat(workdir)
-    except OSError:
-      now = None
-    if now is None or (now.st_dev, now.st_ino) != (home.st_dev, home.st_ino):
+    if home is not None and _folder_id(workdir) != home:
       # orbax would make a new folder there, holding this checkpoint but none of the
       # run's metrics (they went into the removed files), and report success
       try:
