@@ -153,7 +153,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *,
     Data errors from ``qsf_jax.data`` (missing/empty data, bad tokenizer file).
     WorkdirInUseError: another training process is running in ``workdir``.
   """
-  with contextlib.ExitStack() as held:  # the workdir lock, taken once the data load
+  with contextlib.ExitStack() as held:  # the workdir lock, taken once the data are loaded
     return _train_and_evaluate(cfg, os.fspath(workdir), devices, step_callback, held)
 
 
