@@ -188,3 +188,32 @@ def test_a_full_disk_names_the_metrics_file(tmp_path):
                        "stopped; .*resume from the last checkpoint"):
       write()
   w.close()
+
+
+def test_a_write_error_other_than_a_full_disk_does_not_ask_for_space(tmp_path):
+  # Freeing space mends ENOSPC, EDQUOT and EFBIG only; a permission or I/O error names
+  # the file without that advice.
+  import errno  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+
+  def failing(code, text):
+    class Failing(io.StringIO):
+      name = str(path)
+
+      def write(self, s):
+        raise OSError(code, text)
+    return Failing()
+
+  w = MetricWriter(tmp_path)
+  w._jsonl.close()  # pylint: disable=protected-access
+  w._jsonl = failing(errno.EIO, "Input/output error")  # pylint: disable=protected-access
+  with pytest.raises(OSError, match=f"cannot write {path} \\(Input/output error\\); "
+                     "training stopped; fix that and run") as info:
+    w.write(1, {"loss": 1.0})
+  assert "free space" not in str(info.value) and info.value.errno == errno.EIO
+  w._jsonl = failing(errno.ENOSPC, "No space left on device")  # pylint: disable=protected-access
+  with pytest.raises(OSError, match="; training stopped; free space and run"):
+    w.write(1, {"loss": 1.0})
+  w.close()

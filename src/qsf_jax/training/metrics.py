@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -10,6 +11,8 @@ import time
 from typing import Mapping
 
 from qsf_jax.training.tensorboard import SummaryWriter
+
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors that freeing space mends
 
 
 def format_duration(seconds: float) -> str:
@@ -187,8 +190,9 @@ class MetricWriter:
     try:
       yield
     except OSError as e:
+      fix = "free space and " if e.errno in _FULL_DISK else "fix that and "
       raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); training stopped; "
-                    "free space and run the same command again to resume from the last "
+                    f"{fix}run the same command again to resume from the last "
                     "checkpoint") from e
 
   def write_text(self, step: int, text: str, *, kind: str = "sample") -> None:
