@@ -37,6 +37,30 @@ def export_for_cuda(fn, *arg_structs):
     )(*arg_structs)
 
 
+def can_lower_for_cuda() -> tuple[bool, str]:
+  """Whether this jaxlib cross-lowers Pallas-Triton for CUDA at all.
+
+  Probed with a trivial copy kernel, so that an error in lowering the project's
+  own kernels fails their tests instead of turning them into skips.
+
+  Returns:
+    (True, "") or (False, the probe's error as "Type: message").
+  """
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+  try:
+    spec = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+    f = lambda a: pl.pallas_call(copy, out_shape=spec, compiler_params=plgpu.CompilerParams(
+        num_warps=4, num_stages=2))(a)
+    return count_triton_calls(export_for_cuda(f, spec)) == 1, ""
+  except Exception as e:  # pylint: disable=broad-except
+    return False, f"{type(e).__name__}: {e}"
+
+
 def count_triton_calls(exported) -> int:
   """How many Triton custom calls an exported module contains."""
   return exported.mlir_module().count(TRITON_CALL_TARGET)

@@ -17,32 +17,13 @@ import pytest
 from qsf_jax.kernels import (DEFAULT_BWD, DEFAULT_FWD, KernelConfig, linear_attention,
                              pallas_linear_attention)
 from qsf_jax.kernels.candidates import PALLAS_CONFIGS
-from qsf_jax.kernels.lowering import count_triton_calls, export_for_cuda
+from qsf_jax.kernels.lowering import can_lower_for_cuda, count_triton_calls, export_for_cuda
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 
-def _can_lower_for_cuda():
-  """Whether this jaxlib cross-lowers Pallas-Triton at all, probed with a trivial copy
-  kernel: an error from lowering the project's kernels must fail their tests, not
-  turn them into skips."""
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-
-  def copy(x_ref, o_ref):
-    o_ref[...] = x_ref[...]
-
-  try:
-    spec = jax.ShapeDtypeStruct((16, 16), jnp.float32)
-    f = lambda a: pl.pallas_call(copy, out_shape=spec, compiler_params=plgpu.CompilerParams(
-        num_warps=4, num_stages=2))(a)
-    return count_triton_calls(export_for_cuda(f, spec)) == 1, ""
-  except Exception as e:  # pylint: disable=broad-except
-    return False, f"{type(e).__name__}: {e}"
-
-
-_OK, _WHY = _can_lower_for_cuda()
+_OK, _WHY = can_lower_for_cuda()
 requires_cuda_lowering = pytest.mark.skipif(
     not _OK, reason=f"this jaxlib cannot cross-lower Pallas-Triton for CUDA ({_WHY})")
 
