@@ -6,7 +6,8 @@ model under ``nn.scan`` over layers, gradient accumulation under ``lax.scan``,
 the D5 statistics and the optimizer, for every stage whose mixer is linear
 attention. That is where an integration error that only a GPU build shows
 (a head dimension the kernels cannot tile, a primitive without a CUDA lowering
-inside the step) would surface.
+inside the step) would surface. The other stages' steps are lowered too: they
+have no kernel, but every primitive in them needs a CUDA lowering.
 """
 
 import jax
@@ -70,3 +71,10 @@ def test_the_xla_path_has_no_kernel():
   # The count is the kernels', not an artefact of the export: the chunked XLA form
   # of the same step lowers with no Triton call.
   assert _export_train_step("koopman_attn", "small", attn_impl="xla") == 0
+
+
+@pytest.mark.parametrize("stage", ["fnet", "koopman", "transformer", "wave"])
+def test_the_other_stages_lower_for_cuda(stage):
+  # No kernel, but every primitive of the step needs a CUDA lowering: the wave stage's
+  # complex LU solves, Stage II's Fourier mixing, the transformer's softmax attention.
+  assert _export_train_step(stage, "tiny") == 0
