@@ -349,8 +349,11 @@ def test_bad_options_raise(kwargs, match):
 @pytest.mark.parametrize("fn", [lambda K: spectral_analysis([K])["spectral_radius"],
                                 lambda K: spectral_analysis(K[None])["spectral_radius"],
                                 koopman_generator,
-                                lambda K: effective_gain(K, jnp.ones(3))],
-                         ids=["list", "stacked", "koopman_generator", "effective_gain"])
+                                lambda K: effective_gain(K, jnp.ones(3)),
+                                lambda K: commutator_norm(1j * K, K),
+                                lambda K: commutator_norm(np.eye(3), K)],
+                         ids=["list", "stacked", "koopman_generator", "effective_gain",
+                              "commutator_norm", "commutator_norm_D"])
 def test_host_tools_refuse_tracers_by_name(fn):
   """Under jit, vmap or grad these host-side tools say so, instead of jax's generic
   TracerArrayConversionError."""

@@ -17,7 +17,7 @@ and the net-dissipation criterion of eq. 9, Gamma_net < 0. Eqs. 6-8 split by the
 *classes* (decay / neutral / growth) use the tolerance tau of decision D18,
 |gamma| <= tau being neutral, and their per-class sums are reported separately.
 
-The analysis (``spectral_analysis``, ``koopman_generator``, and
+The analysis (``spectral_analysis``, ``koopman_generator``, ``commutator_norm`` and
 ``projectors.effective_gain``) runs on the host in float64 (decision D15), whatever the input dtype and the
 global JAX x64 flag; ``hamiltonian_koopman`` is a jittable JAX function.
 """
@@ -63,6 +63,15 @@ def _host_matrices(K_list) -> np.ndarray:
   return K_LDD
 
 
+def _refuse_tracer(name: str, x) -> None:
+  """Refuses a tracer by name: the host-side tools need concrete values."""
+  if isinstance(x, jax.core.Tracer):
+    raise ValueError(
+        f"{name} is traced (under jax.jit, vmap or grad), but this function runs on the "
+        "host in float64 and returns numbers to read, not to differentiate: call it "
+        "outside the transformation, on concrete arrays")
+
+
 def host_real(name: str, x) -> np.ndarray:
   """Converts a finite real numeric array-like (numpy or jax) to float64 numpy.
 
@@ -71,11 +80,7 @@ def host_real(name: str, x) -> np.ndarray:
   """
   if x is None:
     raise ValueError(f"{name} must be an array, got None")
-  if isinstance(x, jax.core.Tracer):
-    raise ValueError(
-        f"{name} is traced (under jax.jit, vmap or grad), but this function runs on the "
-        "host in float64 and returns numbers to read, not to differentiate: call it "
-        "outside the transformation, on concrete arrays")
+  _refuse_tracer(name, x)
   arr = np.asarray(x)
   if np.iscomplexobj(arr):
     raise ValueError(
@@ -156,6 +161,8 @@ def commutator_norm(H, D, rtol: float = 1e-9) -> float:
     rtol: relative size below which H or D counts as 0 (>= 0; 0 for the
       plain ratio whenever both norms are non-zero).
   """
+  _refuse_tracer("H", H)
+  _refuse_tracer("D", D)
   H, D = np.asarray(H), np.asarray(D)
   d = _checks.check_square("H", H)
   _checks.check_shape("D", D, (d, d))
