@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 
 _FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -36,7 +36,7 @@ def _check_log_decay_domain(log_decay) -> None:
   can overflow the chunked forms, and NaN spreads to every later output.
   Tracers pass: their values are unknown at trace time.
   """
-  g = _checks._concrete(log_decay)
+  g = _checks_values._concrete(log_decay)
   if g is None or g.size == 0:
     return
   g = g.astype(np.float32)

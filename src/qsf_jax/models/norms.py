@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 from qsf_jax.models.config import ModelConfig
 
 STATS = "norm_stats"
@@ -184,9 +184,9 @@ def anneal_beta(step, total_steps, *, anneal_frac=0.15, shape="linear", hold_fra
   for name, value in (("total_steps", total_steps), ("anneal_frac", anneal_frac),
                       ("hold_frac", hold_frac)):
     _checks.check_scalar(name, value)
-    v = _checks._concrete(value)
+    v = _checks_values._concrete(value)
     if v is not None:
-      vals[name] = float(_checks._real(name, value, v))
+      vals[name] = float(_checks_values._real(name, value, v))
   if not vals.get("total_steps", 1.0) >= 1:  # NaN too
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
   f, h = vals.get("anneal_frac", 0.5), vals.get("hold_frac", 0.0)

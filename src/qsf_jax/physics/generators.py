@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 
 
 def _mT(x):
@@ -110,7 +110,7 @@ def _affine_squarings(A, b, dt) -> int:
     b: bias (..., d).
     dt: interval length (scalar).
   """
-  vals = [_checks._concrete(v) for v in (A, b, dt)]
+  vals = [_checks_values._concrete(v) for v in (A, b, dt)]
   if any(v is None for v in vals):
     return _TRACED_SQUARINGS
   a, bb, h = (np.abs(np.asarray(v, np.float64)) for v in vals)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 from qsf_jax.physics.gaussian import (GaussianPropagator, _spd_inv_logdet, _sym,
                                       check_scalars)
 
@@ -57,7 +57,7 @@ def exact_substeps(A, M=None, dt=1.0, sigma_m=1.0, sigma_K=1.0) -> int:
                       ("sigma_K", sigma_K)):
     if value is None:
       continue
-    v = _checks._concrete(value)
+    v = _checks_values._concrete(value)
     if v is None:
       raise ValueError(
           f"n_sub='auto' chooses the number of exact sub-steps from the values of A, M, "

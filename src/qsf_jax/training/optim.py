@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 from qsf_jax.models.params import weight_decay_mask
 
 
@@ -112,7 +112,7 @@ def _check_real(name: str, value, *, lo: float | None = None, lo_closed: bool = 
   Python and NumPy numbers and concrete 0-d jax or numpy arrays (bfloat16 too)
   pass; ``allow_inf`` also lets +inf through.
   """
-  v = None if isinstance(value, str) else _checks._concrete(value)
+  v = None if isinstance(value, str) else _checks_values._concrete(value)
   ok = (v is not None and v.ndim == 0 and v.dtype != np.bool_
         and (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)))
   if ok:

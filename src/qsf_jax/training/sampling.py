@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 from qsf_jax.models.lm import init_cache
 
 
@@ -133,9 +133,9 @@ def generate(model, params, collections, prompt_ids, *, max_new_tokens: int,
   max_new_tokens = _checks.check_int("max_new_tokens", max_new_tokens, 1)
   top_k = _checks.check_int("top_k", top_k, 1)
   _checks.check_scalar("temperature", temperature)
-  t = _checks._concrete(temperature)
-  if t is not None and not (math.isfinite(float(_checks._real("temperature", temperature, t)))
-                            and t >= 0):
+  t = _checks_values._concrete(temperature)
+  if t is not None and not (
+      math.isfinite(float(_checks_values._real("temperature", temperature, t))) and t >= 0):
     raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
   _checks.check_unit_interval("beta", beta)
   _checks.check_prng_key("rng", rng)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 from qsf_jax.models.norms import anneal_beta, ramp_start
 from qsf_jax.training.state import TrainState
 
@@ -59,7 +59,7 @@ def check_targets(name: str, targets, mask, vocab_size: int) -> None:
   refused where the mask counts it and allowed at masked positions (the usual
   ignore-index padding).
   """
-  t, m = _checks._concrete(targets), _checks._concrete(mask)
+  t, m = _checks_values._concrete(targets), _checks_values._concrete(mask)
   if t is None or not t.size:
     return
   hi = int(t.max())

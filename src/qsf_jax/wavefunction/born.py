@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from qsf_jax import _checks
+from qsf_jax import _checks, _checks_values
 from qsf_jax.wavefunction.hermitian import complex_dtype
 
 
@@ -189,7 +189,7 @@ def normalized_born(W, psi):
   a = _amplitudes("W", W, psi)
   sq = jnp.real(a) ** 2 + jnp.imag(a) ** 2
   total = jnp.sum(sq, axis=-1, keepdims=True)
-  t = _checks._concrete(total)  # pylint: disable=protected-access
+  t = _checks_values._concrete(total)  # pylint: disable=protected-access
   if t is not None and not np.all(t > 0):
     raise ValueError("W psi = 0 for some state (psi = 0, or psi in the kernel of W): its "
                      "normalised Born probabilities are undefined")
