@@ -6,6 +6,10 @@ the run (full configuration, stage, data source, tokenizer name and sha256,
 seed, git sha). Orbax writes each checkpoint into
 ``<step>.orbax-checkpoint-tmp`` and renames it only once everything is on disk,
 so a save that dies half-way leaves the previous checkpoint as the latest one.
+
+The filters for orbax's log noise live in ``checkpoint_noise``, the resume
+check (``IDENTITY_KEYS``, ``check_resumable``) in ``resume_identity``; their
+public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -25,79 +28,16 @@ import orbax.checkpoint as ocp
 from qsf_jax.models import config as model_config
 from qsf_jax.training import config as train_config
 from qsf_jax.training import sharding as shd
-from qsf_jax.training.errors import (CheckpointMismatchError, CheckpointSaveError,
-                                     CorruptCheckpointError, NoCheckpointError)
+from qsf_jax.training.checkpoint_noise import (_RESTORED_DIRS, _drop_abandoned_read_noise,
+                                               _DropReadOnlyNotices)
+from qsf_jax.training.checkpoint_noise import READ_ONLY_NOTICES  # noqa: F401 (re-exported)
+from qsf_jax.training.errors import CheckpointSaveError, CorruptCheckpointError, NoCheckpointError
+from qsf_jax.training.resume_identity import (  # noqa: F401 (re-exported)
+    EXECUTION_KEYS, IDENTITY_KEYS, check_resumable, execution_differences, identity_differences)
 from qsf_jax.training.state import TrainState, abstract_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
 META_FORMAT = 1
-
-# Orbax's warnings that a checkpoint folder was opened read-only, which is what
-# evaluate, sample, analyze, ``load_run`` and the resume check ask for.
-READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
-
-
-_ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-array restore coroutine
-_ABANDONED_WRITE = "write_fragment"  # orbax's per-array save coroutine (a failed save)
-
-
-def _is_abandoned_read_noise(args) -> bool:
-  """Whether an unraisable exception is what a failed orbax restore leaves behind.
-
-  When one array of a restore cannot be read, orbax's event loop closes while the
-  other arrays' TensorStore reads are still running: each then fails to call back
-  into the closed loop ("Event loop is closed", reported with no object), and its
-  coroutine, never awaited, reports the read error again when it is collected.
-  """
-  if args.exc_type is RuntimeError and args.object is None:
-    return str(args.exc_value) == "Event loop is closed"
-  code = getattr(args.object, "cr_code", None)
-  return code is not None and code.co_name in (_ABANDONED_READ, _ABANDONED_WRITE)
-
-
-def _drop_abandoned_read_noise() -> None:
-  """Installs (once) an unraisable hook that drops ``_is_abandoned_read_noise`` and
-  passes every other unraisable exception to the hook it replaces.
-
-  Installed before the first restore (the leftovers can report while the failed
-  restore is still unwinding): without it a damaged checkpoint printed tens to a
-  thousand lines of tracebacks around the one-line error, at random moments,
-  from TensorStore's threads and at interpreter exit.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "_qsf_drops_abandoned_reads", False):
-    return
-
-  def hook(args):
-    if not _is_abandoned_read_noise(args):
-      previous(args)
-
-  hook._qsf_drops_abandoned_reads = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(_DropAbandonedFutures())
-
-
-# Checkpoint folders this process has restored from (for _DropAbandonedFutures).
-_RESTORED_DIRS: set[str] = set()
-
-
-class _DropAbandonedFutures(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" about a checkpoint folder this
-  process restored from: the read errors of a failed restore's other arrays,
-  reported again when their futures are collected (``CorruptCheckpointError``
-  has already said the folder cannot be read)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    msg = record.getMessage()
-    return not ("exception was never retrieved" in msg
-                and any(d in msg for d in _RESTORED_DIRS))
-
-
-class _DropReadOnlyNotices(logging.Filter):
-  """Drops orbax's read-only notices from the ``absl`` logger (nothing else)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not any(n in record.getMessage() for n in READ_ONLY_NOTICES)
 
 
 def git_sha() -> str | None:
@@ -358,64 +298,6 @@ class Checkpointer:
       self.wait()
     finally:
       self._mgr.close()
-
-
-# Metadata keys that define a run: resuming with any of them changed would not
-# continue the same optimisation (model, data stream or schedule differ).
-IDENTITY_KEYS = ("stage", "model_config", "tokenizer", "data_source", "seed", "steps",
-                 "batch_size", "seq_len", "lr", "weight_decay", "clip_norm", "cycle_momentum",
-                 "grad_accum", "data_mode")
-
-
-def _flatten(prefix: str, value, out: dict) -> None:
-  if isinstance(value, Mapping):
-    for k, v in value.items():
-      _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-  else:
-    out[prefix] = list(value) if isinstance(value, tuple) else value
-
-
-# Model-config entries that may change on resume: they choose how the same
-# function is computed (``models.config.EXECUTION_FIELDS``).
-EXECUTION_KEYS = tuple(f"model_config.{f}" for f in model_config.EXECUTION_FIELDS)
-
-
-def _all_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
-  a, b = {}, {}
-  for k in IDENTITY_KEYS:
-    _flatten(k, stored.get(k), a)
-    _flatten(k, requested.get(k), b)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def identity_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
-  """``{key: (stored, requested)}`` for the run-identity entries that differ.
-
-  ``EXECUTION_KEYS`` (the linear-attention impl and Pallas design) are not part
-  of a run's identity; ``execution_differences`` reports them.
-  """
-  return {k: v for k, v in _all_differences(stored, requested).items()
-          if k not in EXECUTION_KEYS}
-
-
-def execution_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> dict:
-  """``{key: (stored, requested)}`` for the ``EXECUTION_KEYS`` that differ."""
-  return {k: v for k, v in _all_differences(stored, requested).items()
-          if k in EXECUTION_KEYS}
-
-
-def check_resumable(workdir: str | os.PathLike, stored: Mapping[str, Any],
-                    requested: Mapping[str, Any]) -> None:
-  """Raises ``CheckpointMismatchError`` unless the stored run matches the request."""
-  diffs = identity_differences(stored, requested)
-  if any(k.startswith("data_source.") for k in diffs):
-    # The data identity is a hash; name the flags behind it that changed.
-    a, b = (dict(m.get("train_config") or {}) for m in (stored, requested))
-    for key in ("data", "max_train_stories"):
-      if a.get(key) != b.get(key):
-        diffs[f"--{key}"] = (a.get(key), b.get(key))
-  if diffs:
-    raise CheckpointMismatchError(str(workdir), diffs)
 
 
 def is_primary() -> bool:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from absl import app, flags
 import numpy as np
 
-from qsf_jax.training import checkpoint
+from qsf_jax.training import checkpoint_noise
 
 # Exceptions that mean "the user asked for something that cannot be done".
 USER_ERRORS = (ValueError, OSError, ConnectionError, FloatingPointError, flags.Error)
@@ -150,7 +150,7 @@ def keep_log_record(record: logging.LogRecord) -> bool:
     # lines for one full disk); the error reaches the main thread, which prints it once
     return False
   return record.levelno >= logging.ERROR or not any(
-      n in record.getMessage() for n in checkpoint.READ_ONLY_NOTICES)
+      n in record.getMessage() for n in checkpoint_noise.READ_ONLY_NOTICES)
 
 
 def main(define_flags, execute) -> None:

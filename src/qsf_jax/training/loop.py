@@ -23,8 +23,7 @@ from qsf_jax import data as qdata
 from qsf_jax.models.norms import anneal_beta
 from qsf_jax.training import setup
 from qsf_jax.training import sharding as shd
-from qsf_jax.training.checkpoint import (Checkpointer, check_resumable, execution_differences,
-                                         has_checkpoint, is_primary)
+from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint, is_primary
 from qsf_jax.training.config import TrainConfig
 from qsf_jax.training.errors import (CheckpointSaveError, NonFiniteLossError,
                                      RunFolderGoneError)
@@ -32,6 +31,7 @@ from qsf_jax.training.evaluation import evaluate_split
 from qsf_jax.training.metrics import MetricWriter, ProgressMeter, read_records
 from qsf_jax.training.optim import make_optimizer, onecycle_schedule
 from qsf_jax.training.progressive import init_from_checkpoint
+from qsf_jax.training.resume_identity import check_resumable, execution_differences
 from qsf_jax.training.sampling import new_token_room, sample_text
 from qsf_jax.training.signals import StopRequested
 from qsf_jax.training.state import create_train_state, init_variables
