@@ -130,10 +130,10 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys, monkeypatch):
   assert afile.read_text() == "x"
   # a folder the permission bits allow but writes fail in (root on a read-only mount)
   import errno  # pylint: disable=import-outside-toplevel
-  from qsf_jax.training import setup  # pylint: disable=import-outside-toplevel
+  from qsf_jax.training import run_folder  # pylint: disable=import-outside-toplevel
   def read_only(**_):
     raise OSError(errno.EROFS, "Read-only file system")
-  monkeypatch.setattr(setup.tempfile, "mkdtemp", read_only)
+  monkeypatch.setattr(run_folder.tempfile, "mkdtemp", read_only)
   _expect_error(capsys, _train_args(corpus, wd), f"--workdir={wd}: cannot write in the folder "
                 f"{tmp_path} (Read-only file system)")
   monkeypatch.undo()
