@@ -20,6 +20,10 @@ sequence) or given one per state with the states' leading axes ((..., N, N),
 Derivatives: the solves carry their own derivative (``_refined_solve``: the
 exact solve's, from the same LU factors), in forward and reverse mode alike
 (``jvp``, ``jacfwd``, ``grad``, ``jacrev``, ``hessian``).
+
+The refined solve is in ``refined_solve``; the real orthogonal cell
+(``orthogonal_cayley``, ``orthogonal_step``) in ``cayley_orthogonal``,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 
 from qsf_jax import _checks
+from qsf_jax.wavefunction.cayley_orthogonal import (  # noqa: F401  (re-export, spec §1.3)
+    orthogonal_cayley, orthogonal_step)
 from qsf_jax.wavefunction.hermitian import complex_dtype, dagger, eye_like
 from qsf_jax.wavefunction.hermitian import realify, realify_state  # noqa: F401  (re-export, spec §1.3)
+from qsf_jax.wavefunction.refined_solve import _refined_solve
 
 
 def _hamiltonian(name, H, *, batch_dims=None):
@@ -50,48 +56,6 @@ def _hamiltonian(name, H, *, batch_dims=None):
   _checks.check_hermitian(name, H)
   H = H.astype(complex_dtype(H.dtype))
   return 0.5 * (H + dagger(H))
-
-
-def _lu_refined(lu_piv, B_NN, rhs_NK):
-  """x = B^{-1} rhs from the LU factors of B, with one refinement step."""
-  x_NK = jsl.lu_solve(lu_piv, rhs_NK)
-  return x_NK + jsl.lu_solve(lu_piv, rhs_NK - B_NN @ x_NK)
-
-
-def _refined_solve(B_NN, rhs_NK):
-  """Solves B x = rhs by LU with one step of iterative refinement.
-
-  x0 = B^{-1} rhs (LU), x = x0 + B^{-1}(rhs - B x0). The refinement step
-  removes the error of the factorisation, which is the same every time the
-  same matrix is factorised; without it a recurrence that cycles through a
-  few Hamiltonians drifts in norm linearly in time (float32: ~1e-4 after 1e4
-  steps at N = 8), with it the drift is a random walk at the rounding floor.
-
-  Derivatives are those of the exact solve x = B^{-1} rhs (refinement changes
-  rounding, not the function), by ``jax.lax.custom_linear_solve``: the tangent
-  dx = B^{-1}(drhs - dB x) and the cotangents rhs_bar = B^{-T} g,
-  B_bar = -rhs_bar x^T are solves with the same LU factors (transposed for
-  reverse mode, as one plain solve: a gradient needs no refinement), so
-  forward and reverse mode both work (``jvp``, ``jacfwd``, ``grad``,
-  ``jacrev``, ``hessian``) and the LU routines are never differentiated:
-  autodiff through them is twice the work, and on CPU (jax 0.10) it stalls for
-  batched complex64 input.
-
-  Args:
-    B_NN: matrices (..., N, N).
-    rhs_NK: right-hand sides (..., N, K).
-
-  Returns:
-    x: (..., N, K).
-  """
-  # The factors only serve the solves: custom_linear_solve differentiates through
-  # the matvec B @ x, never through the solve functions.
-  B_const_NN = jax.lax.stop_gradient(B_NN)
-  lu_piv = jsl.lu_factor(B_const_NN)
-  return jax.lax.custom_linear_solve(
-      lambda x_NK: B_NN @ x_NK, rhs_NK,
-      solve=lambda _, b_NK: _lu_refined(lu_piv, B_const_NN, b_NK),
-      transpose_solve=lambda _, b_NK: jsl.lu_solve(lu_piv, b_NK, trans=1))
 
 
 def _half_generator(H, dt):
@@ -322,68 +286,3 @@ def hamiltonian_from_unitary(U, dt=1.0):
   X = _refined_solve(I + U, I - U)
   H = (-2j / jnp.asarray(dt, U.real.dtype)) * X
   return 0.5 * (H + dagger(H))
-
-
-def orthogonal_cayley(A, dt=1.0):
-  """Real orthogonal Cayley map of an antisymmetric generator (spec §1.3).
-
-    Q = (I - dt A/2)^{-1} (I + dt A/2),   A^T = -A  =>  Q^T Q = I, det Q = 1.
-
-  Sign relation: this is exactly ``cayley_unitary(1j * A, dt)``, since
-  I + i dt (iA)/2 = I - dt A/2 and I - i dt (iA)/2 = I + dt A/2; the real
-  baseline is the complex cell with the purely imaginary Hamiltonian H = iA.
-  The result is orthogonal only when A is antisymmetric (e.g. from
-  ``skew_from_real``); a concrete A is checked (``_checks.check_hermitian``
-  with ``anti``), a traced one is not.
-
-  Args:
-    A: real antisymmetric matrix (..., D, D).
-    dt: step length (scalar > 0).
-
-  Returns:
-    Q: real orthogonal (..., D, D) in SO(D).
-  """
-  A = _checks.as_array("A", A)
-  _checks.check_square("A", A, batch_dims=None)
-  _checks.check_hermitian("A", A, anti=True)
-  _checks.check_time_step("dt", dt)
-  A = A.astype(_checks.result_dtype(A))
-  B = (0.5 * jnp.asarray(dt, A.dtype)) * A
-  I = eye_like(B)
-  return _refined_solve(I - B, I + B)
-
-
-def orthogonal_step(A, h, dt=1.0):
-  """One step of the real orthogonal baseline cell (spec §1.3, §4 "Real baseline").
-
-    (I - dt A/2) h' = (I + dt A/2) h,   ||h'|| = ||h||  for A^T = -A.
-
-  Args:
-    A: real antisymmetric matrix (D, D) shared by all states, or (..., D, D)
-      with the same batch axes as ``h`` (a concrete A is checked, as in
-      ``orthogonal_cayley``).
-    h: real state(s) (..., D).
-    dt: step length (scalar > 0).
-
-  Returns:
-    h': real (..., D).
-  """
-  A = _checks.as_array("A", A)
-  D = _checks.check_square("A", A, batch_dims=None)
-  h = _checks.as_array("h", h)
-  if h.ndim < 1 or h.shape[-1] != D:
-    raise ValueError(
-        f"h must have shape (..., {D}) to match A of shape {tuple(A.shape)}, "
-        f"got {tuple(h.shape)}")
-  _checks.check_batch_axes("A", A.shape, 2, "h", h.shape)
-  _checks.check_hermitian("A", A, anti=True)  # otherwise ||h'|| != ||h||, silently
-  _checks.check_time_step("dt", dt)
-  dtype = _checks.result_dtype(A, h)
-  A, h = A.astype(dtype), h.astype(dtype)
-  B = (0.5 * jnp.asarray(dt, dtype)) * A
-  I = eye_like(B)
-  if A.ndim == 2:
-    # One factorisation for every state: columns are the batch of states.
-    h_DB = h.reshape(-1, D).T
-    return _refined_solve(I - B, (I + B) @ h_DB).T.reshape(h.shape)
-  return _refined_solve(I - B, (I + B) @ h[..., None])[..., 0]
