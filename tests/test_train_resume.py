@@ -242,13 +242,13 @@ def test_a_stop_is_agreed_across_processes(monkeypatch):
   """With several processes, one that got SIGTERM used to save (a collective) and leave
   the loop while the others trained on: the stop is now the same on every process."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from qsf_jax.training import loop  # pylint: disable=import-outside-toplevel
-  assert loop._stop_agreed(False) is False and loop._stop_agreed(True) is True
+  from qsf_jax.training import loop_helpers  # pylint: disable=import-outside-toplevel
+  assert loop_helpers._stop_agreed(False) is False and loop_helpers._stop_agreed(True) is True
   gathered = []
 
   def allgather(x):  # this process's flag, and another process's that got the signal
     gathered.append(int(x))
     return np.array([int(x), 1], np.int32)
-  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(loop_helpers.jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
-  assert loop._stop_agreed(False) is True and gathered == [0]
+  assert loop_helpers._stop_agreed(False) is True and gathered == [0]
