@@ -28,7 +28,8 @@ from qsf_jax.analysis import plots_dynamics as pdyn
 from qsf_jax.analysis import plots_spectrum as pspec
 from qsf_jax.analysis.operators import check_koopman_stage, layer_operators
 from qsf_jax.models.params import count_params
-from qsf_jax.physics.spectral import ROUNDOFF_PER_MODE, on_nonpositive_axis
+from qsf_jax.physics.koopman_log import on_nonpositive_axis
+from qsf_jax.physics.spectral import ROUNDOFF_PER_MODE
 from qsf_jax.training import setup
 from qsf_jax.training.checkpoint import Checkpointer, has_checkpoint, missing_checkpoint_error
 from qsf_jax.training.restore import load_run
@@ -56,7 +57,7 @@ def checkpoint_stage(workdir, step: int | None = None) -> str:
 
 
 def _has_real_log(lam) -> bool:
-  """No eigenvalue on (-inf, 0] (``physics.spectral.on_nonpositive_axis``)."""
+  """No eigenvalue on (-inf, 0] (``physics.koopman_log.on_nonpositive_axis``)."""
   return float(np.max(np.abs(lam))) > 0 and not np.any(on_nonpositive_axis(lam))
 
 

@@ -20,7 +20,8 @@ from qsf_jax import _checks
 from qsf_jax.physics.propagate import (FORMS, MODES, GaussianState,
                                        check_finite_positive, measurement_update,
                                        propagate)
-from qsf_jax.physics.spectral import host_real, koopman_generator, on_nonpositive_axis
+from qsf_jax.physics.host_arrays import host_real
+from qsf_jax.physics.koopman_log import koopman_generator, on_nonpositive_axis
 
 VARIANTS = ("continuous", "discrete")
 

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg as sl
 
 from qsf_jax import _checks
-from qsf_jax.physics.spectral import host_real
+from qsf_jax.physics.host_arrays import host_real
 
 
 @dataclasses.dataclass(frozen=True)
