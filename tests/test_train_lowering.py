@@ -7,7 +7,8 @@ the D5 statistics and the optimizer, for every stage whose mixer is linear
 attention. That is where an integration error that only a GPU build shows
 (a head dimension the kernels cannot tile, a primitive without a CUDA lowering
 inside the step) would surface. The other stages' steps are lowered too: they
-have no kernel, but every primitive in them needs a CUDA lowering.
+have no kernel, but every primitive in them needs a CUDA lowering; so does every
+stage's jitted sampling loop.
 """
 
 import jax
@@ -17,7 +18,7 @@ import pytest
 from qsf_jax.kernels.lowering import can_lower_for_cuda, count_triton_calls, export_for_cuda
 from qsf_jax.models import config as model_config
 from qsf_jax.models import lm
-from qsf_jax.training import optim, state as train_state, step as train_step
+from qsf_jax.training import optim, sampling, state as train_state, step as train_step
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -78,3 +79,25 @@ def test_the_other_stages_lower_for_cuda(stage):
   # No kernel, but every primitive of the step needs a CUDA lowering: the wave stage's
   # complex LU solves, Stage II's Fourier mixing, the transformer's softmax attention.
   assert _export_train_step(stage, "tiny") == 0
+
+
+@pytest.mark.parametrize("stage", model_config.STAGES)
+def test_sampling_lowers_for_cuda(stage):
+  # The whole sampling loop (QSF D14) as `generate` jits it: the prompt fed and new
+  # tokens drawn one at a time through each stage's decode cache (the token recurrence
+  # of linear attention, the exact O(t) Fourier cache, the Cayley cell), top-k included.
+  mcfg = model_config.get_config(stage, "tiny")
+  model = lm.build_model(mcfg)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 8), jnp.int32)))
+  params = variables["params"]
+  collections = {k: v for k, v in variables.items() if k != "params"}
+  S = jax.ShapeDtypeStruct
+
+  def draw(params, collections, prompt_BP, key):
+    return sampling._generate(params, collections, prompt_BP, key, jnp.float32(0.8),
+                              jnp.float32(0.0), model=model, max_new_tokens=4, top_k=5)
+
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  exported = export_for_cuda(draw, params, collections, S((2, 3), jnp.int32), key)
+  assert exported.out_avals[0].shape == (2, 4)
