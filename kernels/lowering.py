@@ -9,6 +9,8 @@ only happens on a GPU.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 from jax.experimental.pallas import triton as plgpu
 
@@ -56,7 +58,9 @@ def can_lower_for_cuda() -> tuple[bool, str]:
     spec = jax.ShapeDtypeStruct((16, 16), jnp.float32)
     f = lambda a: pl.pallas_call(copy, out_shape=spec, compiler_params=plgpu.CompilerParams(
         num_warps=4, num_stages=2))(a)
-    return count_triton_calls(export_for_cuda(f, spec)) == 1, ""
+    with warnings.catch_warnings():  # jax >= 0.11: the Triton backend's deprecation notice
+      warnings.simplefilter("ignore", DeprecationWarning)
+      return count_triton_calls(export_for_cuda(f, spec)) == 1, ""
   except Exception as e:  # pylint: disable=broad-except
     return False, f"{type(e).__name__}: {e}"
 
