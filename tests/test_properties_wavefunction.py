@@ -14,7 +14,6 @@ results doubles it. ``_lu_tol`` rounds this up to 10 N eps kappa(B).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
