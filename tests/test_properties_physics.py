@@ -106,6 +106,63 @@ def test_koopman_affine_has_the_flow_property(seed, radius, shift, s, t):
   assert _maxabs(mean_two, mean_one) <= 3 * e * scale * max(1.0, np.linalg.norm(x0))
 
 
+@PROPS
+@given(seed=seeds, radius=st.floats(0.0, 2.0), excess=st.floats(0.0, 1.0),
+       s=st.floats(0.05, 1.0), t=st.floats(0.05, 1.0))
+def test_koopman_cov_has_the_semigroup_property(seed, radius, excess, s, t):
+  """Sigma(s + t) = Sigma(t) + e^{A t} Sigma(s) e^{A^T t} (the Lyapunov flow; sigma_K = 1).
+
+  Strategy: A = R - (radius + excess) I with ||R||_2 = radius, so the logarithmic norm
+  of A is <= -excess <= 0 and ||e^{A tau}|| <= 1: the flow contracts, and no rounding
+  error made along the doubling is amplified. Tolerance: Van Loan's block gives
+  Sigma(h) to eps (||A||_1 h + h)/h relative, i.e. eps (1 + ||A||_1); each of the
+  k + 1 doublings adds d eps ||Sigma||; k = ceil(log2(2 ||A||_1 tau)) as in
+  ``koopman_cov``; three computed covariances and one exponential are compared.
+  """
+  rng = np.random.default_rng(seed)
+  A = _generator(rng, radius, radius + excess)
+  with jax.enable_x64(True):
+    S_s, S_t, S_st = (np.asarray(gen.koopman_cov(A, 1.0, tau)) for tau in (s, t, s + t))
+    E_t = np.asarray(gen.koopman_affine(A, np.zeros(D), t)[0])
+  n1 = np.max(np.sum(np.abs(A), axis=0))
+  k = max(0, int(np.ceil(np.log2(max(2 * n1 * (s + t), 1.0)))))
+  tol = 10.0 * (k + 2) * D * EPS * (1.0 + n1) * _n2(S_st)
+  tol += 2 * _expm_tol(_n2(A) * t) * _n2(S_s)
+  err = _maxabs(S_st, S_t + E_t @ S_s @ E_t.T)
+  assert err <= 3 * tol, (err, tol)
+  assert np.linalg.eigvalsh(S_st).min() > 0
+
+
+@PROPS
+@given(seed=seeds, radius=st.floats(0.0, 2.5), shift=st.floats(-1.0, 1.0),
+       dt=st.sampled_from([0.5, 1.0]))
+def test_koopman_generator_inverts_the_exponential(seed, radius, shift, dt):
+  """koopman_generator(expm(A dt), dt) == A, with a real logarithm (D17).
+
+  Strategy: A dt = R - shift I with ||R||_2 = radius <= 2.5 < pi and a real shift, so
+  every eigenvalue of A dt has |Im| <= ||R||_2 < pi and the principal logarithm of
+  e^{A dt} is A dt itself; K = e^{A dt} has no eigenvalue on (-inf, 0]. Tolerance: the logarithm's absolute condition number is ||L_exp(A dt)^{-1}||_2,
+  the inverse of the exponential's Frechet derivative (computed below in Kronecker
+  form), times the perturbation of K: the exponential's and the logarithm's errors,
+  each ``_expm_tol``-sized relative to ||K||.
+  """
+  rng = np.random.default_rng(seed)
+  A = _generator(rng, radius / dt, shift / dt)
+  X = A * dt
+  K = sl.expm(X)
+  A2, info = sp.koopman_generator(K, dt)
+  L = np.zeros((D * D, D * D))
+  for j in range(D * D):
+    E = np.zeros(D * D)
+    E[j] = 1.0
+    L[:, j] = sl.expm_frechet(X, E.reshape(D, D), compute_expm=False).ravel()
+  cond_log = 1.0 / np.linalg.svd(L, compute_uv=False).min()
+  tol = cond_log * 2 * _expm_tol(_n2(X)) * max(1.0, _n2(K)) / dt
+  assert info["logm_real"] and info["nonpositive_real_eigenvalues"] == 0
+  assert A2.dtype == np.float64
+  assert _maxabs(A2, A) <= tol, (_maxabs(A2, A), tol)
+
+
 # --- Propagator (QSF eqs. 16-20, 56-58; §6.8 checks 4, 5) -----------------------------------
 
 def _spd(rng, log_kappa):
