@@ -39,7 +39,10 @@ def _check_log_decay_domain(log_decay) -> None:
   g = _checks_values._concrete(log_decay)
   if g is None or g.size == 0:
     return
-  g = g.astype(np.float32)
+  # float64 holds every floating value exactly (bfloat16 and float16 included): a cast
+  # to a narrower type would round a tiny positive g to 0 (accepting it) and overflow
+  # a large negative float64 g to -inf (with a RuntimeWarning).
+  g = g.astype(np.float64)
   n_nan, n_pos = int(np.isnan(g).sum()), int((g > 0).sum())
   if n_nan or n_pos:
     worst = float(np.nanmax(g)) if n_pos else float("nan")

@@ -16,6 +16,8 @@ bound_t = sum_{s<=t} ||q_t|| ||k_s|| ||v_s||_inf + ||q_t|| ||S_0||_2 (x2: both s
 are computed); likewise for S_T with ||k_s|| ||v_s|| + ||S_0||.
 """
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -116,3 +118,32 @@ def test_chunked_prefill_equals_one_call(p, split, impl):
                               return_final_state=True, impl=impl, chunk_size=CHUNK)
   o = np.concatenate([np.asarray(o1), np.asarray(o2)], axis=1)
   _check_close(o, o_all, S2, S_all, q, k, v, S0)
+
+
+@PROPS
+@given(g_pos=st.floats(min_value=0.0, max_value=1.0, exclude_min=True),
+       g_neg=st.floats(min_value=-np.finfo(np.float64).max, max_value=0.0))
+def test_log_decay_domain_check_in_the_inputs_precision(g_pos, g_neg):
+  """Every positive float64 log-decay is refused (the domain is g <= 0), and every
+  finite g <= 0 is accepted without a warning: the check compares the values as
+  given, not rounded to float32 (where 1e-300 is 0 and -1e308 overflows)."""
+  q = np.ones((1, 2, 1, 2))
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match="log_decay must be <= 0.*1 positive"):
+      linear_attention(q, q, q, np.array([g_pos, g_neg]).reshape(1, 2, 1), impl="reference")
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      o = linear_attention(q, q, q, np.array([g_neg, 0.0]).reshape(1, 2, 1), impl="reference")
+  assert np.all(np.isfinite(np.asarray(o)))
+
+
+def test_log_decay_below_float32_resolution_is_refused_when_positive():
+  """Regression: g = 1e-300 > 0 (float64) was accepted, rounded to 0 by a float32 cast,
+  and g = -1e308 raised an overflow RuntimeWarning in that cast."""
+  q = np.ones((1, 2, 1, 2))
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match="log_decay must be <= 0.*1 positive"):
+      linear_attention(q, q, q, np.array([1e-300, 0.0]).reshape(1, 2, 1), impl="reference")
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      linear_attention(q, q, q, np.array([-1e308, 0.0]).reshape(1, 2, 1), impl="reference")
