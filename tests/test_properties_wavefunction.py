@@ -75,15 +75,21 @@ def _maxabs(x, y=0.0):
 # --- Cayley cell (spec §1.3) ----------------------------------------------------------------
 
 @PROPS
-@given(seed=seeds, log_dt=log_dts, N=st.sampled_from([2, 5]))
-def test_cayley_unitary_is_unitary_for_any_hermitian_h_and_dt(seed, log_dt, N):
-  """U^dagger U = I to rounding, scaled by kappa(I + i dt H/2)."""
+@given(seed=seeds, log_dt=log_dts, N=st.sampled_from([2, 5]),
+       dtype=st.sampled_from([np.complex128, np.complex64]))
+def test_cayley_unitary_is_unitary_for_any_hermitian_h_and_dt(seed, log_dt, N, dtype):
+  """U^dagger U = I to rounding, scaled by kappa(I + i dt H/2), in H's precision (the
+  spec's float64, and the models' complex64)."""
   dt = 10.0**log_dt
   with jax.enable_x64(True):
-    H = _rand_H(np.random.default_rng(seed), N)
+    H = _rand_H(np.random.default_rng(seed), N).astype(dtype)
     U = np.asarray(cy.cayley_unitary(H, dt))
+  assert U.dtype == dtype
+  U = U.astype(np.complex128)
   err = _maxabs(U.conj().T @ U, np.eye(N))
-  assert err <= 2 * _lu_tol(N, _cayley_kappa(H, dt)), (err, dt)
+  eps = float(np.finfo(dtype).eps)
+  assert err <= 2 * _lu_tol(N, _cayley_kappa(H.astype(np.complex128), dt)) * (eps / EPS), (
+      err, dt)
 
 
 @PROPS
