@@ -8,7 +8,8 @@ spec) with complex128 for the wave-function core. Static options (``mode``,
 ``n_paths``) are closed over; arrays, and where marked the scalars dt, sigma_m and
 sigma_K, are abstract, so value checks are skipped as under any jit. A primitive
 without a CUDA lowering, or a host callback, added to one of these functions fails
-its export here.
+its export here. Each group is exported as one module (one trace and lowering); only
+when that fails are its functions exported one by one, so that the failure names them.
 
 Every covered function lowers with jaxlib's cuSOLVER custom calls only (LU for
 ``expm`` and the Cayley solves, Cholesky for the measurement update, ``eigh`` for
@@ -154,31 +155,48 @@ WAVE = {
 }
 
 
+def _lower_group(group, dtype):
+  """Exports every function of ``group`` in one module (one trace, one lowering); if
+  that fails, exports them one by one so that the failure names its functions."""
+  def all_of(*args_per_fn):
+    return [fn(*args) for (fn, _), args in zip(group.values(), args_per_fn)]
+
+  try:
+    with jax.enable_x64(dtype == "float64"):
+      structs = [tuple(_structs(spec, dtype)) for _, spec in group.values()]
+      exported = export_for_cuda(all_of, *structs)
+  except Exception:  # pylint: disable=broad-except
+    failures = []
+    for name, (fn, spec) in sorted(group.items()):
+      try:
+        _lower(fn, spec, dtype)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"{name} ({dtype}): {type(e).__name__}: {str(e)[:300]}")
+    pytest.fail("no CUDA lowering for:\n" + "\n".join(failures or ["(only together)"]))
+  assert exported.platforms == ("cuda",)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(PROPAGATORS))
-def test_propagators_and_filters_lower_for_cuda(name, dtype):
+def test_propagators_and_filters_lower_for_cuda(dtype):
   # Both modes of propagate (paper, QSF eqs. 57-58; kalman_bucy, spec §6.3), both
   # forms of the measurement update (QSF eqs. 16-20), and the chain filters over them.
-  _lower(*PROPAGATORS[name], dtype)
+  _lower_group(PROPAGATORS, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(KOOPMAN))
-def test_koopman_flow_and_chains_lower_for_cuda(name, dtype):
+def test_koopman_flow_and_chains_lower_for_cuda(dtype):
   # The free Koopman propagator (QSF eq. 58, Van Loan exponentials) and the affine
   # chains over tokens, by parallel prefix and sequentially.
-  _lower(*KOOPMAN[name], dtype)
+  _lower_group(KOOPMAN, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(SSE))
-def test_sse_lowers_for_cuda(name, dtype):
+def test_sse_lowers_for_cuda(dtype):
   # Every SSE variant (QSF eqs. 42-44) under Euler-Maruyama, with the PRNG.
-  _lower(*SSE[name], dtype)
+  _lower_group(SSE, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(WAVE))
-def test_wavefunction_core_lowers_for_cuda(name, dtype):
+def test_wavefunction_core_lowers_for_cuda(dtype):
   # complex64 states for float32, complex128 for float64.
-  _lower(*WAVE[name], dtype)
+  _lower_group(WAVE, dtype)

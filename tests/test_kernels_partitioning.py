@@ -82,7 +82,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_batch_and_heads_run_per_device(tmp_path):
-  env = dict(subprocess_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = subprocess_env(tmp_path)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
   res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]

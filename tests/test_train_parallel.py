@@ -76,7 +76,8 @@ def test_four_fake_devices_match_one(tmp_path):
   data = tmp_path / "stories.txt"
   data.write_text("\n<|endoftext|>\n".join(synthetic_stories(120, seed=9)))
   env = subprocess_env(tmp_path)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  flags = env.get("XLA_FLAGS", "")
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
   p = subprocess.run([sys.executable, "-c", SCRIPT, str(data), str(tmp_path)], cwd=REPO,
                      env=env, capture_output=True, text=True, timeout=300)
   out = _result(p)
@@ -95,7 +96,7 @@ def test_four_fake_devices_match_one(tmp_path):
   # the stored topology, reported as a damaged checkpoint), a 1-device run on 4 (its
   # arrays stayed on device 0 while the batch was sharded over 4). Evaluation keeps the
   # rows per batch on any device count (6 rows were cut to 4 on 4 devices).
-  env.pop("XLA_FLAGS")
+  env["XLA_FLAGS"] = flags
   p = subprocess.run([sys.executable, "-c", LOAD_ON_ONE, str(tmp_path)], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=300)
   on_one = _result(p)

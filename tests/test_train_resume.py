@@ -64,10 +64,10 @@ def subprocess_env(tmp, compile_cache=None):
   enables JAX's persistent compilation cache, so a child whose computation
   another child already compiled loads the executable instead.
   """
+  # XLA_FLAGS is inherited: the test processes' compile flags (tests/conftest.py).
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1", QSF_CACHE_DIR=str(tmp / "cache"),
              PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
   if compile_cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
