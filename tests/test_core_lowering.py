@@ -176,27 +176,17 @@ def _lower_group(group, dtype):
   assert exported.platforms == ("cuda",)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_propagators_and_filters_lower_for_cuda(dtype):
-  # Both modes of propagate (paper, QSF eqs. 57-58; kalman_bucy, spec §6.3), both
-  # forms of the measurement update (QSF eqs. 16-20), and the chain filters over them.
-  _lower_group(PROPAGATORS, dtype)
+# Both modes of propagate (paper, QSF eqs. 57-58; kalman_bucy, spec §6.3), both forms
+# of the measurement update (QSF eqs. 16-20) and the chain filters over them; the free
+# Koopman propagator (QSF eq. 58, Van Loan exponentials) and the affine chains over
+# tokens, by parallel prefix and sequentially; every SSE variant (QSF eqs. 42-44) under
+# Euler-Maruyama, with the PRNG; the wave-function core with complex64 states for
+# float32 and complex128 for float64.
+GROUPS = {"propagators_and_filters": PROPAGATORS, "koopman_flow_and_chains": KOOPMAN,
+          "sse": SSE, "wavefunction": WAVE}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_koopman_flow_and_chains_lower_for_cuda(dtype):
-  # The free Koopman propagator (QSF eq. 58, Van Loan exponentials) and the affine
-  # chains over tokens, by parallel prefix and sequentially.
-  _lower_group(KOOPMAN, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sse_lowers_for_cuda(dtype):
-  # Every SSE variant (QSF eqs. 42-44) under Euler-Maruyama, with the PRNG.
-  _lower_group(SSE, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_wavefunction_core_lowers_for_cuda(dtype):
-  # complex64 states for float32, complex128 for float64.
-  _lower_group(WAVE, dtype)
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_core_lowers_for_cuda(group, dtype):
+  _lower_group(GROUPS[group], dtype)
